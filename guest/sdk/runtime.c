@@ -1,0 +1,515 @@
+/*
+ * hlasync guest runtime: entry point, call dispatcher, host calls, print,
+ * abort, heap and the basic mem and str functions. Linked into every guest.
+ */
+#include <hlasync_guest.h>
+
+extern const hl_function_record __hl_functions_start[];
+extern const hl_function_record __hl_functions_end[];
+
+static const hl_peb *peb;
+
+/* The host sets RSP to the stack top and RIP here. */
+__asm__(".section .text.hl_start, \"ax\", @progbits\n"
+        ".globl _hl_start\n"
+        ".type _hl_start, @function\n"
+        "_hl_start:\n"
+        "    xorl %ebp, %ebp\n"
+        "    call hl_main\n"
+        "    ud2\n"
+        ".size _hl_start, . - _hl_start\n"
+        ".text\n");
+
+#define HL_OUT(port) __asm__ volatile("outb %%al, %0" : : "i"(port), "a"(0) : "memory")
+
+const hl_peb *hl_peb_get(void) { return peb; }
+
+/* ---------------------------------------------------------------- strings */
+void *memcpy(void *dst, const void *src, size_t n) {
+    void *ret = dst;
+    __asm__ volatile("rep movsb" : "+D"(dst), "+S"(src), "+c"(n) : : "memory");
+    return ret;
+}
+
+void *memmove(void *dst, const void *src, size_t n) {
+    unsigned char *d = dst;
+    const unsigned char *s = src;
+    if (d == s || n == 0) return dst;
+    if (d < s || d >= s + n) return memcpy(dst, src, n);
+    d += n - 1;
+    s += n - 1;
+    __asm__ volatile("std\n\trep movsb\n\tcld" : "+D"(d), "+S"(s), "+c"(n) : : "memory");
+    return dst;
+}
+
+void *memset(void *dst, int c, size_t n) {
+    void *ret = dst;
+    __asm__ volatile("rep stosb" : "+D"(dst), "+c"(n) : "a"(c) : "memory");
+    return ret;
+}
+
+int memcmp(const void *a, const void *b, size_t n) {
+    const unsigned char *x = a, *y = b;
+    for (size_t i = 0; i < n; i++)
+        if (x[i] != y[i]) return x[i] < y[i] ? -1 : 1;
+    return 0;
+}
+
+size_t strlen(const char *s) {
+    size_t n = 0;
+    while (s[n]) n++;
+    return n;
+}
+
+size_t strnlen(const char *s, size_t max) {
+    size_t n = 0;
+    while (n < max && s[n]) n++;
+    return n;
+}
+
+int strcmp(const char *a, const char *b) {
+    while (*a && *a == *b) a++, b++;
+    return (unsigned char)*a - (unsigned char)*b;
+}
+
+int strncmp(const char *a, const char *b, size_t n) {
+    for (; n; n--, a++, b++) {
+        if (*a != *b) return (unsigned char)*a - (unsigned char)*b;
+        if (!*a) return 0;
+    }
+    return 0;
+}
+
+char *strcpy(char *dst, const char *src) { return memcpy(dst, src, strlen(src) + 1); }
+
+char *strncpy(char *dst, const char *src, size_t n) {
+    size_t len = strnlen(src, n);
+    memcpy(dst, src, len);
+    memset(dst + len, 0, n - len);
+    return dst;
+}
+
+char *strchr(const char *s, int c) {
+    for (;; s++) {
+        if (*s == (char)c) return (char *)s;
+        if (!*s) return 0;
+    }
+}
+
+/* ------------------------------------------------------------ print/abort */
+static size_t message_frame(uint32_t magic, int64_t code, const char *text, size_t length) {
+    hl_message_frame *frame = (hl_message_frame *)peb->output_addr;
+    size_t room = peb->output_size - sizeof(*frame);
+    if (length > room) length = room;
+    memmove((char *)(frame + 1), text, length);
+    frame->magic = magic;
+    frame->length = (uint32_t)length;
+    frame->code = code;
+    return length;
+}
+
+void hl_write(const void *data, size_t length) {
+    const char *p = data;
+    while (length) {
+        size_t sent = message_frame(HL_MAGIC_PRINT, 0, p, length);
+        HL_OUT(HL_PORT_PRINT);
+        p += sent;
+        length -= sent;
+    }
+}
+
+void hl_print(const char *text) { hl_write(text, strlen(text)); }
+
+void hl_abort(int64_t code, const char *message) {
+    message_frame(HL_MAGIC_ABORT, code, message, strlen(message));
+    for (;;) HL_OUT(HL_PORT_ABORT); /* the host never resumes an aborted guest */
+}
+
+/* ------------------------------------------------------------ formatting */
+typedef struct {
+    char *buf;
+    size_t size, len;
+} fmt_out;
+
+static void put(fmt_out *o, char c) {
+    if (o->len + 1 < o->size) o->buf[o->len] = c;
+    o->len++;
+}
+
+static void put_number(fmt_out *o, uint64_t v, unsigned base, bool negative, int width, char pad) {
+    char digits[24];
+    int n = 0;
+    do {
+        unsigned d = v % base;
+        digits[n++] = (char)(d < 10 ? '0' + d : 'a' + d - 10);
+        v /= base;
+    } while (v);
+    if (negative) digits[n++] = '-';
+    for (int i = n; i < width; i++) put(o, pad);
+    while (n) put(o, digits[--n]);
+}
+
+int hl_vsnprintf(char *buf, size_t size, const char *fmt, va_list ap) {
+    fmt_out o = {buf, size, 0};
+    for (; *fmt; fmt++) {
+        if (*fmt != '%') {
+            put(&o, *fmt);
+            continue;
+        }
+        fmt++;
+        char pad = ' ';
+        int width = 0, longs = 0;
+        if (*fmt == '0') pad = '0', fmt++;
+        while (*fmt >= '0' && *fmt <= '9') width = width * 10 + (*fmt++ - '0');
+        while (*fmt == 'l') longs++, fmt++;
+        if (*fmt == 'z') longs = 2, fmt++;
+        switch (*fmt) {
+        case 'd':
+        case 'i': {
+            int64_t v = longs ? va_arg(ap, int64_t) : va_arg(ap, int);
+            put_number(&o, v < 0 ? -(uint64_t)v : (uint64_t)v, 10, v < 0, width, pad);
+            break;
+        }
+        case 'u':
+        case 'x': {
+            uint64_t v = longs ? va_arg(ap, uint64_t) : va_arg(ap, unsigned);
+            put_number(&o, v, *fmt == 'x' ? 16 : 10, false, width, pad);
+            break;
+        }
+        case 'p':
+            put(&o, '0'), put(&o, 'x');
+            put_number(&o, (uintptr_t)va_arg(ap, void *), 16, false, width, pad);
+            break;
+        case 'c':
+            put(&o, (char)va_arg(ap, int));
+            break;
+        case 's': {
+            const char *s = va_arg(ap, const char *);
+            if (!s) s = "(null)";
+            while (*s) put(&o, *s++);
+            break;
+        }
+        case '%':
+            put(&o, '%');
+            break;
+        case 0:
+            fmt--;
+            break;
+        default:
+            put(&o, '%'), put(&o, *fmt);
+        }
+    }
+    if (size) buf[o.len < size ? o.len : size - 1] = 0;
+    return (int)o.len;
+}
+
+int hl_snprintf(char *buf, size_t size, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int n = hl_vsnprintf(buf, size, fmt, ap);
+    va_end(ap);
+    return n;
+}
+
+int hl_printf(const char *fmt, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = hl_vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    hl_write(buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1);
+    return n;
+}
+
+/* ------------------------------------------------------------------ heap */
+/* First-fit free list sorted by address, coalescing on free. */
+typedef struct block {
+    uint64_t size; /* bytes including this header */
+    struct block *next; /* next free block, or HEAP_USED when allocated */
+} block;
+
+#define HEAP_ALIGN 16
+#define HEAP_USED ((block *)0x5553454455534544ULL)
+static block *free_list;
+
+static void heap_init(uint64_t addr, uint64_t size) {
+    uint64_t start = (addr + HEAP_ALIGN - 1) & ~(uint64_t)(HEAP_ALIGN - 1);
+    if (size < start - addr + 2 * sizeof(block)) {
+        free_list = 0;
+        return;
+    }
+    free_list = (block *)start;
+    free_list->size = (size - (start - addr)) & ~(uint64_t)(HEAP_ALIGN - 1);
+    free_list->next = 0;
+}
+
+void *malloc(size_t size) {
+    if (size > (1ULL << 40)) return 0;
+    uint64_t need = (size + sizeof(block) + HEAP_ALIGN - 1) & ~(uint64_t)(HEAP_ALIGN - 1);
+    for (block **link = &free_list; *link; link = &(*link)->next) {
+        block *b = *link;
+        if (b->size < need) continue;
+        if (b->size - need >= 2 * sizeof(block)) {
+            block *rest = (block *)((char *)b + need);
+            rest->size = b->size - need;
+            rest->next = b->next;
+            *link = rest;
+            b->size = need;
+        } else {
+            *link = b->next;
+        }
+        b->next = HEAP_USED;
+        return b + 1;
+    }
+    return 0;
+}
+
+void free(void *ptr) {
+    if (!ptr) return;
+    block *b = (block *)ptr - 1;
+    if (b->next != HEAP_USED) hl_abort(-2, "free(): invalid pointer or double free");
+    block *prev = 0, *cur = free_list;
+    while (cur && cur < b) prev = cur, cur = cur->next;
+    b->next = cur;
+    if (cur && (char *)b + b->size == (char *)cur) {
+        b->size += cur->size;
+        b->next = cur->next;
+    }
+    if (prev) {
+        prev->next = b;
+        if ((char *)prev + prev->size == (char *)b) {
+            prev->size += b->size;
+            prev->next = b->next;
+        }
+    } else {
+        free_list = b;
+    }
+}
+
+void *calloc(size_t count, size_t size) {
+    if (size && count > (size_t)-1 / size) return 0;
+    void *p = malloc(count * size);
+    if (p) memset(p, 0, count * size);
+    return p;
+}
+
+void *realloc(void *ptr, size_t size) {
+    if (!ptr) return malloc(size);
+    block *b = (block *)ptr - 1;
+    if (b->next != HEAP_USED) hl_abort(-2, "realloc(): invalid pointer");
+    size_t have = b->size - sizeof(block);
+    if (size <= have) return ptr;
+    void *p = malloc(size);
+    if (p) {
+        memcpy(p, ptr, have);
+        free(ptr);
+    }
+    return p;
+}
+
+/* ------------------------------------------------------------ host calls */
+hl_value hl_call_host_v(const char *name, const char *fmt, va_list ap) {
+    uint8_t *out = (uint8_t *)peb->output_addr;
+    size_t cap = peb->output_size;
+    size_t argc = strlen(fmt);
+    size_t name_length = strlen(name);
+    if (argc > HL_MAX_ARGS) hl_abort(-3, "hl_call_host: too many arguments");
+    hl_hostcall_frame *frame = (hl_hostcall_frame *)out;
+    hl_slot *slots = (hl_slot *)(frame + 1);
+    size_t pos = sizeof(*frame) + argc * sizeof(hl_slot);
+    if (name_length > cap - pos) hl_abort(-3, "hl_call_host: name does not fit the output buffer");
+    memcpy(out + pos, name, name_length);
+    pos += name_length;
+    for (size_t i = 0; i < argc; i++) {
+        hl_slot *slot = &slots[i];
+        const void *data = 0;
+        size_t length = 0;
+        slot->length = 0;
+        switch (fmt[i]) {
+        case 'i':
+            slot->type = HL_INT;
+            slot->value = (uint64_t)va_arg(ap, int64_t);
+            break;
+        case 'f': {
+            double d = va_arg(ap, double);
+            slot->type = HL_FLOAT;
+            memcpy(&slot->value, &d, sizeof d);
+            break;
+        }
+        case 'b':
+            slot->type = HL_BOOL;
+            slot->value = va_arg(ap, int) != 0;
+            break;
+        case 's':
+            slot->type = HL_STR;
+            data = va_arg(ap, const char *);
+            length = strlen(data);
+            break;
+        case 'y':
+            slot->type = HL_BYTES;
+            data = va_arg(ap, const uint8_t *);
+            length = va_arg(ap, size_t);
+            break;
+        default:
+            hl_abort(-3, "hl_call_host: unknown format letter");
+        }
+        if (data) {
+            if (length > cap - pos) hl_abort(-3, "hl_call_host: arguments do not fit the output buffer");
+            memmove(out + pos, data, length);
+            slot->value = pos;
+            slot->length = (uint32_t)length;
+            pos += length;
+        }
+    }
+    frame->magic = HL_MAGIC_HOSTCALL;
+    frame->name_length = (uint32_t)name_length;
+    frame->argc = (uint32_t)argc;
+    frame->size = (uint32_t)pos;
+    HL_OUT(HL_PORT_HOSTCALL);
+
+    const hl_result_frame *result = (const hl_result_frame *)out;
+    if (result->magic != HL_MAGIC_RESULT || result->status != HL_STATUS_OK)
+        hl_abort(-3, "hl_call_host: malformed response from the host");
+    hl_value v;
+    v.type = result->type;
+    v.length = result->length;
+    switch (result->type) {
+    case HL_STR:
+    case HL_BYTES:
+        v.data = (const uint8_t *)(result + 1);
+        break;
+    case HL_FLOAT:
+        memcpy(&v.f, &result->value, sizeof v.f);
+        break;
+    case HL_BOOL:
+        v.b = result->value != 0;
+        break;
+    default:
+        v.i = (int64_t)result->value;
+    }
+    return v;
+}
+
+hl_value hl_call_host(const char *name, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    hl_value v = hl_call_host_v(name, fmt, ap);
+    va_end(ap);
+    return v;
+}
+
+int64_t hl_call_host_int(const char *name, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    hl_value v = hl_call_host_v(name, fmt, ap);
+    va_end(ap);
+    if (v.type != HL_INT) hl_abort(-3, "hl_call_host_int: host function did not return an int");
+    return v.i;
+}
+
+/* ------------------------------------------------------------ dispatcher */
+typedef struct {
+    uint64_t a, b;
+} hl_pair;
+typedef hl_pair (*hl_int_fn)(uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, double,
+                             double, double, double, double, double, double, double);
+typedef double (*hl_float_fn)(uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, double,
+                              double, double, double, double, double, double, double);
+
+static void result_frame(uint32_t status, uint32_t type, uint64_t value, const void *payload,
+                         size_t length) {
+    hl_result_frame *result = (hl_result_frame *)peb->output_addr;
+    size_t room = peb->output_size - sizeof(*result);
+    if (length > room) {
+        status = HL_STATUS_ERROR;
+        type = HL_VOID;
+        payload = "result does not fit the output buffer";
+        length = strlen(payload);
+    }
+    if (length) memmove(result + 1, payload, length);
+    result->magic = HL_MAGIC_RESULT;
+    result->status = status;
+    result->type = type;
+    result->length = (uint32_t)length;
+    result->value = value;
+}
+
+static void dispatch_error(const char *message) {
+    result_frame(HL_STATUS_ERROR, HL_VOID, 0, message, strlen(message));
+}
+
+static void dispatch(void) {
+    const hl_call_frame *call = (const hl_call_frame *)peb->input_addr;
+    size_t count = (size_t)(__hl_functions_end - __hl_functions_start);
+    if (call->magic != HL_MAGIC_CALL) return dispatch_error("malformed call frame");
+    if (call->index >= count) return dispatch_error("function index out of range");
+    const hl_function_record *fn = &__hl_functions_start[call->index];
+    if (call->argc != fn->argc) return dispatch_error("argument count does not match");
+    uint64_t ints[6] = {0};
+    double floats[8] = {0};
+    unsigned ni = 0, nf = 0;
+    for (uint32_t i = 0; i < call->argc; i++) {
+        const hl_slot *slot = &call->args[i];
+        if (slot->type != fn->args[i]) return dispatch_error("argument type does not match");
+        unsigned need_int = slot->type == HL_BYTES ? 2 : slot->type == HL_FLOAT ? 0 : 1;
+        if (ni + need_int > 6 || (slot->type == HL_FLOAT && nf >= 8))
+            return dispatch_error("too many arguments for registers");
+        switch (slot->type) {
+        case HL_FLOAT:
+            memcpy(&floats[nf++], &slot->value, sizeof(double));
+            break;
+        case HL_STR:
+            ints[ni++] = peb->input_addr + slot->value;
+            break;
+        case HL_BYTES:
+            ints[ni++] = peb->input_addr + slot->value;
+            ints[ni++] = slot->length;
+            break;
+        default:
+            ints[ni++] = slot->value;
+        }
+    }
+    if (fn->ret == HL_FLOAT) {
+        double d = ((hl_float_fn)fn->fn)(ints[0], ints[1], ints[2], ints[3], ints[4], ints[5],
+                                         floats[0], floats[1], floats[2], floats[3], floats[4],
+                                         floats[5], floats[6], floats[7]);
+        uint64_t bits;
+        memcpy(&bits, &d, sizeof bits);
+        return result_frame(HL_STATUS_OK, HL_FLOAT, bits, 0, 0);
+    }
+    hl_pair r = ((hl_int_fn)fn->fn)(ints[0], ints[1], ints[2], ints[3], ints[4], ints[5], floats[0],
+                                    floats[1], floats[2], floats[3], floats[4], floats[5],
+                                    floats[6], floats[7]);
+    switch (fn->ret) {
+    case HL_VOID:
+        return result_frame(HL_STATUS_OK, HL_VOID, 0, 0, 0);
+    case HL_BOOL:
+        return result_frame(HL_STATUS_OK, HL_BOOL, (uint8_t)r.a != 0, 0, 0);
+    case HL_STR: {
+        const char *s = (const char *)r.a;
+        if (!s) return dispatch_error("function returned a NULL string");
+        size_t room = peb->output_size - sizeof(hl_result_frame);
+        size_t length = strnlen(s, room + 1);
+        return result_frame(HL_STATUS_OK, HL_STR, 0, s, length);
+    }
+    case HL_BYTES:
+        if (!r.a && r.b) return dispatch_error("function returned NULL bytes");
+        return result_frame(HL_STATUS_OK, HL_BYTES, 0, (const void *)r.a, r.b);
+    default:
+        return result_frame(HL_STATUS_OK, HL_INT, r.a, 0, 0);
+    }
+}
+
+__attribute__((noreturn, used)) void hl_main(void) {
+    peb = (const hl_peb *)HL_PEB_ADDR;
+    if (peb->magic != HL_MAGIC_PEB || peb->abi_version != HL_ABI_VERSION) __builtin_trap();
+    heap_init(peb->heap_addr, peb->heap_size);
+    uint32_t *ready = (uint32_t *)peb->output_addr;
+    ready[0] = HL_MAGIC_READY;
+    ready[1] = HL_ABI_VERSION;
+    ready[2] = (uint32_t)(__hl_functions_end - __hl_functions_start);
+    for (;;) {
+        HL_OUT(HL_PORT_RETURN); /* idle here until the host writes the next call */
+        dispatch();
+    }
+}

@@ -1,0 +1,69 @@
+"""hlasync: run guest functions in KVM micro-VMs, supervised from async
+Python, with ELF core dumps of every hang and crash.
+
+    from hlasync import Sandbox, guests
+    with Sandbox(guests.path("simpleguest")) as sb:
+        assert sb.call("add", 2, 3) == 5
+"""
+
+from . import guests
+from .abi import FunctionSignature, ValueType
+from .config import SandboxConfig
+from .errors import (
+    ArgumentError,
+    CallError,
+    ConfigError,
+    CrashdumpError,
+    FunctionNotFound,
+    GuestAborted,
+    GuestCancelled,
+    GuestCrashed,
+    GuestError,
+    GuestImageError,
+    GuestProtocolError,
+    HlasyncError,
+    HostFunctionError,
+    IoctlError,
+    KvmError,
+    KvmUnavailableError,
+    SandboxBusy,
+    SandboxClosed,
+    SandboxPoisoned,
+    SandboxStateError,
+)
+from .guest.image import GuestImage
+from .sandbox import Sandbox, SandboxState, Snapshot
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArgumentError",
+    "CallError",
+    "ConfigError",
+    "CrashdumpError",
+    "FunctionNotFound",
+    "FunctionSignature",
+    "GuestAborted",
+    "GuestCancelled",
+    "GuestCrashed",
+    "GuestError",
+    "GuestImage",
+    "GuestImageError",
+    "GuestProtocolError",
+    "HlasyncError",
+    "HostFunctionError",
+    "IoctlError",
+    "KvmError",
+    "KvmUnavailableError",
+    "Sandbox",
+    "SandboxBusy",
+    "SandboxClosed",
+    "SandboxConfig",
+    "SandboxPoisoned",
+    "SandboxState",
+    "SandboxStateError",
+    "Snapshot",
+    "ValueType",
+    "__version__",
+    "guests",
+]

@@ -1,0 +1,342 @@
+"""Host <-> guest call encoding (the contract with ``guest/sdk``).
+
+Values cross the boundary as 16-byte slots ``{u32 type, u32 length, u64 value}``;
+strings and bytes live after the slots and the slot holds their offset from
+the start of the buffer. Every length and offset read from the guest is
+checked against the buffer it claims to be in: a bad frame raises
+:class:`FrameError`, which the sandbox turns into ``GuestProtocolError``.
+
+The constants mirror ``guest/sdk/include/hlasync_guest.h`` (a test keeps them equal).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+ABI_VERSION = 1
+IMAGE_BASE = 0x100000
+SCRATCH_ADDR = 0x100000
+SCRATCH_SIZE = 0x1000
+PEB_ADDR = 0xF0000
+
+PORT_RETURN = 0x10
+PORT_HOSTCALL = 0x11
+PORT_PRINT = 0x12
+PORT_ABORT = 0x13
+PORT_EXCEPTION_BASE = 0xE0  # + vector, written by the CPL0 exception stubs
+
+MAGIC_PEB = 0x31424550484C
+MAGIC_READY = 0x5944524C
+MAGIC_CALL = 0x4C4C434C
+MAGIC_RESULT = 0x5453524C
+MAGIC_HOSTCALL = 0x5453484C
+MAGIC_PRINT = 0x5452504C
+MAGIC_ABORT = 0x5442414C
+
+STATUS_OK = 0
+STATUS_ERROR = 1
+
+MAX_ARGS = 8
+NAME_MAX = 39
+INT_REGISTERS = 6
+FLOAT_REGISTERS = 8
+FUNCTION_RECORD_SIZE = 64
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+class ValueType(enum.IntEnum):
+    """A type that crosses the host/guest boundary."""
+
+    VOID = 0
+    INT = 1
+    FLOAT = 2
+    BOOL = 3
+    STR = 4
+    BYTES = 5
+
+    @property
+    def python_name(self) -> str:
+        return _PYTHON_NAMES[self]
+
+
+_PYTHON_NAMES = {
+    ValueType.VOID: "None",
+    ValueType.INT: "int",
+    ValueType.FLOAT: "float",
+    ValueType.BOOL: "bool",
+    ValueType.STR: "str",
+    ValueType.BYTES: "bytes",
+}
+
+Value = int | float | bool | str | bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionSignature:
+    """A guest function as declared by ``HL_EXPORT`` in the guest ELF."""
+
+    name: str
+    index: int
+    params: tuple[ValueType, ...]
+    returns: ValueType
+    address: int
+
+    def __str__(self) -> str:
+        params = ", ".join(p.python_name for p in self.params)
+        return f"{self.name}({params}) -> {self.returns.python_name}"
+
+
+class FrameError(Exception):
+    """A frame from the guest is malformed; the message says how."""
+
+
+HEADER = struct.Struct("<IIII")  # magic, a, b, size/length
+SLOT = struct.Struct("<IIQ")
+RESULT = struct.Struct("<IIIIQ")  # magic, status, type, length, value
+MESSAGE = struct.Struct("<IIq")  # magic, length, code
+READY = struct.Struct("<III")  # magic, abi version, function count
+PEB = struct.Struct("<11Q")
+_F64 = struct.Struct("<d")
+_U64 = struct.Struct("<Q")
+_I64 = struct.Struct("<q")
+
+
+def float_bits(value: float) -> int:
+    return _U64.unpack(_F64.pack(value))[0]  # type: ignore[no-any-return]
+
+
+def bits_float(bits: int) -> float:
+    return _F64.unpack(_U64.pack(bits & 0xFFFF_FFFF_FFFF_FFFF))[0]  # type: ignore[no-any-return]
+
+
+def signed64(bits: int) -> int:
+    return bits - (1 << 64) if bits & (1 << 63) else bits
+
+
+# ---------------------------------------------------------------- checking
+def check_value(kind: ValueType, value: object) -> str | None:
+    """None if ``value`` is acceptable as ``kind``, else why not."""
+    if kind is ValueType.INT:
+        if type(value) is bool or not isinstance(value, int):
+            return f"expected int, got {type(value).__name__}"
+        if not INT64_MIN <= value <= INT64_MAX:
+            return "int out of the signed 64-bit range"
+    elif kind is ValueType.FLOAT:
+        if type(value) is bool or not isinstance(value, (int, float)):
+            return f"expected float, got {type(value).__name__}"
+    elif kind is ValueType.BOOL:
+        if type(value) is not bool:
+            return f"expected bool, got {type(value).__name__}"
+    elif kind is ValueType.STR:
+        if not isinstance(value, str):
+            return f"expected str, got {type(value).__name__}"
+        if "\0" in value:
+            return "str contains a NUL character (guests see NUL-terminated strings)"
+    elif kind is ValueType.BYTES:
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            return f"expected bytes, got {type(value).__name__}"
+    else:
+        return "void is not a value"
+    return None
+
+
+def infer_type(value: object) -> ValueType:
+    """The wire type of a host function's return value (TypeError if none fits)."""
+    if value is None:
+        return ValueType.VOID
+    if type(value) is bool:
+        return ValueType.BOOL
+    if isinstance(value, int):
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise TypeError("int result out of the signed 64-bit range")
+        return ValueType.INT
+    if isinstance(value, float):
+        return ValueType.FLOAT
+    if isinstance(value, str):
+        return ValueType.STR
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return ValueType.BYTES
+    raise TypeError(f"cannot return a {type(value).__name__} to the guest")
+
+
+# --------------------------------------------------------- host -> guest calls
+def make_call_encoder(
+    signature: FunctionSignature,
+) -> Callable[[memoryview, tuple[Any, ...]], int]:
+    """An encoder writing a call frame for ``signature`` into a buffer.
+
+    It returns the frame size, or raises ValueError when the buffer is too
+    small. Argument types must already have been checked.
+    """
+    argc = len(signature.params)
+    header_size = HEADER.size + SLOT.size * argc
+    index = signature.index
+    if all(p in (ValueType.INT, ValueType.BOOL) for p in signature.params):
+        fixed = struct.Struct("<IIII" + "IIq" * argc)
+        types = [int(p) for p in signature.params]
+
+        def encode_ints(buffer: memoryview, args: tuple[Any, ...]) -> int:
+            if len(buffer) < header_size:
+                raise ValueError(f"needs {header_size} bytes")
+            values: list[int] = [MAGIC_CALL, index, argc, header_size]
+            for kind, arg in zip(types, args):
+                values += (kind, 0, int(arg))
+            fixed.pack_into(buffer, 0, *values)
+            return header_size
+
+        return encode_ints
+
+    params = signature.params
+
+    def encode(buffer: memoryview, args: tuple[Any, ...]) -> int:
+        position = header_size
+        slots: list[tuple[int, int, int]] = []
+        for kind, arg in zip(params, args):
+            if kind is ValueType.STR or kind is ValueType.BYTES:
+                data = arg.encode() if kind is ValueType.STR else bytes(arg)
+                end = position + len(data) + 1  # NUL after every string and blob
+                if end > len(buffer):
+                    raise ValueError(f"needs more than {len(buffer)} bytes")
+                buffer[position : position + len(data)] = data
+                buffer[position + len(data)] = 0
+                slots.append((kind, len(data), position))
+                position = (end + 7) & ~7
+            elif kind is ValueType.FLOAT:
+                slots.append((kind, 0, float_bits(float(arg))))
+            else:
+                slots.append((kind, 0, int(arg) & 0xFFFF_FFFF_FFFF_FFFF))
+        if header_size > len(buffer):
+            raise ValueError(f"needs more than {len(buffer)} bytes")
+        HEADER.pack_into(buffer, 0, MAGIC_CALL, index, argc, position)
+        for i, slot in enumerate(slots):
+            SLOT.pack_into(buffer, HEADER.size + i * SLOT.size, *slot)
+        return position
+
+    return encode
+
+
+# ----------------------------------------------------------- guest -> host
+def decode_payload(kind: int, value: int, payload: bytes) -> Value:
+    if kind == ValueType.VOID:
+        return None
+    if kind == ValueType.INT:
+        return signed64(value)
+    if kind == ValueType.FLOAT:
+        return bits_float(value)
+    if kind == ValueType.BOOL:
+        return value != 0
+    if kind == ValueType.STR:
+        try:
+            return payload.decode()
+        except UnicodeDecodeError as exc:
+            raise FrameError(f"str is not valid UTF-8: {exc}") from None
+    if kind == ValueType.BYTES:
+        return payload
+    raise FrameError(f"unknown value type {kind}")
+
+
+def read_result(buffer: memoryview, expected: ValueType) -> tuple[Value, str | None]:
+    """Decode a result frame: (value, None) or (None, guest error message)."""
+    if len(buffer) < RESULT.size:
+        raise FrameError("output buffer smaller than a result frame")
+    magic, status, kind, length, value = RESULT.unpack_from(buffer, 0)
+    if magic != MAGIC_RESULT:
+        raise FrameError(f"bad result magic {magic:#x}")
+    if length > len(buffer) - RESULT.size:
+        raise FrameError(f"result length {length} exceeds the output buffer")
+    if status == STATUS_ERROR:
+        text = bytes(buffer[RESULT.size : RESULT.size + length]).decode(errors="replace")
+        return None, text
+    if status != STATUS_OK:
+        raise FrameError(f"bad result status {status}")
+    if kind != expected:
+        raise FrameError(f"result type {kind} does not match the declared {expected.name}")
+    if kind == ValueType.INT:
+        return signed64(value), None
+    payload = bytes(buffer[RESULT.size : RESULT.size + length]) if length else b""
+    return decode_payload(kind, value, payload), None
+
+
+def write_result(buffer: memoryview, value: Value) -> None:
+    """Write a host function's result into the output buffer (ValueError if too big)."""
+    kind = infer_type(value)
+    payload = b""
+    bits = 0
+    if kind is ValueType.INT:
+        bits = int(value) & 0xFFFF_FFFF_FFFF_FFFF  # type: ignore[arg-type]
+    elif kind is ValueType.BOOL:
+        bits = int(bool(value))
+    elif kind is ValueType.FLOAT:
+        bits = float_bits(value)  # type: ignore[arg-type]
+    elif kind is ValueType.STR:
+        assert isinstance(value, str)
+        payload = value.encode()
+        if b"\0" in payload:
+            raise ValueError("str result contains a NUL character")
+    elif kind is ValueType.BYTES:
+        payload = bytes(value)  # type: ignore[arg-type]
+    end = RESULT.size + len(payload) + 1
+    if end > len(buffer):
+        raise ValueError(
+            f"result of {len(payload)} bytes does not fit the {len(buffer)}-byte output buffer"
+        )
+    RESULT.pack_into(buffer, 0, MAGIC_RESULT, STATUS_OK, kind, len(payload), bits)
+    buffer[RESULT.size : end - 1] = payload
+    buffer[end - 1] = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HostCall:
+    name: str
+    args: tuple[Value, ...]
+
+
+def read_host_call(buffer: memoryview) -> HostCall:
+    """Decode a host-call frame written by ``hl_call_host``."""
+    size = len(buffer)
+    if size < HEADER.size:
+        raise FrameError("output buffer smaller than a host-call frame")
+    magic, name_length, argc, total = HEADER.unpack_from(buffer, 0)
+    if magic != MAGIC_HOSTCALL:
+        raise FrameError(f"bad host-call magic {magic:#x}")
+    if argc > MAX_ARGS:
+        raise FrameError(f"host call with {argc} arguments (at most {MAX_ARGS})")
+    if total > size:
+        raise FrameError(f"host-call frame of {total} bytes exceeds the output buffer")
+    name_start = HEADER.size + SLOT.size * argc
+    name_end = name_start + name_length
+    if name_length == 0 or name_length > 256 or name_end > total:
+        raise FrameError("host-call name out of bounds")
+    try:
+        name = bytes(buffer[name_start:name_end]).decode()
+    except UnicodeDecodeError:
+        raise FrameError("host-call name is not valid UTF-8") from None
+    args: list[Value] = []
+    for i in range(argc):
+        kind, length, value = SLOT.unpack_from(buffer, HEADER.size + i * SLOT.size)
+        payload = b""
+        if kind in (ValueType.STR, ValueType.BYTES):
+            if value < name_end or value + length > total:
+                raise FrameError(f"host-call argument {i} out of bounds")
+            payload = bytes(buffer[value : value + length])
+        elif kind == ValueType.VOID or kind > ValueType.BYTES:
+            raise FrameError(f"host-call argument {i} has bad type {kind}")
+        args.append(decode_payload(kind, value, payload))
+    return HostCall(name, tuple(args))
+
+
+def read_message(buffer: memoryview, magic_expected: int) -> tuple[int, bytes]:
+    """Decode a print or abort frame: (code, message bytes)."""
+    if len(buffer) < MESSAGE.size:
+        raise FrameError("output buffer smaller than a message frame")
+    magic, length, code = MESSAGE.unpack_from(buffer, 0)
+    if magic != magic_expected:
+        raise FrameError(f"bad message magic {magic:#x}")
+    if length > len(buffer) - MESSAGE.size:
+        raise FrameError(f"message length {length} exceeds the output buffer")
+    return code, bytes(buffer[MESSAGE.size : MESSAGE.size + length])

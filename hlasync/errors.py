@@ -1,0 +1,248 @@
+"""The hlasync exception tree.
+
+Every error hlasync raises derives from :class:`HlasyncError`::
+
+    HlasyncError
+    ├── KvmError
+    │   ├── KvmUnavailableError      /dev/kvm missing, not permitted, wrong API
+    │   └── IoctlError               an ioctl failed (names the ioctl and errno)
+    ├── ConfigError                  a SandboxConfig value is invalid (also ValueError)
+    ├── GuestImageError              the guest binary cannot be loaded
+    ├── CallError                    a call was refused before the guest ran
+    │   ├── FunctionNotFound         no guest function of that name (also LookupError)
+    │   └── ArgumentError            arguments do not match the signature (also TypeError)
+    ├── SandboxStateError            the sandbox cannot take this request now
+    │   ├── SandboxPoisoned          a fault or interrupt left it dirty: restore() first
+    │   ├── SandboxBusy              a call is already running on it
+    │   └── SandboxClosed            it was closed
+    ├── GuestError                   the guest failed while running a call
+    │   ├── GuestCrashed             a CPU exception (fault) in guest code
+    │   ├── GuestAborted             the guest called hl_abort()
+    │   ├── GuestCancelled           interrupt() stopped the call
+    │   ├── GuestProtocolError       the guest broke the host/guest ABI
+    │   └── HostFunctionError        a host function the guest called raised
+    └── CrashdumpError               a core dump could not be written
+
+Every :class:`GuestError` carries the sandbox id, the guest function name and,
+when a core dump was written for it, ``core_path``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "ArgumentError",
+    "CallError",
+    "ConfigError",
+    "CrashdumpError",
+    "FunctionNotFound",
+    "GuestAborted",
+    "GuestCancelled",
+    "GuestCrashed",
+    "GuestError",
+    "GuestImageError",
+    "GuestProtocolError",
+    "HlasyncError",
+    "HostFunctionError",
+    "IoctlError",
+    "KvmError",
+    "KvmUnavailableError",
+    "SandboxBusy",
+    "SandboxClosed",
+    "SandboxPoisoned",
+    "SandboxStateError",
+]
+
+
+class HlasyncError(Exception):
+    """Root of every error raised by hlasync."""
+
+
+class KvmError(HlasyncError):
+    """A problem talking to the kernel's KVM API."""
+
+
+class KvmUnavailableError(KvmError):
+    """``/dev/kvm`` cannot be used; the message says what to do about it."""
+
+
+class IoctlError(KvmError, OSError):
+    """An ioctl on a KVM file descriptor failed."""
+
+    def __init__(self, name: str, errno: int, strerror: str) -> None:
+        OSError.__init__(self, errno, f"{name} failed: {strerror}")
+        self.ioctl = name
+
+    def __str__(self) -> str:
+        return f"{self.ioctl} failed: [Errno {self.errno}] {self.strerror}"
+
+
+class ConfigError(HlasyncError, ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+class GuestImageError(HlasyncError):
+    """The guest binary is not a loadable hlasync guest."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        super().__init__(f"{path}: {message}" if path is not None else message)
+
+
+class CallError(HlasyncError):
+    """A call was rejected by the host before any guest code ran."""
+
+    def __init__(self, message: str, *, sandbox_id: str, function: str) -> None:
+        super().__init__(message)
+        self.sandbox_id = sandbox_id
+        self.function = function
+
+
+class FunctionNotFound(CallError, LookupError):
+    """The guest exports no function of that name."""
+
+
+class ArgumentError(CallError, TypeError):
+    """The arguments do not match the function's signature in the guest ELF."""
+
+
+class SandboxStateError(HlasyncError):
+    """The sandbox is in a state that cannot take this request."""
+
+    def __init__(self, message: str, *, sandbox_id: str) -> None:
+        super().__init__(message)
+        self.sandbox_id = sandbox_id
+
+
+class SandboxPoisoned(SandboxStateError):
+    """A fault, abort or interrupt left the guest dirty; call ``restore()``."""
+
+
+class SandboxBusy(SandboxStateError):
+    """Another call is running on this sandbox."""
+
+
+class SandboxClosed(SandboxStateError):
+    """The sandbox has been closed."""
+
+
+class GuestError(HlasyncError):
+    """The guest failed while running a call.
+
+    Attributes common to every guest-caused error: ``sandbox_id``,
+    ``function`` (the guest function that was called) and ``core_path``
+    (the core dump written for it, or None).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        sandbox_id: str,
+        function: str | None,
+        core_path: Path | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.sandbox_id = sandbox_id
+        self.function = function
+        self.core_path = core_path
+
+    def __str__(self) -> str:
+        where = f"sandbox {self.sandbox_id}"
+        if self.function is not None:
+            where += f", function {self.function!r}"
+        text = f"{self.message} ({where})"
+        if self.core_path is not None:
+            text += f"; core dump: {self.core_path}"
+        return text
+
+
+class GuestCrashed(GuestError):
+    """A CPU exception in guest code: divide error, page fault, #UD, #GP, ...
+
+    ``vector`` is the exception number, ``vector_name`` its mnemonic
+    (``"#PF"``), ``error_code`` the CPU's error code (or None), ``rip`` the
+    faulting instruction, ``cr2`` the faulting address of a page fault
+    (None for other vectors) and ``symbol`` the guest symbol containing
+    ``rip`` (``"divide_by_zero+0x4"``), when the ELF has symbols.
+    """
+
+    def __init__(
+        self,
+        *,
+        sandbox_id: str,
+        function: str | None,
+        vector: int,
+        vector_name: str,
+        description: str,
+        error_code: int | None,
+        rip: int,
+        cr2: int | None,
+        symbol: str | None,
+        core_path: Path | None = None,
+    ) -> None:
+        at = f"rip={rip:#x}" + (f" in {symbol}" if symbol else "")
+        message = f"guest crashed: {vector_name} {description} at {at}"
+        if error_code is not None:
+            message += f", error code {error_code:#x}"
+        if cr2 is not None:
+            message += f", fault address {cr2:#x}"
+        super().__init__(message, sandbox_id=sandbox_id, function=function, core_path=core_path)
+        self.vector = vector
+        self.vector_name = vector_name
+        self.error_code = error_code
+        self.rip = rip
+        self.cr2 = cr2
+        self.symbol = symbol
+
+
+class GuestAborted(GuestError):
+    """The guest called ``hl_abort(code, message)``."""
+
+    def __init__(
+        self,
+        *,
+        sandbox_id: str,
+        function: str | None,
+        code: int,
+        guest_message: str,
+        core_path: Path | None = None,
+    ) -> None:
+        super().__init__(
+            f"guest aborted with code {code}: {guest_message}",
+            sandbox_id=sandbox_id,
+            function=function,
+            core_path=core_path,
+        )
+        self.code = code
+        self.guest_message = guest_message
+
+
+class GuestCancelled(GuestError):
+    """The call was stopped by ``Sandbox.interrupt()``."""
+
+
+class GuestProtocolError(GuestError):
+    """The guest broke the host/guest ABI (bad frame, unknown port, ...)."""
+
+
+class HostFunctionError(GuestError):
+    """A host function called by the guest raised; the original is ``__cause__``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        sandbox_id: str,
+        function: str | None,
+        host_function: str,
+        core_path: Path | None = None,
+    ) -> None:
+        super().__init__(message, sandbox_id=sandbox_id, function=function, core_path=core_path)
+        self.host_function = host_function
+
+
+class CrashdumpError(HlasyncError):
+    """A core dump could not be written (or crash dumps are disabled)."""

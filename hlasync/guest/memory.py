@@ -1,0 +1,120 @@
+"""Host mappings of guest memory.
+
+Guest memory is a ``MAP_PRIVATE`` mapping of a memfd that holds a snapshot:
+the guest's writes land in private copy-on-write pages, so going back to the
+snapshot is ``madvise(MADV_DONTNEED)`` (cost follows the pages dirtied), and
+going to another snapshot maps its memfd over the same address
+(``MAP_FIXED``), which KVM follows through its MMU notifiers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import weakref
+
+from ..kvm import _libc
+
+__all__ = ["GuestMemory", "MemoryImage"]
+
+PAGE = 0x1000
+
+
+class MemoryImage:
+    """An immutable memfd holding a full guest-memory image (closed when unreferenced)."""
+
+    def __init__(self, size: int, name: str = "hlasync-snapshot") -> None:
+        self.size = size
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self._finalizer = weakref.finalize(self, os.close, self.fd)
+        try:
+            os.ftruncate(self.fd, size)
+        except BaseException:
+            self._finalizer()
+            raise
+
+    def write_runs(self, source: memoryview, runs: list[tuple[int, int]]) -> None:
+        for start, end in runs:
+            view = source[start:end]
+            written = 0
+            while written < len(view):
+                written += os.pwrite(self.fd, view[written:], start + written)
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+class GuestMemory:
+    """``size`` bytes of guest memory mapped in this process."""
+
+    def __init__(self, backing: MemoryImage) -> None:
+        self.size = backing.size
+        self._lock = threading.Lock()
+        self.address = _libc.mmap(
+            0, self.size, _libc.PROT_READ | _libc.PROT_WRITE,
+            _libc.MAP_PRIVATE | _libc.MAP_NORESERVE, backing.fd,
+        )
+        self.backing = backing
+        # Safe: the array covers exactly the mapping, which lives until close().
+        self._array = (ctypes.c_ubyte * self.size).from_address(self.address)
+        self.view = memoryview(self._array).cast("B")
+
+    def reset(self) -> None:
+        """Discard every guest write since the backing image was mapped."""
+        _libc.madvise(self.address, self.size, _libc.MADV_DONTNEED)
+
+    def remap(self, backing: MemoryImage) -> None:
+        """Replace the contents with another image, at the same host address."""
+        if backing.size != self.size:
+            raise ValueError("image size does not match guest memory")
+        _libc.mmap(
+            self.address, self.size, _libc.PROT_READ | _libc.PROT_WRITE,
+            _libc.MAP_PRIVATE | _libc.MAP_FIXED | _libc.MAP_NORESERVE, backing.fd,
+        )
+        self.backing = backing
+
+    def touched_runs(self) -> list[tuple[int, int]]:
+        """Byte ranges of pages that may be non-zero (resident in this mapping
+        or in its backing memfd); everything else reads as zero."""
+        resident = _libc.mincore(self.address, self.size)
+        runs: list[tuple[int, int]] = []
+        start = -1
+        for page, flag in enumerate(resident):
+            if flag & 1:
+                if start < 0:
+                    start = page
+            elif start >= 0:
+                runs.append((start * PAGE, page * PAGE))
+                start = -1
+        if start >= 0:
+            runs.append((start * PAGE, len(resident) * PAGE))
+        return runs
+
+    def snapshot_image(self) -> MemoryImage:
+        """A new memfd with the current contents (zero pages left as holes)."""
+        image = MemoryImage(self.size)
+        try:
+            image.write_runs(self.view, self.touched_runs())
+        except BaseException:
+            image.close()
+            raise
+        return image
+
+    def read(self, address: int, size: int) -> bytes:
+        """Bytes of guest memory; ValueError for a range outside guest memory."""
+        if address < 0 or size < 0 or address + size > self.size:
+            raise ValueError(f"[{address:#x}, +{size:#x}) is outside guest memory")
+        return bytes(self.view[address : address + size])
+
+    def write(self, address: int, data: bytes) -> None:
+        if address < 0 or address + len(data) > self.size:
+            raise ValueError(f"[{address:#x}, +{len(data):#x}) is outside guest memory")
+        self.view[address : address + len(data)] = data
+
+    def close(self) -> None:
+        if self.address:
+            self.view.release()
+            del self._array
+            _libc.munmap(self.address, self.size)
+            self.address = 0

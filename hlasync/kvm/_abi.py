@@ -1,0 +1,161 @@
+"""Raw KVM API: ioctl numbers, ctypes structures and ``kvm_run`` offsets.
+
+Layouts follow ``include/uapi/linux/kvm.h`` and ``arch/x86/include/uapi/asm/kvm.h``
+for x86-64. No logic lives here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
+KVMIO = 0xAE
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
+
+
+def _io(nr: int) -> int:
+    return _ioc(_IOC_NONE, nr, 0)
+
+
+def _ior(nr: int, size: int) -> int:
+    return _ioc(_IOC_READ, nr, size)
+
+
+def _iow(nr: int, size: int) -> int:
+    return _ioc(_IOC_WRITE, nr, size)
+
+
+u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
+
+
+class kvm_regs(ctypes.Structure):  # noqa: N801 - kernel name
+    _fields_ = [
+        (name, u64)
+        for name in (
+            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
+        )
+    ]
+
+
+class kvm_segment(ctypes.Structure):  # noqa: N801
+    _fields_ = [
+        ("base", u64),
+        ("limit", u32),
+        ("selector", u16),
+        ("type", u8),
+        ("present", u8),
+        ("dpl", u8),
+        ("db", u8),
+        ("s", u8),
+        ("l", u8),
+        ("g", u8),
+        ("avl", u8),
+        ("unusable", u8),
+        ("padding", u8),
+    ]
+
+
+class kvm_dtable(ctypes.Structure):  # noqa: N801
+    _fields_ = [("base", u64), ("limit", u16), ("padding", u16 * 3)]
+
+
+class kvm_sregs(ctypes.Structure):  # noqa: N801
+    _fields_ = (
+        [(name, kvm_segment) for name in "cs ds es fs gs ss tr ldt".split()]
+        + [("gdt", kvm_dtable), ("idt", kvm_dtable)]
+        + [(name, u64) for name in "cr0 cr2 cr3 cr4 cr8 efer apic_base".split()]
+        + [("interrupt_bitmap", u64 * 4)]
+    )
+
+
+class kvm_fpu(ctypes.Structure):  # noqa: N801
+    _fields_ = [
+        ("fpr", (u8 * 16) * 8),
+        ("fcw", u16),
+        ("fsw", u16),
+        ("ftwx", u8),
+        ("pad1", u8),
+        ("last_opcode", u16),
+        ("last_ip", u64),
+        ("last_dp", u64),
+        ("xmm", (u8 * 16) * 16),
+        ("mxcsr", u32),
+        ("pad2", u32),
+    ]
+
+
+class kvm_xsave(ctypes.Structure):  # noqa: N801
+    _fields_ = [("region", u32 * 1024)]
+
+
+class kvm_userspace_memory_region(ctypes.Structure):  # noqa: N801
+    _fields_ = [
+        ("slot", u32),
+        ("flags", u32),
+        ("guest_phys_addr", u64),
+        ("memory_size", u64),
+        ("userspace_addr", u64),
+    ]
+
+
+# System ioctls (on the /dev/kvm fd).
+KVM_GET_API_VERSION = _io(0x00)
+KVM_CREATE_VM = _io(0x01)
+KVM_CHECK_EXTENSION = _io(0x03)
+KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
+# VM ioctls.
+KVM_CREATE_VCPU = _io(0x41)
+KVM_SET_USER_MEMORY_REGION = _iow(0x46, ctypes.sizeof(kvm_userspace_memory_region))
+# vCPU ioctls.
+KVM_RUN = _io(0x80)
+KVM_GET_REGS = _ior(0x81, ctypes.sizeof(kvm_regs))
+KVM_SET_REGS = _iow(0x82, ctypes.sizeof(kvm_regs))
+KVM_GET_SREGS = _ior(0x83, ctypes.sizeof(kvm_sregs))
+KVM_SET_SREGS = _iow(0x84, ctypes.sizeof(kvm_sregs))
+KVM_SET_SIGNAL_MASK = _iow(0x8B, 4)  # struct kvm_signal_mask { u32 len; u8 sigset[]; }
+KVM_GET_FPU = _ior(0x8C, ctypes.sizeof(kvm_fpu))
+KVM_SET_FPU = _iow(0x8D, ctypes.sizeof(kvm_fpu))
+KVM_GET_XSAVE = _ior(0xA4, ctypes.sizeof(kvm_xsave))
+KVM_SET_XSAVE = _iow(0xA5, ctypes.sizeof(kvm_xsave))
+
+KVM_API_VERSION = 12
+KVM_CAP_USER_MEMORY = 3
+KVM_CAP_XSAVE = 55
+
+IOCTL_NAMES = {
+    value: name
+    for name, value in dict(globals()).items()
+    if name.startswith("KVM_") and isinstance(value, int) and name not in {
+        "KVM_API_VERSION", "KVM_CAP_USER_MEMORY", "KVM_CAP_XSAVE"
+    }
+}
+
+# struct kvm_run: the fields we read (offsets in bytes).
+RUN_EXIT_REASON = 8
+RUN_IMMEDIATE_EXIT = 1
+RUN_UNION = 32
+# io: __u8 direction, size; __u16 port; __u32 count; __u64 data_offset
+RUN_IO_DIRECTION = 32
+RUN_IO_SIZE = 33
+RUN_IO_PORT = 34
+RUN_IO_COUNT = 36
+RUN_IO_DATA_OFFSET = 40
+KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT = 0, 1
+
+# Exit reasons.
+KVM_EXIT_UNKNOWN = 0
+KVM_EXIT_EXCEPTION = 1
+KVM_EXIT_IO = 2
+KVM_EXIT_HYPERCALL = 3
+KVM_EXIT_DEBUG = 4
+KVM_EXIT_HLT = 5
+KVM_EXIT_MMIO = 6
+KVM_EXIT_IRQ_WINDOW_OPEN = 7
+KVM_EXIT_SHUTDOWN = 8
+KVM_EXIT_FAIL_ENTRY = 9
+KVM_EXIT_INTR = 10
+KVM_EXIT_INTERNAL_ERROR = 17
+KVM_EXIT_SYSTEM_EVENT = 24

@@ -1,0 +1,174 @@
+"""A KVM virtual CPU: run, registers, kicks."""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import signal
+import struct
+import threading
+from typing import TYPE_CHECKING
+
+from ..errors import IoctlError
+from . import _abi
+from .exits import (
+    Exit,
+    FailEntry,
+    Hlt,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    Mmio,
+    Shutdown,
+    UnknownExit,
+)
+from .system import ioctl
+
+if TYPE_CHECKING:
+    from .vm import Vm
+
+__all__ = ["KICK_SIGNAL", "Vcpu"]
+
+#: Real-time signal used to kick a vCPU out of ``KVM_RUN``. Threads that run a
+#: vCPU keep it blocked; KVM unblocks it only while the guest runs.
+KICK_SIGNAL: int = signal.SIGRTMIN + 2
+
+_IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
+_U32 = struct.Struct("<I")
+_MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write
+_FAIL_ENTRY = struct.Struct("<QI")
+_INTERNAL = struct.Struct("<II")
+_INTERRUPTED = Interrupted()
+_HLT = Hlt()
+_SHUTDOWN = Shutdown()
+
+
+class Vcpu:
+    """One vCPU of a :class:`~hlasync.kvm.vm.Vm`."""
+
+    def __init__(self, vm: Vm, index: int) -> None:
+        self.index = index
+        self.fd = ioctl(vm.fd, _abi.KVM_CREATE_VCPU, index)
+        try:
+            os.set_inheritable(self.fd, False)
+            self.run_area = mmap.mmap(
+                self.fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._run_size = len(self.run_area)
+        self._mask_thread: int | None = None
+        # Exits of single-byte `out`s repeat on every call: reuse the values.
+        self._out_cache: dict[int, IoOut] = {}
+
+    # -- running -----------------------------------------------------------
+    def prepare_thread(self) -> None:
+        """Make the calling thread able to run this vCPU and to be kicked.
+
+        Blocks :data:`KICK_SIGNAL` in the thread and hands KVM the thread's
+        mask without it, so the signal is only deliverable inside ``KVM_RUN``.
+        """
+        ident = threading.get_ident()
+        if ident == self._mask_thread:
+            return
+        signal.pthread_sigmask(signal.SIG_BLOCK, [KICK_SIGNAL])
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        mask = 0
+        for signum in blocked:
+            if signum != KICK_SIGNAL:
+                mask |= 1 << (int(signum) - 1)
+        ioctl(self.fd, _abi.KVM_SET_SIGNAL_MASK, struct.pack("<IQ", 8, mask))
+        self._mask_thread = ident
+
+    @staticmethod
+    def kick(thread_ident: int) -> None:
+        """Send the kick signal to a thread that runs (or is about to run) a vCPU."""
+        signal.pthread_kill(thread_ident, KICK_SIGNAL)
+
+    @staticmethod
+    def consume_kick() -> bool:
+        """Clear a pending kick in the calling thread; True if there was one."""
+        return signal.sigtimedwait([KICK_SIGNAL], 0) is not None
+
+    def run(self) -> Exit:
+        """One ``KVM_RUN``: run the guest until its next exit and describe it."""
+        try:
+            fcntl.ioctl(self.fd, _abi.KVM_RUN, 0)
+        except InterruptedError:
+            return _INTERRUPTED
+        except OSError as exc:
+            raise IoctlError("KVM_RUN", exc.errno or 0, exc.strerror or str(exc)) from None
+        area = self.run_area
+        reason = _U32.unpack_from(area, _abi.RUN_EXIT_REASON)[0]
+        if reason == _abi.KVM_EXIT_IO:
+            direction, size, port, count, offset = _IO.unpack_from(area, _abi.RUN_IO_DIRECTION)
+            if direction == _abi.KVM_EXIT_IO_IN:
+                return IoIn(port, size, count)
+            nbytes = size * count
+            if offset + nbytes > self._run_size:
+                return InternalError(-1, (offset, nbytes))
+            if nbytes == 1:
+                key = (port << 8) | area[offset]
+                cached = self._out_cache.get(key)
+                if cached is None:
+                    cached = self._out_cache[key] = IoOut(port, 1, 1, bytes([area[offset]]))
+                return cached
+            return IoOut(port, size, count, area[offset : offset + nbytes])
+        if reason == _abi.KVM_EXIT_HLT:
+            return _HLT
+        if reason == _abi.KVM_EXIT_SHUTDOWN:
+            return _SHUTDOWN
+        if reason == _abi.KVM_EXIT_INTR:
+            return _INTERRUPTED
+        if reason == _abi.KVM_EXIT_MMIO:
+            address, data, length, is_write = _MMIO.unpack_from(area, _abi.RUN_UNION)
+            length = min(length, 8)
+            return Mmio(address, bool(is_write), length, data[:length])
+        if reason == _abi.KVM_EXIT_FAIL_ENTRY:
+            hw_reason, cpu = _FAIL_ENTRY.unpack_from(area, _abi.RUN_UNION)
+            return FailEntry(hw_reason, cpu)
+        if reason == _abi.KVM_EXIT_INTERNAL_ERROR:
+            suberror, ndata = _INTERNAL.unpack_from(area, _abi.RUN_UNION)
+            ndata = min(ndata, 16)
+            data = struct.unpack_from(f"<{ndata}Q", area, _abi.RUN_UNION + 8)
+            return InternalError(suberror, data)
+        return UnknownExit(reason)
+
+    # -- state ---------------------------------------------------------------
+    def get_regs(self) -> _abi.kvm_regs:
+        regs = _abi.kvm_regs()
+        ioctl(self.fd, _abi.KVM_GET_REGS, regs)
+        return regs
+
+    def set_regs(self, regs: _abi.kvm_regs) -> None:
+        ioctl(self.fd, _abi.KVM_SET_REGS, regs)
+
+    def get_sregs(self) -> _abi.kvm_sregs:
+        sregs = _abi.kvm_sregs()
+        ioctl(self.fd, _abi.KVM_GET_SREGS, sregs)
+        return sregs
+
+    def set_sregs(self, sregs: _abi.kvm_sregs) -> None:
+        ioctl(self.fd, _abi.KVM_SET_SREGS, sregs)
+
+    def get_fpu(self) -> _abi.kvm_fpu:
+        fpu = _abi.kvm_fpu()
+        ioctl(self.fd, _abi.KVM_GET_FPU, fpu)
+        return fpu
+
+    def set_fpu(self, fpu: _abi.kvm_fpu) -> None:
+        ioctl(self.fd, _abi.KVM_SET_FPU, fpu)
+
+    def get_xsave(self) -> _abi.kvm_xsave:
+        xsave = _abi.kvm_xsave()
+        ioctl(self.fd, _abi.KVM_GET_XSAVE, xsave)
+        return xsave
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.run_area.close()
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,602 @@
+"""Sandbox: one guest in one KVM micro-VM (one VM, one vCPU). Synchronous.
+
+States: ``ready`` (idle, a call may start), ``running`` (a call is on the
+vCPU), ``poisoned`` (a fault, abort, protocol error or interrupt left the
+guest dirty: only :meth:`Sandbox.restore` helps) and ``closed``.
+
+A call writes its frame into the guest's input buffer and resumes the vCPU
+once (``KVM_RUN``): the guest's resident dispatcher reads the call, runs the
+function, writes the result to the output buffer and exits through its
+``out`` to the return port, where it waits for the next call. Host calls,
+prints, aborts and exceptions are other ports of the same loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import itertools
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from . import abi
+from .abi import FrameError, FunctionSignature, Value, ValueType
+from .config import SandboxConfig
+from .errors import (
+    ArgumentError,
+    FunctionNotFound,
+    GuestAborted,
+    GuestCancelled,
+    GuestCrashed,
+    GuestError,
+    GuestImageError,
+    GuestProtocolError,
+    HostFunctionError,
+    SandboxBusy,
+    SandboxClosed,
+    SandboxPoisoned,
+)
+from .guest import layout as lay
+from .guest.image import GuestImage
+from .guest.layout import MemoryLayout
+from .guest.memory import GuestMemory, MemoryImage
+from .kvm import Kvm, Vcpu, Vm, kvm_fpu, kvm_regs, kvm_sregs
+from .kvm.exits import Interrupted, IoOut
+
+__all__ = ["ExceptionInfo", "Sandbox", "SandboxState", "Snapshot", "VECTOR_NAMES"]
+
+VECTOR_NAMES: dict[int, tuple[str, str]] = {
+    0: ("#DE", "divide error"),
+    1: ("#DB", "debug exception"),
+    2: ("NMI", "non-maskable interrupt"),
+    3: ("#BP", "breakpoint"),
+    4: ("#OF", "overflow"),
+    5: ("#BR", "bound range exceeded"),
+    6: ("#UD", "invalid opcode"),
+    7: ("#NM", "device not available"),
+    8: ("#DF", "double fault"),
+    9: ("#MF9", "coprocessor segment overrun"),
+    10: ("#TS", "invalid TSS"),
+    11: ("#NP", "segment not present"),
+    12: ("#SS", "stack-segment fault"),
+    13: ("#GP", "general protection fault"),
+    14: ("#PF", "page fault"),
+    16: ("#MF", "x87 floating-point exception"),
+    17: ("#AC", "alignment check"),
+    18: ("#MC", "machine check"),
+    19: ("#XM", "SIMD floating-point exception"),
+    20: ("#VE", "virtualization exception"),
+    21: ("#CP", "control protection exception"),
+    28: ("#HV", "hypervisor injection exception"),
+    29: ("#VC", "VMM communication exception"),
+    30: ("#SX", "security exception"),
+}
+
+
+class SandboxState(enum.Enum):
+    READY = "ready"
+    RUNNING = "running"
+    POISONED = "poisoned"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class ExceptionInfo:
+    """A CPU exception taken by guest code, recovered from the interrupt frame."""
+
+    vector: int
+    error_code: int | None
+    cr2: int | None
+    regs: kvm_regs  # the faulting context (rip, rsp, rflags from the frame)
+    sregs: kvm_sregs
+
+
+class Snapshot:
+    """Guest memory and vCPU state of a sandbox at a ready point.
+
+    Opaque; restore it with :meth:`Sandbox.restore` into the sandbox it came
+    from or any sandbox of the same guest and configuration.
+    """
+
+    __slots__ = ("_compat", "_fpu", "_image", "_regs", "_sregs", "taken_at")
+
+    def __init__(
+        self, compat: tuple[object, ...], image: MemoryImage,
+        regs: kvm_regs, sregs: kvm_sregs, fpu: kvm_fpu,
+    ) -> None:
+        self._compat = compat
+        self._image = image
+        self._regs = regs
+        self._sregs = sregs
+        self._fpu = fpu
+        self.taken_at = time.time()
+
+    def __repr__(self) -> str:
+        return f"<Snapshot of {self._image.size} bytes taken at {self.taken_at:.3f}>"
+
+
+_ids = itertools.count(1)
+_templates: dict[tuple[object, ...], Snapshot] = {}
+_templates_lock = threading.Lock()
+_S = TypeVar("_S", bound=ctypes.Structure)
+
+
+def _copy(struct: _S) -> _S:
+    clone = type(struct)()
+    ctypes.pointer(clone)[0] = struct
+    return clone
+
+
+@dataclass
+class _CallState:
+    function: str | None = None
+    cancel: bool = False
+    kick_pending: bool = False
+    thread: int = 0
+    requests: list[Callable[[], None]] = field(default_factory=list)
+
+
+class Sandbox:
+    """A guest running in its own KVM micro-VM.
+
+    ``guest`` is the path of a guest ELF built with the hlasync SDK (see
+    :mod:`hlasync.guests` for the bundled ones). ``output`` receives the
+    guest's debug prints (default: written to ``sys.stdout``).
+
+    Thread safety: one call at a time (a second concurrent call raises
+    :class:`SandboxBusy`); :meth:`interrupt` and :meth:`close` may be called
+    from any thread.
+    """
+
+    def __init__(
+        self,
+        guest: str | os.PathLike[str] | GuestImage,
+        config: SandboxConfig | None = None,
+        *,
+        output: Callable[[str], None] | None = None,
+        sandbox_id: str | None = None,
+    ) -> None:
+        self.config = config if config is not None else SandboxConfig()
+        if not isinstance(self.config, SandboxConfig):
+            raise TypeError("config must be a SandboxConfig")
+        self.image = guest if isinstance(guest, GuestImage) else GuestImage.load(guest)
+        self.layout = MemoryLayout.compute(self.config, self.image)
+        self.id = sandbox_id or f"sb-{os.getpid()}-{next(_ids)}"
+        self._output = output
+        self._host_functions: dict[str, Callable[..., Any]] = {}
+        self._signatures = {fn.name: fn for fn in self.image.functions}
+        self._encoders = {fn.name: abi.make_call_encoder(fn) for fn in self.image.functions}
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._state = SandboxState.CLOSED
+        self._call = _CallState()
+        self.last_exception: ExceptionInfo | None = None
+        self._compat = (
+            str(self.image.path), self.image.size, self.image.entry, self.layout,
+        )
+        self._vm: Vm | None = None
+        self._memory: GuestMemory | None = None
+        try:
+            self._boot()
+        except BaseException:
+            self._release()
+            raise
+        self._state = SandboxState.READY
+
+    # ----------------------------------------------------------- creation
+    def _boot(self) -> None:
+        with _templates_lock:
+            template = _templates.get(self._compat)
+        if template is not None:
+            self._attach(template._image)
+            self._set_cpu_state(template)
+            self._initial = template
+            return
+        boot = MemoryImage(self.layout.memory_size, "hlasync-boot")
+        mapping = GuestMemory(boot)  # write the boot image once through a private map
+        try:
+            lay.build_boot_image(mapping.view, self.layout, self.image)
+            boot.write_runs(mapping.view, mapping.touched_runs())
+        finally:
+            mapping.close()
+        self._attach(boot)
+        assert self._vcpu is not None
+        sregs = self._vcpu.get_sregs()
+        _user_mode_sregs(sregs)
+        self._vcpu.set_sregs(sregs)
+        self._vcpu.set_regs(kvm_regs(rip=self.image.entry, rsp=self.layout.stack_top,
+                                     rflags=lay.RFLAGS))
+        self._vcpu.prepare_thread()
+        self._await_ready()
+        self._initial = self._take_snapshot()
+        with _templates_lock:
+            _templates.setdefault(self._compat, self._initial)
+
+    def _attach(self, image: MemoryImage) -> None:
+        self._memory = GuestMemory(image)
+        self._vm = Vm(Kvm.shared())
+        self._vm.set_user_memory_region(0, 0, self.layout.memory_size, self._memory.address)
+        self._vcpu: Vcpu | None = self._vm.create_vcpu()
+        view = self._memory.view
+        self._input = view[self.layout.input_addr : self.layout.input_addr + self.layout.input_size]
+        self._output_buf = view[
+            self.layout.output_addr : self.layout.output_addr + self.layout.output_size
+        ]
+
+    def _await_ready(self) -> None:
+        assert self._vcpu is not None
+        exit_ = self._vcpu.run()
+        if not (isinstance(exit_, IoOut) and exit_.port == abi.PORT_RETURN):
+            raise GuestImageError(
+                f"guest did not reach its dispatcher during initialisation (exit: {exit_}); "
+                "was it built with the hlasync SDK?",
+                path=self.image.path,
+            )
+        magic, version, count = abi.READY.unpack_from(self._output_buf, 0)
+        if magic != abi.MAGIC_READY or version != abi.ABI_VERSION:
+            raise GuestImageError(
+                f"guest speaks ABI {version if magic == abi.MAGIC_READY else '?'}, host speaks "
+                f"{abi.ABI_VERSION}: rebuild it with this version of the SDK",
+                path=self.image.path,
+            )
+        if count != len(self.image.functions):
+            raise GuestImageError(
+                f"guest reports {count} functions, its ELF declares {len(self.image.functions)}",
+                path=self.image.path,
+            )
+
+    # -------------------------------------------------------------- API
+    @property
+    def state(self) -> SandboxState:
+        return self._state
+
+    @property
+    def functions(self) -> Mapping[str, FunctionSignature]:
+        """Guest functions by name, with signatures read from the ELF."""
+        return MappingProxyType(self._signatures)
+
+    @property
+    def host_functions(self) -> Mapping[str, Callable[..., Any]]:
+        return MappingProxyType(self._host_functions)
+
+    def register_host_function(self, name: str, function: Callable[..., Any]) -> None:
+        """Make ``function`` callable from the guest as ``name``.
+
+        The guest passes typed values (int, float, bool, str, bytes); the
+        return value must be one of those or None.
+        """
+        if not isinstance(name, str) or not name or len(name.encode()) > 256:
+            raise ValueError("host function name must be a non-empty str of at most 256 bytes")
+        if not callable(function):
+            raise TypeError("host function must be callable")
+        self._host_functions[name] = function
+
+    def call(self, name: str, *args: Value) -> Value:
+        """Call guest function ``name`` with ``args`` and return its result."""
+        signature = self._signatures.get(name)
+        if signature is None:
+            raise FunctionNotFound(
+                f"guest {self.image.path.name} has no function {name!r} "
+                f"(it has: {', '.join(sorted(self._signatures))})",
+                sandbox_id=self.id, function=str(name),
+            )
+        params = signature.params
+        if len(args) != len(params):
+            raise ArgumentError(
+                f"{signature} takes {len(params)} argument(s), got {len(args)}",
+                sandbox_id=self.id, function=name,
+            )
+        for position, (kind, arg) in enumerate(zip(params, args)):
+            problem = abi.check_value(kind, arg)
+            if problem is not None:
+                raise ArgumentError(f"{signature}: argument {position + 1}: {problem}",
+                                    sandbox_id=self.id, function=name)
+        with self._lock:
+            if self._state is not SandboxState.READY:
+                self._raise_not_ready(name)
+            self._state = SandboxState.RUNNING
+            call = self._call
+            call.function = name
+            call.cancel = False
+            call.thread = threading.get_ident()
+        outcome = SandboxState.POISONED
+        try:
+            try:
+                self._encoders[name](self._input, args)
+            except ValueError as exc:
+                outcome = SandboxState.READY
+                raise ArgumentError(
+                    f"{signature}: arguments do not fit the {self.layout.input_size}-byte input "
+                    f"buffer ({exc}); raise SandboxConfig.input_buffer_size",
+                    sandbox_id=self.id, function=name,
+                ) from None
+            assert self._vcpu is not None
+            self._vcpu.prepare_thread()
+            result = self._run(signature)
+            outcome = SandboxState.READY
+            return result
+        except HostFunctionError:
+            outcome = SandboxState.READY  # the vCPU was put back at the dispatcher
+            raise
+        finally:
+            with self._lock:
+                if call.kick_pending:
+                    Vcpu.consume_kick()
+                    call.kick_pending = False
+                cancelled = call.cancel and outcome is SandboxState.READY
+                self._state = SandboxState.POISONED if cancelled else outcome
+                call.cancel = False
+                call.function = None
+                self._idle.notify_all()
+            if cancelled:
+                raise GuestCancelled("call interrupted", sandbox_id=self.id, function=name)
+
+    def interrupt(self) -> bool:
+        """Stop the running call (from any thread).
+
+        Returns True if a call was running: it then raises
+        :class:`GuestCancelled` and the sandbox is poisoned until
+        :meth:`restore`. Returns False when idle; the next call is unaffected.
+        """
+        with self._lock:
+            if self._state is not SandboxState.RUNNING:
+                return False
+            call = self._call
+            if not call.cancel:
+                call.cancel = True
+                call.kick_pending = True
+                Vcpu.kick(call.thread)
+            return True
+
+    def snapshot(self) -> Snapshot:
+        """Capture guest memory and vCPU state (the sandbox must be ready)."""
+        with self._lock:
+            if self._state is not SandboxState.READY:
+                self._raise_not_ready("snapshot")
+            return self._take_snapshot()
+
+    def _take_snapshot(self) -> Snapshot:
+        assert self._memory is not None and self._vcpu is not None
+        image = self._memory.snapshot_image()
+        # Map the new image under the guest so restoring it is a cheap reset.
+        self._memory.remap(image)
+        return Snapshot(self._compat, image, self._vcpu.get_regs(),
+                        self._vcpu.get_sregs(), self._vcpu.get_fpu())
+
+    def restore(self, snapshot: Snapshot | None = None) -> None:
+        """Return guest memory and vCPU state to ``snapshot`` (default: the
+        state right after initialisation). Clears the poisoned state."""
+        target = snapshot if snapshot is not None else self._initial
+        if not isinstance(target, Snapshot):
+            raise TypeError("restore() takes a Snapshot")
+        if target._compat != self._compat:
+            raise ValueError("snapshot belongs to a sandbox of another guest or configuration")
+        with self._lock:
+            if self._state is SandboxState.CLOSED:
+                raise SandboxClosed("sandbox is closed", sandbox_id=self.id)
+            if self._state is SandboxState.RUNNING:
+                raise SandboxBusy("cannot restore while a call is running", sandbox_id=self.id)
+            assert self._memory is not None
+            if self._memory.backing is target._image:
+                self._memory.reset()
+            else:
+                self._memory.remap(target._image)
+            self._set_cpu_state(target)
+            self.last_exception = None
+            self._state = SandboxState.READY
+
+    def read_memory(self, address: int, size: int) -> bytes:
+        """Copy ``size`` bytes of guest memory at guest address ``address``."""
+        with self._lock:
+            if self._memory is None:
+                raise SandboxClosed("sandbox is closed", sandbox_id=self.id)
+            return self._memory.read(address, size)
+
+    def close(self) -> None:
+        """Stop any running call, then release the VM and guest memory."""
+        with self._lock:
+            if self._state is SandboxState.CLOSED:
+                return
+            if self._state is SandboxState.RUNNING:
+                call = self._call
+                if not call.cancel:
+                    call.cancel = True
+                    call.kick_pending = True
+                    Vcpu.kick(call.thread)
+                while self._state is SandboxState.RUNNING:
+                    self._idle.wait()
+            self._state = SandboxState.CLOSED
+            self._release()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_state", SandboxState.CLOSED) is not SandboxState.CLOSED:
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - never raise from a finalizer
+                pass
+
+    def __repr__(self) -> str:
+        return f"<Sandbox {self.id} {self.image.path.name} {self._state.value}>"
+
+    # --------------------------------------------------------- internals
+    def _raise_not_ready(self, what: str) -> None:
+        state = self._state
+        if state is SandboxState.POISONED:
+            raise SandboxPoisoned(
+                f"sandbox {self.id} is poisoned by an earlier fault or interrupt; call restore()",
+                sandbox_id=self.id,
+            )
+        if state is SandboxState.CLOSED:
+            raise SandboxClosed(f"sandbox {self.id} is closed", sandbox_id=self.id)
+        raise SandboxBusy(f"sandbox {self.id} is already running a call ({what})",
+                          sandbox_id=self.id)
+
+    def _release(self) -> None:
+        self._input = self._output_buf = memoryview(b"")
+        if self._vm is not None:
+            self._vm.close()
+            self._vm = None
+        self._vcpu = None
+        if self._memory is not None:
+            self._memory.close()
+            self._memory = None
+
+    def _set_cpu_state(self, snapshot: Snapshot) -> None:
+        assert self._vcpu is not None
+        self._vcpu.set_sregs(snapshot._sregs)
+        self._vcpu.set_regs(snapshot._regs)
+        self._vcpu.set_fpu(snapshot._fpu)
+
+    def _run(self, signature: FunctionSignature) -> Value:
+        vcpu = self._vcpu
+        assert vcpu is not None
+        while True:
+            exit_ = vcpu.run()
+            match exit_:
+                case IoOut(port=abi.PORT_RETURN):
+                    return self._read_result(signature)
+                case IoOut(port=abi.PORT_HOSTCALL):
+                    self._host_call(signature.name)
+                case IoOut(port=abi.PORT_PRINT):
+                    self._print(signature.name)
+                case IoOut(port=abi.PORT_ABORT):
+                    raise self._aborted(signature.name)
+                case IoOut(port=port) if 0 <= port - abi.PORT_EXCEPTION_BASE < 32:
+                    raise self._crashed(signature.name, port - abi.PORT_EXCEPTION_BASE)
+                case IoOut(port=port):
+                    raise self._protocol_error(signature.name, f"guest wrote to unknown port "
+                                               f"{port:#x}")
+                case Interrupted():
+                    self._on_interrupted()
+                case _:
+                    raise self._protocol_error(signature.name, f"unexpected vCPU exit {exit_}")
+
+    def _on_interrupted(self) -> None:
+        with self._lock:
+            call = self._call
+            if call.kick_pending:
+                Vcpu.consume_kick()
+                call.kick_pending = False
+            if call.cancel:
+                call.cancel = False
+                raise GuestCancelled("call interrupted", sandbox_id=self.id,
+                                     function=call.function)
+
+    def _read_result(self, signature: FunctionSignature) -> Value:
+        try:
+            value, error = abi.read_result(self._output_buf, signature.returns)
+        except FrameError as exc:
+            raise self._protocol_error(signature.name, f"bad result frame: {exc}") from None
+        if error is not None:
+            raise self._protocol_error(signature.name, f"guest dispatcher refused the call: {error}")
+        return value
+
+    def _host_call(self, function: str) -> None:
+        try:
+            request = abi.read_host_call(self._output_buf)
+        except FrameError as exc:
+            raise self._protocol_error(function, f"bad host-call frame: {exc}") from None
+        host_fn = self._host_functions.get(request.name)
+        if host_fn is None:
+            self._unwind()
+            raise HostFunctionError(
+                f"guest called unregistered host function {request.name!r}",
+                sandbox_id=self.id, function=function, host_function=request.name,
+            )
+        try:
+            result = host_fn(*request.args)
+            abi.write_result(self._output_buf, result)
+        except Exception as exc:
+            self._unwind()
+            raise HostFunctionError(
+                f"host function {request.name!r} raised {type(exc).__name__}: {exc}",
+                sandbox_id=self.id, function=function, host_function=request.name,
+            ) from exc
+
+    def _unwind(self) -> None:
+        """Put the vCPU back at the dispatcher's idle point (after a failed host call)."""
+        self._set_cpu_state(self._initial)
+
+    def _print(self, function: str) -> None:
+        try:
+            _, text = abi.read_message(self._output_buf, abi.MAGIC_PRINT)
+        except FrameError as exc:
+            raise self._protocol_error(function, f"bad print frame: {exc}") from None
+        decoded = text.decode(errors="replace")
+        if self._output is not None:
+            self._output(decoded)
+        else:
+            sys.stdout.write(decoded)
+            sys.stdout.flush()
+
+    def _aborted(self, function: str) -> GuestError:
+        try:
+            code, text = abi.read_message(self._output_buf, abi.MAGIC_ABORT)
+        except FrameError as exc:
+            return self._protocol_error(function, f"bad abort frame: {exc}")
+        return GuestAborted(sandbox_id=self.id, function=function, code=code,
+                            guest_message=text.decode(errors="replace"))
+
+    def _crashed(self, function: str, vector: int) -> GuestError:
+        assert self._vcpu is not None and self._memory is not None
+        regs = self._vcpu.get_regs()
+        sregs = self._vcpu.get_sregs()
+        if sregs.cs.selector & 3:
+            return self._protocol_error(
+                function, f"guest wrote to exception port {vector + abi.PORT_EXCEPTION_BASE:#x} "
+                "from user mode")
+        has_error = vector in lay.ERROR_CODE_VECTORS
+        words = 6 if has_error else 5
+        frame_at = regs.rsp
+        if not lay.KERNEL_STACK_BASE <= frame_at <= lay.KERNEL_STACK_TOP - 8 * words:
+            return self._protocol_error(function, f"exception frame at {frame_at:#x} is outside "
+                                        "the exception stack")
+        frame = [int.from_bytes(self._memory.read(frame_at + 8 * i, 8), "little")
+                 for i in range(words)]
+        error_code = frame.pop(0) if has_error else None
+        rip, _cs, rflags, rsp, _ss = frame
+        faulting = _copy(regs)
+        faulting.rip, faulting.rsp, faulting.rflags = rip, rsp, rflags
+        cr2 = sregs.cr2 if vector == 14 else None
+        self.last_exception = ExceptionInfo(vector, error_code, cr2, faulting, sregs)
+        name, description = VECTOR_NAMES.get(vector, (f"#{vector}", "exception"))
+        return GuestCrashed(
+            sandbox_id=self.id, function=function, vector=vector, vector_name=name,
+            description=description, error_code=error_code, rip=rip, cr2=cr2,
+            symbol=self.image.symbolize(rip),
+        )
+
+    def _protocol_error(self, function: str | None, message: str) -> GuestProtocolError:
+        return GuestProtocolError(message, sandbox_id=self.id, function=function)
+
+
+def _user_mode_sregs(sregs: kvm_sregs) -> None:
+    """64-bit mode, paging on, flat CPL3 segments, our GDT/TSS/IDT."""
+    cs, ds = sregs.cs, sregs.ds
+    for attr, value in dict(base=0, limit=0xFFFFFFFF, selector=lay.USER_CS, type=11, present=1,
+                            dpl=3, db=0, s=1, l=1, g=1, avl=0, unusable=0).items():
+        setattr(cs, attr, value)
+    for attr, value in dict(base=0, limit=0xFFFFFFFF, selector=lay.USER_DS, type=3, present=1,
+                            dpl=3, db=1, s=1, l=0, g=1, avl=0, unusable=0).items():
+        setattr(ds, attr, value)
+    sregs.es = sregs.fs = sregs.gs = sregs.ss = ds
+    tr = sregs.tr
+    for attr, value in dict(base=lay.TSS, limit=lay.TSS_LIMIT, selector=lay.TSS_SELECTOR, type=11,
+                            present=1, dpl=0, db=0, s=0, l=0, g=0, unusable=0).items():
+        setattr(tr, attr, value)
+    sregs.gdt.base, sregs.gdt.limit = lay.GDT, len(lay.gdt_bytes()) - 1
+    sregs.idt.base, sregs.idt.limit = lay.IDT, 16 * lay.IDT_ENTRIES - 1
+    sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = lay.CR0, lay.PML4, lay.CR4, lay.EFER
+
