@@ -112,8 +112,7 @@ def build_guest(
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise GuestBuildError(
-                f"compiling {', '.join(str(s) for s in sources)} failed "
-                f"(exit {result.returncode})",
+                f"compiling {', '.join(str(s) for s in sources)} failed (exit {result.returncode})",
                 result.stdout + result.stderr,
             )
         os.chmod(temp, 0o755)
@@ -128,8 +127,11 @@ def build_bundled(destination: Path | None = None, *, only_stale: bool = False) 
     """Compile every bundled guest into ``destination`` (default: the package's _bin)."""
     destination = destination or BUNDLED_DIR
     built = []
-    runtime_inputs = [sdk_dir() / "runtime.c", sdk_dir() / "guest.ld",
-                      sdk_dir() / "include" / "hlasync_guest.h"]
+    runtime_inputs = [
+        sdk_dir() / "runtime.c",
+        sdk_dir() / "guest.ld",
+        sdk_dir() / "include" / "hlasync_guest.h",
+    ]
     for name, source in bundled_sources().items():
         target = destination / f"{name}.elf"
         if only_stale and target.exists():

@@ -15,7 +15,7 @@ import enum
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 ABI_VERSION = 1
 IMAGE_BASE = 0x100000
@@ -73,7 +73,9 @@ _PYTHON_NAMES = {
     ValueType.BYTES: "bytes",
 }
 
-Value = int | float | bool | str | bytes | None
+Value: TypeAlias = int | float | bool | str | bytes | None
+#: What a call accepts for each parameter type (bytes-like objects for BYTES).
+Arg: TypeAlias = Value | bytearray | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +186,7 @@ def make_call_encoder(
             if len(buffer) < header_size:
                 raise ValueError(f"needs {header_size} bytes")
             values: list[int] = [MAGIC_CALL, index, argc, header_size]
-            for kind, arg in zip(types, args):
+            for kind, arg in zip(types, args, strict=True):
                 values += (kind, 0, int(arg))
             fixed.pack_into(buffer, 0, *values)
             return header_size
@@ -196,7 +198,7 @@ def make_call_encoder(
     def encode(buffer: memoryview, args: tuple[Any, ...]) -> int:
         position = header_size
         slots: list[tuple[int, int, int]] = []
-        for kind, arg in zip(params, args):
+        for kind, arg in zip(params, args, strict=True):
             if kind is ValueType.STR or kind is ValueType.BYTES:
                 data = arg.encode() if kind is ValueType.STR else bytes(arg)
                 end = position + len(data) + 1  # NUL after every string and blob

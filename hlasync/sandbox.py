@@ -13,6 +13,7 @@ prints, aborts and exceptions are other ports of the same loop.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import itertools
@@ -26,7 +27,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from . import abi
-from .abi import FrameError, FunctionSignature, Value, ValueType
+from .abi import Arg, FrameError, FunctionSignature, Value
 from .config import SandboxConfig
 from .errors import (
     ArgumentError,
@@ -49,7 +50,7 @@ from .guest.memory import GuestMemory, MemoryImage
 from .kvm import Kvm, Vcpu, Vm, kvm_fpu, kvm_regs, kvm_sregs
 from .kvm.exits import Interrupted, IoOut
 
-__all__ = ["ExceptionInfo", "Sandbox", "SandboxState", "Snapshot", "VECTOR_NAMES"]
+__all__ = ["VECTOR_NAMES", "ExceptionInfo", "Sandbox", "SandboxState", "Snapshot"]
 
 VECTOR_NAMES: dict[int, tuple[str, str]] = {
     0: ("#DE", "divide error"),
@@ -107,8 +108,12 @@ class Snapshot:
     __slots__ = ("_compat", "_fpu", "_image", "_regs", "_sregs", "taken_at")
 
     def __init__(
-        self, compat: tuple[object, ...], image: MemoryImage,
-        regs: kvm_regs, sregs: kvm_sregs, fpu: kvm_fpu,
+        self,
+        compat: tuple[object, ...],
+        image: MemoryImage,
+        regs: kvm_regs,
+        sregs: kvm_sregs,
+        fpu: kvm_fpu,
     ) -> None:
         self._compat = compat
         self._image = image
@@ -178,7 +183,10 @@ class Sandbox:
         self._call = _CallState()
         self.last_exception: ExceptionInfo | None = None
         self._compat = (
-            str(self.image.path), self.image.size, self.image.entry, self.layout,
+            str(self.image.path),
+            self.image.size,
+            self.image.entry,
+            self.layout,
         )
         self._vm: Vm | None = None
         self._memory: GuestMemory | None = None
@@ -210,8 +218,9 @@ class Sandbox:
         sregs = self._vcpu.get_sregs()
         _user_mode_sregs(sregs)
         self._vcpu.set_sregs(sregs)
-        self._vcpu.set_regs(kvm_regs(rip=self.image.entry, rsp=self.layout.stack_top,
-                                     rflags=lay.RFLAGS))
+        self._vcpu.set_regs(
+            kvm_regs(rip=self.image.entry, rsp=self.layout.stack_top, rflags=lay.RFLAGS)
+        )
         self._vcpu.prepare_thread()
         self._await_ready()
         self._initial = self._take_snapshot()
@@ -277,26 +286,31 @@ class Sandbox:
             raise TypeError("host function must be callable")
         self._host_functions[name] = function
 
-    def call(self, name: str, *args: Value) -> Value:
+    def call(self, name: str, *args: Arg) -> Value:
         """Call guest function ``name`` with ``args`` and return its result."""
         signature = self._signatures.get(name)
         if signature is None:
             raise FunctionNotFound(
                 f"guest {self.image.path.name} has no function {name!r} "
                 f"(it has: {', '.join(sorted(self._signatures))})",
-                sandbox_id=self.id, function=str(name),
+                sandbox_id=self.id,
+                function=str(name),
             )
         params = signature.params
         if len(args) != len(params):
             raise ArgumentError(
                 f"{signature} takes {len(params)} argument(s), got {len(args)}",
-                sandbox_id=self.id, function=name,
+                sandbox_id=self.id,
+                function=name,
             )
-        for position, (kind, arg) in enumerate(zip(params, args)):
+        for position, (kind, arg) in enumerate(zip(params, args, strict=True)):
             problem = abi.check_value(kind, arg)
             if problem is not None:
-                raise ArgumentError(f"{signature}: argument {position + 1}: {problem}",
-                                    sandbox_id=self.id, function=name)
+                raise ArgumentError(
+                    f"{signature}: argument {position + 1}: {problem}",
+                    sandbox_id=self.id,
+                    function=name,
+                )
         with self._lock:
             if self._state is not SandboxState.READY:
                 self._raise_not_ready(name)
@@ -314,7 +328,8 @@ class Sandbox:
                 raise ArgumentError(
                     f"{signature}: arguments do not fit the {self.layout.input_size}-byte input "
                     f"buffer ({exc}); raise SandboxConfig.input_buffer_size",
-                    sandbox_id=self.id, function=name,
+                    sandbox_id=self.id,
+                    function=name,
                 ) from None
             assert self._vcpu is not None
             self._vcpu.prepare_thread()
@@ -366,8 +381,9 @@ class Sandbox:
         image = self._memory.snapshot_image()
         # Map the new image under the guest so restoring it is a cheap reset.
         self._memory.remap(image)
-        return Snapshot(self._compat, image, self._vcpu.get_regs(),
-                        self._vcpu.get_sregs(), self._vcpu.get_fpu())
+        return Snapshot(
+            self._compat, image, self._vcpu.get_regs(), self._vcpu.get_sregs(), self._vcpu.get_fpu()
+        )
 
     def restore(self, snapshot: Snapshot | None = None) -> None:
         """Return guest memory and vCPU state to ``snapshot`` (default: the
@@ -422,10 +438,8 @@ class Sandbox:
 
     def __del__(self) -> None:
         if getattr(self, "_state", SandboxState.CLOSED) is not SandboxState.CLOSED:
-            try:
+            with contextlib.suppress(Exception):  # never raise from a finalizer
                 self.close()
-            except Exception:  # noqa: BLE001 - never raise from a finalizer
-                pass
 
     def __repr__(self) -> str:
         return f"<Sandbox {self.id} {self.image.path.name} {self._state.value}>"
@@ -440,8 +454,9 @@ class Sandbox:
             )
         if state is SandboxState.CLOSED:
             raise SandboxClosed(f"sandbox {self.id} is closed", sandbox_id=self.id)
-        raise SandboxBusy(f"sandbox {self.id} is already running a call ({what})",
-                          sandbox_id=self.id)
+        raise SandboxBusy(
+            f"sandbox {self.id} is already running a call ({what})", sandbox_id=self.id
+        )
 
     def _release(self) -> None:
         self._input = self._output_buf = memoryview(b"")
@@ -476,8 +491,9 @@ class Sandbox:
                 case IoOut(port=port) if 0 <= port - abi.PORT_EXCEPTION_BASE < 32:
                     raise self._crashed(signature.name, port - abi.PORT_EXCEPTION_BASE)
                 case IoOut(port=port):
-                    raise self._protocol_error(signature.name, f"guest wrote to unknown port "
-                                               f"{port:#x}")
+                    raise self._protocol_error(
+                        signature.name, f"guest wrote to unknown port {port:#x}"
+                    )
                 case Interrupted():
                     self._on_interrupted()
                 case _:
@@ -491,8 +507,7 @@ class Sandbox:
                 call.kick_pending = False
             if call.cancel:
                 call.cancel = False
-                raise GuestCancelled("call interrupted", sandbox_id=self.id,
-                                     function=call.function)
+                raise GuestCancelled("call interrupted", sandbox_id=self.id, function=call.function)
 
     def _read_result(self, signature: FunctionSignature) -> Value:
         try:
@@ -500,7 +515,9 @@ class Sandbox:
         except FrameError as exc:
             raise self._protocol_error(signature.name, f"bad result frame: {exc}") from None
         if error is not None:
-            raise self._protocol_error(signature.name, f"guest dispatcher refused the call: {error}")
+            raise self._protocol_error(
+                signature.name, f"guest dispatcher refused the call: {error}"
+            )
         return value
 
     def _host_call(self, function: str) -> None:
@@ -513,7 +530,9 @@ class Sandbox:
             self._unwind()
             raise HostFunctionError(
                 f"guest called unregistered host function {request.name!r}",
-                sandbox_id=self.id, function=function, host_function=request.name,
+                sandbox_id=self.id,
+                function=function,
+                host_function=request.name,
             )
         try:
             result = host_fn(*request.args)
@@ -522,7 +541,9 @@ class Sandbox:
             self._unwind()
             raise HostFunctionError(
                 f"host function {request.name!r} raised {type(exc).__name__}: {exc}",
-                sandbox_id=self.id, function=function, host_function=request.name,
+                sandbox_id=self.id,
+                function=function,
+                host_function=request.name,
             ) from exc
 
     def _unwind(self) -> None:
@@ -546,8 +567,12 @@ class Sandbox:
             code, text = abi.read_message(self._output_buf, abi.MAGIC_ABORT)
         except FrameError as exc:
             return self._protocol_error(function, f"bad abort frame: {exc}")
-        return GuestAborted(sandbox_id=self.id, function=function, code=code,
-                            guest_message=text.decode(errors="replace"))
+        return GuestAborted(
+            sandbox_id=self.id,
+            function=function,
+            code=code,
+            guest_message=text.decode(errors="replace"),
+        )
 
     def _crashed(self, function: str, vector: int) -> GuestError:
         assert self._vcpu is not None and self._memory is not None
@@ -555,16 +580,20 @@ class Sandbox:
         sregs = self._vcpu.get_sregs()
         if sregs.cs.selector & 3:
             return self._protocol_error(
-                function, f"guest wrote to exception port {vector + abi.PORT_EXCEPTION_BASE:#x} "
-                "from user mode")
+                function,
+                f"guest wrote to exception port {vector + abi.PORT_EXCEPTION_BASE:#x} "
+                "from user mode",
+            )
         has_error = vector in lay.ERROR_CODE_VECTORS
         words = 6 if has_error else 5
         frame_at = regs.rsp
         if not lay.KERNEL_STACK_BASE <= frame_at <= lay.KERNEL_STACK_TOP - 8 * words:
-            return self._protocol_error(function, f"exception frame at {frame_at:#x} is outside "
-                                        "the exception stack")
-        frame = [int.from_bytes(self._memory.read(frame_at + 8 * i, 8), "little")
-                 for i in range(words)]
+            return self._protocol_error(
+                function, f"exception frame at {frame_at:#x} is outside the exception stack"
+            )
+        frame = [
+            int.from_bytes(self._memory.read(frame_at + 8 * i, 8), "little") for i in range(words)
+        ]
         error_code = frame.pop(0) if has_error else None
         rip, _cs, rflags, rsp, _ss = frame
         faulting = _copy(regs)
@@ -573,8 +602,14 @@ class Sandbox:
         self.last_exception = ExceptionInfo(vector, error_code, cr2, faulting, sregs)
         name, description = VECTOR_NAMES.get(vector, (f"#{vector}", "exception"))
         return GuestCrashed(
-            sandbox_id=self.id, function=function, vector=vector, vector_name=name,
-            description=description, error_code=error_code, rip=rip, cr2=cr2,
+            sandbox_id=self.id,
+            function=function,
+            vector=vector,
+            vector_name=name,
+            description=description,
+            error_code=error_code,
+            rip=rip,
+            cr2=cr2,
             symbol=self.image.symbolize(rip),
         )
 
@@ -585,18 +620,52 @@ class Sandbox:
 def _user_mode_sregs(sregs: kvm_sregs) -> None:
     """64-bit mode, paging on, flat CPL3 segments, our GDT/TSS/IDT."""
     cs, ds = sregs.cs, sregs.ds
-    for attr, value in dict(base=0, limit=0xFFFFFFFF, selector=lay.USER_CS, type=11, present=1,
-                            dpl=3, db=0, s=1, l=1, g=1, avl=0, unusable=0).items():
+    for attr, value in dict(
+        base=0,
+        limit=0xFFFFFFFF,
+        selector=lay.USER_CS,
+        type=11,
+        present=1,
+        dpl=3,
+        db=0,
+        s=1,
+        l=1,
+        g=1,
+        avl=0,
+        unusable=0,
+    ).items():
         setattr(cs, attr, value)
-    for attr, value in dict(base=0, limit=0xFFFFFFFF, selector=lay.USER_DS, type=3, present=1,
-                            dpl=3, db=1, s=1, l=0, g=1, avl=0, unusable=0).items():
+    for attr, value in dict(
+        base=0,
+        limit=0xFFFFFFFF,
+        selector=lay.USER_DS,
+        type=3,
+        present=1,
+        dpl=3,
+        db=1,
+        s=1,
+        l=0,
+        g=1,
+        avl=0,
+        unusable=0,
+    ).items():
         setattr(ds, attr, value)
     sregs.es = sregs.fs = sregs.gs = sregs.ss = ds
     tr = sregs.tr
-    for attr, value in dict(base=lay.TSS, limit=lay.TSS_LIMIT, selector=lay.TSS_SELECTOR, type=11,
-                            present=1, dpl=0, db=0, s=0, l=0, g=0, unusable=0).items():
+    for attr, value in dict(
+        base=lay.TSS,
+        limit=lay.TSS_LIMIT,
+        selector=lay.TSS_SELECTOR,
+        type=11,
+        present=1,
+        dpl=0,
+        db=0,
+        s=0,
+        l=0,
+        g=0,
+        unusable=0,
+    ).items():
         setattr(tr, attr, value)
     sregs.gdt.base, sregs.gdt.limit = lay.GDT, len(lay.gdt_bytes()) - 1
     sregs.idt.base, sregs.idt.limit = lay.IDT, 16 * lay.IDT_ENTRIES - 1
     sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = lay.CR0, lay.PML4, lay.CR4, lay.EFER
-

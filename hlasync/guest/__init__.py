@@ -4,4 +4,12 @@ from .image import GuestImage, Segment, Symbol
 from .layout import MemoryLayout, Region
 from .memory import GuestMemory, MemoryImage
 
-__all__ = ["GuestImage", "GuestMemory", "MemoryImage", "MemoryLayout", "Region", "Segment", "Symbol"]
+__all__ = [
+    "GuestImage",
+    "GuestMemory",
+    "MemoryImage",
+    "MemoryLayout",
+    "Region",
+    "Segment",
+    "Symbol",
+]

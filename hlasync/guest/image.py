@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import io
+import itertools
 import os
 import struct
 import threading
@@ -72,15 +73,26 @@ class GuestImage:
             self.functions: tuple[FunctionSignature, ...] = self._load_functions(elf)
         except GuestImageError as exc:
             raise GuestImageError(str(exc).removeprefix(f"{path}: "), path=path) from None
-        except (ELFError, struct.error, ValueError, KeyError, IndexError, TypeError,
-                AssertionError, UnicodeDecodeError, AttributeError) as exc:
-            raise GuestImageError(f"malformed ELF file ({type(exc).__name__}: {exc})",
-                                  path=path) from None
+        except (
+            ELFError,
+            struct.error,
+            ValueError,
+            KeyError,
+            IndexError,
+            TypeError,
+            AssertionError,
+            UnicodeDecodeError,
+            AttributeError,
+        ) as exc:
+            raise GuestImageError(
+                f"malformed ELF file ({type(exc).__name__}: {exc})", path=path
+            ) from None
         self.end = max(s.end for s in self.segments)
         self._symbol_starts = [s.address for s in self.symbols]
         if not any(s.vaddr <= self.entry < s.end and s.flags & PF_X for s in self.segments):
-            raise GuestImageError(f"entry point {self.entry:#x} is not in executable code",
-                                  path=path)
+            raise GuestImageError(
+                f"entry point {self.entry:#x} is not in executable code", path=path
+            )
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -143,11 +155,13 @@ class GuestImage:
                     f"segment [{vaddr:#x}, {vaddr + memsz:#x}) is outside the guest image area "
                     f"[{abi.IMAGE_BASE:#x}, {IMAGE_LIMIT:#x})"
                 )
-            segments.append(Segment(vaddr, memsz, data[offset : offset + filesz], seg["p_flags"] & 7))
+            segments.append(
+                Segment(vaddr, memsz, data[offset : offset + filesz], seg["p_flags"] & 7)
+            )
         if not segments:
             raise GuestImageError("no loadable segments")
         segments.sort(key=lambda s: s.vaddr)
-        for a, b in zip(segments, segments[1:]):
+        for a, b in itertools.pairwise(segments):
             if b.vaddr < a.end:
                 raise GuestImageError(
                     f"segments [{a.vaddr:#x}, {a.end:#x}) and [{b.vaddr:#x}, {b.end:#x}) overlap"
@@ -161,8 +175,14 @@ class GuestImage:
             return ()
         symbols = {}
         for sym in table.iter_symbols():
-            if sym["st_info"]["type"] in ("STT_FUNC", "STT_OBJECT") and sym["st_value"] and sym.name:
-                symbols[sym["st_value"], sym.name] = Symbol(sym.name, sym["st_value"], sym["st_size"])
+            if (
+                sym["st_info"]["type"] in ("STT_FUNC", "STT_OBJECT")
+                and sym["st_value"]
+                and sym.name
+            ):
+                symbols[sym["st_value"], sym.name] = Symbol(
+                    sym.name, sym["st_value"], sym["st_size"]
+                )
         return tuple(sorted(symbols.values(), key=lambda s: (s.address, s.name)))
 
     def _load_functions(self, elf: ELFFile) -> tuple[FunctionSignature, ...]:
@@ -196,8 +216,9 @@ class GuestImage:
                 if code == ValueType.VOID or code > ValueType.BYTES:
                     raise GuestImageError(f"{where}: bad parameter type {code}")
                 params.append(ValueType(code))
-            ints = sum(2 if p is ValueType.BYTES else 0 if p is ValueType.FLOAT else 1
-                       for p in params)
+            ints = sum(
+                2 if p is ValueType.BYTES else 0 if p is ValueType.FLOAT else 1 for p in params
+            )
             floats = sum(p is ValueType.FLOAT for p in params)
             if ints > abi.INT_REGISTERS or floats > abi.FLOAT_REGISTERS:
                 raise GuestImageError(f"{where}: parameters do not fit in registers")

@@ -106,9 +106,7 @@ class MemoryLayout:
         input_addr = stack_top
         output_addr = input_addr + config.input_buffer_size
         heap_addr = output_addr + config.output_buffer_size
-        heap_size = (
-            config.memory_size - heap_addr if config.heap_size is None else config.heap_size
-        )
+        heap_size = config.memory_size - heap_addr if config.heap_size is None else config.heap_size
         if heap_size < 0 or heap_addr + heap_size > config.memory_size:
             need = heap_addr + max(heap_size, 0)
             raise GuestImageError(
@@ -119,14 +117,20 @@ class MemoryLayout:
             )
         regions = [
             Region("exception stubs", STUBS, PAGE, PF_R | PF_X, False),
-            Region("exception stack", KERNEL_STACK_BASE, KERNEL_STACK_TOP - KERNEL_STACK_BASE,
-                   PF_R | PF_W, False),
+            Region(
+                "exception stack",
+                KERNEL_STACK_BASE,
+                KERNEL_STACK_TOP - KERNEL_STACK_BASE,
+                PF_R | PF_W,
+                False,
+            ),
             Region("peb", PEB, PAGE, PF_R, True),
         ]
         for seg in image.segments:
             start = seg.vaddr & ~(PAGE - 1)
-            regions.append(Region(f"image {seg.vaddr:#x}", start, _align_up(seg.end) - start,
-                                  seg.flags, True))
+            regions.append(
+                Region(f"image {seg.vaddr:#x}", start, _align_up(seg.end) - start, seg.flags, True)
+            )
         regions += [
             Region("stack", stack_base, config.stack_size, PF_R | PF_W, True),
             Region("input buffer", input_addr, config.input_buffer_size, PF_R | PF_W, True),

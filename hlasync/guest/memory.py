@@ -52,8 +52,11 @@ class GuestMemory:
         self.size = backing.size
         self._lock = threading.Lock()
         self.address = _libc.mmap(
-            0, self.size, _libc.PROT_READ | _libc.PROT_WRITE,
-            _libc.MAP_PRIVATE | _libc.MAP_NORESERVE, backing.fd,
+            0,
+            self.size,
+            _libc.PROT_READ | _libc.PROT_WRITE,
+            _libc.MAP_PRIVATE | _libc.MAP_NORESERVE,
+            backing.fd,
         )
         self.backing = backing
         # Safe: the array covers exactly the mapping, which lives until close().
@@ -69,8 +72,11 @@ class GuestMemory:
         if backing.size != self.size:
             raise ValueError("image size does not match guest memory")
         _libc.mmap(
-            self.address, self.size, _libc.PROT_READ | _libc.PROT_WRITE,
-            _libc.MAP_PRIVATE | _libc.MAP_FIXED | _libc.MAP_NORESERVE, backing.fd,
+            self.address,
+            self.size,
+            _libc.PROT_READ | _libc.PROT_WRITE,
+            _libc.MAP_PRIVATE | _libc.MAP_FIXED | _libc.MAP_NORESERVE,
+            backing.fd,
         )
         self.backing = backing
 

@@ -34,9 +34,26 @@ u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_u
 class kvm_regs(ctypes.Structure):  # noqa: N801 - kernel name
     _fields_ = [
         (name, u64)
-        for name in (
-            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
-        )
+        for name in [
+            "rax",
+            "rbx",
+            "rcx",
+            "rdx",
+            "rsi",
+            "rdi",
+            "rsp",
+            "rbp",
+            "r8",
+            "r9",
+            "r10",
+            "r11",
+            "r12",
+            "r13",
+            "r14",
+            "r15",
+            "rip",
+            "rflags",
+        ]
     ]
 
 
@@ -64,9 +81,9 @@ class kvm_dtable(ctypes.Structure):  # noqa: N801
 
 class kvm_sregs(ctypes.Structure):  # noqa: N801
     _fields_ = (
-        [(name, kvm_segment) for name in "cs ds es fs gs ss tr ldt".split()]
+        [(name, kvm_segment) for name in ["cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"]]
         + [("gdt", kvm_dtable), ("idt", kvm_dtable)]
-        + [(name, u64) for name in "cr0 cr2 cr3 cr4 cr8 efer apic_base".split()]
+        + [(name, u64) for name in ["cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"]]
         + [("interrupt_bitmap", u64 * 4)]
     )
 
@@ -128,9 +145,9 @@ KVM_CAP_XSAVE = 55
 IOCTL_NAMES = {
     value: name
     for name, value in dict(globals()).items()
-    if name.startswith("KVM_") and isinstance(value, int) and name not in {
-        "KVM_API_VERSION", "KVM_CAP_USER_MEMORY", "KVM_CAP_XSAVE"
-    }
+    if name.startswith("KVM_")
+    and isinstance(value, int)
+    and name not in {"KVM_API_VERSION", "KVM_CAP_USER_MEMORY", "KVM_CAP_XSAVE"}
 }
 
 # struct kvm_run: the fields we read (offsets in bytes).

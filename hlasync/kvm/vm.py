@@ -26,7 +26,9 @@ class Vm:
 
         The caller keeps that host mapping alive for as long as the slot exists.
         """
-        region = _abi.kvm_userspace_memory_region(slot, flags, guest_phys_addr, size, userspace_addr)
+        region = _abi.kvm_userspace_memory_region(
+            slot, flags, guest_phys_addr, size, userspace_addr
+        )
         ioctl(self.fd, _abi.KVM_SET_USER_MEMORY_REGION, region)
 
     def create_vcpu(self) -> Vcpu:

@@ -1,0 +1,540 @@
+"""Sandbox latency benchmarks, side by side with the bare KVM_RUN round trip.
+
+Usage::
+
+    python benchmarks/bench_sandbox.py [--quick] [--json PATH]
+
+Prints the machine description and a markdown table (median, p90, p99, n,
+target, met) and writes every raw sample (nanoseconds) to a JSON file
+(default ``benchmarks/results/sandbox.json``). ``--quick`` takes few samples
+and is a smoke test only; numbers worth quoting come from the full mode.
+
+The exit status is non-zero only when something fails, never because a
+target was missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import hlasync.guests
+from hlasync import GuestCancelled, Sandbox, SandboxState, abi
+from hlasync.kvm.exits import Exit, IoOut
+
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "sandbox.json"
+
+KiB = 1024
+US = 1_000
+MS = 1_000_000
+
+#: How long ``spin()`` runs before the interrupt is sent.
+SPIN_BEFORE_INTERRUPT_S = 0.020
+#: Longest wait for the worker thread to be inside ``spin()`` or to finish.
+WORKER_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Samples (and warm-up rounds) per measurement."""
+
+    calls: int
+    call_warmup: int
+    echo_64k: int
+    creates: int
+    create_warmup: int
+    restores: int
+    restore_warmup: int
+    interrupts: int
+    interrupt_warmup: int
+
+
+QUICK = Counts(
+    calls=200,
+    call_warmup=50,
+    echo_64k=100,
+    creates=20,
+    create_warmup=3,
+    restores=20,
+    restore_warmup=3,
+    interrupts=10,
+    interrupt_warmup=1,
+)
+FULL = Counts(
+    calls=20_000,
+    call_warmup=2_000,
+    echo_64k=5_000,
+    creates=300,
+    create_warmup=20,
+    restores=500,
+    restore_warmup=20,
+    interrupts=200,
+    interrupt_warmup=5,
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal for one statistic of a measurement."""
+
+    statistic: str  # "median", "p90" or "p99"
+    limit_ns: float
+    description: str
+
+
+@dataclass
+class Result:
+    key: str
+    label: str
+    samples_ns: list[int]
+    target: Target | None = None
+    #: Extra comparison shown in the table (e.g. the ratio to the bare round trip).
+    ratio_to: str | None = None
+    ratio_limit: float | None = None
+
+    @property
+    def sorted(self) -> list[int]:
+        return sorted(self.samples_ns)
+
+    def stats(self) -> dict[str, float]:
+        ordered = self.sorted
+        return {
+            "median": percentile(ordered, 50.0),
+            "p90": percentile(ordered, 90.0),
+            "p99": percentile(ordered, 99.0),
+            "min": float(ordered[0]),
+            "max": float(ordered[-1]),
+            "mean": sum(ordered) / len(ordered),
+        }
+
+
+# ------------------------------------------------------------------ helpers
+def percentile(ordered: Sequence[int], pct: float) -> float:
+    """Linear-interpolated percentile of already sorted samples."""
+    if not ordered:
+        raise ValueError("no samples")
+    if len(ordered) == 1:
+        return float(ordered[0])
+    rank = (len(ordered) - 1) * pct / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    fraction = rank - low
+    return ordered[low] + (ordered[high] - ordered[low]) * fraction
+
+
+def format_ns(value: float) -> str:
+    if value < US:
+        return f"{value:.0f} ns"
+    if value < MS:
+        return f"{value / US:.2f} us"
+    return f"{value / MS:.3f} ms"
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Collect, then keep the cyclic GC out of the timed loop (as timeit does)."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def time_calls(function: Callable[[], object], n: int, warmup: int) -> list[int]:
+    """Run ``function`` ``warmup`` times, then time ``n`` calls one by one."""
+    for _ in range(warmup):
+        function()
+    samples = [0] * n
+    clock = time.perf_counter_ns
+    with gc_paused():
+        for i in range(n):
+            start = clock()
+            function()
+            samples[i] = clock() - start
+    return samples
+
+
+def machine_description() -> dict[str, str]:
+    model = "unknown"
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    if flags & {"vmx", "svm"}:
+        flavour = "hardware KVM (vmx/svm in /proc/cpuinfo flags)"
+    else:
+        flavour = "PVM (no vmx/svm in /proc/cpuinfo flags)"
+    return {
+        "cpu": model,
+        "cpus": str(os.cpu_count() or 0),
+        "kernel": platform.release(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "kvm": flavour,
+    }
+
+
+def expect_return_exit(exit_: Exit, when: str) -> None:
+    if not (isinstance(exit_, IoOut) and exit_.port == abi.PORT_RETURN):
+        raise RuntimeError(f"bare KVM_RUN {when}: expected an out to the return port, got {exit_}")
+
+
+# ------------------------------------------------------------- measurements
+def bench_bare_kvm_run(guest: Path, counts: Counts) -> Result:
+    """One KVM_RUN per sample: the guest dispatcher runs add(1, 2) and exits
+    with ``out`` to the return port. No encode or decode in the loop."""
+    sb = Sandbox(guest)
+    try:
+        sb._encoders["add"](sb._input, (1, 2))
+        vcpu = sb._vcpu
+        assert vcpu is not None
+        vcpu.prepare_thread()
+        expect_return_exit(vcpu.run(), "before timing")
+        value, error = abi.read_result(sb._output_buf, abi.ValueType.INT)
+        if error is not None or value != 3:
+            raise RuntimeError(f"bare KVM_RUN: add(1, 2) gave {value!r} (error {error!r})")
+        samples = time_calls(vcpu.run, counts.calls, counts.call_warmup)
+        expect_return_exit(vcpu.run(), "after timing")
+        value, error = abi.read_result(sb._output_buf, abi.ValueType.INT)
+        if error is not None or value != 3:
+            raise RuntimeError(f"bare KVM_RUN: add(1, 2) gave {value!r} after timing")
+    finally:
+        sb.close()
+    return Result("bare_kvm_run", "bare KVM_RUN round trip", samples)
+
+
+def bench_call_add(guest: Path, counts: Counts) -> Result:
+    sb = Sandbox(guest)
+    try:
+        if sb.call("add", 1, 2) != 3:
+            raise RuntimeError("add(1, 2) != 3")
+        samples = time_calls(lambda: sb.call("add", 1, 2), counts.calls, counts.call_warmup)
+    finally:
+        sb.close()
+    return Result(
+        "call_add",
+        'Sandbox.call("add", 1, 2)',
+        samples,
+        ratio_to="bare_kvm_run",
+        ratio_limit=2.0,
+    )
+
+
+def bench_echo_bytes(guest: Path, size: int, n: int, warmup: int) -> Result:
+    payload = os.urandom(size)
+    sb = Sandbox(guest)
+    try:
+        if sb.call("echo_bytes", payload) != payload:
+            raise RuntimeError(f"echo_bytes of {size} bytes did not return its input")
+        samples = time_calls(lambda: sb.call("echo_bytes", payload), n, warmup)
+    finally:
+        sb.close()
+    kib = size // KiB
+    return Result(f"echo_bytes_{kib}k", f'Sandbox.call("echo_bytes", <{kib} KiB>)', samples)
+
+
+def bench_create_cold(guest: Path) -> Result:
+    """The first Sandbox of a guest in a process boots it and builds the template."""
+    with gc_paused():
+        start = time.perf_counter_ns()
+        sb = Sandbox(guest)
+        elapsed = time.perf_counter_ns() - start
+    sb.close()
+    return Result("create_cold", "first create (cold)", [elapsed])
+
+
+def bench_create(guest: Path, counts: Counts) -> Result:
+    samples: list[int] = []
+    clock = time.perf_counter_ns
+    for i in range(counts.create_warmup + counts.creates):
+        with gc_paused():
+            start = clock()
+            sb = Sandbox(guest)
+            elapsed = clock() - start
+        sb.close()
+        if i >= counts.create_warmup:
+            samples.append(elapsed)
+    return Result(
+        "create",
+        "Sandbox create (warm)",
+        samples,
+        target=Target("median", 1.5 * MS, "p50 <= 1.5 ms"),
+    )
+
+
+def bench_restore(guest: Path, counts: Counts) -> Result:
+    """Restore an 8 MiB sandbox after heap_roundtrip dirtied ~64 KiB of it."""
+    sb = Sandbox(guest)
+    try:
+        if sb.config.memory_size != 8 * 1024 * KiB:
+            raise RuntimeError(f"default memory_size is {sb.config.memory_size}, not 8 MiB")
+        snap = sb.snapshot()
+        dirty = 64 * KiB - 64
+        expected = sum(i & 0xFF for i in range(dirty))
+        samples: list[int] = []
+        clock = time.perf_counter_ns
+        for i in range(counts.restore_warmup + counts.restores):
+            if sb.call("heap_roundtrip", dirty) != expected:
+                raise RuntimeError("heap_roundtrip returned a wrong sum")
+            with gc_paused():
+                start = clock()
+                sb.restore(snap)
+                elapsed = clock() - start
+            if i >= counts.restore_warmup:
+                samples.append(elapsed)
+        if sb.call("add", 1, 2) != 3:
+            raise RuntimeError("sandbox broken after restore")
+    finally:
+        sb.close()
+    return Result(
+        "restore",
+        "snapshot restore (8 MiB, 64 KiB dirty)",
+        samples,
+        target=Target("median", 150 * US, "p50 <= 150 us"),
+    )
+
+
+def current_state(sb: Sandbox) -> SandboxState:
+    return sb.state
+
+
+class _SpinWorker:
+    """A thread that runs ``spin()`` on request and times its cancellation."""
+
+    def __init__(self, sb: Sandbox) -> None:
+        self.sb = sb
+        self.go = threading.Event()
+        self.entering = threading.Event()
+        self.done = threading.Event()
+        self.stop = False
+        self.cancelled_at = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="spin-worker", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            self.go.wait()
+            self.go.clear()
+            if self.stop:
+                return
+            self.cancelled_at = 0
+            self.error = None
+            try:
+                self.entering.set()
+                self.sb.call("spin")
+                self.error = RuntimeError("spin() returned")
+            except GuestCancelled:
+                self.cancelled_at = time.perf_counter_ns()
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                self.error = exc
+            self.done.set()
+
+    def sample(self) -> int:
+        """Start spin(), interrupt it after ~20 ms; ns from interrupt() to GuestCancelled."""
+        sb = self.sb
+        self.entering.clear()
+        self.done.clear()
+        self.go.set()
+        if not self.entering.wait(WORKER_TIMEOUT_S):
+            raise RuntimeError("spin worker did not start")
+        time.sleep(SPIN_BEFORE_INTERRUPT_S)
+        deadline = time.monotonic() + WORKER_TIMEOUT_S
+        while sb.state is not SandboxState.RUNNING:
+            if self.done.is_set() or time.monotonic() > deadline:
+                raise RuntimeError(f"spin() is not running (state {sb.state.value})", self.error)
+            time.sleep(0.001)
+        start = time.perf_counter_ns()
+        if not sb.interrupt():
+            raise RuntimeError("interrupt() found no running call")
+        if not self.done.wait(WORKER_TIMEOUT_S):
+            raise RuntimeError("spin() was not cancelled within 10 s of interrupt()")
+        if self.error is not None:
+            raise RuntimeError("spin() did not end with GuestCancelled") from self.error
+        state = current_state(sb)  # re-read: the worker changed it
+        if state is not SandboxState.POISONED:
+            raise RuntimeError(f"sandbox is {state.value} after the interrupt, not poisoned")
+        sb.restore()
+        return self.cancelled_at - start
+
+    def close(self) -> None:
+        self.stop = True
+        self.go.set()
+        self.thread.join(WORKER_TIMEOUT_S)
+
+
+def bench_interrupt(guest: Path, counts: Counts) -> Result:
+    sb = Sandbox(guest)
+    worker = _SpinWorker(sb)
+    try:
+        samples: list[int] = []
+        for i in range(counts.interrupt_warmup + counts.interrupts):
+            with gc_paused():
+                latency = worker.sample()
+            if i >= counts.interrupt_warmup:
+                samples.append(latency)
+        if sb.call("add", 1, 2) != 3:
+            raise RuntimeError("sandbox broken after interrupt and restore")
+    finally:
+        worker.close()
+        sb.close()
+    return Result(
+        "interrupt_spin",
+        "interrupt latency of spin()",
+        samples,
+        target=Target("p99", 1 * MS, "p99 <= 1 ms"),
+    )
+
+
+# ------------------------------------------------------------------ report
+def evaluate(result: Result, by_key: dict[str, Result]) -> tuple[str, str, float | None]:
+    """(target text, met text, ratio) for one row, computed from the samples."""
+    stats = result.stats()
+    if result.target is not None:
+        met = stats[result.target.statistic] <= result.target.limit_ns
+        return result.target.description, "yes" if met else "no", None
+    if result.ratio_to is not None and result.ratio_limit is not None:
+        base = by_key[result.ratio_to].stats()["median"]
+        ratio = stats["median"] / base
+        text = f"median <= {result.ratio_limit:.1f}x bare (got {ratio:.2f}x)"
+        return text, "yes" if ratio <= result.ratio_limit else "no", ratio
+    return "-", "-", None
+
+
+def render(machine: dict[str, str], mode: str, results: list[Result]) -> str:
+    by_key = {r.key: r for r in results}
+    lines = [
+        "## hlasync sandbox benchmarks",
+        "",
+        f"- CPU: {machine['cpu']} ({machine['cpus']} logical CPUs)",
+        f"- kernel: {machine['kernel']}",
+        f"- Python: {machine['python']}",
+        f"- KVM: {machine['kvm']}",
+        f"- mode: {mode}",
+        "",
+        "| measurement | median | p90 | p99 | n | target | met |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
+    for result in results:
+        stats = result.stats()
+        target, met, _ = evaluate(result, by_key)
+        lines.append(
+            f"| {result.label} | {format_ns(stats['median'])} | {format_ns(stats['p90'])} "
+            f"| {format_ns(stats['p99'])} | {len(result.samples_ns)} | {target} | {met} |"
+        )
+    return "\n".join(lines)
+
+
+def to_json(
+    machine: dict[str, str], mode: str, counts: Counts, results: list[Result], wall_s: float
+) -> dict[str, Any]:
+    by_key = {r.key: r for r in results}
+    measurements: dict[str, Any] = {}
+    for result in results:
+        stats = result.stats()
+        target, met, ratio = evaluate(result, by_key)
+        entry: dict[str, Any] = {
+            "label": result.label,
+            "unit": "ns",
+            "n": len(result.samples_ns),
+            "median_ns": stats["median"],
+            "p90_ns": stats["p90"],
+            "p99_ns": stats["p99"],
+            "min_ns": stats["min"],
+            "max_ns": stats["max"],
+            "mean_ns": stats["mean"],
+            "target": None if target == "-" else target,
+            "met": None if met == "-" else met == "yes",
+            "samples_ns": result.samples_ns,
+        }
+        if ratio is not None:
+            entry["ratio_to"] = result.ratio_to
+            entry["ratio"] = ratio
+        measurements[result.key] = entry
+    return {
+        "machine": machine,
+        "mode": mode,
+        "counts": asdict(counts),
+        "wall_seconds": wall_s,
+        "measurements": measurements,
+    }
+
+
+def run(counts: Counts) -> list[Result]:
+    guest = hlasync.guests.path("simpleguest")  # may rebuild a stale guest: not timed
+    results = [bench_create_cold(guest)]  # must be the first Sandbox of the process
+    results.append(bench_bare_kvm_run(guest, counts))
+    results.append(bench_call_add(guest, counts))
+    results.append(bench_echo_bytes(guest, 1 * KiB, counts.calls, counts.call_warmup))
+    warmup_64k = max(1, counts.echo_64k // 10)
+    results.append(bench_echo_bytes(guest, 64 * KiB, counts.echo_64k, warmup_64k))
+    results.append(bench_create(guest, counts))
+    results.append(bench_restore(guest, counts))
+    results.append(bench_interrupt(guest, counts))
+    order = [
+        "bare_kvm_run",
+        "call_add",
+        "echo_bytes_1k",
+        "echo_bytes_64k",
+        "create_cold",
+        "create",
+        "restore",
+        "interrupt_spin",
+    ]
+    return sorted(results, key=lambda r: order.index(r.key))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="few samples: a smoke test")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=DEFAULT_JSON,
+        metavar="PATH",
+        help=f"where to write raw samples (default: {DEFAULT_JSON})",
+    )
+    args = parser.parse_args(argv)
+    counts = QUICK if args.quick else FULL
+    mode = "quick (smoke test, not for quoting)" if args.quick else "full"
+    machine = machine_description()
+
+    started = time.perf_counter()
+    results = run(counts)
+    wall = time.perf_counter() - started
+
+    print(render(machine, mode, results))
+    print(f"\n(total benchmark time {wall:.1f} s)")
+    json_path: Path = args.json
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(json_path, "w", encoding="utf-8") as out:
+        json.dump(to_json(machine, "quick" if args.quick else "full", counts, results, wall), out)
+        out.write("\n")
+    print(f"raw samples written to {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

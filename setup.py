@@ -1,0 +1,34 @@
+"""Compiles the bundled guests during installation (see hlasync/_build.py)."""
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _load_builder():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("_hlasync_build", ROOT / "hlasync" / "_build.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class BuildPyWithGuests(build_py):
+    def run(self) -> None:
+        super().run()
+        builder = _load_builder()
+        if getattr(self, "editable_mode", False):
+            builder.build_bundled(ROOT / "hlasync" / "_bin")
+            return
+        package = Path(self.build_lib) / "hlasync"
+        shutil.copytree(ROOT / "guest" / "sdk", package / "_sdk", dirs_exist_ok=True)
+        shutil.copytree(ROOT / "guest" / "guests", package / "_guests", dirs_exist_ok=True)
+        builder.build_bundled(package / "_bin")
+
+
+setup(cmdclass={"build_py": BuildPyWithGuests})

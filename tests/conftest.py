@@ -1,0 +1,44 @@
+"""Shared fixtures. Tests that need /dev/kvm use the ``kvm`` fixture (or a
+fixture built on it): they skip where KVM is unusable, and fail instead when
+``HLASYNC_REQUIRE_KVM=1`` (CI sets it)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hlasync import Sandbox, guests
+from hlasync.errors import KvmUnavailableError
+from hlasync.kvm import Kvm
+
+
+def _kvm_problem() -> str | None:
+    try:
+        Kvm.shared()
+    except KvmUnavailableError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.fixture(scope="session")
+def kvm() -> Kvm:
+    problem = _kvm_problem()
+    if problem is not None:
+        if os.environ.get("HLASYNC_REQUIRE_KVM") == "1":
+            pytest.fail(f"HLASYNC_REQUIRE_KVM=1 but KVM is unusable: {problem}")
+        pytest.skip(f"KVM unusable: {problem}")
+    return Kvm.shared()
+
+
+@pytest.fixture(scope="session")
+def simpleguest() -> Path:
+    return guests.path("simpleguest")
+
+
+@pytest.fixture
+def sandbox(kvm: Kvm, simpleguest: Path) -> Iterator[Sandbox]:
+    with Sandbox(simpleguest) as sb:
+        yield sb

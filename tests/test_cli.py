@@ -1,0 +1,85 @@
+"""The command line, run as a user would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from hlasync import GuestCrashed, Sandbox
+from hlasync.kvm import Kvm
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _hlasync(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hlasync", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_demo_runs_on_bundled_defaults(kvm: Kvm) -> None:
+    result = _hlasync("demo")
+    assert result.returncode == 0, result.stderr
+    assert "add(2, 3)            -> 5" in result.stdout
+    assert "GuestCrashed" in result.stdout and "#DE divide error" in result.stdout
+    assert "GuestCancelled" in result.stdout
+    assert "(this line was printed by the guest)" in result.stdout
+
+
+def test_guest_functions_lists_signatures() -> None:
+    result = _hlasync("guest", "functions", "simpleguest")
+    assert result.returncode == 0, result.stderr
+    assert "add(int, int) -> int" in result.stdout.splitlines()
+
+
+def test_build_a_custom_guest_and_run_it(kvm: Kvm, tmp_path: Path) -> None:
+    source = tmp_path / "mine.c"
+    source.write_text(
+        "#include <hlasync_guest.h>\n"
+        "int64_t square(int64_t x) { return x * x; }\n"
+        "HL_EXPORT(square, HL_INT, HL_INT);\n"
+        "int64_t crash(void) { volatile int64_t z = 0; return 100 / z; }\n"
+        "HL_EXPORT(crash, HL_INT);\n"
+    )
+    output = tmp_path / "mine.elf"
+    result = _hlasync("guest", "build", str(source), "-o", str(output))
+    assert result.returncode == 0, result.stderr
+    assert "square(int) -> int" in result.stdout
+    with Sandbox(output) as sb:
+        assert sb.call("square", 12) == 144
+        try:
+            sb.call("crash")
+        except GuestCrashed as exc:
+            assert exc.symbol is not None and exc.symbol.startswith("crash")
+        else:
+            raise AssertionError("crash() did not fault")
+
+
+def test_build_reports_compiler_errors(tmp_path: Path) -> None:
+    source = tmp_path / "broken.c"
+    source.write_text("int64_t broken( {\n")
+    output = tmp_path / "broken.elf"
+    result = _hlasync("guest", "build", str(source), "-o", str(output))
+    assert result.returncode == 1
+    assert "failed" in result.stderr and "broken.c" in result.stderr
+    assert not output.exists()
+    assert list(tmp_path.iterdir()) == [source]  # no half-written file left behind
+
+
+def test_build_reports_missing_sources(tmp_path: Path) -> None:
+    result = _hlasync("guest", "build", str(tmp_path / "nope.c"), "-o", str(tmp_path / "x.elf"))
+    assert result.returncode == 1 and "not found" in result.stderr
+
+
+def test_guest_without_exports_is_rejected_when_built(tmp_path: Path) -> None:
+    source = tmp_path / "empty.c"
+    source.write_text("#include <hlasync_guest.h>\nint unused;\n")
+    result = _hlasync("guest", "build", str(source), "-o", str(tmp_path / "empty.elf"))
+    assert result.returncode == 1
+    assert "GuestImageError" in result.stderr
