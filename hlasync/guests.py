@@ -7,6 +7,7 @@ functions it exports are listed in ``docs/guest-sdk.md``.
 from __future__ import annotations
 
 import threading
+import warnings
 from pathlib import Path
 
 from . import _build
@@ -43,6 +44,11 @@ def path(name: str) -> Path:
             except _build.GuestBuildError as exc:
                 if not target.exists():
                     raise GuestImageError(f"bundled guest {name!r} is not built: {exc}") from None
+                warnings.warn(
+                    f"rebuilding the bundled guests failed, using the stale {target}: {exc}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
     if not target.exists():
         raise GuestImageError(f"bundled guest {name!r} is missing from the installation")
     return target

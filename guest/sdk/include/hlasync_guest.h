@@ -41,7 +41,7 @@ extern "C" {
 /* ---- ABI constants (mirrored in hlasync/abi.py; a test keeps them equal) ---- */
 #define HL_ABI_VERSION 1
 #define HL_IMAGE_BASE 0x100000
-#define HL_SCRATCH_ADDR 0x100000 /* 4 KiB writable page at a fixed address */
+#define HL_SCRATCH_ADDR 0x101000 /* 4 KiB writable page at a fixed address */
 #define HL_SCRATCH_SIZE 0x1000
 #define HL_PEB_ADDR 0xF0000 /* read-only page describing the memory layout */
 
