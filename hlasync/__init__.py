@@ -6,6 +6,8 @@ Python, with ELF core dumps of every hang and crash.
         assert sb.call("add", 2, 3) == 5
 """
 
+import logging
+
 from . import guests
 from .abi import FunctionSignature, ValueType
 from .config import SandboxConfig
@@ -35,6 +37,9 @@ from .guest.image import GuestImage
 from .sandbox import Sandbox, SandboxState, Snapshot
 
 __version__ = "0.1.0"
+
+# A library logs; the application decides where records go.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "ArgumentError",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+from .crashdump.placement import RetentionPolicy
 from .errors import ConfigError
 
 __all__ = ["SandboxConfig"]
@@ -25,7 +27,8 @@ class SandboxConfig:
 
     ``crashdump_enabled`` writes a core dump on faults, aborts, protocol
     errors and watchdog timeouts; ``crashdump_dir`` overrides the directory
-    (else ``HYPERLIGHT_CORE_DUMP_DIR``, else the system temp directory).
+    (else ``HYPERLIGHT_CORE_DUMP_DIR``, else the system temp directory) and
+    ``crashdump_retention`` bounds how many dumps that directory keeps.
     """
 
     memory_size: int = 8 * MiB
@@ -34,7 +37,8 @@ class SandboxConfig:
     input_buffer_size: int = 256 * KiB
     output_buffer_size: int = 256 * KiB
     crashdump_enabled: bool = True
-    crashdump_dir: str | None = None
+    crashdump_dir: str | os.PathLike[str] | None = None
+    crashdump_retention: RetentionPolicy | None = None
 
     def __post_init__(self) -> None:
         for name in ("memory_size", "stack_size", "input_buffer_size", "output_buffer_size"):
@@ -52,8 +56,13 @@ class SandboxConfig:
             raise ConfigError("stack_size must be at least 8 KiB")
         if not isinstance(self.crashdump_enabled, bool):
             raise ConfigError("crashdump_enabled must be a bool")
-        if self.crashdump_dir is not None and not isinstance(self.crashdump_dir, str):
-            raise ConfigError("crashdump_dir must be a str or None")
+        path_types = (str, os.PathLike)
+        if self.crashdump_dir is not None and not isinstance(self.crashdump_dir, path_types):
+            raise ConfigError("crashdump_dir must be a path or None")
+        if self.crashdump_retention is not None and not isinstance(
+            self.crashdump_retention, RetentionPolicy
+        ):
+            raise ConfigError("crashdump_retention must be a RetentionPolicy or None")
 
 
 def _check_size(name: str, value: object) -> None:

@@ -131,8 +131,9 @@ class GuestError(HlasyncError):
     """The guest failed while running a call.
 
     Attributes common to every guest-caused error: ``sandbox_id``,
-    ``function`` (the guest function that was called) and ``core_path``
-    (the core dump written for it, or None).
+    ``function`` (the guest function that was called), ``core_path`` (the
+    core dump written for it, or None) and ``crashdump_error`` (why that
+    dump could not be written, or None).
     """
 
     def __init__(
@@ -148,6 +149,8 @@ class GuestError(HlasyncError):
         self.sandbox_id = sandbox_id
         self.function = function
         self.core_path = core_path
+        #: Set when writing the automatic core dump for this error failed.
+        self.crashdump_error: CrashdumpError | None = None
 
     def __str__(self) -> str:
         where = f"sandbox {self.sandbox_id}"
@@ -225,7 +228,20 @@ class GuestCancelled(GuestError):
 
 
 class GuestProtocolError(GuestError):
-    """The guest broke the host/guest ABI (bad frame, unknown port, ...)."""
+    """The guest broke the host/guest ABI (bad frame, unknown port, ...) or the
+    vCPU stopped in a way no guest should (``vcpu_exit`` is then that exit)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        sandbox_id: str,
+        function: str | None,
+        core_path: Path | None = None,
+        vcpu_exit: object | None = None,
+    ) -> None:
+        super().__init__(message, sandbox_id=sandbox_id, function=function, core_path=core_path)
+        self.vcpu_exit = vcpu_exit
 
 
 class HostFunctionError(GuestError):

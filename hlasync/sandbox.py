@@ -15,22 +15,31 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime
 import enum
 import itertools
+import logging
 import os
+import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
 from . import abi
 from .abi import Arg, FrameError, FunctionSignature, Value
 from .config import SandboxConfig
+from .crashdump import _format as core_format
+from .crashdump.placement import resolve_directory, write_atomically
+from .crashdump.writer import CrashContext, write_core
 from .errors import (
     ArgumentError,
+    CrashdumpError,
     FunctionNotFound,
     GuestAborted,
     GuestCancelled,
@@ -38,6 +47,7 @@ from .errors import (
     GuestError,
     GuestImageError,
     GuestProtocolError,
+    HlasyncError,
     HostFunctionError,
     SandboxBusy,
     SandboxClosed,
@@ -48,9 +58,20 @@ from .guest.image import GuestImage
 from .guest.layout import MemoryLayout
 from .guest.memory import GuestMemory, MemoryImage
 from .kvm import Kvm, Vcpu, Vm, kvm_fpu, kvm_regs, kvm_sregs
-from .kvm.exits import Interrupted, IoOut
+from .kvm.exits import Interrupted, IoOut, Shutdown
 
-__all__ = ["VECTOR_NAMES", "ExceptionInfo", "Sandbox", "SandboxState", "Snapshot"]
+__all__ = [
+    "VECTOR_NAMES",
+    "CrashdumpRecord",
+    "ExceptionInfo",
+    "Sandbox",
+    "SandboxState",
+    "Snapshot",
+    "live_sandboxes",
+]
+
+#: How long generate_crashdump() waits for a running vCPU to pause.
+DUMP_PAUSE_TIMEOUT = 10.0
 
 VECTOR_NAMES: dict[int, tuple[str, str]] = {
     0: ("#DE", "divide error"),
@@ -126,6 +147,7 @@ class Snapshot:
         return f"<Snapshot of {self._image.size} bytes taken at {self.taken_at:.3f}>"
 
 
+_logger = logging.getLogger("hlasync")
 _ids = itertools.count(1)
 _templates: dict[tuple[object, ...], Snapshot] = {}
 _templates_lock = threading.Lock()
@@ -138,13 +160,48 @@ def _copy(struct: _S) -> _S:
     return clone
 
 
+@dataclass(frozen=True, slots=True)
+class CrashdumpRecord:
+    """A core dump a sandbox wrote (or failed to write, with ``error``)."""
+
+    sandbox_id: str
+    reason: str
+    function: str | None
+    path: Path | None
+    size: int
+    seconds: float
+    error: CrashdumpError | None = None
+
+
+class _DumpRequest:
+    """A dump asked for by another thread while the vCPU is in the guest."""
+
+    def __init__(self, directory: str | os.PathLike[str] | None, reason: str) -> None:
+        self.directory = directory
+        self.reason = reason
+        self.done = threading.Event()
+        self.path: Path | None = None
+        self.error: BaseException | None = None
+
+
 @dataclass
 class _CallState:
     function: str | None = None
     cancel: bool = False
     kick_pending: bool = False
     thread: int = 0
-    requests: list[Callable[[], None]] = field(default_factory=list)
+    in_guest: bool = False  # the vCPU thread may be inside KVM_RUN
+    requests: list[_DumpRequest] = field(default_factory=list)
+
+
+_live: weakref.WeakSet[Sandbox] = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
+def live_sandboxes() -> list[Sandbox]:
+    """Every sandbox of this process that is not closed."""
+    with _live_lock:
+        return [sb for sb in _live if sb.state is not SandboxState.CLOSED]
 
 
 class Sandbox:
@@ -177,8 +234,10 @@ class Sandbox:
         self._host_functions: dict[str, Callable[..., Any]] = {}
         self._signatures = {fn.name: fn for fn in self.image.functions}
         self._encoders = {fn.name: abi.make_call_encoder(fn) for fn in self.image.functions}
-        self._lock = threading.Lock()
+        # Re-entrant: a dump signal handler may run on a thread that holds it.
+        self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
+        self._crashdump_listeners: list[Callable[[CrashdumpRecord], None]] = []
         self._state = SandboxState.CLOSED
         self._call = _CallState()
         self.last_exception: ExceptionInfo | None = None
@@ -196,6 +255,8 @@ class Sandbox:
             self._release()
             raise
         self._state = SandboxState.READY
+        with _live_lock:
+            _live.add(self)
 
     # ----------------------------------------------------------- creation
     def _boot(self) -> None:
@@ -319,6 +380,7 @@ class Sandbox:
             call.function = name
             call.cancel = False
             call.thread = threading.get_ident()
+            call.in_guest = True
         outcome = SandboxState.POISONED
         try:
             try:
@@ -339,6 +401,10 @@ class Sandbox:
         except HostFunctionError:
             outcome = SandboxState.READY  # the vCPU was put back at the dispatcher
             raise
+        except (GuestCrashed, GuestAborted, GuestProtocolError) as exc:
+            if self.config.crashdump_enabled:
+                self._automatic_dump(exc)
+            raise
         finally:
             with self._lock:
                 if call.kick_pending:
@@ -348,6 +414,11 @@ class Sandbox:
                 self._state = SandboxState.POISONED if cancelled else outcome
                 call.cancel = False
                 call.function = None
+                call.in_guest = False
+                leftover, call.requests = call.requests, []
+                # Dumps asked for as the call ended see the state it left.
+                for request in leftover:
+                    self._serve_dump_request(request)
                 self._idle.notify_all()
             if cancelled:
                 raise GuestCancelled("call interrupted", sandbox_id=self.id, function=name)
@@ -407,6 +478,192 @@ class Sandbox:
             self.last_exception = None
             self._state = SandboxState.READY
 
+    def generate_crashdump(self, directory: str | os.PathLike[str] | None = None) -> Path:
+        """Write an ELF core dump of the guest now and return its path.
+
+        Works when idle, when poisoned (the dump shows the fault) and while a
+        call runs on another thread: the vCPU is kicked out of the guest,
+        dumped and resumed, and the call still completes. ``directory``
+        overrides ``SandboxConfig.crashdump_dir``. Raises
+        :class:`CrashdumpError` if dumps are disabled or the write fails.
+        """
+        return self._dump_now(directory, "on-demand")
+
+    def add_crashdump_listener(self, listener: Callable[[CrashdumpRecord], None]) -> None:
+        """Call ``listener(record)`` after every dump this sandbox writes or fails to write.
+
+        It runs on the thread that made the dump and must not block.
+        """
+        self._crashdump_listeners.append(listener)
+
+    def _dump_now(self, directory: str | os.PathLike[str] | None, reason: str) -> Path:
+        if not self.config.crashdump_enabled:
+            raise CrashdumpError(
+                f"crash dumps are disabled for sandbox {self.id} (crashdump_enabled=False)"
+            )
+        with self._lock:
+            if self._state is SandboxState.CLOSED:
+                raise SandboxClosed(f"sandbox {self.id} is closed", sandbox_id=self.id)
+            call = self._call
+            paused_elsewhere = (
+                self._state is SandboxState.RUNNING
+                and call.in_guest
+                and call.thread != threading.get_ident()
+            )
+            if not paused_elsewhere:
+                # Idle, poisoned, inside a host function, or on the vCPU thread itself:
+                # nothing runs the vCPU while we hold the lock.
+                return self._write_dump(self._capture(reason), directory)
+            request = _DumpRequest(directory, reason)
+            call.requests.append(request)
+            if not call.kick_pending:
+                call.kick_pending = True
+                Vcpu.kick(call.thread)
+        if not request.done.wait(DUMP_PAUSE_TIMEOUT):
+            raise CrashdumpError(
+                f"sandbox {self.id}: the vCPU did not pause within {DUMP_PAUSE_TIMEOUT} s"
+            )
+        if request.error is not None:
+            raise request.error
+        assert request.path is not None
+        return request.path
+
+    def _serve_dump_request(self, request: _DumpRequest) -> None:
+        try:
+            request.path = self._write_dump(self._capture(request.reason), request.directory)
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting thread
+            request.error = exc
+        finally:
+            request.done.set()
+
+    def _automatic_dump(self, error: GuestError) -> None:
+        if isinstance(error, GuestProtocolError):
+            reason = "protocol-error" if error.vcpu_exit is None else "unexpected-exit"
+        else:
+            reason = "fault" if isinstance(error, GuestCrashed) else "abort"
+        try:
+            error.core_path = self._write_dump(self._capture(reason, error), None)
+        except CrashdumpError as exc:
+            error.crashdump_error = exc
+
+    def _capture(self, reason: str, error: GuestError | None = None) -> CrashContext:
+        """Guest state for a dump; the caller guarantees the vCPU is not running."""
+        vcpu = self._vcpu
+        assert vcpu is not None
+        fault = self.last_exception if self._state is SandboxState.POISONED else None
+        if isinstance(error, GuestCrashed):
+            fault = self.last_exception
+        if fault is not None:
+            regs, sregs, user_mode = fault.regs, fault.sregs, True
+        else:
+            regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+            user_mode = sregs.cs.selector & 3 == 3
+        try:
+            xsave: bytes | None = bytes(vcpu.get_xsave())
+        except HlasyncError:
+            xsave = None
+        signo, si_code = _REASON_SIGNALS.get(reason, (signal.SIGSTOP, core_format.SI_USER))
+        si_addr = 0
+        if reason == "fault" and fault is not None:
+            signo, si_code = core_format.VECTOR_SIGNALS.get(
+                fault.vector, (signal.SIGSEGV, core_format.SI_KERNEL)
+            )
+            if fault.vector == 14:
+                present = (fault.error_code or 0) & 1
+                si_code = core_format.SEGV_ACCERR if present else core_format.SEGV_MAPERR
+                si_addr = fault.cr2 or 0
+            else:
+                si_addr = fault.regs.rip
+        now = datetime.datetime.now(datetime.UTC)
+        metadata: dict[str, Any] = {
+            "format": 1,
+            "hlasync_version": _version(),
+            "sandbox_id": self.id,
+            "reason": reason,
+            "function": error.function if error is not None else self._call.function,
+            "message": str(error) if error is not None else None,
+            "guest": str(self.image.path.resolve()),
+            "pid": os.getpid(),
+            "timestamp": now.isoformat(),
+            "unix_time": now.timestamp(),
+            "signal": signo,
+            "vector": fault.vector if fault else None,
+            "vector_name": VECTOR_NAMES.get(fault.vector, ("?",))[0] if fault else None,
+            "error_code": fault.error_code if fault else None,
+            "cr2": fault.cr2 if fault else None,
+            "special_registers": _special_registers(sregs),
+            "regions": [
+                {"name": r.name, "start": r.start, "size": r.size, "flags": r.flags}
+                for r in self.layout.regions
+            ],
+        }
+        if isinstance(error, GuestAborted):
+            metadata["abort_code"] = error.code
+            metadata["abort_message"] = error.guest_message
+        return CrashContext(
+            reason=reason,
+            regs=regs,
+            sregs=sregs,
+            fpu=vcpu.get_fpu(),
+            xsave=xsave,
+            signo=signo,
+            si_code=si_code,
+            si_addr=si_addr,
+            user_mode=user_mode,
+            metadata=metadata,
+        )
+
+    def _write_dump(self, context: CrashContext, directory: str | os.PathLike[str] | None) -> Path:
+        assert self._memory is not None
+        memory = self._memory
+        started = time.perf_counter()
+        try:
+            target = resolve_directory(directory, self.config.crashdump_dir)
+            path, size = write_atomically(
+                target,
+                lambda fd: write_core(
+                    fd,
+                    memory=memory,
+                    regions=self.layout.regions,
+                    image=self.image,
+                    context=context,
+                    user_cs=lay.USER_CS,
+                    user_ss=lay.USER_DS,
+                ),
+                self.config.crashdump_retention,
+            )
+        except CrashdumpError as exc:
+            self._notify(
+                CrashdumpRecord(
+                    self.id,
+                    context.reason,
+                    context.metadata["function"],
+                    None,
+                    0,
+                    time.perf_counter() - started,
+                    exc,
+                )
+            )
+            raise
+        self._notify(
+            CrashdumpRecord(
+                self.id,
+                context.reason,
+                context.metadata["function"],
+                path,
+                size,
+                time.perf_counter() - started,
+            )
+        )
+        return path
+
+    def _notify(self, record: CrashdumpRecord) -> None:
+        for listener in list(self._crashdump_listeners):
+            try:
+                listener(record)
+            except Exception:  # a broken listener must not break the dump
+                _logger.exception("crash dump listener %r failed", listener)
+
     def read_memory(self, address: int, size: int) -> bytes:
         """Copy ``size`` bytes of guest memory at guest address ``address``."""
         with self._lock:
@@ -429,6 +686,8 @@ class Sandbox:
                     self._idle.wait()
             self._state = SandboxState.CLOSED
             self._release()
+        with _live_lock:
+            _live.discard(self)
 
     def __enter__(self) -> Sandbox:
         return self
@@ -497,7 +756,13 @@ class Sandbox:
                 case Interrupted():
                     self._on_interrupted()
                 case _:
-                    raise self._protocol_error(signature.name, f"unexpected vCPU exit {exit_}")
+                    raise GuestProtocolError(
+                        f"unexpected vCPU exit {exit_}"
+                        + (" (triple fault)" if isinstance(exit_, Shutdown) else ""),
+                        sandbox_id=self.id,
+                        function=signature.name,
+                        vcpu_exit=exit_,
+                    )
 
     def _on_interrupted(self) -> None:
         with self._lock:
@@ -505,9 +770,24 @@ class Sandbox:
             if call.kick_pending:
                 Vcpu.consume_kick()
                 call.kick_pending = False
-            if call.cancel:
-                call.cancel = False
-                raise GuestCancelled("call interrupted", sandbox_id=self.id, function=call.function)
+            requests, call.requests = call.requests, []
+            cancel = call.cancel
+            call.cancel = False
+        # The vCPU is paused here: serve dumps first, so a cancel still gets its dump.
+        for request in requests:
+            self._serve_dump_request(request)
+        if cancel:
+            raise GuestCancelled("call interrupted", sandbox_id=self.id, function=call.function)
+
+    def _enter_host(self) -> None:
+        """The vCPU thread leaves KVM_RUN to run user code (host function, print)."""
+        with self._lock:
+            self._call.in_guest = False
+
+    def _leave_host(self) -> None:
+        # Takes the lock, so a dump made meanwhile by another thread finishes first.
+        with self._lock:
+            self._call.in_guest = True
 
     def _read_result(self, signature: FunctionSignature) -> Value:
         try:
@@ -534,6 +814,7 @@ class Sandbox:
                 function=function,
                 host_function=request.name,
             )
+        self._enter_host()
         try:
             result = host_fn(*request.args)
             abi.write_result(self._output_buf, result)
@@ -545,6 +826,8 @@ class Sandbox:
                 function=function,
                 host_function=request.name,
             ) from exc
+        finally:
+            self._leave_host()
 
     def _unwind(self) -> None:
         """Put the vCPU back at the dispatcher's idle point (after a failed host call)."""
@@ -556,11 +839,15 @@ class Sandbox:
         except FrameError as exc:
             raise self._protocol_error(function, f"bad print frame: {exc}") from None
         decoded = text.decode(errors="replace")
-        if self._output is not None:
-            self._output(decoded)
-        else:
-            sys.stdout.write(decoded)
-            sys.stdout.flush()
+        self._enter_host()
+        try:
+            if self._output is not None:
+                self._output(decoded)
+            else:
+                sys.stdout.write(decoded)
+                sys.stdout.flush()
+        finally:
+            self._leave_host()
 
     def _aborted(self, function: str) -> GuestError:
         try:
@@ -615,6 +902,36 @@ class Sandbox:
 
     def _protocol_error(self, function: str | None, message: str) -> GuestProtocolError:
         return GuestProtocolError(message, sandbox_id=self.id, function=function)
+
+
+_REASON_SIGNALS: dict[str, tuple[int, int]] = {
+    "fault": (signal.SIGSEGV, core_format.SI_KERNEL),
+    "abort": (signal.SIGABRT, core_format.SI_USER),
+    "protocol-error": (signal.SIGSYS, core_format.SI_KERNEL),
+    "unexpected-exit": (signal.SIGSYS, core_format.SI_KERNEL),
+    "timeout": (signal.SIGALRM, core_format.SI_TIMER),
+    "cpu-timeout": (signal.SIGXCPU, core_format.SI_KERNEL),
+    "cancelled": (signal.SIGINT, core_format.SI_USER),
+    "on-demand": (signal.SIGSTOP, core_format.SI_USER),
+    "signal": (signal.SIGSTOP, core_format.SI_USER),
+}
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _special_registers(sregs: kvm_sregs) -> dict[str, int]:
+    values = {name: getattr(sregs, name) for name in ("cr0", "cr2", "cr3", "cr4", "efer")}
+    for seg in ("cs", "ds", "es", "fs", "gs", "ss", "tr"):
+        values[seg] = getattr(sregs, seg).selector
+    values["fs_base"] = sregs.fs.base
+    values["gs_base"] = sregs.gs.base
+    values["gdt_base"] = sregs.gdt.base
+    values["idt_base"] = sregs.idt.base
+    return values
 
 
 def _user_mode_sregs(sregs: kvm_sregs) -> None:

@@ -23,6 +23,15 @@ def _kvm_problem() -> str | None:
     return None
 
 
+@pytest.fixture(autouse=True)
+def dump_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test writes its core dumps into its own directory."""
+    directory = tmp_path / "dumps"
+    directory.mkdir()
+    monkeypatch.setenv("HYPERLIGHT_CORE_DUMP_DIR", str(directory))
+    return directory
+
+
 @pytest.fixture(scope="session")
 def kvm() -> Kvm:
     problem = _kvm_problem()

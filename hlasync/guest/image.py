@@ -42,6 +42,7 @@ class Segment:
     memsz: int
     data: bytes  # p_filesz bytes; the rest up to memsz is zero
     flags: int  # PF_R | PF_W | PF_X
+    offset: int  # p_offset in the file
 
     @property
     def end(self) -> int:
@@ -88,6 +89,13 @@ class GuestImage:
                 f"malformed ELF file ({type(exc).__name__}: {exc})", path=path
             ) from None
         self.end = max(s.end for s in self.segments)
+        self.phnum: int = elf.header["e_phnum"]
+        #: Guest address of the program headers, when a segment loads them.
+        self.phdr_address: int | None = None
+        phoff = elf.header["e_phoff"]
+        for seg in self.segments:
+            if seg.offset <= phoff and phoff + self.phnum * 56 <= seg.offset + len(seg.data):
+                self.phdr_address = seg.vaddr + phoff - seg.offset
         self._symbol_starts = [s.address for s in self.symbols]
         if not any(s.vaddr <= self.entry < s.end and s.flags & PF_X for s in self.segments):
             raise GuestImageError(
@@ -156,7 +164,7 @@ class GuestImage:
                     f"[{abi.IMAGE_BASE:#x}, {IMAGE_LIMIT:#x})"
                 )
             segments.append(
-                Segment(vaddr, memsz, data[offset : offset + filesz], seg["p_flags"] & 7)
+                Segment(vaddr, memsz, data[offset : offset + filesz], seg["p_flags"] & 7, offset)
             )
         if not segments:
             raise GuestImageError("no loadable segments")

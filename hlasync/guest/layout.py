@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .. import abi
-from ..config import SandboxConfig
 from ..errors import GuestImageError
 from .image import PF_R, PF_W, PF_X, GuestImage
+
+if TYPE_CHECKING:
+    from ..config import SandboxConfig
 
 __all__ = ["MemoryLayout", "Region", "build_boot_image"]
 
@@ -115,7 +118,10 @@ class MemoryLayout:
                 f"{config.memory_size}",
                 path=image.path,
             )
+        page_tables = (config.memory_size // PAGE + 511) // 512
         regions = [
+            Region("page tables", PML4, 3 * PAGE, PF_R | PF_W, False),
+            Region("descriptor tables", GDT, 3 * PAGE, PF_R | PF_W, False),
             Region("exception stubs", STUBS, PAGE, PF_R | PF_X, False),
             Region(
                 "exception stack",
@@ -124,13 +130,21 @@ class MemoryLayout:
                 PF_R | PF_W,
                 False,
             ),
+            Region("page tables", PAGE_TABLES, page_tables * PAGE, PF_R | PF_W, False),
             Region("peb", PEB, PAGE, PF_R, True),
         ]
+        # Segments sharing a page become one region with the union of their rights.
+        image_regions: list[Region] = []
         for seg in image.segments:
-            start = seg.vaddr & ~(PAGE - 1)
-            regions.append(
-                Region(f"image {seg.vaddr:#x}", start, _align_up(seg.end) - start, seg.flags, True)
-            )
+            start, end = seg.vaddr & ~(PAGE - 1), _align_up(seg.end)
+            if image_regions and start < image_regions[-1].end:
+                last = image_regions.pop()
+                start, flags = last.start, last.flags | seg.flags
+                end = max(end, last.end)
+            else:
+                flags = seg.flags
+            image_regions.append(Region(f"image {start:#x}", start, end - start, flags, True))
+        regions += image_regions
         regions += [
             Region("stack", stack_base, config.stack_size, PF_R | PF_W, True),
             Region("input buffer", input_addr, config.input_buffer_size, PF_R | PF_W, True),
