@@ -8,9 +8,10 @@ Python, with ELF core dumps of every hang and crash.
 
 import logging
 
-from . import guests
+from . import crashdump, guests
 from .abi import FunctionSignature, ValueType
 from .config import SandboxConfig
+from .crashdump import CoreDump, RetentionPolicy, install_dump_signal
 from .errors import (
     ArgumentError,
     CallError,
@@ -25,6 +26,7 @@ from .errors import (
     GuestProtocolError,
     HlasyncError,
     HostFunctionError,
+    InvalidCoreDump,
     IoctlError,
     KvmError,
     KvmUnavailableError,
@@ -34,7 +36,7 @@ from .errors import (
     SandboxStateError,
 )
 from .guest.image import GuestImage
-from .sandbox import Sandbox, SandboxState, Snapshot
+from .sandbox import CrashdumpRecord, Sandbox, SandboxState, Snapshot
 
 __version__ = "0.1.0"
 
@@ -45,7 +47,9 @@ __all__ = [
     "ArgumentError",
     "CallError",
     "ConfigError",
+    "CoreDump",
     "CrashdumpError",
+    "CrashdumpRecord",
     "FunctionNotFound",
     "FunctionSignature",
     "GuestAborted",
@@ -57,9 +61,11 @@ __all__ = [
     "GuestProtocolError",
     "HlasyncError",
     "HostFunctionError",
+    "InvalidCoreDump",
     "IoctlError",
     "KvmError",
     "KvmUnavailableError",
+    "RetentionPolicy",
     "Sandbox",
     "SandboxBusy",
     "SandboxClosed",
@@ -70,5 +76,7 @@ __all__ = [
     "Snapshot",
     "ValueType",
     "__version__",
+    "crashdump",
     "guests",
+    "install_dump_signal",
 ]

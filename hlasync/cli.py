@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import psutil
+
 from . import _build, guests
-from .errors import GuestCancelled, GuestError, HlasyncError
+from .crashdump import DUMP_GLOB, CoreDump, manifest_path, resolve_directory
+from .errors import GuestCancelled, GuestError, HlasyncError, InvalidCoreDump
 from .guest.image import GuestImage
 from .sandbox import Sandbox
 
@@ -40,7 +46,12 @@ def _demo(args: argparse.Namespace) -> int:
         try:
             sb.call("divide_by_zero")
         except GuestError as exc:
-            print(f"  {type(exc).__name__}: {exc}")
+            print(f"  {type(exc).__name__}: {exc.message}")
+            if exc.core_path is not None:
+                with CoreDump.open(exc.core_path) as dump:
+                    frames = " <- ".join(f.symbol or hex(f.pc) for f in dump.backtrace())
+                print(f"  core dump: {exc.core_path}\n  backtrace from the dump: {frames}")
+                print(f"  open it: gdb {path} {exc.core_path}")
         print(f"  sandbox state: {sb.state.value}; restore() brings it back")
         sb.restore()
         print(f"  add(40, 2)           -> {sb.call('add', 40, 2)!r}")
@@ -88,6 +99,83 @@ def _guest_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dump_show(args: argparse.Namespace) -> int:
+    with CoreDump.open(args.core) as dump:
+        if args.json:
+            print(json.dumps(dump.summary(args.guest), indent=2, default=str))
+        else:
+            print(dump.report(args.guest))
+    return 0
+
+
+def _dump_list(args: argparse.Namespace) -> int:
+    directory = Path(args.directory) if args.directory else resolve_directory()
+    if not directory.is_dir():
+        print(f"hlasync: {directory} is not a directory", file=sys.stderr)
+        return 1
+    paths = sorted(directory.glob(DUMP_GLOB), key=lambda p: p.stat().st_mtime)
+    if not paths:
+        print(f"no hlasync core dumps in {directory}")
+        return 0
+    for path in paths:
+        allocated = path.stat().st_blocks * 512
+        try:
+            with CoreDump.open(path) as dump:
+                meta = dump.metadata
+                print(
+                    f"{path}  {allocated // 1024} KiB  {meta.get('timestamp')}  "
+                    f"{meta.get('sandbox_id')}  {meta.get('reason')}  {meta.get('function')}"
+                )
+        except InvalidCoreDump as exc:
+            print(f"{path}  {allocated // 1024} KiB  unreadable: {exc}")
+    return 0
+
+
+def _dump_all(args: argparse.Namespace) -> int:
+    signum = _parse_signal(args.signal)
+    try:
+        target = psutil.Process(args.pid)
+        temp_dir = target.environ().get("TMPDIR")
+    except psutil.NoSuchProcess:
+        print(f"hlasync: no process {args.pid}", file=sys.stderr)
+        return 1
+    except psutil.AccessDenied:
+        temp_dir = None
+    manifest = manifest_path(args.pid, temp_dir)
+    sent_at = time.time()
+    os.kill(args.pid, signum)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            result = json.loads(manifest.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            result = None
+        if result is not None and result.get("time", 0) >= sent_at:
+            for path in result["paths"]:
+                print(path)
+            for error in result["errors"]:
+                print(f"hlasync: {error}", file=sys.stderr)
+            return 0 if not result["errors"] else 1
+        time.sleep(0.05)
+    print(
+        f"hlasync: process {args.pid} wrote no dump list within {args.timeout} s "
+        f"(did it call hlasync.install_dump_signal({signum})?)",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _parse_signal(name: str) -> int:
+    try:
+        return int(name)
+    except ValueError:
+        pass
+    try:
+        return int(signal.Signals["SIG" + name.upper().removeprefix("SIG")])
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"unknown signal {name!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hlasync", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +200,27 @@ def build_parser() -> argparse.ArgumentParser:
     functions.set_defaults(handler=_guest_functions)
     listing = guest_commands.add_parser("list", help="list the bundled guests")
     listing.set_defaults(handler=_guest_list)
+
+    dump = commands.add_parser("dump", help="inspect core dumps")
+    dump_commands = dump.add_subparsers(dest="dump_command", required=True)
+    show = dump_commands.add_parser("show", help="report on one core dump")
+    show.add_argument("core", type=Path, help="core dump file")
+    show.add_argument("--guest", type=Path, help="guest ELF for symbols (default: as recorded)")
+    show.add_argument("--json", action="store_true", help="print JSON instead of text")
+    show.set_defaults(handler=_dump_show)
+    dump_list = dump_commands.add_parser("list", help="list the core dumps in a directory")
+    dump_list.add_argument(
+        "directory", nargs="?", help="default: $HYPERLIGHT_CORE_DUMP_DIR or the temp directory"
+    )
+    dump_list.set_defaults(handler=_dump_list)
+
+    dump_all = commands.add_parser(
+        "dump-all", help="make a process dump all its sandboxes (see install_dump_signal)"
+    )
+    dump_all.add_argument("pid", type=int, help="process that called install_dump_signal()")
+    dump_all.add_argument("--signal", default="USR2", help="signal to send (default: USR2)")
+    dump_all.add_argument("--timeout", type=float, default=30.0, help="seconds to wait")
+    dump_all.set_defaults(handler=_dump_all)
     return parser
 
 

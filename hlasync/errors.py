@@ -22,6 +22,7 @@ Every error hlasync raises derives from :class:`HlasyncError`::
     │   ├── GuestProtocolError       the guest broke the host/guest ABI
     │   └── HostFunctionError        a host function the guest called raised
     └── CrashdumpError               a core dump could not be written
+        └── InvalidCoreDump          a file is not a readable hlasync core dump
 
 Every :class:`GuestError` carries the sandbox id, the guest function name and,
 when a core dump was written for it, ``core_path``.
@@ -45,6 +46,7 @@ __all__ = [
     "GuestProtocolError",
     "HlasyncError",
     "HostFunctionError",
+    "InvalidCoreDump",
     "IoctlError",
     "KvmError",
     "KvmUnavailableError",
@@ -262,3 +264,7 @@ class HostFunctionError(GuestError):
 
 class CrashdumpError(HlasyncError):
     """A core dump could not be written (or crash dumps are disabled)."""
+
+
+class InvalidCoreDump(CrashdumpError, ValueError):
+    """A file is not a readable hlasync core dump (corrupt, truncated, foreign)."""

@@ -51,3 +51,24 @@ def simpleguest() -> Path:
 def sandbox(kvm: Kvm, simpleguest: Path) -> Iterator[Sandbox]:
     with Sandbox(simpleguest) as sb:
         yield sb
+
+
+@pytest.fixture(scope="session")
+def hostile_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/guests/hostile.c, built with the SDK."""
+    from hlasync._build import build_guest
+
+    source = Path(__file__).parent / "guests" / "hostile.c"
+    return build_guest([source], tmp_path_factory.mktemp("guests") / "hostile.elf")
+
+
+def require_tool(name: str) -> str:
+    """Path of an external tool; skip without it, fail in CI (HLASYNC_REQUIRE_KVM=1)."""
+    import shutil
+
+    found = shutil.which(name)
+    if found is None:
+        if os.environ.get("HLASYNC_REQUIRE_KVM") == "1":
+            pytest.fail(f"{name} is not installed (.ci/run installs it)")
+        pytest.skip(f"{name} is not installed")
+    return found

@@ -1,0 +1,359 @@
+"""Reading hlasync core dumps back: registers, memory, metadata, backtraces.
+
+ELF structure is parsed by pyelftools; the note payloads use the layouts in
+:mod:`._format`. Anything malformed raises :class:`InvalidCoreDump`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+
+from elftools.elf.elffile import ELFFile
+
+from ..errors import GuestImageError, InvalidCoreDump
+from ..guest.image import GuestImage
+from . import _format as fmt
+from .unwind import CallFrameTable, unwind
+
+__all__ = ["CoreDump", "DumpRegion", "Frame"]
+
+MAX_FRAMES = 64
+
+
+@dataclass(frozen=True, slots=True)
+class DumpRegion:
+    """A ``PT_LOAD`` of the dump: guest memory at ``start``."""
+
+    start: int
+    size: int
+    flags: int  # PF_R | PF_W | PF_X
+    file_offset: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+    @property
+    def permissions(self) -> str:
+        return (
+            ("r" if self.flags & fmt.PF_R else "-")
+            + ("w" if self.flags & fmt.PF_W else "-")
+            + ("x" if self.flags & fmt.PF_X else "-")
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One frame of a backtrace: ``pc`` and its symbol (``name+0xoff``) if known."""
+
+    index: int
+    pc: int
+    symbol: str | None
+
+    def __str__(self) -> str:
+        return f"#{self.index:<2} {self.pc:#018x} {self.symbol or '??'}"
+
+
+class CoreDump:
+    """An hlasync ELF core dump opened for reading. Use :meth:`open`."""
+
+    def __init__(self, path: Path, file: BinaryIO) -> None:
+        self.path = path
+        self._file = file
+        self._size = os.fstat(file.fileno()).st_size
+        try:
+            elf = ELFFile(file)
+            if elf.header["e_type"] != "ET_CORE" or elf.header["e_machine"] != "EM_X86_64":
+                raise InvalidCoreDump(f"{path}: not an x86-64 ELF core file")
+            regions: list[DumpRegion] = []
+            notes: dict[int, bytes] = {}
+            metadata: dict[str, Any] | None = None
+            for segment in elf.iter_segments():
+                kind = segment["p_type"]
+                offset, filesz = segment["p_offset"], segment["p_filesz"]
+                if offset + filesz > self._size:
+                    raise InvalidCoreDump(
+                        f"{path}: truncated ({kind} needs bytes up to {offset + filesz}, the file "
+                        f"has {self._size})"
+                    )
+                if kind == "PT_LOAD":
+                    regions.append(
+                        DumpRegion(segment["p_vaddr"], filesz, segment["p_flags"] & 7, offset)
+                    )
+                elif kind == "PT_NOTE":
+                    for name, note_type, desc in _iter_notes(self._read_at(offset, filesz)):
+                        if name == fmt.NOTE_NAME_HLASYNC and note_type == fmt.NT_HLASYNC:
+                            metadata = json.loads(desc)
+                        elif name in (fmt.NOTE_NAME_CORE, fmt.NOTE_NAME_LINUX):
+                            notes[note_type] = desc
+        except InvalidCoreDump:
+            raise
+        except Exception as exc:  # noqa: BLE001 - untrusted input: pyelftools may raise anything
+            raise InvalidCoreDump(f"{path}: malformed core file ({exc})") from None
+        if fmt.NT_PRSTATUS not in notes:
+            raise InvalidCoreDump(f"{path}: no NT_PRSTATUS note (not a process core dump)")
+        if metadata is None:
+            raise InvalidCoreDump(f"{path}: no hlasync metadata note (not written by hlasync)")
+        problem = _check_metadata(metadata)
+        if problem is not None:
+            raise InvalidCoreDump(f"{path}: malformed hlasync metadata note: {problem}")
+        if len(notes[fmt.NT_PRSTATUS]) < fmt.PRSTATUS.size:
+            raise InvalidCoreDump(f"{path}: NT_PRSTATUS note is too short")
+        fields = fmt.PRSTATUS.unpack_from(notes[fmt.NT_PRSTATUS])
+        self.signal: int = fields[0]
+        self.registers: dict[str, int] = dict(zip(fmt.USER_REGS, fields[10:37], strict=True))
+        self.registers["rflags"] = self.registers["eflags"]
+        self.regions: tuple[DumpRegion, ...] = tuple(sorted(regions, key=lambda r: r.start))
+        self.metadata: dict[str, Any] = metadata
+        self.auxv: dict[int, int] = {}
+        auxv = notes.get(fmt.NT_AUXV, b"")
+        for i in range(0, len(auxv) - 15, 16):
+            key, value = struct.unpack_from("<QQ", auxv, i)
+            if key == fmt.AT_NULL:
+                break
+            self.auxv[key] = value
+        self.program_path: str | None = None
+        if fmt.NT_PRPSINFO in notes and len(notes[fmt.NT_PRPSINFO]) >= fmt.PRPSINFO.size:
+            psargs = fmt.PRPSINFO.unpack_from(notes[fmt.NT_PRPSINFO])[-1]
+            self.program_path = psargs.split(b"\0", 1)[0].decode(errors="replace") or None
+        self._guest: GuestImage | None = None
+        self._tables: dict[Path, CallFrameTable] = {}
+
+    # ---------------------------------------------------------------- open
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> CoreDump:
+        path = Path(path)
+        try:
+            file = open(path, "rb")  # noqa: SIM115 - owned by the CoreDump, closed by close()
+        except OSError as exc:
+            raise InvalidCoreDump(f"{path}: cannot open: {exc.strerror}") from None
+        try:
+            return cls(path, file)
+        except BaseException:
+            file.close()
+            raise
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> CoreDump:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- memory
+    def _read_at(self, offset: int, size: int) -> bytes:
+        data = os.pread(self._file.fileno(), size, offset)
+        if len(data) != size:
+            raise InvalidCoreDump(f"{self.path}: truncated at offset {offset + len(data)}")
+        return data
+
+    def read(self, address: int, size: int) -> bytes:
+        """``size`` bytes of guest memory at ``address`` (ValueError if not all in the dump)."""
+        out = bytearray()
+        while len(out) < size:
+            at = address + len(out)
+            region = self.region_at(at)
+            if region is None:
+                raise ValueError(f"address {at:#x} is not in the dump")
+            chunk = min(size - len(out), region.end - at)
+            out += self._read_at(region.file_offset + at - region.start, chunk)
+        return bytes(out)
+
+    def region_at(self, address: int) -> DumpRegion | None:
+        for region in self.regions:
+            if region.start <= address < region.end:
+                return region
+        return None
+
+    def read_string(self, address: int, limit: int = 4096) -> str:
+        """The NUL-terminated string at ``address`` (at most ``limit`` bytes)."""
+        region = self.region_at(address)
+        if region is None:
+            raise ValueError(f"address {address:#x} is not in the dump")
+        data = self.read(address, min(limit, region.end - address))
+        return data.split(b"\0", 1)[0].decode(errors="replace")
+
+    # ------------------------------------------------------------- symbols
+    @property
+    def guest_path(self) -> Path | None:
+        """The guest binary the dump was taken from, as recorded in the dump."""
+        recorded = self.metadata.get("guest") or self.program_path
+        return Path(recorded) if recorded else None
+
+    def guest_image(self, guest: str | os.PathLike[str] | None = None) -> GuestImage | None:
+        """The guest ELF for symbols: ``guest`` if given, else the recorded path if it exists."""
+        if guest is not None:
+            return GuestImage.load(guest)
+        if self._guest is None and self.guest_path is not None and self.guest_path.is_file():
+            try:
+                self._guest = GuestImage.load(self.guest_path)
+            except GuestImageError:
+                return None
+        return self._guest
+
+    def backtrace(
+        self, guest: str | os.PathLike[str] | None = None, max_frames: int = MAX_FRAMES
+    ) -> list[Frame]:
+        """The call stack at the dumped rip, unwound with the guest's DWARF CFI
+        (frame pointers where it has none), symbolized from the guest ELF."""
+        image = self.guest_image(guest)
+
+        def symbol(pc: int, lookup: int) -> str | None:
+            found = image.symbol_at(lookup) if image is not None else None
+            if found is None:
+                return None
+            return found.name if pc == found.address else f"{found.name}+{pc - found.address:#x}"
+
+        table = None
+        if image is not None:
+            table = self._tables.get(image.path)
+            if table is None:
+                table = self._tables[image.path] = CallFrameTable(image.path)
+        regs = self.registers
+        pcs = unwind(self.read, regs["rip"], regs["rsp"], regs["rbp"], table, max_frames)
+        # Caller frames name the call site: look up the byte before the return address.
+        return [Frame(i, pc, symbol(pc, pc if i == 0 else pc - 1)) for i, pc in enumerate(pcs)]
+
+    # -------------------------------------------------------------- report
+    def summary(self, guest: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+        """Everything in the dump as plain data (what ``hlasync dump show --json`` prints)."""
+        return {
+            "path": str(self.path),
+            "metadata": self.metadata,
+            "signal": self.signal,
+            "registers": self.registers,
+            "auxv": {str(k): v for k, v in self.auxv.items()},
+            "regions": [
+                {"start": r.start, "size": r.size, "permissions": r.permissions}
+                for r in self.regions
+            ],
+            "backtrace": [
+                {"index": f.index, "pc": f.pc, "symbol": f.symbol} for f in self.backtrace(guest)
+            ],
+        }
+
+    def report(self, guest: str | os.PathLike[str] | None = None) -> str:
+        """A human-readable account of the dump."""
+        meta = self.metadata
+        lines = [f"hlasync core dump {self.path}"]
+        lines.append(
+            f"  reason:   {meta.get('reason')} (signal {self.signal})"
+            f"    sandbox: {meta.get('sandbox_id')}    function: {meta.get('function')}"
+        )
+        lines.append(f"  time:     {meta.get('timestamp')}    pid: {meta.get('pid')}")
+        lines.append(f"  guest:    {self.guest_path}")
+        if meta.get("vector") is not None:
+            extra = ""
+            if meta.get("error_code") is not None:
+                extra += f", error code {meta['error_code']:#x}"
+            if meta.get("cr2") is not None:
+                extra += f", cr2 {meta['cr2']:#x}"
+            lines.append(f"  exception: {meta.get('vector_name')} (vector {meta['vector']}){extra}")
+        if meta.get("message"):
+            lines.append(f"  message:  {meta['message']}")
+        lines.append("backtrace:")
+        lines += [f"  {frame}" for frame in self.backtrace(guest)]
+        lines.append("registers:")
+        names = [
+            "rip",
+            "rsp",
+            "rbp",
+            "rflags",
+            "rax",
+            "rbx",
+            "rcx",
+            "rdx",
+            "rsi",
+            "rdi",
+            "r8",
+            "r9",
+            "r10",
+            "r11",
+            "r12",
+            "r13",
+            "r14",
+            "r15",
+            "cs",
+            "ss",
+        ]
+        for i in range(0, len(names), 4):
+            lines.append(
+                "  " + "  ".join(f"{n:>6} {self.registers[n]:#018x}" for n in names[i : i + 4])
+            )
+        lines.append("regions:")
+        named = {r["start"]: r["name"] for r in meta["regions"]}
+        for region in self.regions:
+            lines.append(
+                f"  {region.start:#010x}-{region.end:#010x} {region.permissions} "
+                f"{named.get(region.start, '')}"
+            )
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"CoreDump({str(self.path)!r}, reason={self.metadata.get('reason')!r})"
+
+
+_OPTIONAL_INT = (int, type(None))
+_OPTIONAL_STR = (str, type(None))
+_METADATA_FIELDS: dict[str, tuple[type, ...]] = {
+    "format": (int,),
+    "sandbox_id": (str,),
+    "reason": (str,),
+    "timestamp": (str,),
+    "regions": (list,),
+    "function": _OPTIONAL_STR,
+    "message": _OPTIONAL_STR,
+    "guest": _OPTIONAL_STR,
+    "vector": _OPTIONAL_INT,
+    "vector_name": _OPTIONAL_STR,
+    "error_code": _OPTIONAL_INT,
+    "cr2": _OPTIONAL_INT,
+    "pid": _OPTIONAL_INT,
+    "signal": _OPTIONAL_INT,
+    "special_registers": (dict, type(None)),
+}
+_REGION_FIELDS = {"name": str, "start": int, "size": int, "flags": int}
+
+
+def _check_metadata(metadata: object) -> str | None:
+    """Why ``metadata`` is not what hlasync writes, or None."""
+    if not isinstance(metadata, dict):
+        return "not a JSON object"
+    for key, types in _METADATA_FIELDS.items():
+        if key not in metadata and type(None) in types:
+            continue
+        if not isinstance(metadata.get(key), types) or isinstance(metadata.get(key), bool):
+            return f"field {key!r} is missing or has the wrong type"
+    for region in metadata["regions"]:
+        if not isinstance(region, dict) or any(
+            not isinstance(region.get(k), t) for k, t in _REGION_FIELDS.items()
+        ):
+            return "bad entry in 'regions'"
+    return None
+
+
+def _iter_notes(data: bytes) -> list[tuple[bytes, int, bytes]]:
+    notes = []
+    offset = 0
+    while offset + fmt.NHDR.size <= len(data):
+        namesz, descsz, kind = fmt.NHDR.unpack_from(data, offset)
+        offset += fmt.NHDR.size
+        name_end = offset + namesz
+        desc_start = offset + ((namesz + 3) & ~3)
+        desc_end = desc_start + descsz
+        if name_end > len(data) or desc_end > len(data):
+            raise InvalidCoreDump("note extends past the end of its segment")
+        name = data[offset:name_end].rstrip(b"\0")
+        notes.append((name, kind, data[desc_start:desc_end]))
+        offset = (desc_end + 3) & ~3
+    return notes

@@ -1,0 +1,27 @@
+/* Test guest that breaks the host/guest protocol on purpose. */
+#include <hlasync_guest.h>
+
+/* Returns to the host with a garbage result frame. */
+void bad_result_frame(void) {
+    uint8_t *out = (uint8_t *)hl_peb_get()->output_addr;
+    for (int i = 0; i < 64; i++) out[i] = (uint8_t)(0xA5 ^ i);
+    __asm__ volatile("outb %%al, %0" : : "i"(HL_PORT_RETURN), "a"(0) : "memory");
+    for (;;) __asm__ volatile("pause");
+}
+HL_EXPORT(bad_result_frame, HL_INT);
+
+/* A host call whose frame claims an argument far outside the buffer. */
+void bad_host_call(void) {
+    uint32_t *out = (uint32_t *)hl_peb_get()->output_addr;
+    out[0] = HL_MAGIC_HOSTCALL;
+    out[1] = 1;          /* name length */
+    out[2] = 1;          /* argc */
+    out[3] = 64;         /* frame size */
+    out[4] = HL_BYTES;   /* slot: type */
+    out[5] = 0x7fffffff; /* slot: length */
+    out[6] = 0x40;       /* slot: offset (low) */
+    out[7] = 0;
+    ((char *)out)[32] = 'x';
+    __asm__ volatile("outb %%al, %0" : : "i"(HL_PORT_HOSTCALL), "a"(0) : "memory");
+}
+HL_EXPORT(bad_host_call, HL_VOID);
