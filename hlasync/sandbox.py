@@ -372,6 +372,8 @@ class Sandbox:
                     sandbox_id=self.id,
                     function=name,
                 )
+        # Before the call becomes visible to interrupt(), which may kick this thread.
+        Vcpu.block_kick_signal()
         with self._lock:
             if self._state is not SandboxState.READY:
                 self._raise_not_ready(name)

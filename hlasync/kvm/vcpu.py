@@ -41,6 +41,7 @@ _MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write
 _FAIL_ENTRY = struct.Struct("<QI")
 _INTERNAL = struct.Struct("<II")
 _INTERRUPTED = Interrupted()
+_thread_state = threading.local()
 _HLT = Hlt()
 _SHUTDOWN = Shutdown()
 
@@ -65,16 +66,28 @@ class Vcpu:
         self._out_cache: dict[int, IoOut] = {}
 
     # -- running -----------------------------------------------------------
+    @staticmethod
+    def block_kick_signal() -> None:
+        """Block :data:`KICK_SIGNAL` in the calling thread (once per thread).
+
+        Must happen before the thread can be kicked: an unblocked real-time
+        signal with no handler would terminate the process.
+        """
+        if not getattr(_thread_state, "kick_blocked", False):
+            signal.pthread_sigmask(signal.SIG_BLOCK, [KICK_SIGNAL])
+            _thread_state.kick_blocked = True
+
     def prepare_thread(self) -> None:
         """Make the calling thread able to run this vCPU and to be kicked.
 
         Blocks :data:`KICK_SIGNAL` in the thread and hands KVM the thread's
         mask without it, so the signal is only deliverable inside ``KVM_RUN``.
+        The caller must own the vCPU (the ioctl waits for a running KVM_RUN).
         """
         ident = threading.get_ident()
         if ident == self._mask_thread:
             return
-        signal.pthread_sigmask(signal.SIG_BLOCK, [KICK_SIGNAL])
+        self.block_kick_signal()
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
         mask = 0
         for signum in blocked:
