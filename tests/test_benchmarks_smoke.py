@@ -1,4 +1,4 @@
-"""Smoke test: the sandbox benchmark runs in quick mode and writes its JSON.
+"""Smoke tests: the benchmarks run in quick mode and write their JSON.
 
 No timing assertions: the numbers depend on the machine.
 """
@@ -14,6 +14,7 @@ from hlasync.kvm import Kvm
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "bench_sandbox.py"
+CRASHDUMP_SCRIPT = REPO / "benchmarks" / "bench_crashdump.py"
 
 MEASUREMENTS = (
     "bare_kvm_run",
@@ -50,3 +51,43 @@ def test_quick_benchmark_runs_and_writes_json(kvm: Kvm, tmp_path: Path) -> None:
         assert entry["median_ns"] > 0, key
     for key in ("create", "restore", "interrupt_spin", "call_add"):
         assert isinstance(measurements[key]["met"], bool), key
+
+
+CRASHDUMP_MEASUREMENTS = {
+    "idle_dump": "ns",
+    "idle_dump_allocated": "bytes",
+    "idle_dump_apparent": "bytes",
+    "running_dump": "ns",
+    "fault_with_dump": "ns",
+    "fault_without_dump": "ns",
+}
+
+
+def test_quick_crashdump_benchmark_runs_and_writes_json(kvm: Kvm, tmp_path: Path) -> None:
+    # ``kvm``: skip where KVM is unusable (fail instead under HLASYNC_REQUIRE_KVM=1).
+    out = tmp_path / "out.json"
+    proc = subprocess.run(
+        [sys.executable, str(CRASHDUMP_SCRIPT), "--quick", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "| measurement |" in proc.stdout
+    assert "check (ok)" in proc.stdout
+    assert "Core dump created" not in proc.stderr
+
+    data = json.loads(out.read_text(encoding="utf-8"))
+    measurements = data["measurements"]
+    for key, unit in CRASHDUMP_MEASUREMENTS.items():
+        assert key in measurements, f"missing measurement {key}"
+        entry = measurements[key]
+        assert entry["unit"] == unit, key
+        assert entry["n"] == len(entry[f"samples_{unit}"]) > 0, key
+        assert entry[f"median_{unit}"] > 0, key
+    for key in ("idle_dump", "idle_dump_allocated"):
+        assert isinstance(measurements[key]["met"], bool), key
+    assert isinstance(data["derived"]["fault_dump_cost"]["median_difference_ns"], float)
+    assert data["checks"]["call_survives_dump"]["ok"] is True

@@ -141,3 +141,31 @@ def test_mutated_dumps_only_raise_invalid_core_dump(
             dump.report()
     except InvalidCoreDump:
         pass
+
+
+def test_dump_of_a_guest_blocked_in_a_host_function(kvm: Kvm, simpleguest: Path) -> None:
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(x: int) -> int:
+        entered.set()
+        release.wait(10)
+        return x + 1
+
+    with Sandbox(simpleguest) as sb:
+        sb.register_host_function("slow", slow)
+        result: list[object] = []
+        worker = threading.Thread(target=lambda: result.append(sb.call("call_host", "slow", 41)))
+        worker.start()
+        assert entered.wait(10)
+        path = sb.generate_crashdump()
+        release.set()
+        worker.join(10)
+        assert result == [42]  # the call finished normally after the dump
+    with CoreDump.open(path) as dump:
+        assert dump.metadata["function"] == "call_host"
+        symbols = [frame.symbol or "" for frame in dump.backtrace()]
+    assert symbols[0].startswith("hl_call_host_v")  # stopped at its `out` to the host
+    # call_host() tail-calls hl_call_host_int(), which is what the stack holds.
+    assert symbols[1].startswith("hl_call_host_int")
