@@ -57,7 +57,7 @@ from .guest import layout as lay
 from .guest.image import GuestImage
 from .guest.layout import MemoryLayout
 from .guest.memory import GuestMemory, MemoryImage
-from .kvm import Kvm, Vcpu, Vm, kvm_fpu, kvm_regs, kvm_sregs
+from .kvm import Kvm, Vcpu, Vm, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs
 from .kvm.exits import Interrupted, IoOut, Shutdown
 
 __all__ = [
@@ -938,53 +938,13 @@ def _special_registers(sregs: kvm_sregs) -> dict[str, int]:
 
 def _user_mode_sregs(sregs: kvm_sregs) -> None:
     """64-bit mode, paging on, flat CPL3 segments, our GDT/TSS/IDT."""
-    cs, ds = sregs.cs, sregs.ds
-    for attr, value in dict(
-        base=0,
-        limit=0xFFFFFFFF,
-        selector=lay.USER_CS,
-        type=11,
-        present=1,
-        dpl=3,
-        db=0,
-        s=1,
-        l=1,
-        g=1,
-        avl=0,
-        unusable=0,
-    ).items():
-        setattr(cs, attr, value)
-    for attr, value in dict(
-        base=0,
-        limit=0xFFFFFFFF,
-        selector=lay.USER_DS,
-        type=3,
-        present=1,
-        dpl=3,
-        db=1,
-        s=1,
-        l=0,
-        g=1,
-        avl=0,
-        unusable=0,
-    ).items():
-        setattr(ds, attr, value)
-    sregs.es = sregs.fs = sregs.gs = sregs.ss = ds
-    tr = sregs.tr
-    for attr, value in dict(
-        base=lay.TSS,
-        limit=lay.TSS_LIMIT,
-        selector=lay.TSS_SELECTOR,
-        type=11,
-        present=1,
-        dpl=0,
-        db=0,
-        s=0,
-        l=0,
-        g=0,
-        unusable=0,
-    ).items():
-        setattr(tr, attr, value)
+    flat = {"base": 0, "limit": 0xFFFFFFFF, "present": 1, "s": 1, "g": 1}
+    sregs.cs = kvm_segment(selector=lay.USER_CS, type=11, dpl=3, l=1, **flat)
+    data = kvm_segment(selector=lay.USER_DS, type=3, dpl=3, db=1, **flat)
+    sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
+    sregs.tr = kvm_segment(
+        base=lay.TSS, limit=lay.TSS_LIMIT, selector=lay.TSS_SELECTOR, type=11, present=1
+    )
     sregs.gdt.base, sregs.gdt.limit = lay.GDT, len(lay.gdt_bytes()) - 1
     sregs.idt.base, sregs.idt.limit = lay.IDT, 16 * lay.IDT_ENTRIES - 1
     sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = lay.CR0, lay.PML4, lay.CR4, lay.EFER
