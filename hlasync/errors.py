@@ -20,7 +20,11 @@ Every error hlasync raises derives from :class:`HlasyncError`::
     │   ├── GuestAborted             the guest called hl_abort()
     │   ├── GuestCancelled           interrupt() stopped the call
     │   ├── GuestProtocolError       the guest broke the host/guest ABI
+    │   ├── GuestTimeout             a supervisor watchdog stopped the call
     │   └── HostFunctionError        a host function the guest called raised
+    ├── SupervisorError              the supervisor cannot take this call
+    │   ├── SupervisorBusy           its queue is full (call_nowait)
+    │   └── SupervisorClosed         it is shut down or shutting down
     └── CrashdumpError               a core dump could not be written
         └── InvalidCoreDump          a file is not a readable hlasync core dump
 
@@ -44,6 +48,7 @@ __all__ = [
     "GuestError",
     "GuestImageError",
     "GuestProtocolError",
+    "GuestTimeout",
     "HlasyncError",
     "HostFunctionError",
     "InvalidCoreDump",
@@ -54,6 +59,9 @@ __all__ = [
     "SandboxClosed",
     "SandboxPoisoned",
     "SandboxStateError",
+    "SupervisorBusy",
+    "SupervisorClosed",
+    "SupervisorError",
 ]
 
 
@@ -246,6 +254,37 @@ class GuestProtocolError(GuestError):
         self.vcpu_exit = vcpu_exit
 
 
+class GuestTimeout(GuestError):
+    """A supervisor watchdog stopped a call that ran too long.
+
+    ``kind`` is ``"wall"`` (the call's ``timeout`` of wall-clock time on the
+    vCPU) or ``"cpu"`` (its ``cpu_timeout`` of guest CPU time); ``elapsed``
+    is the wall-clock seconds the call had run; ``core_path`` the dump of the
+    hung guest, taken before it was stopped.
+    """
+
+    def __init__(
+        self,
+        *,
+        sandbox_id: str,
+        function: str | None,
+        kind: str,
+        limit: float,
+        elapsed: float,
+        core_path: Path | None = None,
+    ) -> None:
+        what = "wall-clock" if kind == "wall" else "guest CPU"
+        super().__init__(
+            f"call exceeded its {what} limit of {limit:g} s (ran {elapsed:.3f} s)",
+            sandbox_id=sandbox_id,
+            function=function,
+            core_path=core_path,
+        )
+        self.kind = kind
+        self.limit = limit
+        self.elapsed = elapsed
+
+
 class HostFunctionError(GuestError):
     """A host function called by the guest raised; the original is ``__cause__``."""
 
@@ -260,6 +299,18 @@ class HostFunctionError(GuestError):
     ) -> None:
         super().__init__(message, sandbox_id=sandbox_id, function=function, core_path=core_path)
         self.host_function = host_function
+
+
+class SupervisorError(HlasyncError):
+    """The supervisor cannot take this call."""
+
+
+class SupervisorBusy(SupervisorError):
+    """The supervisor's queue of pending calls is full (``call_nowait``)."""
+
+
+class SupervisorClosed(SupervisorError):
+    """The supervisor is shut down, or shutting down."""
 
 
 class CrashdumpError(HlasyncError):

@@ -190,6 +190,7 @@ class _CallState:
     cancel: bool = False
     kick_pending: bool = False
     thread: int = 0
+    generation: int = 0  # counts calls; lets a supervisor stop exactly the call it means
     in_guest: bool = False  # the vCPU thread may be inside KVM_RUN
     requests: list[_DumpRequest] = field(default_factory=list)
 
@@ -382,6 +383,7 @@ class Sandbox:
             call.function = name
             call.cancel = False
             call.thread = threading.get_ident()
+            call.generation += 1
             call.in_guest = True
         outcome = SandboxState.POISONED
         try:
@@ -432,15 +434,66 @@ class Sandbox:
         :class:`GuestCancelled` and the sandbox is poisoned until
         :meth:`restore`. Returns False when idle; the next call is unaffected.
         """
+        return self._stop()[0]
+
+    def _stop(
+        self,
+        generation: int | None = None,
+        dump_reason: str | None = None,
+        directory: str | os.PathLike[str] | None = None,
+    ) -> tuple[bool, Path | None, CrashdumpError | None]:
+        """Cancel the running call (only call number ``generation``, if given),
+        first dumping it when ``dump_reason`` is given and dumps are enabled.
+
+        Returns (whether a call was stopped, dump path, dump error). Blocks
+        only while the dump is written.
+        """
+        request = None
+        path: Path | None = None
+        error: CrashdumpError | None = None
         with self._lock:
-            if self._state is not SandboxState.RUNNING:
-                return False
             call = self._call
-            if not call.cancel:
-                call.cancel = True
-                call.kick_pending = True
-                Vcpu.kick(call.thread)
-            return True
+            if self._state is not SandboxState.RUNNING or (
+                generation is not None and call.generation != generation
+            ):
+                return False, None, None
+            if dump_reason is not None and self.config.crashdump_enabled:
+                if call.in_guest and call.thread != threading.get_ident():
+                    request = _DumpRequest(directory, dump_reason)
+                    call.requests.append(request)  # served before the cancel takes effect
+                else:
+                    try:
+                        path = self._write_dump(self._capture(dump_reason), directory)
+                    except CrashdumpError as exc:
+                        error = exc
+            self._cancel_locked()
+        if request is not None:
+            path, error = self._await_dump(request)
+        return True, path, error
+
+    def _cancel_locked(self) -> None:
+        call = self._call
+        call.cancel = True
+        self._kick_locked()
+
+    def _kick_locked(self) -> None:
+        call = self._call
+        if not call.kick_pending:  # one queued kick is enough (real-time signals queue)
+            call.kick_pending = True
+            Vcpu.kick(call.thread)
+
+    def _await_dump(self, request: _DumpRequest) -> tuple[Path | None, CrashdumpError | None]:
+        if not request.done.wait(DUMP_PAUSE_TIMEOUT):
+            return None, CrashdumpError(
+                f"sandbox {self.id}: the vCPU did not pause within {DUMP_PAUSE_TIMEOUT} s"
+            )
+        if request.error is not None:
+            if isinstance(request.error, CrashdumpError):
+                return None, request.error
+            error = CrashdumpError(f"sandbox {self.id}: dump failed: {request.error}")
+            error.__cause__ = request.error
+            return None, error
+        return request.path, None
 
     def snapshot(self) -> Snapshot:
         """Capture guest memory and vCPU state (the sandbox must be ready)."""
@@ -518,17 +571,12 @@ class Sandbox:
                 return self._write_dump(self._capture(reason), directory)
             request = _DumpRequest(directory, reason)
             call.requests.append(request)
-            if not call.kick_pending:
-                call.kick_pending = True
-                Vcpu.kick(call.thread)
-        if not request.done.wait(DUMP_PAUSE_TIMEOUT):
-            raise CrashdumpError(
-                f"sandbox {self.id}: the vCPU did not pause within {DUMP_PAUSE_TIMEOUT} s"
-            )
-        if request.error is not None:
-            raise request.error
-        assert request.path is not None
-        return request.path
+            self._kick_locked()
+        path, error = self._await_dump(request)
+        if error is not None:
+            raise error
+        assert path is not None
+        return path
 
     def _serve_dump_request(self, request: _DumpRequest) -> None:
         try:
@@ -679,11 +727,7 @@ class Sandbox:
             if self._state is SandboxState.CLOSED:
                 return
             if self._state is SandboxState.RUNNING:
-                call = self._call
-                if not call.cancel:
-                    call.cancel = True
-                    call.kick_pending = True
-                    Vcpu.kick(call.thread)
+                self._cancel_locked()
                 while self._state is SandboxState.RUNNING:
                     self._idle.wait()
             self._state = SandboxState.CLOSED
