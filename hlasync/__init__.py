@@ -24,6 +24,8 @@ from .errors import (
     GuestError,
     GuestImageError,
     GuestProtocolError,
+    GuestResultError,
+    GuestTimeout,
     HlasyncError,
     HostFunctionError,
     InvalidCoreDump,
@@ -34,6 +36,9 @@ from .errors import (
     SandboxClosed,
     SandboxPoisoned,
     SandboxStateError,
+    SupervisorBusy,
+    SupervisorClosed,
+    SupervisorError,
 )
 from .guest.image import GuestImage
 from .sandbox import CrashdumpRecord, Sandbox, SandboxState, Snapshot
@@ -59,6 +64,8 @@ __all__ = [
     "GuestImage",
     "GuestImageError",
     "GuestProtocolError",
+    "GuestResultError",
+    "GuestTimeout",
     "HlasyncError",
     "HostFunctionError",
     "InvalidCoreDump",
@@ -74,6 +81,9 @@ __all__ = [
     "SandboxState",
     "SandboxStateError",
     "Snapshot",
+    "SupervisorBusy",
+    "SupervisorClosed",
+    "SupervisorError",
     "ValueType",
     "__version__",
     "crashdump",

@@ -16,7 +16,7 @@ import psutil
 
 from . import _build, guests
 from .crashdump import DUMP_GLOB, CoreDump, manifest_path, resolve_directory
-from .errors import GuestCancelled, GuestError, HlasyncError, InvalidCoreDump
+from .errors import GuestCancelled, GuestError, GuestImageError, HlasyncError, InvalidCoreDump
 from .guest.image import GuestImage
 from .sandbox import Sandbox
 
@@ -78,9 +78,13 @@ def _guest_build(args: argparse.Namespace) -> int:
     except _build.GuestBuildError as exc:
         print(f"hlasync: {exc}", file=sys.stderr)
         return 1
-    image = GuestImage.load(output)
+    try:
+        image = GuestImage.load(output)
+    except GuestImageError:
+        output.unlink()  # an ELF the host would refuse is not a build result
+        raise
     print(f"built {output} ({len(image.functions)} functions)")
-    for fn in image.functions:
+    for fn in sorted(image.functions, key=lambda f: f.name):
         print(f"  {fn}")
     return 0
 
@@ -88,7 +92,7 @@ def _guest_build(args: argparse.Namespace) -> int:
 def _guest_functions(args: argparse.Namespace) -> int:
     path = Path(args.guest) if Path(args.guest).exists() else guests.path(args.guest)
     image = GuestImage.load(path)
-    for fn in image.functions:
+    for fn in sorted(image.functions, key=lambda f: f.name):
         print(fn)
     return 0
 

@@ -20,6 +20,7 @@ Every error hlasync raises derives from :class:`HlasyncError`::
     │   ├── GuestAborted             the guest called hl_abort()
     │   ├── GuestCancelled           interrupt() stopped the call
     │   ├── GuestProtocolError       the guest broke the host/guest ABI
+    │   ├── GuestResultError         the function ran, its result could not be returned
     │   ├── GuestTimeout             a supervisor watchdog stopped the call
     │   └── HostFunctionError        a host function the guest called raised
     ├── SupervisorError              the supervisor cannot take this call
@@ -48,6 +49,7 @@ __all__ = [
     "GuestError",
     "GuestImageError",
     "GuestProtocolError",
+    "GuestResultError",
     "GuestTimeout",
     "HlasyncError",
     "HostFunctionError",
@@ -252,6 +254,12 @@ class GuestProtocolError(GuestError):
     ) -> None:
         super().__init__(message, sandbox_id=sandbox_id, function=function, core_path=core_path)
         self.vcpu_exit = vcpu_exit
+
+
+class GuestResultError(GuestError):
+    """The guest function ran but its dispatcher could not return the result
+    (for example: larger than the output buffer). The guest is back at its
+    dispatcher and the sandbox stays ready."""
 
 
 class GuestTimeout(GuestError):

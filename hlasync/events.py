@@ -156,9 +156,7 @@ class EventStream:
     Iteration ends when the supervisor closes (or the subscription ends).
     """
 
-    def __init__(
-        self, types: tuple[type[Event], ...], buffer: int, overflow: Overflow
-    ) -> None:
+    def __init__(self, types: tuple[type[Event], ...], buffer: int, overflow: Overflow) -> None:
         if type(buffer) is not int or buffer < 1:
             raise ValueError("buffer must be a positive int")
         for kind in types:

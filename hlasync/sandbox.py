@@ -47,6 +47,7 @@ from .errors import (
     GuestError,
     GuestImageError,
     GuestProtocolError,
+    GuestResultError,
     HlasyncError,
     HostFunctionError,
     SandboxBusy,
@@ -242,12 +243,7 @@ class Sandbox:
         self._state = SandboxState.CLOSED
         self._call = _CallState()
         self.last_exception: ExceptionInfo | None = None
-        self._compat = (
-            str(self.image.path),
-            self.image.size,
-            self.image.entry,
-            self.layout,
-        )
+        self._compat = (self.image.digest, self.layout)
         self._vm: Vm | None = None
         self._memory: GuestMemory | None = None
         try:
@@ -402,8 +398,8 @@ class Sandbox:
             result = self._run(signature)
             outcome = SandboxState.READY
             return result
-        except HostFunctionError:
-            outcome = SandboxState.READY  # the vCPU was put back at the dispatcher
+        except (HostFunctionError, GuestResultError):
+            outcome = SandboxState.READY  # the vCPU is (back) at the dispatcher
             raise
         except (GuestCrashed, GuestAborted, GuestProtocolError) as exc:
             if self.config.crashdump_enabled:
@@ -775,6 +771,7 @@ class Sandbox:
 
     def _set_cpu_state(self, snapshot: Snapshot) -> None:
         assert self._vcpu is not None
+        self._vcpu.complete_pending_io()
         self._vcpu.set_sregs(snapshot._sregs)
         self._vcpu.set_regs(snapshot._regs)
         self._vcpu.set_fpu(snapshot._fpu)
@@ -841,8 +838,13 @@ class Sandbox:
         except FrameError as exc:
             raise self._protocol_error(signature.name, f"bad result frame: {exc}") from None
         if error is not None:
-            raise self._protocol_error(
-                signature.name, f"guest dispatcher refused the call: {error}"
+            hint = ""
+            if "output buffer" in error:
+                hint = f" (raise SandboxConfig.output_buffer_size, now {self.layout.output_size})"
+            raise GuestResultError(
+                f"the guest could not return the result: {error}{hint}",
+                sandbox_id=self.id,
+                function=signature.name,
             )
         return value
 

@@ -15,6 +15,7 @@ from hlasync import (
     GuestAborted,
     GuestCancelled,
     GuestCrashed,
+    GuestResultError,
     HlasyncError,
     HostFunctionError,
     Sandbox,
@@ -383,6 +384,18 @@ def test_close_stops_a_running_call(kvm: Kvm, simpleguest: Path) -> None:
     assert not worker.is_alive()
     assert len(outcome) == 1
     assert sb.state is SandboxState.CLOSED
+
+
+def test_result_too_large_for_the_output_buffer_keeps_the_sandbox(
+    kvm: Kvm, simpleguest: Path
+) -> None:
+    config = SandboxConfig(input_buffer_size=64 << 10, output_buffer_size=8 << 10)
+    with Sandbox(simpleguest, config) as sb:
+        with pytest.raises(GuestResultError, match="output_buffer_size") as info:
+            sb.call("echo_bytes", bytes(20_000))
+        assert info.value.core_path is None and info.value.function == "echo_bytes"
+        assert sb.state is SandboxState.READY
+        assert sb.call("echo_bytes", b"fits") == b"fits"
 
 
 def test_config_sizes_the_layout(kvm: Kvm, simpleguest: Path) -> None:

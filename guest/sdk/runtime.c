@@ -136,67 +136,130 @@ static void put(fmt_out *o, char c) {
     o->len++;
 }
 
-static void put_number(fmt_out *o, uint64_t v, unsigned base, bool negative, int width, char pad) {
-    char digits[24];
-    int n = 0;
-    do {
-        unsigned d = v % base;
-        digits[n++] = (char)(d < 10 ? '0' + d : 'a' + d - 10);
-        v /= base;
-    } while (v);
-    if (negative) digits[n++] = '-';
-    for (int i = n; i < width; i++) put(o, pad);
-    while (n) put(o, digits[--n]);
+typedef struct {
+    int width, precision; /* precision < 0: none */
+    bool left, zero;
+} fmt_spec;
+
+static void put_padded(fmt_out *o, const char *text, size_t length, const fmt_spec *spec, bool number) {
+    size_t pad = spec->width > 0 && (size_t)spec->width > length ? (size_t)spec->width - length : 0;
+    if (!spec->left) {
+        /* Zero padding goes after the sign of a number. */
+        if (spec->zero && number && length && text[0] == '-') put(o, *text++), length--;
+        for (size_t i = 0; i < pad; i++) put(o, spec->zero && number ? '0' : ' ');
+    }
+    for (size_t i = 0; i < length; i++) put(o, text[i]);
+    if (spec->left)
+        for (size_t i = 0; i < pad; i++) put(o, ' ');
 }
 
+static size_t format_unsigned(char *out, uint64_t v, unsigned base, bool upper) {
+    char digits[24];
+    size_t n = 0;
+    do {
+        unsigned d = v % base;
+        digits[n++] = (char)(d < 10 ? '0' + d : (upper ? 'A' : 'a') + d - 10);
+        v /= base;
+    } while (v);
+    for (size_t i = 0; i < n; i++) out[i] = digits[n - 1 - i];
+    return n;
+}
+
+static size_t format_double(char *out, double v, int precision) {
+    size_t n = 0;
+    if (v != v) return memcpy(out, "nan", 3), 3;
+    if (v < 0) out[n++] = '-', v = -v;
+    if (v > 1.8e19) return memcpy(out + n, "inf", 3), n + 3; /* beyond uint64: not formatted */
+    if (precision < 0) precision = 6;
+    if (precision > 17) precision = 17;
+    double scale = 1;
+    for (int i = 0; i < precision; i++) scale *= 10;
+    uint64_t whole = (uint64_t)v;
+    uint64_t frac = (uint64_t)((v - (double)whole) * scale + 0.5);
+    if ((double)frac >= scale) whole++, frac = 0;
+    n += format_unsigned(out + n, whole, 10, false);
+    if (precision) {
+        out[n++] = '.';
+        char digits[24];
+        size_t d = format_unsigned(digits, frac, 10, false);
+        for (size_t i = d; i < (size_t)precision; i++) out[n++] = '0';
+        memcpy(out + n, digits, d);
+        n += d;
+    }
+    return n;
+}
+
+/* Supports flags - and 0, width, .precision, the l/ll/z/h/hh length modifiers and
+ * the conversions d i u x X p c s f %. An unsupported conversion is printed as
+ * is, and so is everything after it (its argument type is unknown). */
 int hl_vsnprintf(char *buf, size_t size, const char *fmt, va_list ap) {
     fmt_out o = {buf, size, 0};
+    char text[64];
     for (; *fmt; fmt++) {
         if (*fmt != '%') {
             put(&o, *fmt);
             continue;
         }
-        fmt++;
-        char pad = ' ';
-        int width = 0, longs = 0;
-        if (*fmt == '0') pad = '0', fmt++;
-        while (*fmt >= '0' && *fmt <= '9') width = width * 10 + (*fmt++ - '0');
+        const char *start = fmt++;
+        fmt_spec spec = {0, -1, false, false};
+        for (;; fmt++) {
+            if (*fmt == '-') spec.left = true;
+            else if (*fmt == '0') spec.zero = true;
+            else break;
+        }
+        while (*fmt >= '0' && *fmt <= '9') spec.width = spec.width * 10 + (*fmt++ - '0');
+        if (*fmt == '.') {
+            spec.precision = 0;
+            for (fmt++; *fmt >= '0' && *fmt <= '9'; fmt++) spec.precision = spec.precision * 10 + (*fmt - '0');
+        }
+        int longs = 0;
         while (*fmt == 'l') longs++, fmt++;
         if (*fmt == 'z') longs = 2, fmt++;
+        while (*fmt == 'h') fmt++;
+        size_t n = 0;
         switch (*fmt) {
         case 'd':
         case 'i': {
             int64_t v = longs ? va_arg(ap, int64_t) : va_arg(ap, int);
-            put_number(&o, v < 0 ? -(uint64_t)v : (uint64_t)v, 10, v < 0, width, pad);
+            if (v < 0) text[n++] = '-';
+            n += format_unsigned(text + n, v < 0 ? -(uint64_t)v : (uint64_t)v, 10, false);
+            put_padded(&o, text, n, &spec, true);
             break;
         }
         case 'u':
-        case 'x': {
+        case 'x':
+        case 'X': {
             uint64_t v = longs ? va_arg(ap, uint64_t) : va_arg(ap, unsigned);
-            put_number(&o, v, *fmt == 'x' ? 16 : 10, false, width, pad);
+            n = format_unsigned(text, v, *fmt == 'u' ? 10 : 16, *fmt == 'X');
+            put_padded(&o, text, n, &spec, true);
             break;
         }
         case 'p':
-            put(&o, '0'), put(&o, 'x');
-            put_number(&o, (uintptr_t)va_arg(ap, void *), 16, false, width, pad);
+            text[0] = '0', text[1] = 'x';
+            n = 2 + format_unsigned(text + 2, (uintptr_t)va_arg(ap, void *), 16, false);
+            put_padded(&o, text, n, &spec, false);
             break;
         case 'c':
-            put(&o, (char)va_arg(ap, int));
+            text[0] = (char)va_arg(ap, int);
+            put_padded(&o, text, 1, &spec, false);
             break;
         case 's': {
             const char *s = va_arg(ap, const char *);
             if (!s) s = "(null)";
-            while (*s) put(&o, *s++);
+            size_t length = spec.precision >= 0 ? strnlen(s, (size_t)spec.precision) : strlen(s);
+            put_padded(&o, s, length, &spec, false);
             break;
         }
+        case 'f':
+            n = format_double(text, va_arg(ap, double), spec.precision);
+            put_padded(&o, text, n, &spec, true);
+            break;
         case '%':
             put(&o, '%');
             break;
-        case 0:
-            fmt--;
-            break;
         default:
-            put(&o, '%'), put(&o, *fmt);
+            for (const char *p = start; *p; p++) put(&o, *p);
+            fmt = start + strlen(start) - 1;
         }
     }
     if (size) buf[o.len < size ? o.len : size - 1] = 0;

@@ -8,6 +8,7 @@ exists: loadable segments, entry point, the exported function table
 from __future__ import annotations
 
 import bisect
+import hashlib
 import io
 import itertools
 import os
@@ -64,6 +65,8 @@ class GuestImage:
     def __init__(self, path: Path, data: bytes) -> None:
         self.path = path
         self.size = len(data)
+        #: SHA-256 of the file: what makes two images the same guest.
+        self.digest = hashlib.sha256(data).hexdigest()
         try:
             elf = ELFFile(io.BytesIO(data))
             self._check_header(elf)

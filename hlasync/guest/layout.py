@@ -14,7 +14,8 @@ pages, so code at CPL3 cannot read or change them::
     0x009000  exception stack (12 KiB)             supervisor
     0x010000  page tables (one per 2 MiB)          supervisor
     0x0F0000  PEB                                  user, read-only
-    0x100000  guest image (scratch page first)     user, per segment flags
+    0x100000  guest image: ELF headers, scratch     user, per segment flags
+              page (0x101000), text, rodata, data
     ...       guard page (not present)
               stack                                user RW
               input buffer                         user RW

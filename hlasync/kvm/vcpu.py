@@ -61,6 +61,9 @@ class Vcpu:
             os.close(self.fd)
             raise
         self._run_size = len(self.run_area)
+        #: The last exit was an `in` or MMIO access that KVM completes on the next
+        #: KVM_RUN (by writing the result and advancing rip).
+        self.io_pending = False
         self._mask_thread: int | None = None
         # Exits of single-byte `out`s repeat on every call: reuse the values.
         self._out_cache: dict[int, IoOut] = {}
@@ -119,6 +122,7 @@ class Vcpu:
         if reason == _abi.KVM_EXIT_IO:
             direction, size, port, count, offset = _IO.unpack_from(area, _abi.RUN_IO_DIRECTION)
             if direction == _abi.KVM_EXIT_IO_IN:
+                self.io_pending = True
                 return IoIn(port, size, count)
             nbytes = size * count
             if offset + nbytes > self._run_size:
@@ -137,6 +141,7 @@ class Vcpu:
         if reason == _abi.KVM_EXIT_INTR:
             return _INTERRUPTED
         if reason == _abi.KVM_EXIT_MMIO:
+            self.io_pending = True
             address, data, length, is_write = _MMIO.unpack_from(area, _abi.RUN_UNION)
             length = min(length, 8)
             return Mmio(address, bool(is_write), length, data[:length])
@@ -149,6 +154,22 @@ class Vcpu:
             data = struct.unpack_from(f"<{ndata}Q", area, _abi.RUN_UNION + 8)
             return InternalError(suberror, data)
         return UnknownExit(reason)
+
+    def complete_pending_io(self) -> None:
+        """Let KVM finish an interrupted `in`/MMIO instruction without running
+        the guest, so register state set afterwards is not overwritten."""
+        if not self.io_pending:
+            return
+        self.run_area[_abi.RUN_IMMEDIATE_EXIT] = 1
+        try:
+            fcntl.ioctl(self.fd, _abi.KVM_RUN, 0)
+        except InterruptedError:
+            pass  # the expected outcome of immediate_exit
+        except OSError as exc:
+            raise IoctlError("KVM_RUN", exc.errno or 0, exc.strerror or str(exc)) from None
+        finally:
+            self.run_area[_abi.RUN_IMMEDIATE_EXIT] = 0
+        self.io_pending = False
 
     # -- state ---------------------------------------------------------------
     def get_regs(self) -> _abi.kvm_regs:

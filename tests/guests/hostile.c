@@ -25,3 +25,11 @@ void bad_host_call(void) {
     __asm__ volatile("outb %%al, %0" : : "i"(HL_PORT_HOSTCALL), "a"(0) : "memory");
 }
 HL_EXPORT(bad_host_call, HL_VOID);
+
+/* Reads a port the I/O bitmap allows: a KVM_EXIT_IO (in) no guest should make. */
+int64_t in_port(void) {
+    uint8_t value;
+    __asm__ volatile("inb %1, %0" : "=a"(value) : "i"(HL_PORT_RETURN));
+    return value;
+}
+HL_EXPORT(in_port, HL_INT);
