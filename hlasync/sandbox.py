@@ -192,6 +192,7 @@ class _CallState:
     kick_pending: bool = False
     thread: int = 0
     generation: int = 0  # counts calls; lets a supervisor stop exactly the call it means
+    precancelled: int = 0  # a generation stopped before it began
     in_guest: bool = False  # the vCPU thread may be inside KVM_RUN
     requests: list[_DumpRequest] = field(default_factory=list)
 
@@ -346,29 +347,7 @@ class Sandbox:
 
     def call(self, name: str, *args: Arg) -> Value:
         """Call guest function ``name`` with ``args`` and return its result."""
-        signature = self._signatures.get(name)
-        if signature is None:
-            raise FunctionNotFound(
-                f"guest {self.image.path.name} has no function {name!r} "
-                f"(it has: {', '.join(sorted(self._signatures))})",
-                sandbox_id=self.id,
-                function=str(name),
-            )
-        params = signature.params
-        if len(args) != len(params):
-            raise ArgumentError(
-                f"{signature} takes {len(params)} argument(s), got {len(args)}",
-                sandbox_id=self.id,
-                function=name,
-            )
-        for position, (kind, arg) in enumerate(zip(params, args, strict=True)):
-            problem = abi.check_value(kind, arg)
-            if problem is not None:
-                raise ArgumentError(
-                    f"{signature}: argument {position + 1}: {problem}",
-                    sandbox_id=self.id,
-                    function=name,
-                )
+        signature = check_call(self.image, self._signatures, self.id, name, args)
         # Before the call becomes visible to interrupt(), which may kick this thread.
         Vcpu.block_kick_signal()
         with self._lock:
@@ -380,6 +359,11 @@ class Sandbox:
             call.cancel = False
             call.thread = threading.get_ident()
             call.generation += 1
+            if call.precancelled == call.generation:
+                self._state = SandboxState.READY  # nothing ran
+                raise GuestCancelled(
+                    "call cancelled before it started", sandbox_id=self.id, function=name
+                )
             call.in_guest = True
         outcome = SandboxState.POISONED
         try:
@@ -449,6 +433,13 @@ class Sandbox:
         error: CrashdumpError | None = None
         with self._lock:
             call = self._call
+            if (
+                generation is not None
+                and generation == call.generation + 1
+                and self._state is SandboxState.READY
+            ):
+                call.precancelled = generation  # the call has been handed out, not begun
+                return True, None, None
             if self._state is not SandboxState.RUNNING or (
                 generation is not None and call.generation != generation
             ):
@@ -820,7 +811,13 @@ class Sandbox:
         for request in requests:
             self._serve_dump_request(request)
         if cancel:
-            raise GuestCancelled("call interrupted", sandbox_id=self.id, function=call.function)
+            dumped = [r.path for r in requests if r.path is not None]
+            raise GuestCancelled(
+                "call interrupted",
+                sandbox_id=self.id,
+                function=call.function,
+                core_path=dumped[-1] if dumped else None,
+            )
 
     def _enter_host(self) -> None:
         """The vCPU thread leaves KVM_RUN to run user code (host function, print)."""
@@ -950,6 +947,40 @@ class Sandbox:
 
     def _protocol_error(self, function: str | None, message: str) -> GuestProtocolError:
         return GuestProtocolError(message, sandbox_id=self.id, function=function)
+
+
+def check_call(
+    image: GuestImage,
+    signatures: Mapping[str, FunctionSignature],
+    sandbox_id: str,
+    name: str,
+    args: tuple[Arg, ...],
+) -> FunctionSignature:
+    """The signature of ``name``, after checking ``args`` against it (before any guest runs)."""
+    signature = signatures.get(name)
+    if signature is None:
+        raise FunctionNotFound(
+            f"guest {image.path.name} has no function {name!r} "
+            f"(it has: {', '.join(sorted(signatures))})",
+            sandbox_id=sandbox_id,
+            function=str(name),
+        )
+    params = signature.params
+    if len(args) != len(params):
+        raise ArgumentError(
+            f"{signature} takes {len(params)} argument(s), got {len(args)}",
+            sandbox_id=sandbox_id,
+            function=name,
+        )
+    for position, (kind, arg) in enumerate(zip(params, args, strict=True)):
+        problem = abi.check_value(kind, arg)
+        if problem is not None:
+            raise ArgumentError(
+                f"{signature}: argument {position + 1}: {problem}",
+                sandbox_id=sandbox_id,
+                function=name,
+            )
+    return signature
 
 
 _REASON_SIGNALS: dict[str, tuple[int, int]] = {
