@@ -264,8 +264,9 @@ def read_result(buffer: memoryview, expected: ValueType) -> tuple[Value, str | N
     return decode_payload(kind, value, payload), None
 
 
-def write_result(buffer: memoryview, value: Value) -> None:
-    """Write a host function's result into the output buffer (ValueError if too big)."""
+def write_result(buffer: memoryview, value: Value) -> int:
+    """Write a host function's result into the output buffer (ValueError if too
+    big); returns the bytes written."""
     kind = infer_type(value)
     payload = b""
     bits = 0
@@ -290,6 +291,7 @@ def write_result(buffer: memoryview, value: Value) -> None:
     RESULT.pack_into(buffer, 0, MAGIC_RESULT, STATUS_OK, kind, len(payload), bits)
     buffer[RESULT.size : end - 1] = payload
     buffer[end - 1] = 0
+    return end
 
 
 @dataclass(frozen=True, slots=True)

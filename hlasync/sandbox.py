@@ -50,6 +50,7 @@ from .errors import (
     GuestResultError,
     HlasyncError,
     HostFunctionError,
+    IoctlError,
     SandboxBusy,
     SandboxClosed,
     SandboxPoisoned,
@@ -58,7 +59,7 @@ from .guest import layout as lay
 from .guest.image import GuestImage
 from .guest.layout import MemoryLayout
 from .guest.memory import GuestMemory, MemoryImage
-from .kvm import Kvm, Vcpu, Vm, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs
+from .kvm import Kvm, Vcpu, Vm, _abi, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs
 from .kvm.exits import Interrupted, IoOut, Shutdown
 
 __all__ = [
@@ -70,6 +71,10 @@ __all__ = [
     "Snapshot",
     "live_sandboxes",
 ]
+
+PAGE_SIZE = 0x1000
+#: Above this many written pages, restore drops them all (madvise) instead of copying.
+RESET_COPY_LIMIT = 512
 
 #: How long generate_crashdump() waits for a running vCPU to pause.
 DUMP_PAUSE_TIMEOUT = 10.0
@@ -289,7 +294,16 @@ class Sandbox:
     def _attach(self, image: MemoryImage) -> None:
         self._memory = GuestMemory(image)
         self._vm = Vm(Kvm.shared())
-        self._vm.set_user_memory_region(0, 0, self.layout.memory_size, self._memory.address)
+        size, address = self.layout.memory_size, self._memory.address
+        try:
+            # KVM logs the pages the guest writes: restore copies back just those.
+            self._vm.set_user_memory_region(0, 0, size, address, _abi.KVM_MEM_LOG_DIRTY_PAGES)
+            self._dirty_logging = True
+        except IoctlError:
+            self._vm.set_user_memory_region(0, 0, size, address)
+            self._dirty_logging = False
+        #: Bytes the host wrote at the start of the input and output buffers.
+        self._host_written = [0, 0]
         self._vcpu: Vcpu | None = self._vm.create_vcpu()
         view = self._memory.view
         self._input = view[self.layout.input_addr : self.layout.input_addr + self.layout.input_size]
@@ -368,7 +382,9 @@ class Sandbox:
         outcome = SandboxState.POISONED
         try:
             try:
-                self._encoders[name](self._input, args)
+                written = self._encoders[name](self._input, args)
+                if written > self._host_written[0]:
+                    self._host_written[0] = written
             except ValueError as exc:
                 outcome = SandboxState.READY
                 raise ArgumentError(
@@ -494,6 +510,7 @@ class Sandbox:
         image = self._memory.snapshot_image()
         # Map the new image under the guest so restoring it is a cheap reset.
         self._memory.remap(image)
+        self._forget_writes()
         return Snapshot(
             self._compat, image, self._vcpu.get_regs(), self._vcpu.get_sregs(), self._vcpu.get_fpu()
         )
@@ -513,9 +530,10 @@ class Sandbox:
                 raise SandboxBusy("cannot restore while a call is running", sandbox_id=self.id)
             assert self._memory is not None
             if self._memory.backing is target._image:
-                self._memory.reset()
+                self._reset_memory()
             else:
                 self._memory.remap(target._image)
+                self._forget_writes()
             self._set_cpu_state(target)
             self.last_exception = None
             self._state = SandboxState.READY
@@ -760,6 +778,36 @@ class Sandbox:
             self._memory.close()
             self._memory = None
 
+    def _written_pages(self) -> set[int]:
+        """Pages changed since the backing image was mapped: by the guest (KVM's
+        dirty log) and by the host (the frames it wrote into the buffers)."""
+        assert self._vm is not None
+        pages = set(self._vm.get_dirty_log(0, self.layout.memory_size))
+        layout = self.layout
+        for start, length in zip(
+            (layout.input_addr, layout.output_addr), self._host_written, strict=True
+        ):
+            if length:
+                pages.update(range(start // PAGE_SIZE, (start + length - 1) // PAGE_SIZE + 1))
+        self._host_written = [0, 0]
+        return pages
+
+    def _reset_memory(self) -> None:
+        assert self._memory is not None
+        if not self._dirty_logging:
+            self._memory.reset()
+            return
+        pages = self._written_pages()
+        if len(pages) > RESET_COPY_LIMIT:
+            self._memory.reset()  # cheaper than copying this many pages back
+        else:
+            self._memory.reset_pages(pages)
+
+    def _forget_writes(self) -> None:
+        if self._dirty_logging:
+            self._written_pages()
+        self._host_written = [0, 0]
+
     def _set_cpu_state(self, snapshot: Snapshot) -> None:
         assert self._vcpu is not None
         self._vcpu.complete_pending_io()
@@ -862,7 +910,9 @@ class Sandbox:
         self._enter_host()
         try:
             result = host_fn(*request.args)
-            abi.write_result(self._output_buf, result)
+            self._host_written[1] = max(
+                self._host_written[1], abi.write_result(self._output_buf, result)
+            )
         except Exception as exc:
             self._unwind()
             raise HostFunctionError(

@@ -325,6 +325,23 @@ def test_snapshot_restores_memory_contents(sandbox: Sandbox) -> None:
     assert sandbox.read_memory(abi.SCRATCH_ADDR, 7) == b"before\0"
 
 
+@pytest.mark.parametrize("written", [3 * 4096, 3 << 20])  # page copies / whole reset
+def test_restore_brings_back_every_written_page(sandbox: Sandbox, written: int) -> None:
+    layout = sandbox.layout
+    regions = [
+        (layout.heap_addr, 4 << 20),
+        (layout.stack_base, layout.stack_top - layout.stack_base),
+        (layout.input_addr, layout.input_size),
+        (layout.output_addr, layout.output_size),
+    ]
+    before = [sandbox.read_memory(start, size) for start, size in regions]
+    sandbox.call("heap_roundtrip", written)
+    sandbox.call("echo_bytes", bytes(range(256)) * 100)
+    assert [sandbox.read_memory(start, size) for start, size in regions] != before
+    sandbox.restore()
+    assert [sandbox.read_memory(start, size) for start, size in regions] == before
+
+
 def test_snapshot_of_another_configuration_is_refused(kvm: Kvm, simpleguest: Path) -> None:
     with Sandbox(simpleguest) as a, Sandbox(simpleguest, SandboxConfig(memory_size=16 << 20)) as b:
         with pytest.raises(ValueError, match="another guest or configuration"):

@@ -1,10 +1,12 @@
 """Host mappings of guest memory.
 
 Guest memory is a ``MAP_PRIVATE`` mapping of a memfd that holds a snapshot:
-the guest's writes land in private copy-on-write pages, so going back to the
-snapshot is ``madvise(MADV_DONTNEED)`` (cost follows the pages dirtied), and
-going to another snapshot maps its memfd over the same address
-(``MAP_FIXED``), which KVM follows through its MMU notifiers.
+the guest's writes land in private copy-on-write pages. Going back to the
+snapshot copies its content over the pages written since (KVM's dirty log
+names them; the pages stay mapped, so the next call does not fault them in
+again), or drops every private page with ``madvise(MADV_DONTNEED)`` when
+many were written. Going to another snapshot maps its memfd over the same
+address (``MAP_FIXED``), which KVM follows through its MMU notifiers.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import ctypes
 import os
 import threading
 import weakref
+from collections.abc import Iterable
 
 from ..kvm import _libc
 
@@ -59,6 +62,7 @@ class GuestMemory:
             backing.fd,
         )
         self.backing = backing
+        self._backing_map: tuple[int, memoryview] | None = None
         # Safe: the array covers exactly the mapping, which lives until close().
         self._array = (ctypes.c_ubyte * self.size).from_address(self.address)
         self.view = memoryview(self._array).cast("B")
@@ -66,6 +70,34 @@ class GuestMemory:
     def reset(self) -> None:
         """Discard every guest write since the backing image was mapped."""
         _libc.madvise(self.address, self.size, _libc.MADV_DONTNEED)
+
+    def reset_pages(self, pages: Iterable[int]) -> None:
+        """Copy the backing image's content over ``pages`` (page indexes).
+
+        Unlike :meth:`reset`, the pages stay mapped, so the guest does not
+        fault them in again on its next call.
+        """
+        source = self._backing_view()
+        view = self.view
+        for page in pages:
+            start = page * PAGE
+            view[start : start + PAGE] = source[start : start + PAGE]
+
+    def _backing_view(self) -> memoryview:
+        """A read-only view of the backing image (mapped on first use, no fd kept)."""
+        if self._backing_map is None:
+            address = _libc.mmap(0, self.size, _libc.PROT_READ, _libc.MAP_SHARED, self.backing.fd)
+            # Safe: the array covers exactly this mapping, unmapped with the view released.
+            array = (ctypes.c_ubyte * self.size).from_address(address)
+            self._backing_map = (address, memoryview(array).cast("B"))
+        return self._backing_map[1]
+
+    def _close_backing_map(self) -> None:
+        if self._backing_map is not None:
+            address, view = self._backing_map
+            view.release()
+            _libc.munmap(address, self.size)
+            self._backing_map = None
 
     def remap(self, backing: MemoryImage) -> None:
         """Replace the contents with another image, at the same host address."""
@@ -78,6 +110,7 @@ class GuestMemory:
             _libc.MAP_PRIVATE | _libc.MAP_FIXED | _libc.MAP_NORESERVE,
             backing.fd,
         )
+        self._close_backing_map()
         self.backing = backing
 
     def touched_runs(self) -> list[tuple[int, int]]:
@@ -119,6 +152,7 @@ class GuestMemory:
         self.view[address : address + len(data)] = data
 
     def close(self) -> None:
+        self._close_backing_map()
         if self.address:
             self.view.release()
             del self._array

@@ -126,6 +126,8 @@ KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
 # VM ioctls.
 KVM_CREATE_VCPU = _io(0x41)
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, ctypes.sizeof(kvm_userspace_memory_region))
+KVM_GET_DIRTY_LOG = _iow(0x42, 16)  # struct kvm_dirty_log { u32 slot, pad; u64 bitmap; }
+KVM_MEM_LOG_DIRTY_PAGES = 1
 # vCPU ioctls.
 KVM_RUN = _io(0x80)
 KVM_GET_REGS = _ior(0x81, ctypes.sizeof(kvm_regs))
@@ -147,7 +149,8 @@ IOCTL_NAMES = {
     for name, value in dict(globals()).items()
     if name.startswith("KVM_")
     and isinstance(value, int)
-    and name not in {"KVM_API_VERSION", "KVM_CAP_USER_MEMORY", "KVM_CAP_XSAVE"}
+    and name
+    not in {"KVM_API_VERSION", "KVM_CAP_USER_MEMORY", "KVM_CAP_XSAVE", "KVM_MEM_LOG_DIRTY_PAGES"}
 }
 
 # struct kvm_run: the fields we read (offsets in bytes).

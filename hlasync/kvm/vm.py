@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import struct
 
 from . import _abi
 from .system import Kvm, ioctl
@@ -18,6 +20,7 @@ class Vm:
         self.kvm = kvm if kvm is not None else Kvm.shared()
         self.fd = self.kvm.create_vm_fd()
         self.vcpus: list[Vcpu] = []
+        self._bitmaps: dict[int, ctypes.Array[ctypes.c_char]] = {}
 
     def set_user_memory_region(
         self, slot: int, guest_phys_addr: int, size: int, userspace_addr: int, flags: int = 0
@@ -30,6 +33,25 @@ class Vm:
             slot, flags, guest_phys_addr, size, userspace_addr
         )
         ioctl(self.fd, _abi.KVM_SET_USER_MEMORY_REGION, region)
+
+    def get_dirty_log(self, slot: int, size: int) -> list[int]:
+        """Indexes of the pages of ``slot`` (``size`` bytes) the guest wrote since the
+        last call; needs the slot registered with ``KVM_MEM_LOG_DIRTY_PAGES``."""
+        pages = size // 4096
+        bitmap = self._bitmaps.get(pages)
+        if bitmap is None:
+            # 64-bit aligned, as KVM copies the log in longs.
+            bitmap = self._bitmaps[pages] = ctypes.create_string_buffer(((pages + 63) // 64) * 8)
+        # Safe: the buffer is owned here and sized for every page of the slot.
+        request = struct.pack("<IIQ", slot, 0, ctypes.addressof(bitmap))
+        ioctl(self.fd, _abi.KVM_GET_DIRTY_LOG, request)
+        bits = int.from_bytes(bitmap.raw, "little")
+        dirty = []
+        while bits:
+            lowest = bits & -bits
+            dirty.append(lowest.bit_length() - 1)
+            bits ^= lowest
+        return dirty
 
     def create_vcpu(self) -> Vcpu:
         vcpu = Vcpu(self, len(self.vcpus))
