@@ -534,7 +534,7 @@ class Sandbox:
             else:
                 self._memory.remap(target._image)
                 self._forget_writes()
-            self._set_cpu_state(target)
+            self._set_cpu_state(target, full=self._state is not SandboxState.READY)
             self.last_exception = None
             self._state = SandboxState.READY
 
@@ -808,12 +808,17 @@ class Sandbox:
             self._written_pages()
         self._host_written = [0, 0]
 
-    def _set_cpu_state(self, snapshot: Snapshot) -> None:
+    def _set_cpu_state(self, snapshot: Snapshot, *, full: bool = True) -> None:
+        """Load the snapshot's vCPU state. ``full=False`` (after a call that ended
+        normally, at CPL3 in the dispatcher) sets only the general registers: code
+        at CPL3 cannot change the special registers, and the dispatcher clears the
+        x87/SSE state at the start of every call."""
         assert self._vcpu is not None
         self._vcpu.complete_pending_io()
-        self._vcpu.set_sregs(snapshot._sregs)
+        if full:
+            self._vcpu.set_sregs(snapshot._sregs)
+            self._vcpu.set_fpu(snapshot._fpu)
         self._vcpu.set_regs(snapshot._regs)
-        self._vcpu.set_fpu(snapshot._fpu)
 
     def _run(self, signature: FunctionSignature) -> Value:
         vcpu = self._vcpu

@@ -67,3 +67,14 @@ def test_rebuilt_guest_at_the_same_path_runs_the_new_code(kvm: Kvm, tmp_path: Pa
         build_guest([source], target)
         with Sandbox(target) as sb:
             assert sb.call("version") == version
+
+
+def test_calls_do_not_inherit_vector_state(kvm: Kvm, hostile_guest: Path) -> None:
+    with Sandbox(hostile_guest) as sb:
+        clean = sb.call("observe_vector_state")
+        assert clean == 0x1F80 << 32
+        sb.call("leave_vector_state")
+        assert sb.call("observe_vector_state") == clean  # same sandbox, next call
+        sb.call("leave_vector_state")
+        sb.restore()
+        assert sb.call("observe_vector_state") == clean  # after a restore

@@ -33,3 +33,21 @@ int64_t in_port(void) {
     return value;
 }
 HL_EXPORT(in_port, HL_INT);
+
+/* Leaves x87/SSE state behind: a rounding mode and a value in xmm15. */
+void leave_vector_state(void) {
+    uint32_t mxcsr = 0x1f80 | (1u << 13); /* round down */
+    __asm__ volatile("ldmxcsr %0" : : "m"(mxcsr));
+    __asm__ volatile("movq %0, %%xmm15" : : "r"(0x5ec2e75ec2e7ULL) : "xmm15");
+}
+HL_EXPORT(leave_vector_state, HL_VOID);
+
+/* What the next call finds: MXCSR in the high half, xmm15's low 32 bits in the low half. */
+int64_t observe_vector_state(void) {
+    uint32_t mxcsr;
+    uint64_t xmm15;
+    __asm__ volatile("stmxcsr %0" : "=m"(mxcsr));
+    __asm__ volatile("movq %%xmm15, %0" : "=r"(xmm15));
+    return ((int64_t)mxcsr << 32) | (int64_t)(xmm15 & 0xffffffff);
+}
+HL_EXPORT(observe_vector_state, HL_INT);
