@@ -246,6 +246,7 @@ class Sandbox:
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._crashdump_listeners: list[Callable[[CrashdumpRecord], None]] = []
+        self._last_worker = -1  # the supervisor worker that ran it last
         self._state = SandboxState.CLOSED
         self._call = _CallState()
         self.last_exception: ExceptionInfo | None = None

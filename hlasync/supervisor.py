@@ -62,6 +62,8 @@ _logger = logging.getLogger("hlasync.supervisor")
 _T = TypeVar("_T")
 _DEFAULT: Any = object()  # "use the supervisor-wide default"
 _tls = threading.local()  # .job: the call running on this worker thread
+#: Seconds an idle worker polls for the next call before it blocks.
+WORKER_SPIN = 50e-6
 
 
 class SupervisorStatistics(NamedTuple):
@@ -158,8 +160,16 @@ class _Target:
         self._members: list[Sandbox] = []
         self._closed = False
 
-    def _take_locked(self) -> Sandbox | None:
-        return self._free.pop() if self._free else None
+    def _take_locked(self, worker: int) -> Sandbox | None:
+        """A free sandbox, preferably one this worker ran last (a vCPU that stays on
+        one thread avoids KVM reloading it elsewhere)."""
+        free = self._free
+        if not free:
+            return None
+        for position in range(len(free) - 1, -1, -1):
+            if free[position]._last_worker == worker:
+                return free.pop(position)
+        return free.pop()
 
     def _give_locked(self, sandbox: Sandbox) -> None:
         if not self._closed and sandbox.state is not SandboxState.CLOSED:
@@ -564,7 +574,10 @@ class Supervisor:
         Cancelling the awaiting task stops the guest.
         """
         job = self._make_job(target, name, args, timeout, cpu_timeout)
-        await self._slots.acquire()
+        try:
+            self._slots.acquire_nowait()  # no extra trip through the event loop when there is room
+        except anyio.WouldBlock:
+            await self._slots.acquire()
         self._submit(job)
         return await self._await_job(job)
 
@@ -660,9 +673,14 @@ class Supervisor:
             os.sched_setaffinity(threading.get_native_id(), {cpu})
         Vcpu.block_kick_signal()
         while True:
+            # Calls tend to follow each other: poll briefly before sleeping, which saves
+            # the wake-up of a sleeping thread (tens of microseconds) per call.
+            deadline = time.perf_counter() + WORKER_SPIN
+            while not self._pending and time.perf_counter() < deadline:
+                os.sched_yield()
             with self._work:
                 while True:
-                    job = self._take_locked()
+                    job = self._take_locked(index)
                     if job is not None:
                         break
                     if self._stopping:
@@ -670,11 +688,12 @@ class Supervisor:
                     self._work.wait()
             self._run(job)
 
-    def _take_locked(self) -> _Job | None:
+    def _take_locked(self, worker: int) -> _Job | None:
         """The oldest pending call whose target has room (FIFO, no head-of-line blocking)."""
         for position, job in enumerate(self._pending):
-            sandbox = job.target._take_locked()
+            sandbox = job.target._take_locked(worker)
             if sandbox is not None:
+                sandbox._last_worker = worker
                 del self._pending[position]
                 job.sandbox = sandbox
                 job.generation = sandbox._call.generation + 1
