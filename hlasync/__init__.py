@@ -4,11 +4,15 @@ Python, with ELF core dumps of every hang and crash.
     from hlasync import Sandbox, guests
     with Sandbox(guests.path("simpleguest")) as sb:
         assert sb.call("add", 2, 3) == 5
+
+    async with Supervisor(workers=2) as sup:
+        pool = await sup.create_pool(guests.path("simpleguest"), size=4)
+        assert await pool.call("add", 2, 3, timeout=1.0) == 5
 """
 
 import logging
 
-from . import crashdump, guests
+from . import crashdump, events, guests
 from .abi import FunctionSignature, ValueType
 from .config import SandboxConfig
 from .crashdump import CoreDump, RetentionPolicy, install_dump_signal
@@ -42,6 +46,7 @@ from .errors import (
 )
 from .guest.image import GuestImage
 from .sandbox import CrashdumpRecord, Sandbox, SandboxState, Snapshot
+from .supervisor import PendingCall, Pool, SupervisedSandbox, Supervisor, SupervisorStatistics
 
 __version__ = "0.1.0"
 
@@ -72,6 +77,8 @@ __all__ = [
     "IoctlError",
     "KvmError",
     "KvmUnavailableError",
+    "PendingCall",
+    "Pool",
     "RetentionPolicy",
     "Sandbox",
     "SandboxBusy",
@@ -81,12 +88,16 @@ __all__ = [
     "SandboxState",
     "SandboxStateError",
     "Snapshot",
+    "SupervisedSandbox",
+    "Supervisor",
     "SupervisorBusy",
     "SupervisorClosed",
     "SupervisorError",
+    "SupervisorStatistics",
     "ValueType",
     "__version__",
     "crashdump",
+    "events",
     "guests",
     "install_dump_signal",
 ]

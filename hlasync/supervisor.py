@@ -175,6 +175,13 @@ class _Target:
         if not self._closed and sandbox.state is not SandboxState.CLOSED:
             self._free.append(sandbox)
 
+    def register_host_function(self, name: str, function: Callable[..., Any]) -> None:
+        """Make ``function`` callable by the guest as ``name`` in every sandbox of
+        this target (``async def`` functions run on the supervisor's loop)."""
+        wrapped = self._supervisor._host_function(function)
+        for sandbox in self._members:
+            sandbox.register_host_function(name, wrapped)
+
     async def call(
         self,
         name: str,
@@ -499,11 +506,13 @@ class Supervisor:
         holder.append(sandbox)
         sandbox.add_crashdump_listener(self._on_crashdump)
         for name, function in (host_functions or {}).items():
-            if inspect.iscoroutinefunction(function):
-                sandbox.register_host_function(name, self._async_host(function))
-            else:
-                sandbox.register_host_function(name, function)
+            sandbox.register_host_function(name, self._host_function(function))
         return sandbox
+
+    def _host_function(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.iscoroutinefunction(function):
+            return self._async_host(function)
+        return function
 
     def _async_host(self, function: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
         """Run an ``async def`` host function on the loop, cancellable by the watchdog."""

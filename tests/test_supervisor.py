@@ -414,3 +414,24 @@ async def test_config_and_guest_output_without_subscribers(
         pool = await sup.create_pool(simpleguest, size=1, config=SandboxConfig(memory_size=4 << 20))
         await pool.call("print_message", "nobody listens\n")
     assert "nobody listens" in capsys.readouterr().out
+
+
+async def test_register_host_function_on_a_pool(kvm: Kvm, simpleguest: Path) -> None:
+    async def triple(x: int) -> int:
+        await anyio.sleep(0)
+        return 3 * x
+
+    async with Supervisor(workers=2) as sup:
+        pool = await sup.create_pool(simpleguest, size=3)
+        pool.register_host_function("triple", triple)
+        results: list[int] = []
+        async with anyio.create_task_group() as tg:
+            for i in range(12):
+
+                async def one(i: int = i) -> None:
+                    result = await pool.call("call_host", "triple", i)
+                    assert isinstance(result, int)
+                    results.append(result)
+
+                tg.start_soon(one)
+        assert sorted(results) == [3 * i for i in range(12)]
