@@ -10,11 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hlasync.kvm import Kvm
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "bench_sandbox.py"
 CRASHDUMP_SCRIPT = REPO / "benchmarks" / "bench_crashdump.py"
+SUPERVISOR_SCRIPT = REPO / "benchmarks" / "bench_supervisor.py"
 
 MEASUREMENTS = (
     "bare_kvm_run",
@@ -91,3 +94,58 @@ def test_quick_crashdump_benchmark_runs_and_writes_json(kvm: Kvm, tmp_path: Path
         assert isinstance(measurements[key]["met"], bool), key
     assert isinstance(data["derived"]["fault_dump_cost"]["median_difference_ns"], float)
     assert data["checks"]["call_survives_dump"]["ok"] is True
+
+
+SUPERVISOR_MEASUREMENTS = {
+    "pool_add": "ns",
+    "sync_add_restore": "ns",
+    "throughput_2w": "calls/s",
+    "throughput_1w": "calls/s",
+    "timeout_latency": "ns",
+    "watchdog_lateness": "ns",
+}
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_quick_supervisor_benchmark_runs_and_writes_json(
+    kvm: Kvm, tmp_path: Path, backend: str
+) -> None:
+    # ``kvm``: skip where KVM is unusable (fail instead under HLASYNC_REQUIRE_KVM=1).
+    out = tmp_path / "out.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SUPERVISOR_SCRIPT),
+            "--quick",
+            "--backend",
+            backend,
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "| measurement |" in proc.stdout
+    assert "Core dump created" not in proc.stderr
+
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert data["backend"] == backend
+    measurements = data["measurements"]
+    for key, unit in SUPERVISOR_MEASUREMENTS.items():
+        assert key in measurements, f"missing measurement {key}"
+        entry = measurements[key]
+        assert entry["unit"] == unit, key
+        suffix = "ns" if unit == "ns" else "calls_per_s"
+        assert entry["n"] == len(entry[f"samples_{suffix}"]) > 0, key
+        assert entry[f"median_{suffix}"] > 0, key
+    for key in ("pool_add", "throughput_2w", "timeout_latency"):
+        assert isinstance(measurements[key]["met"], bool), key
+    ratio = data["derived"]["pool_add_over_sync"]
+    assert ratio["median_ratio"] > 0 and len(ratio["per_round_ratios"]) > 0
+    counts = data["counts"]
+    stats = data["supervisor_statistics"]["workers_2"]
+    assert stats["timed_out"] == counts["timeouts"] + counts["timeout_warmup"]

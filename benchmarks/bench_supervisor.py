@@ -1,0 +1,643 @@
+"""Async supervisor benchmarks: pool call latency, throughput, and watchdog timeouts.
+
+Usage::
+
+    python benchmarks/bench_supervisor.py [--quick] [--json PATH] [--backend asyncio|trio]
+
+Prints the machine description and a markdown table (median, p90, p99, n,
+target, met) and writes every raw sample to a JSON file (default
+``benchmarks/results/supervisor.json``). ``--quick`` takes few samples and is
+a smoke test only; numbers worth quoting come from the full mode.
+
+Measurements that are compared with each other (supervised and synchronous
+calls; 2 and 1 workers) run in the same process, interleaved in rounds, so
+that machine noise that comes and goes between minutes hits both alike.
+
+Timed-out calls write their core dumps to a fresh temporary directory (through
+``HYPERLIGHT_CORE_DUMP_DIR``, restored afterwards) that is deleted at the end;
+each dump is checked and deleted as soon as its exception is caught. The
+``Core dump created: ...`` line each dump prints to stderr is discarded.
+
+The exit status is non-zero only when something fails, never because a
+target was missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+
+import hlasync.guests
+from hlasync import GuestTimeout, Sandbox
+from hlasync.crashdump.placement import DUMP_DIR_ENV, DUMP_GLOB
+from hlasync.supervisor import Pool, Supervisor, SupervisorStatistics
+
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "supervisor.json"
+
+US = 1_000
+MS = 1_000_000
+
+#: Sandboxes in the pool of the latency and throughput measurements.
+POOL_SIZE = 4
+#: Sandboxes in the pool of the timeout measurement (default 8 MiB config).
+TIMEOUT_POOL_SIZE = 2
+#: The wall-clock ``timeout`` of every ``spin()`` call.
+SPIN_TIMEOUT_S = 0.05
+#: Untimed pause between timeouts, so the stopped sandbox is restored and the
+#: supervisor is idle when the next call is submitted.
+TIMEOUT_GAP_S = 0.005
+
+Unit = Literal["ns", "calls/s"]
+BACKENDS = ("asyncio", "trio")
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Samples (and warm-up) per measurement."""
+
+    seq_calls: int  # per side (supervised, sync), split evenly over seq_rounds
+    seq_rounds: int
+    seq_warmup: int
+    tp_rounds: int  # per worker count
+    tp_calls: int  # calls per round
+    tp_tasks: int  # concurrent tasks per round
+    tp_warmup: int  # calls of one untimed round per worker count
+    timeouts: int
+    timeout_warmup: int
+
+
+QUICK = Counts(
+    seq_calls=300,
+    seq_rounds=3,
+    seq_warmup=100,
+    tp_rounds=2,
+    tp_calls=2_000,
+    tp_tasks=64,
+    tp_warmup=500,
+    timeouts=10,
+    timeout_warmup=1,
+)
+FULL = Counts(
+    seq_calls=5_000,
+    seq_rounds=10,
+    seq_warmup=1_000,
+    tp_rounds=7,
+    tp_calls=10_000,
+    tp_tasks=64,
+    tp_warmup=2_000,
+    timeouts=100,
+    timeout_warmup=3,
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal for one statistic of a measurement (in the measurement's unit)."""
+
+    statistic: str  # "median", "p90" or "p99"
+    limit: float
+    description: str
+    at_least: bool = False  # True: the statistic must be >= limit (throughput)
+
+    def met(self, stats: dict[str, float]) -> bool:
+        value = stats[self.statistic]
+        return value >= self.limit if self.at_least else value <= self.limit
+
+
+@dataclass
+class Result:
+    key: str
+    label: str
+    samples: Sequence[float]  # ns per sample, or calls/s per round
+    unit: Unit = "ns"
+    target: Target | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # more JSON fields
+
+    def stats(self) -> dict[str, float]:
+        ordered = sorted(self.samples)
+        return {
+            "median": percentile(ordered, 50.0),
+            "p90": percentile(ordered, 90.0),
+            "p99": percentile(ordered, 99.0),
+            "min": float(ordered[0]),
+            "max": float(ordered[-1]),
+            "mean": sum(ordered) / len(ordered),
+        }
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """The ratio of two measurements' medians (``numerator / denominator``)."""
+
+    key: str
+    label: str
+    numerator: str
+    denominator: str
+    #: The same ratio for each interleaved round (medians within the round).
+    per_round: list[float]
+
+    def value(self, by_key: dict[str, Result]) -> float:
+        return by_key[self.numerator].stats()["median"] / by_key[self.denominator].stats()["median"]
+
+
+@dataclass
+class Report:
+    results: list[Result]
+    ratios: list[Ratio]
+    statistics: dict[str, SupervisorStatistics]
+
+
+# ------------------------------------------------------------------ helpers
+def percentile(ordered: Sequence[float], pct: float) -> float:
+    """Linear-interpolated percentile of already sorted samples."""
+    if not ordered:
+        raise ValueError("no samples")
+    if len(ordered) == 1:
+        return float(ordered[0])
+    rank = (len(ordered) - 1) * pct / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    fraction = rank - low
+    return ordered[low] + (ordered[high] - ordered[low]) * fraction
+
+
+def median(samples: Sequence[float]) -> float:
+    return percentile(sorted(samples), 50.0)
+
+
+def format_ns(value: float) -> str:
+    sign = "-" if value < 0 else ""
+    value = abs(value)
+    if value < US:
+        return f"{sign}{value:.0f} ns"
+    if value < MS:
+        return f"{sign}{value / US:.2f} us"
+    return f"{sign}{value / MS:.3f} ms"
+
+
+def format_rate(value: float) -> str:
+    return f"{value:,.0f} calls/s"
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Collect, then keep the cyclic GC out of the timed loop (as timeit does)."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class _Discard(io.TextIOBase):
+    """A text stream that drops everything written to it (it never grows)."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str, /) -> int:
+        return len(s)
+
+
+def quiet_stderr() -> contextlib.redirect_stderr[io.TextIOBase]:
+    """Drop the ``Core dump created: <path>`` line every dump writes to stderr."""
+    return contextlib.redirect_stderr(_Discard())
+
+
+@contextlib.contextmanager
+def dump_dir(directory: Path) -> Iterator[None]:
+    """Point ``HYPERLIGHT_CORE_DUMP_DIR`` at ``directory``; restore it afterwards."""
+    previous = os.environ.get(DUMP_DIR_ENV)
+    os.environ[DUMP_DIR_ENV] = str(directory)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(DUMP_DIR_ENV, None)
+        else:
+            os.environ[DUMP_DIR_ENV] = previous
+
+
+def machine_description(backend: str) -> dict[str, str]:
+    model = "unknown"
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    if flags & {"vmx", "svm"}:
+        flavour = "hardware KVM (vmx/svm in /proc/cpuinfo flags)"
+    else:
+        flavour = "PVM (no vmx/svm in /proc/cpuinfo flags)"
+    return {
+        "cpu": model,
+        "cpus": str(os.cpu_count() or 0),
+        "kernel": platform.release(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "kvm": flavour,
+        "backend": f"{backend} {version(backend) if backend == 'trio' else ''}".strip()
+        + f" (anyio {version('anyio')})",
+    }
+
+
+async def expect_add(pool: Pool, when: str) -> None:
+    value = await pool.call("add", 1, 2)
+    if value != 3:
+        raise RuntimeError(f"pool add(1, 2) gave {value!r} {when}")
+
+
+def expect_sync_add(sb: Sandbox, when: str) -> None:
+    value = sb.call("add", 1, 2)
+    if value != 3:
+        raise RuntimeError(f"Sandbox add(1, 2) gave {value!r} {when}")
+    sb.restore()
+
+
+# ------------------------------------------------------------- measurements
+async def _time_pool_adds(pool: Pool, n: int) -> list[int]:
+    samples = [0] * n
+    clock = time.perf_counter_ns
+    for i in range(n):
+        start = clock()
+        value = await pool.call("add", 1, 2)
+        samples[i] = clock() - start
+        if value != 3:
+            raise RuntimeError(f"pool add(1, 2) gave {value!r}")
+    return samples
+
+
+def _time_sync_adds(sb: Sandbox, n: int) -> list[int]:
+    """``Sandbox.call("add", 1, 2)`` then ``restore()``: the work a pool does per call."""
+    samples = [0] * n
+    clock = time.perf_counter_ns
+    for i in range(n):
+        start = clock()
+        value = sb.call("add", 1, 2)
+        sb.restore()
+        samples[i] = clock() - start
+        if value != 3:
+            raise RuntimeError(f"Sandbox add(1, 2) gave {value!r}")
+    return samples
+
+
+async def bench_latency(pool: Pool, guest: Path, counts: Counts) -> tuple[list[Result], Ratio]:
+    """Sequential pool calls and synchronous call+restore, interleaved in rounds.
+
+    The synchronous sandbox runs on the event loop thread, which blocks the
+    loop; the supervisor is idle meanwhile (its workers wait for calls).
+    """
+    supervised: list[int] = []
+    sync: list[int] = []
+    per_round: list[float] = []
+    per_side = max(1, counts.seq_calls // counts.seq_rounds)
+    with Sandbox(guest) as sb:
+        for _ in range(counts.seq_warmup):
+            await expect_add(pool, "during warm-up")
+            expect_sync_add(sb, "during warm-up")
+        for round_ in range(counts.seq_rounds):
+            with gc_paused():
+                # Alternate which goes first so neither always runs on a warmer cache.
+                if round_ % 2:
+                    s = _time_sync_adds(sb, per_side)
+                    a = await _time_pool_adds(pool, per_side)
+                else:
+                    a = await _time_pool_adds(pool, per_side)
+                    s = _time_sync_adds(sb, per_side)
+            supervised.extend(a)
+            sync.extend(s)
+            per_round.append(median(a) / median(s))
+    results = [
+        Result(
+            "pool_add",
+            'async add through a pool: await pool.call("add", 1, 2)',
+            supervised,
+            target=Target("median", 80 * US, "p50 <= 80 us"),
+            extra={"pool_size": POOL_SIZE, "workers": 2},
+        ),
+        Result(
+            "sync_add_restore",
+            'sync baseline: Sandbox.call("add", 1, 2) + restore()',
+            sync,
+        ),
+    ]
+    ratio = Ratio(
+        "pool_add_over_sync",
+        "supervised / sync call+restore (ratio of medians)",
+        "pool_add",
+        "sync_add_restore",
+        per_round,
+    )
+    return results, ratio
+
+
+async def _throughput_round(pool: Pool, calls: int, tasks: int) -> tuple[float, float]:
+    """``tasks`` tasks make ``calls`` pool calls in all; (calls/s, wall seconds)."""
+    remaining = calls
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            value = await pool.call("add", 1, 2)
+            if value != 3:
+                raise RuntimeError(f"pool add(1, 2) gave {value!r}")
+
+    start = time.perf_counter_ns()
+    async with anyio.create_task_group() as tg:
+        for _ in range(tasks):
+            tg.start_soon(worker)
+    wall_s = (time.perf_counter_ns() - start) / 1e9
+    return calls / wall_s, wall_s
+
+
+async def bench_throughput(pools: dict[int, Pool], counts: Counts) -> list[Result]:
+    """Rounds of concurrent calls, alternating between the supervisors (by worker count)."""
+    rates: dict[int, list[float]] = {w: [] for w in pools}
+    walls: dict[int, list[float]] = {w: [] for w in pools}
+    for pool in pools.values():
+        await _throughput_round(pool, counts.tp_warmup, counts.tp_tasks)
+    order = list(pools)
+    for round_ in range(counts.tp_rounds):
+        for workers in order if round_ % 2 == 0 else order[::-1]:
+            with gc_paused():
+                rate, wall_s = await _throughput_round(
+                    pools[workers], counts.tp_calls, counts.tp_tasks
+                )
+            rates[workers].append(rate)
+            walls[workers].append(wall_s)
+    results: list[Result] = []
+    for workers in order:
+        results.append(
+            Result(
+                f"throughput_{workers}w",
+                f"throughput, {workers} worker{'s' if workers > 1 else ''} "
+                f"({counts.tp_tasks} tasks, pool of {POOL_SIZE})",
+                rates[workers],
+                unit="calls/s",
+                target=(
+                    Target("median", 15_000, ">= 15,000 calls/s (median)", at_least=True)
+                    if workers == 2
+                    else None
+                ),
+                extra={
+                    "workers": workers,
+                    "pool_size": POOL_SIZE,
+                    "tasks": counts.tp_tasks,
+                    "calls_per_round": counts.tp_calls,
+                    "round_wall_s": walls[workers],
+                },
+            )
+        )
+    return results
+
+
+async def bench_timeouts(
+    sup: Supervisor, guest: Path, directory: Path, counts: Counts
+) -> list[Result]:
+    """``spin`` with ``timeout=0.05`` until ``GuestTimeout``; the dump goes to ``directory``."""
+    pool = await sup.create_pool(guest, size=TIMEOUT_POOL_SIZE)  # default 8 MiB config
+    await expect_add(pool, "before the timeouts")
+    latencies: list[int] = []
+    lateness: list[int] = []
+    clock = time.perf_counter_ns
+    timeout_ns = round(SPIN_TIMEOUT_S * 1e9)
+    for i in range(counts.timeout_warmup + counts.timeouts):
+        await anyio.sleep(TIMEOUT_GAP_S)
+        with gc_paused():
+            submitted = clock()
+            try:
+                value = await pool.call("spin", timeout=SPIN_TIMEOUT_S)
+            except GuestTimeout as exc:
+                caught = clock()
+                error = exc
+            else:
+                raise RuntimeError(f"spin() returned {value!r} instead of timing out")
+        if error.kind != "wall" or error.function != "spin":
+            raise RuntimeError(f"unexpected GuestTimeout: {error!r} (kind {error.kind})")
+        path = error.core_path
+        if path is None or not path.is_file():
+            raise RuntimeError(f"GuestTimeout without a dump file: core_path={path}")
+        if path.parent != directory:
+            raise RuntimeError(f"dump written to {path}, not into {directory}")
+        path.unlink()
+        if i >= counts.timeout_warmup:
+            latencies.append(caught - submitted - timeout_ns)
+            lateness.append(round(error.elapsed * 1e9) - timeout_ns)
+    await anyio.sleep(TIMEOUT_GAP_S)
+    await expect_add(pool, "after the timeouts")
+    await pool.aclose()
+    left = sorted(directory.glob(DUMP_GLOB))
+    if left:
+        raise RuntimeError(f"dump files left behind: {[p.name for p in left]}")
+    return [
+        Result(
+            "timeout_latency",
+            f"deadline-to-exception latency, 8 MiB guest dump (timeout={SPIN_TIMEOUT_S:g} s)",
+            latencies,
+            target=Target("p99", 20 * MS, "p99 <= 20 ms"),
+            extra={"timeout_s": SPIN_TIMEOUT_S, "pool_size": TIMEOUT_POOL_SIZE},
+        ),
+        Result(
+            "watchdog_lateness",
+            "of which watchdog lateness (GuestTimeout.elapsed - timeout)",
+            lateness,
+        ),
+    ]
+
+
+async def run_async(guest: Path, counts: Counts) -> Report:
+    async with Supervisor(workers=2) as sup:
+        pool = await sup.create_pool(guest, size=POOL_SIZE)
+        results, ratio = await bench_latency(pool, guest, counts)
+        async with Supervisor(workers=1) as sup1:
+            pool1 = await sup1.create_pool(guest, size=POOL_SIZE)
+            results.extend(await bench_throughput({2: pool, 1: pool1}, counts))
+            stats1 = sup1.statistics()
+        with (
+            tempfile.TemporaryDirectory(prefix="hlasync-bench-supervisor-") as tmp,
+            quiet_stderr(),
+        ):
+            directory = Path(tmp).resolve()
+            with dump_dir(directory):
+                results.extend(await bench_timeouts(sup, guest, directory, counts))
+        stats2 = sup.statistics()
+    expected_timeouts = counts.timeout_warmup + counts.timeouts
+    for name, stats in (("workers=2", stats2), ("workers=1", stats1)):
+        if stats.failed or stats.dumps_failed or stats.pending or stats.running:
+            raise RuntimeError(f"supervisor {name} ended with {stats}")
+    if stats2.timed_out != expected_timeouts or stats2.dumps_written != expected_timeouts:
+        raise RuntimeError(f"expected {expected_timeouts} timeouts and dumps, got {stats2}")
+    return Report(results, [ratio], {"workers_2": stats2, "workers_1": stats1})
+
+
+def run(counts: Counts, backend: str) -> Report:
+    guest = hlasync.guests.path("simpleguest")  # may rebuild a stale guest: not timed
+    Sandbox(guest).close()  # boot the guest and build its template outside any timing
+    return anyio.run(run_async, guest, counts, backend=backend)
+
+
+# ------------------------------------------------------------------ report
+def evaluate(result: Result) -> tuple[str, str]:
+    """(target text, met text) for one row, computed from the samples."""
+    if result.target is None:
+        return "-", "-"
+    return result.target.description, "yes" if result.target.met(result.stats()) else "no"
+
+
+def render(machine: dict[str, str], mode: str, report: Report) -> str:
+    by_key = {r.key: r for r in report.results}
+    lines = [
+        "## hlasync supervisor benchmarks",
+        "",
+        f"- CPU: {machine['cpu']} ({machine['cpus']} logical CPUs)",
+        f"- kernel: {machine['kernel']}",
+        f"- Python: {machine['python']}",
+        f"- KVM: {machine['kvm']}",
+        f"- async backend: {machine['backend']}",
+        f"- mode: {mode}",
+        "",
+        "| measurement | median | p90 | p99 | n | target | met |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
+    for result in report.results:
+        stats = result.stats()
+        target, met = evaluate(result)
+        if result.unit == "ns":
+            cells = [format_ns(stats[s]) for s in ("median", "p90", "p99")]
+        else:  # a few rounds: tail percentiles of throughput mean little
+            cells = [format_rate(stats["median"]), "-", "-"]
+        lines.append(
+            f"| {result.label} | {cells[0]} | {cells[1]} | {cells[2]} "
+            f"| {len(result.samples)} | {target} | {met} |"
+        )
+        if result.key == "sync_add_restore":
+            for ratio in report.ratios:
+                lines.append(
+                    f"| {ratio.label} | {ratio.value(by_key):.2f}x | - | - "
+                    f"| {len(ratio.per_round)} rounds | - | - |"
+                )
+    lines.append("")
+    for result in report.results:
+        if result.unit == "calls/s":
+            rounds = ", ".join(f"{rate:,.0f}" for rate in result.samples)
+            lines.append(f"- {result.label}, per round (calls/s): {rounds}")
+    for ratio in report.ratios:
+        rounds = ", ".join(f"{value:.2f}" for value in ratio.per_round)
+        lines.append(f"- {ratio.label}, per round: {rounds}")
+    return "\n".join(lines)
+
+
+def to_json(
+    machine: dict[str, str],
+    mode: str,
+    backend: str,
+    counts: Counts,
+    report: Report,
+    wall_s: float,
+) -> dict[str, Any]:
+    by_key = {r.key: r for r in report.results}
+    measurements: dict[str, Any] = {}
+    for result in report.results:
+        stats = result.stats()
+        target, met = evaluate(result)
+        u = "ns" if result.unit == "ns" else "calls_per_s"
+        measurements[result.key] = {
+            "label": result.label,
+            "unit": result.unit,
+            "n": len(result.samples),
+            f"median_{u}": stats["median"],
+            f"p90_{u}": stats["p90"],
+            f"p99_{u}": stats["p99"],
+            f"min_{u}": stats["min"],
+            f"max_{u}": stats["max"],
+            f"mean_{u}": stats["mean"],
+            "target": None if target == "-" else target,
+            "met": None if met == "-" else met == "yes",
+            f"samples_{u}": list(result.samples),
+            **result.extra,
+        }
+    derived = {
+        ratio.key: {
+            "label": ratio.label,
+            "median_ratio": ratio.value(by_key),
+            "numerator": ratio.numerator,
+            "denominator": ratio.denominator,
+            "per_round_ratios": ratio.per_round,
+        }
+        for ratio in report.ratios
+    }
+    return {
+        "machine": machine,
+        "mode": mode,
+        "backend": backend,
+        "counts": asdict(counts),
+        "wall_seconds": wall_s,
+        "measurements": measurements,
+        "derived": derived,
+        "supervisor_statistics": {k: v._asdict() for k, v in report.statistics.items()},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="few samples: a smoke test")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=DEFAULT_JSON,
+        metavar="PATH",
+        help=f"where to write raw samples (default: {DEFAULT_JSON})",
+    )
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="asyncio", help="async library (default: asyncio)"
+    )
+    args = parser.parse_args(argv)
+    counts = QUICK if args.quick else FULL
+    mode = "quick (smoke test, not for quoting)" if args.quick else "full"
+    backend: str = args.backend
+    machine = machine_description(backend)
+
+    started = time.perf_counter()
+    report = run(counts, backend)
+    wall = time.perf_counter() - started
+
+    print(render(machine, mode, report))
+    print(f"\n(total benchmark time {wall:.1f} s)")
+    json_path: Path = args.json
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    data = to_json(machine, "quick" if args.quick else "full", backend, counts, report, wall)
+    with open(json_path, "w", encoding="utf-8") as out:
+        json.dump(data, out)
+        out.write("\n")
+    print(f"raw samples written to {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
