@@ -34,6 +34,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,7 +47,7 @@ import anyio
 import hlasync.guests
 from hlasync import GuestTimeout, Sandbox
 from hlasync.crashdump.placement import DUMP_DIR_ENV, DUMP_GLOB
-from hlasync.supervisor import Pool, Supervisor, SupervisorStatistics
+from hlasync.supervisor import Pool, Supervisor, SupervisorStatistics, _loop_waker
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "supervisor.json"
 
@@ -306,6 +307,45 @@ def _time_sync_adds(sb: Sandbox, n: int) -> list[int]:
     return samples
 
 
+async def _time_handoffs(n: int) -> list[int]:
+    """The floor under any supervised call: event loop -> thread -> event loop with
+    no guest at all, through the primitives the supervisor uses (a Condition to
+    wake the thread, ``call_soon_threadsafe``/``run_sync_soon`` back, an anyio Event)."""
+    waker = _loop_waker()
+    condition = threading.Condition()
+    inbox: list[anyio.Event | None] = []
+
+    def thread_main() -> None:
+        while True:
+            with condition:
+                while not inbox:
+                    condition.wait()
+                event = inbox.pop()
+            if event is None:
+                return
+            waker.soon(event.set)
+
+    thread = threading.Thread(target=thread_main, name="handoff-floor")
+    thread.start()
+    samples = [0] * n
+    clock = time.perf_counter_ns
+    try:
+        for i in range(n):
+            event = anyio.Event()
+            start = clock()
+            with condition:
+                inbox.append(event)
+                condition.notify()
+            await event.wait()
+            samples[i] = clock() - start
+    finally:
+        with condition:
+            inbox.append(None)
+            condition.notify()
+        thread.join()
+    return samples
+
+
 async def bench_latency(pool: Pool, guest: Path, counts: Counts) -> tuple[list[Result], Ratio]:
     """Sequential pool calls and synchronous call+restore, interleaved in rounds.
 
@@ -314,6 +354,7 @@ async def bench_latency(pool: Pool, guest: Path, counts: Counts) -> tuple[list[R
     """
     supervised: list[int] = []
     sync: list[int] = []
+    handoffs: list[int] = []
     per_round: list[float] = []
     per_side = max(1, counts.seq_calls // counts.seq_rounds)
     with Sandbox(guest) as sb:
@@ -331,6 +372,7 @@ async def bench_latency(pool: Pool, guest: Path, counts: Counts) -> tuple[list[R
                     s = _time_sync_adds(sb, per_side)
             supervised.extend(a)
             sync.extend(s)
+            handoffs.extend(await _time_handoffs(per_side))
             per_round.append(median(a) / median(s))
     results = [
         Result(
@@ -344,6 +386,11 @@ async def bench_latency(pool: Pool, guest: Path, counts: Counts) -> tuple[list[R
             "sync_add_restore",
             'sync baseline: Sandbox.call("add", 1, 2) + restore()',
             sync,
+        ),
+        Result(
+            "loop_thread_handoff",
+            "floor: event loop -> thread -> event loop round trip, no guest",
+            handoffs,
         ),
     ]
     ratio = Ratio(

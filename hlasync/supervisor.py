@@ -62,8 +62,6 @@ _logger = logging.getLogger("hlasync.supervisor")
 _T = TypeVar("_T")
 _DEFAULT: Any = object()  # "use the supervisor-wide default"
 _tls = threading.local()  # .job: the call running on this worker thread
-#: Seconds an idle worker polls for the next call before it blocks.
-WORKER_SPIN = 50e-6
 
 
 class SupervisorStatistics(NamedTuple):
@@ -682,11 +680,6 @@ class Supervisor:
             os.sched_setaffinity(threading.get_native_id(), {cpu})
         Vcpu.block_kick_signal()
         while True:
-            # Calls tend to follow each other: poll briefly before sleeping, which saves
-            # the wake-up of a sleeping thread (tens of microseconds) per call.
-            deadline = time.perf_counter() + WORKER_SPIN
-            while not self._pending and time.perf_counter() < deadline:
-                os.sched_yield()
             with self._work:
                 while True:
                     job = self._take_locked(index)
@@ -715,13 +708,14 @@ class Supervisor:
         sandbox = job.sandbox
         assert sandbox is not None
         job.started_at = time.monotonic()
-        self._publish(
-            ev.CallStarted,
-            sandbox_id=sandbox.id,
-            function=job.name,
-            call_id=job.call_id,
-            queued=job.started_at - job.queued_at,
-        )
+        if self._wants(ev.CallStarted):
+            self._publish(
+                ev.CallStarted,
+                sandbox_id=sandbox.id,
+                function=job.name,
+                call_id=job.call_id,
+                queued=job.started_at - job.queued_at,
+            )
         if job.timeout is not None or job.cpu_timeout is not None:
             job.cpu_clock = time.pthread_getcpuclockid(threading.get_ident())
             job.cpu_start = time.clock_gettime(job.cpu_clock)
@@ -784,18 +778,18 @@ class Supervisor:
                 return
             job.finished = True
             job.result, job.error = result, error
-        with self._lock:
-            self._running.discard(job)
+        self._running.discard(job)  # one atomic set operation: no lock needed
         sandbox_id = job.sandbox.id if job.sandbox is not None else None
         duration = time.monotonic() - (job.started_at or job.queued_at)
         if error is None:
-            self._publish(
-                ev.CallCompleted,
-                sandbox_id=sandbox_id,
-                function=job.name,
-                call_id=job.call_id,
-                duration=duration,
-            )
+            if self._wants(ev.CallCompleted):
+                self._publish(
+                    ev.CallCompleted,
+                    sandbox_id=sandbox_id,
+                    function=job.name,
+                    call_id=job.call_id,
+                    duration=duration,
+                )
         else:
             if isinstance(error, GuestTimeout):
                 self._publish(

@@ -1,0 +1,295 @@
+"""Rows, statistics, timing helpers and the machine description."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib.metadata
+import io
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+KiB = 1024
+MiB = 1024 * KiB
+US = 1_000
+MS = 1_000_000
+
+Unit = Literal["ns", "bytes", "count", "calls/s"]
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Samples (and warm-up rounds) per measurement."""
+
+    calls: int
+    call_warmup: int
+    supervisor_calls: int
+    creates: int
+    restores: int
+    instances: int
+    forks: int
+    fresh_warmup: int
+    interrupts: int
+    interrupt_warmup: int
+    #: Seconds a runaway runs before its deadline.
+    runaway_s: float
+    hangs: int
+    gcores: int
+    hang_timeout_s: float
+    sandboxes: int
+    throughput_windows: int
+    throughput_window_s: float
+
+
+QUICK = Counts(
+    calls=500,
+    call_warmup=100,
+    supervisor_calls=300,
+    creates=20,
+    restores=50,
+    instances=50,
+    forks=20,
+    fresh_warmup=3,
+    interrupts=8,
+    interrupt_warmup=1,
+    runaway_s=0.010,
+    hangs=3,
+    gcores=2,
+    hang_timeout_s=0.020,
+    sandboxes=200,
+    throughput_windows=3,
+    throughput_window_s=0.25,
+)
+FULL = Counts(
+    calls=20_000,
+    call_warmup=2_000,
+    supervisor_calls=10_000,
+    creates=300,
+    restores=1_000,
+    instances=1_000,
+    forks=300,
+    fresh_warmup=20,
+    interrupts=200,
+    interrupt_warmup=5,
+    runaway_s=0.020,
+    hangs=100,
+    gcores=20,
+    hang_timeout_s=0.020,
+    sandboxes=1_000,
+    throughput_windows=10,
+    throughput_window_s=1.0,
+)
+
+
+@dataclass(frozen=True)
+class Category:
+    key: str
+    label: str
+    unit: Unit
+
+
+#: Table and plot order. Every category has one hlasync baseline row.
+CATEGORIES: tuple[Category, ...] = (
+    Category("call", "call latency of a trivial function", "ns"),
+    Category("fresh", "fresh state", "ns"),
+    Category("interrupt", "runaway interruption: deadline -> control back in Python", "ns"),
+    Category("hang_time", "hang capture: deadline -> core a debugger opens", "ns"),
+    Category("hang_bytes", "hang capture: core bytes on disk (st_blocks * 512)", "bytes"),
+    Category("scale_alive", "sandboxes alive in one process", "count"),
+    Category("scale_rss", "RSS per idle sandbox", "bytes"),
+    Category("scale_throughput", "calls/s through the Supervisor", "calls/s"),
+)
+CATEGORY_BY_KEY = {c.key: c for c in CATEGORIES}
+
+
+@dataclass
+class Row:
+    """One measurement of one peer (or the reason it was skipped)."""
+
+    category: str
+    key: str
+    peer: str
+    label: str
+    samples: list[float] = field(default_factory=list)
+    #: The hlasync row the other rows of the category are divided by.
+    baseline: bool = False
+    skipped: str | None = None
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def unit(self) -> Unit:
+        return CATEGORY_BY_KEY[self.category].unit
+
+    @property
+    def measured(self) -> bool:
+        return self.skipped is None and bool(self.samples)
+
+    def stats(self) -> dict[str, float]:
+        ordered = sorted(self.samples)
+        return {
+            "median": percentile(ordered, 50.0),
+            "p90": percentile(ordered, 90.0),
+            "p99": percentile(ordered, 99.0),
+            "min": float(ordered[0]),
+            "max": float(ordered[-1]),
+            "mean": sum(ordered) / len(ordered),
+        }
+
+
+def skipped(category: str, key: str, peer: str, label: str, reason: str) -> Row:
+    return Row(category, key, peer, label, skipped=reason)
+
+
+class BenchError(RuntimeError):
+    """A measurement went wrong (a wrong result, a missing exception): the run fails."""
+
+
+# ------------------------------------------------------------------ helpers
+def percentile(ordered: Sequence[float], pct: float) -> float:
+    """Linear-interpolated percentile of already sorted samples."""
+    if not ordered:
+        raise ValueError("no samples")
+    if len(ordered) == 1:
+        return float(ordered[0])
+    rank = (len(ordered) - 1) * pct / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    fraction = rank - low
+    return float(ordered[low] + (ordered[high] - ordered[low]) * fraction)
+
+
+def format_ns(value: float) -> str:
+    if value < US:
+        return f"{value:.0f} ns"
+    if value < MS:
+        return f"{value / US:.2f} us"
+    if value < 1000 * MS:
+        return f"{value / MS:.3f} ms"
+    return f"{value / (1000 * MS):.3f} s"
+
+
+def format_bytes(value: float) -> str:
+    if value < KiB:
+        return f"{value:.0f} B"
+    if value < MiB:
+        return f"{value / KiB:.1f} KiB"
+    return f"{value / MiB:.2f} MiB"
+
+
+def format_value(value: float, unit: Unit) -> str:
+    if unit == "ns":
+        return format_ns(value)
+    if unit == "bytes":
+        return format_bytes(value)
+    if unit == "count":
+        return f"{value:.0f}"
+    return f"{value:,.0f}/s"
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Collect, then keep the cyclic GC out of the timed loop (as timeit does)."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def time_calls(function: Callable[[], object], n: int, warmup: int) -> list[float]:
+    """Run ``function`` ``warmup`` times, then time ``n`` calls one by one (ns)."""
+    for _ in range(warmup):
+        function()
+    samples: list[float] = [0] * n
+    clock = time.perf_counter_ns
+    with gc_paused():
+        for i in range(n):
+            start = clock()
+            function()
+            samples[i] = clock() - start
+    return samples
+
+
+class _Discard(io.TextIOBase):
+    def write(self, s: str) -> int:
+        return len(s)
+
+
+def quiet_stderr() -> contextlib.redirect_stderr[io.TextIOBase]:
+    """Drop the ``Core dump created: ...`` lines hlasync prints while dumping."""
+    return contextlib.redirect_stderr(_Discard())
+
+
+def allocated_bytes(path: Path) -> int:
+    """Bytes a file occupies on disk (cores are sparse: not ``st_size``)."""
+    return os.stat(path).st_blocks * 512
+
+
+def _first_line(command: Sequence[str]) -> str | None:
+    if shutil.which(command[0]) is None:
+        return None
+    try:
+        proc = subprocess.run(
+            list(command), capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = proc.stdout.strip().splitlines()
+    return lines[0] if lines else None
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_description() -> dict[str, Any]:
+    model = "unknown"
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    if flags & {"vmx", "svm"}:
+        flavour = "hardware KVM (vmx/svm in /proc/cpuinfo flags)"
+    else:
+        flavour = "PVM (no vmx/svm in /proc/cpuinfo flags)"
+    packages = {
+        name: package_version(name)
+        for name in ("hlasync", "wasmtime", "matplotlib", "psutil", "anyio")
+    }
+    return {
+        "cpu": model,
+        "cpus": os.cpu_count() or 0,
+        "kernel": platform.release(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "python_executable": sys.executable,
+        "kvm": flavour,
+        "packages": packages,
+        "tools": {
+            "gcc": _first_line(["gcc", "--version"]),
+            "gdb": _first_line(["gdb", "--version"]),
+        },
+    }
