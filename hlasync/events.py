@@ -132,8 +132,8 @@ class EventsDropped(Event):
     count: int  # events this subscriber lost since the last EventsDropped
 
 
-#: Events a subscriber is never made to lose.
-CRITICAL_EVENTS: tuple[type[Event], ...] = (CrashDumpWritten, CrashDumpFailed, EventsDropped)
+#: Events a subscriber is never made to lose (kept even beyond its buffer size).
+CRITICAL_EVENTS: tuple[type[Event], ...] = (CrashDumpWritten, CrashDumpFailed)
 
 
 class Overflow(enum.Enum):
@@ -182,14 +182,13 @@ class EventStream:
             return
         critical = isinstance(event, CRITICAL_EVENTS)
         if not critical and self._ordinary >= self.buffer_size:
+            # Counted now, announced by one EventsDropped when the subscriber next
+            # reads, so announcements never fill the buffer themselves.
             self._dropped += 1
             self._unannounced += 1
             if self.overflow is Overflow.DROP_NEWEST:
                 return
             self._drop_oldest_ordinary()
-        if self._unannounced and not critical:
-            self._queue.append(EventsDropped(sandbox_id=None, count=self._unannounced))
-            self._unannounced = 0
         self._queue.append(event)
         if not critical:
             self._ordinary += 1
@@ -204,13 +203,18 @@ class EventStream:
 
     def _close(self) -> None:
         self._closed = True
-        if self._unannounced:
-            self._queue.append(EventsDropped(sandbox_id=None, count=self._unannounced))
-            self._unannounced = 0
         self._wakeup.set()
 
     def receive_nowait(self) -> Event:
-        """The next buffered event (anyio.WouldBlock if none, EndOfStream when closed)."""
+        """The next buffered event (anyio.WouldBlock if none, EndOfStream when closed).
+
+        After a loss, the next event received is an :class:`EventsDropped`
+        with the number of events lost since the previous one.
+        """
+        if self._unannounced:
+            count, self._unannounced = self._unannounced, 0
+            self._delivered += 1
+            return EventsDropped(sandbox_id=None, count=count)
         if self._queue:
             event = self._queue.popleft()
             if not isinstance(event, CRITICAL_EVENTS):
@@ -226,7 +230,10 @@ class EventStream:
             try:
                 return self.receive_nowait()
             except anyio.WouldBlock:
-                self._wakeup = anyio.Event()
+                # Several tasks may wait: all wait on one event; only a fired event
+                # is replaced, so no waiter is left on a stale one.
+                if self._wakeup.is_set():
+                    self._wakeup = anyio.Event()
                 await self._wakeup.wait()
 
     def __aiter__(self) -> EventStream:
@@ -239,7 +246,8 @@ class EventStream:
             raise StopAsyncIteration from None
 
     def statistics(self) -> StreamStatistics:
-        return StreamStatistics(len(self._queue), self.buffer_size, self._delivered, self._dropped)
+        buffered = len(self._queue) + (1 if self._unannounced else 0)
+        return StreamStatistics(buffered, self.buffer_size, self._delivered, self._dropped)
 
 
 class Subscription:

@@ -866,12 +866,15 @@ class Sandbox:
             self._serve_dump_request(request)
         if cancel:
             dumped = [r.path for r in requests if r.path is not None]
-            raise GuestCancelled(
+            cancelled = GuestCancelled(
                 "call interrupted",
                 sandbox_id=self.id,
                 function=call.function,
                 core_path=dumped[-1] if dumped else None,
             )
+            failed = [r.error for r in requests if isinstance(r.error, CrashdumpError)]
+            cancelled.crashdump_error = failed[-1] if failed else None
+            raise cancelled
 
     def _enter_host(self) -> None:
         """The vCPU thread leaves KVM_RUN to run user code (host function, print)."""

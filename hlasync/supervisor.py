@@ -93,6 +93,7 @@ class _Job:
         "cpu_start",
         "cpu_timeout",
         "done",
+        "dump_error",
         "error",
         "expired",
         "expired_at",
@@ -136,6 +137,7 @@ class _Job:
         self.expired: str | None = None  # "wall" or "cpu"
         self.expired_at = 0.0
         self.core_path: Path | None = None
+        self.dump_error: CrashdumpError | None = None
         self.abandoned = False
         self.cpu_clock = 0
         self.cpu_start = 0.0
@@ -585,6 +587,9 @@ class Supervisor:
             self._slots.acquire_nowait()  # no extra trip through the event loop when there is room
         except anyio.WouldBlock:
             await self._slots.acquire()
+        if self._state != "open":  # shut down while this caller waited for room
+            self._slots.release()
+            raise SupervisorClosed("the supervisor shut down before the call was queued")
         self._submit(job)
         return await self._await_job(job)
 
@@ -733,7 +738,9 @@ class Supervisor:
             result = sandbox.call(job.name, *job.args)
         except (GuestCancelled, HostFunctionError) as exc:
             if job.expired:
-                job.core_path = job.core_path or exc.core_path  # the dump made as it stopped
+                # The dump made as it stopped (the watchdog may not have heard yet).
+                job.core_path = job.core_path or exc.core_path
+                job.dump_error = job.dump_error or exc.crashdump_error
                 error = self._timeout_error(job)
             else:
                 error = exc
@@ -749,7 +756,7 @@ class Supervisor:
     def _timeout_error(self, job: _Job) -> GuestTimeout:
         assert job.sandbox is not None and job.expired is not None
         limit = job.timeout if job.expired == "wall" else job.cpu_timeout
-        return GuestTimeout(
+        error = GuestTimeout(
             sandbox_id=job.sandbox.id,
             function=job.name,
             kind=job.expired,
@@ -757,6 +764,8 @@ class Supervisor:
             elapsed=job.expired_at - job.started_at,
             core_path=job.core_path,
         )
+        error.crashdump_error = job.dump_error
+        return error
 
     def _reset(self, target: _Target, sandbox: Sandbox) -> None:
         """Make the sandbox ready for its next call and give it back."""
@@ -869,7 +878,7 @@ class Supervisor:
         sandbox = job.sandbox
         assert sandbox is not None
         reason = "timeout" if kind == "wall" else "cpu-timeout"
-        stopped, path, _ = sandbox._stop(job.generation, reason)
+        stopped, path, job.dump_error = sandbox._stop(job.generation, reason)
         job.core_path = path
         for scope in list(job.host_scopes):
             self._on_loop(scope.cancel)

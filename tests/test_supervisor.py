@@ -435,3 +435,78 @@ async def test_register_host_function_on_a_pool(kvm: Kvm, simpleguest: Path) -> 
 
                 tg.start_soon(one)
         assert sorted(results) == [3 * i for i in range(12)]
+
+
+async def test_callers_waiting_for_room_get_supervisor_closed_at_shutdown(
+    kvm: Kvm, simpleguest: Path
+) -> None:
+    outcomes: list[object] = []
+
+    async def add(target: object, *call: object) -> None:
+        try:
+            outcomes.append(await target.call(*(call or ("add", 1, 2))))  # type: ignore[attr-defined]
+        except (SupervisorClosed, GuestCancelled) as exc:
+            outcomes.append(exc)
+
+    async def busy_loop() -> None:
+        for _ in range(200):
+            time.sleep(0.003)  # keep the loop thread busy, as in a loaded service
+            await anyio.sleep(0)
+
+    with anyio.fail_after(30):
+        async with (
+            anyio.create_task_group() as tg,
+            Supervisor(workers=1, max_pending=1, shutdown_grace=0.05) as sup,
+        ):
+            sb = await sup.create_sandbox(simpleguest)
+            tg.start_soon(add, sb)  # takes the only slot ...
+            tg.start_soon(add, sb, "spin_for", 10**11)
+            for _ in range(3):
+                tg.start_soon(add, sb)  # ... these wait for room
+            tg.start_soon(busy_loop)
+            await anyio.sleep(0.05)
+    assert len(outcomes) == 5  # every caller got an answer; none hangs
+
+
+async def test_one_stream_many_readers_and_bounded_announcements(
+    kvm: Kvm, simpleguest: Path
+) -> None:
+    async with Supervisor(workers=1) as sup:
+        sb = await sup.create_sandbox(simpleguest)
+        async with sup.subscribe(ev.CallCompleted, buffer=5) as stream:
+            for i in range(300):
+                await sb.call("add", i, 1)
+            await anyio.sleep(0.05)
+            assert stream.statistics().buffered <= 6  # 5 events + one pending announcement
+            first = stream.receive_nowait()
+            assert isinstance(first, ev.EventsDropped) and first.count == 295
+            for _ in range(5):
+                stream.receive_nowait()
+            got: list[ev.Event] = []
+
+            async def reader() -> None:
+                async for event in stream:
+                    got.append(event)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(reader)
+                tg.start_soon(reader)
+                await anyio.sleep(0.01)
+                for i in range(10):
+                    await sb.call("add", i, 1)
+                with anyio.fail_after(5):
+                    while len(got) < 10:
+                        await anyio.sleep(0.005)
+                tg.cancel_scope.cancel()
+        assert len(got) == 10
+
+
+async def test_timeout_dump_failure_is_reported_on_the_error(kvm: Kvm, simpleguest: Path) -> None:
+    async with Supervisor(workers=1) as sup:
+        pool = await sup.create_pool(
+            simpleguest, size=1, config=SandboxConfig(crashdump_dir="/proc")
+        )
+        with pytest.raises(GuestTimeout) as info:
+            await pool.call("spin", timeout=0.2)
+    assert info.value.core_path is None
+    assert info.value.crashdump_error is not None

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
 from .. import Sandbox, Supervisor
 from . import _wasm
 from ._child import PipeWorker
-from ._common import BenchError, Counts, Row, gc_paused, skipped, time_calls
+from ._common import (
+    BenchError,
+    Counts,
+    Row,
+    format_ns,
+    gc_paused,
+    percentile,
+    skipped,
+    time_calls,
+)
 
 CATEGORY = "call"
 
@@ -73,21 +83,40 @@ def bench_wasmtime_call(counts: Counts) -> Row:
 
 def bench_pipe_call(counts: Counts) -> Row:
     worker = PipeWorker()
+    pinned: list[float] = []
     try:
         if worker.add(1, 2) != 3:
             raise BenchError("pipe worker: 1 + 2 != 3")
         samples = time_calls(lambda: worker.add(1, 2), counts.calls, counts.call_warmup)
+        # The same with both processes on one CPU: no cross-CPU wake-up per message.
+        allowed = os.sched_getaffinity(0)
+        if len(allowed) > 1:
+            cpu = {min(allowed)}
+            try:
+                os.sched_setaffinity(0, cpu)
+                os.sched_setaffinity(worker.proc.pid, cpu)
+                pinned = time_calls(
+                    lambda: worker.add(1, 2), max(1, counts.calls // 4), counts.call_warmup
+                )
+            finally:
+                os.sched_setaffinity(0, allowed)
         if worker.add(2, 3) != 5:
             raise BenchError("pipe worker: 2 + 3 != 5")
     finally:
         worker.close()
-    return Row(
+    row = Row(
         CATEGORY,
         "call.child_process",
         "child process",
         "request/response over pipes to a long-lived Python worker",
         samples,
+        extra={"same_cpu_samples_ns": pinned},
     )
+    if pinned:
+        row.notes.append(
+            f"both pinned to one CPU: median {format_ns(percentile(sorted(pinned), 50.0))}"
+        )
+    return row
 
 
 def run(guest: Path, counts: Counts) -> list[Row]:

@@ -36,11 +36,13 @@ def gdb_backtrace_shows_spin(gdb: str, binary: Path, core: Path) -> tuple[bool, 
 
 async def _hlasync_samples(
     guest: Path, directory: Path, counts: Counts
-) -> tuple[list[float], list[float], Path]:
-    """(ns from deadline to GuestTimeout caught, allocated core bytes, one core kept)."""
+) -> tuple[list[float], list[float], list[float], Path]:
+    """(ns from deadline to GuestTimeout caught, allocated core bytes, ns the watchdog
+    noticed the deadline late, one core kept)."""
     limit = counts.hang_timeout_s
     times: list[float] = []
     sizes: list[float] = []
+    late: list[float] = []
     kept: Path | None = None
     config = SandboxConfig(crashdump_dir=directory)
     async with Supervisor(workers=1) as sup:
@@ -55,6 +57,7 @@ async def _hlasync_samples(
                 except GuestTimeout as exc:
                     caught = time.monotonic()
                     core = exc.core_path
+                    noticed_late = exc.elapsed - limit
                 else:
                     raise BenchError("spin() returned")
                 event = await asyncio.wait_for(started.receive(), 10.0)
@@ -69,6 +72,7 @@ async def _hlasync_samples(
                 if i > 0:
                     times.append((caught - deadline) * 1e9)
                     sizes.append(allocated_bytes(core))
+                    late.append(noticed_late * 1e9)
                 if kept is None:
                     kept = core
                 else:
@@ -76,14 +80,23 @@ async def _hlasync_samples(
         if await pool.call("add", 1, 2) != 3:
             raise BenchError("pool broken after the timeouts")
     assert kept is not None
-    return times, sizes, kept
+    return times, sizes, late, kept
 
 
 def bench_hlasync(guest: Path, counts: Counts, directory: Path, gdb: str | None) -> list[Row]:
     with quiet_stderr():
-        times, sizes, core = asyncio.run(_hlasync_samples(guest, directory, counts))
+        times, sizes, late, core = asyncio.run(_hlasync_samples(guest, directory, counts))
     label = 'Supervisor watchdog: pool.call("spin", timeout=...) until GuestTimeout with core_path'
-    time_row = Row(TIME, "hang_time.hlasync", "hlasync", label, times, baseline=True)
+    time_row = Row(
+        TIME,
+        "hang_time.hlasync",
+        "hlasync",
+        label,
+        times,
+        baseline=True,
+        # GuestTimeout.elapsed - timeout: how late the watchdog thread woke up.
+        extra={"watchdog_late_samples_ns": late},
+    )
     bytes_row = Row(
         BYTES,
         "hang_bytes.hlasync",

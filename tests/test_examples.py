@@ -1,0 +1,88 @@
+"""Every script under examples/ runs to completion and prints what it promises."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hlasync.kvm import Kvm
+
+from .conftest import require_tool
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+#: script (relative to examples/) -> (arguments, one line its output must contain)
+RUNS: dict[str, tuple[list[str], str]] = {
+    "basic.py": ([], "after restore(): ready, add(1, 1) -> 2"),
+    "crash_dumps.py": ([], "...and the call still returned 1000000000"),
+    "custom_guest/run.py": ([], "greet('again')         -> 'Hello, again!"),
+    "subscriber.py": ([], "GuestTimeout: wall limit"),
+    "hang_capture_service.py": (["--self-test"], 'GET /add?a=1&b=2 -> 200 {"result": 3}'),
+}
+
+
+def run_example(script: str, arguments: list[str], dumps: Path) -> str:
+    """Run one example with this checkout's hlasync; its stdout, after checking it exited 0."""
+    env = dict(os.environ)
+    env["HYPERLIGHT_CORE_DUMP_DIR"] = str(dumps)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *arguments],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, (
+        f"{script} exited {completed.returncode}\n"
+        f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
+    )
+    return completed.stdout
+
+
+def test_every_example_is_run_here() -> None:
+    scripts = {
+        path.relative_to(EXAMPLES).as_posix()
+        for path in EXAMPLES.rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert scripts == set(RUNS), "add new examples to RUNS in tests/test_examples.py"
+
+
+def test_basic(kvm: Kvm, tmp_path: Path) -> None:
+    arguments, line = RUNS["basic.py"]
+    assert line in run_example("basic.py", arguments, tmp_path)
+
+
+def test_crash_dumps(kvm: Kvm, tmp_path: Path) -> None:
+    arguments, line = RUNS["crash_dumps.py"]
+    assert line in run_example("crash_dumps.py", arguments, tmp_path)
+
+
+def test_custom_guest(kvm: Kvm, tmp_path: Path) -> None:
+    require_tool("gcc")
+    arguments, line = RUNS["custom_guest/run.py"]
+    assert line in run_example("custom_guest/run.py", arguments, tmp_path)
+
+
+def test_subscriber(kvm: Kvm, tmp_path: Path) -> None:
+    arguments, line = RUNS["subscriber.py"]
+    output = run_example("subscriber.py", arguments, tmp_path)
+    assert line in output
+    assert "event CallTimedOut" in output and "event CrashDumpWritten" in output
+    assert len(list(tmp_path.glob("hl_core_*.elf"))) == 2  # the timeout and the crash
+
+
+def test_hang_capture_service_self_test(kvm: Kvm, tmp_path: Path) -> None:
+    arguments, line = RUNS["hang_capture_service.py"]
+    output = run_example("hang_capture_service.py", arguments, tmp_path)
+    assert line in output
+    hang = next(text for text in output.splitlines() if text.startswith("GET /hang -> 504"))
+    dumps = list(tmp_path.glob("hl_core_*.elf"))
+    assert len(dumps) == 2  # /hang and /crash
+    assert any(str(dump) in hang for dump in dumps)
