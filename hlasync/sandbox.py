@@ -990,8 +990,13 @@ class Sandbox:
         faulting = _copy(regs)
         faulting.rip, faulting.rsp, faulting.rflags = rip, rsp, rflags
         cr2 = sregs.cr2 if vector == 14 else None
-        self.last_exception = ExceptionInfo(vector, error_code, cr2, faulting, sregs)
         name, description = VECTOR_NAMES.get(vector, (f"#{vector}", "exception"))
+        if vector == 14 and rip == 0 and self._is_syscall_at(regs.rcx - 2):
+            # PVM runs `syscall` even without EFER.SCE and enters LSTAR (0): report the
+            # instruction that did it (its address is in rcx) rather than address 0.
+            rip = faulting.rip = regs.rcx - 2
+            description = "after a syscall instruction (guests have no system calls)"
+        self.last_exception = ExceptionInfo(vector, error_code, cr2, faulting, sregs)
         return GuestCrashed(
             sandbox_id=self.id,
             function=function,
@@ -1003,6 +1008,13 @@ class Sandbox:
             cr2=cr2,
             symbol=self.image.symbolize(rip),
         )
+
+    def _is_syscall_at(self, address: int) -> bool:
+        assert self._memory is not None
+        try:
+            return self._memory.read(address, 2) == b"\x0f\x05"
+        except ValueError:
+            return False
 
     def _protocol_error(self, function: str | None, message: str) -> GuestProtocolError:
         return GuestProtocolError(message, sandbox_id=self.id, function=function)
