@@ -427,9 +427,10 @@ class Sandbox:
     def interrupt(self) -> bool:
         """Stop the running call (from any thread).
 
-        Returns True if a call was running: it then raises
+        Returns True if this stopped a running call: it then raises
         :class:`GuestCancelled` and the sandbox is poisoned until
-        :meth:`restore`. Returns False when idle; the next call is unaffected.
+        :meth:`restore`. Returns False when idle (the next call is unaffected)
+        or when the running call was already being stopped.
         """
         return self._stop()[0]
 
@@ -457,8 +458,10 @@ class Sandbox:
             ):
                 call.precancelled = generation  # the call has been handed out, not begun
                 return True, None, None
-            if self._state is not SandboxState.RUNNING or (
-                generation is not None and call.generation != generation
+            if (
+                self._state is not SandboxState.RUNNING
+                or (generation is not None and call.generation != generation)
+                or call.cancel  # already being stopped
             ):
                 return False, None, None
             if dump_reason is not None and self.config.crashdump_enabled:

@@ -430,3 +430,57 @@ def test_config_sizes_the_layout(kvm: Kvm, simpleguest: Path) -> None:
         assert sb.call("heap_roundtrip", 128 << 10) == -1  # malloc fails cleanly
         with pytest.raises(ArgumentError):
             sb.call("echo_bytes", bytes(8 << 10))
+
+
+def test_interrupt_storm_across_sandboxes_cancels_exactly_the_interrupted_calls(
+    kvm: Kvm, simpleguest: Path
+) -> None:
+    """Many threads interrupt at random moments: every True from interrupt() is one
+    cancelled call, no other call is disturbed (stale kicks included)."""
+    sandboxes = [Sandbox(simpleguest) for _ in range(6)]
+    stop = threading.Event()
+    stopped = [0] * len(sandboxes)
+    cancelled = [0] * len(sandboxes)
+    completed = [0] * len(sandboxes)
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def work(i: int) -> None:
+        sb, rng = sandboxes[i], random.Random(i)
+        try:
+            for _ in range(150):
+                n = rng.randrange(1, 300_000)
+                try:
+                    assert sb.call("spin_for", n) == n
+                    assert sb.call("add", n, 1) == n + 1
+                    completed[i] += 1
+                except GuestCancelled:
+                    cancelled[i] += 1
+                    sb.restore()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def storm(seed: int) -> None:
+        rng = random.Random(seed)
+        while not stop.is_set():
+            i = rng.randrange(len(sandboxes))
+            if sandboxes[i].interrupt():
+                with lock:
+                    stopped[i] += 1
+            time.sleep(rng.uniform(0, 0.002))
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(len(sandboxes))]
+    storms = [threading.Thread(target=storm, args=(100 + s,)) for s in range(4)]
+    for t in workers + storms:
+        t.start()
+    for t in workers:
+        t.join(120)
+    stop.set()
+    for t in storms:
+        t.join()
+    for sb in sandboxes:
+        sb.close()
+    assert errors == []
+    assert stopped == cancelled
+    assert sum(cancelled) > 10 and sum(completed) > 10
+    assert [c + x for c, x in zip(completed, cancelled, strict=True)] == [150] * len(sandboxes)

@@ -17,6 +17,7 @@ from hlasync import (
     GuestCancelled,
     GuestCrashed,
     GuestTimeout,
+    HostFunctionError,
     SandboxConfig,
     SupervisorBusy,
     SupervisorClosed,
@@ -510,3 +511,30 @@ async def test_timeout_dump_failure_is_reported_on_the_error(kvm: Kvm, simplegue
             await pool.call("spin", timeout=0.2)
     assert info.value.core_path is None
     assert info.value.crashdump_error is not None
+
+
+async def test_misbehaving_host_functions_under_the_supervisor(kvm: Kvm, simpleguest: Path) -> None:
+    def raises(x: int) -> int:
+        raise KeyError(x)
+
+    def wrong_type(x: int) -> object:
+        return {"not": "a value"}
+
+    async def async_raises(x: int) -> int:
+        await anyio.sleep(0)
+        raise ValueError("async host function failed")
+
+    host = {"raises": raises, "wrong": wrong_type, "async_raises": async_raises}
+    async with Supervisor(workers=2) as sup:
+        pool = await sup.create_pool(simpleguest, size=2, host_functions=host)
+        for name, cause in (
+            ("raises", KeyError),
+            ("wrong", TypeError),
+            ("async_raises", ValueError),
+        ):
+            with pytest.raises(HostFunctionError) as info:
+                await pool.call("call_host", name, 1)
+            assert isinstance(info.value.__cause__, cause), name
+            assert info.value.host_function == name
+        assert await pool.call("add", 20, 22) == 42
+        assert sup.statistics().failed == 3
