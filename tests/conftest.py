@@ -62,6 +62,12 @@ def hostile_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_guest([source], tmp_path_factory.mktemp("guests") / "hostile.elf")
 
 
+def fuzz_examples(count: int) -> int:
+    """Examples per fuzz test: ``count`` in CI, scaled by ``HLASYNC_FUZZ_SCALE``
+    for longer runs on demand (e.g. ``HLASYNC_FUZZ_SCALE=100 python -m pytest -k fuzz``)."""
+    return max(1, int(count * float(os.environ.get("HLASYNC_FUZZ_SCALE", "1"))))
+
+
 def require_tool(name: str) -> str:
     """Path of an external tool; skip without it, fail in CI (HLASYNC_REQUIRE_KVM=1)."""
     import shutil

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hlasync import abi
 from hlasync._build import sdk_dir
 from hlasync.abi import FrameError, FunctionSignature, ValueType
+from tests.conftest import fuzz_examples
 
 
 def test_header_constants_match_python() -> None:
@@ -109,7 +110,7 @@ def test_malformed_host_calls_are_frame_errors(frame: memoryview) -> None:
         abi.read_host_call(frame)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=fuzz_examples(500), deadline=None)
 @given(st.binary(min_size=0, max_size=600))
 def test_decoders_only_raise_frame_errors(data: bytes) -> None:
     buffer = memoryview(bytearray(data))
@@ -123,7 +124,7 @@ def test_decoders_only_raise_frame_errors(data: bytes) -> None:
             decode()
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=fuzz_examples(300), deadline=None)
 @given(
     st.lists(
         st.sampled_from([ValueType.INT, ValueType.STR, ValueType.BYTES, ValueType.FLOAT]),

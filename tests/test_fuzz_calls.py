@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from hlasync import ArgumentError, FunctionNotFound, Sandbox, SandboxState
 from hlasync.kvm import Kvm
+from tests.conftest import fuzz_examples
 
 SAFE = [
     "add",
@@ -47,7 +48,9 @@ def fuzz_sandbox(kvm: Kvm, simpleguest: Path) -> Iterator[Sandbox]:
 
 
 @settings(
-    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=fuzz_examples(400),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(name=st.sampled_from(SAFE), args=st.lists(values, max_size=4))
 def test_any_arguments_give_a_result_or_argument_error(
@@ -73,7 +76,9 @@ def test_any_arguments_give_a_result_or_argument_error(
 
 
 @settings(
-    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=fuzz_examples(100),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(name=st.text(max_size=50))
 def test_unknown_names_are_function_not_found(fuzz_sandbox: Sandbox, name: str) -> None:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from hlasync import CoreDump, GuestAborted, GuestCrashed, InvalidCoreDump, Sandbox, abi
 from hlasync.kvm import Kvm
+from tests.conftest import fuzz_examples
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -124,7 +125,9 @@ def test_truncated_and_foreign_files_are_clear_errors(fault_core: Path, tmp_path
 
 
 @settings(
-    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=fuzz_examples(100),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(st.data())
 def test_mutated_dumps_only_raise_invalid_core_dump(

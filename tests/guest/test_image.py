@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from hlasync import GuestImage, GuestImageError, Sandbox, SandboxConfig, ValueType
 from hlasync.kvm import Kvm
+from tests.conftest import fuzz_examples
 
 
 def _write(tmp_path: Path, data: bytes, name: str = "guest.elf") -> Path:
@@ -123,7 +124,9 @@ def test_image_too_large_for_memory(kvm: Kvm, tmp_path: Path, simpleguest: Path)
 
 
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=fuzz_examples(150),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(st.data())
 def test_mutated_guest_never_escapes_the_error_tree(
