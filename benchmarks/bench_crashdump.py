@@ -21,17 +21,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
-import io
 import json
-import math
 import os
-import platform
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,14 +41,20 @@ from hlasync import (
     SandboxConfig,
     SandboxState,
 )
+from hlasync.bench._common import (
+    MS,
+    KiB,
+    MiB,
+    format_ns,
+    format_value,
+    gc_paused,
+    machine_description,
+    quiet_stderr,
+    summarize,
+)
 from hlasync.crashdump.placement import DUMP_DIR_ENV, DUMP_GLOB
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "crashdump.json"
-
-KiB = 1024
-MiB = 1024 * KiB
-US = 1_000
-MS = 1_000_000
 
 #: Guest memory of the dumped sandboxes.
 MEMORY_SIZE = 8 * MiB
@@ -114,15 +116,7 @@ class Result:
     target: Target | None = None
 
     def stats(self) -> dict[str, float]:
-        ordered = sorted(self.samples)
-        return {
-            "median": percentile(ordered, 50.0),
-            "p90": percentile(ordered, 90.0),
-            "p99": percentile(ordered, 99.0),
-            "min": float(ordered[0]),
-            "max": float(ordered[-1]),
-            "mean": sum(ordered) / len(ordered),
-        }
+        return summarize(self.samples)
 
 
 @dataclass(frozen=True)
@@ -157,96 +151,6 @@ class Report:
 
 
 # ------------------------------------------------------------------ helpers
-def percentile(ordered: Sequence[int], pct: float) -> float:
-    """Linear-interpolated percentile of already sorted samples."""
-    if not ordered:
-        raise ValueError("no samples")
-    if len(ordered) == 1:
-        return float(ordered[0])
-    rank = (len(ordered) - 1) * pct / 100.0
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    fraction = rank - low
-    return ordered[low] + (ordered[high] - ordered[low]) * fraction
-
-
-def format_ns(value: float) -> str:
-    sign = "-" if value < 0 else ""
-    value = abs(value)
-    if value < US:
-        return f"{sign}{value:.0f} ns"
-    if value < MS:
-        return f"{sign}{value / US:.2f} us"
-    return f"{sign}{value / MS:.3f} ms"
-
-
-def format_bytes(value: float) -> str:
-    if value < KiB:
-        return f"{value:.0f} B"
-    if value < MiB:
-        return f"{value / KiB:.1f} KiB"
-    return f"{value / MiB:.2f} MiB"
-
-
-def format_value(value: float, unit: Unit) -> str:
-    return format_ns(value) if unit == "ns" else format_bytes(value)
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Collect, then keep the cyclic GC out of the timed loop (as timeit does)."""
-    gc.collect()
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-class _Discard(io.TextIOBase):
-    """A text stream that drops everything written to it (it never grows)."""
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, s: str, /) -> int:
-        return len(s)
-
-
-def quiet_stderr() -> contextlib.redirect_stderr[io.TextIOBase]:
-    """Drop the ``Core dump created: <path>`` line every dump writes to stderr."""
-    return contextlib.redirect_stderr(_Discard())
-
-
-def machine_description() -> dict[str, str]:
-    model = "unknown"
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model == "unknown":
-                    model = value.strip()
-                elif key == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    if flags & {"vmx", "svm"}:
-        flavour = "hardware KVM (vmx/svm in /proc/cpuinfo flags)"
-    else:
-        flavour = "PVM (no vmx/svm in /proc/cpuinfo flags)"
-    return {
-        "cpu": model,
-        "cpus": str(os.cpu_count() or 0),
-        "kernel": platform.release(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "kvm": flavour,
-    }
-
-
 def check_dump_file(path: Path, directory: Path, what: str) -> os.stat_result:
     """Stat a dump file, checking it is an ELF file in ``directory``."""
     if path.parent != directory:
@@ -517,7 +421,7 @@ def evaluate(result: Result) -> tuple[str, str]:
     return result.target.description, "yes" if met else "no"
 
 
-def render(machine: dict[str, str], mode: str, report: Report) -> str:
+def render(machine: dict[str, Any], mode: str, report: Report) -> str:
     by_key = {r.key: r for r in report.results}
     lines = [
         "## hlasync crash dump benchmarks",
@@ -548,7 +452,7 @@ def render(machine: dict[str, str], mode: str, report: Report) -> str:
 
 
 def to_json(
-    machine: dict[str, str], mode: str, counts: Counts, report: Report, wall_s: float
+    machine: dict[str, Any], mode: str, counts: Counts, report: Report, wall_s: float
 ) -> dict[str, Any]:
     by_key = {r.key: r for r in report.results}
     measurements: dict[str, Any] = {}

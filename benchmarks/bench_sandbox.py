@@ -16,29 +16,31 @@ target was missed.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import math
 import os
-import platform
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import hlasync.guests
 from hlasync import GuestCancelled, Sandbox, SandboxState, abi
+from hlasync.bench._common import (
+    MS,
+    US,
+    KiB,
+    format_ns,
+    gc_paused,
+    machine_description,
+    summarize,
+    time_calls,
+)
 from hlasync.kvm.exits import Exit, IoOut
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "sandbox.json"
-
-KiB = 1024
-US = 1_000
-MS = 1_000_000
 
 #: How long ``spin()`` runs before the interrupt is sent.
 SPIN_BEFORE_INTERRUPT_S = 0.020
@@ -98,104 +100,17 @@ class Target:
 class Result:
     key: str
     label: str
-    samples_ns: list[int]
+    samples_ns: Sequence[float]
     target: Target | None = None
     #: Extra comparison shown in the table (e.g. the ratio to the bare round trip).
     ratio_to: str | None = None
     ratio_limit: float | None = None
 
-    @property
-    def sorted(self) -> list[int]:
-        return sorted(self.samples_ns)
-
     def stats(self) -> dict[str, float]:
-        ordered = self.sorted
-        return {
-            "median": percentile(ordered, 50.0),
-            "p90": percentile(ordered, 90.0),
-            "p99": percentile(ordered, 99.0),
-            "min": float(ordered[0]),
-            "max": float(ordered[-1]),
-            "mean": sum(ordered) / len(ordered),
-        }
+        return summarize(self.samples_ns)
 
 
 # ------------------------------------------------------------------ helpers
-def percentile(ordered: Sequence[int], pct: float) -> float:
-    """Linear-interpolated percentile of already sorted samples."""
-    if not ordered:
-        raise ValueError("no samples")
-    if len(ordered) == 1:
-        return float(ordered[0])
-    rank = (len(ordered) - 1) * pct / 100.0
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    fraction = rank - low
-    return ordered[low] + (ordered[high] - ordered[low]) * fraction
-
-
-def format_ns(value: float) -> str:
-    if value < US:
-        return f"{value:.0f} ns"
-    if value < MS:
-        return f"{value / US:.2f} us"
-    return f"{value / MS:.3f} ms"
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Collect, then keep the cyclic GC out of the timed loop (as timeit does)."""
-    gc.collect()
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def time_calls(function: Callable[[], object], n: int, warmup: int) -> list[int]:
-    """Run ``function`` ``warmup`` times, then time ``n`` calls one by one."""
-    for _ in range(warmup):
-        function()
-    samples = [0] * n
-    clock = time.perf_counter_ns
-    with gc_paused():
-        for i in range(n):
-            start = clock()
-            function()
-            samples[i] = clock() - start
-    return samples
-
-
-def machine_description() -> dict[str, str]:
-    model = "unknown"
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model == "unknown":
-                    model = value.strip()
-                elif key == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    if flags & {"vmx", "svm"}:
-        flavour = "hardware KVM (vmx/svm in /proc/cpuinfo flags)"
-    else:
-        flavour = "PVM (no vmx/svm in /proc/cpuinfo flags)"
-    return {
-        "cpu": model,
-        "cpus": str(os.cpu_count() or 0),
-        "kernel": platform.release(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "kvm": flavour,
-    }
-
-
 def expect_return_exit(exit_: Exit, when: str) -> None:
     if not (isinstance(exit_, IoOut) and exit_.port == abi.PORT_RETURN):
         raise RuntimeError(f"bare KVM_RUN {when}: expected an out to the return port, got {exit_}")
@@ -423,7 +338,7 @@ def evaluate(result: Result, by_key: dict[str, Result]) -> tuple[str, str, float
     return "-", "-", None
 
 
-def render(machine: dict[str, str], mode: str, results: list[Result]) -> str:
+def render(machine: dict[str, Any], mode: str, results: list[Result]) -> str:
     by_key = {r.key: r for r in results}
     lines = [
         "## hlasync sandbox benchmarks",
@@ -448,7 +363,7 @@ def render(machine: dict[str, str], mode: str, results: list[Result]) -> str:
 
 
 def to_json(
-    machine: dict[str, str], mode: str, counts: Counts, results: list[Result], wall_s: float
+    machine: dict[str, Any], mode: str, counts: Counts, results: list[Result], wall_s: float
 ) -> dict[str, Any]:
     by_key = {r.key: r for r in results}
     measurements: dict[str, Any] = {}
@@ -467,7 +382,7 @@ def to_json(
             "mean_ns": stats["mean"],
             "target": None if target == "-" else target,
             "met": None if met == "-" else met == "yes",
-            "samples_ns": result.samples_ns,
+            "samples_ns": list(result.samples_ns),
         }
         if ratio is not None:
             entry["ratio_to"] = result.ratio_to

@@ -26,19 +26,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
-import io
 import json
-import math
 import os
-import platform
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,13 +41,21 @@ import anyio
 
 import hlasync.guests
 from hlasync import GuestTimeout, Sandbox
+from hlasync.bench._common import (
+    MS,
+    US,
+    format_ns,
+    gc_paused,
+    machine_description,
+    package_version,
+    percentile,
+    quiet_stderr,
+    summarize,
+)
 from hlasync.crashdump.placement import DUMP_DIR_ENV, DUMP_GLOB
 from hlasync.supervisor import Pool, Supervisor, SupervisorStatistics, _loop_waker
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "supervisor.json"
-
-US = 1_000
-MS = 1_000_000
 
 #: Sandboxes in the pool of the latency and throughput measurements.
 POOL_SIZE = 4
@@ -131,15 +134,7 @@ class Result:
     extra: dict[str, Any] = field(default_factory=dict)  # more JSON fields
 
     def stats(self) -> dict[str, float]:
-        ordered = sorted(self.samples)
-        return {
-            "median": percentile(ordered, 50.0),
-            "p90": percentile(ordered, 90.0),
-            "p99": percentile(ordered, 99.0),
-            "min": float(ordered[0]),
-            "max": float(ordered[-1]),
-            "mean": sum(ordered) / len(ordered),
-        }
+        return summarize(self.samples)
 
 
 @dataclass(frozen=True)
@@ -165,63 +160,12 @@ class Report:
 
 
 # ------------------------------------------------------------------ helpers
-def percentile(ordered: Sequence[float], pct: float) -> float:
-    """Linear-interpolated percentile of already sorted samples."""
-    if not ordered:
-        raise ValueError("no samples")
-    if len(ordered) == 1:
-        return float(ordered[0])
-    rank = (len(ordered) - 1) * pct / 100.0
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    fraction = rank - low
-    return ordered[low] + (ordered[high] - ordered[low]) * fraction
-
-
 def median(samples: Sequence[float]) -> float:
     return percentile(sorted(samples), 50.0)
 
 
-def format_ns(value: float) -> str:
-    sign = "-" if value < 0 else ""
-    value = abs(value)
-    if value < US:
-        return f"{sign}{value:.0f} ns"
-    if value < MS:
-        return f"{sign}{value / US:.2f} us"
-    return f"{sign}{value / MS:.3f} ms"
-
-
 def format_rate(value: float) -> str:
     return f"{value:,.0f} calls/s"
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Collect, then keep the cyclic GC out of the timed loop (as timeit does)."""
-    gc.collect()
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-class _Discard(io.TextIOBase):
-    """A text stream that drops everything written to it (it never grows)."""
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, s: str, /) -> int:
-        return len(s)
-
-
-def quiet_stderr() -> contextlib.redirect_stderr[io.TextIOBase]:
-    """Drop the ``Core dump created: <path>`` line every dump writes to stderr."""
-    return contextlib.redirect_stderr(_Discard())
 
 
 @contextlib.contextmanager
@@ -236,35 +180,6 @@ def dump_dir(directory: Path) -> Iterator[None]:
             os.environ.pop(DUMP_DIR_ENV, None)
         else:
             os.environ[DUMP_DIR_ENV] = previous
-
-
-def machine_description(backend: str) -> dict[str, str]:
-    model = "unknown"
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model == "unknown":
-                    model = value.strip()
-                elif key == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    if flags & {"vmx", "svm"}:
-        flavour = "hardware KVM (vmx/svm in /proc/cpuinfo flags)"
-    else:
-        flavour = "PVM (no vmx/svm in /proc/cpuinfo flags)"
-    return {
-        "cpu": model,
-        "cpus": str(os.cpu_count() or 0),
-        "kernel": platform.release(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "kvm": flavour,
-        "backend": f"{backend} {version(backend) if backend == 'trio' else ''}".strip()
-        + f" (anyio {version('anyio')})",
-    }
 
 
 async def expect_add(pool: Pool, when: str) -> None:
@@ -557,7 +472,7 @@ def evaluate(result: Result) -> tuple[str, str]:
     return result.target.description, "yes" if result.target.met(result.stats()) else "no"
 
 
-def render(machine: dict[str, str], mode: str, report: Report) -> str:
+def render(machine: dict[str, Any], mode: str, report: Report) -> str:
     by_key = {r.key: r for r in report.results}
     lines = [
         "## hlasync supervisor benchmarks",
@@ -601,7 +516,7 @@ def render(machine: dict[str, str], mode: str, report: Report) -> str:
 
 
 def to_json(
-    machine: dict[str, str],
+    machine: dict[str, Any],
     mode: str,
     backend: str,
     counts: Counts,
@@ -668,7 +583,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     counts = QUICK if args.quick else FULL
     mode = "quick (smoke test, not for quoting)" if args.quick else "full"
     backend: str = args.backend
-    machine = machine_description(backend)
+    machine = machine_description()
+    trio = f" {package_version('trio')}" if backend == "trio" else ""
+    machine["backend"] = f"{backend}{trio} (anyio {package_version('anyio')})"
 
     started = time.perf_counter()
     report = run(counts, backend)

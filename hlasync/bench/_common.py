@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -135,15 +135,7 @@ class Row:
         return self.skipped is None and bool(self.samples)
 
     def stats(self) -> dict[str, float]:
-        ordered = sorted(self.samples)
-        return {
-            "median": percentile(ordered, 50.0),
-            "p90": percentile(ordered, 90.0),
-            "p99": percentile(ordered, 99.0),
-            "min": float(ordered[0]),
-            "max": float(ordered[-1]),
-            "mean": sum(ordered) / len(ordered),
-        }
+        return summarize(self.samples)
 
 
 def skipped(category: str, key: str, peer: str, label: str, reason: str) -> Row:
@@ -168,14 +160,30 @@ def percentile(ordered: Sequence[float], pct: float) -> float:
     return float(ordered[low] + (ordered[high] - ordered[low]) * fraction)
 
 
+def summarize(samples: Iterable[float]) -> dict[str, float]:
+    """Median, p90, p99, min, max and mean of samples in any order."""
+    ordered = sorted(samples)
+    return {
+        "median": percentile(ordered, 50.0),
+        "p90": percentile(ordered, 90.0),
+        "p99": percentile(ordered, 99.0),
+        "min": float(ordered[0]),
+        "max": float(ordered[-1]),
+        "mean": sum(ordered) / len(ordered),
+    }
+
+
 def format_ns(value: float) -> str:
+    """Nanoseconds in ns, us, ms or s; a negative value (a difference) keeps its sign."""
+    sign = "-" if value < 0 else ""
+    value = abs(value)
     if value < US:
-        return f"{value:.0f} ns"
+        return f"{sign}{value:.0f} ns"
     if value < MS:
-        return f"{value / US:.2f} us"
+        return f"{sign}{value / US:.2f} us"
     if value < 1000 * MS:
-        return f"{value / MS:.3f} ms"
-    return f"{value / (1000 * MS):.3f} s"
+        return f"{sign}{value / MS:.3f} ms"
+    return f"{sign}{value / (1000 * MS):.3f} s"
 
 
 def format_bytes(value: float) -> str:
