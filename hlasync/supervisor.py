@@ -731,10 +731,9 @@ class Supervisor:
         result: Value = None
         error: BaseException | None = None
         try:
-            if job.abandoned:
-                raise GuestCancelled(
-                    "call cancelled before it started", sandbox_id=sandbox.id, function=job.name
-                )
+            # A call abandoned before it began was pre-cancelled (Sandbox._stop with its
+            # generation): the sandbox raises GuestCancelled at once and the next call
+            # gets a new generation, so the cancellation cannot reach it.
             result = sandbox.call(job.name, *job.args)
         except (GuestCancelled, HostFunctionError) as exc:
             if job.expired:

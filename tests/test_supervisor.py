@@ -6,6 +6,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import psutil
@@ -538,3 +539,40 @@ async def test_misbehaving_host_functions_under_the_supervisor(kvm: Kvm, simpleg
             assert info.value.host_function == name
         assert await pool.call("add", 20, 22) == 42
         assert sup.statistics().failed == 3
+
+
+async def test_a_call_abandoned_before_it_began_does_not_cancel_the_next(
+    kvm: Kvm, simpleguest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller gives up after a worker took its call but before the call began
+    (held open here): the next call on that sandbox must run normally."""
+    original = Supervisor._run
+    taken, release = threading.Event(), threading.Event()
+
+    def held_run(self: Supervisor, job: Any) -> None:
+        if job.name == "spin_for":
+            taken.set()
+            release.wait(10)
+        original(self, job)
+
+    monkeypatch.setattr(Supervisor, "_run", held_run)
+    async with Supervisor(workers=1) as sup:
+        sb = await sup.create_sandbox(simpleguest)
+        async with anyio.create_task_group() as tg:
+
+            async def give_up() -> None:
+                with anyio.CancelScope() as scope:
+                    tg.start_soon(lambda: _cancel_when(taken, scope))
+                    await sb.call("spin_for", 10)
+
+            tg.start_soon(give_up)
+        release.set()
+        with anyio.fail_after(10):
+            assert await sb.call("add", 1, 2) == 3
+            assert await sb.call("increment") == 1
+
+
+async def _cancel_when(event: threading.Event, scope: anyio.CancelScope) -> None:
+    while not event.is_set():
+        await anyio.sleep(0.001)
+    scope.cancel()
