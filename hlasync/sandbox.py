@@ -862,8 +862,9 @@ class Sandbox:
                 Vcpu.consume_kick()
                 call.kick_pending = False
             requests, call.requests = call.requests, []
+            # The flag stays set until the call has ended, so a second interrupt() of
+            # this call returns False instead of claiming a stop that will not come.
             cancel = call.cancel
-            call.cancel = False
         # The vCPU is paused here: serve dumps first, so a cancel still gets its dump.
         for request in requests:
             self._serve_dump_request(request)
