@@ -151,17 +151,18 @@ async def test_watchdog_dumps_a_guest_blocked_in_a_sync_host_function(
     kvm: Kvm, simpleguest: Path
 ) -> None:
     release = threading.Event()
+    returned = threading.Event()
 
     def stuck(x: int) -> int:
-        release.wait(10)
+        release.wait(30)
+        returned.set()
         return x
 
     async with Supervisor(workers=2) as sup:
         sb = await sup.create_sandbox(simpleguest, host_functions={"stuck": stuck})
-        started = time.monotonic()
         with pytest.raises(GuestTimeout) as info:
             await sb.call("call_host", "stuck", 1, timeout=0.3)
-        assert time.monotonic() - started < 5  # answered without waiting for the host function
+        assert not returned.is_set()  # answered while the host function was still blocked
         release.set()
         assert info.value.core_path is not None
         with CoreDump.open(info.value.core_path) as dump:
@@ -208,10 +209,9 @@ async def test_cancelling_the_caller_stops_and_restores_the_guest(
     async with Supervisor(workers=1) as sup:
         sb = await sup.create_sandbox(simpleguest)
         assert await sb.call("increment") == 1
-        started = time.monotonic()
-        with anyio.move_on_after(0.2):
-            await sb.call("spin")
-        assert time.monotonic() - started < 2  # the caller's deadline won
+        with anyio.move_on_after(0.2) as scope:
+            await sb.call("spin")  # never returns by itself
+        assert scope.cancelled_caught  # the caller's deadline won
         assert await sb.call("increment") == 1  # restored to its initial state
         with anyio.fail_after(5):  # and the single worker is free again
             assert await sb.call("add", 1, 1) == 2
