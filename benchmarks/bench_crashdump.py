@@ -45,10 +45,12 @@ from hlasync.bench._common import (
     MS,
     KiB,
     MiB,
+    Target,
     format_ns,
     format_value,
     gc_paused,
     machine_description,
+    machine_lines,
     quiet_stderr,
     summarize,
 )
@@ -96,15 +98,6 @@ FULL = Counts(
     faults=500,
     fault_warmup=20,
 )
-
-
-@dataclass(frozen=True)
-class Target:
-    """A goal for one statistic of a measurement (in the measurement's unit)."""
-
-    statistic: str  # "median", "p90" or "p99"
-    limit: float
-    description: str
 
 
 @dataclass
@@ -417,8 +410,7 @@ def evaluate(result: Result) -> tuple[str, str]:
     """(target text, met text) for one row, computed from the samples."""
     if result.target is None:
         return "-", "-"
-    met = result.stats()[result.target.statistic] <= result.target.limit
-    return result.target.description, "yes" if met else "no"
+    return result.target.description, "yes" if result.target.met(result.stats()) else "no"
 
 
 def render(machine: dict[str, Any], mode: str, report: Report) -> str:
@@ -426,10 +418,7 @@ def render(machine: dict[str, Any], mode: str, report: Report) -> str:
     lines = [
         "## hlasync crash dump benchmarks",
         "",
-        f"- CPU: {machine['cpu']} ({machine['cpus']} logical CPUs)",
-        f"- kernel: {machine['kernel']}",
-        f"- Python: {machine['python']}",
-        f"- KVM: {machine['kvm']}",
+        *machine_lines(machine),
         f"- mode: {mode}",
         "",
         "| measurement | median | p90 | p99 | n | target | met |",

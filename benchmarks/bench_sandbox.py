@@ -32,9 +32,11 @@ from hlasync.bench._common import (
     MS,
     US,
     KiB,
+    Target,
     format_ns,
     gc_paused,
     machine_description,
+    machine_lines,
     summarize,
     time_calls,
 )
@@ -85,15 +87,6 @@ FULL = Counts(
     interrupts=200,
     interrupt_warmup=5,
 )
-
-
-@dataclass(frozen=True)
-class Target:
-    """A goal for one statistic of a measurement."""
-
-    statistic: str  # "median", "p90" or "p99"
-    limit_ns: float
-    description: str
 
 
 @dataclass
@@ -328,8 +321,7 @@ def evaluate(result: Result, by_key: dict[str, Result]) -> tuple[str, str, float
     """(target text, met text, ratio) for one row, computed from the samples."""
     stats = result.stats()
     if result.target is not None:
-        met = stats[result.target.statistic] <= result.target.limit_ns
-        return result.target.description, "yes" if met else "no", None
+        return result.target.description, "yes" if result.target.met(stats) else "no", None
     if result.ratio_to is not None and result.ratio_limit is not None:
         base = by_key[result.ratio_to].stats()["median"]
         ratio = stats["median"] / base
@@ -343,10 +335,7 @@ def render(machine: dict[str, Any], mode: str, results: list[Result]) -> str:
     lines = [
         "## hlasync sandbox benchmarks",
         "",
-        f"- CPU: {machine['cpu']} ({machine['cpus']} logical CPUs)",
-        f"- kernel: {machine['kernel']}",
-        f"- Python: {machine['python']}",
-        f"- KVM: {machine['kvm']}",
+        *machine_lines(machine),
         f"- mode: {mode}",
         "",
         "| measurement | median | p90 | p99 | n | target | met |",

@@ -44,9 +44,11 @@ from hlasync import GuestTimeout, Sandbox
 from hlasync.bench._common import (
     MS,
     US,
+    Target,
     format_ns,
     gc_paused,
     machine_description,
+    machine_lines,
     package_version,
     percentile,
     quiet_stderr,
@@ -108,20 +110,6 @@ FULL = Counts(
     timeouts=100,
     timeout_warmup=3,
 )
-
-
-@dataclass(frozen=True)
-class Target:
-    """A goal for one statistic of a measurement (in the measurement's unit)."""
-
-    statistic: str  # "median", "p90" or "p99"
-    limit: float
-    description: str
-    at_least: bool = False  # True: the statistic must be >= limit (throughput)
-
-    def met(self, stats: dict[str, float]) -> bool:
-        value = stats[self.statistic]
-        return value >= self.limit if self.at_least else value <= self.limit
 
 
 @dataclass
@@ -477,10 +465,7 @@ def render(machine: dict[str, Any], mode: str, report: Report) -> str:
     lines = [
         "## hlasync supervisor benchmarks",
         "",
-        f"- CPU: {machine['cpu']} ({machine['cpus']} logical CPUs)",
-        f"- kernel: {machine['kernel']}",
-        f"- Python: {machine['python']}",
-        f"- KVM: {machine['kvm']}",
+        *machine_lines(machine),
         f"- async backend: {machine['backend']}",
         f"- mode: {mode}",
         "",

@@ -266,6 +266,30 @@ def package_version(name: str) -> str | None:
         return None
 
 
+def machine_lines(machine: dict[str, Any]) -> list[str]:
+    """The markdown header lines every benchmark report starts with."""
+    return [
+        f"- CPU: {machine['cpu']} ({machine['cpus']} logical CPUs)",
+        f"- kernel: {machine['kernel']}",
+        f"- Python: {machine['python']}",
+        f"- KVM: {machine['kvm']}",
+    ]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal for one statistic of a measurement (in the measurement's unit)."""
+
+    statistic: str  # "median", "p90" or "p99"
+    limit: float
+    description: str
+    at_least: bool = False  # True: the statistic must be >= limit (throughput)
+
+    def met(self, stats: dict[str, float]) -> bool:
+        value = stats[self.statistic]
+        return value >= self.limit if self.at_least else value <= self.limit
+
+
 def machine_description() -> dict[str, Any]:
     model = "unknown"
     flags: set[str] = set()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from ._common import CATEGORIES, Counts, Row, format_value
+from ._common import CATEGORIES, Counts, Row, format_value, machine_lines
 
 
 def baselines(rows: list[Row]) -> dict[str, Row]:
@@ -41,10 +41,7 @@ def render(machine: dict[str, Any], mode: str, rows: list[Row], wall_s: float) -
     lines = [
         "## hlasync side by side with its peers",
         "",
-        f"- CPU: {machine['cpu']} ({machine['cpus']} logical CPUs)",
-        f"- kernel: {machine['kernel']}",
-        f"- Python: {machine['python']}",
-        f"- KVM: {machine['kvm']}",
+        *machine_lines(machine),
         f"- packages: {packages}",
         f"- tools: {tools}",
         f"- mode: {mode}; all rows measured in this one run ({wall_s:.0f} s)",
