@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -40,14 +39,13 @@ from hlasync.bench._common import (
     summarize,
     time_calls,
 )
+from hlasync.bench.interrupt import RunawayWorker
 from hlasync.kvm.exits import Exit, IoOut
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "sandbox.json"
 
 #: How long ``spin()`` runs before the interrupt is sent.
 SPIN_BEFORE_INTERRUPT_S = 0.020
-#: Longest wait for the worker thread to be inside ``spin()`` or to finish.
-WORKER_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -224,83 +222,26 @@ def bench_restore(guest: Path, counts: Counts) -> Result:
     )
 
 
-def current_state(sb: Sandbox) -> SandboxState:
-    return sb.state
+def bench_interrupt(guest: Path, counts: Counts) -> Result:
+    """ns from ``interrupt()`` to ``GuestCancelled`` caught, ~20 ms into ``spin()``."""
+    sb = Sandbox(guest)
+    worker = RunawayWorker("spin-worker", lambda: sb.call("spin"), GuestCancelled)
 
-
-class _SpinWorker:
-    """A thread that runs ``spin()`` on request and times its cancellation."""
-
-    def __init__(self, sb: Sandbox) -> None:
-        self.sb = sb
-        self.go = threading.Event()
-        self.entering = threading.Event()
-        self.done = threading.Event()
-        self.stop = False
-        self.cancelled_at = 0
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name="spin-worker", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            self.go.wait()
-            self.go.clear()
-            if self.stop:
-                return
-            self.cancelled_at = 0
-            self.error = None
-            try:
-                self.entering.set()
-                self.sb.call("spin")
-                self.error = RuntimeError("spin() returned")
-            except GuestCancelled:
-                self.cancelled_at = time.perf_counter_ns()
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-                self.error = exc
-            self.done.set()
-
-    def sample(self) -> int:
-        """Start spin(), interrupt it after ~20 ms; ns from interrupt() to GuestCancelled."""
-        sb = self.sb
-        self.entering.clear()
-        self.done.clear()
-        self.go.set()
-        if not self.entering.wait(WORKER_TIMEOUT_S):
-            raise RuntimeError("spin worker did not start")
-        time.sleep(SPIN_BEFORE_INTERRUPT_S)
-        deadline = time.monotonic() + WORKER_TIMEOUT_S
-        while sb.state is not SandboxState.RUNNING:
-            if self.done.is_set() or time.monotonic() > deadline:
-                raise RuntimeError(f"spin() is not running (state {sb.state.value})", self.error)
-            time.sleep(0.001)
-        start = time.perf_counter_ns()
+    def interrupt() -> None:
         if not sb.interrupt():
             raise RuntimeError("interrupt() found no running call")
-        if not self.done.wait(WORKER_TIMEOUT_S):
-            raise RuntimeError("spin() was not cancelled within 10 s of interrupt()")
-        if self.error is not None:
-            raise RuntimeError("spin() did not end with GuestCancelled") from self.error
-        state = current_state(sb)  # re-read: the worker changed it
-        if state is not SandboxState.POISONED:
-            raise RuntimeError(f"sandbox is {state.value} after the interrupt, not poisoned")
-        sb.restore()
-        return self.cancelled_at - start
 
-    def close(self) -> None:
-        self.stop = True
-        self.go.set()
-        self.thread.join(WORKER_TIMEOUT_S)
-
-
-def bench_interrupt(guest: Path, counts: Counts) -> Result:
-    sb = Sandbox(guest)
-    worker = _SpinWorker(sb)
     try:
-        samples: list[int] = []
+        samples: list[float] = []
         for i in range(counts.interrupt_warmup + counts.interrupts):
             with gc_paused():
-                latency = worker.sample()
+                latency = worker.sample(
+                    SPIN_BEFORE_INTERRUPT_S, lambda: sb.state is SandboxState.RUNNING, interrupt
+                )
+            state = sb.state
+            if state is not SandboxState.POISONED:
+                raise RuntimeError(f"sandbox is {state.value} after the interrupt, not poisoned")
+            sb.restore()
             if i >= counts.interrupt_warmup:
                 samples.append(latency)
         if sb.call("add", 1, 2) != 3:
