@@ -32,6 +32,12 @@ def _run(command: list[str]) -> str:
     return result.stdout + result.stderr
 
 
+def _gdb(guest: Path, core: Path, *commands: str) -> str:
+    """``gdb -nx -batch -ex CMD ... GUEST CORE``: what gdb prints."""
+    arguments = [argument for command in commands for argument in ("-ex", command)]
+    return _run([require_tool("gdb"), "-nx", "-batch", *arguments, str(guest), str(core)])
+
+
 def _fault_dump(sb: Sandbox) -> tuple[Path, GuestCrashed]:
     with pytest.raises(GuestCrashed) as info:
         sb.call("divide_by_zero")
@@ -65,23 +71,9 @@ def _spin_dump(sb: Sandbox) -> Path:
 
 
 def test_gdb_shows_fault_backtrace_rip_and_auxv(sb: Sandbox, simpleguest: Path) -> None:
-    gdb = require_tool("gdb")
+    require_tool("gdb")
     core, crash = _fault_dump(sb)
-    out = _run(
-        [
-            gdb,
-            "-nx",
-            "-batch",
-            "-ex",
-            "bt",
-            "-ex",
-            "info registers rip",
-            "-ex",
-            "info auxv",
-            str(simpleguest),
-            str(core),
-        ]
-    )
+    out = _gdb(simpleguest, core, "bt", "info registers rip", "info auxv")
     assert "Program terminated with signal SIGFPE" in out
     frames = re.findall(r"^#\d+\s+(?:0x[0-9a-f]+ in )?(\w+) \(", out, re.M)
     assert frames[0] == "divide_by_zero"
@@ -94,42 +86,18 @@ def test_gdb_shows_fault_backtrace_rip_and_auxv(sb: Sandbox, simpleguest: Path) 
 
 
 def test_gdb_reads_the_sentinel_from_guest_memory(sb: Sandbox, simpleguest: Path) -> None:
-    gdb = require_tool("gdb")
+    require_tool("gdb")
     sb.call("write_sentinel", SENTINEL)
     core = sb.generate_crashdump()
-    out = _run(
-        [
-            gdb,
-            "-nx",
-            "-batch",
-            "-ex",
-            "bt",
-            "-ex",
-            f"x/s {abi.SCRATCH_ADDR:#x}",
-            str(simpleguest),
-            str(core),
-        ]
-    )
+    out = _gdb(simpleguest, core, "bt", f"x/s {abi.SCRATCH_ADDR:#x}")
     assert f'"{SENTINEL}"' in out
     assert "hl_main" in out  # idle at the dispatcher
 
 
 def test_gdb_backtrace_of_a_running_call(sb: Sandbox, simpleguest: Path) -> None:
-    gdb = require_tool("gdb")
+    require_tool("gdb")
     core = _spin_dump(sb)
-    out = _run(
-        [
-            gdb,
-            "-nx",
-            "-batch",
-            "-ex",
-            "bt",
-            "-ex",
-            "info registers rip",
-            str(simpleguest),
-            str(core),
-        ]
-    )
+    out = _gdb(simpleguest, core, "bt", "info registers rip")
     frames = re.findall(r"^#\d+\s+(?:0x[0-9a-f]+ in )?(\w+) \(", out, re.M)
     assert frames[0] == "spin"
     assert "hl_main" in frames or "dispatch" in frames
@@ -201,11 +169,11 @@ def test_pyelftools_reads_every_segment_back_identical(sb: Sandbox) -> None:
 def test_signal_matches_the_cause(
     sb: Sandbox, simpleguest: Path, function: str, args: tuple[object, ...], signo: int
 ) -> None:
-    gdb = require_tool("gdb")
+    require_tool("gdb")
     with pytest.raises((GuestCrashed, GuestAborted)) as info:
         sb.call(function, *args)  # type: ignore[arg-type]
     core = info.value.core_path
     assert core is not None
-    out = _run([gdb, "-nx", "-batch", "-ex", "bt", str(simpleguest), str(core)])
+    out = _gdb(simpleguest, core, "bt")
     assert f"Program terminated with signal {signal.Signals(signo).name}" in out
     assert re.search(rf"\b{function}\b", out)
