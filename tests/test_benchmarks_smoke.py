@@ -19,6 +19,22 @@ SCRIPT = REPO / "benchmarks" / "bench_sandbox.py"
 CRASHDUMP_SCRIPT = REPO / "benchmarks" / "bench_crashdump.py"
 SUPERVISOR_SCRIPT = REPO / "benchmarks" / "bench_supervisor.py"
 
+
+def _run_quick(script: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Run a benchmark script in quick mode; it must exit 0 and print its table."""
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", *extra, "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "| measurement |" in proc.stdout
+    return proc
+
+
 MEASUREMENTS = (
     "bare_kvm_run",
     "call_add",
@@ -34,16 +50,7 @@ MEASUREMENTS = (
 def test_quick_benchmark_runs_and_writes_json(kvm: Kvm, tmp_path: Path) -> None:
     # ``kvm``: skip where KVM is unusable (fail instead under HLASYNC_REQUIRE_KVM=1).
     out = tmp_path / "out.json"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--json", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "| measurement |" in proc.stdout
+    _run_quick(SCRIPT, out)
 
     data = json.loads(out.read_text(encoding="utf-8"))
     measurements = data["measurements"]
@@ -69,16 +76,7 @@ CRASHDUMP_MEASUREMENTS = {
 def test_quick_crashdump_benchmark_runs_and_writes_json(kvm: Kvm, tmp_path: Path) -> None:
     # ``kvm``: skip where KVM is unusable (fail instead under HLASYNC_REQUIRE_KVM=1).
     out = tmp_path / "out.json"
-    proc = subprocess.run(
-        [sys.executable, str(CRASHDUMP_SCRIPT), "--quick", "--json", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "| measurement |" in proc.stdout
+    proc = _run_quick(CRASHDUMP_SCRIPT, out)
     assert "check (ok)" in proc.stdout
     assert "Core dump created" not in proc.stderr
 
@@ -112,24 +110,7 @@ def test_quick_supervisor_benchmark_runs_and_writes_json(
 ) -> None:
     # ``kvm``: skip where KVM is unusable (fail instead under HLASYNC_REQUIRE_KVM=1).
     out = tmp_path / "out.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(SUPERVISOR_SCRIPT),
-            "--quick",
-            "--backend",
-            backend,
-            "--json",
-            str(out),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "| measurement |" in proc.stdout
+    proc = _run_quick(SUPERVISOR_SCRIPT, out, "--backend", backend)
     assert "Core dump created" not in proc.stderr
 
     data = json.loads(out.read_text(encoding="utf-8"))
