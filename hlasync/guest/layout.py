@@ -166,12 +166,6 @@ class MemoryLayout:
             regions=tuple(regions),
         )
 
-    def region_at(self, address: int) -> Region | None:
-        for region in self.regions:
-            if region.start <= address < region.end:
-                return region
-        return None
-
 
 def _descriptor(base: int, limit: int, access: int, flags: int) -> bytes:
     return struct.pack(

@@ -146,11 +146,6 @@ class GuestMemory:
             raise ValueError(f"[{address:#x}, +{size:#x}) is outside guest memory")
         return bytes(self.view[address : address + size])
 
-    def write(self, address: int, data: bytes) -> None:
-        if address < 0 or address + len(data) > self.size:
-            raise ValueError(f"[{address:#x}, +{len(data):#x}) is outside guest memory")
-        self.view[address : address + len(data)] = data
-
     def close(self) -> None:
         self._close_backing_map()
         if self.address:

@@ -121,7 +121,6 @@ class kvm_userspace_memory_region(ctypes.Structure):  # noqa: N801
 # System ioctls (on the /dev/kvm fd).
 KVM_GET_API_VERSION = _io(0x00)
 KVM_CREATE_VM = _io(0x01)
-KVM_CHECK_EXTENSION = _io(0x03)
 KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
 # VM ioctls.
 KVM_CREATE_VCPU = _io(0x41)
@@ -141,16 +140,13 @@ KVM_GET_XSAVE = _ior(0xA4, ctypes.sizeof(kvm_xsave))
 KVM_SET_XSAVE = _iow(0xA5, ctypes.sizeof(kvm_xsave))
 
 KVM_API_VERSION = 12
-KVM_CAP_USER_MEMORY = 3
-KVM_CAP_XSAVE = 55
 
 IOCTL_NAMES = {
     value: name
     for name, value in dict(globals()).items()
     if name.startswith("KVM_")
     and isinstance(value, int)
-    and name
-    not in {"KVM_API_VERSION", "KVM_CAP_USER_MEMORY", "KVM_CAP_XSAVE", "KVM_MEM_LOG_DIRTY_PAGES"}
+    and name not in {"KVM_API_VERSION", "KVM_MEM_LOG_DIRTY_PAGES"}
 }
 
 # struct kvm_run: the fields we read (offsets in bytes).

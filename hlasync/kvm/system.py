@@ -70,9 +70,6 @@ class Kvm:
                 cls._shared = cls()
             return cls._shared
 
-    def check_extension(self, capability: int) -> int:
-        return ioctl(self.fd, _abi.KVM_CHECK_EXTENSION, capability)
-
     def create_vm_fd(self) -> int:
         """A new VM file descriptor (close-on-exec)."""
         while True:
