@@ -363,6 +363,12 @@ class Sandbox:
     def call(self, name: str, *args: Arg) -> Value:
         """Call guest function ``name`` with ``args`` and return its result."""
         signature = check_call(self.image, self._signatures, self.id, name, args)
+        return self._call_checked(signature, args)
+
+    def _call_checked(self, signature: FunctionSignature, args: tuple[Arg, ...]) -> Value:
+        """:meth:`call` for arguments already checked against ``signature`` (the
+        supervisor checks them before queueing)."""
+        name = signature.name
         # Before the call becomes visible to interrupt(), which may kick this thread.
         Vcpu.block_kick_signal()
         with self._lock:

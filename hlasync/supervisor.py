@@ -105,6 +105,7 @@ class _Job:
         "queued_at",
         "result",
         "sandbox",
+        "signature",
         "started_at",
         "target",
         "timeout",
@@ -114,14 +115,15 @@ class _Job:
         self,
         call_id: int,
         target: _Target,
-        name: str,
+        signature: FunctionSignature,
         args: tuple[Arg, ...],
         timeout: float | None,
         cpu_timeout: float | None,
     ) -> None:
         self.call_id = call_id
         self.target = target
-        self.name = name
+        self.signature = signature  # the arguments were checked against it
+        self.name = signature.name
         self.args = args
         self.timeout = timeout
         self.cpu_timeout = cpu_timeout
@@ -628,8 +630,8 @@ class Supervisor:
         cpu_timeout = self.cpu_timeout if cpu_timeout is _DEFAULT else cpu_timeout
         _check_limit("timeout", timeout)
         _check_limit("cpu_timeout", cpu_timeout)
-        check_call(target.image, target.functions, target.name, name, args)
-        return _Job(next(self._ids), target, name, args, timeout, cpu_timeout)
+        signature = check_call(target.image, target.functions, target.name, name, args)
+        return _Job(next(self._ids), target, signature, args, timeout, cpu_timeout)
 
     def _submit(self, job: _Job) -> None:
         self._outstanding += 1
@@ -734,7 +736,7 @@ class Supervisor:
             # A call abandoned before it began was pre-cancelled (Sandbox._stop with its
             # generation): the sandbox raises GuestCancelled at once and the next call
             # gets a new generation, so the cancellation cannot reach it.
-            result = sandbox.call(job.name, *job.args)
+            result = sandbox._call_checked(job.signature, job.args)
         except (GuestCancelled, HostFunctionError) as exc:
             if job.expired:
                 # The dump made as it stopped (the watchdog may not have heard yet).
