@@ -29,6 +29,8 @@ class SandboxConfig:
     errors and watchdog timeouts; ``crashdump_dir`` overrides the directory
     (else ``HYPERLIGHT_CORE_DUMP_DIR``, else the system temp directory) and
     ``crashdump_retention`` bounds how many dumps that directory keeps.
+    ``init_timeout`` bounds the guest's initialisation (from its entry point
+    to its dispatcher) in seconds.
     """
 
     memory_size: int = 8 * MiB
@@ -39,6 +41,7 @@ class SandboxConfig:
     crashdump_enabled: bool = True
     crashdump_dir: str | os.PathLike[str] | None = None
     crashdump_retention: RetentionPolicy | None = None
+    init_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("memory_size", "stack_size", "input_buffer_size", "output_buffer_size"):
@@ -54,6 +57,14 @@ class SandboxConfig:
             raise ConfigError("input and output buffers must be at least 4 KiB")
         if self.stack_size < 8 * KiB:
             raise ConfigError("stack_size must be at least 8 KiB")
+        if (
+            isinstance(self.init_timeout, bool)
+            or not isinstance(self.init_timeout, (int, float))
+            or not 0 < self.init_timeout <= 3600
+        ):
+            raise ConfigError(
+                f"init_timeout must be a number of seconds in (0, 3600], got {self.init_timeout!r}"
+            )
         if not isinstance(self.crashdump_enabled, bool):
             raise ConfigError("crashdump_enabled must be a bool")
         path_types = (str, os.PathLike)

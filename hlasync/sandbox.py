@@ -627,7 +627,9 @@ class Sandbox:
             xsave: bytes | None = bytes(vcpu.get_xsave())
         except HlasyncError:
             xsave = None
-        signo, si_code = _REASON_SIGNALS.get(reason, (signal.SIGSTOP, core_format.SI_USER))
+        signo, si_code = core_format.REASON_SIGNALS.get(
+            reason, (signal.SIGSTOP, core_format.SI_USER)
+        )
         si_addr = 0
         if reason == "fault" and fault is not None:
             signo, si_code = core_format.VECTOR_SIGNALS.get(
@@ -1062,19 +1064,6 @@ def check_call(
                 function=name,
             )
     return signature
-
-
-_REASON_SIGNALS: dict[str, tuple[int, int]] = {
-    "fault": (signal.SIGSEGV, core_format.SI_KERNEL),
-    "abort": (signal.SIGABRT, core_format.SI_USER),
-    "protocol-error": (signal.SIGSYS, core_format.SI_KERNEL),
-    "unexpected-exit": (signal.SIGSYS, core_format.SI_KERNEL),
-    "timeout": (signal.SIGALRM, core_format.SI_TIMER),
-    "cpu-timeout": (signal.SIGXCPU, core_format.SI_KERNEL),
-    "cancelled": (signal.SIGINT, core_format.SI_USER),
-    "on-demand": (signal.SIGSTOP, core_format.SI_USER),
-    "signal": (signal.SIGSTOP, core_format.SI_USER),
-}
 
 
 def _version() -> str:

@@ -88,6 +88,20 @@ VECTOR_SIGNALS: dict[int, tuple[int, int]] = {
 }
 
 
+#: Signal and si_code reported for each dump reason (faults use VECTOR_SIGNALS).
+REASON_SIGNALS: dict[str, tuple[int, int]] = {
+    "fault": (signal.SIGSEGV, SI_KERNEL),
+    "abort": (signal.SIGABRT, SI_USER),
+    "protocol-error": (signal.SIGSYS, SI_KERNEL),
+    "unexpected-exit": (signal.SIGSYS, SI_KERNEL),
+    "timeout": (signal.SIGALRM, SI_TIMER),
+    "cpu-timeout": (signal.SIGXCPU, SI_KERNEL),
+    "cancelled": (signal.SIGINT, SI_USER),
+    "on-demand": (signal.SIGSTOP, SI_USER),
+    "signal": (signal.SIGSTOP, SI_USER),
+}
+
+
 def note(name: bytes, kind: int, desc: bytes) -> bytes:
     """One ELF note with 4-byte aligned name and description."""
     name_z = name + b"\0"
