@@ -99,6 +99,7 @@ REASON_SIGNALS: dict[str, tuple[int, int]] = {
     "cancelled": (signal.SIGINT, SI_USER),
     "on-demand": (signal.SIGSTOP, SI_USER),
     "signal": (signal.SIGSTOP, SI_USER),
+    "init-timeout": (signal.SIGALRM, SI_TIMER),
 }
 
 
