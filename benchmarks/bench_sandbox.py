@@ -113,17 +113,17 @@ def bench_bare_kvm_run(guest: Path, counts: Counts) -> Result:
     with ``out`` to the return port. No encode or decode in the loop."""
     sb = Sandbox(guest)
     try:
-        sb._encoders["add"](sb._input, (1, 2))
-        vcpu = sb._vcpu
-        assert vcpu is not None
+        machine = sb._machine
+        sb._encoders["add"](machine.input, (1, 2))
+        vcpu = machine.vcpu
         vcpu.prepare_thread()
         expect_return_exit(vcpu.run(), "before timing")
-        value, error = abi.read_result(sb._output_buf, abi.ValueType.INT)
+        value, error = abi.read_result(machine.output, abi.ValueType.INT)
         if error is not None or value != 3:
             raise RuntimeError(f"bare KVM_RUN: add(1, 2) gave {value!r} (error {error!r})")
         samples = time_calls(vcpu.run, counts.calls, counts.call_warmup)
         expect_return_exit(vcpu.run(), "after timing")
-        value, error = abi.read_result(sb._output_buf, abi.ValueType.INT)
+        value, error = abi.read_result(machine.output, abi.ValueType.INT)
         if error is not None or value != 3:
             raise RuntimeError(f"bare KVM_RUN: add(1, 2) gave {value!r} after timing")
     finally:

@@ -99,6 +99,8 @@ class GuestImageError(HlasyncError):
 
     def __init__(self, message: str, *, path: str | Path | None = None) -> None:
         self.path = None if path is None else Path(path)
+        #: A core dump of the guest, when it was running (e.g. initialisation timed out).
+        self.core_path: Path | None = None
         super().__init__(f"{path}: {message}" if path is not None else message)
 
 

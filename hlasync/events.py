@@ -38,6 +38,7 @@ __all__ = [
     "SandboxClosed",
     "SandboxCreated",
     "StreamStatistics",
+    "SupervisorError",
 ]
 
 
@@ -125,6 +126,15 @@ class CrashDumpFailed(Event):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GuestOutput(Event):
     text: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SupervisorError(Event):
+    """A failure inside the supervisor (one of its threads, or a sandbox that
+    could not be restored and was retired); the supervisor goes on."""
+
+    thread: str  # the thread that hit it
+    error: BaseException
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

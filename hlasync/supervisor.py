@@ -6,8 +6,14 @@ Threads (all joined on shutdown):
 - ``hlasync-vcpu-N`` (``workers`` of them) run every guest call (every
   ``KVM_RUN``); the event loop never blocks on a guest.
 - ``hlasync-watchdog`` enforces per-call wall-clock and guest CPU-time
-  limits: on expiry it dumps the hung guest and stops it.
-- ``hlasync-service`` creates, dumps and closes sandboxes for the loop.
+  limits: on expiry it asks the call to dump itself and stop, without waiting
+  (the worker running the call writes the dump), so expiries are handled
+  concurrently.
+- ``hlasync-op-N`` (one per operation, short-lived) create, dump and close
+  sandboxes for the loop; the awaiting task may be cancelled at any time.
+
+Every thread's loop is guarded: a failure is logged and published as a
+:class:`~hlasync.events.SupervisorError` event, and the thread goes on.
 
 Calls wait in one FIFO queue; a worker takes the oldest call whose target
 has room (a pool runs at most ``size`` calls, a dedicated sandbox one).
@@ -25,7 +31,6 @@ import itertools
 import logging
 import math
 import os
-import queue
 import sys
 import threading
 import time
@@ -55,6 +60,8 @@ from .errors import (
 from .guest.image import GuestImage
 from .kvm import Vcpu
 from .sandbox import CrashdumpRecord, Sandbox, SandboxState, check_call
+from .sandbox.calls import Call, DumpRequest
+from .sandbox.core import StopResult
 
 __all__ = ["PendingCall", "Pool", "SupervisedSandbox", "Supervisor", "SupervisorStatistics"]
 
@@ -62,6 +69,9 @@ _logger = logging.getLogger("hlasync.supervisor")
 _T = TypeVar("_T")
 _DEFAULT: Any = object()  # "use the supervisor-wide default"
 _tls = threading.local()  # .job: the call running on this worker thread
+
+#: Seconds aclose() waits, after stopping the calls still running, for the threads.
+STOP_TIMEOUT = 2.0
 
 
 class SupervisorStatistics(NamedTuple):
@@ -87,6 +97,7 @@ class _Job:
     __slots__ = (
         "abandoned",
         "args",
+        "call",
         "call_id",
         "core_path",
         "cpu_clock",
@@ -98,7 +109,6 @@ class _Job:
         "expired",
         "expired_at",
         "finished",
-        "generation",
         "host_scopes",
         "lock",
         "name",
@@ -133,7 +143,7 @@ class _Job:
         self.result: Value = None
         self.error: BaseException | None = None
         self.sandbox: Sandbox | None = None
-        self.generation = 0
+        self.call: Call | None = None  # once a worker has begun it on its sandbox
         self.queued_at = time.monotonic()
         self.started_at = 0.0
         self.expired: str | None = None  # "wall" or "cpu"
@@ -161,6 +171,10 @@ class _Target:
         self._free: list[Sandbox] = []
         self._members: list[Sandbox] = []
         self._closed = False
+        #: Host functions as registered on every member (wrapped for the supervisor).
+        self._host_functions: dict[str, Callable[..., Any]] = {}
+        #: Makes a replacement member (pools); None: members are not replaced.
+        self._factory: Callable[[], Sandbox] | None = None
 
     def _take_locked(self, worker: int) -> Sandbox | None:
         """A free sandbox, preferably one this worker ran last (a vCPU that stays on
@@ -181,7 +195,8 @@ class _Target:
         """Make ``function`` callable by the guest as ``name`` in every sandbox of
         this target (``async def`` functions run on the supervisor's loop)."""
         wrapped = self._supervisor._host_function(function)
-        for sandbox in self._members:
+        self._host_functions[name] = wrapped
+        for sandbox in list(self._members):
             sandbox.register_host_function(name, wrapped)
 
     async def call(
@@ -357,7 +372,8 @@ class Supervisor:
 
         self._watch = threading.Condition(threading.Lock())
         self._watched: set[_Job] = set()
-        self._service: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
+        self._operations: set[threading.Thread] = set()  # hlasync-op-N threads still running
+        self._operation_ids = itertools.count(1)
 
     # ------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> Supervisor:
@@ -371,7 +387,6 @@ class Supervisor:
         for index in range(self.workers):
             self._spawn(f"hlasync-vcpu-{index}", self._worker_main, index)
         self._spawn("hlasync-watchdog", self._watchdog_main)
-        self._spawn("hlasync-service", self._service_main)
         self._state = "open"
         return self
 
@@ -385,8 +400,15 @@ class Supervisor:
 
     async def aclose(self) -> None:
         """Shut down: refuse new calls, let running ones finish for
-        ``shutdown_grace`` seconds, stop the rest, join every thread and
-        close every sandbox. Idempotent."""
+        ``shutdown_grace`` seconds, stop the rest, join the threads and close
+        every sandbox. Idempotent.
+
+        Bounded: a call stuck in a synchronous host function cannot be
+        stopped; after :data:`STOP_TIMEOUT` more seconds its caller gets
+        :class:`SupervisorClosed`, its worker thread is left to finish on its
+        own (a daemon) and its sandbox's VM is released when the host
+        function returns.
+        """
         if self._state in ("closing", "closed"):
             return
         if self._state == "new":
@@ -404,28 +426,49 @@ class Supervisor:
             for job in waiting:
                 self._finish(job, None, closed)
             for job in running:
-                if job.sandbox is not None:
-                    job.sandbox._stop(job.generation)
-                for scope in job.host_scopes:
-                    scope.cancel()
+                self._stop_job(job)
             with self._lock:
                 self._stopping = True
                 self._work.notify_all()
             with self._watch:
                 self._watch.notify_all()
-            self._service.put(None)
-            while any(t.is_alive() for t in self._threads):
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while time.monotonic() < deadline and any(
+                t.is_alive() for t in [*self._threads, *self._operations]
+            ):
                 await anyio.sleep(0.002)
+            stuck = [t.name for t in self._threads if t.is_alive()]
             for thread in self._threads:
-                thread.join()
+                if not thread.is_alive():
+                    thread.join()
+            if stuck:
+                _logger.warning(
+                    "supervisor shut down with threads still blocked in host functions: %s",
+                    ", ".join(stuck),
+                )
+            stopped = SupervisorClosed(
+                "the supervisor shut down while the call was blocked in a host function"
+            )
+            for job in list(self._running):
+                self._finish(job, None, stopped)
             for target in list(self._targets):
-                for sandbox in target._members:
-                    self._close_sandbox(sandbox)
+                for sandbox in list(target._members):
+                    self._close_sandbox(sandbox, timeout=0.0 if stuck else STOP_TIMEOUT)
             self._drain()  # completions and events posted while stopping
             self._state = "closed"
             for stream in self._streams:
                 stream._close()
             self._streams.clear()
+
+    def _stop_job(self, job: _Job, dump_reason: str | None = None) -> StopResult | None:
+        """Stop a running job's call (and cancel its async host functions); never blocks."""
+        for scope in list(job.host_scopes):
+            self._on_loop(scope.cancel)
+        with job.lock:
+            call = job.call
+        if call is None or job.sandbox is None:
+            return None
+        return job.sandbox._stop(call, dump_reason)
 
     # -------------------------------------------------------------- creation
     async def create_pool(
@@ -443,15 +486,19 @@ class Supervisor:
         ``host_functions`` may include ``async def`` functions: they run on
         this event loop and are cancelled by the watchdog. Guest prints become
         :class:`~hlasync.events.GuestOutput` events (and go to ``output``, or
-        to stdout when nobody subscribes to them).
+        to stdout when nobody subscribes to them). A member whose restore
+        fails is closed and replaced by a new one.
         """
         self._check_open()
         if type(size) is not int or size < 1:
             raise ValueError("size must be a positive int")
-        image = await self._in_service(lambda: _load_image(guest))
+        image = await self._in_thread(lambda: _load_image(guest))
         pool = Pool(self, name or f"pool-{next(self._ids)}", image, size)
-        sandboxes = await self._in_service(
-            lambda: [self._new_sandbox(image, config, host_functions, output) for _ in range(size)]
+        pool._host_functions = self._wrap_host_functions(host_functions)
+        pool._factory = lambda: self._new_sandbox(image, config, pool._host_functions, output)
+        factory = pool._factory
+        sandboxes = await self._in_thread(
+            lambda: _create_all(factory, size), discard=self._close_sandboxes
         )
         with self._lock:
             pool._members = list(sandboxes)
@@ -473,11 +520,14 @@ class Supervisor:
     ) -> SupervisedSandbox:
         """A dedicated sandbox that keeps its state between calls (run one at a time)."""
         self._check_open()
-        image = await self._in_service(lambda: _load_image(guest))
-        sandbox = await self._in_service(
-            lambda: self._new_sandbox(image, config, host_functions, output)
+        image = await self._in_thread(lambda: _load_image(guest))
+        wrapped = self._wrap_host_functions(host_functions)
+        sandbox = await self._in_thread(
+            lambda: self._new_sandbox(image, config, wrapped, output),
+            discard=lambda sb: self._close_sandboxes([sb]),
         )
         target = SupervisedSandbox(self, sandbox)
+        target._host_functions = wrapped
         with self._lock:
             target._members = [sandbox]
             target._free = [sandbox]
@@ -485,11 +535,16 @@ class Supervisor:
         self._publish(ev.SandboxCreated, sandbox_id=sandbox.id, guest=str(image.path), pool=None)
         return target
 
+    def _wrap_host_functions(
+        self, host_functions: Mapping[str, Callable[..., Any]] | None
+    ) -> dict[str, Callable[..., Any]]:
+        return {name: self._host_function(fn) for name, fn in (host_functions or {}).items()}
+
     def _new_sandbox(
         self,
         image: GuestImage,
         config: SandboxConfig | None,
-        host_functions: Mapping[str, Callable[..., Any]] | None,
+        host_functions: Mapping[str, Callable[..., Any]],
         output: Callable[[str], None] | None,
     ) -> Sandbox:
         holder: list[Sandbox] = []
@@ -507,8 +562,8 @@ class Supervisor:
         sandbox = Sandbox(image, config, output=on_output)
         holder.append(sandbox)
         sandbox.add_crashdump_listener(self._on_crashdump)
-        for name, function in (host_functions or {}).items():
-            sandbox.register_host_function(name, self._host_function(function))
+        for name, function in dict(host_functions).items():
+            sandbox.register_host_function(name, function)
         return sandbox
 
     def _host_function(self, function: Callable[..., Any]) -> Callable[..., Any]:
@@ -542,6 +597,9 @@ class Supervisor:
         await self._close_target(target)
 
     async def _close_target(self, target: _Target) -> None:
+        """Close a target once its calls are done (waiting is cancellable)."""
+        if self._state == "closed":
+            return  # aclose() closed every sandbox
         while True:
             with self._lock:
                 busy = len(target._free) < len(target._members) or any(
@@ -549,21 +607,22 @@ class Supervisor:
                 )
                 if not busy:
                     target._closed = True
-                    members, target._free = target._members, []
+                    members, target._free, target._members = target._members, [], []
                     if target in self._targets:
                         self._targets.remove(target)
                     break
             await anyio.sleep(0.005)
-        await self._in_service(lambda: self._close_sandboxes(members))
+        if members:
+            await self._in_thread(lambda: self._close_sandboxes(members))
 
     def _close_sandboxes(self, sandboxes: list[Sandbox]) -> None:
         for sandbox in sandboxes:
             self._close_sandbox(sandbox)
 
-    def _close_sandbox(self, sandbox: Sandbox) -> None:
+    def _close_sandbox(self, sandbox: Sandbox, timeout: float = STOP_TIMEOUT) -> None:
         if sandbox.state is SandboxState.CLOSED:
             return
-        sandbox.close()
+        sandbox.close(timeout=timeout)
         self._publish(ev.SandboxClosed, sandbox_id=sandbox.id)
 
     # ----------------------------------------------------------------- calls
@@ -654,13 +713,11 @@ class Supervisor:
     def _abandon(self, job: _Job) -> None:
         """The caller gave up (cancelled): stop the guest, now, without waiting."""
         with self._lock:
-            job.abandoned = True
-            if job in self._pending:
+            queued = job in self._pending
+            if queued:
                 self._pending.remove(job)
-                queued = True
-            else:
-                queued = False
         if queued:
+            job.abandoned = True
             self._finish(
                 job,
                 None,
@@ -669,16 +726,11 @@ class Supervisor:
                 ),
             )
             return
-        for scope in list(job.host_scopes):
-            scope.cancel()
-        sandbox = job.sandbox
-        if sandbox is None:
-            return
-        if self.dump_on_cancel:
-            generation = job.generation
-            self._service.put(lambda: sandbox._stop(generation, "cancelled"))
-        else:
-            sandbox._stop(job.generation)
+        with job.lock:
+            # The worker reads this under the same lock as it publishes job.call: either
+            # it sees the flag before the guest runs, or we see the call and stop it.
+            job.abandoned = True
+        self._stop_job(job, "cancelled" if self.dump_on_cancel else None)
 
     # --------------------------------------------------------------- workers
     def _worker_main(self, index: int) -> None:
@@ -695,7 +747,23 @@ class Supervisor:
                     if self._stopping:
                         return
                     self._work.wait()
-            self._run(job)
+            try:
+                self._run(job)
+            except BaseException as exc:  # noqa: BLE001 - a worker outlives any failure
+                self._thread_failed(exc, job.sandbox)
+                self._finish(job, None, exc)
+
+    def _thread_failed(self, error: BaseException, sandbox: Sandbox | None = None) -> None:
+        """Report a failure in one of the supervisor's threads; the thread goes on."""
+        thread = threading.current_thread().name
+        _logger.error("%s: %s: %s", thread, type(error).__name__, error, exc_info=error)
+        self._count("internal_errors")
+        self._publish(
+            ev.SupervisorError,
+            sandbox_id=sandbox.id if sandbox is not None else None,
+            thread=thread,
+            error=error,
+        )
 
     def _take_locked(self, worker: int) -> _Job | None:
         """The oldest pending call whose target has room (FIFO, no head-of-line blocking)."""
@@ -705,7 +773,6 @@ class Supervisor:
                 sandbox._last_worker = worker
                 del self._pending[position]
                 job.sandbox = sandbox
-                job.generation = sandbox._call.generation + 1
                 self._running.add(job)
                 self._counters["started"] += 1
                 return job
@@ -723,6 +790,17 @@ class Supervisor:
                 call_id=job.call_id,
                 queued=job.started_at - job.queued_at,
             )
+        try:
+            call = sandbox._begin_call(job.name)
+        except HlasyncError as exc:  # closed or poisoned under us
+            self._finish(job, None, exc)
+            self._reset(job.target, sandbox)
+            return
+        with job.lock:
+            job.call = call
+            abandoned = job.abandoned
+        if abandoned:  # cancelled after it was taken: it stops before any guest code runs
+            sandbox._stop(call)
         if job.timeout is not None or job.cpu_timeout is not None:
             job.cpu_clock = time.pthread_getcpuclockid(threading.get_ident())
             job.cpu_start = time.clock_gettime(job.cpu_clock)
@@ -733,13 +811,10 @@ class Supervisor:
         result: Value = None
         error: BaseException | None = None
         try:
-            # A call abandoned before it began was pre-cancelled (Sandbox._stop with its
-            # generation): the sandbox raises GuestCancelled at once and the next call
-            # gets a new generation, so the cancellation cannot reach it.
-            result = sandbox._call_checked(job.signature, job.args)
+            result = sandbox._run_begun(call, job.signature, job.args)
         except (GuestCancelled, HostFunctionError) as exc:
             if job.expired:
-                # The dump made as it stopped (the watchdog may not have heard yet).
+                # The dump made as it stopped (its callback may not have run yet).
                 job.core_path = job.core_path or exc.core_path
                 job.dump_error = job.dump_error or exc.crashdump_error
                 error = self._timeout_error(job)
@@ -769,17 +844,79 @@ class Supervisor:
         return error
 
     def _reset(self, target: _Target, sandbox: Sandbox) -> None:
-        """Make the sandbox ready for its next call and give it back."""
+        """Make the sandbox ready for its next call and give it back; a sandbox
+        that cannot be restored leaves its target (a pool gets a new one)."""
         try:
-            if target.fresh_state or sandbox.state is SandboxState.POISONED:
+            if target.fresh_state or sandbox.state is not SandboxState.READY:
                 sandbox.restore()
-        except HlasyncError as exc:
-            _logger.error("sandbox %s could not be restored and is closed: %s", sandbox.id, exc)
-            self._close_sandbox(sandbox)
+        except Exception as exc:  # noqa: BLE001 - whatever broke it, it must not be reused
+            if not (self._stopping and sandbox.state is SandboxState.CLOSED):
+                self._thread_failed(exc, sandbox)
+            self._retire(target, sandbox)
+            return
         with self._work:
             target._give_locked(sandbox)
             if self._pending:
                 self._work.notify()
+
+    def _retire(self, target: _Target, sandbox: Sandbox) -> None:
+        """Take a broken sandbox out of its target, close it and, for a pool,
+        start making a replacement. A target left with no sandbox and no
+        replacement fails its queued calls instead of starving them."""
+        with self._lock:
+            if sandbox in target._members:
+                target._members.remove(sandbox)
+            replace = target._factory is not None and not target._closed and self._state == "open"
+        self._close_sandbox(sandbox, timeout=0.0)
+        if replace:
+            thread = threading.Thread(
+                target=self._replace_member,
+                args=(target,),
+                name=f"hlasync-op-{next(self._operation_ids)}",
+                daemon=True,
+            )
+            self._operations.add(thread)
+            thread.start()
+        elif not target._members:
+            self._target_lost(target, SupervisorClosed(f"{target.name} has no sandbox left"))
+
+    def _replace_member(self, target: _Target) -> None:
+        try:
+            assert target._factory is not None
+            sandbox = target._factory()
+        except BaseException as exc:  # noqa: BLE001 - reported; the target shrinks
+            self._thread_failed(exc)
+            with self._lock:
+                empty = not target._members
+            if empty:
+                lost = SupervisorClosed(f"{target.name} lost its last sandbox: {exc}")
+                lost.__cause__ = exc
+                self._target_lost(target, lost)
+            return
+        finally:
+            self._operations.discard(threading.current_thread())
+        with self._work:
+            keep = not target._closed and self._state == "open"
+            if keep:
+                target._members.append(sandbox)
+                target._free.append(sandbox)
+                self._work.notify()
+        if not keep:
+            sandbox.close()
+            return
+        self._publish(
+            ev.SandboxCreated, sandbox_id=sandbox.id, guest=str(target.image.path), pool=target.name
+        )
+
+    def _target_lost(self, target: _Target, error: SupervisorClosed) -> None:
+        """Refuse new calls to ``target`` and fail its queued ones with ``error``."""
+        with self._lock:
+            target._closed = True
+            jobs = [job for job in self._pending if job.target is target]
+            for job in jobs:
+                self._pending.remove(job)
+        for job in jobs:
+            self._finish(job, None, error)
 
     def _finish(self, job: _Job, result: Value, error: BaseException | None) -> None:
         """Decide the call's outcome (first decision wins) and tell the loop."""
@@ -867,35 +1004,43 @@ class Supervisor:
                     self._watch.wait(None if wake_at == math.inf else max(wake_at - now, 0.0005))
                     continue
             for job, kind in expired:
-                self._expire(job, kind)
+                try:
+                    self._expire(job, kind)
+                except BaseException as exc:  # noqa: BLE001 - the watchdog outlives any failure
+                    self._thread_failed(exc, job.sandbox)
 
     def _expire(self, job: _Job, kind: str) -> None:
-        """Dump the hung guest, then stop it (watchdog thread)."""
+        """Ask the hung call to dump itself and stop; never waits for the dump."""
         with job.lock:
             if job.finished or job.expired:
                 return
             job.expired = kind
             job.expired_at = time.monotonic()
-        sandbox = job.sandbox
-        assert sandbox is not None
         reason = "timeout" if kind == "wall" else "cpu-timeout"
-        stopped, path, job.dump_error = sandbox._stop(job.generation, reason)
-        job.core_path = path
-        for scope in list(job.host_scopes):
-            self._on_loop(scope.cancel)
-        if stopped and not sandbox._call.in_guest and not job.host_scopes:
-            # Blocked in a synchronous host function that cannot be interrupted: answer the
-            # caller now; the sandbox comes back when that function returns.
+        stop = self._stop_job(job, reason)
+        if stop is None or not stop.stopped:
+            return  # ending anyway; the worker reports the outcome
+        if stop.dump is not None:
+            stop.dump.add_done_callback(lambda request: self._expiry_dumped(job, request))
+        elif stop.in_host:
             self._finish(job, None, self._timeout_error(job))
 
-    # ------------------------------------------------------- dumps, service
+    def _expiry_dumped(self, job: _Job, request: DumpRequest) -> None:
+        job.core_path = request.path
+        job.dump_error = request.error
+        if request.borrowed:
+            # Written while the guest was blocked in a host function, which may not return
+            # soon: answer the caller now; the sandbox comes back when the function returns.
+            self._finish(job, None, self._timeout_error(job))
+
+    # ------------------------------------------------------- dumps, threads
     async def generate_crashdump(
         self, target: SupervisedSandbox, directory: str | os.PathLike[str] | None = None
     ) -> Path:
         """Dump a dedicated sandbox now, also while a call runs on it."""
         if not isinstance(target, SupervisedSandbox):
             raise TypeError("generate_crashdump() takes a SupervisedSandbox")
-        return await self._in_service(lambda: target.sandbox.generate_crashdump(directory))
+        return await self._in_thread(lambda: target.sandbox.generate_crashdump(directory))
 
     def _on_crashdump(self, record: CrashdumpRecord) -> None:
         if record.error is None and record.path is not None:
@@ -919,36 +1064,63 @@ class Supervisor:
                 error=record.error or CrashdumpError("unknown failure"),
             )
 
-    def _service_main(self) -> None:
-        Vcpu.block_kick_signal()
-        while True:
-            work = self._service.get()
-            if work is None:
-                return
-            try:
-                work()
-            except BaseException:
-                _logger.exception("service task failed")
+    async def _in_thread(
+        self,
+        function: Callable[[], _T],
+        *,
+        discard: Callable[[_T], object] | None = None,
+    ) -> _T:
+        """Run blocking ``function`` on a new ``hlasync-op-N`` thread and await it.
 
-    async def _in_service(self, function: Callable[[], _T]) -> _T:
-        """Run blocking ``function`` on the service thread and await its result."""
+        The awaiting task may be cancelled at any time: it stops waiting, and
+        ``discard`` is applied to a result that arrives afterwards (closing
+        sandboxes nobody will receive). One thread per operation: a slow
+        operation never holds up another.
+        """
         done = anyio.Event()
-        outcome: list[Any] = []
+        guard = threading.Lock()
+        outcome: list[tuple[bool, Any]] = []
+        abandoned = False
 
         def work() -> None:
             try:
-                outcome.append((True, function()))
+                result: tuple[bool, Any] = (True, function())
             except BaseException as exc:  # noqa: BLE001 - re-raised on the loop
-                outcome.append((False, exc))
+                result = (False, exc)
+            with guard:
+                outcome.append(result)
+                drop = abandoned
+            self._operations.discard(threading.current_thread())
+            if drop:
+                if result[0] and discard is not None:
+                    self._discard(discard, result[1])
+                return
             self._on_loop(done.set)
 
-        self._service.put(work)
-        with anyio.CancelScope(shield=True):
+        thread = threading.Thread(
+            target=work, name=f"hlasync-op-{next(self._operation_ids)}", daemon=True
+        )
+        self._operations.add(thread)
+        thread.start()
+        try:
             await done.wait()
+        except BaseException:
+            with guard:
+                abandoned = True
+                arrived = outcome[0] if outcome else None
+            if arrived is not None and arrived[0] and discard is not None:
+                self._discard(discard, arrived[1])
+            raise
         ok, value = outcome[0]
         if not ok:
             raise value
         return value  # type: ignore[no-any-return]
+
+    def _discard(self, discard: Callable[[_T], object], value: _T) -> None:
+        try:
+            discard(value)
+        except BaseException as exc:  # noqa: BLE001 - reported, never raised into a caller
+            self._thread_failed(exc)
 
     # ---------------------------------------------------------------- events
     def subscribe(
@@ -1081,6 +1253,19 @@ def _check_limit(name: str, value: float | None) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{name} must be a positive number of seconds or None, got {value!r}")
+
+
+def _create_all(factory: Callable[[], Sandbox], count: int) -> list[Sandbox]:
+    """``count`` sandboxes from ``factory``; none are left open if one fails."""
+    made: list[Sandbox] = []
+    try:
+        for _ in range(count):
+            made.append(factory())
+    except BaseException:
+        for sandbox in made:
+            sandbox.close()
+        raise
+    return made
 
 
 def _load_image(guest: str | os.PathLike[str] | GuestImage) -> GuestImage:

@@ -7,11 +7,17 @@ names them; the pages stay mapped, so the next call does not fault them in
 again), or drops every private page with ``madvise(MADV_DONTNEED)`` when
 many were written. Going to another snapshot maps its memfd over the same
 address (``MAP_FIXED``), which KVM follows through its MMU notifiers.
+
+Which pages hold data is never guessed from residency (``mincore`` reports a
+swapped-out page as absent): the memfd says where its data is
+(``SEEK_DATA``/``SEEK_HOLE``) and the caller says which pages were written
+since it was mapped (KVM's dirty log plus the host's own writes).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import threading
 import weakref
@@ -44,8 +50,47 @@ class MemoryImage:
             while written < len(view):
                 written += os.pwrite(self.fd, view[written:], start + written)
 
+    def data_runs(self) -> list[tuple[int, int]]:
+        """Page-aligned byte ranges of the memfd that hold data (holes read as zero)."""
+        runs: list[tuple[int, int]] = []
+        offset = 0
+        while offset < self.size:
+            try:
+                start = os.lseek(self.fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after offset
+                    break
+                raise
+            end = min(os.lseek(self.fd, start, os.SEEK_HOLE), self.size)
+            runs.append((start & ~(PAGE - 1), (end + PAGE - 1) & ~(PAGE - 1)))
+            offset = end
+        return runs
+
     def close(self) -> None:
         self._finalizer()
+
+
+def page_runs(pages: Iterable[int]) -> list[tuple[int, int]]:
+    """Byte ranges covering the given page indexes, merged where adjacent."""
+    runs: list[tuple[int, int]] = []
+    for page in sorted(set(pages)):
+        start = page * PAGE
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], start + PAGE)
+        else:
+            runs.append((start, start + PAGE))
+    return runs
+
+
+def merge_runs(*groups: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The union of byte ranges, sorted and merged."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(run for group in groups for run in group):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
 
 
 class GuestMemory:
@@ -113,28 +158,23 @@ class GuestMemory:
         self._close_backing_map()
         self.backing = backing
 
-    def touched_runs(self) -> list[tuple[int, int]]:
-        """Byte ranges of pages that may be non-zero (resident in this mapping
-        or in its backing memfd); everything else reads as zero."""
-        resident = _libc.mincore(self.address, self.size)
-        runs: list[tuple[int, int]] = []
-        start = -1
-        for page, flag in enumerate(resident):
-            if flag & 1:
-                if start < 0:
-                    start = page
-            elif start >= 0:
-                runs.append((start * PAGE, page * PAGE))
-                start = -1
-        if start >= 0:
-            runs.append((start * PAGE, len(resident) * PAGE))
-        return runs
+    def data_runs(self, written: Iterable[int] | None) -> list[tuple[int, int]]:
+        """Byte ranges that may hold data: the backing image's data plus the
+        ``written`` pages (changed since it was mapped). ``None`` means the
+        writes are unknown: every page is a candidate."""
+        if written is None:
+            return [(0, self.size)]
+        return merge_runs(self.backing.data_runs(), page_runs(written))
 
-    def snapshot_image(self) -> MemoryImage:
-        """A new memfd with the current contents (zero pages left as holes)."""
+    def touched_runs(self) -> list[tuple[int, int]]:
+        """Every page (callers that know the written pages use :meth:`data_runs`)."""
+        return [(0, self.size)]
+
+    def snapshot_image(self, runs: Iterable[tuple[int, int]]) -> MemoryImage:
+        """A new memfd with the contents of ``runs`` (everything else a hole)."""
         image = MemoryImage(self.size)
         try:
-            image.write_runs(self.view, self.touched_runs())
+            image.write_runs(self.view, list(runs))
         except BaseException:
             image.close()
             raise

@@ -108,6 +108,31 @@ class kvm_xsave(ctypes.Structure):  # noqa: N801
     _fields_ = [("region", u32 * 1024)]
 
 
+class kvm_cpuid_entry2(ctypes.Structure):  # noqa: N801
+    _fields_ = [
+        ("function", u32),
+        ("index", u32),
+        ("flags", u32),
+        ("eax", u32),
+        ("ebx", u32),
+        ("ecx", u32),
+        ("edx", u32),
+        ("padding", u32 * 3),
+    ]
+
+
+#: Entries in the CPUID tables we exchange with KVM (KVM reports about 60 on x86-64).
+CPUID_MAX_ENTRIES = 256
+
+
+class kvm_cpuid2(ctypes.Structure):  # noqa: N801
+    _fields_ = [
+        ("nent", u32),
+        ("padding", u32),
+        ("entries", kvm_cpuid_entry2 * CPUID_MAX_ENTRIES),
+    ]
+
+
 class kvm_userspace_memory_region(ctypes.Structure):  # noqa: N801
     _fields_ = [
         ("slot", u32),
@@ -122,6 +147,7 @@ class kvm_userspace_memory_region(ctypes.Structure):  # noqa: N801
 KVM_GET_API_VERSION = _io(0x00)
 KVM_CREATE_VM = _io(0x01)
 KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
+KVM_GET_SUPPORTED_CPUID = _ioc(_IOC_READ | _IOC_WRITE, 0x05, 8)  # struct kvm_cpuid2 header
 # VM ioctls.
 KVM_CREATE_VCPU = _io(0x41)
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, ctypes.sizeof(kvm_userspace_memory_region))
@@ -138,6 +164,7 @@ KVM_GET_FPU = _ior(0x8C, ctypes.sizeof(kvm_fpu))
 KVM_SET_FPU = _iow(0x8D, ctypes.sizeof(kvm_fpu))
 KVM_GET_XSAVE = _ior(0xA4, ctypes.sizeof(kvm_xsave))
 KVM_SET_XSAVE = _iow(0xA5, ctypes.sizeof(kvm_xsave))
+KVM_SET_CPUID2 = _iow(0x90, 8)  # struct kvm_cpuid2 header
 
 KVM_API_VERSION = 12
 

@@ -1,6 +1,6 @@
 """The few libc calls Python's standard library does not expose with the
-semantics we need: ``mmap`` at a fixed address, ``munmap``, ``madvise`` and
-``mincore`` on raw addresses."""
+semantics we need: ``mmap`` at a fixed address, ``munmap`` and ``madvise`` on
+raw addresses."""
 
 from __future__ import annotations
 
@@ -26,9 +26,6 @@ _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _madvise = _libc.madvise
 _madvise.restype = ctypes.c_int
 _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_mincore = _libc.mincore
-_mincore.restype = ctypes.c_int
-_mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 
 PROT_NONE, PROT_READ, PROT_WRITE = 0, 1, 2
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_NORESERVE = 0x01, 0x02, 0x10, 0x20, 0x4000
@@ -58,12 +55,3 @@ def munmap(address: int, length: int) -> None:
 def madvise(address: int, length: int, advice: int) -> None:
     if _madvise(address, length, advice) != 0:
         _raise("madvise")
-
-
-def mincore(address: int, length: int) -> bytes:
-    """One byte per page of [address, address+length): bit 0 set if resident."""
-    pages = (length + PAGE_SIZE - 1) // PAGE_SIZE
-    vec = ctypes.create_string_buffer(pages)
-    if _mincore(address, length, vec) != 0:
-        _raise("mincore")
-    return vec.raw

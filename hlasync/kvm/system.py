@@ -55,6 +55,7 @@ class Kvm:
                     f"{_abi.KVM_API_VERSION}"
                 )
             self.vcpu_mmap_size = ioctl(self.fd, _abi.KVM_GET_VCPU_MMAP_SIZE)
+            self._cpuid: tuple[_abi.kvm_cpuid_entry2, ...] | None = None
         except IoctlError as exc:
             os.close(self.fd)
             raise KvmUnavailableError(f"{device} is not a usable KVM device: {exc}") from None
@@ -69,6 +70,14 @@ class Kvm:
             if cls._shared is None:
                 cls._shared = cls()
             return cls._shared
+
+    def supported_cpuid(self) -> tuple[_abi.kvm_cpuid_entry2, ...]:
+        """The CPUID leaves KVM can offer a guest on this host (``KVM_GET_SUPPORTED_CPUID``)."""
+        if self._cpuid is None:
+            table = _abi.kvm_cpuid2(nent=_abi.CPUID_MAX_ENTRIES)
+            ioctl(self.fd, _abi.KVM_GET_SUPPORTED_CPUID, table)
+            self._cpuid = tuple(table.entries[: table.nent])
+        return self._cpuid
 
     def create_vm_fd(self) -> int:
         """A new VM file descriptor (close-on-exec)."""

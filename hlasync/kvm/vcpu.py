@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import os
 import signal
 import struct
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import IoctlError
@@ -40,6 +42,8 @@ _U32 = struct.Struct("<I")
 _MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write
 _FAIL_ENTRY = struct.Struct("<QI")
 _INTERNAL = struct.Struct("<II")
+#: At most this many KVM_RUNs finish one exit (a string `in` exits once per 4 KiB page).
+COMPLETION_ROUNDS = 1 << 17
 _INTERRUPTED = Interrupted()
 _thread_state = threading.local()
 _HLT = Hlt()
@@ -61,9 +65,10 @@ class Vcpu:
             os.close(self.fd)
             raise
         self._run_size = len(self.run_area)
-        #: The last exit was an `in` or MMIO access that KVM completes on the next
-        #: KVM_RUN (by writing the result and advancing rip).
-        self.io_pending = False
+        #: The last exit was an I/O or MMIO access: KVM finishes it (writes the data
+        #: an `in` reads, advances rip past an `out` on VMX/SVM) only on the next
+        #: KVM_RUN. Until then the vCPU state is not consistent (KVM API, "KVM_RUN").
+        self._incomplete = False
         self._mask_thread: int | None = None
         # Exits of single-byte `out`s repeat on every call: reuse the values.
         self._out_cache: dict[int, IoOut] = {}
@@ -110,23 +115,32 @@ class Vcpu:
         return signal.sigtimedwait([KICK_SIGNAL], 0) is not None
 
     def run(self) -> Exit:
-        """One ``KVM_RUN``: run the guest until its next exit and describe it."""
+        """One ``KVM_RUN``: run the guest until its next exit and describe it.
+
+        KVM first finishes the previous exit's access (if any), then runs.
+        """
         try:
             fcntl.ioctl(self.fd, _abi.KVM_RUN, 0)
         except InterruptedError:
+            self._incomplete = False  # KVM completes pending accesses before it checks signals
             return _INTERRUPTED
         except OSError as exc:
             raise IoctlError("KVM_RUN", exc.errno or 0, exc.strerror or str(exc)) from None
+        return self._describe_exit()
+
+    def _describe_exit(self) -> Exit:
         area = self.run_area
         reason = _U32.unpack_from(area, _abi.RUN_EXIT_REASON)[0]
+        self._incomplete = reason == _abi.KVM_EXIT_IO or reason == _abi.KVM_EXIT_MMIO
         if reason == _abi.KVM_EXIT_IO:
             direction, size, port, count, offset = _IO.unpack_from(area, _abi.RUN_IO_DIRECTION)
-            if direction == _abi.KVM_EXIT_IO_IN:
-                self.io_pending = True
-                return IoIn(port, size, count)
             nbytes = size * count
             if offset + nbytes > self._run_size:
                 return InternalError(-1, (offset, nbytes))
+            if direction == _abi.KVM_EXIT_IO_IN:
+                # Nothing answers on any port: the guest reads all ones, never stale bytes.
+                area[offset : offset + nbytes] = b"\xff" * nbytes
+                return IoIn(port, size, count)
             if nbytes == 1:
                 key = (port << 8) | area[offset]
                 cached = self._out_cache.get(key)
@@ -141,9 +155,10 @@ class Vcpu:
         if reason == _abi.KVM_EXIT_INTR:
             return _INTERRUPTED
         if reason == _abi.KVM_EXIT_MMIO:
-            self.io_pending = True
             address, data, length, is_write = _MMIO.unpack_from(area, _abi.RUN_UNION)
             length = min(length, 8)
+            if not is_write:
+                area[_abi.RUN_UNION + 8 : _abi.RUN_UNION + 16] = b"\xff" * 8
             return Mmio(address, bool(is_write), length, data[:length])
         if reason == _abi.KVM_EXIT_FAIL_ENTRY:
             hw_reason, cpu = _FAIL_ENTRY.unpack_from(area, _abi.RUN_UNION)
@@ -155,51 +170,89 @@ class Vcpu:
             return InternalError(suberror, data)
         return UnknownExit(reason)
 
-    def complete_pending_io(self) -> None:
-        """Let KVM finish an interrupted `in`/MMIO instruction without running
-        the guest, so register state set afterwards is not overwritten."""
-        if not self.io_pending:
-            return
-        self.run_area[_abi.RUN_IMMEDIATE_EXIT] = 1
-        try:
-            fcntl.ioctl(self.fd, _abi.KVM_RUN, 0)
-        except InterruptedError:
-            pass  # the expected outcome of immediate_exit
-        except OSError as exc:
-            raise IoctlError("KVM_RUN", exc.errno or 0, exc.strerror or str(exc)) from None
-        finally:
-            self.run_area[_abi.RUN_IMMEDIATE_EXIT] = 0
-        self.io_pending = False
+    @property
+    def incomplete(self) -> bool:
+        """Whether the last exit still waits for KVM to finish it (see :meth:`complete`)."""
+        return self._incomplete
+
+    def complete(self) -> None:
+        """Let KVM finish the last exit's I/O or MMIO access without running guest code.
+
+        The KVM API makes userspace re-enter ``KVM_RUN`` (here with
+        ``immediate_exit``) before the vCPU state is consistent: on VMX/SVM rip
+        still points at an `out` until then, and an `in` has not written its
+        register or memory. Every state accessor below calls this first, so no
+        state is read or replaced in between. A string `in` that spans more
+        than one data page exits again for each page: bounded by
+        :data:`COMPLETION_ROUNDS`, after which :class:`IoctlError` (EIO) says the
+        vCPU cannot be brought to a consistent state.
+        """
+        rounds = 0
+        while self._incomplete:
+            rounds += 1
+            if rounds > COMPLETION_ROUNDS:
+                raise IoctlError(
+                    "KVM_RUN", errno.EIO, "the guest's I/O access did not complete (vCPU unusable)"
+                )
+            self.run_area[_abi.RUN_IMMEDIATE_EXIT] = 1
+            try:
+                fcntl.ioctl(self.fd, _abi.KVM_RUN, 0)
+            except InterruptedError:
+                self._incomplete = False  # the expected outcome of immediate_exit
+                continue
+            except OSError as exc:
+                raise IoctlError("KVM_RUN", exc.errno or 0, exc.strerror or str(exc)) from None
+            finally:
+                self.run_area[_abi.RUN_IMMEDIATE_EXIT] = 0
+            self._describe_exit()  # finishing it needed another exit (the next page of an `ins`)
 
     # -- state ---------------------------------------------------------------
     def get_regs(self) -> _abi.kvm_regs:
+        self.complete()
         regs = _abi.kvm_regs()
         ioctl(self.fd, _abi.KVM_GET_REGS, regs)
         return regs
 
     def set_regs(self, regs: _abi.kvm_regs) -> None:
+        self.complete()
         ioctl(self.fd, _abi.KVM_SET_REGS, regs)
 
     def get_sregs(self) -> _abi.kvm_sregs:
+        self.complete()
         sregs = _abi.kvm_sregs()
         ioctl(self.fd, _abi.KVM_GET_SREGS, sregs)
         return sregs
 
     def set_sregs(self, sregs: _abi.kvm_sregs) -> None:
+        self.complete()
         ioctl(self.fd, _abi.KVM_SET_SREGS, sregs)
 
     def get_fpu(self) -> _abi.kvm_fpu:
+        self.complete()
         fpu = _abi.kvm_fpu()
         ioctl(self.fd, _abi.KVM_GET_FPU, fpu)
         return fpu
 
     def set_fpu(self, fpu: _abi.kvm_fpu) -> None:
+        self.complete()
         ioctl(self.fd, _abi.KVM_SET_FPU, fpu)
 
     def get_xsave(self) -> _abi.kvm_xsave:
+        self.complete()
         xsave = _abi.kvm_xsave()
         ioctl(self.fd, _abi.KVM_GET_XSAVE, xsave)
         return xsave
+
+    def set_xsave(self, xsave: _abi.kvm_xsave) -> None:
+        self.complete()
+        ioctl(self.fd, _abi.KVM_SET_XSAVE, xsave)
+
+    def set_cpuid(self, entries: Sequence[_abi.kvm_cpuid_entry2]) -> None:
+        """The CPUID the guest sees; KVM accepts it only before the first ``KVM_RUN``."""
+        table = _abi.kvm_cpuid2(nent=len(entries))
+        for index, entry in enumerate(entries):
+            table.entries[index] = entry
+        ioctl(self.fd, _abi.KVM_SET_CPUID2, table)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -1,0 +1,230 @@
+"""A call on a sandbox: its identity, the thread that owns it, and the
+requests other threads make of it.
+
+One owner per vCPU: while a call runs, only its owner thread touches the
+vCPU and guest memory. Other threads never wait on a lock the owner holds
+for long: they post a request on the :class:`Call` (stop it, dump it) under
+the sandbox's small state lock and *kick* the owner out of ``KVM_RUN``; the
+owner answers at its next safe point. While the owner runs host code (a host
+function, the output callback) the vCPU is paused: a dump may *borrow* it
+then, and the owner waits for the loan to end before it resumes the guest.
+
+Kicks belong to threads, not sandboxes: a host function may run another
+sandbox's call on the same thread. Each thread that runs calls has one
+:class:`ThreadRunner`; it sends at most one kick at a time and drains every
+pending one when ``KVM_RUN`` comes back interrupted, after which the
+innermost call looks at its own requests and at those of the calls it runs
+inside (stopping an outer call stops the calls nested in it).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import CrashdumpError
+from ..kvm import Vcpu
+
+if TYPE_CHECKING:
+    from .core import Sandbox
+
+__all__ = ["Call", "CallHandle", "DumpRequest", "Phase", "ThreadRunner", "current_runner"]
+
+_logger = logging.getLogger("hlasync")
+_call_ids = itertools.count(1)
+_local = threading.local()
+
+
+class Phase(enum.Enum):
+    GUEST = "guest"  # the owner may be inside KVM_RUN: requests need a kick
+    HOST = "host"  # the owner runs host code: the vCPU is paused and may be borrowed
+    ENDED = "ended"
+
+
+class ThreadRunner:
+    """Kick bookkeeping of one thread that runs calls (and the calls it runs)."""
+
+    def __init__(self) -> None:
+        Vcpu.block_kick_signal()  # before any kick can be aimed at this thread
+        self.ident = threading.get_ident()
+        self.calls: list[Call] = []  # outermost first; more than one via host functions
+        self._lock = threading.Lock()
+        self._kick_sent = False
+
+    def kick(self) -> None:
+        """Interrupt this thread's ``KVM_RUN`` (or its next one). The caller holds
+        the lock of a sandbox whose call this thread is running, so the thread
+        is alive and keeps the kick signal blocked outside ``KVM_RUN``."""
+        with self._lock:
+            if self._kick_sent:  # one pending kick is enough (real-time signals queue)
+                return
+            self._kick_sent = True
+            Vcpu.kick(self.ident)
+
+    def drain(self) -> None:
+        """Consume every pending kick of this (the calling) thread. Requests are
+        posted before their kick, so looking at them after this misses none."""
+        with self._lock:
+            self._kick_sent = False
+            while Vcpu.consume_kick():
+                pass
+
+
+def current_runner() -> ThreadRunner:
+    runner: ThreadRunner | None = getattr(_local, "runner", None)
+    if runner is None:
+        runner = _local.runner = ThreadRunner()
+    return runner
+
+
+class DumpRequest:
+    """A core dump asked of a paused vCPU: a small future.
+
+    ``borrowed`` says whether it was written by borrowing the vCPU while the
+    owner ran host code (rather than by the owner itself).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str] | None, reason: str) -> None:
+        self.directory = directory
+        self.reason = reason
+        self.borrowed = False
+        self.path: Path | None = None
+        self.error: CrashdumpError | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[DumpRequest], object]] = []
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._done.wait(timeout)
+
+    def set_result(self, path: Path | None, error: CrashdumpError | None) -> None:
+        with self._lock:
+            self.path, self.error = path, error
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            self._run(callback)
+
+    def add_done_callback(self, callback: Callable[[DumpRequest], object]) -> None:
+        """Call ``callback(request)`` once the dump is written or failed (at once
+        if it is already), on the thread that finished it."""
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(callback)
+                return
+        self._run(callback)
+
+    def _run(self, callback: Callable[[DumpRequest], object]) -> None:
+        try:
+            callback(self)
+        except Exception:  # a broken callback must not break the dump
+            _logger.exception("dump request callback %r failed", callback)
+
+
+class Call:
+    """One call on one sandbox, from start to outcome. Fields other than the
+    identity are guarded by the sandbox's state lock."""
+
+    __slots__ = (
+        "borrowed",
+        "cancelled",
+        "dumps",
+        "function",
+        "id",
+        "parent",
+        "phase",
+        "requests",
+        "runner",
+        "sandbox_id",
+        "started",
+        "thread",
+    )
+
+    def __init__(self, sandbox_id: str, function: str, runner: ThreadRunner) -> None:
+        self.id = next(_call_ids)
+        self.sandbox_id = sandbox_id
+        self.function = function
+        self.runner = runner
+        self.thread = runner.ident
+        #: The call this thread was running (in a host function) when it began this one.
+        self.parent: Call | None = runner.calls[-1] if runner.calls else None
+        self.phase = Phase.GUEST
+        self.cancelled = False
+        self.requests: list[DumpRequest] = []  # dumps for the owner to write
+        self.borrowed = 0  # dumps written by other threads while the owner runs host code
+        self.dumps: list[DumpRequest] = []  # every dump made of this call, oldest first
+        self.started = False  # guest code has run for it (set by the owner)
+
+    def stop_requested(self) -> bool:
+        """Whether this call, or a call it runs inside, was asked to stop."""
+        call: Call | None = self
+        while call is not None:
+            if call.cancelled:
+                return True
+            call = call.parent
+        return False
+
+    def last_dump(self) -> tuple[Path | None, CrashdumpError | None]:
+        """Path of the newest dump made of this call, and the newest failure."""
+        paths = [d.path for d in self.dumps if d.path is not None]
+        errors = [d.error for d in self.dumps if d.error is not None]
+        return (paths[-1] if paths else None), (errors[-1] if errors else None)
+
+    def __repr__(self) -> str:
+        return f"<Call {self.id} {self.function} on {self.sandbox_id} {self.phase.value}>"
+
+
+class CallHandle:
+    """A running (or finished) call of a :class:`~hlasync.Sandbox`.
+
+    Get one from :attr:`Sandbox.current_call`. :meth:`interrupt` stops exactly
+    this call: once it has ended, the handle stops nothing, not even a later
+    call on the same sandbox.
+    """
+
+    __slots__ = ("_call", "_sandbox")
+
+    def __init__(self, sandbox: Sandbox, call: Call) -> None:
+        self._sandbox = weakref.ref(sandbox)
+        self._call = call
+
+    @property
+    def id(self) -> int:
+        """Unique in this process, increasing."""
+        return self._call.id
+
+    @property
+    def function(self) -> str:
+        return self._call.function
+
+    @property
+    def sandbox_id(self) -> str:
+        return self._call.sandbox_id
+
+    @property
+    def running(self) -> bool:
+        return self._call.phase is not Phase.ENDED
+
+    def interrupt(self) -> bool:
+        """Stop this call (from any thread); True if this stopped it.
+
+        The call then raises :class:`~hlasync.GuestCancelled` and its sandbox is
+        poisoned until ``restore()``. False when the call has ended or is
+        already being stopped.
+        """
+        sandbox = self._sandbox()
+        return sandbox is not None and sandbox._stop(self._call).stopped
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "ended"
+        return f"<CallHandle {self.id} {self.function} on {self.sandbox_id} {state}>"

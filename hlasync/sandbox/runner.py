@@ -1,0 +1,198 @@
+"""The owner's side of one call: run the vCPU and act on each exit.
+
+A call is one ``KVM_RUN`` when the guest simply returns; host calls and
+prints add one each. Every frame the guest wrote is checked by :mod:`hlasync.abi`
+before it is believed. Faults, aborts and protocol errors get their
+automatic core dump here, on the owner thread, while the vCPU is paused.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+from .. import abi
+from ..abi import FrameError, FunctionSignature, Value
+from ..errors import (
+    GuestAborted,
+    GuestError,
+    GuestProtocolError,
+    GuestResultError,
+    HostFunctionError,
+)
+from ..guest.memory import GuestMemory
+from ..kvm.exits import Interrupted, IoOut, Shutdown
+from . import cpu
+from .dumps import attach_automatic_dump
+from .faults import ExceptionInfo, decode_exception
+
+if TYPE_CHECKING:
+    from .calls import Call
+    from .core import Sandbox
+
+__all__ = ["run"]
+
+
+def run(sb: Sandbox, call: Call, signature: FunctionSignature) -> Value:
+    """Resume the guest at its dispatcher (the call frame is in the input
+    buffer) and run it until the call's outcome."""
+    vcpu = sb._machine.vcpu
+    vcpu.prepare_thread()
+    call.started = True
+    name = signature.name
+    while True:
+        exit_ = vcpu.run()
+        match exit_:
+            case IoOut(port=abi.PORT_RETURN):
+                return _read_result(sb, signature)
+            case IoOut(port=abi.PORT_HOSTCALL):
+                _host_call(sb, call, name)
+            case IoOut(port=abi.PORT_PRINT):
+                _print(sb, call, name)
+            case IoOut(port=abi.PORT_ABORT):
+                raise _failed(sb, _aborted(sb, name))
+            case IoOut(port=port) if 0 <= port - abi.PORT_EXCEPTION_BASE < 32:
+                error, fault = decode_exception(
+                    vcpu,
+                    _memory(sb),
+                    sb.image,
+                    sandbox_id=sb.id,
+                    function=name,
+                    vector=port - abi.PORT_EXCEPTION_BASE,
+                )
+                raise _failed(sb, error, fault)
+            case IoOut(port=port):
+                message = f"guest wrote to unknown port {port:#x}"
+                raise _failed(sb, _protocol_error(sb, name, message))
+            case Interrupted():
+                sb._on_kick(call)
+            case _:
+                suffix = " (triple fault)" if isinstance(exit_, Shutdown) else ""
+                raise _failed(
+                    sb,
+                    GuestProtocolError(
+                        f"unexpected vCPU exit {exit_}{suffix}",
+                        sandbox_id=sb.id,
+                        function=name,
+                        vcpu_exit=exit_,
+                    ),
+                )
+
+
+def _memory(sb: Sandbox) -> GuestMemory:
+    memory = sb._machine.memory
+    assert memory is not None  # the call holds the vCPU: nothing releases it meanwhile
+    return memory
+
+
+def _failed(sb: Sandbox, error: GuestError, fault: ExceptionInfo | None = None) -> GuestError:
+    """A failure that poisons the sandbox: remember the fault, write the dump."""
+    sb.last_exception = fault
+    if sb.config.crashdump_enabled:
+        attach_automatic_dump(sb, error, fault)
+    return error
+
+
+def _protocol_error(sb: Sandbox, function: str | None, message: str) -> GuestProtocolError:
+    return GuestProtocolError(message, sandbox_id=sb.id, function=function)
+
+
+def _read_result(sb: Sandbox, signature: FunctionSignature) -> Value:
+    try:
+        value, error = abi.read_result(sb._machine.output, signature.returns)
+    except FrameError as exc:
+        raise _failed(sb, _protocol_error(sb, signature.name, f"bad result frame: {exc}")) from None
+    if error is not None:
+        hint = ""
+        if "output buffer" in error:
+            hint = f" (raise SandboxConfig.output_buffer_size, now {sb.layout.output_size})"
+        raise GuestResultError(
+            f"the guest could not return the result: {error}{hint}",
+            sandbox_id=sb.id,
+            function=signature.name,
+        )
+    return value
+
+
+def _host_call(sb: Sandbox, call: Call, function: str) -> None:
+    output = sb._machine.output
+    try:
+        request = abi.read_host_call(output)
+    except FrameError as exc:
+        raise _failed(sb, _protocol_error(sb, function, f"bad host-call frame: {exc}")) from None
+    host_fn = sb._host_functions.get(request.name)
+    if host_fn is None:
+        _unwind(sb)
+        raise HostFunctionError(
+            f"guest called unregistered host function {request.name!r}",
+            sandbox_id=sb.id,
+            function=function,
+            host_function=request.name,
+        )
+    failure: HostFunctionError | None = None
+    sb._enter_host(call)
+    try:
+        try:
+            result = host_fn(*request.args)
+        except Exception as exc:  # noqa: BLE001 - reported to the caller as HostFunctionError
+            failure = HostFunctionError(
+                f"host function {request.name!r} raised {type(exc).__name__}: {exc}",
+                sandbox_id=sb.id,
+                function=function,
+                host_function=request.name,
+            )
+            failure.__cause__ = exc
+        else:
+            try:
+                written = abi.write_result(output, result)
+            except (TypeError, ValueError) as exc:
+                failure = HostFunctionError(
+                    f"host function {request.name!r} returned a value the guest cannot "
+                    f"receive: {exc}",
+                    sandbox_id=sb.id,
+                    function=function,
+                    host_function=request.name,
+                )
+                failure.__cause__ = exc
+            else:
+                sb._machine.pages.host_wrote(sb.layout.output_addr, written)
+    finally:
+        sb._leave_host(call)
+    if failure is not None:
+        _unwind(sb)
+        raise failure
+
+
+def _unwind(sb: Sandbox) -> None:
+    """Put the vCPU back at the dispatcher's idle point (after a failed host call)."""
+    cpu.apply(sb._machine.vcpu, sb._initial._cpu)
+
+
+def _print(sb: Sandbox, call: Call, function: str) -> None:
+    try:
+        _, text = abi.read_message(sb._machine.output, abi.MAGIC_PRINT)
+    except FrameError as exc:
+        raise _failed(sb, _protocol_error(sb, function, f"bad print frame: {exc}")) from None
+    decoded = text.decode(errors="replace")
+    sb._enter_host(call)
+    try:
+        if sb._output is not None:
+            sb._output(decoded)
+        else:
+            sys.stdout.write(decoded)
+            sys.stdout.flush()
+    finally:
+        sb._leave_host(call)
+
+
+def _aborted(sb: Sandbox, function: str) -> GuestError:
+    try:
+        code, text = abi.read_message(sb._machine.output, abi.MAGIC_ABORT)
+    except FrameError as exc:
+        return _protocol_error(sb, function, f"bad abort frame: {exc}")
+    return GuestAborted(
+        sandbox_id=sb.id,
+        function=function,
+        code=code,
+        guest_message=text.decode(errors="replace"),
+    )
