@@ -6,6 +6,11 @@ the start of the buffer. Every length and offset read from the guest is
 checked against the buffer it claims to be in: a bad frame raises
 :class:`FrameError`, which the sandbox turns into ``GuestProtocolError``.
 
+Frames the host writes into guest memory (calls, host function results) are
+sized first and written whole or not at all: a frame that does not fit raises
+:class:`EncodeError` and leaves the buffer untouched, so no half-written
+argument of one caller is left for the next one to read.
+
 The constants mirror ``guest/sdk/include/hlasync_guest.h`` (a test keeps them equal).
 """
 
@@ -97,6 +102,28 @@ class FrameError(Exception):
     """A frame from the guest is malformed; the message says how."""
 
 
+class EncodeError(ValueError):
+    """A frame the host writes does not fit its buffer; nothing was written.
+
+    ``needed`` is the frame's size in bytes and ``available`` the buffer's, so
+    the caller can name the configuration value to raise and by how much.
+    """
+
+    def __init__(
+        self, needed: int, available: int, subject: str = "arguments", buffer: str = "input"
+    ) -> None:
+        verb = "need" if subject.endswith("s") else "needs"
+        super().__init__(
+            f"{subject} {verb} {needed:,} bytes; the {buffer} buffer holds {available:,}"
+        )
+        self.needed = needed
+        self.available = available
+        self._naming = (subject, buffer)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.needed, self.available, *self._naming)
+
+
 HEADER = struct.Struct("<IIII")  # magic, a, b, size/length
 SLOT = struct.Struct("<IIQ")
 RESULT = struct.Struct("<IIIIQ")  # magic, status, type, length, value
@@ -137,14 +164,57 @@ def check_value(kind: ValueType, value: object) -> str | None:
     elif kind is ValueType.STR:
         if not isinstance(value, str):
             return f"expected str, got {type(value).__name__}"
-        if "\0" in value:
-            return "str contains a NUL character (guests see NUL-terminated strings)"
+        return _text_problem(value)
     elif kind is ValueType.BYTES:
         if not isinstance(value, (bytes, bytearray, memoryview)):
             return f"expected bytes, got {type(value).__name__}"
     else:
         return "void is not a value"
     return None
+
+
+def _text_problem(text: str) -> str | None:
+    """Why ``text`` cannot cross as a guest string (NUL-terminated UTF-8), or None.
+
+    Checked up front so that a str the encoder cannot write is reported as what
+    it is, not later as an encoding failure or a buffer that is too small.
+    """
+    if "\0" in text:
+        return "str contains a NUL character (guests see NUL-terminated strings)"
+    if text.isascii():  # O(1) in CPython: ASCII text is always valid UTF-8
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        return (
+            f"str is not valid UTF-8 text: lone surrogate {text[exc.start]!r} at index {exc.start}"
+        )
+    return None
+
+
+_RESULT_TYPES = "int, float, bool, str, bytes or None"
+
+
+def describe_unsendable(value: object) -> str | None:
+    """None if a host function may return ``value`` (its size aside), else why
+    not, phrased after the function's name: ``"returned a list; host functions
+    may return int, float, bool, str, bytes or None"``.
+
+    :func:`infer_type` and :func:`write_result` raise with this text, so the
+    sandbox can report a bad return value as what the host function did.
+    """
+    if value is None or isinstance(value, (bool, float, bytes, bytearray, memoryview)):
+        return None
+    if isinstance(value, int):
+        if INT64_MIN <= value <= INT64_MAX:
+            return None
+        return "returned an int outside the signed 64-bit range"  # no digits: it may be huge
+    if isinstance(value, str):
+        problem = _text_problem(value)
+        return None if problem is None else f"returned a str that {problem.removeprefix('str ')}"
+    name = type(value).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    return f"returned {article} {name}; host functions may return {_RESULT_TYPES}"
 
 
 def infer_type(value: object) -> ValueType:
@@ -155,7 +225,7 @@ def infer_type(value: object) -> ValueType:
         return ValueType.BOOL
     if isinstance(value, int):
         if not INT64_MIN <= value <= INT64_MAX:
-            raise TypeError("int result out of the signed 64-bit range")
+            raise TypeError(describe_unsendable(value))
         return ValueType.INT
     if isinstance(value, float):
         return ValueType.FLOAT
@@ -163,7 +233,7 @@ def infer_type(value: object) -> ValueType:
         return ValueType.STR
     if isinstance(value, (bytes, bytearray, memoryview)):
         return ValueType.BYTES
-    raise TypeError(f"cannot return a {type(value).__name__} to the guest")
+    raise TypeError(describe_unsendable(value))
 
 
 # --------------------------------------------------------- host -> guest calls
@@ -172,19 +242,21 @@ def make_call_encoder(
 ) -> Callable[[memoryview, tuple[Any, ...]], int]:
     """An encoder writing a call frame for ``signature`` into a buffer.
 
-    It returns the frame size, or raises ValueError when the buffer is too
-    small. Argument types must already have been checked.
+    It returns the frame size. A frame that does not fit raises
+    :class:`EncodeError` before any byte is written. Argument values must
+    already have been checked (:func:`check_value`).
     """
     argc = len(signature.params)
     header_size = HEADER.size + SLOT.size * argc
     index = signature.index
     if all(p in (ValueType.INT, ValueType.BOOL) for p in signature.params):
+        # The hot path: one pack_into, sized by the signature alone.
         fixed = struct.Struct("<IIII" + "IIq" * argc)
         types = [int(p) for p in signature.params]
 
         def encode_ints(buffer: memoryview, args: tuple[Any, ...]) -> int:
             if len(buffer) < header_size:
-                raise ValueError(f"needs {header_size} bytes")
+                raise EncodeError(header_size, len(buffer))
             values: list[int] = [MAGIC_CALL, index, argc, header_size]
             for kind, arg in zip(types, args, strict=True):
                 values += (kind, 0, int(arg))
@@ -194,29 +266,32 @@ def make_call_encoder(
         return encode_ints
 
     params = signature.params
+    frame = struct.Struct("<IIII" + "IIQ" * argc)
+    padding = bytes(8)
 
     def encode(buffer: memoryview, args: tuple[Any, ...]) -> int:
+        # First size and lay out the whole frame, then write it: a frame that
+        # does not fit leaves the buffer (guest memory) exactly as it was.
         position = header_size
-        slots: list[tuple[int, int, int]] = []
+        slots: list[int] = []
+        tail: list[bytes] = []
         for kind, arg in zip(params, args, strict=True):
             if kind is ValueType.STR or kind is ValueType.BYTES:
                 data = arg.encode() if kind is ValueType.STR else bytes(arg)
-                end = position + len(data) + 1  # NUL after every string and blob
-                if end > len(buffer):
-                    raise ValueError(f"needs more than {len(buffer)} bytes")
-                buffer[position : position + len(data)] = data
-                buffer[position + len(data)] = 0
-                slots.append((kind, len(data), position))
-                position = (end + 7) & ~7
+                # A NUL after every string and blob, then zeros to 8-byte alignment.
+                end = (position + len(data) + 8) & ~7
+                slots += (kind, len(data), position)
+                tail += (data, padding[: end - position - len(data)])
+                position = end
             elif kind is ValueType.FLOAT:
-                slots.append((kind, 0, float_bits(float(arg))))
+                slots += (kind, 0, float_bits(float(arg)))
             else:
-                slots.append((kind, 0, int(arg) & 0xFFFF_FFFF_FFFF_FFFF))
-        if header_size > len(buffer):
-            raise ValueError(f"needs more than {len(buffer)} bytes")
-        HEADER.pack_into(buffer, 0, MAGIC_CALL, index, argc, position)
-        for i, slot in enumerate(slots):
-            SLOT.pack_into(buffer, HEADER.size + i * SLOT.size, *slot)
+                slots += (kind, 0, int(arg) & 0xFFFF_FFFF_FFFF_FFFF)
+        if position > len(buffer):
+            raise EncodeError(position, len(buffer))
+        frame.pack_into(buffer, 0, MAGIC_CALL, index, argc, position, *slots)
+        if tail:
+            buffer[header_size:position] = b"".join(tail)
         return position
 
     return encode
@@ -265,8 +340,14 @@ def read_result(buffer: memoryview, expected: ValueType) -> tuple[Value, str | N
 
 
 def write_result(buffer: memoryview, value: Value) -> int:
-    """Write a host function's result into the output buffer (ValueError if too
-    big); returns the bytes written."""
+    """Write a host function's result into the output buffer; returns the bytes
+    written.
+
+    A value that cannot be sent raises TypeError (its type) or ValueError (its
+    content), and one that does not fit raises :class:`EncodeError`; in every
+    case before any byte is written. Messages read after the host function's
+    name ("returned a list; ...", see :func:`describe_unsendable`).
+    """
     kind = infer_type(value)
     payload = b""
     bits = 0
@@ -278,16 +359,15 @@ def write_result(buffer: memoryview, value: Value) -> int:
         bits = float_bits(value)  # type: ignore[arg-type]
     elif kind is ValueType.STR:
         assert isinstance(value, str)
+        problem = describe_unsendable(value)
+        if problem is not None:
+            raise ValueError(problem)
         payload = value.encode()
-        if b"\0" in payload:
-            raise ValueError("str result contains a NUL character")
     elif kind is ValueType.BYTES:
         payload = bytes(value)  # type: ignore[arg-type]
-    end = RESULT.size + len(payload) + 1
+    end = RESULT.size + len(payload) + 1  # the payload is NUL-terminated
     if end > len(buffer):
-        raise ValueError(
-            f"result of {len(payload)} bytes does not fit the {len(buffer)}-byte output buffer"
-        )
+        raise EncodeError(end, len(buffer), "result", "output")
     RESULT.pack_into(buffer, 0, MAGIC_RESULT, STATUS_OK, kind, len(payload), bits)
     buffer[RESULT.size : end - 1] = payload
     buffer[end - 1] = 0

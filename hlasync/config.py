@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .abi import IMAGE_BASE
 from .crashdump.placement import RetentionPolicy
 from .errors import ConfigError
 
@@ -18,19 +19,52 @@ MAX_MEMORY = 256 * MiB
 MIN_MEMORY = 2 * MiB
 
 
+#: Smallest value of each size field.
+_MINIMUM_SIZES = {
+    "memory_size": MIN_MEMORY,
+    "stack_size": 8 * KiB,
+    "input_buffer_size": 4 * KiB,
+    "output_buffer_size": 4 * KiB,
+    "heap_size": 4 * KiB,
+}
+#: Memory below the stack whatever the guest: everything up to the image base
+#: (page tables, descriptor tables, PEB), the smallest image (one page) and the
+#: guard page under the stack.
+_BELOW_STACK = IMAGE_BASE + 2 * PAGE
+_MAX_INIT_TIMEOUT = 3600.0
+
+
 @dataclass(frozen=True, slots=True)
 class SandboxConfig:
     """Sizes of a sandbox's guest memory and behaviour switches.
 
-    All sizes are bytes and multiples of 4 KiB. ``heap_size=None`` gives the
-    heap all memory left after the image, stack and buffers.
+    Every value is checked here, and a bad one raises :class:`ConfigError`
+    (also a ``ValueError``) naming the field and the value given. Limits:
 
-    ``crashdump_enabled`` writes a core dump on faults, aborts, protocol
-    errors and watchdog timeouts; ``crashdump_dir`` overrides the directory
-    (else ``HYPERLIGHT_CORE_DUMP_DIR``, else the system temp directory) and
-    ``crashdump_retention`` bounds how many dumps that directory keeps.
-    ``init_timeout`` bounds the guest's initialisation (from its entry point
-    to its dispatcher) in seconds.
+    - All sizes are ints in bytes and multiples of 4 KiB (4096).
+    - ``memory_size`` (default 8 MiB): from 2 MiB to 256 MiB. The guest image
+      starts at 1 MiB; below it sit the page tables and descriptor tables,
+      which is also why 256 MiB is the most they map.
+    - ``stack_size`` (default 256 KiB): at least 8 KiB.
+    - ``input_buffer_size`` (default 256 KiB, call arguments) and
+      ``output_buffer_size`` (default 256 KiB, results, prints and host
+      calls): at least 4 KiB each. A call whose arguments do not fit raises
+      ``ArgumentError``; a result that does not fit, ``GuestResultError``.
+    - ``heap_size``: ``None`` (default) gives the heap all memory left after
+      the image, stack and buffers; else at least 4 KiB.
+    - Stack, buffers and heap must fit in ``memory_size`` above the 1 MiB
+      where the image starts (checked here against the smallest image; the
+      real image size is checked when a sandbox is made, with
+      ``GuestImageError``).
+    - ``init_timeout`` (default 10): seconds, more than 0 and at most 3600;
+      bounds the guest's initialisation (from its entry point to its
+      dispatcher).
+
+    ``crashdump_enabled`` (a bool, default True) writes a core dump on faults,
+    aborts, protocol errors and watchdog timeouts; ``crashdump_dir`` (a path
+    or None) overrides the directory (else ``HYPERLIGHT_CORE_DUMP_DIR``, else
+    the system temp directory) and ``crashdump_retention`` (a
+    ``RetentionPolicy`` or None) bounds how many dumps that directory keeps.
     """
 
     memory_size: int = 8 * MiB
@@ -48,36 +82,70 @@ class SandboxConfig:
             _check_size(name, getattr(self, name))
         if self.heap_size is not None:
             _check_size("heap_size", self.heap_size)
-        if not MIN_MEMORY <= self.memory_size <= MAX_MEMORY:
+        if self.memory_size > MAX_MEMORY:
             raise ConfigError(
                 f"memory_size must be between {MIN_MEMORY // MiB} MiB and "
-                f"{MAX_MEMORY // MiB} MiB, got {self.memory_size}"
+                f"{MAX_MEMORY // MiB} MiB, got {_got(self.memory_size)}"
             )
-        if self.input_buffer_size < 4 * KiB or self.output_buffer_size < 4 * KiB:
-            raise ConfigError("input and output buffers must be at least 4 KiB")
-        if self.stack_size < 8 * KiB:
-            raise ConfigError("stack_size must be at least 8 KiB")
+        above_image = self.stack_size + self.input_buffer_size + self.output_buffer_size
+        above_image += self.heap_size or 0
+        if above_image > self.memory_size - _BELOW_STACK:
+            parts = "stack_size, input_buffer_size, output_buffer_size" + (
+                " and heap_size" if self.heap_size is not None else ""
+            )
+            raise ConfigError(
+                f"{parts} add up to {_human(above_image)}, more than the "
+                f"{_human(self.memory_size - _BELOW_STACK)} that memory_size "
+                f"{_human(self.memory_size)} leaves above the guest image (which starts at "
+                "1 MiB): raise memory_size or lower them"
+            )
         if (
             isinstance(self.init_timeout, bool)
             or not isinstance(self.init_timeout, (int, float))
-            or not 0 < self.init_timeout <= 3600
+            or not 0 < self.init_timeout <= _MAX_INIT_TIMEOUT
         ):
             raise ConfigError(
                 f"init_timeout must be a number of seconds in (0, 3600], got {self.init_timeout!r}"
             )
         if not isinstance(self.crashdump_enabled, bool):
-            raise ConfigError("crashdump_enabled must be a bool")
+            raise ConfigError(
+                f"crashdump_enabled must be a bool, got {type(self.crashdump_enabled).__name__}"
+            )
         path_types = (str, os.PathLike)
         if self.crashdump_dir is not None and not isinstance(self.crashdump_dir, path_types):
-            raise ConfigError("crashdump_dir must be a path or None")
+            raise ConfigError(
+                f"crashdump_dir must be a path or None, got {type(self.crashdump_dir).__name__}"
+            )
         if self.crashdump_retention is not None and not isinstance(
             self.crashdump_retention, RetentionPolicy
         ):
-            raise ConfigError("crashdump_retention must be a RetentionPolicy or None")
+            raise ConfigError(
+                "crashdump_retention must be a RetentionPolicy or None, got "
+                f"{type(self.crashdump_retention).__name__}"
+            )
 
 
 def _check_size(name: str, value: object) -> None:
     if type(value) is not int:
         raise ConfigError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0 or value % PAGE:
-        raise ConfigError(f"{name} must be a positive multiple of 4096, got {value}")
+    if value % PAGE:
+        raise ConfigError(f"{name} must be a multiple of 4096 (4 KiB), got {_got(value)}")
+    minimum = _MINIMUM_SIZES[name]
+    if value < minimum:
+        what = f"at least {_human(minimum)}"
+        if name == "memory_size":
+            what = f"between {MIN_MEMORY // MiB} MiB and {MAX_MEMORY // MiB} MiB"
+        raise ConfigError(f"{name} must be {what}, got {_got(value)}")
+
+
+def _got(value: int) -> str:
+    human = _human(value)
+    return f"{value:,}" if human.endswith("bytes") else f"{value:,} ({human})"
+
+
+def _human(size: int) -> str:
+    """``size`` in the largest binary unit that divides it: 3 MiB, 1,536 KiB."""
+    for unit, name in ((MiB, "MiB"), (KiB, "KiB")):
+        if size > 0 and size % unit == 0:
+            return f"{size // unit:,} {name}"
+    return f"{size:,} bytes"

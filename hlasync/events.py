@@ -4,15 +4,19 @@ Every event is a frozen dataclass with ``timestamp`` (``time.time()``) and
 ``sandbox_id`` (None for supervisor-wide events). Subscribe with
 :meth:`hlasync.Supervisor.subscribe`; each subscriber has its own bounded
 buffer and overflow policy, so a slow subscriber never stalls anything else.
-Dropped events are counted and announced with :class:`EventsDropped`;
-:class:`CrashDumpWritten` and :class:`CrashDumpFailed` are never dropped:
-they are kept even beyond the buffer size.
+The buffer is bounded in events and in bytes (:func:`event_size`), so a
+subscriber that stops reading holds a bounded amount of memory however much
+the guests print. Dropped events are counted and announced with
+:class:`EventsDropped`; :class:`CrashDumpWritten` and
+:class:`CrashDumpFailed` are never dropped: they are kept even beyond both
+bounds.
 """
 
 from __future__ import annotations
 
 import collections
 import enum
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +27,8 @@ import anyio
 
 __all__ = [
     "CRITICAL_EVENTS",
+    "DEFAULT_MAX_BYTES",
+    "GUEST_OUTPUT_LIMIT",
     "CallCompleted",
     "CallFailed",
     "CallStarted",
@@ -39,6 +45,7 @@ __all__ = [
     "SandboxCreated",
     "StreamStatistics",
     "SupervisorError",
+    "event_size",
 ]
 
 
@@ -123,9 +130,37 @@ class CrashDumpFailed(Event):
     error: BaseException
 
 
+#: Characters of one print a :class:`GuestOutput` keeps (see :meth:`GuestOutput.from_text`).
+GUEST_OUTPUT_LIMIT = 64 * 1024
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GuestOutput(Event):
+    """One print of a guest. ``truncated`` counts the bytes (UTF-8) of the
+    print that were cut after ``text``; 0 when ``text`` is all of it."""
+
     text: str
+    truncated: int = 0
+
+    @classmethod
+    def from_text(
+        cls, sandbox_id: str | None, text: str, limit: int = GUEST_OUTPUT_LIMIT
+    ) -> GuestOutput:
+        """The event for a print of ``text``, keeping at most ``limit`` characters.
+
+        A guest may print as much as its output buffer holds (MiBs) in one
+        exit; one event per subscriber of that size is what made event memory
+        grow without bound. The cut is visible: ``truncated`` says how much
+        is missing.
+        """
+        if type(limit) is not int or limit < 0:
+            raise ValueError(f"limit must be a non-negative int, got {limit!r}")
+        if len(text) <= limit:
+            return cls(sandbox_id=sandbox_id, text=text)
+        cut = text[limit:]
+        # ASCII is one byte a character; only other text needs encoding to count.
+        lost = len(cut) if cut.isascii() else len(cut.encode("utf-8", "surrogatepass"))
+        return cls(sandbox_id=sandbox_id, text=text[:limit], truncated=lost)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,6 +181,24 @@ class EventsDropped(Event):
 CRITICAL_EVENTS: tuple[type[Event], ...] = (CrashDumpWritten, CrashDumpFailed)
 
 
+#: Default bound, in bytes (:func:`event_size`), of one subscriber's buffered events.
+DEFAULT_MAX_BYTES = 8 * 1024 * 1024
+#: What an event counts for against ``max_bytes``, on top of its text.
+EVENT_OVERHEAD = 256
+
+
+def event_size(event: Event) -> int:
+    """Estimated memory one buffered event holds, in bytes.
+
+    An event is a small object plus, for :class:`GuestOutput`, its text: that
+    text is the only part that grows with what the guest does, so it is
+    counted exactly (``sys.getsizeof``, O(1)) and every event adds a constant.
+    """
+    if isinstance(event, GuestOutput):
+        return EVENT_OVERHEAD + sys.getsizeof(event.text)
+    return EVENT_OVERHEAD
+
+
 class Overflow(enum.Enum):
     """What a full subscriber buffer does with one more event."""
 
@@ -158,25 +211,40 @@ class StreamStatistics(NamedTuple):
     buffer_size: int
     delivered: int
     dropped: int
+    buffered_bytes: int  # event_size() of the droppable events buffered now
+    max_bytes: int
 
 
 class EventStream:
     """The receiving end of one subscription: ``async for event in stream``.
 
-    Iteration ends when the supervisor closes (or the subscription ends).
+    It buffers at most ``buffer`` ordinary events and at most ``max_bytes``
+    of them (by :func:`event_size`); ``overflow`` decides which event goes
+    when one more would exceed either bound. Iteration ends when the
+    supervisor closes (or the subscription ends).
     """
 
-    def __init__(self, types: tuple[type[Event], ...], buffer: int, overflow: Overflow) -> None:
+    def __init__(
+        self,
+        types: tuple[type[Event], ...],
+        buffer: int,
+        overflow: Overflow,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
         if type(buffer) is not int or buffer < 1:
             raise ValueError("buffer must be a positive int")
+        if type(max_bytes) is not int or max_bytes < 1:
+            raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
         for kind in types:
             if not (isinstance(kind, type) and issubclass(kind, Event)):
                 raise TypeError(f"{kind!r} is not an event type")
         self.types = types or (Event,)
         self.buffer_size = buffer
+        self.max_bytes = max_bytes
         self.overflow = Overflow(overflow)
         self._queue: collections.deque[Event] = collections.deque()
         self._ordinary = 0  # events in the queue that may be dropped
+        self._ordinary_bytes = 0  # their event_size() total
         self._wakeup = anyio.Event()
         self._closed = False
         self._delivered = 0
@@ -190,26 +258,46 @@ class EventStream:
     def _push(self, event: Event) -> None:
         if self._closed:
             return
-        critical = isinstance(event, CRITICAL_EVENTS)
-        if not critical and self._ordinary >= self.buffer_size:
-            # Counted now, announced by one EventsDropped when the subscriber next
-            # reads, so announcements never fill the buffer themselves.
-            self._dropped += 1
-            self._unannounced += 1
+        if isinstance(event, CRITICAL_EVENTS):
+            self._queue.append(event)
+            self._wakeup.set()
+            return
+        size = event_size(event)
+        if size > self.max_bytes:
+            self._count_drop()  # could never fit: keep what is buffered
+            return
+        while self._ordinary and (
+            self._ordinary >= self.buffer_size or self._ordinary_bytes + size > self.max_bytes
+        ):
+            self._count_drop()
             if self.overflow is Overflow.DROP_NEWEST:
                 return
             self._drop_oldest_ordinary()
         self._queue.append(event)
-        if not critical:
-            self._ordinary += 1
+        self._ordinary += 1
+        self._ordinary_bytes += size
         self._wakeup.set()
 
+    def _count_drop(self) -> None:
+        # Counted now, announced by one EventsDropped when the subscriber next
+        # reads, so announcements never fill the buffer themselves.
+        self._dropped += 1
+        self._unannounced += 1
+
     def _drop_oldest_ordinary(self) -> None:
+        if len(self._queue) == self._ordinary:  # no critical event to step over
+            self._forget(self._queue.popleft())
+            return
         for index, queued in enumerate(self._queue):
             if not isinstance(queued, CRITICAL_EVENTS):
                 del self._queue[index]
-                self._ordinary -= 1
+                self._forget(queued)
                 return
+
+    def _forget(self, event: Event) -> None:
+        """Account for an ordinary event leaving the queue."""
+        self._ordinary -= 1
+        self._ordinary_bytes -= event_size(event)
 
     def _close(self) -> None:
         self._closed = True
@@ -228,7 +316,7 @@ class EventStream:
         if self._queue:
             event = self._queue.popleft()
             if not isinstance(event, CRITICAL_EVENTS):
-                self._ordinary -= 1
+                self._forget(event)
             self._delivered += 1
             return event
         if self._closed:
@@ -257,7 +345,14 @@ class EventStream:
 
     def statistics(self) -> StreamStatistics:
         buffered = len(self._queue) + (1 if self._unannounced else 0)
-        return StreamStatistics(buffered, self.buffer_size, self._delivered, self._dropped)
+        return StreamStatistics(
+            buffered,
+            self.buffer_size,
+            self._delivered,
+            self._dropped,
+            self._ordinary_bytes,
+            self.max_bytes,
+        )
 
 
 class Subscription:

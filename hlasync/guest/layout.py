@@ -26,12 +26,12 @@ pages, so code at CPL3 cannot read or change them::
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .. import abi
 from ..errors import GuestImageError
-from .image import PF_R, PF_W, PF_X, GuestImage
+from .image import PF_R, PF_W, PF_X, GuestImage, Segment
 
 if TYPE_CHECKING:
     from ..config import SandboxConfig
@@ -134,18 +134,7 @@ class MemoryLayout:
             Region("page tables", PAGE_TABLES, page_tables * PAGE, PF_R | PF_W, False),
             Region("peb", PEB, PAGE, PF_R, True),
         ]
-        # Segments sharing a page become one region with the union of their rights.
-        image_regions: list[Region] = []
-        for seg in image.segments:
-            start, end = seg.vaddr & ~(PAGE - 1), _align_up(seg.end)
-            if image_regions and start < image_regions[-1].end:
-                last = image_regions.pop()
-                start, flags = last.start, last.flags | seg.flags
-                end = max(end, last.end)
-            else:
-                flags = seg.flags
-            image_regions.append(Region(f"image {start:#x}", start, end - start, flags, True))
-        regions += image_regions
+        regions += _image_regions(image)
         regions += [
             Region("stack", stack_base, config.stack_size, PF_R | PF_W, True),
             Region("input buffer", input_addr, config.input_buffer_size, PF_R | PF_W, True),
@@ -165,6 +154,72 @@ class MemoryLayout:
             heap_size=heap_size,
             regions=tuple(regions),
         )
+
+
+@dataclass(slots=True)
+class _Pages:
+    """Whole pages of the image with one set of rights, and the segments on them."""
+
+    start: int
+    end: int
+    flags: int
+    segments: list[Segment]
+    group: int  # pieces of one group are linked by shared pages: they form one region
+
+
+def _image_regions(image: GuestImage) -> list[Region]:
+    """The image's segments as page-granular regions, refusing W+X pages.
+
+    A page two segments share gets the union of their rights, and only that
+    page: rights never spread to the other pages of either segment. A page
+    that would be writable and executable at once (W^X) is refused, so a
+    guest that writes code cannot run it. Segments are sorted and do not
+    overlap (``GuestImage`` checks), so a segment can share only its first
+    page with the segments before it.
+    """
+    pieces: list[_Pages] = []
+    for seg in image.segments:
+        if seg.flags & PF_W and seg.flags & PF_X:
+            raise GuestImageError(
+                f"segment {_describe(seg)} is writable and executable: guest pages are never "
+                "both (W^X); give code and data their own segments",
+                path=image.path,
+            )
+        start, end = seg.vaddr & ~(PAGE - 1), _align_up(seg.end)
+        if pieces and start < pieces[-1].end:
+            last = pieces[-1]
+            if last.start < start:  # keep last's own pages apart from the shared one
+                last.end = start
+                last = _Pages(start, start + PAGE, last.flags, list(last.segments), last.group)
+                pieces.append(last)
+            last.flags |= seg.flags
+            last.segments.append(seg)
+            if last.flags & PF_W and last.flags & PF_X:
+                raise GuestImageError(
+                    f"segments {' and '.join(_describe(s) for s in last.segments)} share the "
+                    f"page at {start:#x}, which would be writable and executable at once (W^X): "
+                    "link them on separate pages, as the SDK's guest.ld does with "
+                    "`. = ALIGN(0x1000)` between segments",
+                    path=image.path,
+                )
+            if start + PAGE < end:
+                pieces.append(_Pages(start + PAGE, end, seg.flags, [seg], last.group))
+        else:
+            pieces.append(_Pages(start, end, seg.flags, [seg], len(pieces)))
+    regions: list[Region] = []
+    for i, piece in enumerate(pieces):
+        before = pieces[i - 1] if i else None
+        if before is not None and (before.group, before.flags) == (piece.group, piece.flags):
+            regions[-1] = replace(regions[-1], size=piece.end - regions[-1].start)
+        else:
+            size = piece.end - piece.start
+            regions.append(Region(f"image {piece.start:#x}", piece.start, size, piece.flags, True))
+    return regions
+
+
+def _describe(seg: Segment) -> str:
+    rights = "".join(c for bit, c in ((PF_R, "R"), (PF_W, "W"), (PF_X, "X")) if seg.flags & bit)
+    return f"[{seg.vaddr:#x}, {seg.end:#x}) {rights or '-'}"
 
 
 def _descriptor(base: int, limit: int, access: int, flags: int) -> bytes:
@@ -209,17 +264,9 @@ def build_boot_image(memory: memoryview, layout: MemoryLayout, image: GuestImage
     mark(KERNEL_STACK_BASE, KERNEL_STACK_TOP - KERNEL_STACK_BASE, supervisor_data)
     page_tables = (pages + 511) // 512
     mark(PAGE_TABLES, page_tables * PAGE, supervisor_data)
-    image_rights: dict[int, int] = {}  # segments sharing a page get the union of rights
     for region in layout.regions:
-        if not region.user:
-            continue
-        for page in range(region.start // PAGE, _align_up(region.end) // PAGE):
-            if region.name.startswith("image"):
-                image_rights[page] = image_rights.get(page, 0) | region.flags
-            else:
-                flags[page] = _user_pte(region.flags)
-    for page, rights in image_rights.items():
-        flags[page] = _user_pte(rights)
+        if region.user:  # user regions are page-aligned and disjoint (MemoryLayout.compute)
+            mark(region.start, region.size, _user_pte(region.flags))
 
     entries = [((i * PAGE) | f) if f else 0 for i, f in enumerate(flags)]
     struct.pack_into(f"<{pages}Q", memory, PAGE_TABLES, *entries)
