@@ -554,7 +554,8 @@ class Supervisor:
             if output is not None:
                 output(text)
             if self._wants(ev.GuestOutput):
-                self._post(ev.GuestOutput(sandbox_id=sandbox_id, text=text))
+                # Long output is cut (visibly: ``truncated``) so events stay small.
+                self._post(ev.GuestOutput.from_text(sandbox_id, text))
             elif output is None:
                 sys.stdout.write(text)
                 sys.stdout.flush()
@@ -1128,15 +1129,17 @@ class Supervisor:
         *event_types: type[ev.Event],
         buffer: int = 1000,
         overflow: ev.Overflow | str = ev.Overflow.DROP_OLDEST,
+        max_bytes: int = ev.DEFAULT_MAX_BYTES,
     ) -> ev.Subscription:
         """``async with sup.subscribe(CrashDumpWritten, ...) as events: async for e in events``.
 
-        Each subscriber has its own buffer of ``buffer`` events. When it is
+        Each subscriber has its own buffer of at most ``buffer`` events and
+        ``max_bytes`` bytes (guest output counts by its length). When it is
         full, ``overflow`` drops the oldest (default) or the newest event;
         drops are counted and announced with ``EventsDropped``. Crash dump
         events are never dropped. No types: every event.
         """
-        stream = ev.EventStream(tuple(event_types), buffer, ev.Overflow(overflow))
+        stream = ev.EventStream(tuple(event_types), buffer, ev.Overflow(overflow), max_bytes)
         if self._state == "closed":
             stream._close()
         else:

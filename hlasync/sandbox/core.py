@@ -157,14 +157,18 @@ class Sandbox:
                 raise
             return template
         boot = MemoryImage(self.layout.memory_size, "hlasync-boot")
-        mapping = GuestMemory(boot)  # write the boot image once through a private map
         try:
-            lay.build_boot_image(mapping.view, self.layout, self.image)
-            # Everything the boot image holds lies below the stack.
-            boot.write_runs(mapping.view, [(0, self.layout.stack_base)])
-        finally:
-            mapping.close()
-        self._machine = Machine(self.layout, boot)
+            mapping = GuestMemory(boot)  # write the boot image once through a private map
+            try:
+                lay.build_boot_image(mapping.view, self.layout, self.image)
+                # Everything the boot image holds lies below the stack.
+                boot.write_runs(mapping.view, [(0, self.layout.stack_base)])
+            finally:
+                mapping.close()
+            self._machine = Machine(self.layout, boot)
+        except BaseException:
+            boot.close()
+            raise
         try:
             vcpu = self._machine.vcpu
             cpu.set_user_mode(vcpu)
@@ -175,6 +179,7 @@ class Sandbox:
             initial = self._take_snapshot()
         except BaseException:
             self._machine.release()
+            boot.close()  # not left to the GC: a traceback may keep it alive a long time
             raise
         templates.put(self._compat, initial)
         return initial
@@ -570,6 +575,8 @@ class Sandbox:
         me = threading.get_ident()
         request = DumpRequest(directory, reason)
         with self._lock:
+            if self._state is SandboxState.CLOSED:
+                self._raise_not_ready("dump")
             holder = self._holder
             if isinstance(holder, Call) and holder.phase is not Phase.ENDED:
                 call: Call | None = holder
@@ -698,12 +705,10 @@ class Sandbox:
         return Snapshot(self._compat, image, cpu.capture(machine.vcpu))
 
     def _argument_error(self, signature: FunctionSignature, exc: ValueError) -> ArgumentError:
-        needed = getattr(exc, "needed", None)
-        size = self.layout.input_size
-        if isinstance(needed, int):
-            detail = f"the arguments need {needed:,} bytes; the input buffer holds {size:,}"
+        if isinstance(exc, abi.EncodeError):
+            detail = str(exc)  # "arguments need N bytes; the input buffer holds M"
         else:
-            detail = f"the arguments do not fit the {size:,}-byte input buffer ({exc})"
+            detail = f"the arguments do not fit the {self.layout.input_size:,}-byte input buffer"
         return ArgumentError(
             f"{signature}: {detail}: raise SandboxConfig.input_buffer_size",
             sandbox_id=self.id,

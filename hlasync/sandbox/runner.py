@@ -145,10 +145,18 @@ def _host_call(sb: Sandbox, call: Call, function: str) -> None:
         else:
             try:
                 written = abi.write_result(output, result)
-            except (TypeError, ValueError) as exc:
+            except abi.EncodeError as exc:
                 failure = HostFunctionError(
-                    f"host function {request.name!r} returned a value the guest cannot "
-                    f"receive: {exc}",
+                    f"host function {request.name!r}: {exc}: raise "
+                    "SandboxConfig.output_buffer_size",
+                    sandbox_id=sb.id,
+                    function=function,
+                    host_function=request.name,
+                )
+                failure.__cause__ = exc
+            except (TypeError, ValueError) as exc:  # "returned a list; host functions may ..."
+                failure = HostFunctionError(
+                    f"host function {request.name!r} {exc}",
                     sandbox_id=sb.id,
                     function=function,
                     host_function=request.name,
