@@ -37,7 +37,7 @@ CFLAGS = (
     "-Wall",
     "-Wextra",
 )
-LDFLAGS = ("-Wl,--build-id=none", "-Wl,-z,max-page-size=4096", "-Wl,-z,noexecstack")
+LDFLAGS = ("-Wl,--build-id=sha1", "-Wl,-z,max-page-size=4096", "-Wl,-z,noexecstack")
 
 
 class GuestBuildError(Exception):
@@ -98,10 +98,10 @@ def build_guest(
     command = [
         find_compiler(cc),
         *CFLAGS,
-        *extra_flags,
         f"-I{sdk / 'include'}",
         f"-T{sdk / 'guest.ld'}",
         *LDFLAGS,
+        *extra_flags,  # last, so they override the defaults
         str(sdk / "runtime.c"),
         *(str(s) for s in sources),
         "-lgcc",
@@ -128,6 +128,7 @@ def build_bundled(destination: Path | None = None, *, only_stale: bool = False) 
     destination = destination or BUNDLED_DIR
     built = []
     runtime_inputs = [
+        Path(__file__),  # compiler and linker flags
         sdk_dir() / "runtime.c",
         sdk_dir() / "guest.ld",
         sdk_dir() / "include" / "hlasync_guest.h",

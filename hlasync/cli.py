@@ -1,23 +1,31 @@
-"""The ``hlasync`` command line (also ``python -m hlasync``)."""
+"""The hlasync command line (also: python -m hlasync).
+
+Run guests in KVM micro-VMs, build guest binaries, and read the core dumps
+hlasync writes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import signal
+import stat
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-
-import psutil
+from typing import NamedTuple
 
 from . import _build, guests
-from .crashdump import DUMP_GLOB, CoreDump, manifest_path, resolve_directory
+from .crashdump import DUMP_GLOB, CoreDump, resolve_directory
+from .crashdump._format import signal_name
+from .crashdump.signals import read_manifest
 from .errors import GuestCancelled, GuestError, GuestImageError, HlasyncError, InvalidCoreDump
 from .guest.image import GuestImage
+from .kvm import KICK_SIGNAL
 from .sandbox import Sandbox
 
 __all__ = ["main"]
@@ -114,15 +122,24 @@ def _dump_show(args: argparse.Namespace) -> int:
 
 def _dump_list(args: argparse.Namespace) -> int:
     directory = Path(args.directory) if args.directory else resolve_directory()
-    if not directory.is_dir():
-        print(f"hlasync: {directory} is not a directory", file=sys.stderr)
+    try:
+        with os.scandir(directory) as entries:
+            found = [
+                (e.stat(follow_symlinks=False), Path(e.path))
+                for e in entries
+                if fnmatch.fnmatchcase(e.name, DUMP_GLOB)
+            ]
+    except OSError as exc:
+        print(f"hlasync: cannot list {directory}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    paths = sorted(directory.glob(DUMP_GLOB), key=lambda p: p.stat().st_mtime)
-    if not paths:
+    if not found:
         print(f"no hlasync core dumps in {directory}")
         return 0
-    for path in paths:
-        allocated = path.stat().st_blocks * 512
+    for st, path in sorted(found, key=lambda item: item[0].st_mtime_ns):
+        if not stat.S_ISREG(st.st_mode):
+            print(f"{path}  skipped: not a regular file")
+            continue
+        allocated = st.st_blocks * 512
         try:
             with CoreDump.open(path) as dump:
                 meta = dump.metadata
@@ -136,24 +153,32 @@ def _dump_list(args: argparse.Namespace) -> int:
 
 
 def _dump_all(args: argparse.Namespace) -> int:
-    signum = _parse_signal(args.signal)
+    signum: int = args.signal
+    name = signal_name(signum)
+    if signum == KICK_SIGNAL:
+        return _fail(f"{name} is hlasync's vCPU kick signal; it never dumps (pick another)")
     try:
-        target = psutil.Process(args.pid)
-        temp_dir = target.environ().get("TMPDIR")
-    except psutil.NoSuchProcess:
-        print(f"hlasync: no process {args.pid}", file=sys.stderr)
-        return 1
-    except psutil.AccessDenied:
-        temp_dir = None
-    manifest = manifest_path(args.pid, temp_dir)
+        status = _proc_status(args.pid)
+    except FileNotFoundError:
+        return _fail(f"no process {args.pid}")
+    except (OSError, KeyError, ValueError) as exc:
+        return _fail(f"cannot read /proc/{args.pid}/status: {exc}")
+    if not status.caught >> (signum - 1) & 1:
+        return _fail(
+            f"process {args.pid} does not catch {name}: it never called "
+            f"hlasync.install_dump_signal(signal.{name}), and {name} could kill it. Nothing sent"
+        )
+    temp_dir = _temp_dir_of(args.pid)
     sent_at = time.time()
-    os.kill(args.pid, signum)
+    try:
+        os.kill(args.pid, signum)
+    except ProcessLookupError:
+        return _fail(f"no process {args.pid}")
+    except PermissionError:
+        return _fail(f"not permitted to send {name} to process {args.pid}: run as its user")
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        try:
-            result = json.loads(manifest.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            result = None
+        result = read_manifest(args.pid, temp_dir, status.uid)
         if result is not None and result.get("time", 0) >= sent_at:
             for path in result["paths"]:
                 print(path)
@@ -161,23 +186,52 @@ def _dump_all(args: argparse.Namespace) -> int:
                 print(f"hlasync: {error}", file=sys.stderr)
             return 0 if not result["errors"] else 1
         time.sleep(0.05)
-    print(
-        f"hlasync: process {args.pid} wrote no dump list within {args.timeout} s "
-        f"(did it call hlasync.install_dump_signal({signum})?)",
-        file=sys.stderr,
+    return _fail(
+        f"process {args.pid} catches {name} but wrote no dump list within {args.timeout} s: did "
+        f"it call hlasync.install_dump_signal(signal.{name})? Its log may say more"
     )
+
+
+class _ProcStatus(NamedTuple):
+    caught: int  # the signals it has a handler for: bit n-1 for signal n
+    uid: int  # its effective uid: who owns the files it writes
+
+
+def _proc_status(pid: int) -> _ProcStatus:
+    text = Path(f"/proc/{pid}/status").read_text()
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    return _ProcStatus(int(fields["SigCgt"], 16), int(fields["Uid"].split()[1]))
+
+
+def _temp_dir_of(pid: int) -> str | None:
+    """The temp directory process ``pid`` names in its environment, if we may read it."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None  # not ours to read: assume it uses the same temp directory as we do
+    environ = dict(item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    for key in (b"TMPDIR", b"TEMP", b"TMP"):
+        if environ.get(key):
+            return os.fsdecode(environ[key])
+    return None
+
+
+def _fail(message: str) -> int:
+    print(f"hlasync: {message}", file=sys.stderr)
     return 1
 
 
 def _parse_signal(name: str) -> int:
     try:
-        return int(name)
+        number = int(name)
     except ValueError:
-        pass
-    try:
-        return int(signal.Signals["SIG" + name.upper().removeprefix("SIG")])
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"unknown signal {name!r}") from None
+        try:
+            return int(signal.Signals["SIG" + name.upper().removeprefix("SIG")])
+        except KeyError:
+            raise argparse.ArgumentTypeError(f"unknown signal {name!r}") from None
+    if not 0 < number < signal.NSIG:
+        raise argparse.ArgumentTypeError(f"no signal number {number}")
+    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,7 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
         "dump-all", help="make a process dump all its sandboxes (see install_dump_signal)"
     )
     dump_all.add_argument("pid", type=int, help="process that called install_dump_signal()")
-    dump_all.add_argument("--signal", default="USR2", help="signal to send (default: USR2)")
+    dump_all.add_argument(
+        "--signal",
+        type=_parse_signal,
+        default="SIGUSR2",
+        help="signal to send, by name or number (default: SIGUSR2)",
+    )
     dump_all.add_argument("--timeout", type=float, default=30.0, help="seconds to wait")
     dump_all.set_defaults(handler=_dump_all)
     return parser
@@ -231,7 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.handler(args))
+        status = int(args.handler(args))
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`hlasync dump show CORE | head`): stop quietly, as
+        # Unix tools do, and keep the interpreter's final flush from failing again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
     except HlasyncError as exc:
         print(f"hlasync: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

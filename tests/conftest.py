@@ -4,7 +4,10 @@ fixture built on it): they skip where KVM is unusable, and fail instead when
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +24,46 @@ def _kvm_problem() -> str | None:
     except KvmUnavailableError as exc:
         return str(exc)
     return None
+
+
+#: What hlasync leaves in the temp directory when nobody names another place.
+_TEMP_LEFTOVERS = ("hl_core_*.elf", "hlasync-*")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def system_temp_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The session's own "system temp directory" (``TMPDIR`` and :mod:`tempfile`),
+    so that no test, nor a process it starts, writes to the machine's shared one."""
+    directory = tmp_path_factory.mktemp("system-temp")
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = tempfile.tempdir = str(directory)
+    yield directory
+    if saved[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[0]
+    tempfile.tempdir = saved[1]
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_in_temp(system_temp_dir: Path) -> Iterator[None]:
+    """Fail a test that leaves core dumps or dump-all lists in the temp directory."""
+    yield
+    left = sorted(
+        path
+        for path in system_temp_dir.iterdir()
+        if any(fnmatch.fnmatchcase(path.name, pattern) for pattern in _TEMP_LEFTOVERS)
+    )
+    for path in left:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if left:
+        pytest.fail(
+            f"the test left {[p.name for p in left]} in the temp directory: give it a directory "
+            "of its own (tmp_path; crashdump_dir, HYPERLIGHT_CORE_DUMP_DIR or TMPDIR)"
+        )
 
 
 @pytest.fixture(autouse=True)

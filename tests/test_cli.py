@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from hlasync import GuestCrashed, Sandbox
+import pytest
+
+from hlasync import GuestCrashed, Sandbox, guests
 from hlasync.kvm import Kvm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,3 +88,51 @@ def test_guest_without_exports_is_rejected_when_built(tmp_path: Path) -> None:
     result = _hlasync("guest", "build", str(source), "-o", str(tmp_path / "empty.elf"))
     assert result.returncode == 1
     assert "GuestImageError" in result.stderr
+
+
+def test_help_is_plain_text() -> None:
+    result = _hlasync("--help")
+    assert result.returncode == 0, result.stderr
+    assert "python -m hlasync" in result.stdout
+    assert "``" not in result.stdout and ":class:" not in result.stdout
+
+
+@pytest.mark.parametrize("command", ["dump show", "guest functions simpleguest"])
+def test_a_closed_pipe_ends_output_quietly(
+    command: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """``hlasync dump show CORE | head``: no traceback when the reader stops reading."""
+    arguments = command.split()
+    if command == "dump show":
+        request.getfixturevalue("kvm")
+        with Sandbox(guests.path("simpleguest")) as sb:
+            arguments.append(str(sb.generate_crashdump(tmp_path)))
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte is written
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "hlasync", *arguments],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert result.stderr == ""
+    assert result.returncode == 128 + signal.SIGPIPE
+
+
+def test_dump_list_skips_what_is_not_a_dump(tmp_path: Path) -> None:
+    loop = tmp_path / "hl_core_loop.elf"
+    loop.symlink_to(loop)
+    (tmp_path / "hl_core_directory.elf").mkdir()
+    (tmp_path / "hl_core_text.elf").write_text("not a core\n")
+    result = _hlasync("dump", "list", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    lines = sorted(result.stdout.splitlines())
+    assert lines[0] == f"{tmp_path / 'hl_core_directory.elf'}  skipped: not a regular file"
+    assert lines[1] == f"{loop}  skipped: not a regular file"
+    assert re.match(rf"{tmp_path / 'hl_core_text.elf'}  \d+ KiB  unreadable: ", lines[2])

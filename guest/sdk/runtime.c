@@ -9,14 +9,18 @@ extern const hl_function_record __hl_functions_end[];
 
 static const hl_peb *peb;
 
-/* The host sets RSP to the stack top and RIP here. */
+/* The host sets RSP to the stack top and RIP here. Its CFI marks the
+ * outermost frame (no return address), so unwinders stop cleanly here. */
 __asm__(".section .text.hl_start, \"ax\", @progbits\n"
         ".globl _hl_start\n"
         ".type _hl_start, @function\n"
         "_hl_start:\n"
+        "    .cfi_startproc\n"
+        "    .cfi_undefined rip\n"
         "    xorl %ebp, %ebp\n"
         "    call hl_main\n"
         "    ud2\n"
+        "    .cfi_endproc\n"
         ".size _hl_start, . - _hl_start\n"
         ".text\n");
 

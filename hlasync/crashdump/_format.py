@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import struct
+from collections.abc import Iterator
 
 # ELF identification and header values.
 ELFMAG = b"\x7fELF"
@@ -89,18 +90,31 @@ VECTOR_SIGNALS: dict[int, tuple[int, int]] = {
 
 
 #: Signal and si_code reported for each dump reason (faults use VECTOR_SIGNALS).
+#: Only signals whose default action dumps core, so every reader meets a signal it
+#: knows from real core files: lldb 14 hangs on a core that stopped on a signal that
+#: does not stop a process, such as SIGALRM. SIGQUIT is the "dump core now" signal.
 REASON_SIGNALS: dict[str, tuple[int, int]] = {
     "fault": (signal.SIGSEGV, SI_KERNEL),
     "abort": (signal.SIGABRT, SI_USER),
     "protocol-error": (signal.SIGSYS, SI_KERNEL),
     "unexpected-exit": (signal.SIGSYS, SI_KERNEL),
-    "timeout": (signal.SIGALRM, SI_TIMER),
+    "timeout": (signal.SIGQUIT, SI_TIMER),
     "cpu-timeout": (signal.SIGXCPU, SI_KERNEL),
-    "cancelled": (signal.SIGINT, SI_USER),
-    "on-demand": (signal.SIGSTOP, SI_USER),
-    "signal": (signal.SIGSTOP, SI_USER),
-    "init-timeout": (signal.SIGALRM, SI_TIMER),
+    "cancelled": (signal.SIGQUIT, SI_USER),
+    "on-demand": (signal.SIGQUIT, SI_USER),
+    "signal": (signal.SIGQUIT, SI_USER),
+    "init-timeout": (signal.SIGQUIT, SI_TIMER),
 }
+
+
+def signal_name(signum: int) -> str:
+    """``SIGUSR2``, ``SIGRTMIN+3``: how people write signal ``signum``."""
+    if signal.SIGRTMIN < signum < signal.SIGRTMAX:
+        return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def note(name: bytes, kind: int, desc: bytes) -> bytes:
@@ -109,3 +123,21 @@ def note(name: bytes, kind: int, desc: bytes) -> bytes:
     pad_name = b"\0" * (-len(name_z) % 4)
     pad_desc = b"\0" * (-len(desc) % 4)
     return NHDR.pack(len(name_z), len(desc), kind) + name_z + pad_name + desc + pad_desc
+
+
+def iter_notes(data: bytes) -> Iterator[tuple[bytes, int, bytes]]:
+    """(name, type, description) of each note in a ``PT_NOTE`` segment's bytes.
+
+    Raises ValueError when a note runs past the end of ``data``.
+    """
+    offset = 0
+    while offset + NHDR.size <= len(data):
+        namesz, descsz, kind = NHDR.unpack_from(data, offset)
+        offset += NHDR.size
+        name_end = offset + namesz
+        desc_start = offset + ((namesz + 3) & ~3)
+        desc_end = desc_start + descsz
+        if name_end > len(data) or desc_end > len(data):
+            raise ValueError("note extends past the end of its segment")
+        yield data[offset:name_end].rstrip(b"\0"), kind, data[desc_start:desc_end]
+        offset = (desc_end + 3) & ~3

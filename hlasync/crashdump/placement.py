@@ -5,19 +5,26 @@ Directory: the explicit argument, else ``SandboxConfig.crashdump_dir``, else
 directory that does not exist gives a warning and the temp directory.
 
 Files are named ``hl_core_<YYYYMMDD>_T<HHMMSS.mmm>_<pid>-<n>-<random>.elf``,
-written to a hidden temporary file first (mode 0600) and linked into place
-only when complete, so no reader ever sees a partial dump and no two dumps
-share a name.
+written to a hidden temporary file first (mode 0600), flushed to disk and
+linked into place only when complete, so no reader ever sees a partial dump
+and no two dumps share a name. Other programs (Hyperlight) use the same name
+pattern and directory variable: retention only ever deletes files that carry
+the hlasync note.
+
+Every failure raises :class:`CrashdumpError`; a failure after the dump is in
+place (retention, the announcement) is logged and does not fail the dump.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import fnmatch
 import itertools
 import logging
 import os
 import secrets
+import stat
 import sys
 import tempfile
 import warnings
@@ -26,12 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CrashdumpError
+from . import _format as fmt
 
 __all__ = [
     "DUMP_DIR_ENV",
     "DUMP_GLOB",
     "RetentionPolicy",
     "dump_file_name",
+    "is_hlasync_dump",
     "resolve_directory",
     "write_atomically",
 ]
@@ -41,6 +50,9 @@ logger = logging.getLogger("hlasync.crashdump")
 DUMP_DIR_ENV = "HYPERLIGHT_CORE_DUMP_DIR"
 DUMP_GLOB = "hl_core_*.elf"
 _sequence = itertools.count(1)
+#: Bounds on what is read to recognise a dump: hlasync dumps stay far below them.
+_MAX_PHNUM = 4096
+_MAX_NOTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,55 +72,136 @@ class RetentionPolicy:
                 raise ValueError(f"{name} must be a positive int or None")
 
     def apply(self, directory: Path, keep: Path) -> list[Path]:
-        """Delete the oldest dumps beyond the limits (never ``keep``); returns them."""
-        entries = []
-        for path in directory.glob(DUMP_GLOB):
-            try:
-                st = path.stat()
-            except FileNotFoundError:
-                continue
-            entries.append((st.st_mtime_ns, path.name, path, st.st_blocks * 512))
-        entries.sort()
-        count = len(entries)
-        total = sum(e[3] for e in entries)
+        """Delete the oldest hlasync dumps beyond the limits (never ``keep``); returns them.
+
+        Only regular files named ``hl_core_*.elf`` that carry the hlasync note
+        count; symlinks are never followed. Problems are logged, not raised.
+        """
+        try:
+            with os.scandir(directory) as entries:
+                names = [e.name for e in entries if fnmatch.fnmatchcase(e.name, DUMP_GLOB)]
+        except OSError as exc:
+            logger.warning("core dump retention skipped: cannot list %s: %s", directory, exc)
+            return []
+        dumps = []
+        for name in names:
+            found = _hlasync_dump_stat(directory / name)
+            if found is not None:
+                dumps.append((found.st_mtime_ns, name, found))
+        dumps.sort()
+        count = len(dumps)
+        total = sum(st.st_blocks * 512 for _, _, st in dumps)
         removed = []
-        for _, _, path, size in entries:
+        for _, name, st in dumps:
             over_files = self.max_files is not None and count > self.max_files
             over_bytes = self.max_bytes is not None and total > self.max_bytes
             if not (over_files or over_bytes):
                 break
-            if path == keep:
-                continue
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                logger.warning("could not remove old core dump %s: %s", path, exc)
+            path = directory / name
+            if name == keep.name or not _remove_if_same(path, st):
                 continue
             count -= 1
-            total -= size
+            total -= st.st_blocks * 512
             removed.append(path)
         return removed
+
+
+def _hlasync_dump_stat(path: Path) -> os.stat_result | None:
+    """The stat of ``path`` if it is a regular file (not a symlink) holding an hlasync dump."""
+    try:
+        before = os.lstat(path)
+        if not stat.S_ISREG(before.st_mode):
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None  # gone, or not ours to read
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
+            return None  # replaced meanwhile
+        return st if is_hlasync_dump(fd) else None
+    except OSError as exc:
+        logger.warning("core dump retention skipped %s: %s", path, exc)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _remove_if_same(path: Path, expected: os.stat_result) -> bool:
+    """Unlink ``path`` unless it is no longer the file examined; False if it stays."""
+    try:
+        now = os.lstat(path)
+        if (now.st_dev, now.st_ino) != (expected.st_dev, expected.st_ino):
+            return False
+        path.unlink()
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        logger.warning("could not remove old core dump %s: %s", path, exc)
+        return False
+    return True
+
+
+def is_hlasync_dump(fd: int) -> bool:
+    """Whether the open file is an ELF core carrying the hlasync note.
+
+    Reads the ELF header, the program headers and the ``PT_NOTE`` segments only.
+    """
+    header = os.pread(fd, fmt.EHDR.size, 0)
+    if len(header) < fmt.EHDR.size:
+        return False
+    ident, e_type, _, _, _, phoff, _, _, _, phentsize, phnum, _, _, _ = fmt.EHDR.unpack(header)
+    if (
+        ident[:4] != fmt.ELFMAG
+        or ident[4:6] != bytes([fmt.ELFCLASS64, fmt.ELFDATA2LSB])
+        or e_type != fmt.ET_CORE
+        or phentsize != fmt.PHDR.size
+        or phnum > _MAX_PHNUM
+    ):
+        return False
+    table = os.pread(fd, phnum * fmt.PHDR.size, phoff)
+    for index in range(len(table) // fmt.PHDR.size):
+        p_type, _, offset, _, _, filesz, _, _ = fmt.PHDR.unpack_from(table, index * fmt.PHDR.size)
+        if p_type != fmt.PT_NOTE or filesz > _MAX_NOTES:
+            continue
+        try:
+            for name, kind, _ in fmt.iter_notes(os.pread(fd, filesz, offset)):
+                if name == fmt.NOTE_NAME_HLASYNC and kind == fmt.NT_HLASYNC:
+                    return True
+        except ValueError:
+            continue
+    return False
 
 
 def resolve_directory(
     explicit: str | os.PathLike[str] | None = None,
     configured: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """The directory a dump goes to (see the module docstring)."""
-    fallback = Path(tempfile.gettempdir())
+    """The directory a dump goes to (see the module docstring).
+
+    Raises :class:`CrashdumpError` for a directory that cannot be examined
+    (no permission, a symlink loop, a name too long).
+    """
     candidates = (
         (explicit, "the directory argument"),
         (configured, "SandboxConfig.crashdump_dir"),
         (os.environ.get(DUMP_DIR_ENV) or None, DUMP_DIR_ENV),
     )
     for candidate, source in candidates:
-        if candidate is None or str(candidate) == "":
+        if candidate is None or os.fspath(candidate) == "":
             continue
         path = Path(candidate)
-        if path.is_dir():
-            return path
+        try:
+            if stat.S_ISDIR(os.stat(path).st_mode):
+                return path
+        except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: NUL in the name
+            pass
+        except OSError as exc:
+            raise CrashdumpError(
+                f"cannot use core dump directory {str(path)!r} (from {source}): "
+                f"{exc.strerror or exc}; name another directory"
+            ) from exc
+        fallback = _temp_directory()
         message = (
             f"core dump directory {str(path)!r} (from {source}) does not exist or is not a "
             f"directory; writing to {fallback} instead"
@@ -116,7 +209,16 @@ def resolve_directory(
         warnings.warn(message, RuntimeWarning, stacklevel=3)
         logger.warning(message)
         return fallback
-    return fallback
+    return _temp_directory()
+
+
+def _temp_directory() -> Path:
+    try:
+        return Path(tempfile.gettempdir())
+    except OSError as exc:  # no usable temp directory at all
+        raise CrashdumpError(
+            f"no usable temporary directory for core dumps ({exc}); set {DUMP_DIR_ENV}"
+        ) from exc
 
 
 def dump_file_name(now: datetime.datetime | None = None) -> str:
@@ -136,31 +238,42 @@ def write_atomically(
     """
     try:
         fd, temp = tempfile.mkstemp(prefix=".hl_core_", suffix=".tmp", dir=directory)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: NUL in the name
         raise CrashdumpError(
-            f"cannot create a core dump in {directory}: {exc.strerror or exc}"
+            f"cannot create a core dump in {directory}: {getattr(exc, 'strerror', None) or exc}"
         ) from exc
     try:
         try:
             size = write(fd)
+            os.fsync(fd)  # on disk before it has its name: a crash never leaves a hollow dump
         finally:
             os.close(fd)
         final = _link_unique(Path(temp), directory)
     except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.unlink(temp)
         if isinstance(exc, OSError):
             raise CrashdumpError(
                 f"writing a core dump in {directory} failed: {exc.strerror or exc}"
             ) from exc
         raise
-    with contextlib.suppress(FileNotFoundError):  # gone already if it was renamed
+    try:
         os.unlink(temp)
+    except FileNotFoundError:
+        pass  # renamed into place
+    except OSError as exc:
+        logger.warning("could not remove the temporary name %s of %s: %s", temp, final, exc)
     if retention is not None:
         retention.apply(directory, final)
-    sys.stderr.write(f"Core dump created: {final}\n")
-    logger.error("Core dump created: %s", final)
+    _announce(final)
     return final, size
+
+
+def _announce(path: Path) -> None:
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stderr
+            sys.stderr.write(f"Core dump created: {path}\n")
+    logger.error("Core dump created: %s", path)
 
 
 def _link_unique(temp: Path, directory: Path) -> Path:
@@ -173,7 +286,7 @@ def _link_unique(temp: Path, directory: Path) -> Path:
             continue
         except OSError:
             # No hard links on this file system: rename; the name is unique anyway.
-            if final.exists():
+            if os.path.lexists(final):
                 continue
             os.rename(temp, final)
             return final

@@ -87,7 +87,7 @@ class CoreDump:
                         DumpRegion(segment["p_vaddr"], filesz, segment["p_flags"] & 7, offset)
                     )
                 elif kind == "PT_NOTE":
-                    for name, note_type, desc in _iter_notes(self._read_at(offset, filesz)):
+                    for name, note_type, desc in fmt.iter_notes(self._read_at(offset, filesz)):
                         if name == fmt.NOTE_NAME_HLASYNC and note_type == fmt.NT_HLASYNC:
                             metadata = json.loads(desc)
                         elif name in (fmt.NOTE_NAME_CORE, fmt.NOTE_NAME_LINUX):
@@ -122,8 +122,7 @@ class CoreDump:
         if fmt.NT_PRPSINFO in notes and len(notes[fmt.NT_PRPSINFO]) >= fmt.PRPSINFO.size:
             psargs = fmt.PRPSINFO.unpack_from(notes[fmt.NT_PRPSINFO])[-1]
             self.program_path = psargs.split(b"\0", 1)[0].decode(errors="replace") or None
-        self._guest: GuestImage | None = None
-        self._tables: dict[Path, CallFrameTable] = {}
+        self._tables: dict[str, CallFrameTable] = {}
 
     # ---------------------------------------------------------------- open
     @classmethod
@@ -190,24 +189,58 @@ class CoreDump:
         recorded = self.metadata.get("guest") or self.program_path
         return Path(recorded) if recorded else None
 
+    @property
+    def build_id(self) -> str | None:
+        """The GNU build-id of the guest the dump was taken from (None: not recorded)."""
+        value = self.metadata.get("build_id")
+        return value if isinstance(value, str) else None
+
     def guest_image(self, guest: str | os.PathLike[str] | None = None) -> GuestImage | None:
-        """The guest ELF for symbols: ``guest`` if given, else the recorded path if it exists."""
+        """The guest ELF for symbols: ``guest`` if given, else the recorded path.
+
+        None when the recorded ELF is missing or unreadable (:meth:`guest_problem`
+        says why). Raises :class:`GuestImageError` when ``guest`` cannot be
+        loaded, or when the ELF is not the build the dump was taken from.
+        """
+        return self._guest(guest)[0]
+
+    def guest_problem(self, guest: str | os.PathLike[str] | None = None) -> str | None:
+        """Why there are no symbols (the recorded guest ELF is missing...), or None."""
+        return self._guest(guest)[1]
+
+    def _guest(self, guest: str | os.PathLike[str] | None) -> tuple[GuestImage | None, str | None]:
         if guest is not None:
-            return GuestImage.load(guest)
-        if self._guest is None and self.guest_path is not None and self.guest_path.is_file():
+            image = GuestImage.load(guest)
+        elif self.guest_path is None:
+            return None, "the dump does not name its guest ELF"
+        else:
             try:
-                self._guest = GuestImage.load(self.guest_path)
-            except GuestImageError:
-                return None
-        return self._guest
+                image = GuestImage.load(self.guest_path)
+            except GuestImageError as exc:
+                if not self.guest_path.exists():
+                    return None, f"the recorded guest ELF {self.guest_path} is missing"
+                return None, f"the recorded guest ELF cannot be loaded: {exc}"
+        if self.build_id is not None and image.build_id != self.build_id:
+            raise GuestImageError(
+                f"not the guest this dump was taken from: its build-id is "
+                f"{image.build_id or 'missing'}, the dump's is {self.build_id} (rebuilt since?). "
+                "Pass the guest ELF the dump was taken from: hlasync dump show --guest PATH "
+                "(CoreDump: guest=PATH)",
+                path=image.path,
+            )
+        return image, None
 
     def backtrace(
         self, guest: str | os.PathLike[str] | None = None, max_frames: int = MAX_FRAMES
     ) -> list[Frame]:
         """The call stack at the dumped rip, unwound with the guest's DWARF CFI
-        (frame pointers where it has none), symbolized from the guest ELF."""
-        image = self.guest_image(guest)
+        (frame pointers where it has none), symbolized from the guest ELF.
 
+        Without the guest ELF (see :meth:`guest_problem`) frames have no symbols.
+        """
+        return self._backtrace(self.guest_image(guest), max_frames)
+
+    def _backtrace(self, image: GuestImage | None, max_frames: int = MAX_FRAMES) -> list[Frame]:
         def symbol(pc: int, lookup: int) -> str | None:
             found = image.symbol_at(lookup) if image is not None else None
             if found is None:
@@ -216,9 +249,9 @@ class CoreDump:
 
         table = None
         if image is not None:
-            table = self._tables.get(image.path)
+            table = self._tables.get(image.digest)
             if table is None:
-                table = self._tables[image.path] = CallFrameTable(image.path)
+                table = self._tables[image.digest] = CallFrameTable(image.path)
         regs = self.registers
         pcs = unwind(self.read, regs["rip"], regs["rsp"], regs["rbp"], table, max_frames)
         # Caller frames name the call site: look up the byte before the return address.
@@ -227,8 +260,11 @@ class CoreDump:
     # -------------------------------------------------------------- report
     def summary(self, guest: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         """Everything in the dump as plain data (what ``hlasync dump show --json`` prints)."""
+        image, problem = self._guest(guest)
         return {
             "path": str(self.path),
+            "guest": str(image.path if image is not None else self.guest_path),
+            "guest_problem": problem,
             "metadata": self.metadata,
             "signal": self.signal,
             "registers": self.registers,
@@ -238,20 +274,26 @@ class CoreDump:
                 for r in self.regions
             ],
             "backtrace": [
-                {"index": f.index, "pc": f.pc, "symbol": f.symbol} for f in self.backtrace(guest)
+                {"index": f.index, "pc": f.pc, "symbol": f.symbol} for f in self._backtrace(image)
             ],
         }
 
     def report(self, guest: str | os.PathLike[str] | None = None) -> str:
         """A human-readable account of the dump."""
         meta = self.metadata
+        image, problem = self._guest(guest)
         lines = [f"hlasync core dump {self.path}"]
         lines.append(
-            f"  reason:   {meta.get('reason')} (signal {self.signal})"
+            f"  reason:   {meta.get('reason')} ({fmt.signal_name(self.signal)})"
             f"    sandbox: {meta.get('sandbox_id')}    function: {meta.get('function')}"
         )
         lines.append(f"  time:     {meta.get('timestamp')}    pid: {meta.get('pid')}")
-        lines.append(f"  guest:    {self.guest_path}")
+        lines.append(
+            f"  guest:    {image.path if image is not None else self.guest_path}"
+            f"    build-id: {self.build_id or 'not recorded'}"
+        )
+        if problem is not None:
+            lines.append(f"  symbols:  none: {problem}; pass --guest PATH to name the guest ELF")
         if meta.get("vector") is not None:
             extra = ""
             if meta.get("error_code") is not None:
@@ -262,7 +304,7 @@ class CoreDump:
         if meta.get("message"):
             lines.append(f"  message:  {meta['message']}")
         lines.append("backtrace:")
-        lines += [f"  {frame}" for frame in self.backtrace(guest)]
+        lines += [f"  {frame}" for frame in self._backtrace(image)]
         lines.append("registers:")
         names = [
             "rip",
@@ -314,6 +356,7 @@ _METADATA_FIELDS: dict[str, tuple[type, ...]] = {
     "function": _OPTIONAL_STR,
     "message": _OPTIONAL_STR,
     "guest": _OPTIONAL_STR,
+    "build_id": _OPTIONAL_STR,
     "vector": _OPTIONAL_INT,
     "vector_name": _OPTIONAL_STR,
     "error_code": _OPTIONAL_INT,
@@ -340,20 +383,3 @@ def _check_metadata(metadata: object) -> str | None:
         ):
             return "bad entry in 'regions'"
     return None
-
-
-def _iter_notes(data: bytes) -> list[tuple[bytes, int, bytes]]:
-    notes = []
-    offset = 0
-    while offset + fmt.NHDR.size <= len(data):
-        namesz, descsz, kind = fmt.NHDR.unpack_from(data, offset)
-        offset += fmt.NHDR.size
-        name_end = offset + namesz
-        desc_start = offset + ((namesz + 3) & ~3)
-        desc_end = desc_start + descsz
-        if name_end > len(data) or desc_end > len(data):
-            raise InvalidCoreDump("note extends past the end of its segment")
-        name = data[offset:name_end].rstrip(b"\0")
-        notes.append((name, kind, data[desc_start:desc_end]))
-        offset = (desc_end + 3) & ~3
-    return notes

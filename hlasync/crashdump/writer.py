@@ -37,7 +37,7 @@ class CrashContext:
     sregs: kvm_sregs
     fpu: kvm_fpu | None = None
     xsave: bytes | None = None
-    signo: int = signal.SIGSTOP
+    signo: int = signal.SIGQUIT
     si_code: int = 0
     si_addr: int = 0
     user_mode: bool = True  # regs describe CPL3 code (segment selectors are the user ones)
@@ -58,19 +58,18 @@ def _user_regs(context: CrashContext, user_cs: int, user_ss: int) -> list[int]:
     return [values[name] for name in fmt.USER_REGS]
 
 
-def _fxsave(fpu: kvm_fpu) -> bytes:
+def _fxsave(context: CrashContext) -> bytes | None:
+    """The NT_FPREGSET payload: the legacy (FXSAVE) area of the XSAVE state, which
+    holds what KVM_GET_FPU leaves out (mxcsr, mxcsr_mask); else built from ``fpu``."""
+    if context.xsave is not None:
+        return bytes(context.xsave[: fmt.FXSAVE_SIZE])
+    fpu = context.fpu
+    if fpu is None:
+        return None
     area = bytearray(fmt.FXSAVE_SIZE)
+    # mxcsr_mask 0: unknown, which means the architectural default (Intel SDM 10.5.1.2).
     fmt.FXSAVE_HEAD.pack_into(
-        area,
-        0,
-        fpu.fcw,
-        fpu.fsw,
-        fpu.ftwx,
-        fpu.last_opcode,
-        fpu.last_ip,
-        fpu.last_dp,
-        fpu.mxcsr,
-        0xFFFF,
+        area, 0, fpu.fcw, fpu.fsw, fpu.ftwx, fpu.last_opcode, fpu.last_ip, fpu.last_dp, fpu.mxcsr, 0
     )
     area[32:160] = bytes(fpu.fpr)
     area[160:416] = bytes(fpu.xmm)
@@ -95,6 +94,7 @@ def build_notes(
     context: CrashContext, image: GuestImage, user_cs: int, user_ss: int, pid: int
 ) -> bytes:
     regs = _user_regs(context, user_cs, user_ss)
+    fpregs = _fxsave(context)
     prstatus = fmt.PRSTATUS.pack(
         context.signo,
         context.si_code,
@@ -107,7 +107,7 @@ def build_notes(
         pid,
         pid,
         *regs,
-        1 if context.fpu is not None else 0,
+        1 if fpregs is not None else 0,
     )
     path = str(image.path.resolve())
     prpsinfo = fmt.PRPSINFO.pack(
@@ -146,7 +146,9 @@ def build_notes(
     nt_file = struct.pack("<QQ", len(files), PAGE)
     nt_file += b"".join(struct.pack("<QQQ", *entry) for entry in files)
     nt_file += (path.encode() + b"\0") * len(files)
-    metadata = json.dumps(context.metadata, sort_keys=True, default=str).encode()
+    metadata = json.dumps(
+        {**context.metadata, "build_id": image.build_id}, sort_keys=True, default=str
+    ).encode()
     parts = [
         fmt.note(fmt.NOTE_NAME_CORE, fmt.NT_PRSTATUS, prstatus),
         fmt.note(fmt.NOTE_NAME_CORE, fmt.NT_PRPSINFO, prpsinfo),
@@ -154,8 +156,8 @@ def build_notes(
         fmt.note(fmt.NOTE_NAME_CORE, fmt.NT_AUXV, auxv),
         fmt.note(fmt.NOTE_NAME_CORE, fmt.NT_FILE, nt_file),
     ]
-    if context.fpu is not None:
-        parts.append(fmt.note(fmt.NOTE_NAME_CORE, fmt.NT_FPREGSET, _fxsave(context.fpu)))
+    if fpregs is not None:
+        parts.append(fmt.note(fmt.NOTE_NAME_CORE, fmt.NT_FPREGSET, fpregs))
     xstate = _xstate(context.xsave) if context.xsave is not None else None
     if xstate is not None:
         parts.append(fmt.note(fmt.NOTE_NAME_LINUX, fmt.NT_X86_XSTATE, xstate))

@@ -2,7 +2,8 @@
 
 :class:`GuestImage` reads and validates one with pyelftools, before any VM
 exists: loadable segments, entry point, the exported function table
-(section ``.hl_functions``) and the symbol table used to name addresses.
+(section ``.hl_functions``), the symbol table used to name addresses and
+the GNU build-id that identifies this build.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
+from elftools.elf.segments import NoteSegment
 
 from .. import abi
 from ..abi import FunctionSignature, ValueType
@@ -74,6 +76,8 @@ class GuestImage:
             self.segments: tuple[Segment, ...] = self._load_segments(elf, data)
             self.symbols: tuple[Symbol, ...] = self._load_symbols(elf)
             self.functions: tuple[FunctionSignature, ...] = self._load_functions(elf)
+            #: The GNU build-id (hex), when the guest was linked with one.
+            self.build_id: str | None = self._load_build_id(elf)
         except GuestImageError as exc:
             raise GuestImageError(str(exc).removeprefix(f"{path}: "), path=path) from None
         except Exception as exc:  # noqa: BLE001 - untrusted input: pyelftools may raise anything
@@ -184,6 +188,16 @@ class GuestImage:
                     sym.name, sym["st_value"], sym["st_size"]
                 )
         return tuple(sorted(symbols.values(), key=lambda s: (s.address, s.name)))
+
+    @staticmethod
+    def _load_build_id(elf: ELFFile) -> str | None:
+        for segment in elf.iter_segments():
+            if not isinstance(segment, NoteSegment):
+                continue
+            for note in segment.iter_notes():
+                if note["n_name"] == "GNU" and note["n_type"] == "NT_GNU_BUILD_ID":
+                    return str(note["n_desc"])
+        return None
 
     def _load_functions(self, elf: ELFFile) -> tuple[FunctionSignature, ...]:
         section = elf.get_section_by_name(".hl_functions")

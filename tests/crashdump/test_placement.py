@@ -218,3 +218,90 @@ def test_listeners_hear_of_every_dump(kvm: Kvm, simpleguest: Path) -> None:
     assert records[0].path == path and records[0].size == path.stat().st_size
     assert records[0].sandbox_id == sb.id and records[0].error is None
     assert records[1].path is None and isinstance(records[1].error, CrashdumpError)
+
+
+def _foreign_core(ours: Path, path: Path) -> Path:
+    """An ELF core another program (Hyperlight) might leave under our name pattern."""
+    data = ours.read_bytes()
+    assert data.count(b"HLASYNC\0") == 1
+    path.write_bytes(data.replace(b"HLASYNC\0", b"HYPERLT\0"))  # no hlasync note any more
+    os.utime(path, (1, 1))  # older than every hlasync dump
+    return path
+
+
+def test_retention_only_removes_hlasync_dumps(
+    kvm: Kvm, simpleguest: Path, dump_dir: Path, tmp_path: Path
+) -> None:
+    with Sandbox(simpleguest) as sb:
+        first = sb.generate_crashdump(tmp_path)
+    foreign = _foreign_core(first, dump_dir / "hl_core_hyperlight_1234.elf")
+    text = dump_dir / "hl_core_notes.elf"
+    text.write_text("not a core file\n")
+    os.utime(text, (1, 1))
+    outside = tmp_path / "hl_core_elsewhere.elf"
+    first.rename(outside)
+    linked = dump_dir / "hl_core_link.elf"
+    linked.symlink_to(outside)  # an hlasync dump, but only through a symlink
+    config = SandboxConfig(crashdump_retention=RetentionPolicy(max_files=1))
+    with Sandbox(simpleguest, config) as sb:
+        made = [sb.generate_crashdump() for _ in range(3)]
+    left = sorted(os.listdir(dump_dir))
+    assert left == sorted([foreign.name, text.name, linked.name, made[-1].name])
+    assert outside.is_file()
+
+
+def test_odd_entries_never_break_a_dump(
+    kvm: Kvm, simpleguest: Path, dump_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    loop = dump_dir / "hl_core_loop.elf"
+    loop.symlink_to(loop)  # stat() of it fails with ELOOP
+    (dump_dir / "hl_core_dangling.elf").symlink_to(dump_dir / "gone")
+    (dump_dir / "hl_core_directory.elf").mkdir()
+    os.mkfifo(dump_dir / "hl_core_fifo.elf")  # opening it to read would block
+    odd = sorted(os.listdir(dump_dir))
+    config = SandboxConfig(crashdump_retention=RetentionPolicy(max_files=1, max_bytes=1))
+    with Sandbox(simpleguest, config) as sb:
+        paths = [sb.generate_crashdump() for _ in range(2)]
+        with pytest.raises(GuestCrashed) as info:
+            sb.call("divide_by_zero")
+    assert info.value.crashdump_error is None and info.value.core_path is not None
+    assert sorted(os.listdir(dump_dir)) == sorted([*odd, info.value.core_path.name])
+    assert not any(p.exists() for p in paths)
+
+
+def test_dump_is_synced_before_it_gets_its_name(
+    kvm: Kvm, simpleguest: Path, dump_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[tuple[str, list[str]]] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), sorted(os.listdir(dump_dir))))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    with Sandbox(simpleguest) as sb:
+        path = sb.generate_crashdump()
+    assert len(synced) == 1
+    synced_name, listing = synced[0]
+    assert Path(synced_name).name.startswith(".hl_core_")  # still the hidden temporary
+    assert path.name not in listing
+
+
+@pytest.mark.parametrize("problem", ["name too long", "symlink loop"])
+def test_an_unusable_directory_is_a_crashdump_error(
+    kvm: Kvm, simpleguest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, problem: str
+) -> None:
+    if problem == "name too long":
+        directory = tmp_path / ("x" * 300)
+    else:
+        directory = tmp_path / "loop"
+        directory.symlink_to(directory)
+    with Sandbox(simpleguest) as sb:
+        with pytest.raises(CrashdumpError, match="cannot use core dump directory"):
+            sb.generate_crashdump(directory)
+        monkeypatch.setenv("HYPERLIGHT_CORE_DUMP_DIR", str(directory))
+        with pytest.raises(GuestCrashed) as info:
+            sb.call("divide_by_zero")
+    assert isinstance(info.value.crashdump_error, CrashdumpError)
+    assert info.value.core_path is None

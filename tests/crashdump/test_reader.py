@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hlasync import CoreDump, GuestAborted, GuestCrashed, InvalidCoreDump, Sandbox, abi
+from hlasync import (
+    CoreDump,
+    GuestAborted,
+    GuestCrashed,
+    GuestImage,
+    GuestImageError,
+    InvalidCoreDump,
+    Sandbox,
+    SandboxConfig,
+    abi,
+)
 from hlasync.kvm import Kvm
 from tests.conftest import fuzz_examples
 
@@ -24,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def fault_core(tmp_path_factory: pytest.TempPathFactory, kvm: Kvm, simpleguest: Path) -> Path:
     directory = tmp_path_factory.mktemp("reader")
-    with Sandbox(simpleguest) as sb:
+    with Sandbox(simpleguest, SandboxConfig(crashdump_dir=str(directory))) as sb:
         sb.call("write_sentinel", "read me back")
         with contextlib.suppress(GuestCrashed):
             sb.call("divide_by_zero")
@@ -85,17 +96,19 @@ def test_report_and_json(fault_core: Path) -> None:
     assert summary["backtrace"][0]["symbol"].startswith("divide_by_zero")
 
 
-def test_cli_show_and_list(fault_core: Path) -> None:
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "hlasync", *args],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=60,
-            check=False,
-        )
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    """``hlasync ARGS`` as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "hlasync", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
 
+
+def test_cli_show_and_list(fault_core: Path) -> None:
     shown = run("dump", "show", str(fault_core))
     assert shown.returncode == 0, shown.stderr
     assert "divide_by_zero" in shown.stdout and "backtrace:" in shown.stdout
@@ -172,3 +185,56 @@ def test_dump_of_a_guest_blocked_in_a_host_function(kvm: Kvm, simpleguest: Path)
     assert symbols[0].startswith("hl_call_host_v")  # stopped at its `out` to the host
     # call_host() tail-calls hl_call_host_int(), which is what the stack holds.
     assert symbols[1].startswith("hl_call_host_int")
+
+
+def _dump_of_a_copy(simpleguest: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(guest, core): a fault dump of a copy of simpleguest that the test may change."""
+    guest = tmp_path / "guest" / "simpleguest.elf"
+    guest.parent.mkdir()
+    shutil.copy2(simpleguest, guest)
+    with Sandbox(guest) as sb, pytest.raises(GuestCrashed) as info:
+        sb.call("divide_by_zero")
+    assert info.value.core_path is not None
+    return guest, info.value.core_path
+
+
+def test_a_rebuilt_guest_is_refused_with_a_hint(
+    kvm: Kvm, simpleguest: Path, rebuilt_simpleguest: Path, tmp_path: Path
+) -> None:
+    guest, core = _dump_of_a_copy(simpleguest, tmp_path)
+    kept = tmp_path / "kept.elf"
+    shutil.copy2(guest, kept)
+    shutil.copy2(rebuilt_simpleguest, guest)  # rebuilt in place after the dump
+    with CoreDump.open(core) as dump:
+        assert dump.build_id == GuestImage.load(kept).build_id
+        with pytest.raises(GuestImageError, match=r"build-id .* --guest PATH") as info:
+            dump.backtrace()
+        assert info.value.path == guest
+        with pytest.raises(GuestImageError, match="not the guest this dump was taken from"):
+            dump.report(guest=rebuilt_simpleguest)
+        assert (dump.backtrace(guest=kept)[0].symbol or "").startswith("divide_by_zero")
+    refused = run("dump", "show", str(core))
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert "not the guest this dump was taken from" in refused.stderr
+    assert "--guest PATH" in refused.stderr
+    shown = run("dump", "show", "--guest", str(kept), str(core))
+    assert shown.returncode == 0, shown.stderr
+    assert "divide_by_zero" in shown.stdout
+
+
+def test_a_missing_guest_still_gives_a_report_without_symbols(
+    kvm: Kvm, simpleguest: Path, tmp_path: Path
+) -> None:
+    guest, core = _dump_of_a_copy(simpleguest, tmp_path)
+    guest.unlink()
+    with CoreDump.open(core) as dump:
+        assert dump.guest_image() is None
+        assert dump.guest_problem() == f"the recorded guest ELF {guest} is missing"
+        assert all(frame.symbol is None for frame in dump.backtrace())
+        assert dump.summary()["guest_problem"] == dump.guest_problem()
+        rip = dump.registers["rip"]
+    shown = run("dump", "show", str(core))
+    assert shown.returncode == 0, shown.stderr
+    assert f"symbols:  none: the recorded guest ELF {guest} is missing" in shown.stdout
+    assert "--guest PATH" in shown.stdout
+    assert f"rip {rip:#018x}" in shown.stdout

@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import random
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hlasync import GuestImage, GuestImageError, Sandbox, SandboxConfig, ValueType
+from hlasync import GuestImage, GuestImageError, Sandbox, SandboxConfig, ValueType, abi
+from hlasync._build import build_guest
 from hlasync.kvm import Kvm
 from tests.conftest import fuzz_examples
 
@@ -30,6 +32,28 @@ def test_bundled_guest_loads(simpleguest: Path) -> None:
     assert names.index("add") == image.function("add").index  # type: ignore[union-attr]
     assert image.function("echo_bytes").params == (ValueType.BYTES,)  # type: ignore[union-attr]
     assert GuestImage.load(simpleguest) is image  # cached per file version
+
+
+def test_build_id_identifies_the_build_and_loads_with_the_headers(
+    tmp_path: Path, simpleguest: Path
+) -> None:
+    image = GuestImage.load(simpleguest)
+    assert image.build_id is not None and len(image.build_id) == 40  # --build-id=sha1
+    readelf = subprocess.run(
+        ["readelf", "-n", str(simpleguest)], capture_output=True, text=True, check=True
+    )
+    assert f"Build ID: {image.build_id}" in readelf.stdout
+    # The note lies in the first loaded segment, so it is in guest memory (and in dumps).
+    headers = image.segments[0]
+    assert headers.vaddr == abi.IMAGE_BASE and bytes.fromhex(image.build_id) in headers.data
+    source = tmp_path / "other.c"
+    source.write_text(
+        "#include <hlasync_guest.h>\nint64_t one(void) { return 1; }\nHL_EXPORT(one, HL_INT);\n"
+    )
+    other = GuestImage.load(build_guest([source], tmp_path / "other.elf"))
+    assert other.build_id is not None and other.build_id != image.build_id
+    bare = build_guest([source], tmp_path / "bare.elf", extra_flags=["-Wl,--build-id=none"])
+    assert GuestImage.load(bare).build_id is None
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -85,9 +109,11 @@ def test_shared_object_type_is_rejected(tmp_path: Path, simpleguest: Path) -> No
 
 
 def _phdr_offsets(data: bytes) -> list[int]:
+    """File offsets of the PT_LOAD program headers."""
     (phoff,) = struct.unpack_from("<Q", data, 32)
     phentsize, phnum = struct.unpack_from("<HH", data, 54)
-    return [phoff + i * phentsize for i in range(phnum)]
+    offsets = [phoff + i * phentsize for i in range(phnum)]
+    return [offset for offset in offsets if struct.unpack_from("<I", data, offset)[0] == 1]
 
 
 def test_overlapping_segments_are_rejected(tmp_path: Path, simpleguest: Path) -> None:
