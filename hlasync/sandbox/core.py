@@ -517,20 +517,23 @@ class Sandbox:
     def _end_call(self, call: Call, outcome: SandboxState) -> bool:
         """Give up the vCPU. True if a stop request turns the outcome into GuestCancelled."""
         call.runner.calls.remove(call)
-        with self._lock:
-            stopped = call.cancelled and outcome is SandboxState.READY and call.started
-            if stopped:
-                outcome = SandboxState.POISONED  # interrupted at the instant it finished
-            call.phase = Phase.ENDED
-            leftover, call.requests = call.requests, []
-            if self._state is not SandboxState.CLOSED:
-                self._state = outcome
-            self._holder = None
-            self._release_if_closed_locked()
-            self._changed.notify_all()
-        for request in leftover:  # asked for as the call ended: nothing left to pause
-            request.set_result(None, CrashdumpError(f"sandbox {self.id}: the call had ended"))
-        return stopped
+        fault = self.last_exception if outcome is SandboxState.POISONED else None
+        while True:
+            with self._lock:
+                requests, call.requests = call.requests, []
+                if not requests:
+                    stopped = call.cancelled and outcome is SandboxState.READY and call.started
+                    if stopped:
+                        outcome = SandboxState.POISONED  # interrupted as it finished
+                    call.phase = Phase.ENDED
+                    if self._state is not SandboxState.CLOSED:
+                        self._state = outcome
+                    self._holder = None
+                    self._release_if_closed_locked()
+                    self._changed.notify_all()
+                    return stopped
+            # Asked for as the call ended: they see the state it left.
+            self._serve(call, requests, fault)
 
     # --------------------------------------------- requests from other threads
     def _stop(
@@ -645,10 +648,14 @@ class Sandbox:
         request.set_result(path, error)
 
     # ------------------------------------------- the owner's side of requests
-    def _serve(self, call: Call, requests: list[DumpRequest]) -> None:
+    def _serve(
+        self, call: Call, requests: list[DumpRequest], fault: ExceptionInfo | None = None
+    ) -> None:
         """Write dumps asked of this call (owner thread, vCPU paused)."""
         for request in requests:
-            path, error = try_dump(self, request.reason, request.directory, function=call.function)
+            path, error = try_dump(
+                self, request.reason, request.directory, function=call.function, fault=fault
+            )
             with self._lock:
                 call.dumps.append(request)
             request.set_result(path, error)

@@ -85,7 +85,7 @@ def capture(
         xsave: bytes | None = bytes(vcpu.get_xsave())
     except HlasyncError:
         xsave = None
-    signo, si_code = core_format.REASON_SIGNALS.get(reason, (signal.SIGSTOP, core_format.SI_USER))
+    signo, si_code = core_format.REASON_SIGNALS.get(reason, (signal.SIGQUIT, core_format.SI_USER))
     si_addr = 0
     if reason == "fault" and fault is not None:
         signo, si_code = core_format.VECTOR_SIGNALS.get(

@@ -59,7 +59,7 @@ def test_interrupting_a_call_stops_the_call_nested_in_its_host_function(
     that thread. The kick must stop B (it runs inside A), not spin B forever."""
     with Sandbox(simpleguest) as a, Sandbox(simpleguest) as b:
         entered = threading.Event()
-        nested: list[BaseException] = []
+        nested: list[GuestCancelled] = []
 
         def run_b(x: int) -> int:
             entered.set()
@@ -80,7 +80,8 @@ def test_interrupting_a_call_stops_the_call_nested_in_its_host_function(
             b.interrupt()
             thread.join(10)
             pytest.fail("interrupting A did not stop the call of B nested in A's host function")
-        assert isinstance(outcome[0], GuestCancelled) and outcome[0].sandbox_id == a.id
+        error = outcome[0]
+        assert isinstance(error, GuestCancelled) and error.sandbox_id == a.id
         assert len(nested) == 1 and nested[0].sandbox_id == b.id
         assert a.state is SandboxState.POISONED and b.state is SandboxState.POISONED
         a.restore()
@@ -129,7 +130,12 @@ def test_close_from_a_host_function_of_the_same_call(kvm: Kvm, simpleguest: Path
     process = psutil.Process()
     fds = process.num_fds()
     sb = Sandbox(simpleguest)
-    sb.register_host_function("close_me", lambda x: sb.close() or x)
+
+    def close_me(x: int) -> int:
+        sb.close()
+        return x
+
+    sb.register_host_function("close_me", close_me)
     thread, outcome = _start(lambda: sb.call("call_host", "close_me", 1))
     thread.join(10)
     assert not thread.is_alive(), "close() from a host function deadlocked"
@@ -207,7 +213,7 @@ def test_garbage_sandboxes_are_released_without_taking_locks(kvm: Kvm, simplegue
 
     def make_garbage() -> None:
         sb = Sandbox(simpleguest)
-        sb.cycle = sb  # type: ignore[attr-defined] - only the cyclic GC can free it
+        sb.cycle = sb  # type: ignore[attr-defined]  # only the cyclic GC can free it
 
     gc.collect()
     before = process.num_fds()
