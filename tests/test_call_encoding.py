@@ -51,4 +51,7 @@ def test_unsendable_host_result_is_explained(
         with pytest.raises(HostFunctionError) as info:
             sb.call("call_host_str", "give", "x")
         assert str(info.value.__cause__).startswith(explanation)
+        # Said as what happened: the function returned; it did not raise.
+        assert info.value.message.startswith(f"host function 'give' {explanation}")
+        assert "raised" not in info.value.message
         assert sb.state is SandboxState.READY

@@ -165,6 +165,7 @@ KVM_SET_FPU = _iow(0x8D, ctypes.sizeof(kvm_fpu))
 KVM_GET_XSAVE = _ior(0xA4, ctypes.sizeof(kvm_xsave))
 KVM_SET_XSAVE = _iow(0xA5, ctypes.sizeof(kvm_xsave))
 KVM_SET_CPUID2 = _iow(0x90, 8)  # struct kvm_cpuid2 header
+KVM_GET_CPUID2 = _ioc(_IOC_READ | _IOC_WRITE, 0x91, 8)
 
 KVM_API_VERSION = 12
 

@@ -254,6 +254,12 @@ class Vcpu:
             table.entries[index] = entry
         ioctl(self.fd, _abi.KVM_SET_CPUID2, table)
 
+    def get_cpuid(self) -> tuple[_abi.kvm_cpuid_entry2, ...]:
+        """The CPUID table KVM holds for this vCPU."""
+        table = _abi.kvm_cpuid2(nent=_abi.CPUID_MAX_ENTRIES)
+        ioctl(self.fd, _abi.KVM_GET_CPUID2, table)
+        return tuple(table.entries[: table.nent])
+
     def close(self) -> None:
         if self.fd >= 0:
             self.run_area.close()
