@@ -6,15 +6,19 @@ Run it from a checkout (needs /dev/kvm)::
 
 It creates one sandbox (one KVM VM with one vCPU), calls guest functions of
 every value type, lets the guest call back into Python, survives a guest
-fault, and shows that ``restore()`` rolls guest state back to a snapshot.
+fault, stops a runaway call from another thread through its handle, and
+shows that ``restore()`` rolls guest state back to a snapshot.
 """
 
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
 
 from hlasync import (
+    CallHandle,
+    GuestCancelled,
     GuestCrashed,
     HostFunctionError,
     Sandbox,
@@ -100,6 +104,28 @@ def tour(config: SandboxConfig) -> None:
             print(f"  SandboxPoisoned: {exc}")
         sb.restore()  # back to the state right after initialisation
         print(f"  after restore(): {sb.state.value}, add(1, 1) -> {sb.call('add', 1, 1)!r}")
+
+        print("stopping one call from another thread (a handle stops exactly its call):")
+        handles: list[CallHandle] = []
+
+        def stop_the_runaway() -> None:
+            while (handle := sb.current_call) is None:  # the call on the main thread
+                time.sleep(0.001)
+            handles.append(handle)
+            time.sleep(0.05)
+            handle.interrupt()
+
+        stopper = threading.Thread(target=stop_the_runaway)
+        stopper.start()
+        try:
+            sb.call("spin")  # never returns by itself
+        except GuestCancelled as exc:
+            print(f"  GuestCancelled: {exc}")
+        stopper.join()
+        sb.restore()
+        print(f"  call {handles[0].id} ({handles[0].function}) running: {handles[0].running}")
+        print(f"  its handle again: interrupt() -> {handles[0].interrupt()} (stops no later call)")
+        print(f"  next call: add(2, 2) -> {sb.call('add', 2, 2)!r}")
 
         print("snapshots roll guest memory back:")
         counts = [sb.call("increment") for _ in range(3)]

@@ -45,7 +45,7 @@ from .errors import (
     SupervisorError,
 )
 from .guest.image import GuestImage
-from .sandbox import CrashdumpRecord, Sandbox, SandboxState, Snapshot
+from .sandbox import CallHandle, CrashdumpRecord, Sandbox, SandboxState, Snapshot
 from .supervisor import PendingCall, Pool, SupervisedSandbox, Supervisor, SupervisorStatistics
 
 __version__ = "0.1.0"
@@ -55,6 +55,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "ArgumentError",
+    "CallHandle",
     "CallError",
     "ConfigError",
     "CoreDump",
