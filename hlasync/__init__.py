@@ -55,8 +55,8 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "ArgumentError",
-    "CallHandle",
     "CallError",
+    "CallHandle",
     "ConfigError",
     "CoreDump",
     "CrashdumpError",

@@ -130,6 +130,7 @@ class Sandbox:
         self._encoders = {fn.name: abi.make_call_encoder(fn) for fn in self.image.functions}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        self._waiting = 0  # threads waiting on _changed
         self._crashdump_listeners: list[Callable[[CrashdumpRecord], None]] = []
         self._last_worker = -1  # the supervisor worker that ran it last
         self._state = SandboxState.CLOSED
@@ -400,7 +401,7 @@ class Sandbox:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
-                    self._changed.wait(remaining)
+                    self._wait_locked(remaining)
             if self._holder is None and not self._loans:
                 self._finalizer()
             elif not own:
@@ -464,7 +465,7 @@ class Sandbox:
                     f"{OPERATION_WAIT:g} s ({what})",
                     sandbox_id=self.id,
                 )
-            self._changed.wait(deadline - now)
+            self._wait_locked(deadline - now)
 
     @contextlib.contextmanager
     def _operation(self, name: str) -> Iterator[_Operation]:
@@ -479,7 +480,19 @@ class Sandbox:
             with self._lock:
                 self._holder = None
                 self._release_if_closed_locked()
-                self._changed.notify_all()
+                self._notify_locked()
+
+    def _wait_locked(self, timeout: float) -> None:
+        """Wait (lock held) for the holder or the loans to change."""
+        self._waiting += 1
+        try:
+            self._changed.wait(max(timeout, 0.0))
+        finally:
+            self._waiting -= 1
+
+    def _notify_locked(self) -> None:
+        if self._waiting:  # nobody waits on most calls: skip the Condition's bookkeeping
+            self._changed.notify_all()
 
     def _release_if_closed_locked(self) -> None:
         if self._state is SandboxState.CLOSED and self._holder is None and not self._loans:
@@ -530,7 +543,7 @@ class Sandbox:
                         self._state = outcome
                     self._holder = None
                     self._release_if_closed_locked()
-                    self._changed.notify_all()
+                    self._notify_locked()
                     return stopped
             # Asked for as the call ended: they see the state it left.
             self._serve(call, requests, fault)
@@ -615,7 +628,7 @@ class Sandbox:
             with self._lock:
                 self._holder = None
                 self._release_if_closed_locked()
-                self._changed.notify_all()
+                self._notify_locked()
 
     def _await_dump(self, call: Call, request: DumpRequest) -> Path:
         if not request.wait(DUMP_PAUSE_TIMEOUT):
@@ -642,7 +655,7 @@ class Sandbox:
             with self._lock:
                 self._loans -= 1
                 self._release_if_closed_locked()
-                self._changed.notify_all()
+                self._notify_locked()
         with self._lock:
             call.dumps.append(request)
         request.set_result(path, error)
@@ -686,7 +699,7 @@ class Sandbox:
         with self._lock:
             deadline = time.monotonic() + LOAN_TIMEOUT
             while self._loans and time.monotonic() < deadline:
-                self._changed.wait(deadline - time.monotonic())
+                self._wait_locked(deadline - time.monotonic())
             if self._loans:
                 _logger.error(
                     "sandbox %s: a dump still reads guest memory after %g s; resuming",
@@ -754,6 +767,7 @@ class Sandbox:
         have been held by parent threads that do not exist here: replace them."""
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        self._waiting = 0
         self._forked_from = parent
         self._state = SandboxState.CLOSED
         self._holder = None

@@ -61,9 +61,7 @@ def test_the_template_cache_is_bounded(kvm: Kvm, simpleguest: Path) -> None:
     assert process.num_fds() - before <= TEMPLATE_CACHE_SIZE
 
 
-def test_dump_content_comes_from_data_not_from_residency(
-    kvm: Kvm, hostile_guest: Path
-) -> None:
+def test_dump_content_comes_from_data_not_from_residency(kvm: Kvm, hostile_guest: Path) -> None:
     """Which pages a snapshot or a dump copies is decided by where data is (the
     backing memfd's SEEK_DATA ranges plus the pages written since, from KVM's dirty
     log and the host's own writes), never by ``mincore``, which calls a swapped-out
