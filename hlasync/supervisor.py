@@ -89,6 +89,7 @@ class SupervisorStatistics(NamedTuple):
     subscribers: int
     events_published: int
     events_dropped: int
+    internal_errors: int  # SupervisorError events: failures the supervisor survived
 
 
 class _Job:
@@ -1233,6 +1234,7 @@ class Supervisor:
             subscribers=len(self._streams),
             events_published=c["events_published"],
             events_dropped=dropped,
+            internal_errors=c["internal_errors"],
         )
 
     def _count(self, name: str) -> None:

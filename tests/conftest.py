@@ -7,6 +7,8 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,3 +123,15 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{name} is not installed (.ci/run installs it)")
         pytest.skip(f"{name} is not installed")
     return found
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m hlasync ARGS`` as a user runs it, from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "hlasync", *args],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=timeout,
+        check=False,
+    )

@@ -14,22 +14,13 @@ import pytest
 from hlasync import GuestCrashed, Sandbox, guests
 from hlasync.kvm import Kvm
 
+from .conftest import run_cli
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _hlasync(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hlasync", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-        check=False,
-    )
-
-
 def test_demo_runs_on_bundled_defaults(kvm: Kvm) -> None:
-    result = _hlasync("demo")
+    result = run_cli("demo")
     assert result.returncode == 0, result.stderr
     assert "add(2, 3)            -> 5" in result.stdout
     assert "GuestCrashed" in result.stdout and "#DE divide error" in result.stdout
@@ -38,7 +29,7 @@ def test_demo_runs_on_bundled_defaults(kvm: Kvm) -> None:
 
 
 def test_guest_functions_lists_signatures() -> None:
-    result = _hlasync("guest", "functions", "simpleguest")
+    result = run_cli("guest", "functions", "simpleguest")
     assert result.returncode == 0, result.stderr
     assert "add(int, int) -> int" in result.stdout.splitlines()
 
@@ -53,7 +44,7 @@ def test_build_a_custom_guest_and_run_it(kvm: Kvm, tmp_path: Path) -> None:
         "HL_EXPORT(crash, HL_INT);\n"
     )
     output = tmp_path / "mine.elf"
-    result = _hlasync("guest", "build", str(source), "-o", str(output))
+    result = run_cli("guest", "build", str(source), "-o", str(output))
     assert result.returncode == 0, result.stderr
     assert "square(int) -> int" in result.stdout
     with Sandbox(output) as sb:
@@ -70,7 +61,7 @@ def test_build_reports_compiler_errors(tmp_path: Path) -> None:
     source = tmp_path / "broken.c"
     source.write_text("int64_t broken( {\n")
     output = tmp_path / "broken.elf"
-    result = _hlasync("guest", "build", str(source), "-o", str(output))
+    result = run_cli("guest", "build", str(source), "-o", str(output))
     assert result.returncode == 1
     assert "failed" in result.stderr and "broken.c" in result.stderr
     assert not output.exists()
@@ -78,20 +69,20 @@ def test_build_reports_compiler_errors(tmp_path: Path) -> None:
 
 
 def test_build_reports_missing_sources(tmp_path: Path) -> None:
-    result = _hlasync("guest", "build", str(tmp_path / "nope.c"), "-o", str(tmp_path / "x.elf"))
+    result = run_cli("guest", "build", str(tmp_path / "nope.c"), "-o", str(tmp_path / "x.elf"))
     assert result.returncode == 1 and "not found" in result.stderr
 
 
 def test_guest_without_exports_is_rejected_when_built(tmp_path: Path) -> None:
     source = tmp_path / "empty.c"
     source.write_text("#include <hlasync_guest.h>\nint unused;\n")
-    result = _hlasync("guest", "build", str(source), "-o", str(tmp_path / "empty.elf"))
+    result = run_cli("guest", "build", str(source), "-o", str(tmp_path / "empty.elf"))
     assert result.returncode == 1
     assert "GuestImageError" in result.stderr
 
 
 def test_help_is_plain_text() -> None:
-    result = _hlasync("--help")
+    result = run_cli("--help")
     assert result.returncode == 0, result.stderr
     assert "python -m hlasync" in result.stdout
     assert "``" not in result.stdout and ":class:" not in result.stdout
@@ -130,7 +121,7 @@ def test_dump_list_skips_what_is_not_a_dump(tmp_path: Path) -> None:
     loop.symlink_to(loop)
     (tmp_path / "hl_core_directory.elf").mkdir()
     (tmp_path / "hl_core_text.elf").write_text("not a core\n")
-    result = _hlasync("dump", "list", str(tmp_path))
+    result = run_cli("dump", "list", str(tmp_path))
     assert result.returncode == 0, result.stderr
     lines = sorted(result.stdout.splitlines())
     assert lines[0] == f"{tmp_path / 'hl_core_directory.elf'}  skipped: not a regular file"

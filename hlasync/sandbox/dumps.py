@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec
 
 from ..crashdump import _format as core_format
 from ..crashdump.placement import resolve_directory, write_atomically
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["CrashdumpRecord", "capture", "write_dump"]
 
 _logger = logging.getLogger("hlasync")
+_P = ParamSpec("_P")
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,23 +202,20 @@ def notify(listeners: list[Callable[[CrashdumpRecord], None]], record: Crashdump
             _logger.exception("crash dump listener %r failed", listener)
 
 
-def try_dump(
-    sandbox: Sandbox,
-    reason: str,
-    directory: str | os.PathLike[str] | None,
-    *,
-    function: str | None,
-    error: GuestError | None = None,
-    fault: ExceptionInfo | None = None,
-) -> tuple[Path | None, CrashdumpError | None]:
-    """:func:`write_dump` that returns its failure instead of raising it."""
-    try:
-        return (
-            write_dump(sandbox, reason, directory, function=function, error=error, fault=fault),
-            None,
-        )
-    except CrashdumpError as exc:
-        return None, exc
+def _returning_failure(
+    write: Callable[_P, Path],
+) -> Callable[_P, tuple[Path | None, CrashdumpError | None]]:
+    def returning(*args: _P.args, **kwargs: _P.kwargs) -> tuple[Path | None, CrashdumpError | None]:
+        try:
+            return write(*args, **kwargs), None
+        except CrashdumpError as exc:
+            return None, exc
+
+    return returning
+
+
+#: :func:`write_dump` that returns ``(path, None)`` or ``(None, failure)`` instead of raising.
+try_dump = _returning_failure(write_dump)
 
 
 def attach_automatic_dump(sandbox: Sandbox, error: GuestError, fault: ExceptionInfo | None) -> None:

@@ -130,38 +130,30 @@ def _host_call(sb: Sandbox, call: Call, function: str) -> None:
             host_function=request.name,
         )
     failure: HostFunctionError | None = None
+
+    def fail(message: str, cause: Exception) -> HostFunctionError:
+        error = HostFunctionError(
+            message, sandbox_id=sb.id, function=function, host_function=request.name
+        )
+        error.__cause__ = cause
+        return error
+
     sb._enter_host(call)
     try:
         try:
             result = host_fn(*request.args)
         except Exception as exc:  # noqa: BLE001 - reported to the caller as HostFunctionError
-            failure = HostFunctionError(
-                f"host function {request.name!r} raised {type(exc).__name__}: {exc}",
-                sandbox_id=sb.id,
-                function=function,
-                host_function=request.name,
+            failure = fail(
+                f"host function {request.name!r} raised {type(exc).__name__}: {exc}", exc
             )
-            failure.__cause__ = exc
         else:
             try:
                 written = abi.write_result(output, result)
             except abi.EncodeError as exc:
-                failure = HostFunctionError(
-                    f"host function {request.name!r}: {exc}: raise "
-                    "SandboxConfig.output_buffer_size",
-                    sandbox_id=sb.id,
-                    function=function,
-                    host_function=request.name,
-                )
-                failure.__cause__ = exc
+                hint = "raise SandboxConfig.output_buffer_size"
+                failure = fail(f"host function {request.name!r}: {exc}: {hint}", exc)
             except (TypeError, ValueError) as exc:  # "returned a list; host functions may ..."
-                failure = HostFunctionError(
-                    f"host function {request.name!r} {exc}",
-                    sandbox_id=sb.id,
-                    function=function,
-                    host_function=request.name,
-                )
-                failure.__cause__ = exc
+                failure = fail(f"host function {request.name!r} {exc}", exc)
             else:
                 sb._machine.pages.host_wrote(sb.layout.output_addr, written)
     finally:

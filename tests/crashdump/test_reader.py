@@ -7,7 +7,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from hlasync import (
     abi,
 )
 from hlasync.kvm import Kvm
-from tests.conftest import fuzz_examples
+from tests.conftest import fuzz_examples, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,27 +95,15 @@ def test_report_and_json(fault_core: Path) -> None:
     assert summary["backtrace"][0]["symbol"].startswith("divide_by_zero")
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    """``hlasync ARGS`` as a user runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "hlasync", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_cli_show_and_list(fault_core: Path) -> None:
-    shown = run("dump", "show", str(fault_core))
+    shown = run_cli("dump", "show", str(fault_core))
     assert shown.returncode == 0, shown.stderr
     assert "divide_by_zero" in shown.stdout and "backtrace:" in shown.stdout
-    as_json = run("dump", "show", "--json", str(fault_core))
+    as_json = run_cli("dump", "show", "--json", str(fault_core))
     assert json.loads(as_json.stdout)["metadata"]["function"] is None  # dumped while idle
-    listed = run("dump", "list", str(fault_core.parent))
+    listed = run_cli("dump", "list", str(fault_core.parent))
     assert str(fault_core) in listed.stdout and "on-demand" in listed.stdout
-    bad = run("dump", "show", str(ROOT / "README.md"))
+    bad = run_cli("dump", "show", str(ROOT / "README.md"))
     assert bad.returncode == 1 and "InvalidCoreDump" in bad.stderr
 
 
@@ -213,11 +200,11 @@ def test_a_rebuilt_guest_is_refused_with_a_hint(
         with pytest.raises(GuestImageError, match="not the guest this dump was taken from"):
             dump.report(guest=rebuilt_simpleguest)
         assert (dump.backtrace(guest=kept)[0].symbol or "").startswith("divide_by_zero")
-    refused = run("dump", "show", str(core))
+    refused = run_cli("dump", "show", str(core))
     assert refused.returncode == 1 and refused.stdout == ""
     assert "not the guest this dump was taken from" in refused.stderr
     assert "--guest PATH" in refused.stderr
-    shown = run("dump", "show", "--guest", str(kept), str(core))
+    shown = run_cli("dump", "show", "--guest", str(kept), str(core))
     assert shown.returncode == 0, shown.stderr
     assert "divide_by_zero" in shown.stdout
 
@@ -233,7 +220,7 @@ def test_a_missing_guest_still_gives_a_report_without_symbols(
         assert all(frame.symbol is None for frame in dump.backtrace())
         assert dump.summary()["guest_problem"] == dump.guest_problem()
         rip = dump.registers["rip"]
-    shown = run("dump", "show", str(core))
+    shown = run_cli("dump", "show", str(core))
     assert shown.returncode == 0, shown.stderr
     assert f"symbols:  none: the recorded guest ELF {guest} is missing" in shown.stdout
     assert "--guest PATH" in shown.stdout
