@@ -185,12 +185,12 @@ def write_core(
     context: CrashContext,
     user_cs: int,
     user_ss: int,
-    runs: Sequence[tuple[int, int]] | None = None,
+    runs: Sequence[tuple[int, int]],
 ) -> int:
     """Write the core to ``fd`` (an empty regular file); returns the file size.
 
     ``runs`` are the byte ranges of guest memory that may hold data (everything
-    else reads as zero and becomes a hole); default: what the mapping reports.
+    else reads as zero and becomes a hole).
     """
     notes = build_notes(context, image, user_cs, user_ss, os.getpid())
     phnum = 1 + len(regions)
@@ -238,10 +238,9 @@ def write_core(
     os.ftruncate(fd, offset)
     _pwrite_all(fd, ehdr + b"".join(headers) + notes, 0)
 
-    touched = memory.touched_runs() if runs is None else runs
     view = memory.view
     for region, file_offset in placements:
-        for start, end in touched:
+        for start, end in runs:
             lo, hi = max(start, region.start), min(end, region.end)
             page = lo
             while page < hi:

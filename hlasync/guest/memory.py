@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import threading
 import weakref
 from collections.abc import Iterable
 
@@ -117,7 +116,6 @@ class GuestMemory:
 
     def __init__(self, backing: MemoryImage) -> None:
         self.size = backing.size
-        self._lock = threading.Lock()
         self.address = _libc.mmap(
             0,
             self.size,
@@ -184,10 +182,6 @@ class GuestMemory:
         if written is None:
             return [(0, self.size)]
         return merge_runs(self.backing.data_runs(), page_runs(written))
-
-    def touched_runs(self) -> list[tuple[int, int]]:
-        """Every page (callers that know the written pages use :meth:`data_runs`)."""
-        return [(0, self.size)]
 
     def snapshot_image(self, runs: Iterable[tuple[int, int]]) -> MemoryImage:
         """A new memfd with the contents of ``runs`` (everything else a hole)."""
