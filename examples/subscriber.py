@@ -46,8 +46,10 @@ def describe(event: ev.Event) -> str:
             detail = f"{reason}: {path.name} ({size} bytes in {seconds * 1e3:.2f} ms)"
         case ev.CrashDumpFailed(reason=reason, error=error):
             detail = f"{reason}: {error}"
-        case ev.GuestOutput(text=text):
-            detail = repr(text)
+        case ev.GuestOutput(text=text, truncated=truncated):
+            detail = repr(text) + (f" (+{truncated} bytes cut)" if truncated else "")
+        case ev.SupervisorError(thread=thread, error=error):
+            detail = f"in {thread}: {type(error).__name__}: {error} (the supervisor goes on)"
         case ev.EventsDropped(count=count):
             detail = f"{count} events lost by this subscriber"
         case _:

@@ -7,7 +7,7 @@ Every error hlasync raises derives from :class:`HlasyncError`::
     │   ├── KvmUnavailableError      /dev/kvm missing, not permitted, wrong API
     │   └── IoctlError               an ioctl failed (names the ioctl and errno)
     ├── ConfigError                  a SandboxConfig value is invalid (also ValueError)
-    ├── GuestImageError              the guest binary cannot be loaded
+    ├── GuestImageError              the guest binary cannot be loaded or initialised
     ├── CallError                    a call was refused before the guest ran
     │   ├── FunctionNotFound         no guest function of that name (also LookupError)
     │   └── ArgumentError            arguments do not match the signature (also TypeError)
@@ -95,7 +95,9 @@ class ConfigError(HlasyncError, ValueError):
 
 
 class GuestImageError(HlasyncError):
-    """The guest binary is not a loadable hlasync guest."""
+    """The guest binary is not a loadable hlasync guest, its initialisation
+    failed (``core_path`` then names a dump when one was written), or it is not
+    the build a core dump was taken from."""
 
     def __init__(self, message: str, *, path: str | Path | None = None) -> None:
         self.path = None if path is None else Path(path)
