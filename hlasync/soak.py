@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import os
 import random
@@ -207,6 +208,7 @@ class _Soak:
         guest = guests.path("simpleguest")
         # The process keeps /dev/kvm and one template per guest open: open them first.
         Sandbox(guest).close()
+        gc.collect()  # what earlier code left for the GC must not close fds during the soak
         self.report.fds["start"] = self.process.num_fds()
         self.report.threads["start"] = threading.active_count()
         rss_start = self.process.memory_info().rss

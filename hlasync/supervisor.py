@@ -439,9 +439,6 @@ class Supervisor:
             ):
                 await anyio.sleep(0.002)
             stuck = [t.name for t in self._threads if t.is_alive()]
-            for thread in self._threads:
-                if not thread.is_alive():
-                    thread.join()
             if stuck:
                 _logger.warning(
                     "supervisor shut down with threads still blocked in host functions: %s",

@@ -170,11 +170,6 @@ class Vcpu:
             return InternalError(suberror, data)
         return UnknownExit(reason)
 
-    @property
-    def incomplete(self) -> bool:
-        """Whether the last exit still waits for KVM to finish it (see :meth:`complete`)."""
-        return self._incomplete
-
     def complete(self) -> None:
         """Let KVM finish the last exit's I/O or MMIO access without running guest code.
 
