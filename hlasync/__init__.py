@@ -34,6 +34,9 @@ from .errors import (
     HostFunctionError,
     InvalidCoreDump,
     IoctlError,
+    JSError,
+    JSResultError,
+    JSSyntaxError,
     KvmError,
     KvmUnavailableError,
     SandboxBusy,
@@ -46,7 +49,14 @@ from .errors import (
 )
 from .guest.image import GuestImage
 from .sandbox import CallHandle, CrashdumpRecord, Sandbox, SandboxState, Snapshot
-from .supervisor import PendingCall, Pool, SupervisedSandbox, Supervisor, SupervisorStatistics
+from .supervisor import (
+    JSPool,
+    PendingCall,
+    Pool,
+    SupervisedSandbox,
+    Supervisor,
+    SupervisorStatistics,
+)
 
 __version__ = "0.1.0"
 
@@ -76,6 +86,10 @@ __all__ = [
     "HostFunctionError",
     "InvalidCoreDump",
     "IoctlError",
+    "JSError",
+    "JSPool",
+    "JSResultError",
+    "JSSyntaxError",
     "KvmError",
     "KvmUnavailableError",
     "PendingCall",

@@ -22,7 +22,10 @@ Every error hlasync raises derives from :class:`HlasyncError`::
     │   ├── GuestProtocolError       the guest broke the host/guest ABI
     │   ├── GuestResultError         the function ran, its result could not be returned
     │   ├── GuestTimeout             a supervisor watchdog stopped the call
-    │   └── HostFunctionError        a host function the guest called raised
+    │   ├── HostFunctionError        a host function the guest called raised
+    │   └── JSError                  a JavaScript handler threw (name, message, stack)
+    │       ├── JSSyntaxError        a handler or module does not compile (line, column)
+    │       └── JSResultError        a handler returned nothing, or nothing JSON can hold
     ├── SupervisorError              the supervisor cannot take this call
     │   ├── SupervisorBusy           its queue is full (call_nowait)
     │   └── SupervisorClosed         it is shut down or shutting down
@@ -55,6 +58,9 @@ __all__ = [
     "HostFunctionError",
     "InvalidCoreDump",
     "IoctlError",
+    "JSError",
+    "JSResultError",
+    "JSSyntaxError",
     "KvmError",
     "KvmUnavailableError",
     "SandboxBusy",
@@ -295,6 +301,9 @@ class GuestTimeout(GuestError):
         self.kind = kind
         self.limit = limit
         self.elapsed = elapsed
+        #: For a JavaScript handler: its JS stack when the limit expired (None when
+        #: the engine could not answer in time, or the guest is not a JS runtime).
+        self.js_stack: str | None = None
 
 
 class HostFunctionError(GuestError):
@@ -311,6 +320,64 @@ class HostFunctionError(GuestError):
     ) -> None:
         super().__init__(message, sandbox_id=sandbox_id, function=function, core_path=core_path)
         self.host_function = host_function
+
+
+class JSError(GuestError):
+    """A JavaScript handler threw, or its promise was rejected.
+
+    ``name`` is the JS error's name (``"TypeError"``, ``"RangeError"``,
+    ``"InternalError"`` for out of memory, ...; empty when something other
+    than an Error was thrown), ``js_message`` its message and ``stack`` its
+    JavaScript stack (``"    at handler (greet.js:3:5)"``). The sandbox
+    stays usable: no dump is written, it is not a crash.
+    """
+
+    def __init__(
+        self,
+        *,
+        sandbox_id: str,
+        function: str | None,
+        name: str,
+        js_message: str,
+        stack: str,
+    ) -> None:
+        shown = f"{name}: {js_message}" if name else js_message
+        super().__init__(
+            f"JavaScript {shown}" + (f"\n{stack.rstrip()}" if stack else ""),
+            sandbox_id=sandbox_id,
+            function=function,
+        )
+        self.name = name
+        self.js_message = js_message
+        self.stack = stack
+
+
+class JSSyntaxError(JSError):
+    """A handler or module does not compile; ``file``, ``line`` and ``column``
+    locate the problem (None when the engine did not say)."""
+
+    def __init__(
+        self,
+        *,
+        sandbox_id: str,
+        function: str | None,
+        name: str,
+        js_message: str,
+        stack: str,
+        file: str | None,
+        line: int | None,
+        column: int | None,
+    ) -> None:
+        super().__init__(
+            sandbox_id=sandbox_id, function=function, name=name, js_message=js_message, stack=stack
+        )
+        self.file = file
+        self.line = line
+        self.column = column
+
+
+class JSResultError(JSError):
+    """A handler returned ``undefined`` or a value JSON cannot represent."""
 
 
 class SupervisorError(HlasyncError):

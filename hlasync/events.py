@@ -101,6 +101,7 @@ class CallTimedOut(Event):
     kind: str  # "wall" or "cpu"
     elapsed: float
     core_path: Path | None
+    js_stack: str | None = None  # a JavaScript handler's stack at the expiry
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -137,14 +138,21 @@ GUEST_OUTPUT_LIMIT = 64 * 1024
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GuestOutput(Event):
     """One print of a guest. ``truncated`` counts the bytes (UTF-8) of the
-    print that were cut after ``text``; 0 when ``text`` is all of it."""
+    print that were cut after ``text``; 0 when ``text`` is all of it.
+    ``level`` is ``"print"`` for ``hl_print`` and the console method for
+    JavaScript (``"log"``, ``"info"``, ``"warn"``, ``"error"``, ``"debug"``)."""
 
     text: str
     truncated: int = 0
+    level: str = "print"
 
     @classmethod
     def from_text(
-        cls, sandbox_id: str | None, text: str, limit: int = GUEST_OUTPUT_LIMIT
+        cls,
+        sandbox_id: str | None,
+        text: str,
+        limit: int = GUEST_OUTPUT_LIMIT,
+        level: str = "print",
     ) -> GuestOutput:
         """The event for a print of ``text``, keeping at most ``limit`` characters.
 
@@ -156,11 +164,11 @@ class GuestOutput(Event):
         if type(limit) is not int or limit < 0:
             raise ValueError(f"limit must be a non-negative int, got {limit!r}")
         if len(text) <= limit:
-            return cls(sandbox_id=sandbox_id, text=text)
+            return cls(sandbox_id=sandbox_id, text=text, level=level)
         cut = text[limit:]
         # ASCII is one byte a character; only other text needs encoding to count.
         lost = len(cut) if cut.isascii() else len(cut.encode("utf-8", "surrogatepass"))
-        return cls(sandbox_id=sandbox_id, text=text[:limit], truncated=lost)
+        return cls(sandbox_id=sandbox_id, text=text[:limit], truncated=lost, level=level)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -63,7 +63,14 @@ from .sandbox import CrashdumpRecord, Sandbox, SandboxState, check_call
 from .sandbox.calls import Call, DumpRequest
 from .sandbox.core import StopResult
 
-__all__ = ["PendingCall", "Pool", "SupervisedSandbox", "Supervisor", "SupervisorStatistics"]
+__all__ = [
+    "JSPool",
+    "PendingCall",
+    "Pool",
+    "SupervisedSandbox",
+    "Supervisor",
+    "SupervisorStatistics",
+]
 
 _logger = logging.getLogger("hlasync.supervisor")
 _T = TypeVar("_T")
@@ -111,6 +118,7 @@ class _Job:
         "expired_at",
         "finished",
         "host_scopes",
+        "js_stack",
         "lock",
         "name",
         "queued_at",
@@ -155,6 +163,7 @@ class _Job:
         self.cpu_clock = 0
         self.cpu_start = 0.0
         self.host_scopes: list[anyio.CancelScope] = []
+        self.js_stack: str | None = None  # a JS handler's stack when its limit expired
 
 
 class _Target:
@@ -162,6 +171,9 @@ class _Target:
     the supervisor's scheduler lock."""
 
     fresh_state: bool  # restore after every call
+    #: Fields to record before a hung call of this target is dumped and stopped
+    #: (taken while the guest still runs; JS pools ask the engine for its stack).
+    _stop_annotations: Callable[[Sandbox], Mapping[str, object]] | None = None
 
     def __init__(self, supervisor: Supervisor, name: str, image: GuestImage) -> None:
         self._supervisor = supervisor
@@ -245,6 +257,51 @@ class Pool(_Target):
 
     def __repr__(self) -> str:
         return f"<Pool {self.name} of {self.size} x {self.image.path.name}>"
+
+
+class JSPool(Pool):
+    """``size`` JS sandboxes with the same handlers, modules and host functions;
+    every call starts from the state right after they were loaded."""
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        name: str,
+        image: GuestImage,
+        size: int,
+        handlers: Mapping[str, str],
+    ) -> None:
+        super().__init__(supervisor, name, image, size)
+        self.handlers: Mapping[str, str] = dict(handlers)
+
+    @staticmethod
+    def _stop_annotations(sandbox: Sandbox) -> Mapping[str, object]:
+        from .js.stack import capture_stack
+
+        return capture_stack(sandbox).annotations()
+
+    async def call_handler(
+        self,
+        name: str,
+        event: object = None,
+        *,
+        timeout: float | None = _DEFAULT,
+        cpu_timeout: float | None = _DEFAULT,
+    ) -> Any:
+        """Call handler ``name`` with ``event`` (a JSON value); see :meth:`JSSandbox.call_handler`.
+
+        ``timeout``/``cpu_timeout`` as for :meth:`Supervisor.call`; a
+        :class:`~hlasync.GuestTimeout` carries the handler's JavaScript stack
+        (``js_stack``), and so do its dump and the ``CallTimedOut`` event.
+        """
+        from .js import protocol, runtime
+
+        arguments = runtime.call_arguments(self.name, name, event)
+        reply = await self.call("js_call", *arguments, timeout=timeout, cpu_timeout=cpu_timeout)
+        return protocol.decode_reply(reply, sandbox_id=self.name, handler=name)
+
+    def __repr__(self) -> str:
+        return f"<JSPool {self.name} of {self.size} x {len(self.handlers)} handlers>"
 
 
 class SupervisedSandbox(_Target):
@@ -458,7 +515,12 @@ class Supervisor:
                 stream._close()
             self._streams.clear()
 
-    def _stop_job(self, job: _Job, dump_reason: str | None = None) -> StopResult | None:
+    def _stop_job(
+        self,
+        job: _Job,
+        dump_reason: str | None = None,
+        annotations: Mapping[str, object] | None = None,
+    ) -> StopResult | None:
         """Stop a running job's call (and cancel its async host functions); never blocks."""
         for scope in list(job.host_scopes):
             self._on_loop(scope.cancel)
@@ -466,7 +528,7 @@ class Supervisor:
             call = job.call
         if call is None or job.sandbox is None:
             return None
-        return job.sandbox._stop(call, dump_reason)
+        return job.sandbox._stop(call, dump_reason, annotations=annotations)
 
     # -------------------------------------------------------------- creation
     async def create_pool(
@@ -532,6 +594,116 @@ class Supervisor:
             self._targets.append(target)
         self._publish(ev.SandboxCreated, sandbox_id=sandbox.id, guest=str(image.path), pool=None)
         return target
+
+    async def create_js_pool(
+        self,
+        handlers: Mapping[str, str],
+        size: int = 4,
+        *,
+        modules: Mapping[str, str] | None = None,
+        host_functions: Mapping[str, Mapping[str, Callable[..., Any]]] | None = None,
+        heap_size: int | None = None,
+        config: SandboxConfig | None = None,
+        name: str | None = None,
+        output: Callable[[str, str], None] | None = None,
+    ) -> JSPool:
+        """``size`` JavaScript sandboxes loaded with ``handlers`` (name -> source).
+
+        ``modules`` are ES modules handlers may import by name;
+        ``host_functions`` maps a module name to the functions JavaScript
+        imports from it (``{"db": {"get": get}}``: ``import { get } from "db"``),
+        plain or ``async def`` (run on this loop, cancelled by the watchdog).
+        The engine and handlers are initialised once; every sandbox starts from
+        that snapshot and is restored to it after every call. Console output
+        becomes :class:`~hlasync.events.GuestOutput` events with their level
+        (and goes to ``output(level, text)``, or to stdout/stderr when nobody
+        subscribes). Raises JSSyntaxError for a handler that does not compile.
+        """
+        from .js import protocol, runtime
+        from .js.host import HostBridge, default_output
+
+        self._check_open()
+        if type(size) is not int or size < 1:
+            raise ValueError("size must be a positive int")
+        if not isinstance(handlers, Mapping) or not handlers:
+            raise ValueError("handlers must be a non-empty mapping of name -> source")
+        for handler, source in handlers.items():
+            protocol.check_name("handler", handler)
+            if not isinstance(source, str) or not source.strip():
+                raise ValueError(f"the source of handler {handler!r} must be a non-empty str")
+        heap = runtime.DEFAULT_HEAP_SIZE if heap_size is None else heap_size
+        config = config if config is not None else runtime.default_config(heap)
+        image = await self._in_thread(lambda: _load_image(runtime.guest_path()))
+
+        def console(level: str, text: str) -> None:
+            job = getattr(_tls, "job", None)
+            sandbox_id = job.sandbox.id if job is not None and job.sandbox is not None else None
+            if output is not None:
+                output(level, text)
+            if self._wants(ev.GuestOutput):
+                self._post(ev.GuestOutput.from_text(sandbox_id, text, level=level))
+            elif output is None:
+                default_output(level, text)
+
+        bridge = HostBridge(console)
+        for module, functions in (host_functions or {}).items():
+            for function_name, function in functions.items():
+                bridge.register(module, function_name, self._host_function(function))
+        sandbox_functions = bridge.sandbox_functions()
+        pool = JSPool(self, name or f"js-pool-{next(self._ids)}", image, size, handlers)
+        sources = dict(handlers)
+        module_sources = dict(modules or {})
+        baseline: list[Any] = []
+
+        def first() -> Sandbox:
+            sandbox = self._new_sandbox(image, config, sandbox_functions, None)
+            try:
+                runtime.start_engine(sandbox, heap)
+                runtime.install(
+                    sandbox,
+                    handlers=sources,
+                    modules=module_sources,
+                    host_modules=bridge.modules(),
+                )
+                loaded = sandbox.snapshot()
+                sandbox._set_baseline(loaded)
+            except BaseException:
+                sandbox.close()
+                raise
+            baseline.append(loaded)
+            return sandbox
+
+        def another() -> Sandbox:  # from the loaded snapshot: no engine start, no compiling
+            sandbox = self._new_sandbox(image, config, sandbox_functions, None)
+            try:
+                sandbox.restore(baseline[0])
+                sandbox._set_baseline(baseline[0])
+            except BaseException:
+                sandbox.close()
+                raise
+            return sandbox
+
+        def make_all() -> list[Sandbox]:
+            made = [first()]
+            try:
+                made += _create_all(another, size - 1)
+            except BaseException:
+                made[0].close()
+                raise
+            return made
+
+        pool._factory = another
+        pool._host_functions = sandbox_functions
+        sandboxes = await self._in_thread(make_all, discard=self._close_sandboxes)
+        with self._lock:
+            pool._members = list(sandboxes)
+            pool._free = list(sandboxes)
+            self._targets.append(pool)
+        for sandbox in sandboxes:
+            self._publish(
+                ev.SandboxCreated, sandbox_id=sandbox.id, guest=str(image.path), pool=pool.name
+            )
+        return pool
 
     def _wrap_host_functions(
         self, host_functions: Mapping[str, Callable[..., Any]] | None
@@ -840,6 +1012,7 @@ class Supervisor:
             core_path=job.core_path,
         )
         error.crashdump_error = job.dump_error
+        error.js_stack = job.js_stack
         return error
 
     def _reset(self, target: _Target, sandbox: Sandbox) -> None:
@@ -946,6 +1119,7 @@ class Supervisor:
                     kind=error.kind,
                     elapsed=error.elapsed,
                     core_path=error.core_path,
+                    js_stack=error.js_stack,
                 )
             elif isinstance(error, GuestCrashed):
                 self._publish(
@@ -1016,7 +1190,28 @@ class Supervisor:
             job.expired = kind
             job.expired_at = time.monotonic()
         reason = "timeout" if kind == "wall" else "cpu-timeout"
-        stop = self._stop_job(job, reason)
+        annotate = job.target._stop_annotations
+        if annotate is None or job.sandbox is None:
+            self._stop_expired(job, reason, None)
+            return
+        sandbox = job.sandbox
+
+        def annotate_then_stop() -> None:  # a bounded wait: not on the watchdog's thread
+            try:
+                annotations = annotate(sandbox)
+                stack = annotations.get("js_stack")
+                job.js_stack = stack if isinstance(stack, str) else None
+            except Exception as exc:  # noqa: BLE001 - the stop must happen anyway
+                self._thread_failed(exc, sandbox)
+                annotations = None
+            self._stop_expired(job, reason, annotations)
+
+        threading.Thread(target=annotate_then_stop, name="hlasync-expiry", daemon=True).start()
+
+    def _stop_expired(
+        self, job: _Job, reason: str, annotations: Mapping[str, object] | None
+    ) -> None:
+        stop = self._stop_job(job, reason, annotations)
         if stop is None or not stop.stopped:
             return  # ending anyway; the worker reports the outcome
         if stop.dump is not None:

@@ -303,6 +303,7 @@ class CoreDump:
             lines.append(f"  exception: {meta.get('vector_name')} (vector {meta['vector']}){extra}")
         if meta.get("message"):
             lines.append(f"  message:  {meta['message']}")
+        lines += _javascript_stack(meta)
         lines.append("backtrace:")
         lines += [f"  {frame}" for frame in self._backtrace(image)]
         lines.append("registers:")
@@ -343,6 +344,17 @@ class CoreDump:
 
     def __repr__(self) -> str:
         return f"CoreDump({str(self.path)!r}, reason={self.metadata.get('reason')!r})"
+
+
+def _javascript_stack(meta: dict[str, Any]) -> list[str]:
+    """The JavaScript stack a JS runtime guest reported before the dump, if any."""
+    if "js_stack" not in meta:
+        return []
+    stack = meta.get("js_stack")
+    if isinstance(stack, str) and stack.strip():
+        return ["javascript stack:"] + [f"  {line.strip()}" for line in stack.splitlines() if line]
+    reason = meta.get("js_stack_unavailable") or "the engine reported none"
+    return [f"javascript stack: unavailable ({reason})"]
 
 
 _OPTIONAL_INT = (int, type(None))

@@ -245,6 +245,13 @@ class GuestImage:
         return tuple(functions)
 
     # -------------------------------------------------------------- queries
+    def symbol(self, name: str) -> Symbol | None:
+        """The function or object symbol called ``name``, if the ELF has one."""
+        for symbol in self.symbols:
+            if symbol.name == name:
+                return symbol
+        return None
+
     def symbolize(self, address: int) -> str | None:
         """``"name+0xoffset"`` for the symbol containing ``address``, or None."""
         symbol = self.symbol_at(address)

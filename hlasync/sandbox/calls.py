@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -91,9 +91,16 @@ class DumpRequest:
     owner ran host code (rather than by the owner itself).
     """
 
-    def __init__(self, directory: str | os.PathLike[str] | None, reason: str) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | None,
+        reason: str,
+        annotations: Mapping[str, object] | None = None,
+    ) -> None:
         self.directory = directory
         self.reason = reason
+        #: Extra fields for the dump's hlasync note (e.g. a JS stack captured first).
+        self.annotations = dict(annotations or {})
         self.borrowed = False
         self.path: Path | None = None
         self.error: CrashdumpError | None = None

@@ -368,6 +368,24 @@ class Sandbox:
         """
         self._crashdump_listeners.append(listener)
 
+    def _set_baseline(self, snapshot: Snapshot) -> None:
+        """Make ``snapshot`` what ``restore()`` without an argument returns to
+        (a JS sandbox's loaded handlers, rather than the bare engine)."""
+        if snapshot._compat != self._compat:
+            raise ValueError("snapshot belongs to a sandbox of another guest or configuration")
+        self._initial = snapshot
+
+    def _write_memory(self, address: int, data: bytes) -> None:
+        """Write guest memory from the host (noted, so a restore undoes it)."""
+        with self._lock:
+            memory = self._machine.memory
+            if memory is None:
+                raise SandboxClosed(f"sandbox {self.id} is closed", sandbox_id=self.id)
+            if address < 0 or address + len(data) > memory.size:
+                raise ValueError(f"[{address:#x}, +{len(data):#x}) is outside guest memory")
+            self._machine.pages.host_wrote(address, len(data))
+            memory.view[address : address + len(data)] = data
+
     def read_memory(self, address: int, size: int) -> bytes:
         """Copy ``size`` bytes of guest memory at guest address ``address``."""
         with self._lock:
@@ -554,6 +572,7 @@ class Sandbox:
         call: Call,
         dump_reason: str | None = None,
         directory: str | os.PathLike[str] | None = None,
+        annotations: Mapping[str, object] | None = None,
     ) -> StopResult:
         """Ask ``call`` to stop, first dumping it when ``dump_reason`` is given
         (and dumps are enabled). Never blocks: the dump is written by the
@@ -566,7 +585,7 @@ class Sandbox:
             in_host = call.phase is Phase.HOST and call.thread != me
             request = None
             if dump_reason is not None and self.config.crashdump_enabled:
-                request = DumpRequest(directory, dump_reason)
+                request = DumpRequest(directory, dump_reason, annotations)
                 if in_host:
                     request.borrowed = True
                     self._loans += 1
@@ -582,14 +601,19 @@ class Sandbox:
             ).start()
         return StopResult(True, request, in_host)
 
-    def _dump_now(self, directory: str | os.PathLike[str] | None, reason: str) -> Path:
+    def _dump_now(
+        self,
+        directory: str | os.PathLike[str] | None,
+        reason: str,
+        annotations: Mapping[str, object] | None = None,
+    ) -> Path:
         """A dump now, whatever the sandbox is doing (see generate_crashdump)."""
         if not self.config.crashdump_enabled:
             raise CrashdumpError(
                 f"crash dumps are disabled for sandbox {self.id} (crashdump_enabled=False)"
             )
         me = threading.get_ident()
-        request = DumpRequest(directory, reason)
+        request = DumpRequest(directory, reason, annotations)
         with self._lock:
             if self._state is SandboxState.CLOSED:
                 self._raise_not_ready("dump")
@@ -615,7 +639,9 @@ class Sandbox:
             if mode == "request":
                 return self._await_dump(call, request)
             if mode == "own":
-                return write_dump(self, reason, directory, function=call.function)
+                return write_dump(
+                    self, reason, directory, function=call.function, annotations=annotations
+                )
             self._write_on_loan(call, request)
             if request.error is not None:
                 raise request.error
@@ -623,7 +649,9 @@ class Sandbox:
             return request.path
         try:
             fault = self.last_exception if self._state is SandboxState.POISONED else None
-            return write_dump(self, reason, directory, function=None, fault=fault)
+            return write_dump(
+                self, reason, directory, function=None, fault=fault, annotations=annotations
+            )
         finally:
             with self._lock:
                 self._holder = None
@@ -650,7 +678,13 @@ class Sandbox:
     def _write_on_loan(self, call: Call, request: DumpRequest) -> None:
         """Dump while the call's owner runs host code (``_loans`` counts us)."""
         try:
-            path, error = try_dump(self, request.reason, request.directory, function=call.function)
+            path, error = try_dump(
+                self,
+                request.reason,
+                request.directory,
+                function=call.function,
+                annotations=request.annotations,
+            )
         finally:
             with self._lock:
                 self._loans -= 1
@@ -667,7 +701,12 @@ class Sandbox:
         """Write dumps asked of this call (owner thread, vCPU paused)."""
         for request in requests:
             path, error = try_dump(
-                self, request.reason, request.directory, function=call.function, fault=fault
+                self,
+                request.reason,
+                request.directory,
+                function=call.function,
+                fault=fault,
+                annotations=request.annotations,
             )
             with self._lock:
                 call.dumps.append(request)

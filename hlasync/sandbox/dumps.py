@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec
@@ -72,9 +72,11 @@ def capture(
     function: str | None,
     error: GuestError | None = None,
     fault: ExceptionInfo | None = None,
+    annotations: Mapping[str, object] | None = None,
 ) -> CrashContext:
     """The guest state a dump reports. ``fault``: show this faulting context
-    instead of the vCPU's registers (which sit in the exception stub)."""
+    instead of the vCPU's registers (which sit in the exception stub);
+    ``annotations``: extra fields for the hlasync note."""
     machine = sandbox._machine
     vcpu = machine.vcpu
     if fault is not None:
@@ -124,6 +126,8 @@ def capture(
     if isinstance(error, GuestAborted):
         metadata["abort_code"] = error.code
         metadata["abort_message"] = error.guest_message
+    for key, value in (annotations or {}).items():
+        metadata.setdefault(key, value)
     return CrashContext(
         reason=reason,
         regs=regs,
@@ -146,12 +150,15 @@ def write_dump(
     function: str | None,
     error: GuestError | None = None,
     fault: ExceptionInfo | None = None,
+    annotations: Mapping[str, object] | None = None,
 ) -> Path:
     """Capture and write one dump; every failure becomes :class:`CrashdumpError`.
     Listeners hear of the dump (or the failure) either way."""
     started = time.perf_counter()
     try:
-        context = capture(sandbox, reason, function=function, error=error, fault=fault)
+        context = capture(
+            sandbox, reason, function=function, error=error, fault=fault, annotations=annotations
+        )
         memory = sandbox._machine.memory
         assert memory is not None
         runs = sandbox._machine.data_runs()
