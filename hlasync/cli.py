@@ -23,7 +23,14 @@ from . import _build, guests
 from .crashdump import DUMP_GLOB, CoreDump, resolve_directory
 from .crashdump._format import signal_name
 from .crashdump.signals import read_manifest
-from .errors import GuestCancelled, GuestError, GuestImageError, HlasyncError, InvalidCoreDump
+from .errors import (
+    GuestCancelled,
+    GuestError,
+    GuestImageError,
+    GuestTimeout,
+    HlasyncError,
+    InvalidCoreDump,
+)
 from .guest.image import GuestImage
 from .kvm import KICK_SIGNAL
 from .sandbox import Sandbox
@@ -75,6 +82,56 @@ def _demo(args: argparse.Namespace) -> int:
             timer.cancel()
         sb.restore()
         print(f"  add(1, 1)            -> {sb.call('add', 1, 1)!r}")
+    _demo_javascript()
+    return 0
+
+
+def _demo_javascript() -> None:
+    from .js import JSSandbox
+
+    print("a JavaScript handler in its own micro-VM (the bundled QuickJS runtime):")
+    started = time.perf_counter()
+    with JSSandbox(heap_size=8 << 20) as js:
+        js.add_handler("greet", DEMO_HANDLER)
+        js.load()
+        print(f"  runtime started and handler loaded in {(time.perf_counter() - started):.2f} s")
+        result = js.call_handler("greet", {"name": "World"})
+        print(f"  call_handler('greet', {{'name': 'World'}}) -> {result!r}")
+        js.add_handler("spin", DEMO_SPIN)
+        js.load()
+        try:
+            js.call_handler("spin", {}, timeout=0.2)
+        except GuestTimeout as exc:
+            print(f"  GuestTimeout after {exc.elapsed:.2f} s; the handler's JavaScript stack:")
+            for line in (exc.js_stack or "(unavailable)").splitlines():
+                print(f"    {line.strip()}")
+            if exc.core_path is not None:
+                print(f"  core dump: {exc.core_path} (hlasync dump show prints both stacks)")
+
+
+DEMO_HANDLER = "function handler(event) { return 'Hello, ' + event.name + '!' }"
+DEMO_SPIN = "function spin() {\n  for (;;) {}\n}\nfunction handler(event) { spin() }"
+
+
+def _js_run(args: argparse.Namespace) -> int:
+    from .js import JSSandbox
+
+    try:
+        source = Path(args.script).read_text(encoding="utf-8")
+    except OSError as exc:
+        print(f"hlasync: cannot read {args.script}: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        event = json.loads(args.event)
+    except json.JSONDecodeError as exc:
+        print(f"hlasync: --event is not JSON: {exc}", file=sys.stderr)
+        return 2
+    name = args.name or Path(args.script).stem
+    with JSSandbox(heap_size=args.heap_size << 20) as js:
+        js.add_handler(name, source)
+        js.load()
+        result = js.call_handler(name, event, timeout=args.timeout, cpu_timeout=args.cpu_timeout)
+    print(json.dumps(result, ensure_ascii=False, indent=2))
     return 0
 
 
@@ -258,6 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
     functions.set_defaults(handler=_guest_functions)
     listing = guest_commands.add_parser("list", help="list the bundled guests")
     listing.set_defaults(handler=_guest_list)
+
+    js = commands.add_parser("js", help="run JavaScript handlers in the bundled JS runtime")
+    js_commands = js.add_subparsers(dest="js_command", required=True)
+    run = js_commands.add_parser("run", help="run one handler with one event and print its result")
+    run.add_argument("script", help="a script defining function handler(event), or an ES module")
+    run.add_argument("--event", default="null", help="the event, as JSON (default: null)")
+    run.add_argument("--name", help="the handler's name in stacks (default: the file's stem)")
+    run.add_argument("--timeout", type=float, help="wall-clock limit in seconds")
+    run.add_argument("--cpu-timeout", type=float, help="guest CPU-time limit in seconds")
+    run.add_argument("--heap-size", type=int, default=32, help="JS heap limit in MiB (default 32)")
+    run.set_defaults(handler=_js_run)
 
     dump = commands.add_parser("dump", help="inspect core dumps")
     dump_commands = dump.add_subparsers(dest="dump_command", required=True)

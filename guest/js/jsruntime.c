@@ -37,10 +37,28 @@ typedef struct {
 __attribute__((used, aligned(64))) hl_js_control_t hl_js_control = {0};
 
 static JSRuntime *rt;
-static JSContext *ctx;
-static JSValue handlers;     /* name -> handler function */
+static JSContext *ctx;       /* the main context: ES modules, host modules, module handlers */
+static JSValue handlers;     /* name -> handler function (of any context) */
 static JSValue host_modules; /* module name -> [function names] */
+static JSValue module_sources; /* ES module name -> source, compiled when first imported */
 static uint64_t random_state[2];
+
+/* A script handler runs in a context of its own: its globals meet no other
+ * handler's, and its lines are numbered from 1 with no wrapper around it. */
+typedef struct {
+    char *name;
+    JSContext *ctx;
+} script_context_t;
+
+#define MAX_SCRIPT_HANDLERS 256
+static script_context_t scripts[MAX_SCRIPT_HANDLERS];
+static size_t script_count;
+
+static JSContext *context_of(const char *name) {
+    for (size_t i = 0; i < script_count; i++)
+        if (strcmp(scripts[i].name, name) == 0) return scripts[i].ctx;
+    return ctx;
+}
 
 /* ------------------------------------------------------------ replies */
 typedef struct {
@@ -297,11 +315,43 @@ static int host_module_init(JSContext *c, JSModuleDef *module) {
 
 static JSModuleDef *load_module(JSContext *c, const char *name, void *opaque) {
     (void)opaque;
-    JS_ThrowReferenceError(c, "could not load module '%s': register it on the sandbox first", name);
-    return NULL;
+    JSValue source = JS_GetPropertyStr(ctx, module_sources, name);
+    if (!JS_IsString(source)) {
+        JS_FreeValue(ctx, source);
+        JS_ThrowReferenceError(c, "could not load module '%s': register it on the sandbox first", name);
+        return NULL;
+    }
+    size_t length;
+    const char *text = JS_ToCStringLen(ctx, &length, source);
+    JS_FreeValue(ctx, source);
+    if (!text) return NULL;
+    JSValue module = JS_Eval(c, text, length, name, JS_EVAL_TYPE_MODULE | JS_EVAL_FLAG_COMPILE_ONLY);
+    JS_FreeCString(ctx, text);
+    if (JS_IsException(module)) return NULL;
+    JSModuleDef *def = JS_VALUE_GET_PTR(module);
+    JS_FreeValue(c, module);
+    return def;
 }
 
 /* ---------------------------------------------------------------- set-up */
+/* A context with console and the host-seeded Math.random. */
+static JSContext *new_context(void) {
+    JSContext *c = JS_NewContext(rt);
+    if (!c) return NULL;
+    JSValue global = JS_GetGlobalObject(c);
+    JSValue console = JS_NewObject(c);
+    static const char *const levels[] = {"log", "info", "warn", "error", "debug"};
+    for (int i = 0; i < 5; i++)
+        JS_SetPropertyStr(c, console, levels[i],
+                          JS_NewCFunctionMagic(c, js_console, levels[i], 0, JS_CFUNC_generic_magic, i));
+    JS_SetPropertyStr(c, global, "console", console);
+    JSValue math = JS_GetPropertyStr(c, global, "Math");
+    JS_SetPropertyStr(c, math, "random", JS_NewCFunction(c, js_random, "random", 0));
+    JS_FreeValue(c, math);
+    JS_FreeValue(c, global);
+    return c;
+}
+
 int64_t js_init(int64_t memory_limit, int64_t stack_limit) {
     if (rt) return 1;
     rt = JS_NewRuntime();
@@ -310,29 +360,18 @@ int64_t js_init(int64_t memory_limit, int64_t stack_limit) {
     JS_SetMaxStackSize(rt, (size_t)stack_limit);
     JS_SetInterruptHandler(rt, on_interrupt, NULL);
     JS_SetModuleLoaderFunc(rt, NULL, load_module, NULL);
-    ctx = JS_NewContext(rt);
+    ctx = new_context();
     if (!ctx) return -2;
     handlers = JS_NewObject(ctx);
     host_modules = JS_NewObject(ctx);
-
-    JSValue global = JS_GetGlobalObject(ctx);
-    JSValue console = JS_NewObject(ctx);
-    static const char *const levels[] = {"log", "info", "warn", "error", "debug"};
-    for (int i = 0; i < 5; i++)
-        JS_SetPropertyStr(ctx, console, levels[i],
-                          JS_NewCFunctionMagic(ctx, js_console, levels[i], 0,
-                                               JS_CFUNC_generic_magic, i));
-    JS_SetPropertyStr(ctx, global, "console", console);
-    JSValue math = JS_GetPropertyStr(ctx, global, "Math");
-    JS_SetPropertyStr(ctx, math, "random", JS_NewCFunction(ctx, js_random, "random", 0));
-    JS_FreeValue(ctx, math);
-    JS_FreeValue(ctx, global);
+    module_sources = JS_NewObject(ctx);
     return 0;
 }
 HL_EXPORT(js_init, HL_INT, HL_INT, HL_INT);
 
 /* Make module `name` export the host functions listed in `functions` (a JSON array). */
 hl_bytes js_define_host_module(const char *name, const char *functions) {
+    if (!ctx) return reply_text('E', "{\"name\":\"InternalError\",\"message\":\"no engine\"}");
     JSValue names = JS_ParseJSON(ctx, functions, strlen(functions), "<host functions>");
     if (JS_IsException(names)) return reply_exception('E');
     JS_SetPropertyStr(ctx, host_modules, name, names);
@@ -351,12 +390,11 @@ hl_bytes js_define_host_module(const char *name, const char *functions) {
 }
 HL_EXPORT(js_define_host_module, HL_BYTES, HL_STR, HL_STR);
 
-/* Register an ES module under `name` (compiled now: imports resolve to it by name). */
+/* Register ES module `name`: compiled when first imported (so modules may be
+ * registered in any order); a syntax error surfaces then, naming its file. */
 hl_bytes js_add_module(const char *name, const char *source) {
-    JSValue module = JS_Eval(ctx, source, strlen(source), name,
-                             JS_EVAL_TYPE_MODULE | JS_EVAL_FLAG_COMPILE_ONLY);
-    if (JS_IsException(module)) return reply_exception('S');
-    JS_FreeValue(ctx, module);
+    if (!ctx) return reply_text('E', "{\"name\":\"InternalError\",\"message\":\"no engine\"}");
+    JS_SetPropertyStr(ctx, module_sources, name, JS_NewString(ctx, source));
     return reply_text('O', "{}");
 }
 HL_EXPORT(js_add_module, HL_BYTES, HL_STR, HL_STR);
@@ -389,18 +427,59 @@ static JSValue settle(JSValue value) {
     }
 }
 
+/* Whether the pending exception is a SyntaxError (it stays pending). */
+static bool pending_is_syntax_error(void) {
+    JSValue pending = JS_GetException(ctx);
+    bool syntax = false;
+    if (JS_IsError(pending)) {
+        JSValue kind = JS_GetPropertyStr(ctx, pending, "name");
+        const char *text = JS_ToCString(ctx, kind);
+        syntax = text && strcmp(text, "SyntaxError") == 0;
+        JS_FreeCString(ctx, text);
+        JS_FreeValue(ctx, kind);
+    }
+    JS_Throw(ctx, pending);
+    return syntax;
+}
+
+/* Whether `source` is an ES module: a line starting with an import or export
+ * statement (a dynamic import() is not one). */
+static bool is_module_source(const char *source) {
+    const char *line = source;
+    while (*line) {
+        while (*line == ' ' || *line == '\t' || *line == '\r') line++;
+        const char *keyword = NULL;
+        if (strncmp(line, "import", 6) == 0) keyword = line + 6;
+        else if (strncmp(line, "export", 6) == 0) keyword = line + 6;
+        if (keyword && (*keyword == ' ' || *keyword == '\t' || *keyword == '{' ||
+                        *keyword == '*' || *keyword == '"' || *keyword == '\''))
+            return true;
+        line = strchr(line, '\n');
+        if (!line) break;
+        line++;
+    }
+    return false;
+}
+
 /* Compile and run `source` as handler `name`: an ES module exporting `handler`, or
  * a script defining `function handler(event)` (in a scope of its own). `check`
  * only compiles it. Handler sources must not be empty. */
 static hl_bytes add_handler(const char *name, const char *source, bool check) {
+    if (!ctx) return reply_text('E', "{\"name\":\"InternalError\",\"message\":\"no engine\"}");
     size_t length = strlen(source);
     char filename[300];
     snprintf(filename, sizeof filename, "%s.js", name);
     JSValue handler;
-    if (JS_DetectModule(source, length)) {
+    if (is_module_source(source)) {
         JSValue module = JS_Eval(ctx, source, length, filename,
                                  JS_EVAL_TYPE_MODULE | JS_EVAL_FLAG_COMPILE_ONLY);
-        if (JS_IsException(module)) return reply_exception('S');
+        if (JS_IsException(module)) {
+            if (check && !pending_is_syntax_error()) { /* imports resolve at load() */
+                JS_FreeValue(ctx, JS_GetException(ctx));
+                return reply_text('O', "{}");
+            }
+            return reply_exception(pending_is_syntax_error() ? 'S' : 'E');
+        }
         if (check) {
             JS_FreeValue(ctx, module);
             return reply_text('O', "{}");
@@ -413,40 +492,38 @@ static hl_bytes add_handler(const char *name, const char *source, bool check) {
         handler = JS_GetPropertyStr(ctx, namespace, "handler");
         JS_FreeValue(ctx, namespace);
     } else {
-        static const char prefix[] = "(function () {\n";
-        static const char suffix[] =
-            "\n;return typeof handler === \"function\" ? handler : undefined;\n})()";
-        size_t total = sizeof prefix - 1 + length + sizeof suffix - 1;
-        char *wrapped = malloc(total + 1);
-        if (!wrapped) return reply_message('E', "out of memory");
-        memcpy(wrapped, prefix, sizeof prefix - 1);
-        memcpy(wrapped + sizeof prefix - 1, source, length);
-        memcpy(wrapped + sizeof prefix - 1 + length, suffix, sizeof suffix);
-        JSEvalOptions options = {
-            .version = JS_EVAL_OPTIONS_VERSION,
-            .eval_flags = JS_EVAL_TYPE_GLOBAL | (check ? JS_EVAL_FLAG_COMPILE_ONLY : 0),
-            .filename = filename,
-            .line_num = 0, /* the prefix line: the handler's first line is line 1 */
-        };
-        handler = JS_Eval2(ctx, wrapped, total, &options);
-        free(wrapped);
-        if (JS_IsException(handler)) {
-            JSValue pending = JS_GetException(ctx);
-            bool syntax = JS_IsError(pending);
-            if (syntax) {
-                JSValue kind = JS_GetPropertyStr(ctx, pending, "name");
-                const char *text = JS_ToCString(ctx, kind);
-                syntax = text && strcmp(text, "SyntaxError") == 0;
-                JS_FreeCString(ctx, text);
-                JS_FreeValue(ctx, kind);
+        /* A context of its own (reused when the handler is replaced); a check only
+         * compiles, in a scratch context. */
+        JSContext *own = check ? new_context() : context_of(name);
+        if (!own) return reply_message('E', "out of memory (a context for the handler)");
+        if (!check && own == ctx) {
+            if (script_count == MAX_SCRIPT_HANDLERS)
+                return reply_message('E', "too many script handlers (at most 256)");
+            own = new_context();
+            char *copy = malloc(strlen(name) + 1);
+            if (!own || !copy) {
+                if (own) JS_FreeContext(own);
+                free(copy);
+                return reply_message('E', "out of memory");
             }
-            JS_Throw(ctx, pending);
+            strcpy(copy, name);
+            scripts[script_count++] = (script_context_t){copy, own};
+        }
+        int flags = JS_EVAL_TYPE_GLOBAL | (check ? JS_EVAL_FLAG_COMPILE_ONLY : 0);
+        JSValue result = JS_Eval(own, source, length, filename, flags);
+        if (JS_IsException(result)) {
+            bool syntax = pending_is_syntax_error(); /* exceptions belong to the runtime */
+            if (check) JS_FreeContext(own);
             return reply_exception(syntax ? 'S' : 'E');
         }
+        JS_FreeValue(own, result);
         if (check) {
-            JS_FreeValue(ctx, handler);
+            JS_FreeContext(own);
             return reply_text('O', "{}");
         }
+        JSValue global = JS_GetGlobalObject(own);
+        handler = JS_GetPropertyStr(own, global, "handler");
+        JS_FreeValue(own, global);
     }
     if (!JS_IsFunction(ctx, handler)) {
         JS_FreeValue(ctx, handler);
@@ -469,6 +546,7 @@ HL_EXPORT(js_add_handler, HL_BYTES, HL_STR, HL_STR);
 
 /* ------------------------------------------------------------------ calls */
 hl_bytes js_call(const char *name, const uint8_t *event, size_t event_length, int64_t seed) {
+    if (!ctx) return reply_text('E', "{\"name\":\"InternalError\",\"message\":\"no engine\"}");
     JS_UpdateStackTop(rt);
     random_state[0] = (uint64_t)seed ^ 0x9E3779B97F4A7C15ULL;
     random_state[1] = ((uint64_t)seed << 1) ^ 0xD1B54A32D192ED03ULL;
@@ -478,18 +556,24 @@ hl_bytes js_call(const char *name, const uint8_t *event, size_t event_length, in
         JS_FreeValue(ctx, handler);
         return reply_message('N', "no handler of that name");
     }
-    /* JS_ParseJSON wants a NUL after the text: the host sends one. */
-    JSValue argument = JS_ParseJSON(ctx, (const char *)event, event_length, "<event>");
+    /* JS_ParseJSON wants a NUL after the text: the host sends one (not part of it). */
+    if (event_length && event[event_length - 1] == 0) event_length--;
+    JSContext *own = context_of(name); /* the event's objects belong to the handler's realm */
+    JSValue argument = JS_ParseJSON(own, (const char *)event, event_length, "<event>");
     if (JS_IsException(argument)) {
         JS_FreeValue(ctx, handler);
+        JS_Throw(ctx, JS_GetException(own));
         return reply_exception('E');
     }
     hl_js_control.running = 1;
-    JSValue result = settle(JS_Call(ctx, handler, JS_UNDEFINED, 1, &argument));
+    JSValue result = settle(JS_Call(own, handler, JS_UNDEFINED, 1, &argument));
     hl_js_control.running = 0;
     JS_FreeValue(ctx, argument);
     JS_FreeValue(ctx, handler);
-    if (JS_IsException(result)) return reply_exception('E');
+    if (JS_IsException(result)) {
+        if (own != ctx) JS_Throw(ctx, JS_GetException(own));
+        return reply_exception('E');
+    }
     if (JS_IsUndefined(result))
         return reply_message('U', "the handler returned undefined: return a JSON value");
     hl_bytes out = reply_json('R', result);

@@ -53,9 +53,10 @@ def encode_event(event: object, *, sandbox_id: str, handler: str) -> bytes:
     try:
         text = json.dumps(event, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
         return text.encode("utf-8") + b"\0"
-    except (TypeError, ValueError) as exc:  # not JSON: sets, NaN, bytes, lone surrogates, ...
+    except (TypeError, ValueError, RecursionError) as exc:  # sets, NaN, bytes, surrogates, ...
+        detail = "it nests too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise ArgumentError(
-            f"the event for handler {handler!r} is not a JSON value: {exc}",
+            f"the event for handler {handler!r} is not a JSON value: {detail}",
             sandbox_id=sandbox_id,
             function=handler,
         ) from None
@@ -74,6 +75,8 @@ def decode_reply(reply: object, *, sandbox_id: str, handler: str | None) -> Any:
     status, body = chr(reply[0]), reply[1:]
     try:
         value = json.loads(body)
+    except RecursionError:
+        status, value = "U", {"message": "the result nests too deeply to be read in Python"}
     except ValueError:
         value = {"message": body.decode("utf-8", "replace")}
     if status in ("R", "O"):

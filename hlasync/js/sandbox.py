@@ -62,6 +62,7 @@ class JSSandbox:
                 self._sandbox.register_host_function(name, function)
             runtime.start_engine(self._sandbox, heap_size)
             self._engine = self._sandbox.snapshot()  # the bare engine: load() starts here
+            self._sandbox._set_baseline(self._engine)
         except BaseException:
             self._sandbox.close()
             raise
