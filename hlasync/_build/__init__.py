@@ -28,6 +28,7 @@ __all__ = [
     "Toolchain",
     "build_bundled",
     "build_guest",
+    "build_js_guest",
     "bundled_guests",
     "bundled_sources",
     "sdk_dir",
@@ -101,6 +102,26 @@ def build_guest(
     return Path(output)
 
 
+def build_js_guest(
+    sources: Sequence[str | os.PathLike[str]],
+    output: str | os.PathLike[str],
+    *,
+    cc: str | Toolchain | None = None,
+) -> Path:
+    """Link C ``sources`` (glue that uses QuickJS's API, ``quickjs.h``) with the
+    QuickJS engine, the guest libc and the SDK runtime into guest ELF ``output``,
+    as the bundled ``jsruntime`` is built (see :mod:`.jsruntime`)."""
+    paths = [Path(s) for s in sources]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing or not paths:
+        raise GuestBuildError(f"source file(s) not found: {', '.join(missing) or 'none given'}")
+    if not jsruntime.LIBC_DIR.is_dir():
+        raise GuestBuildError("the JS guest's libc sources (guest/js/libc) are not installed")
+    tools = cc if isinstance(cc, Toolchain) else toolchain.select(cc)
+    jsruntime.build(Path(output), tools, paths, sdk_dir())
+    return Path(output)
+
+
 class atomic_output:  # noqa: N801 - used as a context manager, like open()
     """A temporary path beside ``output`` that becomes ``output`` (mode 0755) on success."""
 
@@ -162,7 +183,9 @@ def bundled_guests() -> dict[str, BundledGuest]:
         guests["jsruntime"] = BundledGuest(
             "jsruntime",
             lambda: [*jsruntime.inputs(js_dir), *sdk_files()],
-            lambda target, tools: jsruntime.build(target, tools, js_dir, sdk_dir()),
+            lambda target, tools: jsruntime.build(
+                target, tools, [js_dir / "jsruntime.c"], sdk_dir(), js_dir / "libc"
+            ),
             (fetch.QUICKJS, fetch.ZIGLANG),
         )
     return guests

@@ -76,17 +76,25 @@ def inputs(js_dir: Path) -> list[Path]:
     return sorted(p for p in js_dir.rglob("*") if p.suffix in (".c", ".h") and p.is_file())
 
 
+#: Our libc, in a source checkout (installed packages ship built guests only).
+LIBC_DIR = Path(__file__).resolve().parents[2] / "guest" / "js" / "libc"
+
+
 class _Flags:
     """Compiler flags of each group of sources."""
 
     def __init__(self, tools: Toolchain, sdk: Path, quickjs: Path, zig: Path) -> None:
         musl = zig / "lib" / "libc" / "musl"
         headers = zig / "lib" / "libc" / "include"
+        # -I, not -isystem: zig cc puts clang's own headers first among the
+        # -isystem folders even with -nostdinc, and clang's limits.h of a
+        # freestanding build hides musl's. The compiler's headers come last, for
+        # what musl lacks (stdatomic.h).
         public = [
             "-nostdinc",
-            f"-isystem{headers / 'x86_64-linux-musl'}",
-            f"-isystem{headers / 'generic-musl'}",
-            f"-isystem{tools.builtin_include()}",  # last: only what musl lacks (stdatomic.h)
+            f"-I{headers / 'x86_64-linux-musl'}",
+            f"-I{headers / 'generic-musl'}",
+            f"-isystem{tools.builtin_include()}",
         ]
         # musl's own order: arch, its internal headers, then the public ones.
         internal = [
@@ -155,8 +163,11 @@ class _Flags:
         self.runtime = [*tools.cflags, f"-I{sdk / 'include'}"]
 
 
-def build(output: Path, tools: Toolchain, js_dir: Path, sdk: Path) -> None:
-    """Build ``jsruntime.elf`` at ``output`` (atomically)."""
+def build(
+    output: Path, tools: Toolchain, glue: Sequence[Path], sdk: Path, libc: Path = LIBC_DIR
+) -> None:
+    """Link the engine, our libc (``libc/*.c``) and the ``glue`` sources into a
+    guest at ``output`` (atomically)."""
     from . import atomic_output  # the package imports this module first
 
     quickjs = fetch.fetch(fetch.QUICKJS) / "upstream-quickjs"
@@ -165,8 +176,8 @@ def build(output: Path, tools: Toolchain, js_dir: Path, sdk: Path) -> None:
     third_party = [(quickjs / name, flags.engine) for name in ENGINE_SOURCES]
     third_party += [(path, flags.musl) for path in _musl_sources(zig / "lib" / "libc" / "musl")]
     ours = [(sdk / "runtime.c", flags.runtime)]
-    ours += [(path, flags.libc) for path in sorted((js_dir / "libc").glob("*.c"))]
-    ours += [(js_dir / "jsruntime.c", flags.glue)]
+    ours += [(path, flags.libc) for path in sorted(libc.glob("*.c"))]
+    ours += [(path, flags.glue) for path in glue]
 
     cache = _object_cache(tools, third_party)
     cached = _cached_objects(cache, len(third_party))
@@ -174,16 +185,17 @@ def build(output: Path, tools: Toolchain, js_dir: Path, sdk: Path) -> None:
     fresh = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
     try:
         with tempfile.TemporaryDirectory(prefix="hlasync-jsruntime-") as work:
-            jobs = [(s, f, Path(work)) for s, f in ours]
+            jobs = [(s, f, Path(work) / f"{i}-{s.parent.name}-{s.stem}.o") for i, (s, f) in enumerate(ours)]
             if cached is None:  # quickjs.c first: it takes longest
-                jobs = [(s, f, fresh) for s, f in third_party] + jobs
-            objects = _compile(tools, jobs)
+                jobs = [(s, f, fresh / f"{s.parent.name}-{s.stem}.o") for s, f in third_party] + jobs
+            _compile(tools, jobs)
             if cached is None:
                 (fresh / "complete").write_text(tools.identity + "\n")
                 shutil.rmtree(cache, ignore_errors=True)
                 fresh.rename(cache)
-                cached = [cache / o.name for o in objects[: len(third_party)]]
-            own = objects[-len(ours) :]
+                cached = _cached_objects(cache, len(third_party))
+                assert cached is not None
+            own = [target for _, _, target in jobs[-len(ours) :]]
             with atomic_output(output) as temp:
                 tools.run(
                     [
@@ -201,9 +213,8 @@ def build(output: Path, tools: Toolchain, js_dir: Path, sdk: Path) -> None:
         shutil.rmtree(fresh, ignore_errors=True)
 
 
-def _compile(tools: Toolchain, jobs: Sequence[tuple[Path, list[str], Path]]) -> list[Path]:
-    """Compile each (source, flags, directory) in parallel; the objects, in order."""
-    targets = [directory / f"{s.parent.name}-{s.stem}.o" for s, _, directory in jobs]
+def _compile(tools: Toolchain, jobs: Sequence[tuple[Path, list[str], Path]]) -> None:
+    """Compile each (source, flags, object) in parallel; raise the first error in order."""
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         futures = [
             pool.submit(
@@ -211,11 +222,10 @@ def _compile(tools: Toolchain, jobs: Sequence[tuple[Path, list[str], Path]]) -> 
                 [*flags, "-c", str(source), "-o", str(target)],
                 what=f"compiling {source.name} with {tools.identity}",
             )
-            for (source, flags, _), target in zip(jobs, targets, strict=True)
+            for source, flags, target in jobs
         ]
         for future in futures:
-            future.result()  # the first error, in source order
-    return targets
+            future.result()
 
 
 def _object_cache(tools: Toolchain, jobs: Sequence[tuple[Path, list[str]]]) -> Path:
