@@ -304,8 +304,9 @@ int hl_printf(const char *fmt, ...) {
  *
  * Free chunks are kept in bins: one per size below 1 KiB (16-byte steps), then
  * eight per power of two. A bitmap of non-empty bins gives the smallest bin
- * that fits with a count-trailing-zeros. The heap ends with an in-use "fence"
- * header so that no chunk looks past the end.
+ * that fits with a count-trailing-zeros. Nothing is written at the end of the
+ * heap (no fence, no size tag on the last chunk): its pages stay untouched, and
+ * out of snapshots and dumps, until a block is allocated there.
  */
 typedef struct {
     uint64_t head; /* chunk bytes | PREV_FREE */
@@ -327,12 +328,13 @@ typedef struct { /* in a free chunk, after the header: neighbours in its bin */
 #define SPLITS 8 /* bins per power of two above */
 #define NBINS 256
 
-static uint8_t *heap_base, *heap_end; /* heap_end: the fence */
+static uint8_t *heap_base, *heap_end;
 static uint32_t bins[NBINS];
 static uint64_t bin_bits[NBINS / 64];
 
 static inline uint64_t chunk_size(const chunk *c) { return c->head & ~(uint64_t)(HEAP_ALIGN - 1); }
 static inline chunk *after(chunk *c) { return (chunk *)((uint8_t *)c + chunk_size(c)); }
+static inline bool is_last(chunk *c) { return (uint8_t *)after(c) >= heap_end; }
 static inline links *links_of(chunk *c) { return (links *)(c + 1); }
 static inline uint32_t to_index(const chunk *c) { return (uint32_t)(((const uint8_t *)c - heap_base) >> 4) + 1; }
 static inline chunk *from_index(uint32_t i) { return (chunk *)(heap_base + ((uint64_t)(i - 1) << 4)); }
@@ -360,7 +362,6 @@ static int first_bin(unsigned start) {
 static void insert(chunk *c, uint64_t size) {
     c->head = size | (c->head & PREV_FREE);
     c->tag = TAG_FREE ^ (uint64_t)c;
-    *(uint64_t *)((uint8_t *)c + size - 8) = size;
     unsigned bin = bin_of(size);
     links *l = links_of(c);
     l->prev = 0;
@@ -368,7 +369,10 @@ static void insert(chunk *c, uint64_t size) {
     if (bins[bin]) links_of(from_index(bins[bin]))->prev = to_index(c);
     bins[bin] = to_index(c);
     bin_bits[bin / 64] |= 1ULL << (bin % 64);
-    after(c)->head |= PREV_FREE;
+    if (!is_last(c)) {
+        *(uint64_t *)((uint8_t *)c + size - 8) = size;
+        after(c)->head |= PREV_FREE;
+    }
 }
 
 static void unlink_chunk(chunk *c) {
@@ -390,7 +394,7 @@ static void trim(chunk *c, uint64_t need) {
     rest->head = size - need; /* the chunk before it, c, is in use */
     chunk *next = after(rest);
     uint64_t rest_size = size - need;
-    if (is_free(next)) {
+    if (!is_last(rest) && is_free(next)) {
         unlink_chunk(next);
         rest_size += chunk_size(next);
     }
@@ -400,12 +404,9 @@ static void trim(chunk *c, uint64_t need) {
 static void heap_init(uint64_t addr, uint64_t size) {
     uint64_t start = (addr + HEAP_ALIGN - 1) & ~(uint64_t)(HEAP_ALIGN - 1);
     uint64_t stop = (addr + size) & ~(uint64_t)(HEAP_ALIGN - 1);
-    if (stop < start + MIN_CHUNK + HEADER) return; /* no heap: malloc returns NULL */
+    if (stop < start + MIN_CHUNK) return; /* no heap: malloc returns NULL */
     heap_base = (uint8_t *)start;
-    heap_end = (uint8_t *)(stop - HEADER);
-    chunk *fence = (chunk *)heap_end;
-    fence->head = HEADER;
-    fence->tag = TAG_USED ^ (uint64_t)fence;
+    heap_end = (uint8_t *)stop;
     chunk *first = (chunk *)heap_base;
     first->head = 0;
     insert(first, (uint64_t)(heap_end - heap_base));
@@ -450,7 +451,7 @@ void *malloc(size_t size) {
     if (!c) return 0;
     unlink_chunk(c);
     c->tag = TAG_USED ^ (uint64_t)c;
-    after(c)->head &= ~PREV_FREE;
+    if (!is_last(c)) after(c)->head &= ~PREV_FREE;
     trim(c, need);
     return c + 1;
 }
@@ -461,7 +462,9 @@ void free(void *ptr) {
     uint64_t size = chunk_size(c);
     c->tag = TAG_FREE ^ (uint64_t)c; /* stays a double-free marker even once merged */
     chunk *next = after(c);
-    if (is_free(next)) {
+    if (is_last(c)) {
+        /* nothing after it */
+    } else if (is_free(next)) {
         unlink_chunk(next);
         size += chunk_size(next);
     } else if (!is_used(next)) {
@@ -498,11 +501,11 @@ void *realloc(void *ptr, size_t size) {
     if (need < MIN_CHUNK) need = MIN_CHUNK;
     uint64_t have = chunk_size(c);
     chunk *next = after(c);
-    if (need > have && is_free(next) && have + chunk_size(next) >= need) {
+    if (need > have && !is_last(c) && is_free(next) && have + chunk_size(next) >= need) {
         unlink_chunk(next); /* grow in place into the free chunk after it */
         have += chunk_size(next);
         c->head = have | (c->head & PREV_FREE);
-        after(c)->head &= ~PREV_FREE;
+        if (!is_last(c)) after(c)->head &= ~PREV_FREE;
     }
     if (need <= have) {
         trim(c, need);

@@ -273,10 +273,10 @@ def _extract(pin: Pin, archive: Path, tree: Path) -> dict[str, int]:
                     continue
                 target = tree / _safe(name)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                source = sdist.extractfile(member)
-                assert source is not None  # a regular file
-                with source, open(target, "wb") as sink:
-                    shutil.copyfileobj(source, sink, 1 << 20)
+                data = sdist.extractfile(member)
+                assert data is not None  # a regular file
+                with data, open(target, "wb") as sink:
+                    shutil.copyfileobj(data, sink, 1 << 20)
                 files[name] = member.size
     missing = [m for m in pin.members if not any(f.startswith(m) for f in files)]
     if missing:
