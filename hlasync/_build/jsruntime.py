@@ -191,7 +191,7 @@ def build(
             _compile(tools, jobs)
             if cached is None:
                 (fresh / "complete").write_text(tools.identity + "\n")
-                shutil.rmtree(cache, ignore_errors=True)
+                _drop_superseded(cache, tools.identity)
                 fresh.rename(cache)
                 cached = _cached_objects(cache, len(third_party))
                 assert cached is not None
@@ -235,6 +235,18 @@ def _object_cache(tools: Toolchain, jobs: Sequence[tuple[Path, list[str]]]) -> P
         key.update(f"\0{source}\0{' '.join(flags)}".encode())
     key.update(Path(__file__).read_bytes())
     return fetch.cache_root() / "objects" / f"jsengine-{key.hexdigest()[:24]}"
+
+
+def _drop_superseded(cache: Path, identity: str) -> None:
+    """Remove this compiler's objects built with other flags or sources: they
+    would never be used again (another compiler's stay)."""
+    for other in cache.parent.glob("jsengine-*"):
+        try:
+            superseded = other == cache or (other / "complete").read_text().strip() == identity
+        except OSError:
+            continue  # still being built by another process, or not ours
+        if superseded:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def _cached_objects(cache: Path, count: int) -> list[Path] | None:
