@@ -35,7 +35,7 @@ class BuildPyWithGuests(build_py):
         package = Path(self.build_lib) / "hlasync"
         shutil.copytree(ROOT / "guest" / "sdk", package / "_sdk", dirs_exist_ok=True)
         shutil.copytree(ROOT / "guest" / "guests", package / "_guests", dirs_exist_ok=True)
-        builder.build_bundled(package / "_bin")
+        builder.build_bundled(package / "_bin", stamps=False)
 
 
 setup(cmdclass={"build_py": BuildPyWithGuests})

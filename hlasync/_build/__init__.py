@@ -197,10 +197,12 @@ def build_bundled(
     only_stale: bool = False,
     names: Iterable[str] | None = None,
     cc: str | None = None,
+    stamps: bool = True,
 ) -> list[Path]:
     """Compile the bundled guests (``names``, default all) into ``destination``
     (default: the package's _bin); with ``only_stale``, only those whose stamp
-    (inputs, build code, pins, compiler) changed since they were built."""
+    (inputs, build code, pins, compiler) changed since they were built. A
+    wheel's guests are never rebuilt: it is built with ``stamps=False``."""
     destination = destination or BUNDLED_DIR
     guests = bundled_guests()
     wanted = list(guests) if names is None else [n for n in names if n in guests]
@@ -220,6 +222,7 @@ def build_bundled(
                 pass
         tools = tools or toolchain.select(cc)
         guest.build(target, tools)
-        stamp_file.write_text(stamp)
+        if stamps:
+            stamp_file.write_text(stamp)
         built.append(target)
     return built
