@@ -9,10 +9,11 @@ dependencies exist.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,28 +123,21 @@ def build_js_guest(
     return Path(output)
 
 
-class atomic_output:  # noqa: N801 - used as a context manager, like open()
-    """A temporary path beside ``output`` that becomes ``output`` (mode 0755) on success."""
-
-    def __init__(self, output: str | os.PathLike[str]) -> None:
-        self.output = Path(output)
-
-    def __enter__(self) -> Path:
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(
-            prefix=f".{self.output.name}.", suffix=".tmp", dir=self.output.parent
-        )
-        os.close(fd)
-        self.temp = Path(temp)
-        return self.temp
-
-    def __exit__(self, kind: object, *_: object) -> None:
-        try:
-            if kind is None:
-                os.chmod(self.temp, 0o755)
-                os.replace(self.temp, self.output)
-        finally:
-            self.temp.unlink(missing_ok=True)
+@contextlib.contextmanager
+def atomic_output(output: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path beside ``output`` that becomes ``output`` (mode 0755)
+    when the block ends without an exception; it is removed otherwise."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(fd)
+    temp = Path(name)
+    try:
+        yield temp
+        os.chmod(temp, 0o755)
+        os.replace(temp, output)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
