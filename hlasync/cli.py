@@ -302,7 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     build = guest_commands.add_parser("build", help="compile C sources into a guest ELF")
     build.add_argument("sources", nargs="+", type=Path, help="C source files")
     build.add_argument("-o", "--output", type=Path, required=True, help="guest ELF to write")
-    build.add_argument("--cc", help="C compiler (default: $HLASYNC_CC, $CC or gcc)")
+    build.add_argument(
+        "--cc",
+        help="C compiler: a command, or zig for the pinned zig cc "
+        "(default: $HLASYNC_CC, $CC, gcc if installed, else zig)",
+    )
     build.add_argument(
         "--cflag",
         action="append",

@@ -21,7 +21,7 @@ _lock = threading.Lock()
 def names() -> list[str]:
     """Names of the bundled guests."""
     found = {p.stem for p in _build.BUNDLED_DIR.glob("*.elf")}
-    found.update(_build.bundled_sources())
+    found.update(_build.bundled_guests())
     return sorted(found)
 
 
@@ -29,9 +29,9 @@ def path(name: str) -> Path:
     """Path of bundled guest ``name``.
 
     Guests are compiled during installation. In a source checkout a guest
-    whose C sources changed since is rebuilt first (needs gcc).
+    whose sources, build code or compiler changed since is rebuilt first.
     """
-    sources = _build.bundled_sources()
+    sources = _build.bundled_guests()
     target = _build.BUNDLED_DIR / f"{name}.elf"
     if name not in sources and not target.exists():
         raise GuestImageError(
@@ -40,7 +40,7 @@ def path(name: str) -> Path:
     if name in sources and _build._SOURCE_GUEST_DIR.is_dir():
         with _lock:
             try:
-                _build.build_bundled(only_stale=True)
+                _build.build_bundled(only_stale=True, names=[name])
             except _build.GuestBuildError as exc:
                 if not target.exists():
                     raise GuestImageError(f"bundled guest {name!r} is not built: {exc}") from None

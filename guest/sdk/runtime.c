@@ -289,68 +289,201 @@ int hl_printf(const char *fmt, ...) {
 }
 
 /* ------------------------------------------------------------------ heap */
-/* First-fit free list sorted by address, coalescing on free. */
-typedef struct block {
-    uint64_t size; /* bytes including this header */
-    struct block *next; /* next free block, or HEAP_USED when allocated */
-} block;
+/*
+ * Segregated free lists with immediate coalescing, in the manner of TLSF:
+ * malloc, free and realloc take constant time whatever the number of blocks
+ * (the first-fit list this replaces walked every free block).
+ *
+ * Every block ("chunk") starts with a 16-byte header: its size (header
+ * included, a multiple of 16, so payloads stay 16-byte aligned) with a flag
+ * saying the chunk before it is free, and a tag (in use or free, xor the
+ * chunk's address) that catches double frees and stray pointers. A free chunk
+ * also holds its free-list links after the header and its size in its last 8
+ * bytes, so that free neighbours are found and merged at once: two free
+ * chunks are never adjacent.
+ *
+ * Free chunks are kept in bins: one per size below 1 KiB (16-byte steps), then
+ * eight per power of two. A bitmap of non-empty bins gives the smallest bin
+ * that fits with a count-trailing-zeros. Nothing is written at the end of the
+ * heap (no fence, no size tag on the last chunk): its pages stay untouched, and
+ * out of snapshots and dumps, until a block is allocated there.
+ */
+typedef struct {
+    uint64_t head; /* chunk bytes | PREV_FREE */
+    uint64_t tag;  /* TAG_USED or TAG_FREE, xor the chunk's address */
+} chunk;
+
+typedef struct { /* in a free chunk, after the header: neighbours in its bin */
+    uint32_t next, prev; /* chunk index (see to_index), 0: none */
+} links;
 
 #define HEAP_ALIGN 16
-#define HEAP_USED ((block *)0x5553454455534544ULL)
-static block *free_list;
+#define HEADER ((uint64_t)sizeof(chunk))
+#define MIN_CHUNK 32 /* header + links + the size at the end */
+#define PREV_FREE 1ULL
+#define TAG_USED 0x5553454455534544ULL
+#define TAG_FREE 0x4545524645455246ULL
+#define SMALL_SHIFT 10 /* chunks below 1 KiB: one bin per size */
+#define SMALL_BINS (1u << (SMALL_SHIFT - 4))
+#define SPLITS 8 /* bins per power of two above */
+#define NBINS 256
+
+static uint8_t *heap_base, *heap_end;
+static uint32_t bins[NBINS];
+static uint64_t bin_bits[NBINS / 64];
+
+static inline uint64_t chunk_size(const chunk *c) { return c->head & ~(uint64_t)(HEAP_ALIGN - 1); }
+static inline chunk *after(chunk *c) { return (chunk *)((uint8_t *)c + chunk_size(c)); }
+static inline bool is_last(chunk *c) { return (uint8_t *)after(c) >= heap_end; }
+static inline links *links_of(chunk *c) { return (links *)(c + 1); }
+static inline uint32_t to_index(const chunk *c) { return (uint32_t)(((const uint8_t *)c - heap_base) >> 4) + 1; }
+static inline chunk *from_index(uint32_t i) { return (chunk *)(heap_base + ((uint64_t)(i - 1) << 4)); }
+static inline bool is_free(const chunk *c) { return c->tag == (TAG_FREE ^ (uint64_t)c); }
+static inline bool is_used(const chunk *c) { return c->tag == (TAG_USED ^ (uint64_t)c); }
+
+static unsigned bin_of(uint64_t size) {
+    if (size < (1u << SMALL_SHIFT)) return (unsigned)(size >> 4);
+    unsigned top = 63 - (unsigned)__builtin_clzll(size);
+    unsigned bin = SMALL_BINS + (top - SMALL_SHIFT) * SPLITS + (unsigned)((size >> (top - 3)) & (SPLITS - 1));
+    return bin < NBINS ? bin : NBINS - 1;
+}
+
+/* The first non-empty bin at or after `start`, or -1. */
+static int first_bin(unsigned start) {
+    for (unsigned word = start / 64; word < NBINS / 64; word++) {
+        uint64_t bits = bin_bits[word];
+        if (word == start / 64) bits &= ~0ULL << (start % 64);
+        if (bits) return (int)(word * 64 + (unsigned)__builtin_ctzll(bits));
+    }
+    return -1;
+}
+
+/* Make `c` a free chunk of `size` bytes in its bin; the chunk after it learns. */
+static void insert(chunk *c, uint64_t size) {
+    c->head = size | (c->head & PREV_FREE);
+    c->tag = TAG_FREE ^ (uint64_t)c;
+    unsigned bin = bin_of(size);
+    links *l = links_of(c);
+    l->prev = 0;
+    l->next = bins[bin];
+    if (bins[bin]) links_of(from_index(bins[bin]))->prev = to_index(c);
+    bins[bin] = to_index(c);
+    bin_bits[bin / 64] |= 1ULL << (bin % 64);
+    if (!is_last(c)) {
+        *(uint64_t *)((uint8_t *)c + size - 8) = size;
+        after(c)->head |= PREV_FREE;
+    }
+}
+
+static void unlink_chunk(chunk *c) {
+    unsigned bin = bin_of(chunk_size(c));
+    links *l = links_of(c);
+    if (l->prev) links_of(from_index(l->prev))->next = l->next;
+    else bins[bin] = l->next;
+    if (l->next) links_of(from_index(l->next))->prev = l->prev;
+    if (!bins[bin]) bin_bits[bin / 64] &= ~(1ULL << (bin % 64));
+}
+
+/* Trim in-use chunk `c` to `need` bytes; the rest, merged with a free chunk
+ * after it, goes back to the bins. */
+static void trim(chunk *c, uint64_t need) {
+    uint64_t size = chunk_size(c);
+    if (size - need < MIN_CHUNK) return;
+    c->head = need | (c->head & PREV_FREE);
+    chunk *rest = after(c);
+    rest->head = size - need; /* the chunk before it, c, is in use */
+    chunk *next = after(rest);
+    uint64_t rest_size = size - need;
+    if (!is_last(rest) && is_free(next)) {
+        unlink_chunk(next);
+        rest_size += chunk_size(next);
+    }
+    insert(rest, rest_size);
+}
 
 static void heap_init(uint64_t addr, uint64_t size) {
     uint64_t start = (addr + HEAP_ALIGN - 1) & ~(uint64_t)(HEAP_ALIGN - 1);
-    if (size < start - addr + 2 * sizeof(block)) {
-        free_list = 0;
-        return;
+    uint64_t stop = (addr + size) & ~(uint64_t)(HEAP_ALIGN - 1);
+    if (stop < start + MIN_CHUNK) return; /* no heap: malloc returns NULL */
+    heap_base = (uint8_t *)start;
+    heap_end = (uint8_t *)stop;
+    chunk *first = (chunk *)heap_base;
+    first->head = 0;
+    insert(first, (uint64_t)(heap_end - heap_base));
+}
+
+/* The chunk of a pointer malloc returned, or abort (code -2) naming `who`. */
+static chunk *checked_chunk(void *ptr, const char *who) {
+    uint8_t *p = ptr;
+    chunk *c = (chunk *)p - 1;
+    static char message[96];
+    const char *what = 0;
+    if (((uintptr_t)p & (HEAP_ALIGN - 1)) || p < heap_base + HEADER || p >= heap_end)
+        what = "invalid pointer (not from malloc)";
+    else if (is_free(c))
+        what = "double free (the block is already free)";
+    else if (!is_used(c) || chunk_size(c) < MIN_CHUNK || chunk_size(c) > (uint64_t)(heap_end - (uint8_t *)c))
+        what = "invalid pointer (no heap block starts there)";
+    if (what) {
+        hl_snprintf(message, sizeof message, "%s: %s", who, what);
+        hl_abort(-2, message);
     }
-    free_list = (block *)start;
-    free_list->size = (size - (start - addr)) & ~(uint64_t)(HEAP_ALIGN - 1);
-    free_list->next = 0;
+    return c;
 }
 
 void *malloc(size_t size) {
-    if (size > (1ULL << 40)) return 0;
-    uint64_t need = (size + sizeof(block) + HEAP_ALIGN - 1) & ~(uint64_t)(HEAP_ALIGN - 1);
-    for (block **link = &free_list; *link; link = &(*link)->next) {
-        block *b = *link;
-        if (b->size < need) continue;
-        if (b->size - need >= 2 * sizeof(block)) {
-            block *rest = (block *)((char *)b + need);
-            rest->size = b->size - need;
-            rest->next = b->next;
-            *link = rest;
-            b->size = need;
-        } else {
-            *link = b->next;
+    if (size > (uint64_t)(heap_end - heap_base)) return 0;
+    uint64_t need = (size + HEADER + HEAP_ALIGN - 1) & ~(uint64_t)(HEAP_ALIGN - 1);
+    if (need < MIN_CHUNK) need = MIN_CHUNK;
+    unsigned bin = bin_of(need);
+    chunk *c = 0;
+    if (bins[bin] && chunk_size(from_index(bins[bin])) >= need) {
+        c = from_index(bins[bin]); /* small bins hold one size: always this one */
+    } else {
+        int larger = first_bin(bin + 1);
+        if (larger >= 0) {
+            c = from_index(bins[larger]);
+        } else { /* last resort before NULL: any chunk of this bin that fits */
+            for (uint32_t i = bins[bin]; i && !c; i = links_of(from_index(i))->next)
+                if (chunk_size(from_index(i)) >= need) c = from_index(i);
         }
-        b->next = HEAP_USED;
-        return b + 1;
     }
-    return 0;
+    if (!c) return 0;
+    unlink_chunk(c);
+    c->tag = TAG_USED ^ (uint64_t)c;
+    if (!is_last(c)) after(c)->head &= ~PREV_FREE;
+    trim(c, need);
+    return c + 1;
 }
 
 void free(void *ptr) {
     if (!ptr) return;
-    block *b = (block *)ptr - 1;
-    if (b->next != HEAP_USED) hl_abort(-2, "free(): invalid pointer or double free");
-    block *prev = 0, *cur = free_list;
-    while (cur && cur < b) prev = cur, cur = cur->next;
-    b->next = cur;
-    if (cur && (char *)b + b->size == (char *)cur) {
-        b->size += cur->size;
-        b->next = cur->next;
+    chunk *c = checked_chunk(ptr, "free()");
+    uint64_t size = chunk_size(c);
+    c->tag = TAG_FREE ^ (uint64_t)c; /* stays a double-free marker even once merged */
+    chunk *next = after(c);
+    if (is_last(c)) {
+        /* nothing after it */
+    } else if (is_free(next)) {
+        unlink_chunk(next);
+        size += chunk_size(next);
+    } else if (!is_used(next)) {
+        hl_abort(-2, "free(): heap corruption (the header after the block was overwritten)");
     }
-    if (prev) {
-        prev->next = b;
-        if ((char *)prev + prev->size == (char *)b) {
-            prev->size += b->size;
-            prev->next = b->next;
-        }
-    } else {
-        free_list = b;
+    if (c->head & PREV_FREE) {
+        uint64_t before = *((uint64_t *)c - 1);
+        chunk *prev = (chunk *)((uint8_t *)c - before);
+        if (before < MIN_CHUNK || (uint8_t *)prev < heap_base || !is_free(prev) || chunk_size(prev) != before)
+            hl_abort(-2, "free(): heap corruption (the free block before it was overwritten)");
+        unlink_chunk(prev);
+        size += before;
+        c = prev;
     }
+    insert(c, size);
+}
+
+size_t malloc_usable_size(void *ptr) {
+    return ptr ? chunk_size(checked_chunk(ptr, "malloc_usable_size()")) - HEADER : 0;
 }
 
 void *calloc(size_t count, size_t size) {
@@ -362,13 +495,25 @@ void *calloc(size_t count, size_t size) {
 
 void *realloc(void *ptr, size_t size) {
     if (!ptr) return malloc(size);
-    block *b = (block *)ptr - 1;
-    if (b->next != HEAP_USED) hl_abort(-2, "realloc(): invalid pointer");
-    size_t have = b->size - sizeof(block);
-    if (size <= have) return ptr;
+    chunk *c = checked_chunk(ptr, "realloc()");
+    if (size > (uint64_t)(heap_end - heap_base)) return 0;
+    uint64_t need = (size + HEADER + HEAP_ALIGN - 1) & ~(uint64_t)(HEAP_ALIGN - 1);
+    if (need < MIN_CHUNK) need = MIN_CHUNK;
+    uint64_t have = chunk_size(c);
+    chunk *next = after(c);
+    if (need > have && !is_last(c) && is_free(next) && have + chunk_size(next) >= need) {
+        unlink_chunk(next); /* grow in place into the free chunk after it */
+        have += chunk_size(next);
+        c->head = have | (c->head & PREV_FREE);
+        if (!is_last(c)) after(c)->head &= ~PREV_FREE;
+    }
+    if (need <= have) {
+        trim(c, need);
+        return ptr;
+    }
     void *p = malloc(size);
     if (p) {
-        memcpy(p, ptr, have);
+        memcpy(p, ptr, have - HEADER);
         free(ptr);
     }
     return p;

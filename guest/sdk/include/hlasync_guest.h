@@ -183,6 +183,7 @@ void *malloc(size_t size);
 void *calloc(size_t count, size_t size);
 void *realloc(void *ptr, size_t size);
 void free(void *ptr);
+size_t malloc_usable_size(void *ptr); /* bytes the block can hold, at least as asked */
 
 /* ---- mem* / str* ---- */
 void *memcpy(void *dst, const void *src, size_t n);
