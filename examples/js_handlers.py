@@ -57,7 +57,8 @@ def main() -> None:
                 js.call_handler("cart", {**event, "budget": 1})
             except JSError as exc:
                 print(f"JSError {exc.name}: {exc.js_message}")
-                print("  " + exc.stack.strip().replace("\n", "\n  "))
+                for line in exc.stack.splitlines():
+                    print("  " + line.strip())
             try:
                 js.call_handler("cart", {"items": [{"name": "kiwi", "count": 1}], "budget": 1})
             except JSError as exc:

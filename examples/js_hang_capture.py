@@ -51,7 +51,8 @@ async def run(dumps: str) -> None:
             await pool.call_handler("collatz", {"n": 0}, timeout=0.3)
         except GuestTimeout as exc:
             print(f"GuestTimeout after {exc.elapsed:.2f} s; JavaScript stack at the deadline:")
-            print("  " + (exc.js_stack or "(unavailable)").strip().replace("\n", "\n  "))
+            for line in (exc.js_stack or "(unavailable)").splitlines():
+                print("  " + line.strip())
             print(f"core dump: {exc.core_path}")
             event = await timeouts.receive()
             assert isinstance(event, ev.CallTimedOut)

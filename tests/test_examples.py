@@ -21,6 +21,8 @@ RUNS: dict[str, tuple[list[str], str]] = {
     "custom_guest/run.py": ([], "greet('again')         -> 'Hello, again!"),
     "subscriber.py": ([], "GuestTimeout: wall limit"),
     "hang_capture_service.py": (["--self-test"], 'GET /add?a=1&b=2 -> 200 {"result": 3}'),
+    "js_handlers.py": ([], "cart -> {'total': 3, 'calls': 1} (calls is 1 again)"),
+    "js_hang_capture.py": ([], "JavaScript stack at the deadline:"),
 }
 
 
@@ -86,3 +88,21 @@ def test_hang_capture_service_self_test(kvm: Kvm, tmp_path: Path) -> None:
     dumps = list(tmp_path.glob("hl_core_*.elf"))
     assert len(dumps) == 2  # /hang and /crash
     assert any(str(dump) in hang for dump in dumps)
+
+
+def test_js_handlers(kvm: Kvm, tmp_path: Path) -> None:
+    arguments, line = RUNS["js_handlers.py"]
+    output = run_example("js_handlers.py", arguments, tmp_path)
+    assert line in output
+    assert "JSError RangeError: over budget by 2" in output
+    assert "at handler (cart.js:" in output
+    assert "JSSyntaxError in broken.js at line 3" in output
+
+
+def test_js_hang_capture(kvm: Kvm, tmp_path: Path) -> None:
+    arguments, line = RUNS["js_hang_capture.py"]
+    output = run_example("js_hang_capture.py", arguments, tmp_path)
+    assert line in output
+    assert "at steps (collatz.js:" in output  # the JS stack, in the error and in dump show
+    assert "JS_CallInternal" in output  # the engine's C frames in the dump's backtrace
+    assert "collatz(7) -> {'n': 7, 'steps': 16}" in output  # the pool went on

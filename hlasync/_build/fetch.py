@@ -83,7 +83,8 @@ ZIGLANG = Pin(
     members=(
         "ziglang/zig",
         "ziglang/LICENSE",
-        "ziglang/lib/std/",  # zig finds its lib folder by std/std.zig and builds compiler_rt from it
+        # zig finds its lib folder by std/std.zig and builds compiler_rt from it
+        "ziglang/lib/std/",
         "ziglang/lib/compiler_rt/",
         "ziglang/lib/compiler_rt.zig",
         "ziglang/lib/c.zig",
@@ -152,7 +153,12 @@ def fetch(pin: Pin, *, root: Path | None = None, index_args: Sequence[str] = ())
             archive = _download(pin, Path(work) / "download", index_args)
             tree = Path(work) / "tree"
             files = _extract(pin, archive, tree)
-            manifest = {"name": pin.name, "version": pin.version, "sha256": pin.sha256, "files": files}
+            manifest = {
+                "name": pin.name,
+                "version": pin.version,
+                "sha256": pin.sha256,
+                "files": files,
+            }
             (tree / MANIFEST).write_text(json.dumps(manifest, indent=0, sort_keys=True))
             final = root / pin.key
             if final.exists():  # an incomplete or damaged earlier copy

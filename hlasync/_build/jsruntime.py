@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -29,12 +30,49 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import fetch
+from .errors import GuestBuildError
 from .toolchain import Toolchain
 
 __all__ = ["ENGINE_SOURCES", "build", "inputs"]
 
 #: QuickJS's C files in the sdist's upstream-quickjs/, the longest to compile first.
 ENGINE_SOURCES = ("quickjs.c", "libregexp.c", "libunicode.c", "dtoa.c")
+
+#: The interpreter polls its interrupt handler at these branch opcodes (loop
+#: back-edges) without saving the running frame's pc first (the engine's own
+#: FIXME in build_backtrace), so a stack taken there names the looping function
+#: "(missing)" instead of its line. The build saves pc at the start of each of
+#: them, in a copy of the pinned quickjs.c next to it: one store per branch, and
+#: a hung handler's JavaScript stack points at its loop.
+POLLING_BRANCHES = (
+    "OP_goto",
+    "OP_goto16",
+    "OP_goto8",
+    "OP_if_true",
+    "OP_if_false",
+    "OP_if_true8",
+    "OP_if_false8",
+)
+PATCHED_ENGINE = "quickjs-hlasync.c"
+
+
+def engine_source(quickjs: Path) -> Path:
+    """``quickjs.c`` with the pc saved at the polling branches (see above)."""
+    original = (quickjs / "quickjs.c").read_text(encoding="utf-8")
+    branches = "|".join(POLLING_BRANCHES)
+    patched, count = re.subn(rf"(CASE\(({branches})\):)", r"\1 sf->cur_pc = pc;", original)
+    if count != len(POLLING_BRANCHES):
+        raise GuestBuildError(
+            f"{quickjs / 'quickjs.c'}: expected {len(POLLING_BRANCHES)} polling branches, found "
+            f"{count}: the pinned QuickJS changed; update hlasync/_build/jsruntime.py"
+        )
+    target = quickjs / PATCHED_ENGINE
+    if not target.is_file() or target.read_text(encoding="utf-8") != patched:
+        fd, temp = tempfile.mkstemp(prefix=f".{PATCHED_ENGINE}.", dir=quickjs)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(patched)
+        os.replace(temp, target)
+    return target
 
 #: musl's libm: what QuickJS calls and what those call. An x86_64 version
 #: (src/math/x86_64/NAME.c: sqrt, fabs, lrint... in one instruction) wins.
@@ -173,7 +211,8 @@ def build(
     quickjs = fetch.fetch(fetch.QUICKJS) / "upstream-quickjs"
     zig = fetch.fetch(fetch.ZIGLANG) / "ziglang"
     flags = _Flags(tools, sdk, quickjs, zig)
-    third_party = [(quickjs / name, flags.engine) for name in ENGINE_SOURCES]
+    engine = [engine_source(quickjs), *(quickjs / name for name in ENGINE_SOURCES[1:])]
+    third_party = [(path, flags.engine) for path in engine]
     third_party += [(path, flags.musl) for path in _musl_sources(zig / "lib" / "libc" / "musl")]
     ours = [(sdk / "runtime.c", flags.runtime)]
     ours += [(path, flags.libc) for path in sorted(libc.glob("*.c"))]
@@ -185,9 +224,16 @@ def build(
     fresh = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
     try:
         with tempfile.TemporaryDirectory(prefix="hlasync-jsruntime-") as work:
-            jobs = [(s, f, Path(work) / f"{i}-{s.parent.name}-{s.stem}.o") for i, (s, f) in enumerate(ours)]
+            scratch = Path(work)
+            jobs = [
+                (source, flags, scratch / f"{i}-{source.parent.name}-{source.stem}.o")
+                for i, (source, flags) in enumerate(ours)
+            ]
             if cached is None:  # quickjs.c first: it takes longest
-                jobs = [(s, f, fresh / f"{s.parent.name}-{s.stem}.o") for s, f in third_party] + jobs
+                jobs = [
+                    (source, flags, fresh / f"{source.parent.name}-{source.stem}.o")
+                    for source, flags in third_party
+                ] + jobs
             _compile(tools, jobs)
             if cached is None:
                 (fresh / "complete").write_text(tools.identity + "\n")

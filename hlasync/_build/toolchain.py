@@ -196,7 +196,7 @@ def _probe(command: tuple[str, ...]) -> str:
         raise GuestBuildError(f"cannot run the C compiler {' '.join(command)}: {exc}") from None
     macros: dict[str, str] = {}
     for line in result.stdout.splitlines():
-        _define, name, value = (line.split(" ", 2) + ["", ""])[:3]
+        _define, name, value = [*line.split(" ", 2), "", ""][:3]
         macros[name] = value
     version = macros.get("__VERSION__", "").strip('"')
     if result.returncode != 0 or not version:

@@ -45,21 +45,22 @@ def capture_stack(sandbox: Sandbox, wait: float = STACK_WAIT) -> JSStack:
     symbol = sandbox.image.symbol(SYMBOL)
     if symbol is None:
         return JSStack(None, "the guest is not a JS runtime")
-    request, answered, _, running = _HEADER.unpack(sandbox.read_memory(symbol.address, 16))
-    if not running:
+    if sandbox.current_call is None:
         return JSStack(None, "no handler was running")
+    request, answered, _, _ = _HEADER.unpack(sandbox.read_memory(symbol.address, 16))
     wanted = (request + 1) & 0xFFFF_FFFF
     sandbox._write_memory(symbol.address, struct.pack("<I", wanted))
     deadline = time.monotonic() + wait
     while True:
-        _, answered, length, _ = _HEADER.unpack(sandbox.read_memory(symbol.address, 16))
+        _, answered, length, running = _HEADER.unpack(sandbox.read_memory(symbol.address, 16))
         if answered == wanted:
             text = sandbox.read_memory(symbol.address + _HEADER.size, min(length, _MAX))
             return JSStack(text.decode("utf-8", "replace"))
         if time.monotonic() >= deadline:
-            return JSStack(
-                None,
-                f"the engine did not answer within {wait * 1e3:g} ms (busy in native code, "
-                "such as a regular expression or a builtin)",
+            why = (
+                "busy in native code, such as a regular expression or a builtin"
+                if running
+                else "no JavaScript was running: the call was in the runtime's own code"
             )
+            return JSStack(None, f"the engine did not answer within {wait * 1e3:g} ms ({why})")
         time.sleep(0.0005)

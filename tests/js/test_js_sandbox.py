@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -327,13 +328,14 @@ def test_a_hang_is_stopped_with_its_javascript_stack_and_a_dump(kvm: Kvm, dump_d
 
 def test_on_demand_dump_of_a_running_handler_carries_its_stack(kvm: Kvm) -> None:
     with JSSandbox(heap_size=8 << 20) as js:
-        js.add_handler("loop", "function handler(e) {\n  for (;;) {}\n}")
+        js.add_handler("loop", "function handler(e) {\n  let i = 0\n  for (;;) { i++ }\n}")
         js.load()
         paths: list[Path] = []
 
         def dump_then_stop() -> None:
             while js.current_call is None:
-                pass
+                time.sleep(0.001)
+            time.sleep(0.05)  # into the handler's loop
             paths.append(js.generate_crashdump())
             js.interrupt()
 
@@ -343,4 +345,4 @@ def test_on_demand_dump_of_a_running_handler_carries_its_stack(kvm: Kvm) -> None
             js.call_handler("loop", {})
         helper.join(10)
         with CoreDump.open(paths[0]) as dump:
-            assert "at handler (loop.js:2" in dump.metadata["js_stack"]
+            assert "at handler (loop.js:3" in dump.metadata["js_stack"]

@@ -231,12 +231,3 @@ def test_no_system_call_instruction_is_linked(probe: Path) -> None:
     # A guest has no kernel to call: a stray `syscall` would fault (#UD or #GP).
     assert _system_call_instructions(probe) == []
     assert _system_call_instructions(guests.path("jsruntime")) == []
-
-
-def test_the_bundled_placeholder_evaluates(kvm: Kvm) -> None:
-    """The placeholder glue in guest/js/jsruntime.c (to be replaced by the real one)."""
-    with Sandbox(guests.path("jsruntime"), config=CONFIG) as sb:
-        sb.register_host_function("__hl_clock", lambda: NOW)
-        assert json.loads(text(sb, "js_eval", "[1 + 2, Math.max(4, 5)]")) == {"result": [3, 5]}
-        reply = json.loads(text(sb, "js_eval", "(function f() { f() })()"))
-        assert reply["error"]["name"] == "RangeError"
