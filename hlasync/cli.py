@@ -110,7 +110,10 @@ def _demo_javascript() -> None:
 
 
 DEMO_HANDLER = "function handler(event) { return 'Hello, ' + event.name + '!' }"
-DEMO_SPIN = "function spin() {\n  let turns = 0\n  for (;;) { turns++ }\n}\nfunction handler(event) { spin() }"
+DEMO_SPIN = (
+    "function spin() {\n  let turns = 0\n  for (;;) { turns++ }\n}\n"
+    "function handler(event) { spin() }"
+)
 
 
 def _js_run(args: argparse.Namespace) -> int:

@@ -48,6 +48,12 @@ class Counts:
     sandboxes: int
     throughput_windows: int
     throughput_window_s: float
+    js_calls: int
+    js_pool_calls: int
+    js_fib: int
+    js_restores: int
+    js_creates: int
+    js_rss_sandboxes: int
 
 
 QUICK = Counts(
@@ -68,6 +74,12 @@ QUICK = Counts(
     sandboxes=200,
     throughput_windows=3,
     throughput_window_s=0.25,
+    js_calls=300,
+    js_pool_calls=200,
+    js_fib=5,
+    js_restores=50,
+    js_creates=10,
+    js_rss_sandboxes=5,
 )
 FULL = Counts(
     calls=20_000,
@@ -87,6 +99,12 @@ FULL = Counts(
     sandboxes=1_000,
     throughput_windows=10,
     throughput_window_s=1.0,
+    js_calls=5_000,
+    js_pool_calls=3_000,
+    js_fib=50,
+    js_restores=1_000,
+    js_creates=100,
+    js_rss_sandboxes=50,
 )
 
 
@@ -107,6 +125,11 @@ CATEGORIES: tuple[Category, ...] = (
     Category("scale_alive", "sandboxes alive in one process", "count"),
     Category("scale_rss", "RSS per idle sandbox", "bytes"),
     Category("scale_throughput", "calls/s through the Supervisor", "calls/s"),
+    Category("js_call", "JavaScript handler call, small JSON event", "ns"),
+    Category("js_compute", "JavaScript compute: fib(25)", "ns"),
+    Category("js_fresh", "fresh JavaScript state", "ns"),
+    Category("js_throughput", "JavaScript handler calls/s through the Supervisor", "calls/s"),
+    Category("js_rss", "RSS per loaded JavaScript sandbox", "bytes"),
 )
 CATEGORY_BY_KEY = {c.key: c for c in CATEGORIES}
 

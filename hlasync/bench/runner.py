@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import guests
-from . import calls, fresh, hang, interrupt, plots, report, scale
+from . import calls, fresh, hang, interrupt, javascript, plots, report, scale
 from ._common import FULL, QUICK, Row, machine_description
 
 DEFAULT_OUT = Path("benchmarks") / "results" / "peers"
@@ -31,6 +31,7 @@ def run_all(quick: bool, progress: bool = True) -> tuple[list[Row], float]:
         ("runaway interruption", interrupt),
         ("hang capture", hang),
         ("scale", scale),
+        ("javascript", javascript),
     ):
         step = time.perf_counter()
         rows += module.run(guest, counts)

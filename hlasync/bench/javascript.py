@@ -1,0 +1,223 @@
+"""JavaScript handlers: the bundled QuickJS runtime guest, beside a C guest and
+beside the same engine in-process (the PyPI ``quickjs-ng`` wheel: no
+isolation at all).
+
+Targets (issue #10): a small handler call at most 2x a C ``echo_bytes`` call of
+the same JSON bytes; ``fib(25)`` in the micro-VM at most 1.3x in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import time
+from pathlib import Path
+
+import psutil
+
+from .. import Sandbox, Supervisor, guests
+from ..js import JSSandbox
+from ..js import runtime as js_runtime
+from ._common import BenchError, Counts, Row, gc_paused, skipped, time_calls
+
+__all__ = ["run"]
+
+EVENT = {"name": "World", "items": [1, 2, 3], "tags": {"a": True}}
+ECHO = "function handler(event) { return event }"
+FIB = (
+    "function fib(n) { return n < 2 ? n : fib(n - 1) + fib(n - 2) }\n"
+    "function handler(event) { return fib(event) }"
+)
+FIB_SOURCE = "function fib(n) { return n < 2 ? n : fib(n - 1) + fib(n - 2) }"
+HEAP = 16 << 20
+
+
+def _c_echo(counts: Counts) -> Row:
+    payload = json.dumps(EVENT, separators=(",", ":")).encode()
+    with Sandbox(guests.path("simpleguest")) as sb:
+        if sb.call("echo_bytes", payload) != payload:
+            raise BenchError("echo_bytes returned other bytes")
+        samples = time_calls(lambda: sb.call("echo_bytes", payload), counts.js_calls, 200)
+    return Row(
+        "js_call",
+        "js_call.c_echo",
+        "hlasync (C guest)",
+        f'Sandbox.call("echo_bytes", <the event\'s {len(payload)} JSON bytes>)',
+        samples,
+        baseline=True,
+    )
+
+
+def _js_echo(js: JSSandbox, counts: Counts) -> Row:
+    if js.call_handler("echo", EVENT) != EVENT:
+        raise BenchError("the echo handler returned another event")
+    samples = time_calls(lambda: js.call_handler("echo", EVENT), counts.js_calls, 200)
+    return Row(
+        "js_call",
+        "js_call.jssandbox",
+        "hlasync JSSandbox",
+        'js.call_handler("echo", small event), restored to the loaded state after each call',
+        samples,
+        notes=["target: <= 2.0x the C call"],
+    )
+
+
+async def _pool_samples(n: int) -> list[float]:
+    async with Supervisor(workers=1) as sup:
+        pool = await sup.create_js_pool({"echo": ECHO}, size=1, heap_size=HEAP)
+        for _ in range(50):
+            await pool.call_handler("echo", EVENT)
+        samples: list[float] = [0] * n
+        clock = time.perf_counter_ns
+        with gc_paused():
+            for i in range(n):
+                start = clock()
+                await pool.call_handler("echo", EVENT)
+                samples[i] = clock() - start
+    return samples
+
+
+def _pool_echo(counts: Counts) -> Row:
+    return Row(
+        "js_call",
+        "js_call.pool",
+        "hlasync Supervisor",
+        'await pool.call_handler("echo", small event) (1 worker, JS pool of 1)',
+        asyncio.run(_pool_samples(counts.js_pool_calls)),
+    )
+
+
+def _fib_vm(js: JSSandbox, counts: Counts) -> Row:
+    if js.call_handler("fib", 25) != 75025:
+        raise BenchError("fib(25) != 75025 in the guest")
+    samples = time_calls(lambda: js.call_handler("fib", 25), counts.js_fib, 2)
+    return Row(
+        "js_compute",
+        "js_compute.vm",
+        "hlasync JSSandbox",
+        "js.call_handler('fib', 25): recursive fib in the micro-VM",
+        samples,
+        baseline=True,
+    )
+
+
+def _fib_in_process(counts: Counts) -> Row:
+    label = "quickjs-ng in this process (PyPI wheel, no isolation): ctx.eval('fib(25)')"
+    try:
+        import quickjs  # type: ignore[import-untyped, import-not-found, unused-ignore]
+    except ImportError:
+        return skipped("js_compute", "js_compute.in_process", "quickjs-ng", label, "not installed")
+    context = quickjs.Context()
+    context.eval(FIB_SOURCE)
+    if context.eval("fib(25)") != 75025:
+        raise BenchError("fib(25) != 75025 in-process")
+    samples = time_calls(lambda: context.eval("fib(25)"), counts.js_fib, 2)
+    return Row("js_compute", "js_compute.in_process", "quickjs-ng", label, samples)
+
+
+def _fresh(js: JSSandbox, counts: Counts) -> list[Row]:
+    restores: list[float] = []
+    clock = time.perf_counter_ns
+    sandbox = js.sandbox
+    for _ in range(counts.js_restores):
+        sandbox.call("js_call", "echo", json.dumps(EVENT).encode() + b"\0", 1)
+        with gc_paused():
+            start = clock()
+            sandbox.restore()
+            restores.append(clock() - start)
+    loaded = sandbox.snapshot()
+    sandbox._set_baseline(loaded)
+    config = sandbox.config
+    creates: list[float] = []
+    for _ in range(counts.js_creates):
+        with gc_paused():
+            start = clock()
+            fresh = Sandbox(guests.path(js_runtime.GUEST), config)
+            fresh.restore(loaded)
+            creates.append(clock() - start)
+        fresh.close()
+    return [
+        Row(
+            "js_fresh",
+            "js_fresh.restore",
+            "hlasync",
+            "restore of a JS sandbox after a handler call",
+            restores,
+            baseline=True,
+        ),
+        Row(
+            "js_fresh",
+            "js_fresh.create",
+            "hlasync",
+            "new JS sandbox from the loaded snapshot (what a pool member costs)",
+            creates,
+        ),
+    ]
+
+
+async def _throughput(window_s: float, windows: int) -> list[float]:
+    async with Supervisor(workers=2) as sup:
+        pool = await sup.create_js_pool({"echo": ECHO}, size=2, heap_size=HEAP)
+        rates: list[float] = []
+        for _ in range(windows):
+            counted = [0]
+
+            async def client(deadline: float, counted: list[int] = counted) -> None:
+                while time.perf_counter() < deadline:
+                    await pool.call_handler("echo", EVENT)
+                    counted[0] += 1
+
+            started = time.perf_counter()
+            await asyncio.gather(*(client(started + window_s) for _ in range(8)))
+            rates.append(counted[0] / (time.perf_counter() - started))
+    return rates
+
+
+def _rss(counts: Counts) -> Row:
+    process = psutil.Process()
+    gc.collect()
+    before = process.memory_info().rss
+    sandboxes = [JSSandbox(heap_size=HEAP) for _ in range(counts.js_rss_sandboxes)]
+    try:
+        for js in sandboxes:
+            js.add_handler("echo", ECHO)
+            js.load()
+            js.call_handler("echo", EVENT)
+        per_sandbox = (process.memory_info().rss - before) / len(sandboxes)
+    finally:
+        for js in sandboxes:
+            js.close()
+    return Row(
+        "js_rss",
+        "js_rss.loaded",
+        "hlasync",
+        f"(RSS with {len(sandboxes)} loaded JS sandboxes, each called once - RSS before) / N",
+        [per_sandbox],
+        baseline=True,
+    )
+
+
+def run(_guest: Path, counts: Counts) -> list[Row]:
+    rows = [_c_echo(counts)]
+    with JSSandbox(heap_size=HEAP) as js:
+        js.add_handler("echo", ECHO)
+        js.add_handler("fib", FIB)
+        js.load()
+        rows.append(_js_echo(js, counts))
+        rows.append(_pool_echo(counts))
+        rows.append(_fib_vm(js, counts))
+        rows.append(_fib_in_process(counts))
+        rows += _fresh(js, counts)
+    rows.append(
+        Row(
+            "js_throughput",
+            "js_throughput.pool",
+            "hlasync Supervisor",
+            "2 workers, JS pool of 2, 8 concurrent tasks calling the echo handler",
+            asyncio.run(_throughput(counts.throughput_window_s, counts.throughput_windows)),
+            baseline=True,
+        )
+    )
+    rows.append(_rss(counts))
+    return rows
