@@ -28,6 +28,10 @@ def _iow(nr: int, size: int) -> int:
     return _ioc(_IOC_WRITE, nr, size)
 
 
+def _iowr(nr: int, size: int) -> int:
+    return _ioc(_IOC_READ | _IOC_WRITE, nr, size)
+
+
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 
 
@@ -146,6 +150,7 @@ class kvm_userspace_memory_region(ctypes.Structure):  # noqa: N801
 # System ioctls (on the /dev/kvm fd).
 KVM_GET_API_VERSION = _io(0x00)
 KVM_CREATE_VM = _io(0x01)
+KVM_CHECK_EXTENSION = _io(0x03)
 KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
 KVM_GET_SUPPORTED_CPUID = _ioc(_IOC_READ | _IOC_WRITE, 0x05, 8)  # struct kvm_cpuid2 header
 # VM ioctls.
@@ -153,6 +158,15 @@ KVM_CREATE_VCPU = _io(0x41)
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, ctypes.sizeof(kvm_userspace_memory_region))
 KVM_GET_DIRTY_LOG = _iow(0x42, 16)  # struct kvm_dirty_log { u32 slot, pad; u64 bitmap; }
 KVM_MEM_LOG_DIRTY_PAGES = 1
+# struct kvm_enable_cap { u32 cap, flags; u64 args[4]; u8 pad[64]; }
+KVM_ENABLE_CAP = _iow(0xA3, 104)
+# struct kvm_clear_dirty_log { u32 slot, num_pages; u64 first_page; u64 bitmap; }
+KVM_CLEAR_DIRTY_LOG = _iowr(0xC0, 24)
+KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
+KVM_CAP_SYNC_REGS = 74
+KVM_SYNC_X86_REGS = 1
+KVM_SYNC_X86_SREGS = 2
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1
 # vCPU ioctls.
 KVM_RUN = _io(0x80)
 KVM_GET_REGS = _ior(0x81, ctypes.sizeof(kvm_regs))
@@ -174,13 +188,28 @@ IOCTL_NAMES = {
     for name, value in dict(globals()).items()
     if name.startswith("KVM_")
     and isinstance(value, int)
-    and name not in {"KVM_API_VERSION", "KVM_MEM_LOG_DIRTY_PAGES"}
+    and name
+    not in {
+        "KVM_API_VERSION",
+        "KVM_MEM_LOG_DIRTY_PAGES",
+        "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
+        "KVM_CAP_SYNC_REGS",
+        "KVM_SYNC_X86_REGS",
+        "KVM_SYNC_X86_SREGS",
+        "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE",
+    }
 }
 
 # struct kvm_run: the fields we read (offsets in bytes).
 RUN_EXIT_REASON = 8
 RUN_IMMEDIATE_EXIT = 1
 RUN_UNION = 32
+# After the 256-byte exit union: u64 kvm_valid_regs, kvm_dirty_regs, then the
+# kvm_sync_regs area (x86: struct kvm_regs, struct kvm_sregs, struct kvm_vcpu_events).
+RUN_VALID_REGS = 288
+RUN_DIRTY_REGS = 296
+RUN_SYNC_REGS = 304
+RUN_SYNC_SREGS = RUN_SYNC_REGS + ctypes.sizeof(kvm_regs)
 # io: __u8 direction, size; __u16 port; __u32 count; __u64 data_offset
 RUN_IO_DIRECTION = 32
 RUN_IO_SIZE = 33

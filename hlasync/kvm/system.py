@@ -56,6 +56,7 @@ class Kvm:
                 )
             self.vcpu_mmap_size = ioctl(self.fd, _abi.KVM_GET_VCPU_MMAP_SIZE)
             self._cpuid: tuple[_abi.kvm_cpuid_entry2, ...] | None = None
+            self._extensions: dict[int, int] = {}
         except IoctlError as exc:
             os.close(self.fd)
             raise KvmUnavailableError(f"{device} is not a usable KVM device: {exc}") from None
@@ -70,6 +71,18 @@ class Kvm:
             if cls._shared is None:
                 cls._shared = cls()
             return cls._shared
+
+    def check_extension(self, capability: int) -> int:
+        """``KVM_CHECK_EXTENSION``: 0 where the capability is missing, else its value
+        (asked once per capability)."""
+        value = self._extensions.get(capability)
+        if value is None:
+            try:
+                value = ioctl(self.fd, _abi.KVM_CHECK_EXTENSION, capability)
+            except IoctlError:
+                value = 0
+            self._extensions[capability] = value
+        return value
 
     def supported_cpuid(self) -> tuple[_abi.kvm_cpuid_entry2, ...]:
         """The CPUID leaves KVM can offer a guest on this host (``KVM_GET_SUPPORTED_CPUID``)."""

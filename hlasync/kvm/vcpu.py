@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -39,6 +40,10 @@ KICK_SIGNAL: int = signal.SIGRTMIN + 2
 
 _IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
 _U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_SYNC_BOTH = _abi.KVM_SYNC_X86_REGS | _abi.KVM_SYNC_X86_SREGS
+_REGS_SIZE = ctypes.sizeof(_abi.kvm_regs)
+_SREGS_SIZE = ctypes.sizeof(_abi.kvm_sregs)
 _MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write
 _FAIL_ENTRY = struct.Struct("<QI")
 _INTERNAL = struct.Struct("<II")
@@ -72,6 +77,11 @@ class Vcpu:
         self._mask_thread: int | None = None
         # Exits of single-byte `out`s repeat on every call: reuse the values.
         self._out_cache: dict[int, IoOut] = {}
+        #: KVM takes registers staged in the run area with the next KVM_RUN
+        #: (KVM_CAP_SYNC_REGS), which saves an ioctl (~5 us on PVM) per set.
+        sync = vm.kvm.check_extension(_abi.KVM_CAP_SYNC_REGS)
+        self._sync_regs = sync & _SYNC_BOTH == _SYNC_BOTH
+        self._staged = False
 
     # -- running -----------------------------------------------------------
     @staticmethod
@@ -202,44 +212,80 @@ class Vcpu:
             self._describe_exit()  # finishing it needed another exit (the next page of an `ins`)
 
     # -- state ---------------------------------------------------------------
-    def get_regs(self) -> _abi.kvm_regs:
+    def stage_regs(self, regs: _abi.kvm_regs, sregs: _abi.kvm_sregs) -> None:
+        """Give the vCPU these general and segment registers before it next runs.
+
+        Where KVM supports ``KVM_CAP_SYNC_REGS`` they are written into the run
+        area and applied by the next ``KVM_RUN``, without an ioctl each; every
+        state accessor first applies staged registers KVM has not taken yet, so
+        reads and writes in between see them.
+        """
+        self._settle()
+        if not self._sync_regs:
+            ioctl(self.fd, _abi.KVM_SET_SREGS, sregs)
+            ioctl(self.fd, _abi.KVM_SET_REGS, regs)
+            return
+        area = self.run_area
+        area[_abi.RUN_SYNC_REGS : _abi.RUN_SYNC_REGS + _REGS_SIZE] = memoryview(regs).cast("B")
+        area[_abi.RUN_SYNC_SREGS : _abi.RUN_SYNC_SREGS + _SREGS_SIZE] = memoryview(sregs).cast("B")
+        _U64.pack_into(area, _abi.RUN_DIRTY_REGS, _SYNC_BOTH)
+        self._staged = True
+
+    def _settle(self) -> None:
+        """Make KVM's copy of the vCPU state current: staged registers applied,
+        the last exit's access finished."""
+        if self._staged:
+            area = self.run_area
+            pending = _U64.unpack_from(area, _abi.RUN_DIRTY_REGS)[0]
+            if pending:  # no KVM_RUN took them yet
+                _U64.pack_into(area, _abi.RUN_DIRTY_REGS, 0)
+                if pending & _abi.KVM_SYNC_X86_SREGS:
+                    end = _abi.RUN_SYNC_SREGS + _SREGS_SIZE
+                    ioctl(self.fd, _abi.KVM_SET_SREGS, bytes(area[_abi.RUN_SYNC_SREGS : end]))
+                if pending & _abi.KVM_SYNC_X86_REGS:
+                    end = _abi.RUN_SYNC_REGS + _REGS_SIZE
+                    ioctl(self.fd, _abi.KVM_SET_REGS, bytes(area[_abi.RUN_SYNC_REGS : end]))
+            self._staged = False
         self.complete()
+
+    def get_regs(self) -> _abi.kvm_regs:
+        self._settle()
         regs = _abi.kvm_regs()
         ioctl(self.fd, _abi.KVM_GET_REGS, regs)
         return regs
 
     def set_regs(self, regs: _abi.kvm_regs) -> None:
-        self.complete()
+        self._settle()
         ioctl(self.fd, _abi.KVM_SET_REGS, regs)
 
     def get_sregs(self) -> _abi.kvm_sregs:
-        self.complete()
+        self._settle()
         sregs = _abi.kvm_sregs()
         ioctl(self.fd, _abi.KVM_GET_SREGS, sregs)
         return sregs
 
     def set_sregs(self, sregs: _abi.kvm_sregs) -> None:
-        self.complete()
+        self._settle()
         ioctl(self.fd, _abi.KVM_SET_SREGS, sregs)
 
     def get_fpu(self) -> _abi.kvm_fpu:
-        self.complete()
+        self._settle()
         fpu = _abi.kvm_fpu()
         ioctl(self.fd, _abi.KVM_GET_FPU, fpu)
         return fpu
 
     def set_fpu(self, fpu: _abi.kvm_fpu) -> None:
-        self.complete()
+        self._settle()
         ioctl(self.fd, _abi.KVM_SET_FPU, fpu)
 
     def get_xsave(self) -> _abi.kvm_xsave:
-        self.complete()
+        self._settle()
         xsave = _abi.kvm_xsave()
         ioctl(self.fd, _abi.KVM_GET_XSAVE, xsave)
         return xsave
 
     def set_xsave(self, xsave: _abi.kvm_xsave) -> None:
-        self.complete()
+        self._settle()
         ioctl(self.fd, _abi.KVM_SET_XSAVE, xsave)
 
     def set_cpuid(self, entries: Sequence[_abi.kvm_cpuid_entry2]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+from collections.abc import Iterable
 
 from . import _abi
 from .system import Kvm, ioctl
@@ -52,6 +53,39 @@ class Vm:
             dirty.append(lowest.bit_length() - 1)
             bits ^= lowest
         return dirty
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        """``KVM_ENABLE_CAP`` on the VM: turn on capability ``cap`` with up to four
+        arguments (raises :class:`IoctlError` where the kernel lacks it)."""
+        if len(args) > 4:
+            raise ValueError("KVM_ENABLE_CAP takes at most four arguments")
+        values = (*args, 0, 0, 0, 0)[:4]
+        ioctl(self.fd, _abi.KVM_ENABLE_CAP, struct.pack("<II4Q64x", cap, 0, *values))
+
+    def clear_dirty_log(self, slot: int, size: int, pages: Iterable[int]) -> None:
+        """Write-protect ``pages`` of ``slot`` (``size`` bytes) again and clear their dirty bits
+        (``KVM_CLEAR_DIRTY_LOG``; needs ``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2``).
+
+        Pages KVM does not hold as dirty are left alone, so naming extra pages
+        is harmless.
+        """
+        indexes = sorted(set(pages))
+        if not indexes:
+            return
+        slot_pages = size // 4096
+        if indexes[0] < 0 or indexes[-1] >= slot_pages:
+            raise ValueError(f"pages {indexes[0]}..{indexes[-1]} reach outside the slot")
+        # The kernel wants first_page in a multiple of 64 and num_pages too,
+        # unless the range runs to the end of the slot.
+        first = indexes[0] // 64 * 64
+        count = min((indexes[-1] - first) // 64 * 64 + 64, slot_pages - first)
+        bits = bytearray((count + 63) // 64 * 8)
+        for page in indexes:
+            bits[(page - first) >> 3] |= 1 << ((page - first) & 7)
+        bitmap = ctypes.create_string_buffer(bytes(bits), len(bits))
+        # Safe: the buffer outlives the call and holds num_pages bits.
+        request = struct.pack("<IIQQ", slot, count, first, ctypes.addressof(bitmap))
+        ioctl(self.fd, _abi.KVM_CLEAR_DIRTY_LOG, request)
 
     def create_vcpu(self) -> Vcpu:
         vcpu = Vcpu(self, len(self.vcpus))

@@ -48,10 +48,11 @@ def capture(vcpu: Vcpu) -> CpuState:
 
 
 def apply(vcpu: Vcpu, state: CpuState) -> None:
-    """Load ``state`` (segment state first: loading it resets what depends on it)."""
-    vcpu.set_sregs(state.sregs)
+    """Load ``state``: the x87/SSE/AVX state now, the general and segment
+    registers staged for the next ``KVM_RUN`` (or set now, where KVM cannot
+    take them from the run area; every later state access sees them either way)."""
     vcpu.set_xsave(state.xsave)
-    vcpu.set_regs(state.regs)
+    vcpu.stage_regs(state.regs, state.sregs)
 
 
 def minimal_cpuid(kvm: Kvm) -> list[kvm_cpuid_entry2]:
