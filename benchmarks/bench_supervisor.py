@@ -46,6 +46,7 @@ from hlasync.bench._common import (
     US,
     Target,
     format_ns,
+    gc_off,
     gc_paused,
     machine_description,
     machine_lines,
@@ -379,7 +380,7 @@ async def bench_timeouts(
     timeout_ns = round(SPIN_TIMEOUT_S * 1e9)
     for i in range(counts.timeout_warmup + counts.timeouts):
         await anyio.sleep(TIMEOUT_GAP_S)
-        with gc_paused():
+        with gc_off():
             submitted = clock()
             try:
                 value = await pool.call("spin", timeout=SPIN_TIMEOUT_S)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import Sandbox
 from . import _wasm
-from ._common import BenchError, Counts, Row, format_ns, gc_paused, percentile, skipped
+from ._common import BenchError, Counts, Row, format_ns, gc_off, percentile, skipped
 
 CATEGORY = "fresh"
 
@@ -21,7 +21,7 @@ def bench_restore(guest: Path, counts: Counts) -> Row:
         for i in range(counts.fresh_warmup + counts.restores):
             if sb.call("add", i, 1) != i + 1:
                 raise BenchError("add returned a wrong sum")
-            with gc_paused():
+            with gc_off():
                 start = clock()
                 sb.restore()
                 elapsed = clock() - start
@@ -45,7 +45,7 @@ def bench_create(guest: Path, counts: Counts) -> Row:
     samples: list[float] = []
     clock = time.perf_counter_ns
     for i in range(counts.fresh_warmup + counts.creates):
-        with gc_paused():
+        with gc_off():
             start = clock()
             sb = Sandbox(guest)
             elapsed = clock() - start
@@ -79,7 +79,7 @@ def bench_wasmtime_instance(counts: Counts) -> Row:
     samples: list[float] = []
     clock = time.perf_counter_ns
     for i in range(counts.fresh_warmup + counts.instances):
-        with gc_paused():
+        with gc_off():
             start = clock()
             instance = instantiate()
             elapsed = clock() - start
@@ -123,7 +123,7 @@ def bench_fork(counts: Counts) -> Row:
     ready: list[float] = []
     reaped: list[float] = []
     for i in range(counts.fresh_warmup + counts.forks):
-        with gc_paused():
+        with gc_off():
             to_ready, to_reaped = _fork_once()
         if i >= counts.fresh_warmup:
             ready.append(to_ready)

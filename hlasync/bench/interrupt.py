@@ -11,7 +11,7 @@ from pathlib import Path
 from .. import GuestCancelled, Sandbox, SandboxState
 from . import _wasm
 from ._child import RUNAWAY, reap, start_ready
-from ._common import BenchError, Counts, Row, gc_paused, skipped
+from ._common import BenchError, Counts, Row, gc_off, skipped
 
 CATEGORY = "interrupt"
 #: Longest wait for a worker thread to start or to come back.
@@ -99,7 +99,7 @@ def _sample_all(
 ) -> list[float]:
     samples: list[float] = []
     for i in range(counts.interrupt_warmup + counts.interrupts):
-        with gc_paused():
+        with gc_off():
             latency = worker.sample(counts.runaway_s, running, at_deadline)
         after()
         if i >= counts.interrupt_warmup:
@@ -183,7 +183,7 @@ def bench_kill(counts: Counts) -> Row:
             time.sleep(counts.runaway_s)
             if proc.poll() is not None:
                 raise BenchError(f"runaway child exited early ({proc.returncode})")
-            with gc_paused():
+            with gc_off():
                 start = clock()
                 proc.kill()  # SIGKILL
                 status = proc.wait()
