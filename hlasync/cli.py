@@ -133,7 +133,15 @@ def _js_run(args: argparse.Namespace) -> int:
     with JSSandbox(heap_size=args.heap_size << 20) as js:
         js.add_handler(name, source)
         js.load()
-        result = js.call_handler(name, event, timeout=args.timeout, cpu_timeout=args.cpu_timeout)
+        try:
+            result = js.call_handler(
+                name, event, timeout=args.timeout, cpu_timeout=args.cpu_timeout
+            )
+        except GuestTimeout as exc:
+            print(f"hlasync: GuestTimeout: {exc}", file=sys.stderr)
+            print("javascript stack:", file=sys.stderr)
+            print(exc.js_stack or "    (unavailable)", file=sys.stderr, end="")
+            return 1
     print(json.dumps(result, ensure_ascii=False, indent=2))
     return 0
 

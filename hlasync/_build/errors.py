@@ -1,7 +1,7 @@
 """The build's exceptions::
 
-    GuestBuildError      the compiler, the linker or a download failed
-     +-- FetchError      a pinned download failed or did not match its sha256
+GuestBuildError      the compiler, the linker or a download failed
+ +-- FetchError      a pinned download failed or did not match its sha256
 """
 
 from __future__ import annotations

@@ -53,19 +53,69 @@ POLLING_BRANCHES = (
     "OP_if_true8",
     "OP_if_false8",
 )
+#: The parser gives an empty loop (``while (true) {}``) no source position of
+#: its own, so a stack taken at its back-edge names the enclosing function's
+#: first line. The build records the loop keyword's position just before each
+#: back-edge of ``while``, ``do ... while`` and ``for (;;)`` (compile time only:
+#: it lands in the line table, not in the bytecode). Each entry: (what is
+#: replaced, its replacement); each must occur exactly once.
+_LOOP_POSITIONS = (
+    (
+        "    case TOK_WHILE:\n        {\n            int label_cont, label_break;\n"
+        "            BlockEnv break_entry;\n",
+        "    case TOK_WHILE:\n        {\n            int label_cont, label_break;\n"
+        "            BlockEnv break_entry;\n"
+        "            int loop_line = s->token.line_num, loop_col = s->token.col_num;\n",
+    ),
+    (
+        "            emit_goto(s, OP_goto, label_cont);\n\n            emit_label(s, label_break);"
+        "\n\n            pop_break_entry(s->cur_func);\n        }\n        break;\n"
+        "    case TOK_DO:\n        {\n            int label_cont, label_break, label1;\n"
+        "            BlockEnv break_entry;\n",
+        "            emit_source_loc_at(s, loop_line, loop_col);\n"
+        "            emit_goto(s, OP_goto, label_cont);\n\n            emit_label(s, label_break);"
+        "\n\n            pop_break_entry(s->cur_func);\n        }\n        break;\n"
+        "    case TOK_DO:\n        {\n            int label_cont, label_break, label1;\n"
+        "            BlockEnv break_entry;\n"
+        "            int loop_line = s->token.line_num, loop_col = s->token.col_num;\n",
+    ),
+    (
+        "            emit_goto(s, OP_if_true, label1);\n",
+        "            emit_source_loc_at(s, loop_line, loop_col);\n"
+        "            emit_goto(s, OP_if_true, label1);\n",
+    ),
+    (
+        "            } else {\n                emit_goto(s, OP_goto, label_cont);\n            }\n",
+        "            } else {\n"
+        "                emit_source_loc_at(s, source_line_num, source_col_num);\n"
+        "                emit_goto(s, OP_goto, label_cont);\n            }\n",
+    ),
+)
 PATCHED_ENGINE = "quickjs-hlasync.c"
 
 
+def _pinned_changed(quickjs: Path, what: str) -> GuestBuildError:
+    return GuestBuildError(
+        f"{quickjs / 'quickjs.c'}: {what}: the pinned QuickJS changed; update "
+        "hlasync/_build/jsruntime.py"
+    )
+
+
 def engine_source(quickjs: Path) -> Path:
-    """``quickjs.c`` with the pc saved at the polling branches (see above)."""
+    """``quickjs.c`` with the pc saved at the polling branches and loop
+    positions in the line table (see above)."""
     original = (quickjs / "quickjs.c").read_text(encoding="utf-8")
     branches = "|".join(POLLING_BRANCHES)
     patched, count = re.subn(rf"(CASE\(({branches})\):)", r"\1 sf->cur_pc = pc;", original)
     if count != len(POLLING_BRANCHES):
-        raise GuestBuildError(
-            f"{quickjs / 'quickjs.c'}: expected {len(POLLING_BRANCHES)} polling branches, found "
-            f"{count}: the pinned QuickJS changed; update hlasync/_build/jsruntime.py"
+        raise _pinned_changed(
+            quickjs, f"expected {len(POLLING_BRANCHES)} polling branches, found {count}"
         )
+    for index, (old, new) in enumerate(_LOOP_POSITIONS):
+        found = patched.count(old)
+        if found != 1:
+            raise _pinned_changed(quickjs, f"loop position {index} found {found} times, not once")
+        patched = patched.replace(old, new)
     target = quickjs / PATCHED_ENGINE
     if not target.is_file() or target.read_text(encoding="utf-8") != patched:
         fd, temp = tempfile.mkstemp(prefix=f".{PATCHED_ENGINE}.", dir=quickjs)
@@ -74,9 +124,10 @@ def engine_source(quickjs: Path) -> Path:
         os.replace(temp, target)
     return target
 
+
 #: musl's libm: what QuickJS calls and what those call. An x86_64 version
 #: (src/math/x86_64/NAME.c: sqrt, fabs, lrint... in one instruction) wins.
-_MATH = (
+_MATH = (  # noqa: SIM905 - sixty names read better as words than as a list
     "__cos __expo2 __fpclassifyl __math_divzero __math_invalid __math_oflow __math_uflow "
     "__math_xflow __rem_pio2 __rem_pio2_large __signbitl __sin __tan acos acosh asin asinh "
     "atan atan2 atanh cbrt ceil copysign copysignl cos cosh exp exp2 exp_data exp2f_data "
@@ -88,7 +139,7 @@ _MATH = (
 #: The rest of musl we compile, relative to its src/. Left out on purpose (our
 #: libc has its own): stdout.c and stderr.c (system calls), wcrtomb.c, strerror.c
 #: and __errno_location.c (thread-local storage), abort.c, the clocks, the locks.
-_OTHER = (
+_OTHER = (  # noqa: SIM905
     "stdio/vfprintf.c stdio/vsnprintf.c stdio/snprintf.c stdio/sprintf.c stdio/vsprintf.c "
     "stdio/printf.c stdio/vprintf.c stdio/fprintf.c stdio/fwrite.c "
     "stdio/fputs.c stdio/__towrite.c stdio/__toread.c stdio/__uflow.c "

@@ -34,8 +34,8 @@ def make_wheel(folder: Path, payload: bytes = b"payload") -> Path:
         info = "hlfake-1.0.dist-info"
         wheel.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: hlfake\nVersion: 1.0\n")
         wheel.writestr(
-            f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
-            "Tag: py3-none-any\n"
+            f"{info}/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
         )
         wheel.writestr(f"{info}/RECORD", "")
     return path
@@ -86,7 +86,7 @@ def test_pip_refuses_a_file_with_another_hash(tmp_path: Path) -> None:
     wheel = make_wheel(tmp_path / "index")
     pin = pin_for(wheel, sha256="0" * 64)
     root = tmp_path / "cache"
-    with pytest.raises(FetchError, match="pip could not download hlfake==1.0") as info:
+    with pytest.raises(FetchError, match=r"pip could not download hlfake==1\.0") as info:
         fetch.fetch(pin, root=root, index_args=local(tmp_path / "index"))
     assert "HLASYNC_CACHE_DIR" in str(info.value)  # says what to do
     assert "hash" in info.value.output.lower()  # pip's own report

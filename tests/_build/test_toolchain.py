@@ -36,7 +36,7 @@ def test_the_order_of_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
 
 
 def test_an_unknown_compiler_says_what_to_do() -> None:
-    with pytest.raises(GuestBuildError, match="not found: install gcc .* --cc zig"):
+    with pytest.raises(GuestBuildError, match=r"not found: install gcc .* --cc zig"):
         toolchain.select("no-such-compiler-cc")
 
 
