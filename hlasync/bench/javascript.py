@@ -3,7 +3,9 @@ beside the same engine in-process (the PyPI ``quickjs-ng`` wheel: no
 isolation at all).
 
 Targets (issue #10): a small handler call at most 2x a C ``echo_bytes`` call of
-the same JSON bytes; ``fib(25)`` in the micro-VM at most 1.3x in-process.
+the same JSON bytes; ``fib(25)`` in the micro-VM at most 1.3x the same code
+in-process with the PyPI ``quickjs`` package (Bellard's QuickJS, measured in a
+child interpreter: see :data:`QUICKJS_PEER`).
 """
 
 from __future__ import annotations
@@ -11,13 +13,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psutil
 
 from .. import Sandbox, Supervisor, guests
+from .._build import fetch
 from ..js import JSSandbox
 from ..js import runtime as js_runtime
 from ._common import BenchError, Counts, Row, gc_off, gc_paused, skipped, time_calls
@@ -111,6 +118,67 @@ def _fib_vm(js: JSSandbox, counts: Counts) -> Row:
         samples,
         baseline=True,
     )
+
+
+#: The PyPI ``quickjs`` package (Bellard's QuickJS), the peer issue #10 names.
+#: Its module is also called ``quickjs``, like quickjs-ng's, so it cannot share
+#: an environment with the bench extra: it is installed into a cache folder of
+#: its own and measured in a child interpreter.
+QUICKJS_PEER = "quickjs==1.19.4"
+_FIB_CHILD = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import quickjs
+context = quickjs.Context()
+context.eval(sys.argv[3])
+assert context.eval("fib(25)") == 75025
+samples = []
+for i in range(2 + int(sys.argv[2])):
+    start = time.perf_counter_ns()
+    context.eval("fib(25)")
+    samples.append(time.perf_counter_ns() - start)
+print(json.dumps({"version": getattr(quickjs, "__version__", "?"), "samples": samples[2:]}))
+"""
+
+
+def _quickjs_peer() -> Path:
+    """A folder holding :data:`QUICKJS_PEER` for this interpreter (pip, once)."""
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    target = fetch.cache_root() / "bench-peers" / f"{QUICKJS_PEER.replace('==', '-')}-{tag}"
+    if (target / ".complete").is_file():
+        return target
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"]
+    command += ["--only-binary", ":all:", "--target", str(partial), QUICKJS_PEER]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    if done.returncode != 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise BenchError(f"pip could not install {QUICKJS_PEER}: {done.stderr.strip()[-300:]}")
+    (partial / ".complete").write_text(QUICKJS_PEER)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
+
+
+def _fib_quickjs_child(counts: Counts) -> Row:
+    label = (
+        "PyPI quickjs (Bellard's QuickJS) in a Python process, no isolation: ctx.eval('fib(25)')"
+    )
+    peer = f"quickjs {QUICKJS_PEER.split('==')[1]}"
+    try:
+        folder = _quickjs_peer()
+        done = subprocess.run(
+            [sys.executable, "-c", _FIB_CHILD, str(folder), str(counts.js_fib), FIB_SOURCE],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        )
+        samples = [float(x) for x in json.loads(done.stdout)["samples"]]
+    except (BenchError, OSError, subprocess.SubprocessError, ValueError, KeyError) as exc:
+        return skipped("js_compute", "js_compute.quickjs", peer, label, str(exc))
+    return Row("js_compute", "js_compute.quickjs", peer, label, samples)
 
 
 def _fib_in_process(counts: Counts) -> Row:
@@ -217,8 +285,12 @@ def run(_guest: Path, counts: Counts) -> list[Row]:
         js.load()
         rows.append(_js_echo(js, counts, rows[1]))
         rows.append(_pool_echo(counts))
-        rows.append(_fib_vm(js, counts))
-        rows.append(_fib_in_process(counts))
+        vm = _fib_vm(js, counts)
+        quickjs = _fib_quickjs_child(counts)
+        if quickjs.measured:
+            ratio = statistics.median(vm.samples) / statistics.median(quickjs.samples)
+            vm.notes.append(f"target: <= 1.3x PyPI quickjs in-process; got {ratio:.2f}x")
+        rows += [vm, _fib_in_process(counts), quickjs]
         rows += _fresh(js, counts)
     rows.append(
         Row(
