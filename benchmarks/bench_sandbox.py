@@ -33,6 +33,7 @@ from hlasync.bench._common import (
     KiB,
     Target,
     format_ns,
+    gc_off,
     gc_paused,
     machine_description,
     machine_lines,
@@ -204,7 +205,7 @@ def bench_restore(guest: Path, counts: Counts) -> Result:
         for i in range(counts.restore_warmup + counts.restores):
             if sb.call("heap_roundtrip", dirty) != expected:
                 raise RuntimeError("heap_roundtrip returned a wrong sum")
-            with gc_paused():
+            with gc_off():
                 start = clock()
                 sb.restore(snap)
                 elapsed = clock() - start
@@ -220,6 +221,44 @@ def bench_restore(guest: Path, counts: Counts) -> Result:
         samples,
         target=Target("median", 150 * US, "p50 <= 150 us"),
     )
+
+
+def bench_restore_features(guest: Path, counts: Counts) -> list[Result]:
+    """``add`` then ``restore()``, with and without the two KVM features that
+    cut a restore (registers through the run area, hot pages left writable),
+    on two sandboxes measured alternately in one loop."""
+    on, off = Sandbox(guest), Sandbox(guest)
+    try:
+        off._machine.vcpu._sync_regs = False  # KVM_SET_SREGS / KVM_SET_REGS ioctls
+        off._machine.pages.hot_limit = 0  # every written page protected again
+        samples: dict[Sandbox, list[int]] = {on: [], off: []}
+        clock = time.perf_counter_ns
+        with gc_paused():
+            for i in range(counts.restore_warmup + counts.restores):
+                for sb in (on, off) if i % 2 else (off, on):
+                    start = clock()
+                    sb.call("add", i, 1)
+                    sb.restore()
+                    elapsed = clock() - start
+                    if i >= counts.restore_warmup:
+                        samples[sb].append(elapsed)
+        if on.call("add", 1, 2) != 3 or off.call("add", 1, 2) != 3:
+            raise RuntimeError("sandbox broken after restore")
+    finally:
+        on.close()
+        off.close()
+    return [
+        Result(
+            "call_restore_plain",
+            'call("add") + restore(), registers by ioctl, every page re-protected',
+            samples[off],
+        ),
+        Result(
+            "call_restore",
+            'call("add") + restore(), registers in the run area, hot pages writable',
+            samples[on],
+        ),
+    ]
 
 
 def bench_interrupt(guest: Path, counts: Counts) -> Result:
@@ -337,6 +376,7 @@ def run(counts: Counts) -> list[Result]:
     results.append(bench_echo_bytes(guest, 64 * KiB, counts.echo_64k, warmup_64k))
     results.append(bench_create(guest, counts))
     results.append(bench_restore(guest, counts))
+    results += bench_restore_features(guest, counts)
     results.append(bench_interrupt(guest, counts))
     order = [
         "bare_kvm_run",
@@ -346,6 +386,8 @@ def run(counts: Counts) -> list[Result]:
         "create_cold",
         "create",
         "restore",
+        "call_restore_plain",
+        "call_restore",
         "interrupt_spin",
     ]
     return sorted(results, key=lambda r: order.index(r.key))

@@ -43,6 +43,8 @@ MEASUREMENTS = (
     "create_cold",
     "create",
     "restore",
+    "call_restore_plain",
+    "call_restore",
     "interrupt_spin",
 )
 

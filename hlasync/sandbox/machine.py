@@ -49,6 +49,8 @@ class WrittenPages:
         self.manual = logged and manual
         self._streak: dict[int, int] = {}  # page -> resets in a row that found it written
         self.hot: frozenset[int] = frozenset()
+        #: At most this many hot pages (0: every written page is protected again).
+        self.hot_limit = HOT_LIMIT
         self._resets = 0
 
     def host_wrote(self, start: int, length: int) -> None:
@@ -91,7 +93,7 @@ class WrittenPages:
             # protected in KVM to begin with.
             self._streak = {page: previous.get(page, 0) + 1 for page in pages}
             chosen = [page for page, runs in self._streak.items() if runs >= HOT_AFTER]
-            hot = frozenset(chosen[:HOT_LIMIT])
+            hot = frozenset(chosen[: self.hot_limit])
         self.hot = hot
         self._vm.clear_dirty_log(0, self._size, pages - hot if hot else pages)
 

@@ -87,6 +87,30 @@ def test_negative_zero_becomes_zero_as_in_json(js: JSSandbox) -> None:
     assert value == 0 and math.copysign(1, value) == 1  # ... JSON.stringify writes 0
 
 
+def test_integers_from_events_compute_like_any_javascript_number(js: JSSandbox) -> None:
+    """Integral event numbers enter the engine as int32 where they fit (a build
+    adjustment, for speed): arithmetic at and past the int32 edges must not see it."""
+    source = (
+        "function handler(e) { return [e[0] + 1, e[1] - 1, e[2] * 2, e[3] / 2, e[4] / 2,"
+        " e[0] * 4, -e[6], Object.is(-e[6], -0), e[7] % 7, 2 ** e[4] === 8, e[5] + 1 === e[5]] }"
+    )
+    _load(js, edges=source)
+    event = [2**31 - 1, -(2**31), 2**31, 1.0, 3, 2**53, 0, 10**20]
+    assert js.call_handler("edges", event) == [
+        2**31,
+        -(2**31) - 1,
+        2**32,
+        0.5,
+        1.5,
+        (2**31 - 1) * 4,
+        0,
+        True,
+        float(10**20) % 7,
+        True,
+        True,
+    ]
+
+
 def test_a_one_mebibyte_event(js: JSSandbox) -> None:
     _load(js, size="function handler(e) { return [e.blob.length, e.blob.slice(-3)] }")
     blob = "x" * (1 << 20) + "end"
