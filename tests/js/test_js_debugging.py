@@ -28,12 +28,14 @@ def _tool(*command: str) -> str:
     return result.stdout + result.stderr
 
 
-def test_a_hung_handler_in_gdb_lldb_and_dump_show(kvm: Kvm, dump_dir: Path) -> None:
+@pytest.mark.parametrize("limit", ["timeout", "cpu_timeout"])
+def test_a_hung_handler_in_gdb_lldb_and_dump_show(kvm: Kvm, dump_dir: Path, limit: str) -> None:
     with JSSandbox(heap_size=8 << 20) as js:
         js.add_handler("loop", LOOP)
         js.load()
         with pytest.raises(GuestTimeout) as info:
-            js.call_handler("loop", {}, timeout=0.3)
+            js.call_handler("loop", {}, **{limit: 0.3})
+    assert info.value.kind == ("wall" if limit == "timeout" else "cpu")
     core, stack = info.value.core_path, info.value.js_stack
     assert core is not None and core.parent == dump_dir
     assert stack is not None and "at spin (loop.js:2:3)" in stack
