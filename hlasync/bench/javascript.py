@@ -162,9 +162,7 @@ def _quickjs_peer() -> Path:
 
 
 def _fib_quickjs_child(counts: Counts) -> Row:
-    label = (
-        "PyPI quickjs (Bellard's QuickJS) in a child Python, no isolation: ctx.eval('fib(25)')"
-    )
+    label = "PyPI quickjs (Bellard's QuickJS) in a child Python, no isolation: ctx.eval('fib(25)')"
     peer = f"quickjs {QUICKJS_PEER.split('==')[1]}"
     try:
         folder = _quickjs_peer()
