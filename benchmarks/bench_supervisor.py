@@ -56,7 +56,7 @@ from hlasync.bench._common import (
     summarize,
 )
 from hlasync.crashdump.placement import DUMP_DIR_ENV, DUMP_GLOB
-from hlasync.supervisor import Pool, Supervisor, SupervisorStatistics, _loop_waker
+from hlasync.supervisor import Pool, Supervisor, SupervisorStatistics, loop_waker
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "supervisor.json"
 
@@ -215,7 +215,7 @@ async def _time_handoffs(n: int) -> list[int]:
     """The floor under any supervised call: event loop -> thread -> event loop with
     no guest at all, through the primitives the supervisor uses (a Condition to
     wake the thread, ``call_soon_threadsafe``/``run_sync_soon`` back, an anyio Event)."""
-    waker = _loop_waker()
+    waker = loop_waker()
     condition = threading.Condition()
     inbox: list[anyio.Event | None] = []
 

@@ -26,6 +26,7 @@ from hlasync import (
 from hlasync import events as ev
 from hlasync.kvm import Kvm
 from hlasync.supervisor import Supervisor
+from hlasync.supervisor.host import WorkerHost
 
 pytestmark = pytest.mark.anyio
 
@@ -547,16 +548,16 @@ async def test_a_call_abandoned_before_it_began_does_not_cancel_the_next(
 ) -> None:
     """The caller gives up after a worker took its call but before the call began
     (held open here): the next call on that sandbox must run normally."""
-    original = Supervisor._run
+    original = WorkerHost._run
     taken, release = threading.Event(), threading.Event()
 
-    def held_run(self: Supervisor, job: Any) -> None:
+    def held_run(self: WorkerHost, job: Any) -> None:
         if job.name == "spin_for":
             taken.set()
             release.wait(10)
         original(self, job)
 
-    monkeypatch.setattr(Supervisor, "_run", held_run)
+    monkeypatch.setattr(WorkerHost, "_run", held_run)
     async with Supervisor(workers=1) as sup:
         sb = await sup.create_sandbox(simpleguest)
         async with anyio.create_task_group() as tg:

@@ -1,0 +1,503 @@
+"""The worker host: the sandboxes, the vCPU threads that run every call on
+them, the scheduler queue, the watchdog, restores and replacements, and the
+dumps of hung calls. The supervisor's front (``core.py``) only submits calls
+and receives their outcomes through the outbox.
+
+Threads (all joined on shutdown):
+
+- ``hlasync-vcpu-N`` (``workers`` of them) run every guest call (every
+  ``KVM_RUN``); the event loop never blocks on a guest.
+- ``hlasync-watchdog`` (:mod:`.watchdog`) notices calls past their limits; the
+  host then asks the call to dump itself and stop, without waiting (the
+  worker running the call writes the dump), so expiries are handled
+  concurrently.
+- ``hlasync-op-N`` (one per operation, short-lived) create, dump, replace and
+  close sandboxes.
+
+Every thread's loop is guarded: a failure is logged and published as a
+:class:`~hlasync.events.SupervisorError` event, and the thread goes on.
+
+Calls wait in one FIFO queue; a worker takes the oldest call whose target
+has room (a pool runs at most ``size`` calls, a dedicated sandbox one).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from .. import events as ev
+from ..abi import Value
+from ..errors import (
+    CrashdumpError,
+    GuestCancelled,
+    GuestCrashed,
+    GuestTimeout,
+    HlasyncError,
+    HostFunctionError,
+    SupervisorClosed,
+)
+from ..kvm import Vcpu
+from ..sandbox import CrashdumpRecord, Sandbox, SandboxState
+from ..sandbox.calls import DumpRequest
+from ..sandbox.core import StopResult
+from .hub import EventHub
+from .jobs import Job, set_current_job
+from .targets import Target
+from .watchdog import Watchdog
+
+__all__ = ["STOP_TIMEOUT", "WorkerHost"]
+
+_logger = logging.getLogger("hlasync.supervisor")
+
+#: Seconds shutdown waits, after stopping the calls still running, for the threads.
+STOP_TIMEOUT = 2.0
+
+
+class WorkerHost:
+    """Runs submitted calls on ``workers`` vCPU threads (pinned to ``pin_cpus``
+    round robin, if given) and reports every outcome with ``complete(job)``."""
+
+    def __init__(self, workers: int, pin_cpus: Sequence[int] | None, hub: EventHub) -> None:
+        self.workers = workers
+        self.pin_cpus = tuple(pin_cpus) if pin_cpus is not None else None
+        self.hub = hub
+        self.lock = threading.Lock()  # scheduler: pending queue, capacities, counters
+        self._work = threading.Condition(self.lock)
+        self.pending: collections.deque[Job] = collections.deque()
+        self.running: set[Job] = set()
+        self.targets: list[Target] = []
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.threads: list[threading.Thread] = []
+        self.operations: set[threading.Thread] = set()  # hlasync-op-N threads still running
+        self._operation_ids = itertools.count(1)
+        self.stopping = False
+        self.accepting = True  # pools replace members only while the supervisor serves
+        self.watchdog = Watchdog(self._expire, self.thread_failed)
+        self._complete: Callable[[Job], None] = lambda job: None
+        self._on_loop: Callable[[Callable[[], None]], None] = lambda function: None
+
+    # ------------------------------------------------------------- lifecycle
+    def start(
+        self,
+        complete: Callable[[Job], None],
+        on_loop: Callable[[Callable[[], None]], None],
+    ) -> None:
+        """Start the threads; ``complete`` receives every finished call and
+        ``on_loop`` runs a function on the event loop (both from any thread)."""
+        self._complete = complete
+        self._on_loop = on_loop
+        for index in range(self.workers):
+            self._spawn(f"hlasync-vcpu-{index}", self._worker_main, index)
+        self._spawn("hlasync-watchdog", self.watchdog.main)
+
+    def _spawn(self, name: str, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def spawn_operation(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on a new ``hlasync-op-N`` thread (tracked until it ends)."""
+
+        def run() -> None:
+            try:
+                work()
+            finally:
+                self.operations.discard(threading.current_thread())
+
+        thread = threading.Thread(
+            target=run, name=f"hlasync-op-{next(self._operation_ids)}", daemon=True
+        )
+        self.operations.add(thread)
+        thread.start()
+
+    def take_all(self) -> tuple[list[Job], list[Job]]:
+        """Empty the queue: (the calls that were waiting, the calls running)."""
+        with self.lock:
+            waiting, self.pending = list(self.pending), collections.deque()
+            return waiting, list(self.running)
+
+    def stop_threads(self) -> None:
+        """Tell the vCPU threads and the watchdog to end (they finish their call first)."""
+        with self.lock:
+            self.stopping = True
+            self._work.notify_all()
+        self.watchdog.stop()
+
+    def alive(self) -> list[threading.Thread]:
+        return [t for t in [*self.threads, *self.operations] if t.is_alive()]
+
+    # -------------------------------------------------------------- targets
+    def add_target(self, target: Target, sandboxes: list[Sandbox]) -> None:
+        with self.lock:
+            target._members = list(sandboxes)
+            target._free = list(sandboxes)
+            self.targets.append(target)
+
+    def detach_if_idle(self, target: Target) -> list[Sandbox] | None:
+        """Close ``target`` to new calls and take its sandboxes if none is busy
+        and no call for it waits; None when it is still busy."""
+        with self.lock:
+            busy = len(target._free) < len(target._members) or any(
+                job.target is target for job in self.pending
+            )
+            if busy:
+                return None
+            target._closed = True
+            members, target._free, target._members = target._members, [], []
+            if target in self.targets:
+                self.targets.remove(target)
+            return members
+
+    def close_sandboxes(self, sandboxes: list[Sandbox]) -> None:
+        for sandbox in sandboxes:
+            self.close_sandbox(sandbox)
+
+    def close_sandbox(self, sandbox: Sandbox, timeout: float = STOP_TIMEOUT) -> None:
+        if sandbox.state is SandboxState.CLOSED:
+            return
+        sandbox.close(timeout=timeout)
+        self.hub.publish(ev.SandboxClosed, sandbox_id=sandbox.id)
+
+    def close_all(self, timeout: float) -> None:
+        for target in list(self.targets):
+            for sandbox in list(target._members):
+                self.close_sandbox(sandbox, timeout=timeout)
+
+    # ----------------------------------------------------------------- calls
+    def submit(self, job: Job) -> None:
+        with self.lock:
+            self.pending.append(job)
+            self._work.notify()
+
+    def dequeue(self, job: Job) -> bool:
+        """Take ``job`` out of the queue if it is still waiting there."""
+        with self.lock:
+            if job in self.pending:
+                self.pending.remove(job)
+                return True
+        return False
+
+    def stop_job(
+        self,
+        job: Job,
+        dump_reason: str | None = None,
+        annotations: Mapping[str, object] | None = None,
+    ) -> StopResult | None:
+        """Stop a running job's call (and cancel its async host functions); never blocks."""
+        for scope in list(job.host_scopes):
+            self._on_loop(scope.cancel)
+        with job.lock:
+            call = job.call
+        if call is None or job.sandbox is None:
+            return None
+        return job.sandbox._stop(call, dump_reason, annotations=annotations)
+
+    # --------------------------------------------------------------- workers
+    def _worker_main(self, index: int) -> None:
+        if self.pin_cpus:
+            cpu = self.pin_cpus[index % len(self.pin_cpus)]
+            os.sched_setaffinity(threading.get_native_id(), {cpu})
+        Vcpu.block_kick_signal()
+        while True:
+            with self._work:
+                while True:
+                    job = self._take_locked(index)
+                    if job is not None:
+                        break
+                    if self.stopping:
+                        return
+                    self._work.wait()
+            try:
+                self._run(job)
+            except BaseException as exc:  # noqa: BLE001 - a worker outlives any failure
+                self.thread_failed(exc, job.sandbox)
+                self.finish(job, None, exc)
+
+    def thread_failed(self, error: BaseException, sandbox: Sandbox | None = None) -> None:
+        """Report a failure in one of the supervisor's threads; the thread goes on."""
+        thread = threading.current_thread().name
+        _logger.error("%s: %s: %s", thread, type(error).__name__, error, exc_info=error)
+        self.count("internal_errors")
+        self.hub.publish(
+            ev.SupervisorError,
+            sandbox_id=sandbox.id if sandbox is not None else None,
+            thread=thread,
+            error=error,
+        )
+
+    def count(self, name: str) -> None:
+        with self.lock:
+            self.counters[name] += 1
+
+    def _take_locked(self, worker: int) -> Job | None:
+        """The oldest pending call whose target has room (FIFO, no head-of-line blocking)."""
+        for position, job in enumerate(self.pending):
+            sandbox = job.target._take_locked(worker)
+            if sandbox is not None:
+                sandbox._last_worker = worker
+                del self.pending[position]
+                job.sandbox = sandbox
+                self.running.add(job)
+                self.counters["started"] += 1
+                return job
+        return None
+
+    def _run(self, job: Job) -> None:
+        sandbox = job.sandbox
+        assert sandbox is not None
+        job.started_at = time.monotonic()
+        if self.hub.wants(ev.CallStarted):
+            self.hub.publish(
+                ev.CallStarted,
+                sandbox_id=sandbox.id,
+                function=job.name,
+                call_id=job.call_id,
+                queued=job.started_at - job.queued_at,
+            )
+        try:
+            call = sandbox._begin_call(job.name)
+        except HlasyncError as exc:  # closed or poisoned under us
+            self.finish(job, None, exc)
+            self._reset(job.target, sandbox)
+            return
+        with job.lock:
+            job.call = call
+            abandoned = job.abandoned
+        if abandoned:  # cancelled after it was taken: it stops before any guest code runs
+            sandbox._stop(call)
+        watched = job.timeout is not None or job.cpu_timeout is not None
+        if watched:
+            self.watchdog.watch(job)
+        set_current_job(job)
+        result: Value = None
+        error: BaseException | None = None
+        try:
+            result = sandbox._run_begun(call, job.signature, job.args)
+        except (GuestCancelled, HostFunctionError) as exc:
+            if job.expired:
+                # The dump made as it stopped (its callback may not have run yet).
+                job.core_path = job.core_path or exc.core_path
+                job.dump_error = job.dump_error or exc.crashdump_error
+                error = self._timeout_error(job)
+            else:
+                error = exc
+        except BaseException as exc:  # noqa: BLE001 - every outcome goes to the caller
+            error = exc
+        finally:
+            set_current_job(None)
+            if watched:
+                self.watchdog.unwatch(job)
+        # The caller hears the outcome before the sandbox is restored for the next call.
+        self.finish(job, result, error)
+        self._reset(job.target, sandbox)
+
+    def _timeout_error(self, job: Job) -> GuestTimeout:
+        assert job.sandbox is not None and job.expired is not None
+        limit = job.timeout if job.expired == "wall" else job.cpu_timeout
+        error = GuestTimeout(
+            sandbox_id=job.sandbox.id,
+            function=job.name,
+            kind=job.expired,
+            limit=limit or 0.0,
+            elapsed=job.expired_at - job.started_at,
+            core_path=job.core_path,
+        )
+        error.crashdump_error = job.dump_error
+        error.js_stack = job.js_stack
+        return error
+
+    def _reset(self, target: Target, sandbox: Sandbox) -> None:
+        """Make the sandbox ready for its next call and give it back; a sandbox
+        that cannot be restored leaves its target (a pool gets a new one)."""
+        try:
+            if target.fresh_state or sandbox.state is not SandboxState.READY:
+                sandbox.restore()
+        except Exception as exc:  # noqa: BLE001 - whatever broke it, it must not be reused
+            if not (self.stopping and sandbox.state is SandboxState.CLOSED):
+                self.thread_failed(exc, sandbox)
+            self._retire(target, sandbox)
+            return
+        with self._work:
+            target._give_locked(sandbox)
+            if self.pending:
+                self._work.notify()
+
+    def _retire(self, target: Target, sandbox: Sandbox) -> None:
+        """Take a broken sandbox out of its target, close it and, for a pool,
+        start making a replacement. A target left with no sandbox and no
+        replacement fails its queued calls instead of starving them."""
+        with self.lock:
+            if sandbox in target._members:
+                target._members.remove(sandbox)
+            replace = target._factory is not None and not target._closed and self.accepting
+        self.close_sandbox(sandbox, timeout=0.0)
+        if replace:
+            self.spawn_operation(lambda: self._replace_member(target))
+        elif not target._members:
+            self._target_lost(target, SupervisorClosed(f"{target.name} has no sandbox left"))
+
+    def _replace_member(self, target: Target) -> None:
+        try:
+            assert target._factory is not None
+            sandbox = target._factory()
+        except BaseException as exc:  # noqa: BLE001 - reported; the target shrinks
+            self.thread_failed(exc)
+            with self.lock:
+                empty = not target._members
+            if empty:
+                lost = SupervisorClosed(f"{target.name} lost its last sandbox: {exc}")
+                lost.__cause__ = exc
+                self._target_lost(target, lost)
+            return
+        with self._work:
+            keep = not target._closed and self.accepting
+            if keep:
+                target._members.append(sandbox)
+                target._free.append(sandbox)
+                self._work.notify()
+        if not keep:
+            sandbox.close()
+            return
+        self.hub.publish(
+            ev.SandboxCreated, sandbox_id=sandbox.id, guest=str(target.image.path), pool=target.name
+        )
+
+    def _target_lost(self, target: Target, error: SupervisorClosed) -> None:
+        """Refuse new calls to ``target`` and fail its queued ones with ``error``."""
+        with self.lock:
+            target._closed = True
+            jobs = [job for job in self.pending if job.target is target]
+            for job in jobs:
+                self.pending.remove(job)
+        for job in jobs:
+            self.finish(job, None, error)
+
+    def finish(self, job: Job, result: Value, error: BaseException | None) -> None:
+        """Decide the call's outcome (first decision wins) and report it."""
+        with job.lock:
+            if job.finished:
+                return
+            job.finished = True
+            job.result, job.error = result, error
+        self.running.discard(job)  # one atomic set operation: no lock needed
+        hub = self.hub
+        sandbox_id = job.sandbox.id if job.sandbox is not None else None
+        duration = time.monotonic() - (job.started_at or job.queued_at)
+        if error is None:
+            if hub.wants(ev.CallCompleted):
+                hub.publish(
+                    ev.CallCompleted,
+                    sandbox_id=sandbox_id,
+                    function=job.name,
+                    call_id=job.call_id,
+                    duration=duration,
+                )
+        else:
+            if isinstance(error, GuestTimeout):
+                hub.publish(
+                    ev.CallTimedOut,
+                    sandbox_id=sandbox_id,
+                    function=job.name,
+                    call_id=job.call_id,
+                    kind=error.kind,
+                    elapsed=error.elapsed,
+                    core_path=error.core_path,
+                    js_stack=error.js_stack,
+                )
+            elif isinstance(error, GuestCrashed):
+                hub.publish(
+                    ev.GuestCrashed,
+                    sandbox_id=sandbox_id,
+                    function=job.name,
+                    call_id=job.call_id,
+                    vector=error.vector,
+                    vector_name=error.vector_name,
+                    rip=error.rip,
+                    symbol=error.symbol,
+                    core_path=error.core_path,
+                )
+            hub.publish(
+                ev.CallFailed,
+                sandbox_id=sandbox_id,
+                function=job.name,
+                call_id=job.call_id,
+                duration=duration,
+                error=error,
+            )
+        self._complete(job)
+
+    # -------------------------------------------------------------- expiries
+    def _expire(self, job: Job, kind: str) -> None:
+        """Ask the hung call to dump itself and stop; never waits for the dump."""
+        with job.lock:
+            if job.finished or job.expired:
+                return
+            job.expired = kind
+            job.expired_at = time.monotonic()
+        reason = "timeout" if kind == "wall" else "cpu-timeout"
+        annotate = job.target._stop_annotations
+        if annotate is None or job.sandbox is None:
+            self._stop_expired(job, reason, None)
+            return
+        sandbox = job.sandbox
+
+        def annotate_then_stop() -> None:  # a bounded wait: not on the watchdog's thread
+            try:
+                annotations = annotate(sandbox)
+                stack = annotations.get("js_stack")
+                job.js_stack = stack if isinstance(stack, str) else None
+            except Exception as exc:  # noqa: BLE001 - the stop must happen anyway
+                self.thread_failed(exc, sandbox)
+                annotations = None
+            self._stop_expired(job, reason, annotations)
+
+        threading.Thread(target=annotate_then_stop, name="hlasync-expiry", daemon=True).start()
+
+    def _stop_expired(
+        self, job: Job, reason: str, annotations: Mapping[str, object] | None
+    ) -> None:
+        stop = self.stop_job(job, reason, annotations)
+        if stop is None or not stop.stopped:
+            return  # ending anyway; the worker reports the outcome
+        if stop.dump is not None:
+            stop.dump.add_done_callback(lambda request: self._expiry_dumped(job, request))
+        elif stop.in_host:
+            self.finish(job, None, self._timeout_error(job))
+
+    def _expiry_dumped(self, job: Job, request: DumpRequest) -> None:
+        job.core_path = request.path
+        job.dump_error = request.error
+        if request.borrowed:
+            # Written while the guest was blocked in a host function, which may not return
+            # soon: answer the caller now; the sandbox comes back when the function returns.
+            self.finish(job, None, self._timeout_error(job))
+
+    # ----------------------------------------------------------------- dumps
+    def on_crashdump(self, record: CrashdumpRecord) -> None:
+        """Every dump of every sandbox of this host: counted and published."""
+        if record.error is None and record.path is not None:
+            self.count("dumps_written")
+            self.hub.publish(
+                ev.CrashDumpWritten,
+                sandbox_id=record.sandbox_id,
+                path=record.path,
+                reason=record.reason,
+                function=record.function,
+                size=record.size,
+                seconds=record.seconds,
+            )
+        else:
+            self.count("dumps_failed")
+            self.hub.publish(
+                ev.CrashDumpFailed,
+                sandbox_id=record.sandbox_id,
+                reason=record.reason,
+                function=record.function,
+                error=record.error or CrashdumpError("unknown failure"),
+            )

@@ -1,0 +1,109 @@
+"""One call, from submission to completion, and the small values every part
+of the supervisor shares."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ..abi import Arg, FunctionSignature, Value
+from ..errors import CrashdumpError
+from ..sandbox import Sandbox
+from ..sandbox.calls import Call
+
+if TYPE_CHECKING:
+    from .targets import Target
+
+__all__ = ["DEFAULT", "Job", "check_limit", "current_job"]
+
+#: "Use the supervisor-wide default" (a timeout of None means no limit).
+DEFAULT: Any = object()
+
+_tls = threading.local()  # .job: the call running on this vCPU thread
+
+
+def current_job() -> Job | None:
+    """The call this vCPU thread is running (host functions ask), or None."""
+    return getattr(_tls, "job", None)
+
+
+def set_current_job(job: Job | None) -> None:
+    _tls.job = job
+
+
+class Job:
+    """One call, from submission to completion."""
+
+    __slots__ = (
+        "abandoned",
+        "args",
+        "call",
+        "call_id",
+        "core_path",
+        "cpu_clock",
+        "cpu_start",
+        "cpu_timeout",
+        "done",
+        "dump_error",
+        "error",
+        "expired",
+        "expired_at",
+        "finished",
+        "host_scopes",
+        "js_stack",
+        "lock",
+        "name",
+        "queued_at",
+        "result",
+        "sandbox",
+        "signature",
+        "started_at",
+        "target",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        call_id: int,
+        target: Target,
+        signature: FunctionSignature,
+        args: tuple[Arg, ...],
+        timeout: float | None,
+        cpu_timeout: float | None,
+    ) -> None:
+        self.call_id = call_id
+        self.target = target
+        self.signature = signature  # the arguments were checked against it
+        self.name = signature.name
+        self.args = args
+        self.timeout = timeout
+        self.cpu_timeout = cpu_timeout
+        self.done = anyio.Event()  # set on the loop once the outcome is known
+        self.lock = threading.Lock()
+        self.finished = False  # outcome decided (worker or watchdog), under lock
+        self.result: Value = None
+        self.error: BaseException | None = None
+        self.sandbox: Sandbox | None = None
+        self.call: Call | None = None  # once a worker has begun it on its sandbox
+        self.queued_at = time.monotonic()
+        self.started_at = 0.0
+        self.expired: str | None = None  # "wall" or "cpu"
+        self.expired_at = 0.0
+        self.core_path: Path | None = None
+        self.dump_error: CrashdumpError | None = None
+        self.abandoned = False
+        self.cpu_clock = 0
+        self.cpu_start = 0.0
+        self.host_scopes: list[anyio.CancelScope] = []
+        self.js_stack: str | None = None  # a JS handler's stack when its limit expired
+
+
+def check_limit(name: str, value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds or None, got {value!r}")

@@ -1,0 +1,196 @@
+"""Where calls go: pools (fresh state per call), JavaScript pools and
+dedicated sandboxes, and the handle of a call queued without waiting."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Generator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..abi import Arg, FunctionSignature, Value
+from ..guest.image import GuestImage
+from ..sandbox import Sandbox, SandboxState
+from .hostcalls import wrap_host_function
+from .jobs import DEFAULT, Job
+
+if TYPE_CHECKING:
+    from .core import Supervisor
+
+__all__ = ["JSPool", "PendingCall", "Pool", "SupervisedSandbox", "Target"]
+
+
+class Target:
+    """Where calls go: a pool or a dedicated sandbox. Capacity is guarded by
+    the worker host's scheduler lock."""
+
+    fresh_state: bool  # restore after every call
+    #: Fields to record before a hung call of this target is dumped and stopped
+    #: (taken while the guest still runs; JS pools ask the engine for its stack).
+    _stop_annotations: Callable[[Sandbox], Mapping[str, object]] | None = None
+
+    def __init__(self, supervisor: Supervisor, name: str, image: GuestImage) -> None:
+        self._supervisor = supervisor
+        self.name = name
+        self.image = image
+        #: Guest functions by name, with signatures read from the ELF.
+        self.functions: Mapping[str, FunctionSignature] = {f.name: f for f in image.functions}
+        self._free: list[Sandbox] = []
+        self._members: list[Sandbox] = []
+        self._closed = False
+        #: Host functions as registered on every member (wrapped for the supervisor).
+        self._host_functions: dict[str, Callable[..., Any]] = {}
+        #: Makes a replacement member (pools); None: members are not replaced.
+        self._factory: Callable[[], Sandbox] | None = None
+
+    def _take_locked(self, worker: int) -> Sandbox | None:
+        """A free sandbox, preferably one this worker ran last (a vCPU that stays on
+        one thread avoids KVM reloading it elsewhere)."""
+        free = self._free
+        if not free:
+            return None
+        for position in range(len(free) - 1, -1, -1):
+            if free[position]._last_worker == worker:
+                return free.pop(position)
+        return free.pop()
+
+    def _give_locked(self, sandbox: Sandbox) -> None:
+        if not self._closed and sandbox.state is not SandboxState.CLOSED:
+            self._free.append(sandbox)
+
+    def register_host_function(self, name: str, function: Callable[..., Any]) -> None:
+        """Make ``function`` callable by the guest as ``name`` in every sandbox of
+        this target (``async def`` functions run on the supervisor's loop)."""
+        wrapped = wrap_host_function(function, self._supervisor._token)
+        self._host_functions[name] = wrapped
+        for sandbox in list(self._members):
+            sandbox.register_host_function(name, wrapped)
+
+    async def call(
+        self,
+        name: str,
+        *args: Arg,
+        timeout: float | None = DEFAULT,
+        cpu_timeout: float | None = DEFAULT,
+    ) -> Value:
+        """Run guest function ``name``; see :meth:`Supervisor.call`."""
+        return await self._supervisor.call(
+            self, name, *args, timeout=timeout, cpu_timeout=cpu_timeout
+        )
+
+    def call_nowait(
+        self,
+        name: str,
+        *args: Arg,
+        timeout: float | None = DEFAULT,
+        cpu_timeout: float | None = DEFAULT,
+    ) -> PendingCall:
+        """Queue a call without waiting for room; see :meth:`Supervisor.call_nowait`."""
+        return self._supervisor.call_nowait(
+            self, name, *args, timeout=timeout, cpu_timeout=cpu_timeout
+        )
+
+    async def aclose(self) -> None:
+        """Close this target's sandboxes once their calls are done."""
+        await self._supervisor._close_target(self)
+
+
+class Pool(Target):
+    """``size`` identical sandboxes; each call gets a fresh one (restored to
+    its initial snapshot after every call)."""
+
+    fresh_state = True
+
+    def __init__(self, supervisor: Supervisor, name: str, image: GuestImage, size: int) -> None:
+        super().__init__(supervisor, name, image)
+        self.size = size
+
+    @property
+    def sandbox_ids(self) -> list[str]:
+        return [sb.id for sb in self._members]
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.name} of {self.size} x {self.image.path.name}>"
+
+
+class JSPool(Pool):
+    """``size`` JS sandboxes with the same handlers, modules and host functions;
+    every call starts from the state right after they were loaded."""
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        name: str,
+        image: GuestImage,
+        size: int,
+        handlers: Mapping[str, str],
+    ) -> None:
+        super().__init__(supervisor, name, image, size)
+        self.handlers: Mapping[str, str] = dict(handlers)
+
+    @staticmethod
+    def _stop_annotations(sandbox: Sandbox) -> Mapping[str, object]:
+        from ..js.stack import capture_stack
+
+        return capture_stack(sandbox).annotations()
+
+    async def call_handler(
+        self,
+        name: str,
+        event: object = None,
+        *,
+        timeout: float | None = DEFAULT,
+        cpu_timeout: float | None = DEFAULT,
+    ) -> Any:
+        """Call handler ``name`` with ``event`` (a JSON value); see :meth:`JSSandbox.call_handler`.
+
+        ``timeout``/``cpu_timeout`` as for :meth:`Supervisor.call`; a
+        :class:`~hlasync.GuestTimeout` carries the handler's JavaScript stack
+        (``js_stack``), and so do its dump and the ``CallTimedOut`` event.
+        """
+        from ..js import protocol, runtime
+
+        arguments = runtime.call_arguments(self.name, name, event)
+        reply = await self.call("js_call", *arguments, timeout=timeout, cpu_timeout=cpu_timeout)
+        return protocol.decode_reply(reply, sandbox_id=self.name, handler=name)
+
+    def __repr__(self) -> str:
+        return f"<JSPool {self.name} of {self.size} x {len(self.handlers)} handlers>"
+
+
+class SupervisedSandbox(Target):
+    """A dedicated sandbox: calls run one at a time and guest state persists
+    between them. After a fault, timeout or cancellation it is restored to
+    its initial state."""
+
+    fresh_state = False
+
+    def __init__(self, supervisor: Supervisor, sandbox: Sandbox) -> None:
+        super().__init__(supervisor, sandbox.id, sandbox.image)
+        self.sandbox = sandbox
+        self.id = sandbox.id
+
+    async def generate_crashdump(self, directory: str | os.PathLike[str] | None = None) -> Path:
+        """Dump this sandbox now, also while a call runs; see :meth:`Sandbox.generate_crashdump`."""
+        return await self._supervisor.generate_crashdump(self, directory)
+
+    def __repr__(self) -> str:
+        return f"<SupervisedSandbox {self.id} {self.image.path.name}>"
+
+
+class PendingCall:
+    """A call queued by ``call_nowait``: ``await`` it for the result."""
+
+    def __init__(self, supervisor: Supervisor, job: Job) -> None:
+        self._supervisor = supervisor
+        self._job = job
+
+    @property
+    def call_id(self) -> int:
+        return self._job.call_id
+
+    def done(self) -> bool:
+        return self._job.done.is_set()
+
+    def __await__(self) -> Generator[Any, None, Value]:
+        return self._supervisor._await_job(self._job).__await__()
