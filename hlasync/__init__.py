@@ -46,6 +46,7 @@ from .errors import (
     SupervisorBusy,
     SupervisorClosed,
     SupervisorError,
+    WorkerLost,
 )
 from .guest.image import GuestImage
 from .sandbox import CallHandle, CrashdumpRecord, Sandbox, SandboxState, Snapshot
@@ -110,6 +111,7 @@ __all__ = [
     "SupervisorError",
     "SupervisorStatistics",
     "ValueType",
+    "WorkerLost",
     "__version__",
     "crashdump",
     "events",

@@ -38,7 +38,9 @@ when a core dump was written for it, ``core_path``.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "ArgumentError",
@@ -70,11 +72,49 @@ __all__ = [
     "SupervisorBusy",
     "SupervisorClosed",
     "SupervisorError",
+    "WorkerLost",
 ]
 
 
 class HlasyncError(Exception):
-    """Root of every error raised by hlasync."""
+    """Root of every error raised by hlasync.
+
+    Every error pickles with its attributes and its ``__cause__`` (a cause
+    that does not pickle travels as a ``RuntimeError`` naming it): errors
+    cross from the supervisor's worker processes to the callers.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        state = dict(self.__dict__)
+        cause = self.__cause__
+        return (_rebuild_error, (type(self), self.args, state, portable_error(cause)))
+
+
+def portable_error(error: BaseException | None) -> BaseException | None:
+    """``error`` if it survives a pickle round trip, else a ``RuntimeError`` naming it."""
+    if error is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(error))  # both ways: a class may pickle but not rebuild
+    except Exception:  # noqa: BLE001 - anything that does not pickle travels as text
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
+
+
+def _rebuild_error(
+    cls: type[HlasyncError],
+    args: tuple[Any, ...],
+    state: dict[str, Any],
+    cause: BaseException | None,
+) -> HlasyncError:
+    error = cls.__new__(cls, *args)
+    if isinstance(error, OSError):
+        OSError.__init__(error, *args)  # errno and strerror come from the arguments
+    else:
+        BaseException.__init__(error, *args)
+    error.__dict__.update(state)
+    error.__cause__ = cause
+    return error
 
 
 class KvmError(HlasyncError):
@@ -390,6 +430,18 @@ class SupervisorBusy(SupervisorError):
 
 class SupervisorClosed(SupervisorError):
     """The supervisor is shut down, or shutting down."""
+
+
+class WorkerLost(SupervisorError):
+    """The worker process running the call died (killed, crashed, out of
+    memory) before the call ended; the supervisor keeps serving with a new
+    worker. ``worker`` is its index, ``exit_status`` what ``waitpid`` said
+    (a negative number is the signal that ended it; None if unknown)."""
+
+    def __init__(self, message: str, *, worker: int, exit_status: int | None) -> None:
+        super().__init__(message)
+        self.worker = worker
+        self.exit_status = exit_status
 
 
 class CrashdumpError(HlasyncError):

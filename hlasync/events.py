@@ -7,9 +7,9 @@ buffer and overflow policy, so a slow subscriber never stalls anything else.
 The buffer is bounded in events and in bytes (:func:`event_size`), so a
 subscriber that stops reading holds a bounded amount of memory however much
 the guests print. Dropped events are counted and announced with
-:class:`EventsDropped`; :class:`CrashDumpWritten` and
-:class:`CrashDumpFailed` are never dropped: they are kept even beyond both
-bounds.
+:class:`EventsDropped`; :class:`CrashDumpWritten`,
+:class:`CrashDumpFailed` and :class:`WorkerDied` are never dropped: they are
+kept even beyond both bounds.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ __all__ = [
     "SandboxCreated",
     "StreamStatistics",
     "SupervisorError",
+    "WorkerDied",
+    "WorkerStarted",
     "event_size",
 ]
 
@@ -181,12 +183,32 @@ class SupervisorError(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerStarted(Event):
+    """A worker process (``Supervisor(processes=N)``) is up and serving."""
+
+    worker: int  # its index, 0 .. processes - 1 (a replacement keeps the index)
+    pid: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerDied(Event):
+    """A worker process ended without being asked to (killed, crashed, out of
+    memory). Its running calls failed with :class:`~hlasync.WorkerLost`; its
+    pools and sandboxes are being made again in a new worker process."""
+
+    worker: int
+    pid: int
+    exit_status: int | None  # waitpid's: negative for the signal that ended it
+    lost_calls: int  # calls that were running (or sent) there
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class EventsDropped(Event):
     count: int  # events this subscriber lost since the last EventsDropped
 
 
 #: Events a subscriber is never made to lose (kept even beyond its buffer size).
-CRITICAL_EVENTS: tuple[type[Event], ...] = (CrashDumpWritten, CrashDumpFailed)
+CRITICAL_EVENTS: tuple[type[Event], ...] = (CrashDumpWritten, CrashDumpFailed, WorkerDied)
 
 
 #: Default bound, in bytes (:func:`event_size`), of one subscriber's buffered events.

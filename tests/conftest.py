@@ -113,6 +113,14 @@ def fuzz_examples(count: int) -> int:
     return max(1, int(count * float(os.environ.get("HLASYNC_FUZZ_SCALE", "1"))))
 
 
+#: The supervisor tests run in process mode when HLASYNC_PROCESSES is set (>= 1).
+PROCESS_MODE = os.environ.get("HLASYNC_PROCESSES", "0").strip() not in ("", "0")
+#: For tests that patch or inspect the worker host inside this process.
+threads_only = pytest.mark.skipif(
+    PROCESS_MODE, reason="white-box: patches or inspects this process's worker host"
+)
+
+
 def require_tool(name: str) -> str:
     """Path of an external tool; skip without it, fail in CI (HLASYNC_REQUIRE_KVM=1)."""
     import shutil

@@ -27,6 +27,7 @@ from hlasync import events as ev
 from hlasync.kvm import Kvm
 from hlasync.supervisor import Supervisor
 from hlasync.supervisor.host import WorkerHost
+from tests.conftest import threads_only
 
 pytestmark = pytest.mark.anyio
 
@@ -84,7 +85,8 @@ async def test_calls_run_on_vcpu_threads_in_fifo_order(kvm: Kvm, simpleguest: Pa
                 tg.start_soon(sb.call, "call_host", "record", i)
                 await anyio.sleep(0)  # submit in a known order
     assert [x for _, x in seen] == list(range(30))  # FIFO, serialised
-    assert all(name.startswith("hlasync-vcpu-") for name, _ in seen)
+    if sup.processes == 0:  # in process mode they run here, on anyio's worker threads
+        assert all(name.startswith("hlasync-vcpu-") for name, _ in seen)
 
 
 async def test_fifty_hung_calls_each_time_out_with_their_own_dump(
@@ -388,27 +390,47 @@ async def test_shutdown_with_calls_in_flight_leaks_nothing(kvm: Kvm, simpleguest
         for target in (pool, pool, pool, sb):
             tg.start_soon(hang, target, "spin")
         await anyio.sleep(0.2)
-        threads = ["hlasync-vcpu-0", "hlasync-vcpu-1", "hlasync-watchdog"]
-        assert sorted(_hlasync_threads()) == threads
+        if sup.processes:  # the vCPU threads are in the worker processes
+            assert len(process.children()) == sup.processes
+        else:
+            threads = ["hlasync-vcpu-0", "hlasync-vcpu-1", "hlasync-watchdog"]
+            assert sorted(_hlasync_threads()) == threads
     assert len(outcomes) == 4
     assert _hlasync_threads() == []
+    assert process.children() == []
     assert process.num_fds() == fds_before
 
 
 async def test_pinned_workers(kvm: Kvm, simpleguest: Path) -> None:
     cpu = sorted(os.sched_getaffinity(0))[-1]
-    seen: list[set[int]] = []
-
-    def where(x: int) -> int:
-        seen.append(os.sched_getaffinity(threading.get_native_id()))
-        return x
-
+    # An importable reference runs where the sandbox is: on the pinned vCPU thread.
+    where = {"where": "tests.hostfns:pinned_cpu"}
     async with Supervisor(workers=1, pin_cpus=[cpu]) as sup:
-        pool = await sup.create_pool(simpleguest, size=1, host_functions={"where": where})
-        await pool.call("call_host", "where", 1)
-    assert seen == [{cpu}]
+        pool = await sup.create_pool(simpleguest, size=1, host_functions=where)
+        assert await pool.call("call_host", "where", 1) == 1000 + cpu
     with pytest.raises(ValueError, match="pin_cpus"):
         Supervisor(pin_cpus=[10_000])
+
+
+async def test_host_functions_by_reference_run_where_the_sandbox_is(
+    kvm: Kvm, simpleguest: Path
+) -> None:
+    async with Supervisor(workers=1) as sup:
+        pool = await sup.create_pool(
+            simpleguest, size=1, host_functions={"pid": "tests.hostfns:process_id"}
+        )
+        pid = await pool.call("call_host", "pid", 1)
+        assert (pid == os.getpid()) == (sup.processes == 0)
+        for bad, message in (
+            ("tests.hostfns", "expected 'package.module:function'"),
+            ("tests.no_such_module:f", "No module named"),
+            ("tests.hostfns:missing", "has no missing"),
+            ("tests.hostfns:not_allowed", "is an async def"),
+        ):
+            with pytest.raises(ValueError, match=message):
+                await sup.create_pool(simpleguest, size=1, host_functions={"f": bad})
+        with pytest.raises(TypeError, match="expected a callable"):
+            await sup.create_pool(simpleguest, size=1, host_functions={"f": 42})  # type: ignore[dict-item]
 
 
 async def test_config_and_guest_output_without_subscribers(
@@ -543,6 +565,7 @@ async def test_misbehaving_host_functions_under_the_supervisor(kvm: Kvm, simpleg
         assert sup.statistics().failed == 3
 
 
+@threads_only
 async def test_a_call_abandoned_before_it_began_does_not_cancel_the_next(
     kvm: Kvm, simpleguest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,17 +1,20 @@
 """The supervisor's front: its API on the event loop. It checks and queues
 calls, awaits their outcomes, creates and closes targets, and fans events
-out to subscribers; running the calls is the worker host's (:mod:`.host`)."""
+out to subscribers; running the calls is a backend's: the worker host on
+threads of this process (:mod:`.threads`), or worker processes
+(:mod:`.processes`)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 
 from .. import events as ev
@@ -19,17 +22,19 @@ from ..abi import Arg, Value
 from ..config import SandboxConfig
 from ..errors import GuestCancelled, GuestTimeout, SupervisorBusy, SupervisorClosed
 from ..guest.image import GuestImage
-from ..sandbox import Sandbox, check_call
-from .creation import JSFactory, create_all, js_console, load_image, new_sandbox
-from .host import STOP_TIMEOUT, WorkerHost
-from .hostcalls import wrap_host_function, wrap_host_functions
+from ..sandbox import check_call
+from .creation import load_image
 from .hub import EventHub
 from .jobs import DEFAULT, Job, check_limit
 from .loop import Outbox, loop_waker
+from .processes import ProcessBackend
+from .specs import HostKey, TargetSpec, split_host_functions
 from .targets import JSPool, PendingCall, Pool, SupervisedSandbox, Target
+from .threads import ThreadBackend
 
 __all__ = ["Supervisor", "SupervisorStatistics"]
 
+_logger = logging.getLogger("hlasync.supervisor")
 _T = TypeVar("_T")
 
 
@@ -49,17 +54,22 @@ class SupervisorStatistics(NamedTuple):
     events_published: int
     events_dropped: int
     internal_errors: int  # SupervisorError events: failures the supervisor survived
+    processes: int = 0  # worker processes (0: the thread mode)
+    workers_lost: int = 0  # worker processes that died and were replaced
 
 
 class Supervisor:
     """Runs guest calls from async code on dedicated vCPU threads.
 
     ``workers`` vCPU threads (pinned to ``pin_cpus`` if given, round robin);
-    ``max_pending`` bounds the queue (``call()`` waits for room,
-    ``call_nowait()`` raises :class:`SupervisorBusy`); ``timeout`` and
-    ``cpu_timeout`` are defaults for every call; ``dump_on_cancel`` writes a
-    core dump when a caller cancels a running call; ``shutdown_grace`` is how
-    long shutdown lets running calls finish before stopping them.
+    with ``processes=N`` (N >= 1), N worker processes of ``workers`` vCPU
+    threads each hold the sandboxes (calls of different processes do not
+    share a GIL; see docs/supervisor.md for the trade-offs). ``max_pending``
+    bounds the queue (``call()`` waits for room, ``call_nowait()`` raises
+    :class:`SupervisorBusy`); ``timeout`` and ``cpu_timeout`` are defaults
+    for every call; ``dump_on_cancel`` writes a core dump when a caller
+    cancels a running call; ``shutdown_grace`` is how long shutdown lets
+    running calls finish before stopping them.
 
     Use as ``async with Supervisor(...) as sup:`` (on asyncio or trio).
     """
@@ -68,6 +78,7 @@ class Supervisor:
         self,
         *,
         workers: int = 2,
+        processes: int | None = None,
         pin_cpus: Sequence[int] | None = None,
         max_pending: int = 10_000,
         timeout: float | None = None,
@@ -77,6 +88,10 @@ class Supervisor:
     ) -> None:
         if type(workers) is not int or workers < 1:
             raise ValueError("workers must be a positive int")
+        if processes is None:
+            processes = _default_processes()
+        if type(processes) is not int or processes < 0:
+            raise ValueError("processes must be an int >= 0 (0: threads of this process)")
         if type(max_pending) is not int or max_pending < 1:
             raise ValueError("max_pending must be a positive int")
         check_limit("timeout", timeout)
@@ -87,7 +102,7 @@ class Supervisor:
             available = os.sched_getaffinity(0)
             if not pin_cpus or any(cpu not in available for cpu in pin_cpus):
                 raise ValueError(f"pin_cpus must name CPUs this process may use: {available}")
-        self.workers = workers
+        self.processes = processes
         self.pin_cpus = tuple(pin_cpus) if pin_cpus is not None else None
         self.max_pending = max_pending
         self.timeout = timeout
@@ -96,11 +111,18 @@ class Supervisor:
         self.shutdown_grace = shutdown_grace
 
         self._hub = EventHub()
-        self._host = WorkerHost(workers, self.pin_cpus, self._hub)
+        self._backend: ThreadBackend | ProcessBackend
+        if processes:
+            self._backend = ProcessBackend(self, processes, workers, self.pin_cpus)
+        else:
+            self._backend = ThreadBackend(self, workers, self.pin_cpus)
+        self.workers = self._backend.workers
         self._state = "new"  # new, open, closing, closed
         self._ids = iter(range(1, 1 << 62))
         self._outbox: Outbox | None = None
         self._token: Any = None
+        self._group: anyio.abc.TaskGroup | None = None
+        self._operations: set[threading.Thread] = set()
 
     # ------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> Supervisor:
@@ -112,7 +134,19 @@ class Supervisor:
         self._slots = anyio.Semaphore(self.max_pending)
         self._all_done = anyio.Event()
         self._outstanding = 0
-        self._host.start(outbox.post, outbox.on_loop)
+        self._counters = self._backend.counters
+        if isinstance(self._backend, ProcessBackend):
+            group = self._group = anyio.create_task_group()
+            await group.__aenter__()
+            try:
+                await self._backend.start(outbox, group)
+            except BaseException as exc:
+                group.cancel_scope.cancel()
+                await group.__aexit__(type(exc), exc, exc.__traceback__)
+                self._state = "closed"
+                raise
+        else:
+            self._backend.start(outbox)
         self._state = "open"
         return self
 
@@ -121,8 +155,8 @@ class Supervisor:
 
     async def aclose(self) -> None:
         """Shut down: refuse new calls, let running ones finish for
-        ``shutdown_grace`` seconds, stop the rest, join the threads and close
-        every sandbox. Idempotent.
+        ``shutdown_grace`` seconds, stop the rest, join the threads (and
+        worker processes) and close every sandbox. Idempotent.
 
         Bounded: a call stuck in a synchronous host function cannot be
         stopped; after :data:`STOP_TIMEOUT` more seconds its caller gets
@@ -136,40 +170,19 @@ class Supervisor:
             self._state = "closed"
             return
         self._state = "closing"
-        host = self._host
-        host.accepting = False
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(self.shutdown_grace):
                 if self._outstanding:
                     await self._all_done.wait()
-            closed = SupervisorClosed("the supervisor shut down before the call ran")
-            waiting, running = host.take_all()
-            for job in waiting:
-                host.finish(job, None, closed)
-            for job in running:
-                host.stop_job(job)
-            host.stop_threads()
-            deadline = time.monotonic() + STOP_TIMEOUT
-            while time.monotonic() < deadline and host.alive():
-                await anyio.sleep(0.002)
-            stuck = [t.name for t in host.threads if t.is_alive()]
-            if stuck:
-                from .host import _logger
-
-                _logger.warning(
-                    "supervisor shut down with threads still blocked in host functions: %s",
-                    ", ".join(stuck),
-                )
-            stopped = SupervisorClosed(
-                "the supervisor shut down while the call was blocked in a host function"
-            )
-            for job in list(host.running):
-                host.finish(job, None, stopped)
-            host.close_all(timeout=0.0 if stuck else STOP_TIMEOUT)
+            await self._backend.shutdown()
             assert self._outbox is not None
             self._outbox.drain()  # completions and events posted while stopping
             self._state = "closed"
             self._hub.close()
+        if self._group is not None:  # the channel tasks of worker processes
+            group, self._group = self._group, None
+            group.cancel_scope.cancel()
+            await group.__aexit__(None, None, None)
 
     # -------------------------------------------------------------- creation
     async def create_pool(
@@ -179,13 +192,16 @@ class Supervisor:
         config: SandboxConfig | None = None,
         *,
         name: str | None = None,
-        host_functions: Mapping[str, Callable[..., Any]] | None = None,
+        host_functions: Mapping[str, Callable[..., Any] | str] | None = None,
         output: Callable[[str], None] | None = None,
     ) -> Pool:
         """``size`` sandboxes of ``guest``; each call gets one in its initial state.
 
         ``host_functions`` may include ``async def`` functions: they run on
-        this event loop and are cancelled by the watchdog. Guest prints become
+        this event loop and are cancelled by the watchdog. A value may also
+        be an importable reference, ``"package.module:function"``: it is
+        imported and run where the sandbox is (in a worker process, without
+        a round trip to this one). Guest prints become
         :class:`~hlasync.events.GuestOutput` events (and go to ``output``, or
         to stdout when nobody subscribes to them). A member whose restore
         fails is closed and replaced by a new one.
@@ -195,13 +211,7 @@ class Supervisor:
             raise ValueError("size must be a positive int")
         image = await self._in_thread(lambda: load_image(guest))
         pool = Pool(self, name or f"pool-{next(self._ids)}", image, size)
-        pool._host_functions = wrap_host_functions(host_functions, self._token)
-        pool._factory = lambda: self._new_sandbox(image, config, pool._host_functions, output)
-        factory = pool._factory
-        sandboxes = await self._in_thread(
-            lambda: create_all(factory, size), discard=self._host.close_sandboxes
-        )
-        self._add_target(pool, sandboxes)
+        await self._create(pool, "pool", image, size, config, _plain(host_functions), output)
         return pool
 
     async def create_sandbox(
@@ -209,20 +219,14 @@ class Supervisor:
         guest: str | os.PathLike[str] | GuestImage,
         config: SandboxConfig | None = None,
         *,
-        host_functions: Mapping[str, Callable[..., Any]] | None = None,
+        host_functions: Mapping[str, Callable[..., Any] | str] | None = None,
         output: Callable[[str], None] | None = None,
     ) -> SupervisedSandbox:
         """A dedicated sandbox that keeps its state between calls (run one at a time)."""
         self._check_open()
         image = await self._in_thread(lambda: load_image(guest))
-        wrapped = wrap_host_functions(host_functions, self._token)
-        sandbox = await self._in_thread(
-            lambda: self._new_sandbox(image, config, wrapped, output),
-            discard=lambda sb: self._host.close_sandboxes([sb]),
-        )
-        target = SupervisedSandbox(self, sandbox)
-        target._host_functions = wrapped
-        self._add_target(target, [sandbox])
+        target = SupervisedSandbox(self, f"sandbox-{next(self._ids)}", image)
+        await self._create(target, "sandbox", image, 1, config, _plain(host_functions), output)
         return target
 
     async def create_js_pool(
@@ -231,7 +235,7 @@ class Supervisor:
         size: int = 4,
         *,
         modules: Mapping[str, str] | None = None,
-        host_functions: Mapping[str, Mapping[str, Callable[..., Any]]] | None = None,
+        host_functions: Mapping[str, Mapping[str, Callable[..., Any] | str]] | None = None,
         heap_size: int | None = None,
         config: SandboxConfig | None = None,
         name: str | None = None,
@@ -242,15 +246,15 @@ class Supervisor:
         ``modules`` are ES modules handlers may import by name;
         ``host_functions`` maps a module name to the functions JavaScript
         imports from it (``{"db": {"get": get}}``: ``import { get } from "db"``),
-        plain or ``async def`` (run on this loop, cancelled by the watchdog).
-        The engine and handlers are initialised once; every sandbox starts from
-        that snapshot and is restored to it after every call. Console output
+        plain or ``async def`` (run on this loop, cancelled by the watchdog),
+        or importable references as for :meth:`create_pool`. The engine and
+        handlers are initialised once; every sandbox starts from that
+        snapshot and is restored to it after every call. Console output
         becomes :class:`~hlasync.events.GuestOutput` events with their level
         (and goes to ``output(level, text)``, or to stdout/stderr when nobody
         subscribes). Raises JSSyntaxError for a handler that does not compile.
         """
         from ..js import protocol, runtime
-        from ..js.host import HostBridge
 
         self._check_open()
         if type(size) is not int or size < 1:
@@ -261,48 +265,63 @@ class Supervisor:
             protocol.check_name("handler", handler)
             if not isinstance(source, str) or not source.strip():
                 raise ValueError(f"the source of handler {handler!r} must be a non-empty str")
+        functions: dict[HostKey, Callable[..., Any] | str] = {}
+        for module, members in (host_functions or {}).items():
+            protocol.check_name("module", module)
+            for function_name, function in members.items():
+                if not isinstance(function_name, str) or not function_name.isidentifier():
+                    raise ValueError(
+                        f"host function name must be a JavaScript identifier, got {function_name!r}"
+                    )
+                functions[(module, function_name)] = function
         heap = runtime.DEFAULT_HEAP_SIZE if heap_size is None else heap_size
         config = config if config is not None else runtime.default_config(heap)
         image = await self._in_thread(lambda: load_image(runtime.guest_path()))
-
-        bridge = HostBridge(js_console(self._hub, output))
-        for module, functions in (host_functions or {}).items():
-            for function_name, function in functions.items():
-                bridge.register(module, function_name, wrap_host_function(function, self._token))
-        sandbox_functions = bridge.sandbox_functions()
         pool = JSPool(self, name or f"js-pool-{next(self._ids)}", image, size, handlers)
-        factory = JSFactory(
-            lambda: self._new_sandbox(image, config, sandbox_functions, None),
-            heap,
-            handlers,
-            dict(modules or {}),
-            bridge.modules(),
+        await self._create(
+            pool,
+            "js",
+            image,
+            size,
+            config,
+            functions,
+            output,
+            handlers=dict(handlers),
+            modules=dict(modules or {}),
+            heap=heap,
         )
-        pool._factory = factory.another
-        pool._host_functions = sandbox_functions
-        sandboxes = await self._in_thread(
-            lambda: factory.make_all(size), discard=self._host.close_sandboxes
-        )
-        self._add_target(pool, sandboxes)
         return pool
 
-    def _new_sandbox(
+    async def _create(
         self,
+        target: Target,
+        kind: Any,
         image: GuestImage,
+        size: int,
         config: SandboxConfig | None,
-        host_functions: Mapping[str, Callable[..., Any]],
-        output: Callable[[str], None] | None,
-    ) -> Sandbox:
-        return new_sandbox(
-            image, config, host_functions, output, self._hub, self._host.on_crashdump
+        functions: Mapping[HostKey, Callable[..., Any] | str],
+        output: Callable[..., None] | None,
+        **js: Any,
+    ) -> None:
+        callables, references = split_host_functions(functions)
+        spec = TargetSpec(
+            kind=kind,
+            name=target.name,
+            guest=str(image.path),
+            config=config,
+            size=size,
+            host_functions=tuple(callables),
+            references=references,
+            output=output is not None,
+            **js,
         )
+        await self._backend.create(target, spec, image, callables, output)
 
-    def _add_target(self, target: Target, sandboxes: list[Sandbox]) -> None:
-        self._host.add_target(target, sandboxes)
+    def _announce(self, target: Target, sandbox_ids: list[str]) -> None:
         pool = target.name if isinstance(target, Pool) else None
-        for sandbox in sandboxes:
+        for sandbox_id in sandbox_ids:
             self._hub.publish(
-                ev.SandboxCreated, sandbox_id=sandbox.id, guest=str(target.image.path), pool=pool
+                ev.SandboxCreated, sandbox_id=sandbox_id, guest=str(target.image.path), pool=pool
             )
 
     async def close_sandbox(self, target: SupervisedSandbox) -> None:
@@ -313,13 +332,7 @@ class Supervisor:
         """Close a target once its calls are done (waiting is cancellable)."""
         if self._state == "closed":
             return  # aclose() closed every sandbox
-        while True:
-            members = self._host.detach_if_idle(target)
-            if members is not None:
-                break
-            await anyio.sleep(0.005)
-        if members:
-            await self._in_thread(lambda: self._host.close_sandboxes(members))
+        await self._backend.close_target(target)
 
     # ----------------------------------------------------------------- calls
     async def call(
@@ -363,7 +376,7 @@ class Supervisor:
         try:
             self._slots.acquire_nowait()
         except anyio.WouldBlock:
-            self._host.counters["busy"] += 1
+            self._counters["busy"] += 1
             raise SupervisorBusy(f"{self.max_pending} calls are already pending") from None
         self._submit(job)
         return PendingCall(self, job)
@@ -386,41 +399,26 @@ class Supervisor:
         check_limit("timeout", timeout)
         check_limit("cpu_timeout", cpu_timeout)
         signature = check_call(target.image, target.functions, target.name, name, args)
-        return Job(next(self._ids), target, signature, args, timeout, cpu_timeout)
+        job = Job(next(self._ids), target, signature, args, timeout, cpu_timeout)
+        job.done = anyio.Event()
+        return job
 
     def _submit(self, job: Job) -> None:
         self._outstanding += 1
         if self._all_done.is_set():
             self._all_done = anyio.Event()
-        self._host.submit(job)
+        self._backend.submit(job)
 
     async def _await_job(self, job: Job) -> Value:
+        assert job.done is not None
         try:
             await job.done.wait()
         except anyio.get_cancelled_exc_class():
-            self._abandon(job)
+            self._backend.abandon(job, self.dump_on_cancel)
             raise
         if job.error is not None:
             raise job.error
         return job.result
-
-    def _abandon(self, job: Job) -> None:
-        """The caller gave up (cancelled): stop the guest, now, without waiting."""
-        if self._host.dequeue(job):
-            job.abandoned = True
-            self._host.finish(
-                job,
-                None,
-                GuestCancelled(
-                    "call cancelled while queued", sandbox_id=job.target.name, function=job.name
-                ),
-            )
-            return
-        with job.lock:
-            # The worker reads this under the same lock as it publishes job.call: either
-            # it sees the flag before the guest runs, or we see the call and stop it.
-            job.abandoned = True
-        self._host.stop_job(job, "cancelled" if self.dump_on_cancel else None)
 
     # ----------------------------------------------------- dumps, operations
     async def generate_crashdump(
@@ -429,7 +427,8 @@ class Supervisor:
         """Dump a dedicated sandbox now, also while a call runs on it."""
         if not isinstance(target, SupervisedSandbox):
             raise TypeError("generate_crashdump() takes a SupervisedSandbox")
-        return await self._in_thread(lambda: target.sandbox.generate_crashdump(directory))
+        self._check_open()
+        return await self._backend.generate_crashdump(target, directory)
 
     async def _in_thread(
         self,
@@ -465,7 +464,7 @@ class Supervisor:
                 return
             on_loop(done.set)
 
-        self._host.spawn_operation(work)
+        self._spawn_operation(work)
         try:
             await done.wait()
         except BaseException:
@@ -480,11 +479,31 @@ class Supervisor:
             raise value
         return value  # type: ignore[no-any-return]
 
+    def _spawn_operation(self, work: Callable[[], None]) -> None:
+        if isinstance(self._backend, ThreadBackend):
+            self._backend.host.spawn_operation(work)
+        else:
+            threading.Thread(target=work, name="hlasync-op", daemon=True).start()
+
     def _discard(self, discard: Callable[[_T], object], value: _T) -> None:
         try:
             discard(value)
         except BaseException as exc:  # noqa: BLE001 - reported, never raised into a caller
-            self._host.thread_failed(exc)
+            self._report(exc)
+
+    def _report(self, error: BaseException) -> None:
+        """A failure the supervisor survives: logged, counted, published."""
+        if isinstance(self._backend, ThreadBackend):
+            self._backend.host.thread_failed(error)
+            return
+        _logger.error("%s: %s", type(error).__name__, error, exc_info=error)
+        self._counters["internal_errors"] += 1
+        self._hub.publish(
+            ev.SupervisorError,
+            sandbox_id=None,
+            thread=threading.current_thread().name,
+            error=error,
+        )
 
     # ---------------------------------------------------------------- events
     def subscribe(
@@ -515,7 +534,7 @@ class Supervisor:
 
     def _job_done(self, job: Job) -> None:
         error = job.error
-        counters = self._host.counters
+        counters = self._counters
         if error is None:
             counters["completed"] += 1
         elif isinstance(error, GuestTimeout):
@@ -528,20 +547,21 @@ class Supervisor:
         self._outstanding -= 1
         if self._outstanding == 0:
             self._all_done.set()
+        assert job.done is not None
         job.done.set()
 
     # ------------------------------------------------------------ reporting
     def statistics(self) -> SupervisorStatistics:
-        host = self._host
-        with host.lock:
-            pending, running = len(host.pending), len(host.running)
-            sandboxes = sum(len(t._members) for t in host.targets)
-        c = host.counters
+        backend = self._backend
+        counts = backend.counts()
+        c = backend.counters.copy()
+        if isinstance(backend, ProcessBackend):
+            c.update(backend.worker_counters())
         return SupervisorStatistics(
             workers=self.workers,
-            sandboxes=sandboxes,
-            pending=pending,
-            running=running,
+            sandboxes=counts["sandboxes"],
+            pending=counts["pending"],
+            running=counts["running"],
             started=c["started"],
             completed=c["completed"],
             failed=c["failed"],
@@ -553,6 +573,8 @@ class Supervisor:
             events_published=self._hub.published,
             events_dropped=self._hub.dropped,
             internal_errors=c["internal_errors"],
+            processes=self.processes,
+            workers_lost=c["workers_lost"],
         )
 
     def _check_open(self) -> None:
@@ -564,4 +586,25 @@ class Supervisor:
             )
 
     def __repr__(self) -> str:
-        return f"<Supervisor {self._state}, {self.workers} workers>"
+        mode = f"{self.processes} processes x " if self.processes else ""
+        return f"<Supervisor {self._state}, {mode}{self.workers // max(self.processes, 1)} workers>"
+
+
+def _plain(
+    functions: Mapping[str, Callable[..., Any] | str] | None,
+) -> dict[HostKey, Callable[..., Any] | str]:
+    return {(name,): function for name, function in (functions or {}).items()}
+
+
+def _default_processes() -> int:
+    """``HLASYNC_PROCESSES`` from the environment, else 0 (threads of this process)."""
+    value = os.environ.get("HLASYNC_PROCESSES", "").strip()
+    if not value:
+        return 0
+    try:
+        processes = int(value)
+    except ValueError:
+        raise ValueError(f"HLASYNC_PROCESSES must be an int >= 0, got {value!r}") from None
+    if processes < 0:
+        raise ValueError(f"HLASYNC_PROCESSES must be an int >= 0, got {value!r}")
+    return processes

@@ -1,5 +1,8 @@
-"""Making the sandboxes of a target: plain guests, and JavaScript runtimes
-initialised once and copied from their loaded snapshot."""
+"""Making the sandboxes of a target from its :class:`~.specs.TargetSpec`:
+plain guests, and JavaScript runtimes initialised once and copied from their
+loaded snapshot. The same code runs in the supervisor's process (threads)
+and in worker processes; only how host functions and output are reached
+differs (``resolve``, ``output``)."""
 
 from __future__ import annotations
 
@@ -13,10 +16,11 @@ from ..config import SandboxConfig
 from ..guest.image import GuestImage
 from ..sandbox import CrashdumpRecord, Sandbox
 from ..sandbox.snapshots import Snapshot
-from .hub import EventHub
+from .hub import Publisher
 from .jobs import current_job
+from .specs import HostKey, TargetSpec, import_reference
 
-__all__ = ["JSFactory", "create_all", "load_image", "new_sandbox"]
+__all__ = ["Builder", "create_all", "load_image", "new_sandbox"]
 
 
 def load_image(guest: str | os.PathLike[str] | GuestImage) -> GuestImage:
@@ -41,7 +45,7 @@ def new_sandbox(
     config: SandboxConfig | None,
     host_functions: Mapping[str, Callable[..., Any]],
     output: Callable[[str], None] | None,
-    hub: EventHub,
+    hub: Publisher,
     on_crashdump: Callable[[CrashdumpRecord], None],
 ) -> Sandbox:
     """A sandbox whose prints become :class:`~hlasync.events.GuestOutput`
@@ -68,7 +72,7 @@ def new_sandbox(
 
 
 def js_console(
-    hub: EventHub, output: Callable[[str, str], None] | None
+    hub: Publisher, output: Callable[[str, str], None] | None
 ) -> Callable[[str, str], None]:
     """Where a JS pool's ``console`` goes: ``GuestOutput`` events with their
     level, ``output(level, text)``, or stdout/stderr when nobody subscribes."""
@@ -87,36 +91,99 @@ def js_console(
     return console
 
 
-class JSFactory:
-    """Sandboxes of the JS runtime loaded with one set of handlers: the first
-    starts the engine, compiles everything and takes the loaded snapshot;
-    every other one (and every replacement) is a new sandbox restored to it."""
+class Builder:
+    """Makes the sandboxes of one target (or one worker's shard of it).
+
+    ``resolve(key)`` gives the function a guest's host call ``key`` runs
+    (the caller's own, or a proxy to the supervisor's process); importable
+    references in the spec are imported here. ``output`` receives a plain
+    guest's prints, ``output(level, text)`` a JavaScript guest's console.
+    For JavaScript, the first sandbox starts the engine, compiles everything
+    and takes the loaded snapshot; every other one (and every replacement)
+    is a new sandbox restored to it.
+    """
 
     def __init__(
         self,
-        make: Callable[[], Sandbox],
-        heap: int,
-        handlers: Mapping[str, str],
-        modules: Mapping[str, str],
-        host_modules: Mapping[str, list[str]],
+        spec: TargetSpec,
+        image: GuestImage,
+        resolve: Callable[[HostKey], Callable[..., Any]],
+        output: Callable[..., None] | None,
+        hub: Publisher,
+        on_crashdump: Callable[[CrashdumpRecord], None],
     ) -> None:
-        self._make = make
-        self._heap = heap
-        self._handlers = dict(handlers)
-        self._modules = dict(modules)
-        self._host_modules = host_modules
+        self.spec = spec
+        self.image = image
+        self._hub = hub
+        self._on_crashdump = on_crashdump
+        functions: dict[HostKey, Callable[..., Any]] = {
+            key: resolve(key) for key in spec.host_functions
+        }
+        for key, reference in spec.references.items():
+            functions[key] = import_reference(reference)
         self._loaded: Snapshot | None = None
+        self._output: Callable[[str], None] | None
+        if spec.kind == "js":
+            from ..js.host import HostBridge
 
-    def first(self) -> Sandbox:
+            bridge = HostBridge(js_console(hub, output))
+            for (module, name), function in ((k, f) for k, f in functions.items() if len(k) == 2):
+                bridge.register(module, name, function)
+            #: What every sandbox registers (the bridge's two entry points for JS).
+            self.sandbox_functions: dict[str, Callable[..., Any]] = bridge.sandbox_functions()
+            self._host_modules = bridge.modules()
+            self._output = None
+        else:
+            self.sandbox_functions = {key[0]: function for key, function in functions.items()}
+            self._output = output
+
+    def new(self) -> Sandbox:
+        return new_sandbox(
+            self.image,
+            self.spec.config,
+            self.sandbox_functions,
+            self._output,
+            self._hub,
+            self._on_crashdump,
+        )
+
+    def make_all(self) -> list[Sandbox]:
+        """The target's ``spec.size`` sandboxes; none are left open if one fails."""
+        if self.spec.kind != "js":
+            return create_all(self.new, self.spec.size)
+        made = [self._first_js()]
+        try:
+            made += create_all(self.another, self.spec.size - 1)
+        except BaseException:
+            made[0].close()
+            raise
+        return made
+
+    def another(self) -> Sandbox:
+        """One more sandbox (a pool's replacement for a member that broke)."""
+        if self.spec.kind != "js":
+            return self.new()
+        assert self._loaded is not None, "make_all() makes the loaded snapshot first"
+        sandbox = self.new()
+        try:
+            sandbox.restore(self._loaded)
+            sandbox._set_baseline(self._loaded)
+        except BaseException:
+            sandbox.close()
+            raise
+        return sandbox
+
+    def _first_js(self) -> Sandbox:
         from ..js import runtime
 
-        sandbox = self._make()
+        spec = self.spec
+        sandbox = self.new()
         try:
-            runtime.start_engine(sandbox, self._heap)
+            runtime.start_engine(sandbox, spec.heap)
             runtime.install(
                 sandbox,
-                handlers=self._handlers,
-                modules=self._modules,
+                handlers=dict(spec.handlers),
+                modules=dict(spec.modules),
                 host_modules=self._host_modules,
             )
             loaded = sandbox.snapshot()
@@ -126,24 +193,3 @@ class JSFactory:
             raise
         self._loaded = loaded
         return sandbox
-
-    def another(self) -> Sandbox:
-        """From the loaded snapshot: no engine start, no compiling."""
-        assert self._loaded is not None, "first() makes the loaded snapshot"
-        sandbox = self._make()
-        try:
-            sandbox.restore(self._loaded)
-            sandbox._set_baseline(self._loaded)
-        except BaseException:
-            sandbox.close()
-            raise
-        return sandbox
-
-    def make_all(self, size: int) -> list[Sandbox]:
-        made = [self.first()]
-        try:
-            made += create_all(self.another, size - 1)
-        except BaseException:
-            made[0].close()
-            raise
-        return made

@@ -46,7 +46,7 @@ from ..kvm import Vcpu
 from ..sandbox import CrashdumpRecord, Sandbox, SandboxState
 from ..sandbox.calls import DumpRequest
 from ..sandbox.core import StopResult
-from .hub import EventHub
+from .hub import Publisher
 from .jobs import Job, set_current_job
 from .targets import Target
 from .watchdog import Watchdog
@@ -63,7 +63,7 @@ class WorkerHost:
     """Runs submitted calls on ``workers`` vCPU threads (pinned to ``pin_cpus``
     round robin, if given) and reports every outcome with ``complete(job)``."""
 
-    def __init__(self, workers: int, pin_cpus: Sequence[int] | None, hub: EventHub) -> None:
+    def __init__(self, workers: int, pin_cpus: Sequence[int] | None, hub: Publisher) -> None:
         self.workers = workers
         self.pin_cpus = tuple(pin_cpus) if pin_cpus is not None else None
         self.hub = hub
@@ -81,6 +81,9 @@ class WorkerHost:
         self.watchdog = Watchdog(self._expire, self.thread_failed)
         self._complete: Callable[[Job], None] = lambda job: None
         self._on_loop: Callable[[Callable[[], None]], None] = lambda function: None
+        #: Cancels a stopped call's ``async def`` host functions (they run on the
+        #: event loop: the front's, or across the channel from a worker process).
+        self.cancel_host_calls: Callable[[Job], None] = self._cancel_scopes
 
     # ------------------------------------------------------------- lifecycle
     def start(
@@ -190,13 +193,62 @@ class WorkerHost:
         annotations: Mapping[str, object] | None = None,
     ) -> StopResult | None:
         """Stop a running job's call (and cancel its async host functions); never blocks."""
-        for scope in list(job.host_scopes):
-            self._on_loop(scope.cancel)
+        self.cancel_host_calls(job)
         with job.lock:
             call = job.call
         if call is None or job.sandbox is None:
             return None
         return job.sandbox._stop(call, dump_reason, annotations=annotations)
+
+    def _cancel_scopes(self, job: Job) -> None:
+        for scope in list(job.host_scopes):
+            self._on_loop(scope.cancel)
+
+    def abandon(self, job: Job, dump_reason: str | None) -> None:
+        """The caller gave up (cancelled): stop the guest, now, without waiting."""
+        if self.dequeue(job):
+            job.abandoned = True
+            self.finish(
+                job,
+                None,
+                GuestCancelled(
+                    "call cancelled while queued", sandbox_id=job.target.name, function=job.name
+                ),
+            )
+            return
+        with job.lock:
+            # The worker reads this under the same lock as it publishes job.call: either
+            # it sees the flag before the guest runs, or we see the call and stop it.
+            job.abandoned = True
+        self.stop_job(job, dump_reason)
+
+    def shutdown_begin(self) -> None:
+        """Refuse replacements, fail what waits, stop what runs, tell the threads to end."""
+        self.accepting = False
+        closed = SupervisorClosed("the supervisor shut down before the call ran")
+        waiting, running = self.take_all()
+        for job in waiting:
+            self.finish(job, None, closed)
+        for job in running:
+            self.stop_job(job)
+        self.stop_threads()
+
+    def shutdown_end(self) -> bool:
+        """After the threads had their time: fail what is still running, close every
+        sandbox. False when a thread is still blocked in a host function."""
+        stuck = [t.name for t in self.threads if t.is_alive()]
+        if stuck:
+            _logger.warning(
+                "supervisor shut down with threads still blocked in host functions: %s",
+                ", ".join(stuck),
+            )
+        stopped = SupervisorClosed(
+            "the supervisor shut down while the call was blocked in a host function"
+        )
+        for job in list(self.running):
+            self.finish(job, None, stopped)
+        self.close_all(timeout=0.0 if stuck else STOP_TIMEOUT)
+        return not stuck
 
     # --------------------------------------------------------------- workers
     def _worker_main(self, index: int) -> None:

@@ -5,11 +5,22 @@ event, so nobody pays for events nobody reads."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from .. import events as ev
 
-__all__ = ["EventHub"]
+__all__ = ["EventHub", "Publisher"]
+
+
+class Publisher(Protocol):
+    """What the worker host and sandbox construction need of event delivery
+    (the supervisor's :class:`EventHub`, or a worker process's channel)."""
+
+    def wants(self, kind: type[ev.Event]) -> bool: ...
+
+    def publish(self, event_type: type[ev.Event], /, **fields: Any) -> None: ...
+
+    def post(self, event: ev.Event) -> None: ...
 
 
 class EventHub:
@@ -20,6 +31,8 @@ class EventHub:
         self._closed = False
         self.published = 0
         self._dropped_by_gone = 0  # drops counted by streams that were unsubscribed
+        #: Called (on the loop) when the set of subscribers changes.
+        self.on_change: Callable[[], None] | None = None
 
     def attach(self, post: Callable[[object], None]) -> None:
         """Where events go from any thread (the supervisor's outbox)."""
@@ -37,14 +50,23 @@ class EventHub:
             stream._close()
         else:
             self._streams.append(stream)
-            self._interest = {}  # threads may hold the old map: replace it, never clear it
+            self._changed()
         return ev.Subscription(stream, self._unsubscribe)
 
     def _unsubscribe(self, stream: ev.EventStream) -> None:
         if stream in self._streams:
             self._streams.remove(stream)
-            self._interest = {}
+            self._changed()
         self._dropped_by_gone += stream.statistics().dropped
+
+    def _changed(self) -> None:
+        self._interest = {}  # threads may hold the old map: replace it, never clear it
+        if self.on_change is not None:
+            self.on_change()
+
+    def interest_names(self) -> list[str]:
+        """The names of the event classes some subscriber takes (for worker processes)."""
+        return sorted({t.__name__ for s in self._streams for t in (s.types or (ev.Event,))})
 
     def wants(self, kind: type[ev.Event]) -> bool:
         """Whether any subscriber takes ``kind`` (any thread; cached per subscriber set)."""

@@ -82,7 +82,9 @@ class Job:
         self.args = args
         self.timeout = timeout
         self.cpu_timeout = cpu_timeout
-        self.done = anyio.Event()  # set on the loop once the outcome is known
+        #: Set on the loop once the outcome is known (the front's jobs only: a
+        #: worker process's copy of a call has no loop).
+        self.done: anyio.Event | None = None
         self.lock = threading.Lock()
         self.finished = False  # outcome decided (worker or watchdog), under lock
         self.result: Value = None

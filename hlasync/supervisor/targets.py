@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 from ..abi import Arg, FunctionSignature, Value
 from ..guest.image import GuestImage
 from ..sandbox import Sandbox, SandboxState
-from .hostcalls import wrap_host_function
 from .jobs import DEFAULT, Job
 
 if TYPE_CHECKING:
@@ -61,10 +60,9 @@ class Target:
     def register_host_function(self, name: str, function: Callable[..., Any]) -> None:
         """Make ``function`` callable by the guest as ``name`` in every sandbox of
         this target (``async def`` functions run on the supervisor's loop)."""
-        wrapped = wrap_host_function(function, self._supervisor._token)
-        self._host_functions[name] = wrapped
-        for sandbox in list(self._members):
-            sandbox.register_host_function(name, wrapped)
+        if not callable(function):
+            raise TypeError("host function must be callable")
+        self._supervisor._backend.register_host_function(self, name, function)
 
     async def call(
         self,
@@ -107,7 +105,8 @@ class Pool(Target):
 
     @property
     def sandbox_ids(self) -> list[str]:
-        return [sb.id for sb in self._members]
+        """The ids of this pool's sandboxes (in worker processes too)."""
+        return self._supervisor._backend.sandbox_ids(self)
 
     def __repr__(self) -> str:
         return f"<Pool {self.name} of {self.size} x {self.image.path.name}>"
@@ -165,10 +164,11 @@ class SupervisedSandbox(Target):
 
     fresh_state = False
 
-    def __init__(self, supervisor: Supervisor, sandbox: Sandbox) -> None:
-        super().__init__(supervisor, sandbox.id, sandbox.image)
-        self.sandbox = sandbox
-        self.id = sandbox.id
+    def __init__(self, supervisor: Supervisor, name: str, image: GuestImage) -> None:
+        super().__init__(supervisor, name, image)
+        #: The sandbox (the thread mode; None when it lives in a worker process).
+        self.sandbox: Sandbox | None = None
+        self.id = name  # the sandbox's id once it exists
 
     async def generate_crashdump(self, directory: str | os.PathLike[str] | None = None) -> Path:
         """Dump this sandbox now, also while a call runs; see :meth:`Sandbox.generate_crashdump`."""
@@ -190,7 +190,7 @@ class PendingCall:
         return self._job.call_id
 
     def done(self) -> bool:
-        return self._job.done.is_set()
+        return self._job.done is not None and self._job.done.is_set()
 
     def __await__(self) -> Generator[Any, None, Value]:
         return self._supervisor._await_job(self._job).__await__()

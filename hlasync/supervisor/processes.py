@@ -1,0 +1,752 @@
+"""The process mode (``Supervisor(processes=N)``): sandboxes live in N worker
+processes (:mod:`.worker`), each with its own vCPU threads, watchdog and dump
+writing, so the per-call Python work of different workers runs under
+different GILs.
+
+The supervisor's side, all on the event loop: a target is split into one
+shard per worker (a pool of 4 over 2 processes: 2 + 2); calls wait in one
+FIFO queue here and go to a shard with a free sandbox, so a worker only ever
+receives calls it can start at once. Each worker's channel is read by a task
+of the loop itself (no thread hand-off: the loop wakes on the socket) and
+written in batches, one frame per loop iteration. Host functions run here
+(``async def`` ones on the loop, cancellable by the worker's watchdog;
+plain ones on a thread); output and events come back as messages.
+
+A worker that dies fails its calls with :class:`~hlasync.WorkerLost`,
+publishes :class:`~hlasync.events.WorkerDied`, and is replaced: a new
+process with the same index makes its shards again (dedicated sandboxes
+start over from their initial state).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from .. import events as ev
+from ..errors import (
+    GuestCancelled,
+    HlasyncError,
+    SupervisorClosed,
+    SupervisorError,
+    WorkerLost,
+    portable_error,
+)
+from ..guest.image import GuestImage
+from .channel import Decoder, encode
+from .host import STOP_TIMEOUT
+from .jobs import Job
+from .loop import Outbox
+from .specs import HostKey, TargetSpec
+from .targets import SupervisedSandbox, Target
+
+if TYPE_CHECKING:
+    from .core import Supervisor
+
+__all__ = ["ProcessBackend"]
+
+_logger = logging.getLogger("hlasync.supervisor")
+
+#: Seconds a new worker process may take to start and say hello.
+START_TIMEOUT = 30.0
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+class _Shard:
+    """One worker's part of a target."""
+
+    __slots__ = ("capacity", "inflight", "key", "ready", "sandbox_ids", "spec", "target", "worker")
+
+    def __init__(self, target: Target, worker: _Worker, key: str, spec: TargetSpec) -> None:
+        self.target = target
+        self.worker = worker
+        self.key = key
+        self.spec = spec
+        self.capacity = spec.size
+        self.inflight = 0
+        self.ready = False
+        self.sandbox_ids: list[str] = []
+
+
+class _Worker:
+    """One worker process and its channel, seen from the supervisor."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.process: subprocess.Popen[bytes] | None = None
+        self.sock: socket.socket | None = None
+        self.pid = 0
+        self.ready = anyio.Event()
+        self.alive = False
+        self.leaving = False  # asked to shut down: its end is expected
+        self.gone = anyio.Event()
+        self.outgoing: list[tuple[object, ...]] = []
+        self.unsent = bytearray()
+        self.flush_scheduled = False
+        self.writable = anyio.Event()
+        self.inflight: dict[int, tuple[Job, _Shard]] = {}
+        self.shards: dict[str, _Shard] = {}
+        self.waiting: dict[object, tuple[anyio.Event, list[Any]]] = {}
+        self.counters: dict[str, int] = {}
+
+
+class ProcessBackend:
+    def __init__(
+        self,
+        front: Supervisor,
+        processes: int,
+        workers: int,
+        pin_cpus: tuple[int, ...] | None,
+    ) -> None:
+        self._front = front
+        self.processes = processes
+        self.workers_per_process = workers
+        self.workers = processes * workers
+        self._pin_cpus = pin_cpus
+        self._workers = [_Worker(index) for index in range(processes)]
+        self._pending: deque[Job] = deque()
+        self._targets: list[Target] = []
+        self._callables: dict[str, dict[HostKey, Callable[..., Any]]] = {}  # shard key -> ...
+        self._outputs: dict[str, Callable[..., None] | None] = {}
+        self._host_scopes: dict[int, list[anyio.CancelScope]] = {}
+        self._reply_ids = itertools.count(1)
+        self._shard_ids = itertools.count(1)
+        self.counters: Counter[str] = Counter()
+        self._outbox: Outbox | None = None
+        self._group: anyio.abc.TaskGroup | None = None
+        self._closing = False
+
+    # ------------------------------------------------------------- lifecycle
+    async def start(self, outbox: Outbox, group: anyio.abc.TaskGroup) -> None:
+        self._outbox = outbox
+        self._group = group
+        self._front._hub.on_change = self._interest_changed
+        try:
+            await _all(self._launch, self._workers)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.shutdown()
+            raise
+
+    def _spawn(self, function: Callable[..., Any], *args: Any) -> None:
+        """Run ``function(*args)`` as a task of the supervisor; a failure is
+        reported, never raised into the caller's task."""
+
+        async def guarded() -> None:
+            try:
+                await function(*args)
+            except anyio.get_cancelled_exc_class():
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported; the supervisor goes on
+                self._front._report(exc)
+
+        assert self._group is not None
+        self._group.start_soon(guarded)
+
+    async def _launch(self, worker: _Worker) -> None:
+        """Start ``worker``'s process and wait (bounded) for its hello."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ)
+        paths = [_PACKAGE_ROOT, *env.get("PYTHONPATH", "").split(os.pathsep)]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "hlasync.supervisor.worker", str(child.fileno())],
+                pass_fds=[child.fileno()],
+                env=env,
+                close_fds=True,
+            )
+        except OSError as exc:
+            parent.close()
+            raise SupervisorError(f"cannot start worker process {worker.index}: {exc}") from exc
+        finally:
+            child.close()
+        parent.setblocking(False)
+        worker.process, worker.sock, worker.pid = process, parent, process.pid
+        worker.ready, worker.gone = anyio.Event(), anyio.Event()
+        worker.alive, worker.leaving = True, False
+        worker.outgoing, worker.unsent, worker.flush_scheduled = [], bytearray(), False
+        worker.writable = anyio.Event()
+        self._spawn(self._reader, worker)
+        self._spawn(self._writer, worker)
+        pins = None
+        if self._pin_cpus:
+            per = self.workers_per_process
+            pins = [
+                self._pin_cpus[(worker.index * per + t) % len(self._pin_cpus)] for t in range(per)
+            ]
+        self._send(
+            worker,
+            (
+                "init",
+                {
+                    "workers": self.workers_per_process,
+                    "pin_cpus": pins,
+                    "sys_path": [p for p in sys.path if p],
+                    "interest": self._front._hub.interest_names(),
+                },
+            ),
+        )
+        with anyio.move_on_after(START_TIMEOUT):
+            await worker.ready.wait()
+        if not worker.ready.is_set():
+            self._kill(worker)
+            raise SupervisorError(
+                f"worker process {worker.index} (pid {worker.pid}) did not start within "
+                f"{START_TIMEOUT:.0f} s"
+            )
+
+    def _kill(self, worker: _Worker) -> None:
+        if worker.process is not None and worker.process.poll() is None:
+            worker.process.kill()
+
+    async def shutdown(self) -> None:
+        """Fail what waits here, ask every worker to stop (their running calls end
+        with GuestCancelled), wait for them (bounded), kill stragglers."""
+        self._closing = True
+        closed = SupervisorClosed("the supervisor shut down before the call ran")
+        while self._pending:
+            self._finish(self._pending.popleft(), None, closed)
+        for worker in self._workers:
+            if worker.alive:
+                worker.leaving = True
+                self._send(worker, ("shutdown",))
+        with anyio.move_on_after(STOP_TIMEOUT + 3.0):
+            for worker in self._workers:
+                if worker.alive:
+                    await worker.gone.wait()
+        stopped = SupervisorClosed("the supervisor shut down while the call ran")
+        for worker in self._workers:
+            self._kill(worker)
+            if worker.process is not None:
+                try:
+                    await anyio.to_thread.run_sync(worker.process.wait, 5.0)
+                except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL was sent
+                    _logger.warning("worker process %s did not exit", worker.pid)
+            for job, _shard in list(worker.inflight.values()):
+                self._finish(job, None, stopped)
+            worker.inflight.clear()
+            if worker.sock is not None:
+                worker.sock.close()
+                worker.sock = None
+            for event, outcome in worker.waiting.values():
+                outcome.append((False, stopped))
+                event.set()
+            worker.waiting.clear()
+
+    # ------------------------------------------------------------- channels
+    def _send(self, worker: _Worker, message: tuple[object, ...]) -> None:
+        """Queue ``message`` (on the loop); one frame per loop iteration."""
+        worker.outgoing.append(message)
+        if not worker.flush_scheduled:
+            worker.flush_scheduled = True
+            assert self._outbox is not None
+            self._outbox.on_loop(lambda: self._flush(worker))
+
+    def _flush(self, worker: _Worker) -> None:
+        worker.flush_scheduled = False
+        if not worker.outgoing or worker.sock is None:
+            return
+        batch, worker.outgoing = worker.outgoing, []
+        try:
+            worker.unsent += encode(batch)
+        except Exception as exc:  # noqa: BLE001 - a value that does not pickle
+            self._unsendable(worker, batch, exc)
+            return
+        self._write(worker)
+
+    def _write(self, worker: _Worker) -> None:
+        sock = worker.sock
+        while worker.unsent and sock is not None:
+            try:
+                sent = sock.send(worker.unsent)
+            except BlockingIOError:
+                worker.writable.set()  # the writer task waits until it can go on
+                return
+            except OSError:
+                worker.unsent.clear()  # the reader notices the end
+                return
+            del worker.unsent[:sent]
+
+    async def _writer(self, worker: _Worker) -> None:
+        try:
+            while worker.alive:
+                await worker.writable.wait()
+                worker.writable = anyio.Event()
+                if worker.sock is None:
+                    return
+                await anyio.wait_writable(worker.sock)
+                self._write(worker)
+        except (OSError, ValueError):
+            return  # the socket closed under us: the reader reports it
+
+    def _unsendable(self, worker: _Worker, batch: list[tuple[object, ...]], exc: Exception) -> None:
+        """One message in ``batch`` does not pickle: send the others, fail its call."""
+        for message in batch:
+            try:
+                worker.unsent += encode([message])
+            except Exception:  # noqa: BLE001 - this one
+                if message[0] == "call":
+                    found = worker.inflight.pop(message[1], None)  # type: ignore[call-overload]
+                    if found is not None:
+                        job, shard = found
+                        shard.inflight -= 1
+                        self._finish(
+                            job,
+                            None,
+                            SupervisorError(f"the call's arguments cannot be sent: {exc}"),
+                        )
+                elif message[0] == "host_reply":
+                    error = TypeError(f"the host function's result cannot be sent: {exc}")
+                    worker.unsent += encode([("host_reply", message[1], False, error)])
+        self._write(worker)
+
+    async def _reader(self, worker: _Worker) -> None:
+        decoder = Decoder()
+        sock = worker.sock
+        assert sock is not None
+        try:
+            while True:
+                try:
+                    await anyio.wait_readable(sock)
+                    data = sock.recv(1 << 20)
+                except BlockingIOError:
+                    continue
+                except (OSError, ValueError):
+                    data = b""
+                if not data:
+                    break
+                for batch in decoder.feed(data):
+                    for message in batch:
+                        try:
+                            self._handle(worker, message)
+                        except Exception as exc:  # noqa: BLE001 - the channel goes on
+                            self._front._report(exc)
+        finally:
+            worker.alive = False
+            worker.gone.set()
+            if not worker.leaving and not self._closing:
+                self._spawn(self._worker_died, worker)
+
+    def _handle(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "done":
+            _, call_id, result, error, _sandbox_id, counters = message
+            worker.counters = counters
+            found = worker.inflight.pop(call_id, None)
+            if found is None:
+                return
+            job, shard = found
+            shard.inflight -= 1
+            self._finish(job, result, error)
+            self._dispatch()
+        elif kind == "event":
+            self._front._hub.deliver(message[1])
+        elif kind == "host":
+            self._spawn(self._host_call, worker, *message[1:])
+        elif kind == "output":
+            _, key, level, text = message
+            output = self._outputs.get(key)
+            if output is not None:
+                if level is None:
+                    output(text)
+                else:
+                    output(level, text)
+            elif not self._front._hub.wants(ev.GuestOutput):
+                if level is None:
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+                else:
+                    from ..js.host import default_output
+
+                    default_output(level, text)
+        elif kind == "cancel_host":
+            for scope in self._host_scopes.get(message[1], []):
+                scope.cancel()
+        elif kind in ("created", "create_failed", "closed", "dump_done"):
+            key = message[1]
+            waiter = worker.waiting.pop((kind if kind != "create_failed" else "created", key), None)
+            if waiter is not None:
+                event, outcome = waiter
+                outcome.append(message)
+                event.set()
+            elif kind == "created":  # nobody waits any more (cancelled): discard it
+                self._send(worker, ("close", key))
+        elif kind == "hello":
+            worker.ready.set()
+        elif kind == "bye":
+            worker.leaving = True
+
+    async def _request(
+        self, worker: _Worker, message: tuple[Any, ...], answer: tuple[str, object]
+    ) -> tuple[Any, ...]:
+        """Send ``message`` and wait for the worker's answer named ``answer``
+        (a cancelled wait leaves the answer unclaimed: a shard made for nobody
+        is closed when it arrives)."""
+        event = anyio.Event()
+        outcome: list[Any] = []
+        worker.waiting[answer] = (event, outcome)
+        self._send(worker, message)
+        try:
+            await event.wait()
+        except BaseException:
+            worker.waiting.pop(answer, None)
+            raise
+        reply = outcome[0]
+        if isinstance(reply, tuple) and reply and reply[0] is False:
+            raise reply[1]
+        return reply  # type: ignore[no-any-return]
+
+    # -------------------------------------------------------------- targets
+    async def create(
+        self,
+        target: Target,
+        spec: TargetSpec,
+        image: GuestImage,
+        callables: dict[HostKey, Callable[..., Any]],
+        output: Callable[..., None] | None,
+    ) -> None:
+        """Make ``target``'s shards, one per worker (fewer for a small pool)."""
+        del image  # each worker loads the guest itself
+        live = [w for w in self._workers if w.alive]
+        if not live:
+            raise SupervisorClosed("no worker process is running")
+        count = 1 if spec.kind == "sandbox" else min(spec.size, len(live))
+        # Spread targets: start with the worker holding the fewest sandboxes.
+        live.sort(key=lambda w: sum(s.capacity for s in w.shards.values()))
+        shards: list[_Shard] = []
+        for position in range(count):
+            size = spec.size // count + (1 if position < spec.size % count else 0)
+            key = f"{spec.name}#{next(self._shard_ids)}"
+            shard_spec = _replace(spec, name=key, size=size)
+            shards.append(_Shard(target, live[position], key, shard_spec))
+        for shard in shards:
+            self._callables[shard.key] = callables
+            self._outputs[shard.key] = output
+        target._shards = shards  # type: ignore[attr-defined]
+        try:
+            await _all(self._make_shard, shards)
+        except BaseException:
+            for shard in shards:
+                if shard.ready:
+                    self._send(shard.worker, ("close", shard.key))
+                shard.worker.shards.pop(shard.key, None)
+            raise
+        self._targets.append(target)
+        ids = [sandbox_id for shard in shards for sandbox_id in shard.sandbox_ids]
+        if isinstance(target, SupervisedSandbox):
+            target.id = target.name = ids[0]
+        self._front._announce(target, ids)
+
+    async def _make_shard(self, shard: _Shard) -> None:
+        worker = shard.worker
+        worker.shards[shard.key] = shard
+        reply = await self._request(
+            worker, ("create", shard.key, shard.spec), ("created", shard.key)
+        )
+        if reply[0] == "create_failed":
+            worker.shards.pop(shard.key, None)
+            error = reply[2]
+            raise error if isinstance(error, BaseException) else SupervisorError(str(error))
+        shard.sandbox_ids = list(reply[2])
+        shard.ready = True
+
+    def register_host_function(
+        self, target: Target, name: str, function: Callable[..., Any]
+    ) -> None:
+        for shard in _shards(target):
+            self._callables[shard.key] = {**self._callables.get(shard.key, {}), (name,): function}
+            self._send(shard.worker, ("register", shard.key, name))
+
+    def sandbox_ids(self, target: Target) -> list[str]:
+        return [sandbox_id for shard in _shards(target) for sandbox_id in shard.sandbox_ids]
+
+    async def close_target(self, target: Target) -> None:
+        """Close a target once its calls are done (waiting is cancellable)."""
+        while any(job.target is target for job in self._pending) or any(
+            shard.inflight for shard in _shards(target)
+        ):
+            await anyio.sleep(0.005)
+        target._closed = True
+        if target in self._targets:
+            self._targets.remove(target)
+        with anyio.CancelScope(shield=True):
+            for shard in _shards(target):
+                worker = shard.worker
+                worker.shards.pop(shard.key, None)
+                if worker.alive:
+                    await self._request(worker, ("close", shard.key), ("closed", shard.key))
+                self._callables.pop(shard.key, None)
+                self._outputs.pop(shard.key, None)
+                for sandbox_id in shard.sandbox_ids:
+                    self._front._hub.publish(ev.SandboxClosed, sandbox_id=sandbox_id)
+
+    async def generate_crashdump(
+        self, target: SupervisedSandbox, directory: str | os.PathLike[str] | None
+    ) -> Path:
+        (shard,) = _shards(target)
+        reply_id = next(self._reply_ids)
+        where = None if directory is None else os.fspath(directory)
+        reply = await self._request(
+            shard.worker, ("dump", reply_id, shard.key, where), ("dump_done", reply_id)
+        )
+        _, _, path, error = reply
+        if error is not None:
+            raise error
+        return Path(path)
+
+    # ----------------------------------------------------------------- calls
+    def submit(self, job: Job) -> None:
+        self._pending.append(job)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Send waiting calls, oldest first, to shards with a free sandbox."""
+        pending = self._pending
+        position = 0
+        while position < len(pending):
+            job = pending[position]
+            shard = _pick(job.target)
+            if shard is None:
+                position += 1
+                continue
+            del pending[position]
+            shard.inflight += 1
+            worker = shard.worker
+            worker.inflight[job.call_id] = (job, shard)
+            job.started_at = time.monotonic()
+            self._send(
+                worker,
+                ("call", job.call_id, shard.key, job.name, job.args, job.timeout, job.cpu_timeout),
+            )
+
+    def abandon(self, job: Job, dump_on_cancel: bool) -> None:
+        if job in self._pending:
+            self._pending.remove(job)
+            job.abandoned = True
+            error = GuestCancelled(
+                "call cancelled while queued", sandbox_id=job.target.name, function=job.name
+            )
+            self._finish(job, None, error)
+            return
+        job.abandoned = True
+        for worker in self._workers:
+            if job.call_id in worker.inflight:
+                self._send(worker, ("abandon", job.call_id, dump_on_cancel))
+                for scope in self._host_scopes.get(job.call_id, []):
+                    scope.cancel()
+
+    def _finish(self, job: Job, result: Any, error: BaseException | None) -> None:
+        if job.finished:
+            return
+        job.finished = True
+        job.result, job.error = result, error
+        self._front._job_done(job)
+
+    async def _host_call(
+        self,
+        worker: _Worker,
+        reply_id: int,
+        call_id: int,
+        key: str,
+        host_key: HostKey,
+        args: tuple[Any, ...],
+    ) -> None:
+        """Run a host function for a worker's guest and send the answer back."""
+        function = self._callables.get(key, {}).get(host_key)
+        try:
+            if function is None:
+                raise LookupError(f"no host function {'.'.join(host_key)}")
+            if _is_async(function):
+                with anyio.CancelScope() as scope:
+                    self._host_scopes.setdefault(call_id, []).append(scope)
+                    try:
+                        value = await function(*args)
+                    finally:
+                        scopes = self._host_scopes.get(call_id, [])
+                        if scope in scopes:
+                            scopes.remove(scope)
+                        if not scopes:
+                            self._host_scopes.pop(call_id, None)
+                if scope.cancel_called:
+                    raise TimeoutError("host function cancelled by the watchdog")
+            else:
+                value = await anyio.to_thread.run_sync(
+                    lambda: function(*args), abandon_on_cancel=True
+                )
+            reply: tuple[object, ...] = ("host_reply", reply_id, True, value)
+        except Exception as exc:  # noqa: BLE001 - the guest's host call fails with it
+            reply = ("host_reply", reply_id, False, portable_error(exc))
+        if worker.alive:
+            self._send(worker, reply)
+
+    # -------------------------------------------------------- worker deaths
+    async def _worker_died(self, worker: _Worker) -> None:
+        """An unexpected end: fail its calls, say so, start a new one, remake its shards."""
+        status: int | None = None
+        if worker.process is not None:
+            try:
+                status = await anyio.to_thread.run_sync(worker.process.wait, 5.0)
+            except subprocess.TimeoutExpired:
+                self._kill(worker)
+        if worker.sock is not None:
+            worker.sock.close()
+            worker.sock = None
+        lost = WorkerLost(
+            f"worker process {worker.index} (pid {worker.pid}) ended "
+            f"({_describe(status)}) while the call ran there",
+            worker=worker.index,
+            exit_status=status,
+        )
+        inflight = list(worker.inflight.values())
+        worker.inflight.clear()
+        for job, shard in inflight:
+            shard.inflight -= 1
+            self._finish(job, None, lost)
+        for event, outcome in worker.waiting.values():
+            outcome.append((False, lost))
+            event.set()
+        worker.waiting.clear()
+        shards = list(worker.shards.values())
+        for shard in shards:
+            shard.ready = False
+            shard.inflight = 0
+        _logger.error("%s", lost)
+        self._front._hub.publish(
+            ev.WorkerDied,
+            sandbox_id=None,
+            worker=worker.index,
+            pid=worker.pid,
+            exit_status=status,
+            lost_calls=len(inflight),
+        )
+        self.counters["workers_lost"] += 1
+        if self._closing:
+            return
+        try:
+            await self._launch(worker)
+        except HlasyncError as exc:
+            self._front._report(exc)
+            self._fail_targets_of(shards, exc)
+            return
+        self._front._hub.publish(
+            ev.WorkerStarted, sandbox_id=None, worker=worker.index, pid=worker.pid
+        )
+        for shard in shards:
+            try:
+                await self._make_shard(shard)
+            except Exception as exc:  # noqa: BLE001 - reported; that target loses the shard
+                self._front._report(exc)
+                self._fail_targets_of([shard], exc)
+                continue
+            for sandbox_id in shard.sandbox_ids:
+                self._front._hub.publish(
+                    ev.SandboxCreated,
+                    sandbox_id=sandbox_id,
+                    guest=str(shard.target.image.path),
+                    pool=None if isinstance(shard.target, SupervisedSandbox) else shard.target.name,
+                )
+            if isinstance(shard.target, SupervisedSandbox):
+                shard.target.id = shard.target.name = shard.sandbox_ids[0]
+        self._dispatch()
+
+    def _fail_targets_of(self, shards: list[_Shard], error: BaseException) -> None:
+        """Targets left with no shard at all fail their waiting calls."""
+        for target in {id(s.target): s.target for s in shards}.values():
+            if any(s.ready or s.worker.alive for s in _shards(target) if s not in shards):
+                continue
+            target._closed = True
+            lost = SupervisorClosed(f"{target.name} lost its sandboxes: {error}")
+            for job in [j for j in self._pending if j.target is target]:
+                self._pending.remove(job)
+                self._finish(job, None, lost)
+
+    # ------------------------------------------------------------ reporting
+    def _interest_changed(self) -> None:
+        names = self._front._hub.interest_names()
+        for worker in self._workers:
+            if worker.alive:
+                self._send(worker, ("interest", names))
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "pending": len(self._pending),
+            "running": sum(len(w.inflight) for w in self._workers),
+            "sandboxes": sum(s.capacity for t in self._targets for s in _shards(t) if s.ready),
+        }
+
+    def worker_counters(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for worker in self._workers:
+            total.update(worker.counters)
+        return total
+
+
+async def _all(function: Callable[[Any], Any], items: list[Any]) -> None:
+    """``await function(item)`` for every item side by side; the first failure
+    is raised as itself (not in an exception group) once all have ended."""
+    errors: list[BaseException] = []
+
+    async def one(item: Any) -> None:
+        try:
+            await function(item)
+        except Exception as exc:  # noqa: BLE001 - raised below, after the others end
+            errors.append(exc)
+
+    async with anyio.create_task_group() as group:
+        for item in items:
+            group.start_soon(one, item)
+    if errors:
+        raise errors[0]
+
+
+def _shards(target: Target) -> list[_Shard]:
+    return getattr(target, "_shards", [])
+
+
+def _pick(target: Target) -> _Shard | None:
+    best: _Shard | None = None
+    for shard in _shards(target):
+        if not (shard.ready and shard.worker.alive and shard.inflight < shard.capacity):
+            continue
+        if best is None or shard.inflight * best.capacity < best.inflight * shard.capacity:
+            best = shard
+    return best
+
+
+def _is_async(function: Callable[..., Any]) -> bool:
+    import inspect
+
+    return inspect.iscoroutinefunction(function)
+
+
+def _replace(spec: TargetSpec, **changes: Any) -> TargetSpec:
+    import dataclasses
+
+    return dataclasses.replace(spec, **changes)
+
+
+def _describe(status: int | None) -> str:
+    if status is None:
+        return "exit status unknown"
+    if status < 0:
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exit status {status}"

@@ -1,0 +1,122 @@
+"""The thread mode: sandboxes live in the supervisor's own process, on its
+worker host's vCPU threads."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ..errors import SupervisorClosed
+from ..guest.image import GuestImage
+from .creation import Builder
+from .host import STOP_TIMEOUT, WorkerHost
+from .hostcalls import wrap_host_function
+from .jobs import Job
+from .loop import Outbox
+from .specs import HostKey, TargetSpec
+from .targets import SupervisedSandbox, Target
+
+if TYPE_CHECKING:
+    from .core import Supervisor
+
+__all__ = ["ThreadBackend"]
+
+
+class ThreadBackend:
+    def __init__(self, front: Supervisor, workers: int, pin_cpus: tuple[int, ...] | None) -> None:
+        self._front = front
+        self.host = WorkerHost(workers, pin_cpus, front._hub)
+        self.workers = workers
+
+    def start(self, outbox: Outbox) -> None:
+        self.host.start(outbox.post, outbox.on_loop)
+
+    # -------------------------------------------------------------- targets
+    async def create(
+        self,
+        target: Target,
+        spec: TargetSpec,
+        image: GuestImage,
+        callables: dict[HostKey, Callable[..., Any]],
+        output: Callable[..., None] | None,
+    ) -> None:
+        front = self._front
+        token = front._token
+        wrapped = {key: wrap_host_function(fn, token) for key, fn in callables.items()}
+        builder = Builder(
+            spec, image, wrapped.__getitem__, output, front._hub, self.host.on_crashdump
+        )
+        sandboxes = await front._in_thread(builder.make_all, discard=self.host.close_sandboxes)
+        target._factory = builder.another
+        target._host_functions = dict(builder.sandbox_functions)
+        if isinstance(target, SupervisedSandbox):
+            target.sandbox = sandboxes[0]
+            target.id = target.name = sandboxes[0].id
+        self.host.add_target(target, sandboxes)
+        front._announce(target, [sb.id for sb in sandboxes])
+
+    def register_host_function(
+        self, target: Target, name: str, function: Callable[..., Any]
+    ) -> None:
+        wrapped = wrap_host_function(function, self._front._token)
+        target._host_functions[name] = wrapped
+        for sandbox in list(target._members):
+            sandbox.register_host_function(name, wrapped)
+
+    def sandbox_ids(self, target: Target) -> list[str]:
+        return [sb.id for sb in target._members]
+
+    async def close_target(self, target: Target) -> None:
+        """Close a target once its calls are done (waiting is cancellable)."""
+        while True:
+            members = self.host.detach_if_idle(target)
+            if members is not None:
+                break
+            await anyio.sleep(0.005)
+        if members:
+            await self._front._in_thread(lambda: self.host.close_sandboxes(members))
+
+    async def generate_crashdump(
+        self, target: SupervisedSandbox, directory: str | os.PathLike[str] | None
+    ) -> Path:
+        sandbox = target.sandbox
+        if sandbox is None:
+            raise SupervisorClosed(f"{target.name} is closed")
+        return await self._front._in_thread(lambda: sandbox.generate_crashdump(directory))
+
+    # ----------------------------------------------------------------- calls
+    def submit(self, job: Job) -> None:
+        self.host.submit(job)
+
+    def abandon(self, job: Job, dump_on_cancel: bool) -> None:
+        self.host.abandon(job, "cancelled" if dump_on_cancel else None)
+
+    # ------------------------------------------------------------- shutdown
+    async def shutdown(self) -> None:
+        """Fail what waits, stop what runs, join the threads (bounded) and close
+        every sandbox."""
+        host = self.host
+        host.shutdown_begin()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while time.monotonic() < deadline and host.alive():
+            await anyio.sleep(0.002)
+        host.shutdown_end()
+
+    # ------------------------------------------------------------ reporting
+    def counts(self) -> dict[str, int]:
+        host = self.host
+        with host.lock:
+            return {
+                "pending": len(host.pending),
+                "running": len(host.running),
+                "sandboxes": sum(len(t._members) for t in host.targets),
+            }
+
+    @property
+    def counters(self) -> Any:
+        return self.host.counters

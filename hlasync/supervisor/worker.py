@@ -1,0 +1,322 @@
+"""A worker process of ``Supervisor(processes=N)``: a worker host (the same
+as the thread mode's) that owns its sandboxes, driven over the channel.
+
+Started by the supervisor as ``python -m hlasync.supervisor.worker FD`` (a
+fresh interpreter: a process that holds VMs is never forked). When the
+supervisor's end of the channel closes, for whatever reason, the worker stops
+its calls, closes its sandboxes and exits: it never outlives its supervisor.
+
+Messages from the supervisor: ``init``, ``create``, ``call``, ``abandon``,
+``register``, ``close``, ``dump``, ``interest``, ``host_reply``,
+``shutdown``. To it: ``hello``, ``created``/``create_failed``, ``done``,
+``event``, ``host``, ``output``, ``cancel_host``, ``closed``, ``dump_done``,
+``bye``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .. import events as ev
+from ..errors import SupervisorClosed, portable_error
+from ..sandbox import Sandbox
+from .channel import Decoder, SocketSender
+from .creation import Builder, load_image
+from .host import STOP_TIMEOUT, WorkerHost
+from .jobs import Job, current_job
+from .specs import HostKey, TargetSpec
+from .targets import Target
+
+__all__ = ["main"]
+
+
+class RemoteHub:
+    """The worker's side of event delivery: events the supervisor's
+    subscribers want (it says which) are sent over the channel."""
+
+    def __init__(self, send: Callable[[tuple[object, ...]], None]) -> None:
+        self._send = send
+        self._wanted: frozenset[str] = frozenset()
+        self._interest: dict[type[ev.Event], bool] = {}
+
+    def set_interest(self, names: list[str]) -> None:
+        self._wanted = frozenset(names)
+        self._interest = {}
+
+    def wants(self, kind: type[ev.Event]) -> bool:
+        interest = self._interest
+        wanted = interest.get(kind)
+        if wanted is None:
+            wanted = any(cls.__name__ in self._wanted for cls in kind.__mro__)
+            interest[kind] = wanted
+        return wanted
+
+    def publish(self, event_type: type[ev.Event], /, **fields: Any) -> None:
+        if self.wants(event_type):
+            self.post(event_type(**fields))
+
+    def post(self, event: ev.Event) -> None:
+        error = getattr(event, "error", None)
+        if isinstance(error, BaseException):
+            event = dataclasses.replace(event, error=portable_error(error))  # type: ignore[call-arg]
+        self._send(("event", event))
+
+
+class _Reply:
+    """A host call waiting for the supervisor's answer."""
+
+    __slots__ = ("event", "outcome")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.outcome: tuple[bool, Any] = (False, SupervisorClosed("no answer"))
+
+
+class HostedTarget(Target):
+    """A target's shard as this worker holds it."""
+
+    def __init__(self, spec: TargetSpec, builder: Builder) -> None:
+        super().__init__(None, spec.name.partition("#")[0], builder.image)  # type: ignore[arg-type]
+        self.fresh_state = spec.kind != "sandbox"
+        if spec.kind == "js":
+            from ..js.stack import capture_stack
+
+            self._stop_annotations = lambda sb: capture_stack(sb).annotations()
+        self.spec = spec
+
+
+class Worker:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sender = SocketSender(sock, "hlasync-send")
+        self.send = self.sender.post
+        self.hub = RemoteHub(self.send)
+        self.host: WorkerHost | None = None
+        self.targets: dict[str, HostedTarget] = {}
+        self.jobs: dict[int, Job] = {}
+        self.replies: dict[int, _Reply] = {}
+        self.reply_ids = itertools.count(1)
+        self.lock = threading.Lock()
+
+    # ------------------------------------------------------------- serving
+    def serve(self) -> None:
+        decoder = Decoder()
+        try:
+            while True:
+                data = self.sock.recv(1 << 20)
+                if not data:
+                    break  # the supervisor's end closed: it shut down or died
+                for batch in decoder.feed(data):
+                    for message in batch:
+                        if self.handle(message):
+                            return
+        except OSError:
+            pass
+        finally:
+            self.stop()
+
+    def handle(self, message: tuple[Any, ...]) -> bool:
+        """One message; True when it tells the worker to exit."""
+        kind = message[0]
+        if kind == "call":
+            self.on_call(*message[1:])
+        elif kind == "host_reply":
+            _, reply_id, ok, value = message
+            with self.lock:
+                reply = self.replies.pop(reply_id, None)
+            if reply is not None:
+                reply.outcome = (ok, value)
+                reply.event.set()
+        elif kind == "abandon":
+            _, call_id, dump = message
+            job = self.jobs.get(call_id)
+            if job is not None and self.host is not None:
+                self.host.abandon(job, "cancelled" if dump else None)
+        elif kind == "interest":
+            self.hub.set_interest(message[1])
+        elif kind == "create":
+            self.operation(lambda: self.on_create(message[1], message[2]))
+        elif kind == "register":
+            self.on_register(message[1], message[2])
+        elif kind == "close":
+            self.operation(lambda: self.on_close(message[1]))
+        elif kind == "dump":
+            self.operation(lambda: self.on_dump(message[1], message[2], message[3]))
+        elif kind == "init":
+            self.on_init(message[1])
+        elif kind == "shutdown":
+            return True
+        return False
+
+    def operation(self, work: Callable[[], None]) -> None:
+        assert self.host is not None
+        self.host.spawn_operation(work)
+
+    # ---------------------------------------------------------------- set-up
+    def on_init(self, settings: dict[str, Any]) -> None:
+        for entry in reversed(settings.get("sys_path", [])):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+        self.hub.set_interest(settings.get("interest", []))
+        host = WorkerHost(settings["workers"], settings.get("pin_cpus"), self.hub)
+        host.cancel_host_calls = lambda job: self.send(("cancel_host", job.call_id))
+        host.start(self.on_complete, lambda function: function())
+        self.host = host
+        self.send(("hello", os.getpid()))
+
+    def on_create(self, key: str, spec: TargetSpec) -> None:
+        host = self.host
+        assert host is not None
+        try:
+            image = load_image(spec.guest)
+            # Output always goes to the supervisor: to the caller's callback, or to
+            # its sys.stdout when nobody subscribes (as in the thread mode).
+            output: Callable[..., None]
+            if spec.kind == "js":
+                output = lambda level, text: self.send(("output", key, level, text))  # noqa: E731
+            else:
+                output = lambda text: self.send(("output", key, None, text))  # noqa: E731
+            builder = Builder(
+                spec,
+                image,
+                lambda k: self.proxy(key, k),
+                output,
+                self.hub,
+                host.on_crashdump,
+            )
+            sandboxes = builder.make_all()
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            self.send(("create_failed", key, portable_error(exc)))
+            return
+        target = HostedTarget(spec, builder)
+        target._factory = builder.another
+        target._host_functions = dict(builder.sandbox_functions)
+        host.add_target(target, sandboxes)
+        self.targets[key] = target
+        self.send(("created", key, [sb.id for sb in sandboxes]))
+
+    def on_register(self, key: str, name: str) -> None:
+        target = self.targets.get(key)
+        if target is None:
+            return
+        proxy = self.proxy(key, (name,))
+        target._host_functions[name] = proxy
+        for sandbox in list(target._members):
+            sandbox.register_host_function(name, proxy)
+
+    def proxy(self, key: str, host_key: HostKey) -> Callable[..., Any]:
+        """A host function that runs in the supervisor's process: one round trip."""
+
+        def call_supervisor(*args: Any) -> Any:
+            job = current_job()
+            reply = _Reply()
+            with self.lock:
+                reply_id = next(self.reply_ids)
+                self.replies[reply_id] = reply
+            self.send(("host", reply_id, job.call_id if job else 0, key, host_key, args))
+            reply.event.wait()
+            ok, value = reply.outcome
+            if ok:
+                return value
+            raise value
+
+        return call_supervisor
+
+    # ----------------------------------------------------------------- calls
+    def on_call(
+        self,
+        call_id: int,
+        key: str,
+        name: str,
+        args: tuple[Any, ...],
+        timeout: float | None,
+        cpu_timeout: float | None,
+    ) -> None:
+        host = self.host
+        target = self.targets.get(key)
+        if host is None or target is None or target._closed:
+            closed = SupervisorClosed(f"{key} is not open in this worker")
+            self.send(("done", call_id, None, closed, None, {}))
+            return
+        job = Job(call_id, target, target.functions[name], args, timeout, cpu_timeout)
+        self.jobs[call_id] = job
+        host.submit(job)
+
+    def on_complete(self, job: Job) -> None:
+        self.jobs.pop(job.call_id, None)
+        sandbox_id = job.sandbox.id if job.sandbox is not None else None
+        assert self.host is not None
+        self.send(
+            (
+                "done",
+                job.call_id,
+                job.result,
+                portable_error(job.error),
+                sandbox_id,
+                dict(self.host.counters),
+            )
+        )
+
+    def on_close(self, key: str) -> None:
+        host = self.host
+        target = self.targets.get(key)
+        if host is not None and target is not None:
+            deadline = time.monotonic() + 60
+            while True:
+                members = host.detach_if_idle(target)
+                if members is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.005)
+            host.close_sandboxes(members or [])
+            self.targets.pop(key, None)
+        self.send(("closed", key))
+
+    def on_dump(self, reply_id: int, key: str, directory: str | None) -> None:
+        target = self.targets.get(key)
+        try:
+            if target is None or not target._members:
+                raise SupervisorClosed(f"{key} has no sandbox in this worker")
+            sandbox: Sandbox = target._members[0]
+            path = sandbox.generate_crashdump(directory)
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            self.send(("dump_done", reply_id, None, portable_error(exc)))
+            return
+        assert self.host is not None
+        self.send(("dump_done", reply_id, path, None))
+
+    # ------------------------------------------------------------- shutdown
+    def stop(self) -> None:
+        """Stop everything (the supervisor asked, or is gone), then exit."""
+        host = self.host
+        with self.lock:
+            waiting, self.replies = list(self.replies.values()), {}
+        for reply in waiting:  # host calls that will get no answer now
+            reply.event.set()
+        if host is not None:
+            host.shutdown_begin()
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while time.monotonic() < deadline and host.alive():
+                time.sleep(0.002)
+            host.shutdown_end()
+        self.send(("bye",))
+        self.sender.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    arguments = sys.argv[1:] if argv is None else argv
+    sock = socket.socket(fileno=int(arguments[0]))
+    Worker(sock).serve()
+    # Threads blocked in host functions must not keep a finished worker alive.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

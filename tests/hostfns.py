@@ -1,0 +1,29 @@
+"""Host functions given to supervisors as importable references
+("tests.hostfns:NAME"): they run where the sandbox is, in a worker process too."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+
+def pinned_cpu(x: int) -> int:
+    """The one CPU the calling thread may run on, or -1; plus ``x`` * 1000."""
+    cpus = os.sched_getaffinity(threading.get_native_id())
+    return x * 1000 + (next(iter(cpus)) if len(cpus) == 1 else -1)
+
+
+def process_id(x: int) -> int:
+    return os.getpid() + 0 * x
+
+
+async def not_allowed(x: int) -> int:  # an async reference is refused
+    return x
+
+
+def crash_worker(x: int) -> int:
+    """Kill the process this runs in with SIGSEGV (a worker that crashes)."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGSEGV)
+    return x

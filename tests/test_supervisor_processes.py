@@ -1,0 +1,182 @@
+"""Worker processes (``Supervisor(processes=N)``): calls spread over them,
+and a worker that dies never hangs a caller: its calls fail with WorkerLost,
+WorkerDied is published, a new worker takes its shards, and the supervisor
+goes on serving."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+
+from hlasync import WorkerLost
+from hlasync import events as ev
+from hlasync.kvm import Kvm
+from hlasync.supervisor import Supervisor
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def _workers() -> list[psutil.Process]:
+    return [
+        child
+        for child in psutil.Process().children()
+        if "hlasync.supervisor.worker" in " ".join(child.cmdline())
+    ]
+
+
+async def test_calls_spread_over_the_worker_processes(kvm: Kvm, simpleguest: Path) -> None:
+    async with Supervisor(processes=2, workers=1) as sup:
+        assert len(_workers()) == 2 and sup.workers == 2
+        pool = await sup.create_pool(
+            simpleguest, size=4, host_functions={"pid": "tests.hostfns:process_id"}
+        )
+        assert len(pool.sandbox_ids) == 4
+        seen: set[int] = set()
+        async with anyio.create_task_group() as tg:
+            for _ in range(40):
+
+                async def one() -> None:
+                    seen.add(await pool.call("call_host", "pid", 1))  # type: ignore[arg-type]
+
+                tg.start_soon(one)
+        assert seen == {p.pid for p in _workers()}  # both processes ran calls
+        statistics = sup.statistics()
+        assert (statistics.processes, statistics.completed, statistics.sandboxes) == (2, 40, 4)
+        assert statistics.started == 40
+    assert _workers() == []
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSEGV"])
+async def test_a_worker_that_dies_fails_its_calls_and_is_replaced(
+    kvm: Kvm, simpleguest: Path, how: str
+) -> None:
+    async with (
+        Supervisor(processes=2, workers=2) as sup,
+        sup.subscribe(ev.WorkerDied, ev.WorkerStarted) as events,
+    ):
+        pool = await sup.create_pool(
+            simpleguest,
+            size=4,
+            host_functions={
+                "pid": "tests.hostfns:process_id",
+                "crash": "tests.hostfns:crash_worker",
+            },
+        )
+        dedicated = await sup.create_sandbox(simpleguest)
+        assert [await dedicated.call("increment") for _ in range(2)] == [1, 2]
+        outcomes: list[object] = []
+        victim = _workers()[0]
+
+        async def spin() -> None:
+            try:
+                outcomes.append(await pool.call("spin_for", 2_000_000_000, timeout=20))
+            except WorkerLost as exc:
+                outcomes.append(exc)
+
+        with anyio.fail_after(30):  # nobody may hang
+            async with anyio.create_task_group() as tg:
+                for _ in range(4):
+                    tg.start_soon(spin)
+                await anyio.sleep(0.5)  # all four are running, two in each worker
+                if how == "SIGKILL":
+                    victim.send_signal(signal.SIGKILL)
+                    tg.cancel_scope.deadline = anyio.current_time() + 3  # the others spin on
+                else:
+                    with pytest.raises(WorkerLost):
+                        await pool.call("call_host", "crash", 1)
+                    tg.cancel_scope.cancel()
+            died = await events.receive()
+            assert isinstance(died, ev.WorkerDied)
+            lost = [o for o in outcomes if isinstance(o, WorkerLost)]
+            if how == "SIGKILL":
+                assert died.pid == victim.pid and died.exit_status == -signal.SIGKILL
+                assert died.lost_calls == 2 and len(lost) == 2
+                assert all(e.exit_status == -signal.SIGKILL for e in lost)
+                assert "killed by SIGKILL" in str(lost[0])
+            else:
+                assert died.exit_status == -signal.SIGSEGV
+            started = await events.receive()
+            assert isinstance(started, ev.WorkerStarted) and started.worker == died.worker
+            assert started.pid != died.pid
+            # The supervisor goes on: every call works again, on both processes.
+            for _ in range(8):
+                assert await pool.call("add", 2, 3) == 5
+            assert len(pool.sandbox_ids) == 4
+            first = await dedicated.call("increment")
+            assert first in (1, 3)  # a dedicated sandbox in the dead worker starts over
+        assert sup.statistics().workers_lost == 1
+        assert len(_workers()) == 2
+
+
+def test_workers_never_outlive_their_supervisor(
+    kvm: Kvm, simpleguest: Path, tmp_path: Path
+) -> None:
+    """The supervisor's process is killed: its workers see the channel close,
+    stop their sandboxes and exit."""
+    script = tmp_path / "supervise.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import anyio, os, sys
+            from hlasync.supervisor import Supervisor
+
+            async def main():
+                async with Supervisor(processes=2, workers=1) as sup:
+                    pool = await sup.create_pool({str(simpleguest)!r}, size=2)
+                    await pool.call("add", 1, 2)
+                    print("ready", flush=True)
+                    await anyio.sleep(60)
+
+            anyio.run(main)
+            """
+        )
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    child = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        workers = [
+            p
+            for p in psutil.Process(child.pid).children()
+            if "supervisor.worker" in " ".join(p.cmdline())
+        ]
+        assert len(workers) == 2
+        child.kill()
+        child.wait(10)
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert alive == [], "worker processes outlived their supervisor"
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+async def test_processes_setting(kvm: Kvm, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="processes"):
+        Supervisor(processes=-1)
+    monkeypatch.setenv("HLASYNC_PROCESSES", "3")
+    assert Supervisor().processes == 3
+    assert Supervisor(processes=0).processes == 0
+    monkeypatch.setenv("HLASYNC_PROCESSES", "many")
+    with pytest.raises(ValueError, match="HLASYNC_PROCESSES"):
+        Supervisor()
+    started = time.monotonic()
+    async with Supervisor(processes=1, workers=3) as sup:
+        assert sup.workers == 3 and "1 processes x 3 workers" in repr(sup)
+    assert time.monotonic() - started < 10
