@@ -52,45 +52,43 @@ class Decoder:
 
 
 class SocketSender:
-    """Sends from any thread on a blocking socket: ``post`` queues, one sender
-    thread writes whatever queued meanwhile as one frame."""
+    """Sends from any thread on a blocking socket, without a thread of its own:
+    the thread that posts into an idle sender writes, and whatever other
+    threads post meanwhile goes out with its next write (one frame per batch,
+    no thread hand-off per message)."""
 
-    def __init__(self, sock: object, name: str) -> None:
-        self._sock = sock
+    def __init__(self, sock: object) -> None:
+        self._sendall = sock.sendall  # type: ignore[attr-defined]
         self._queue: list[tuple[object, ...]] = []
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._writing = False
         self._closed = False
         self.broken = False
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
-        self._thread.start()
 
     def post(self, message: tuple[object, ...]) -> None:
-        with self._cond:
+        with self._lock:
             if self._closed:
                 return
             self._queue.append(message)
-            if len(self._queue) == 1:
-                self._cond.notify()
+            if self._writing:
+                return  # the writing thread takes it with its next batch
+            self._writing = True
+        self._write()
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Send what is queued, then stop (bounded)."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join(timeout)
-
-    def _main(self) -> None:
-        sendall = self._sock.sendall  # type: ignore[attr-defined]
+    def _write(self) -> None:
         while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
+            with self._lock:
                 batch, self._queue = self._queue, []
-                closing = self._closed
-            if batch and not self.broken:
+                if not batch:
+                    self._writing = False
+                    return
+            if not self.broken:
                 try:
-                    sendall(encode(batch))
+                    self._sendall(encode(batch))
                 except OSError:
                     self.broken = True  # the other side is gone: its reader notices too
-            if closing:
-                return
+
+    def close(self) -> None:
+        """Refuse further messages (what is queued has been or is being written)."""
+        with self._lock:
+            self._closed = True

@@ -117,7 +117,9 @@ class ProcessBackend:
         self.workers = processes * workers
         self._pin_cpus = pin_cpus
         self._workers = [_Worker(index) for index in range(processes)]
-        self._pending: deque[Job] = deque()
+        #: Calls waiting for a free sandbox, per target (FIFO within a target;
+        #: targets never compete for the same sandboxes).
+        self._waiting: dict[Target, deque[Job]] = {}
         self._targets: list[Target] = []
         self._callables: dict[str, dict[HostKey, Callable[..., Any]]] = {}  # shard key -> ...
         self._outputs: dict[str, Callable[..., None] | None] = {}
@@ -218,8 +220,10 @@ class ProcessBackend:
         with GuestCancelled), wait for them (bounded), kill stragglers."""
         self._closing = True
         closed = SupervisorClosed("the supervisor shut down before the call ran")
-        while self._pending:
-            self._finish(self._pending.popleft(), None, closed)
+        for queue in list(self._waiting.values()):
+            while queue:
+                self._finish(queue.popleft(), None, closed)
+        self._waiting.clear()
         for worker in self._workers:
             if worker.alive:
                 worker.leaving = True
@@ -352,7 +356,8 @@ class ProcessBackend:
             job, shard = found
             shard.inflight -= 1
             self._finish(job, result, error)
-            self._dispatch()
+            if shard.target in self._waiting:
+                self._dispatch(shard.target)
         elif kind == "event":
             self._front._hub.deliver(message[1])
         elif kind == "host":
@@ -476,9 +481,7 @@ class ProcessBackend:
 
     async def close_target(self, target: Target) -> None:
         """Close a target once its calls are done (waiting is cancellable)."""
-        while any(job.target is target for job in self._pending) or any(
-            shard.inflight for shard in _shards(target)
-        ):
+        while self._waiting.get(target) or any(shard.inflight for shard in _shards(target)):
             await anyio.sleep(0.005)
         target._closed = True
         if target in self._targets:
@@ -510,32 +513,45 @@ class ProcessBackend:
 
     # ----------------------------------------------------------------- calls
     def submit(self, job: Job) -> None:
-        self._pending.append(job)
-        self._dispatch()
+        target = job.target
+        queue = self._waiting.get(target)
+        if not queue:
+            shard = _pick(target)
+            if shard is not None:
+                self._send_call(shard, job)
+                return
+            if queue is None:
+                queue = self._waiting[target] = deque()
+        queue.append(job)
 
-    def _dispatch(self) -> None:
-        """Send waiting calls, oldest first, to shards with a free sandbox."""
-        pending = self._pending
-        position = 0
-        while position < len(pending):
-            job = pending[position]
-            shard = _pick(job.target)
-            if shard is None:
-                position += 1
-                continue
-            del pending[position]
-            shard.inflight += 1
-            worker = shard.worker
-            worker.inflight[job.call_id] = (job, shard)
-            job.started_at = time.monotonic()
-            self._send(
-                worker,
-                ("call", job.call_id, shard.key, job.name, job.args, job.timeout, job.cpu_timeout),
-            )
+    def _dispatch(self, target: Target | None = None) -> None:
+        """Send waiting calls, oldest first, to shards with a free sandbox (of
+        ``target``, or of every target)."""
+        targets = [target] if target is not None else list(self._waiting)
+        for each in targets:
+            queue = self._waiting.get(each)
+            while queue:
+                shard = _pick(each)
+                if shard is None:
+                    break
+                self._send_call(shard, queue.popleft())
+            if queue is not None and not queue:
+                del self._waiting[each]
+
+    def _send_call(self, shard: _Shard, job: Job) -> None:
+        shard.inflight += 1
+        worker = shard.worker
+        worker.inflight[job.call_id] = (job, shard)
+        job.started_at = time.monotonic()
+        self._send(
+            worker,
+            ("call", job.call_id, shard.key, job.name, job.args, job.timeout, job.cpu_timeout),
+        )
 
     def abandon(self, job: Job, dump_on_cancel: bool) -> None:
-        if job in self._pending:
-            self._pending.remove(job)
+        queue = self._waiting.get(job.target)
+        if queue is not None and job in queue:
+            queue.remove(job)
             job.abandoned = True
             error = GuestCancelled(
                 "call cancelled while queued", sandbox_id=job.target.name, function=job.name
@@ -670,9 +686,9 @@ class ProcessBackend:
                 continue
             target._closed = True
             lost = SupervisorClosed(f"{target.name} lost its sandboxes: {error}")
-            for job in [j for j in self._pending if j.target is target]:
-                self._pending.remove(job)
-                self._finish(job, None, lost)
+            queue = self._waiting.pop(target, deque())
+            while queue:
+                self._finish(queue.popleft(), None, lost)
 
     # ------------------------------------------------------------ reporting
     def _interest_changed(self) -> None:
@@ -683,7 +699,7 @@ class ProcessBackend:
 
     def counts(self) -> dict[str, int]:
         return {
-            "pending": len(self._pending),
+            "pending": sum(len(queue) for queue in self._waiting.values()),
             "running": sum(len(w.inflight) for w in self._workers),
             "sandboxes": sum(s.capacity for t in self._targets for s in _shards(t) if s.ready),
         }

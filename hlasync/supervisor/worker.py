@@ -96,7 +96,7 @@ class HostedTarget(Target):
 class Worker:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.sender = SocketSender(sock, "hlasync-send")
+        self.sender = SocketSender(sock)
         self.send = self.sender.post
         self.hub = RemoteHub(self.send)
         self.host: WorkerHost | None = None
