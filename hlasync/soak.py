@@ -74,6 +74,7 @@ FAULTS = {
 class SoakReport:
     seconds: float = 0.0
     seed: int = 0
+    processes: int = 0
     actions: dict[str, int] = field(default_factory=dict)
     dumps_expected: int = 0
     dumps_verified: int = 0
@@ -91,11 +92,12 @@ class SoakReport:
 
 
 class _Soak:
-    def __init__(self, seconds: float, seed: int, dump_dir: Path) -> None:
+    def __init__(self, seconds: float, seed: int, dump_dir: Path, processes: int = 0) -> None:
         self.deadline = time.monotonic() + seconds
+        self.processes = processes
         self.seed = seed
         self.dump_dir = dump_dir
-        self.report = SoakReport(seed=seed)
+        self.report = SoakReport(seed=seed, processes=processes)
         self.actions: collections.Counter[str] = collections.Counter()
         self.expected: dict[Path, tuple[str, str | None, str]] = {}  # path -> sandbox, fn, reason
         self.event_paths: collections.Counter[Path] = collections.Counter()
@@ -213,7 +215,7 @@ class _Soak:
         self.report.threads["start"] = threading.active_count()
         rss_start = self.process.memory_info().rss
         rng = random.Random(self.seed)
-        async with Supervisor(workers=2, shutdown_grace=2.0) as sup:
+        async with Supervisor(workers=2, processes=self.processes, shutdown_grace=2.0) as sup:
             host = {"double": lambda x: 2 * x}
             quiet = _discard
             pool = await sup.create_pool(guest, size=POOL_SIZE, host_functions=host, output=quiet)
@@ -281,8 +283,9 @@ def _discard(text: str) -> None:
     pass
 
 
-def run_soak(seconds: float, seed: int | None = None) -> SoakReport:
-    """Run the soak for ``seconds`` (dumps in a temporary directory) and check it."""
+def run_soak(seconds: float, seed: int | None = None, processes: int = 0) -> SoakReport:
+    """Run the soak for ``seconds`` (dumps in a temporary directory) and check it;
+    ``processes``: the supervisor's worker processes (0: threads)."""
     seed = random.randrange(2**32) if seed is None else seed
     dump_dir = Path(tempfile.mkdtemp(prefix="hlasync-soak-"))
     previous = os.environ.get("HYPERLIGHT_CORE_DUMP_DIR")
@@ -290,7 +293,7 @@ def run_soak(seconds: float, seed: int | None = None) -> SoakReport:
     stderr = sys.stderr
     sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - one "Core dump created" line per dump
     try:
-        return anyio.run(_Soak(seconds, seed, dump_dir).run)
+        return anyio.run(_Soak(seconds, seed, dump_dir, processes).run)
     finally:
         sys.stderr.close()
         sys.stderr = stderr
@@ -304,7 +307,8 @@ def run_soak(seconds: float, seed: int | None = None) -> SoakReport:
 def render(report: SoakReport) -> str:
     lines = [
         f"hlasync soak: {report.seconds:.0f} s, seed {report.seed}, "
-        f"{POOL_SIZE + DEDICATED} sandboxes, {CLIENTS} clients",
+        f"{POOL_SIZE + DEDICATED} sandboxes, {CLIENTS} clients"
+        + (f", {report.processes} worker processes" if report.processes else ""),
         "actions:  " + ", ".join(f"{k} {v}" for k, v in sorted(report.actions.items())),
         f"dumps:    {report.dumps_expected} expected, {report.dumps_verified} verified complete, "
         f"{report.dump_events} CrashDumpWritten events",
@@ -328,11 +332,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--minutes", type=float, default=1.0, help="how long (default 1)")
     parser.add_argument("--seed", type=int, help="random seed (default: random, printed)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="worker processes of the supervisor (default 0: threads of this process)",
+    )
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     args = parser.parse_args(argv)
     if args.minutes <= 0:
         parser.error("--minutes must be positive")
-    report = run_soak(args.minutes * 60, args.seed)
+    if args.processes < 0:
+        parser.error("--processes must be >= 0")
+    report = run_soak(args.minutes * 60, args.seed, args.processes)
     print(render(report))
     if args.json:
         data: dict[str, Any] = asdict(report)

@@ -113,12 +113,19 @@ def fuzz_examples(count: int) -> int:
     return max(1, int(count * float(os.environ.get("HLASYNC_FUZZ_SCALE", "1"))))
 
 
-#: The supervisor tests run in process mode when HLASYNC_PROCESSES is set (>= 1).
-PROCESS_MODE = os.environ.get("HLASYNC_PROCESSES", "0").strip() not in ("", "0")
-#: For tests that patch or inspect the worker host inside this process.
-threads_only = pytest.mark.skipif(
-    PROCESS_MODE, reason="white-box: patches or inspects this process's worker host"
-)
+#: For supervisor tests that patch or inspect the worker host inside this process.
+threads_only = pytest.mark.threads_only
+
+
+@pytest.fixture(params=["threads", "processes"])
+def supervisor_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with ``Supervisor()`` in the thread mode and with two worker
+    processes (through HLASYNC_PROCESSES, the default of ``processes``)."""
+    mode = str(request.param)
+    if mode == "processes" and request.node.get_closest_marker("threads_only") is not None:
+        pytest.skip("white-box: patches or inspects this process's worker host")
+    monkeypatch.setenv("HLASYNC_PROCESSES", "0" if mode == "threads" else "2")
+    return mode
 
 
 def require_tool(name: str) -> str:

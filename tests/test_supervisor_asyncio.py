@@ -12,6 +12,7 @@ from hlasync.supervisor import Supervisor
 
 
 @pytest.mark.asyncio
+@pytest.mark.usefixtures("supervisor_mode")
 async def test_wait_for_and_task_cancel_stop_the_guest(kvm: Kvm, simpleguest: Path) -> None:
     async with Supervisor(workers=1) as sup:
         sb = await sup.create_sandbox(simpleguest)

@@ -31,7 +31,7 @@ from hlasync.sandbox import CrashdumpRecord, live_sandboxes
 from hlasync.supervisor import STOP_TIMEOUT, Supervisor
 from tests.conftest import threads_only
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("supervisor_mode")]
 
 
 @pytest.fixture(params=["asyncio", "trio"])

@@ -26,15 +26,16 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
-import anyio.to_thread
 
 from .. import events as ev
 from ..errors import (
@@ -62,6 +63,8 @@ _logger = logging.getLogger("hlasync.supervisor")
 
 #: Seconds a new worker process may take to start and say hello.
 START_TIMEOUT = 30.0
+#: At most this many plain host functions run at once (each on its own thread).
+HOST_THREADS = 64
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
@@ -130,6 +133,10 @@ class ProcessBackend:
         self._outbox: Outbox | None = None
         self._group: anyio.abc.TaskGroup | None = None
         self._closing = False
+        #: Plain host functions run here (the loop must not block on them).
+        self._host_threads = ThreadPoolExecutor(
+            max_workers=HOST_THREADS, thread_name_prefix="hlasync-host"
+        )
 
     # ------------------------------------------------------------- lifecycle
     async def start(self, outbox: Outbox, group: anyio.abc.TaskGroup) -> None:
@@ -235,11 +242,8 @@ class ProcessBackend:
         stopped = SupervisorClosed("the supervisor shut down while the call ran")
         for worker in self._workers:
             self._kill(worker)
-            if worker.process is not None:
-                try:
-                    await anyio.to_thread.run_sync(worker.process.wait, 5.0)
-                except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL was sent
-                    _logger.warning("worker process %s did not exit", worker.pid)
+            if worker.process is not None and await _reaped(worker.process, 5.0) is None:
+                _logger.warning("worker process %s did not exit", worker.pid)
             for job, _shard in list(worker.inflight.values()):
                 self._finish(job, None, stopped)
             worker.inflight.clear()
@@ -250,6 +254,13 @@ class ProcessBackend:
                 outcome.append((False, stopped))
                 event.set()
             worker.waiting.clear()
+        # Idle host threads end now; one stuck in a host function is left behind.
+        self._host_threads.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while time.monotonic() < deadline and any(
+            t.name.startswith("hlasync-host") and t.is_alive() for t in threading.enumerate()
+        ):
+            await anyio.sleep(0.005)
 
     # ------------------------------------------------------------- channels
     def _send(self, worker: _Worker, message: tuple[object, ...]) -> None:
@@ -390,6 +401,9 @@ class ProcessBackend:
                 event.set()
             elif kind == "created":  # nobody waits any more (cancelled): discard it
                 self._send(worker, ("close", key))
+        elif kind == "stderr":  # what the worker printed (dump paths, warnings)
+            sys.stderr.write(message[1])
+            sys.stderr.flush()
         elif kind == "hello":
             worker.ready.set()
         elif kind == "bye":
@@ -600,23 +614,43 @@ class ProcessBackend:
                 if scope.cancel_called:
                     raise TimeoutError("host function cancelled by the watchdog")
             else:
-                value = await anyio.to_thread.run_sync(
-                    lambda: function(*args), abandon_on_cancel=True
-                )
+                value = await self._run_sync(function, args)
             reply: tuple[object, ...] = ("host_reply", reply_id, True, value)
         except Exception as exc:  # noqa: BLE001 - the guest's host call fails with it
             reply = ("host_reply", reply_id, False, portable_error(exc))
         if worker.alive:
             self._send(worker, reply)
 
+    async def _run_sync(self, function: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        """A plain host function on one of this supervisor's ``hlasync-host-N``
+        threads (never on the loop: it may block). A cancelled wait leaves it to
+        finish on its own."""
+        done = anyio.Event()
+        box: list[tuple[bool, Any]] = []
+        on_loop = self._outbox.on_loop if self._outbox is not None else None
+
+        def work() -> None:
+            try:
+                box.append((True, function(*args)))
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the loop
+                box.append((False, exc))
+            if on_loop is not None:
+                on_loop(done.set)
+
+        self._host_threads.submit(work)
+        await done.wait()
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
     # -------------------------------------------------------- worker deaths
     async def _worker_died(self, worker: _Worker) -> None:
         """An unexpected end: fail its calls, say so, start a new one, remake its shards."""
         status: int | None = None
         if worker.process is not None:
-            try:
-                status = await anyio.to_thread.run_sync(worker.process.wait, 5.0)
-            except subprocess.TimeoutExpired:
+            status = await _reaped(worker.process, 5.0)
+            if status is None:
                 self._kill(worker)
         if worker.sock is not None:
             worker.sock.close()
@@ -741,6 +775,17 @@ def _pick(target: Target) -> _Shard | None:
         if best is None or shard.inflight * best.capacity < best.inflight * shard.capacity:
             best = shard
     return best
+
+
+async def _reaped(process: subprocess.Popen[bytes], timeout: float) -> int | None:
+    """``process``'s exit status once it has ended (None after ``timeout``);
+    polled, so no thread waits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = process.poll()
+        if status is not None or time.monotonic() >= deadline:
+            return status
+        await anyio.sleep(0.005)
 
 
 def _is_async(function: Callable[..., Any]) -> bool:

@@ -16,6 +16,7 @@ Messages from the supervisor: ``init``, ``create``, ``call``, ``abandon``,
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import os
 import socket
@@ -68,6 +69,22 @@ class RemoteHub:
         if isinstance(error, BaseException):
             event = dataclasses.replace(event, error=portable_error(error))  # type: ignore[call-arg]
         self._send(("event", event))
+
+
+class _ForwardedStream(io.TextIOBase):
+    """The worker's ``sys.stderr``: what is written there (dump paths, log
+    warnings) is printed by the supervisor's process, where a user looks."""
+
+    def __init__(self, send: Callable[[tuple[object, ...]], None]) -> None:
+        self._send = send
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if text:
+            self._send(("stderr", text))
+        return len(text)
 
 
 class _Reply:
@@ -162,6 +179,7 @@ class Worker:
 
     # ---------------------------------------------------------------- set-up
     def on_init(self, settings: dict[str, Any]) -> None:
+        sys.stderr = _ForwardedStream(self.send)
         for entry in reversed(settings.get("sys_path", [])):
             if entry not in sys.path:
                 sys.path.insert(0, entry)

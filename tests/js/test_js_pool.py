@@ -12,7 +12,7 @@ from hlasync import CoreDump, GuestTimeout, JSError, JSSyntaxError, Supervisor
 from hlasync import events as ev
 from hlasync.kvm import Kvm
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("supervisor_mode")]
 
 GREET = "function handler(event) { event.message = 'Hello, ' + event.name; return event }"
 LOOP = "function spin(n) {\n  while (true) { n++ }\n}\nfunction handler(e) { return spin(0) }"

@@ -71,6 +71,7 @@ def test_a_restored_sandbox_keeps_nothing_of_the_previous_call(hostile: Sandbox)
 
 
 @pytest.mark.anyio
+@pytest.mark.usefixtures("supervisor_mode")
 async def test_the_next_pool_caller_finds_no_secret(kvm: Kvm, hostile_guest: Path) -> None:
     key = random.Random(12).getrandbits(63)
     with Sandbox(hostile_guest) as probe:
@@ -101,6 +102,7 @@ def test_a_refused_argument_leaves_nothing_in_guest_memory(hostile: Sandbox) -> 
 
 
 @pytest.mark.anyio
+@pytest.mark.usefixtures("supervisor_mode")
 async def test_a_refused_argument_leaves_nothing_for_the_next_pool_caller(
     kvm: Kvm, hostile_guest: Path
 ) -> None:
