@@ -39,9 +39,8 @@ PEER_ROWS = (
 
 def test_quick_peer_benchmark_runs_and_writes_outputs(kvm: Kvm, tmp_path: Path) -> None:
     # ``kvm``: skip where KVM is unusable (fail instead under HLASYNC_REQUIRE_KVM=1).
-    out = tmp_path / "peers"
     proc = subprocess.run(
-        [sys.executable, "-m", "hlasync.bench", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "hlasync.bench", "peers", "--quick", "--out", str(tmp_path)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -50,6 +49,7 @@ def test_quick_peer_benchmark_runs_and_writes_outputs(kvm: Kvm, tmp_path: Path) 
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "Core dump created" not in proc.stderr
+    out = tmp_path / "peers"
 
     markdown = (out / "peers.md").read_text(encoding="utf-8")
     assert "| category | peer | measurement | median | p99 | n | ratio to hlasync |" in markdown

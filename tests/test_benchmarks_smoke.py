@@ -6,6 +6,7 @@ No timing assertions: the numbers depend on the machine.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,23 +16,22 @@ import pytest
 from hlasync.kvm import Kvm
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "benchmarks" / "bench_sandbox.py"
-CRASHDUMP_SCRIPT = REPO / "benchmarks" / "bench_crashdump.py"
-SUPERVISOR_SCRIPT = REPO / "benchmarks" / "bench_supervisor.py"
 
 
-def _run_quick(script: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    """Run a benchmark script in quick mode; it must exit 0 and print its table."""
+def _run_quick(suite: str, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``python -m hlasync.bench SUITE --quick --out OUT``: it must exit 0 and
+    print its table, and write ``SUITE.md`` and ``SUITE.json`` into OUT."""
     proc = subprocess.run(
-        [sys.executable, str(script), "--quick", *extra, "--json", str(out)],
+        [sys.executable, "-m", "hlasync.bench", suite, "--quick", "--out", str(out), *extra],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         check=False,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "| measurement |" in proc.stdout
+    assert "| measurement |" in proc.stdout or "| mode |" in proc.stdout
+    assert (out / f"{suite}.md").is_file()
     return proc
 
 
@@ -51,10 +51,9 @@ MEASUREMENTS = (
 
 def test_quick_benchmark_runs_and_writes_json(kvm: Kvm, tmp_path: Path) -> None:
     # ``kvm``: skip where KVM is unusable (fail instead under HLASYNC_REQUIRE_KVM=1).
-    out = tmp_path / "out.json"
-    _run_quick(SCRIPT, out)
+    _run_quick("sandbox", tmp_path)
 
-    data = json.loads(out.read_text(encoding="utf-8"))
+    data = json.loads((tmp_path / "sandbox.json").read_text(encoding="utf-8"))
     measurements = data["measurements"]
     for key in MEASUREMENTS:
         assert key in measurements, f"missing measurement {key}"
@@ -77,12 +76,11 @@ CRASHDUMP_MEASUREMENTS = {
 
 def test_quick_crashdump_benchmark_runs_and_writes_json(kvm: Kvm, tmp_path: Path) -> None:
     # ``kvm``: skip where KVM is unusable (fail instead under HLASYNC_REQUIRE_KVM=1).
-    out = tmp_path / "out.json"
-    proc = _run_quick(CRASHDUMP_SCRIPT, out)
+    proc = _run_quick("crashdump", tmp_path)
     assert "check (ok)" in proc.stdout
     assert "Core dump created" not in proc.stderr
 
-    data = json.loads(out.read_text(encoding="utf-8"))
+    data = json.loads((tmp_path / "crashdump.json").read_text(encoding="utf-8"))
     measurements = data["measurements"]
     for key, unit in CRASHDUMP_MEASUREMENTS.items():
         assert key in measurements, f"missing measurement {key}"
@@ -111,11 +109,10 @@ def test_quick_supervisor_benchmark_runs_and_writes_json(
     kvm: Kvm, tmp_path: Path, backend: str
 ) -> None:
     # ``kvm``: skip where KVM is unusable (fail instead under HLASYNC_REQUIRE_KVM=1).
-    out = tmp_path / "out.json"
-    proc = _run_quick(SUPERVISOR_SCRIPT, out, "--backend", backend)
+    proc = _run_quick("supervisor", tmp_path, "--backend", backend)
     assert "Core dump created" not in proc.stderr
 
-    data = json.loads(out.read_text(encoding="utf-8"))
+    data = json.loads((tmp_path / "supervisor.json").read_text(encoding="utf-8"))
     assert data["backend"] == backend
     measurements = data["measurements"]
     for key, unit in SUPERVISOR_MEASUREMENTS.items():
@@ -132,3 +129,49 @@ def test_quick_supervisor_benchmark_runs_and_writes_json(
     counts = data["counts"]
     stats = data["supervisor_statistics"]["workers_2"]
     assert stats["timed_out"] == counts["timeouts"] + counts["timeout_warmup"]
+
+
+def test_quick_scaling_benchmark_runs_and_writes_json(kvm: Kvm, tmp_path: Path) -> None:
+    _run_quick("scaling", tmp_path)
+    data = json.loads((tmp_path / "scaling.json").read_text(encoding="utf-8"))
+    cores = data["cores"]
+    assert data["ceiling_per_core"] > 0
+    modes = {(row["mode"], row["cores"]) for row in data["rows"]}
+    assert ("threads", 1) in modes and ("processes", 1) in modes
+    assert ("threads", cores) in modes and ("processes", cores) in modes
+    for row in data["rows"]:
+        assert row["median"] > 0 and row["latency_ns"] > 0 and len(row["rates"]) > 0
+    assert all(isinstance(target["met"], bool) for target in data["targets"])
+    markdown = (tmp_path / "scaling.md").read_text(encoding="utf-8")
+    assert "| mode | cores | calls/s (median) |" in markdown
+
+
+def test_the_entry_point_checks_its_arguments(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "hlasync.bench", "nonsense", "--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2 and "unknown suite 'nonsense'" in proc.stderr
+
+
+def test_quick_runs_never_write_the_committed_results(kvm: Kvm) -> None:
+    committed = REPO / "benchmarks" / "results"
+    before = {p: p.stat().st_mtime_ns for p in committed.rglob("*") if p.is_file()}
+    proc = subprocess.run(
+        [sys.executable, "-m", "hlasync.bench", "sandbox", "--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    after = {p: p.stat().st_mtime_ns for p in committed.rglob("*") if p.is_file()}
+    assert after == before
+    written = Path(proc.stdout.split("table: ")[1].split()[0])
+    assert committed not in written.parents and written.is_file()
+    shutil.rmtree(written.parent)

@@ -23,6 +23,10 @@ RUNS: dict[str, tuple[list[str], str]] = {
     "hang_capture_service.py": (["--self-test"], 'GET /add?a=1&b=2 -> 200 {"result": 3}'),
     "js_handlers.py": ([], "cart -> {'total': 3, 'calls': 1} (calls is 1 again)"),
     "js_hang_capture.py": ([], "JavaScript stack at the deadline:"),
+    "worker_processes.py": (
+        [],
+        "the pool goes on: add(i, 1) for i < 8 -> [1, 2, 3, 4, 5, 6, 7, 8]",
+    ),
 }
 
 
@@ -106,3 +110,13 @@ def test_js_hang_capture(kvm: Kvm, tmp_path: Path) -> None:
     assert "at steps (collatz.js:" in output  # the JS stack, in the error and in dump show
     assert "JS_CallInternal" in output  # the engine's C frames in the dump's backtrace
     assert "collatz(7) -> {'n': 7, 'steps': 16}" in output  # the pool went on
+
+
+def test_worker_processes(kvm: Kvm, tmp_path: Path) -> None:
+    arguments, line = RUNS["worker_processes.py"]
+    output = run_example("worker_processes.py", arguments, tmp_path)
+    assert line in output
+    assert "call_host('factorial', 10) -> 3628800" in output
+    assert "the four calls: WorkerLost (exit status -9), WorkerLost (exit status -9)" in output
+    assert "exit status -9, calls lost: 2" in output
+    assert "workers_lost=1" in output

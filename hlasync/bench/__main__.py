@@ -1,4 +1,4 @@
-"""``python -m hlasync.bench [--quick] [--out DIR]``."""
+"""``python -m hlasync.bench [SUITE ...] [--quick] [--out DIR]``."""
 
 from __future__ import annotations
 

@@ -165,6 +165,16 @@ def skipped(category: str, key: str, peer: str, label: str, reason: str) -> Row:
     return Row(category, key, peer, label, skipped=reason)
 
 
+@dataclass
+class SuiteOutput:
+    """What one suite of ``python -m hlasync.bench`` produced."""
+
+    markdown: str  # the table, with the machine description above it
+    document: dict[str, Any]  # raw samples and machine, for the JSON file
+    seconds: float
+    failed: list[str]  # checks that failed (the command exits 1)
+
+
 class BenchError(RuntimeError):
     """A measurement went wrong (a wrong result, a missing exception): the run fails."""
 

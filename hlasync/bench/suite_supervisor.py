@@ -1,13 +1,13 @@
-"""Async supervisor benchmarks: pool call latency, throughput, and watchdog timeouts.
+"""Async supervisor benchmarks: pool call latency, throughput, and watchdog
+timeouts.
 
-Usage::
-
-    python benchmarks/bench_supervisor.py [--quick] [--json PATH] [--backend asyncio|trio]
+The ``supervisor`` suite of ``python -m hlasync.bench`` (``python -m
+hlasync.bench supervisor``).
 
 Prints the machine description and a markdown table (median, p90, p99, n,
-target, met) and writes every raw sample to a JSON file (default
-``benchmarks/results/supervisor.json``). ``--quick`` takes few samples and is
-a smoke test only; numbers worth quoting come from the full mode.
+target, met) and writes every raw sample to ``supervisor.json``. ``--quick``
+takes few samples and is a smoke test only; numbers worth quoting come from
+the full mode.
 
 Measurements that are compared with each other (supervised and synchronous
 calls; 2 and 1 workers) run in the same process, interleaved in rounds, so
@@ -18,17 +18,14 @@ Timed-out calls write their core dumps to a fresh temporary directory (through
 each dump is checked and deleted as soon as its exception is caught. The
 ``Core dump created: ...`` line each dump prints to stderr is discarded.
 
-The exit status is non-zero only when something fails, never because a
-target was missed.
+The exit status is non-zero only when something fails, never because a target
+was missed.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -41,24 +38,23 @@ import anyio
 
 import hlasync.guests
 from hlasync import GuestTimeout, Sandbox
-from hlasync.bench._common import (
+from hlasync.crashdump.placement import DUMP_DIR_ENV, DUMP_GLOB
+from hlasync.supervisor import Pool, Supervisor, SupervisorStatistics, loop_waker
+
+from ._common import (
     MS,
     US,
+    SuiteOutput,
     Target,
     format_ns,
     gc_off,
     gc_paused,
-    machine_description,
     machine_lines,
     package_version,
     percentile,
     quiet_stderr,
     summarize,
 )
-from hlasync.crashdump.placement import DUMP_DIR_ENV, DUMP_GLOB
-from hlasync.supervisor import Pool, Supervisor, SupervisorStatistics, loop_waker
-
-DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "supervisor.json"
 
 #: Sandboxes in the pool of the latency and throughput measurements.
 POOL_SIZE = 4
@@ -552,42 +548,15 @@ def to_json(
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="few samples: a smoke test")
-    parser.add_argument(
-        "--json",
-        type=Path,
-        default=DEFAULT_JSON,
-        metavar="PATH",
-        help=f"where to write raw samples (default: {DEFAULT_JSON})",
-    )
-    parser.add_argument(
-        "--backend", choices=BACKENDS, default="asyncio", help="async library (default: asyncio)"
-    )
-    args = parser.parse_args(argv)
-    counts = QUICK if args.quick else FULL
-    mode = "quick (smoke test, not for quoting)" if args.quick else "full"
-    backend: str = args.backend
-    machine = machine_description()
+def suite(quick: bool, machine: dict[str, Any], backend: str) -> SuiteOutput:
+    """The supervisor suite on ``backend`` (asyncio or trio)."""
+    counts = QUICK if quick else FULL
+    mode = "quick (smoke test, not for quoting)" if quick else "full"
+    machine = dict(machine)
     trio = f" {package_version('trio')}" if backend == "trio" else ""
     machine["backend"] = f"{backend}{trio} (anyio {package_version('anyio')})"
-
     started = time.perf_counter()
     report = run(counts, backend)
     wall = time.perf_counter() - started
-
-    print(render(machine, mode, report))
-    print(f"\n(total benchmark time {wall:.1f} s)")
-    json_path: Path = args.json
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    data = to_json(machine, "quick" if args.quick else "full", backend, counts, report, wall)
-    with open(json_path, "w", encoding="utf-8") as out:
-        json.dump(data, out)
-        out.write("\n")
-    print(f"raw samples written to {json_path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    document = to_json(machine, "quick" if quick else "full", backend, counts, report, wall)
+    return SuiteOutput(render(machine, mode, report), document, wall, [])

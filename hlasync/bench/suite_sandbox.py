@@ -1,24 +1,20 @@
 """Sandbox latency benchmarks, side by side with the bare KVM_RUN round trip.
 
-Usage::
-
-    python benchmarks/bench_sandbox.py [--quick] [--json PATH]
+The ``sandbox`` suite of ``python -m hlasync.bench`` (``python -m
+hlasync.bench sandbox``).
 
 Prints the machine description and a markdown table (median, p90, p99, n,
-target, met) and writes every raw sample (nanoseconds) to a JSON file
-(default ``benchmarks/results/sandbox.json``). ``--quick`` takes few samples
-and is a smoke test only; numbers worth quoting come from the full mode.
+target, met) and writes every raw sample (nanoseconds) to ``sandbox.json``.
+``--quick`` takes few samples and is a smoke test only; numbers worth quoting
+come from the full mode.
 
-The exit status is non-zero only when something fails, never because a
-target was missed.
+The exit status is non-zero only when something fails, never because a target
+was missed.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -27,23 +23,22 @@ from typing import Any
 
 import hlasync.guests
 from hlasync import GuestCancelled, Sandbox, SandboxState, abi
-from hlasync.bench._common import (
+from hlasync.bench.interrupt import RunawayWorker
+from hlasync.kvm.exits import Exit, IoOut
+
+from ._common import (
     MS,
     US,
     KiB,
+    SuiteOutput,
     Target,
     format_ns,
     gc_off,
     gc_paused,
-    machine_description,
     machine_lines,
     summarize,
     time_calls,
 )
-from hlasync.bench.interrupt import RunawayWorker
-from hlasync.kvm.exits import Exit, IoOut
-
-DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "sandbox.json"
 
 #: How long ``spin()`` runs before the interrupt is sent.
 SPIN_BEFORE_INTERRUPT_S = 0.020
@@ -393,35 +388,13 @@ def run(counts: Counts) -> list[Result]:
     return sorted(results, key=lambda r: order.index(r.key))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="few samples: a smoke test")
-    parser.add_argument(
-        "--json",
-        type=Path,
-        default=DEFAULT_JSON,
-        metavar="PATH",
-        help=f"where to write raw samples (default: {DEFAULT_JSON})",
-    )
-    args = parser.parse_args(argv)
-    counts = QUICK if args.quick else FULL
-    mode = "quick (smoke test, not for quoting)" if args.quick else "full"
-    machine = machine_description()
-
+def suite(quick: bool, machine: dict[str, Any], backend: str) -> SuiteOutput:
+    """The sandbox suite: its table (markdown) and raw samples (JSON)."""
+    del backend  # synchronous
+    counts = QUICK if quick else FULL
+    mode = "quick (smoke test, not for quoting)" if quick else "full"
     started = time.perf_counter()
     results = run(counts)
     wall = time.perf_counter() - started
-
-    print(render(machine, mode, results))
-    print(f"\n(total benchmark time {wall:.1f} s)")
-    json_path: Path = args.json
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(json_path, "w", encoding="utf-8") as out:
-        json.dump(to_json(machine, "quick" if args.quick else "full", counts, results, wall), out)
-        out.write("\n")
-    print(f"raw samples written to {json_path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    document = to_json(machine, "quick" if quick else "full", counts, results, wall)
+    return SuiteOutput(render(machine, mode, results), document, wall, [])

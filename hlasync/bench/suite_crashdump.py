@@ -1,33 +1,29 @@
-"""Crash dump benchmarks: on-demand dumps (idle and mid-call) and the cost of automatic dumps.
+"""Crash dump benchmarks: on-demand dumps (idle and mid-call) and the cost of
+automatic dumps.
 
-Usage::
-
-    python benchmarks/bench_crashdump.py [--quick] [--json PATH]
+The ``crashdump`` suite of ``python -m hlasync.bench`` (``python -m
+hlasync.bench crashdump``).
 
 Prints the machine description and a markdown table (median, p90, p99, n,
-target, met) and writes every raw sample (nanoseconds or bytes) to a JSON file
-(default ``benchmarks/results/crashdump.json``). ``--quick`` takes few samples
-and is a smoke test only; numbers worth quoting come from the full mode.
+target, met) and writes every raw sample (nanoseconds or bytes) to
+``crashdump.json``. ``--quick`` takes few samples and is a smoke test only;
+numbers worth quoting come from the full mode.
 
 Dumps go to a fresh temporary directory that is deleted at the end; every dump
-file is deleted as soon as it has been measured. The ``Core dump created: ...``
-line each dump prints to stderr is discarded while measuring.
+file is deleted as soon as it has been measured. The ``Core dump created:
+...`` line each dump prints to stderr is discarded while measuring.
 
-The exit status is non-zero only when something fails, never because a
-target was missed.
+The exit status is non-zero only when something fails, never because a target
+was missed.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,22 +37,21 @@ from hlasync import (
     SandboxConfig,
     SandboxState,
 )
-from hlasync.bench._common import (
+from hlasync.crashdump.placement import DUMP_DIR_ENV, DUMP_GLOB
+
+from ._common import (
     MS,
     KiB,
     MiB,
+    SuiteOutput,
     Target,
     format_ns,
     format_value,
     gc_paused,
-    machine_description,
     machine_lines,
     quiet_stderr,
     summarize,
 )
-from hlasync.crashdump.placement import DUMP_DIR_ENV, DUMP_GLOB
-
-DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "crashdump.json"
 
 #: Guest memory of the dumped sandboxes.
 MEMORY_SIZE = 8 * MiB
@@ -519,39 +514,14 @@ def run(counts: Counts) -> Report:
     return Report(results, differences, checks)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="few samples: a smoke test")
-    parser.add_argument(
-        "--json",
-        type=Path,
-        default=DEFAULT_JSON,
-        metavar="PATH",
-        help=f"where to write raw samples (default: {DEFAULT_JSON})",
-    )
-    args = parser.parse_args(argv)
-    counts = QUICK if args.quick else FULL
-    mode = "quick (smoke test, not for quoting)" if args.quick else "full"
-    machine = machine_description()
-
+def suite(quick: bool, machine: dict[str, Any], backend: str) -> SuiteOutput:
+    """The crash dump suite: its table, raw samples and the checks that failed."""
+    del backend  # synchronous
+    counts = QUICK if quick else FULL
+    mode = "quick (smoke test, not for quoting)" if quick else "full"
     started = time.perf_counter()
     report = run(counts)
     wall = time.perf_counter() - started
-
-    print(render(machine, mode, report))
-    print(f"\n(total benchmark time {wall:.1f} s)")
-    json_path: Path = args.json
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(json_path, "w", encoding="utf-8") as out:
-        json.dump(to_json(machine, "quick" if args.quick else "full", counts, report, wall), out)
-        out.write("\n")
-    print(f"raw samples written to {json_path}")
+    document = to_json(machine, "quick" if quick else "full", counts, report, wall)
     failed = [check.key for check in report.checks if not check.ok]
-    if failed:
-        print(f"failed checks: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return SuiteOutput(render(machine, mode, report), document, wall, failed)

@@ -1,0 +1,239 @@
+"""Scaling: supervisor throughput from one core to all of them, with vCPU
+threads in this process and with worker processes, beside the machine's
+ceiling (the single-core rate of ``Sandbox.call("add")`` + ``restore()``
+times the cores used), and the latency of one pool call in both modes.
+
+Targets (issue #11): a pool ``add`` p50 <= 80 us; on a 2-core machine at
+least 20,000 calls/s with 1 and with 2 worker processes, and 2 processes at
+least 1.8x one.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .. import Sandbox, guests
+from ..supervisor import Supervisor
+from ._common import SuiteOutput, format_ns, gc_paused, machine_lines
+
+__all__ = ["suite"]
+
+#: Sandboxes per worker thread in the throughput pools, and tasks per sandbox.
+SANDBOXES_PER_WORKER = 2
+TASKS_PER_SANDBOX = 8
+
+
+def _steps(cores: int) -> list[int]:
+    """1, 2, 4, 8, ... and the number of cores itself."""
+    steps = {cores}
+    step = 1
+    while step < cores:
+        steps.add(step)
+        step *= 2
+    return sorted(steps)
+
+
+def _ceiling(guest: Path, seconds: float) -> float:
+    """Calls/s of one thread doing ``call("add")`` + ``restore()`` (no supervisor)."""
+    with Sandbox(guest) as sb:
+        for _ in range(200):
+            sb.call("add", 1, 2)
+            sb.restore()
+        count = 0
+        with gc_paused():
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                sb.call("add", 1, 2)
+                sb.restore()
+                count += 1
+    return count / seconds
+
+
+async def _rates(
+    guest: Path, processes: int, workers: int, window: float, rounds: int
+) -> tuple[list[float], float]:
+    """Calls/s per round through one pool, and the p50 latency of single calls (ns)."""
+    async with Supervisor(processes=processes, workers=workers) as sup:
+        total = max(processes, 1) * workers
+        pool = await sup.create_pool(guest, size=total * SANDBOXES_PER_WORKER)
+        one = await sup.create_pool(guest, size=1)
+        for _ in range(100):
+            await one.call("add", 1, 2)
+        latencies = []
+        for _ in range(300 if window < 0.5 else 2000):
+            start = time.perf_counter_ns()
+            await one.call("add", 1, 2)
+            latencies.append(time.perf_counter_ns() - start)
+        tasks = total * SANDBOXES_PER_WORKER * TASKS_PER_SANDBOX
+        rates: list[float] = []
+        for index in range(rounds + 1):  # the first round warms up
+            count = 0
+            deadline = time.monotonic() + window
+
+            async def client(deadline: float = deadline) -> None:
+                nonlocal count
+                while time.monotonic() < deadline:
+                    await pool.call("add", 1, 2)
+                    count += 1
+
+            began = time.monotonic()
+            async with anyio.create_task_group() as group:
+                for _ in range(tasks):
+                    group.start_soon(client)
+            if index:
+                rates.append(count / (time.monotonic() - began))
+        return rates, statistics.median(latencies)
+
+
+def suite(quick: bool, machine: dict[str, Any], backend: str) -> SuiteOutput:
+    started = time.perf_counter()
+    guest = guests.path("simpleguest")
+    cores = len(os.sched_getaffinity(0))
+    window, rounds = (0.3, 2) if quick else (1.0, 5)
+    ceiling = _ceiling(guest, window * 2)
+    rows: list[dict[str, Any]] = []
+    for n in _steps(cores):
+        for mode, processes, workers in (("threads", 0, n), ("processes", n, 1)):
+            rates, latency = anyio.run(
+                _rates, guest, processes, workers, window, rounds, backend=backend
+            )
+            median = statistics.median(rates)
+            rows.append(
+                {
+                    "mode": mode,
+                    "cores": n,
+                    "processes": processes,
+                    "workers": workers,
+                    "rates": rates,
+                    "median": median,
+                    "per_core": median / n,
+                    "of_ceiling": median / (ceiling * n),
+                    "latency_ns": latency,
+                }
+            )
+    wall = time.perf_counter() - started
+    targets = _targets(rows, cores)
+    markdown = _render(machine, quick, cores, ceiling, rows, targets)
+    document = {
+        "machine": machine,
+        "mode": "quick" if quick else "full",
+        "backend": backend,
+        "cores": cores,
+        "ceiling_per_core": ceiling,
+        "rows": rows,
+        "targets": targets,
+        "wall_seconds": wall,
+    }
+    return SuiteOutput(markdown, document, wall, [])
+
+
+def _targets(rows: list[dict[str, Any]], cores: int) -> list[dict[str, Any]]:
+    def row(mode: str, n: int) -> dict[str, Any] | None:
+        return next((r for r in rows if r["mode"] == mode and r["cores"] == n), None)
+
+    targets: list[dict[str, Any]] = []
+    for mode in ("threads", "processes"):
+        first = row(mode, 1)
+        if first is not None:
+            latency = first["latency_ns"]
+            targets.append(
+                {
+                    "what": f"pool add p50, {mode} (1 worker, pool of 1)",
+                    "got": format_ns(latency),
+                    "target": "<= 80 us",
+                    "met": latency <= 80_000,
+                }
+            )
+    one, two = row("processes", 1), row("processes", 2)
+    if cores == 2 and one is not None and two is not None:
+        for entry in (one, two):
+            targets.append(
+                {
+                    "what": f"throughput, {entry['processes']} worker process(es) on 2 cores",
+                    "got": f"{entry['median']:,.0f} calls/s",
+                    "target": ">= 20,000 calls/s",
+                    "met": entry["median"] >= 20_000,
+                }
+            )
+        ratio = two["median"] / one["median"]
+        targets.append(
+            {
+                "what": "2 worker processes / 1",
+                "got": f"{ratio:.2f}x",
+                "target": ">= 1.8x",
+                "met": ratio >= 1.8,
+            }
+        )
+    return targets
+
+
+def _render(
+    machine: dict[str, Any],
+    quick: bool,
+    cores: int,
+    ceiling: float,
+    rows: list[dict[str, Any]],
+    targets: list[dict[str, Any]],
+) -> str:
+    lines = [*machine_lines(machine)]
+    lines.append(f"- mode: {'quick (smoke test, not for quoting)' if quick else 'full'}")
+    lines.append(
+        f"- ceiling: one thread doing call('add') + restore() runs {ceiling:,.0f} calls/s; "
+        f"{cores} cores: {ceiling * cores:,.0f} calls/s"
+    )
+    lines += [
+        "",
+        "| mode | cores | calls/s (median) | per core | of the ceiling | pool add p50 | rounds |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        setup = (
+            f"{r['processes']} processes x 1 worker"
+            if r["mode"] == "processes"
+            else f"{r['workers']} vCPU threads"
+        )
+        lines.append(
+            f"| {setup} | {r['cores']} | {r['median']:,.0f} | {r['per_core']:,.0f} | "
+            f"{r['of_ceiling']:.0%} | {format_ns(r['latency_ns'])} | {len(r['rates'])} |"
+        )
+    if targets:
+        lines += ["", "| target | got | wanted | met |", "|---|---:|---|---|"]
+        for t in targets:
+            met = "yes" if t["met"] else "no"
+            lines.append(f"| {t['what']} | {t['got']} | {t['target']} | {met} |")
+    return "\n".join(lines)
+
+
+def plot(document: dict[str, Any], path: Path) -> str | None:
+    """calls/s against cores for both modes and the ceiling; None when drawn,
+    else why not (matplotlib missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (the bench extra)"
+    figure, axes = plt.subplots(figsize=(6, 4))
+    rows = document["rows"]
+    for mode, style in (("threads", "o-"), ("processes", "s-")):
+        chosen = [r for r in rows if r["mode"] == mode]
+        axes.plot([r["cores"] for r in chosen], [r["median"] for r in chosen], style, label=mode)
+    cores = sorted({r["cores"] for r in rows})
+    ceiling = document["ceiling_per_core"]
+    axes.plot(cores, [ceiling * n for n in cores], "k--", label="ceiling (call + restore)")
+    axes.set_xlabel("cores used")
+    axes.set_ylabel("calls/s")
+    axes.set_title("Supervisor throughput: add through a pool")
+    axes.legend()
+    axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return None
