@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from hlasync import Sandbox, guests
@@ -90,6 +91,14 @@ def kvm() -> Kvm:
 @pytest.fixture(scope="session")
 def simpleguest() -> Path:
     return guests.path("simpleguest")
+
+
+def settled_fds(guest: Path) -> int:
+    """This process's open descriptors once the process-wide caches a sandbox of
+    ``guest`` fills (its template) exist: a later count then shows only what a
+    test itself left open, whichever test ran first."""
+    Sandbox(guest).close()
+    return psutil.Process().num_fds()
 
 
 @pytest.fixture

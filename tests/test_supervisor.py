@@ -27,7 +27,7 @@ from hlasync import events as ev
 from hlasync.kvm import Kvm
 from hlasync.supervisor import Supervisor
 from hlasync.supervisor.host import WorkerHost
-from tests.conftest import threads_only
+from tests.conftest import settled_fds, threads_only
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("supervisor_mode")]
 
@@ -373,7 +373,7 @@ async def test_events_describe_a_call(kvm: Kvm, simpleguest: Path) -> None:
 
 async def test_shutdown_with_calls_in_flight_leaks_nothing(kvm: Kvm, simpleguest: Path) -> None:
     process = psutil.Process()
-    fds_before = process.num_fds()
+    fds_before = settled_fds(simpleguest)
     assert _hlasync_threads() == []
     outcomes: list[BaseException] = []
 

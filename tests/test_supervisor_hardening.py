@@ -29,7 +29,7 @@ from hlasync._build import build_guest
 from hlasync.kvm import Kvm
 from hlasync.sandbox import CrashdumpRecord, live_sandboxes
 from hlasync.supervisor import STOP_TIMEOUT, Supervisor
-from tests.conftest import threads_only
+from tests.conftest import settled_fds, threads_only
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("supervisor_mode")]
 
@@ -222,7 +222,7 @@ async def test_shutdown_is_bounded_when_a_sync_host_function_is_stuck(
     kvm: Kvm, simpleguest: Path
 ) -> None:
     process = psutil.Process()
-    fds = process.num_fds()
+    fds = settled_fds(simpleguest)
     entered, release = threading.Event(), threading.Event()
     returned = threading.Event()
 

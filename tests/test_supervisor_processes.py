@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import anyio
 import psutil
 import pytest
 
-from hlasync import WorkerLost
+from hlasync import GuestCancelled, WorkerLost
 from hlasync import events as ev
 from hlasync.kvm import Kvm
 from hlasync.supervisor import Supervisor
@@ -58,6 +59,61 @@ async def test_calls_spread_over_the_worker_processes(kvm: Kvm, simpleguest: Pat
         assert (statistics.processes, statistics.completed, statistics.sandboxes) == (2, 40, 4)
         assert statistics.started == 40
     assert _workers() == []
+
+
+async def test_a_call_waiting_for_a_host_answer_ends_cancelled_at_shutdown(
+    kvm: Kvm, simpleguest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker asked to stop while its guest waits for a host function's answer:
+    the call ends GuestCancelled however slowly the worker stops its calls. (The
+    worker once released the waiting host call first: on a busy machine the call
+    then finished as HostFunctionError(SupervisorClosed("no answer")).) The
+    worker processes import this sitecustomize, which slows that step down."""
+    (tmp_path / "sitecustomize.py").write_text(
+        textwrap.dedent(
+            """
+            import time
+            import hlasync.supervisor.host as host
+
+            original = host.WorkerHost.shutdown_begin
+
+            def shutdown_begin(self):
+                time.sleep(0.3)
+                original(self)
+
+            host.WorkerHost.shutdown_begin = shutdown_begin
+            """
+        )
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck(x: int) -> int:
+        entered.set()
+        release.wait(30)
+        return x
+
+    outcomes: list[BaseException] = []
+    try:
+        async with (
+            anyio.create_task_group() as tg,
+            Supervisor(processes=1, workers=1, shutdown_grace=0.2) as sup,
+        ):
+            pool = await sup.create_pool(simpleguest, size=1, host_functions={"stuck": stuck})
+
+            async def call() -> None:
+                try:
+                    await pool.call("call_host", "stuck", 1)
+                except Exception as exc:  # noqa: BLE001 - the outcome is the subject
+                    outcomes.append(exc)
+
+            tg.start_soon(call)
+            with anyio.fail_after(10):
+                while not entered.is_set():
+                    await anyio.sleep(0.005)
+    finally:
+        release.set()
+    assert len(outcomes) == 1 and isinstance(outcomes[0], GuestCancelled), outcomes
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSEGV"])

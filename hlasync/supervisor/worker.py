@@ -314,12 +314,15 @@ class Worker:
     def stop(self) -> None:
         """Stop everything (the supervisor asked, or is gone), then exit."""
         host = self.host
+        if host is not None:
+            # Running calls are marked stopped first, so that one waiting for a host
+            # call's answer ends as GuestCancelled, not with the "no answer" below.
+            host.shutdown_begin()
         with self.lock:
             waiting, self.replies = list(self.replies.values()), {}
         for reply in waiting:  # host calls that will get no answer now
             reply.event.set()
         if host is not None:
-            host.shutdown_begin()
             deadline = time.monotonic() + STOP_TIMEOUT
             while time.monotonic() < deadline and host.alive():
                 time.sleep(0.002)

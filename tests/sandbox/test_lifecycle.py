@@ -28,6 +28,7 @@ from hlasync import (
 from hlasync._build import build_guest
 from hlasync.kvm import Kvm
 from hlasync.sandbox import live_sandboxes, registry
+from tests.conftest import settled_fds
 
 
 def _start(target: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
@@ -128,7 +129,7 @@ def test_a_call_handle_stops_its_own_call_and_no_later_one(kvm: Kvm, simpleguest
 
 def test_close_from_a_host_function_of_the_same_call(kvm: Kvm, simpleguest: Path) -> None:
     process = psutil.Process()
-    fds = process.num_fds()
+    fds = settled_fds(simpleguest)
     sb = Sandbox(simpleguest)
 
     def close_me(x: int) -> int:
@@ -148,7 +149,7 @@ def test_close_from_a_host_function_of_the_same_call(kvm: Kvm, simpleguest: Path
 
 def test_close_is_bounded_while_a_host_function_blocks(kvm: Kvm, simpleguest: Path) -> None:
     process = psutil.Process()
-    fds = process.num_fds()
+    fds = settled_fds(simpleguest)
     entered, release = threading.Event(), threading.Event()
 
     def block(x: int) -> int:
