@@ -30,7 +30,7 @@ def _run_quick(suite: str, out: Path, *extra: str) -> subprocess.CompletedProces
         check=False,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "| measurement |" in proc.stdout or "| mode |" in proc.stdout
+    assert any(f"| {first} |" in proc.stdout for first in ("measurement", "mode", "channel"))
     assert (out / f"{suite}.md").is_file()
     return proc
 
@@ -144,6 +144,20 @@ def test_quick_scaling_benchmark_runs_and_writes_json(kvm: Kvm, tmp_path: Path) 
     assert all(isinstance(target["met"], bool) for target in data["targets"])
     markdown = (tmp_path / "scaling.md").read_text(encoding="utf-8")
     assert "| mode | cores | calls/s (median) |" in markdown
+
+
+def test_quick_channel_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
+    _run_quick("channel", tmp_path)
+    data = json.loads((tmp_path / "channel.json").read_text(encoding="utf-8"))
+    assert [row["kind"] for row in data["rows"]] == ["pipe", "socketpair", "shared-memory ring"]
+    for row in data["rows"]:
+        samples = row["round_trip_ns"]
+        assert samples == sorted(samples) and samples[0] > 0
+        assert row["p50_ns"] == samples[len(samples) // 2]
+        assert len(row["blocking_round_trip_ns"]) == len(samples)
+        assert row["rate"] > 0 and all(rate > 0 for rate in row["rates"])
+    markdown = (tmp_path / "channel.md").read_text(encoding="utf-8")
+    assert "| shared-memory ring |" in markdown
 
 
 def test_the_entry_point_checks_its_arguments(tmp_path: Path) -> None:

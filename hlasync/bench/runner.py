@@ -8,6 +8,9 @@ Suites (all by default, in this order):
 - ``supervisor``: pool call latency, throughput, watchdog timeouts;
 - ``scaling``: supervisor throughput from 1 to all cores, threads and worker
   processes, beside the machine's ceiling (a table and a plot);
+- ``channel``: the candidates for the supervisor-to-worker channel (pipes,
+  a socketpair, shared-memory rings with eventfd wake-ups), round trip and
+  batched rate;
 - ``peers``: hlasync side by side with wasmtime, child processes, fork,
   gcore and in-process QuickJS (a table and plots).
 
@@ -34,7 +37,7 @@ from . import calls, fresh, hang, interrupt, javascript, plots, report, scale
 from ._common import FULL, QUICK, Row, SuiteOutput, machine_description
 
 DEFAULT_OUT = Path("benchmarks") / "results"
-SUITES = ("sandbox", "crashdump", "supervisor", "scaling", "peers")
+SUITES = ("sandbox", "crashdump", "supervisor", "scaling", "channel", "peers")
 BACKENDS = ("asyncio", "trio")
 
 
@@ -87,6 +90,8 @@ def _suite(name: str) -> Callable[[bool, dict[str, Any], str, Path], SuiteOutput
             from . import suite_crashdump as module  # type: ignore[no-redef]
         elif name == "supervisor":
             from . import suite_supervisor as module  # type: ignore[no-redef]
+        elif name == "channel":
+            from . import suite_channel as module  # type: ignore[no-redef]
         else:
             from . import suite_scaling as module  # type: ignore[no-redef]
         output = module.suite(quick, machine, backend)

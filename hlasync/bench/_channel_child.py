@@ -1,0 +1,69 @@
+"""The far end of the channel benchmark (``suite_channel``): reads frames from
+the given channel and answers each ``call`` message with a ``done`` one, all
+the answers to one frame in one frame (as a worker batches its completions);
+``bye`` or the end of the channel stops it.
+
+``python -m hlasync.bench._channel_child KIND FD...`` with KIND ``pipe``
+(read FD, write FD), ``socketpair`` (socket FD) or ``shared-memory ring``
+(memfd, down eventfd, up eventfd)."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import sys
+from collections.abc import Callable
+
+from ..supervisor.channel import Decoder, encode
+
+
+def main(argv: list[str]) -> None:
+    kind, fds = argv[0], [int(a) for a in argv[1:]]
+    receive: Callable[[], bytes]
+    send: Callable[[bytes], None]
+    if kind == "pipe":
+        read_fd, write_fd = fds
+
+        def receive() -> bytes:
+            return os.read(read_fd, 1 << 20)
+
+        def send(data: bytes) -> None:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(write_fd, view) :]
+
+    elif kind == "socketpair":
+        sock = socket.socket(fileno=fds[0])
+        receive, send = (lambda: sock.recv(1 << 20)), sock.sendall
+    else:
+        from .suite_channel import _DATA_AT, RING_BYTES, Ring
+
+        memory, down_event, up_event = fds
+        buffer = mmap.mmap(memory, 2 * (_DATA_AT + RING_BYTES))
+        down, up = Ring(buffer, 0, down_event), Ring(buffer, _DATA_AT + RING_BYTES, up_event)
+        send = up.write
+
+        def receive() -> bytes:
+            while True:  # a ring has no end: ``bye`` stops the child
+                data = down.read()
+                if data:
+                    return data
+
+    decoder = Decoder()
+    while True:
+        data = receive()
+        if not data:
+            return
+        answers: list[tuple[object, ...]] = []
+        for batch in decoder.feed(data):
+            for message in batch:
+                if message[0] == "bye":
+                    return
+                answers.append(("done", message[1], 3))
+        if answers:
+            send(encode(answers))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
