@@ -27,6 +27,14 @@ IMAGE_BASE = 0x100000
 SCRATCH_ADDR = 0x101000
 SCRATCH_SIZE = 0x1000
 PEB_ADDR = 0xF0000
+#: The doorbell page (``hl_doorbell`` in the SDK): calls without a VM exit.
+DOORBELL_ADDR = 0xF1000
+DOORBELL_REQ_SEQ = DOORBELL_ADDR + 0x00  # host -> guest
+DOORBELL_SPIN = DOORBELL_ADDR + 0x08  # host -> guest: TSC ticks to spin
+DOORBELL_DONE_SEQ = DOORBELL_ADDR + 0x40  # guest -> host
+DOORBELL_SPINNING = DOORBELL_ADDR + 0x48  # guest -> host
+#: Ready-frame feature bits.
+FEATURE_DOORBELL = 1
 
 PORT_RETURN = 0x10
 PORT_HOSTCALL = 0x11
@@ -128,7 +136,7 @@ HEADER = struct.Struct("<IIII")  # magic, a, b, size/length
 SLOT = struct.Struct("<IIQ")
 RESULT = struct.Struct("<IIIIQ")  # magic, status, type, length, value
 MESSAGE = struct.Struct("<IIq")  # magic, length, code
-READY = struct.Struct("<III")  # magic, abi version, function count
+READY = struct.Struct("<IIII")  # magic, abi version, function count, features
 PEB = struct.Struct("<11Q")
 _F64 = struct.Struct("<d")
 _U64 = struct.Struct("<Q")

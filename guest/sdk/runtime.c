@@ -712,6 +712,12 @@ static void dispatch(void) {
     }
 }
 
+static inline uint64_t rdtsc(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+
 /* Every call starts with clean x87/SSE state: no values or modes left by the last
  * call. (The host restores the general registers; this is much cheaper here.) */
 static void reset_vector_state(void) {
@@ -748,8 +754,25 @@ __attribute__((noreturn, used)) void hl_main(void) {
     ready[0] = HL_MAGIC_READY;
     ready[1] = HL_ABI_VERSION;
     ready[2] = (uint32_t)(__hl_functions_end - __hl_functions_start);
+    ready[3] = HL_FEATURE_DOORBELL;
+    volatile hl_doorbell *bell = (volatile hl_doorbell *)HL_DOORBELL_ADDR;
+    uint64_t handled = bell->req_seq;
     for (;;) {
-        HL_OUT(HL_PORT_RETURN); /* idle here until the host writes the next call */
+        __asm__ volatile("" ::: "memory"); /* the result frame is written before ... */
+        bell->done_seq = handled;          /* ... it is announced */
+        if (bell->spin && bell->req_seq == handled) {
+            bell->spinning = 1;
+            uint64_t start = rdtsc(); /* spin is re-read: the host ends a spin by zeroing it */
+            while (bell->req_seq == handled && rdtsc() - start < bell->spin)
+                __builtin_ia32_pause();
+            bell->spinning = 0;
+        }
+        if (bell->req_seq == handled) {
+            HL_OUT(HL_PORT_RETURN); /* park until the host posts a call or asks for a spin */
+            continue;
+        }
+        handled = bell->req_seq;
+        __asm__ volatile("" ::: "memory"); /* the call frame is read after its announcement */
         reset_vector_state();
         dispatch();
     }

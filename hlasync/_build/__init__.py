@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import fetch, jsruntime, toolchain
+from . import fetch, jsruntime, native, toolchain
 from .errors import FetchError, GuestBuildError
 from .toolchain import Toolchain
 
@@ -41,6 +41,7 @@ PACKAGE_DIR = BUILD_DIR.parent
 _INSTALLED_SDK = PACKAGE_DIR / "_sdk"
 _SOURCE_GUEST_DIR = PACKAGE_DIR.parent / "guest"
 BUNDLED_DIR = PACKAGE_DIR / "_bin"
+_SOURCE_NATIVE_DIR = PACKAGE_DIR.parent / "native"
 
 
 def sdk_dir() -> Path:
@@ -150,6 +151,8 @@ class BundledGuest:
     inputs: Callable[[], list[Path]]
     build: Callable[[Path, Toolchain], None]  # writes the ELF at the path given
     pins: tuple[fetch.Pin, ...] = ()
+    #: The file it becomes in _bin (default: ``<name>.elf``).
+    filename: str = ""
 
     def stamp(self, identity: str) -> str:
         """Changes whenever the ELF would: inputs, build code, pins, compiler."""
@@ -185,6 +188,21 @@ def bundled_guests() -> dict[str, BundledGuest]:
     return guests
 
 
+def bundled_builds() -> dict[str, BundledGuest]:
+    """Everything built into _bin: the bundled guests and, from a source
+    checkout, the host helper library (:mod:`.native`)."""
+    builds = bundled_guests()
+    source = _SOURCE_NATIVE_DIR / "hl_wait.c"
+    if source.is_file():
+
+        def build(target: Path, tools: Toolchain) -> None:
+            with atomic_output(target) as temp:
+                native.build(temp, tools, [source])
+
+        builds["libhlwait"] = BundledGuest("libhlwait", lambda: [source], build, (), native.LIBRARY)
+    return builds
+
+
 def build_bundled(
     destination: Path | None = None,
     *,
@@ -198,14 +216,14 @@ def build_bundled(
     (inputs, build code, pins, compiler) changed since they were built. A
     wheel's guests are never rebuilt: it is built with ``stamps=False``."""
     destination = destination or BUNDLED_DIR
-    guests = bundled_guests()
+    guests = bundled_builds()
     wanted = list(guests) if names is None else [n for n in names if n in guests]
     built = []
     identity = toolchain.describe(cc)
     tools: Toolchain | None = None
     for name in wanted:
         guest = guests[name]
-        target = destination / f"{name}.elf"
+        target = destination / (guest.filename or f"{name}.elf")
         stamp_file = destination / f".{name}.stamp"
         stamp = guest.stamp(identity)
         if only_stale and target.exists():

@@ -14,6 +14,7 @@ pages, so code at CPL3 cannot read or change them::
     0x009000  exception stack (12 KiB)             supervisor
     0x010000  page tables (one per 2 MiB)          supervisor
     0x0F0000  PEB                                  user, read-only
+    0x0F1000  doorbell (calls without an exit)     user RW
     0x100000  guest image: ELF headers, scratch     user, per segment flags
               page (0x101000), text, rodata, data
     ...       guard page (not present)
@@ -133,6 +134,7 @@ class MemoryLayout:
             ),
             Region("page tables", PAGE_TABLES, page_tables * PAGE, PF_R | PF_W, False),
             Region("peb", PEB, PAGE, PF_R, True),
+            Region("doorbell", abi.DOORBELL_ADDR, PAGE, PF_R | PF_W, True),
         ]
         regions += _image_regions(image)
         regions += [

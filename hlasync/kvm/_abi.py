@@ -176,6 +176,7 @@ KVM_SET_SREGS = _iow(0x84, ctypes.sizeof(kvm_sregs))
 KVM_SET_SIGNAL_MASK = _iow(0x8B, 4)  # struct kvm_signal_mask { u32 len; u8 sigset[]; }
 KVM_GET_FPU = _ior(0x8C, ctypes.sizeof(kvm_fpu))
 KVM_SET_FPU = _iow(0x8D, ctypes.sizeof(kvm_fpu))
+KVM_GET_TSC_KHZ = _io(0xA3)
 KVM_GET_XSAVE = _ior(0xA4, ctypes.sizeof(kvm_xsave))
 KVM_SET_XSAVE = _iow(0xA5, ctypes.sizeof(kvm_xsave))
 KVM_SET_CPUID2 = _iow(0x90, 8)  # struct kvm_cpuid2 header

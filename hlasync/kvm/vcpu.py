@@ -301,6 +301,10 @@ class Vcpu:
         ioctl(self.fd, _abi.KVM_GET_CPUID2, table)
         return tuple(table.entries[: table.nent])
 
+    def tsc_khz(self) -> int:
+        """The guest's TSC frequency in kHz (what ``rdtsc`` counts in the guest)."""
+        return ioctl(self.fd, _abi.KVM_GET_TSC_KHZ)
+
     def close(self) -> None:
         if self.fd >= 0:
             self.run_area.close()

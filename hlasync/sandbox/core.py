@@ -138,6 +138,7 @@ class Sandbox:
         self._loans = 0  # dumps written by other threads while a call runs host code
         self._forked_from: int | None = None
         self.last_exception: ExceptionInfo | None = None
+        self._doorbell = False  # the guest's dispatcher waits on the doorbell page
         self._compat = (self.image.digest, self.layout)
         self._initial = self._boot()
         # Releases the VM and memory if the sandbox is dropped unclosed; takes no lock,
@@ -156,6 +157,9 @@ class Sandbox:
             except BaseException:
                 self._machine.release()
                 raise
+            # The template's output buffer still holds the ready frame its guest wrote.
+            features = abi.READY.unpack_from(self._machine.output, 0)[3]
+            self._doorbell = bool(features & abi.FEATURE_DOORBELL)
             return template
         boot = MemoryImage(self.layout.memory_size, "hlasync-boot")
         try:
@@ -223,7 +227,8 @@ class Sandbox:
                 "was it built with the hlasync SDK?",
                 path=self.image.path,
             )
-        magic, version, count = abi.READY.unpack_from(self._machine.output, 0)
+        magic, version, count, features = abi.READY.unpack_from(self._machine.output, 0)
+        self._doorbell = bool(features & abi.FEATURE_DOORBELL)
         if magic != abi.MAGIC_READY or version != abi.ABI_VERSION:
             raise GuestImageError(
                 f"guest speaks ABI {version if magic == abi.MAGIC_READY else '?'}, host speaks "
@@ -535,6 +540,8 @@ class Sandbox:
                 machine.pages.host_wrote(self.layout.input_addr, self.layout.input_size)
                 raise self._argument_error(signature, exc) from None
             machine.pages.host_wrote(self.layout.input_addr, written)
+            if self._doorbell:
+                runner.post(self)
             result = runner.run(self, call, signature)
             outcome = SandboxState.READY
             return result

@@ -7,6 +7,7 @@ A :class:`Machine` holds no reference to its :class:`~hlasync.Sandbox`, so a
 
 from __future__ import annotations
 
+from .. import abi
 from ..errors import IoctlError
 from ..guest.layout import MemoryLayout
 from ..guest.memory import GuestMemory, MemoryImage
@@ -135,6 +136,7 @@ class Machine:
         view = self.memory.view
         self.input = view[layout.input_addr : layout.input_addr + layout.input_size]
         self.output = view[layout.output_addr : layout.output_addr + layout.output_size]
+        self.doorbell = view[abi.DOORBELL_ADDR : abi.DOORBELL_ADDR + 0x1000]
 
     @property
     def released(self) -> bool:
@@ -163,7 +165,7 @@ class Machine:
 
     def release(self) -> None:
         """Close the VM and unmap guest memory (idempotent; takes no lock)."""
-        self.input = self.output = memoryview(b"")
+        self.input = self.output = self.doorbell = memoryview(b"")
         if self.vm is not None:
             self.vm.close()
             self.vm = None

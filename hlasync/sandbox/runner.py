@@ -8,6 +8,7 @@ automatic core dump here, on the owner thread, while the vCPU is paused.
 
 from __future__ import annotations
 
+import struct
 import sys
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,19 @@ if TYPE_CHECKING:
     from .calls import Call
     from .core import Sandbox
 
-__all__ = ["run"]
+__all__ = ["post", "run"]
+
+_U64 = struct.Struct("<Q")
+
+
+def post(sb: Sandbox) -> int:
+    """Announce the call frame in the input buffer on the doorbell: the
+    dispatcher runs a call only when ``req_seq`` moved. The new sequence."""
+    bell = sb._machine.doorbell
+    seq: int = (_U64.unpack_from(bell, 0)[0] + 1) & 0xFFFF_FFFF_FFFF_FFFF
+    _U64.pack_into(bell, 0, seq)
+    sb._machine.pages.host_wrote(abi.DOORBELL_REQ_SEQ, 8)
+    return seq
 
 
 def run(sb: Sandbox, call: Call, signature: FunctionSignature) -> Value:

@@ -44,6 +44,10 @@ extern "C" {
 #define HL_SCRATCH_ADDR 0x101000 /* 4 KiB writable page at a fixed address */
 #define HL_SCRATCH_SIZE 0x1000
 #define HL_PEB_ADDR 0xF0000 /* read-only page describing the memory layout */
+#define HL_DOORBELL_ADDR 0xF1000 /* the call doorbell, shared with the host (hl_doorbell) */
+
+/* What the guest's ready frame says it can do (its fourth word). */
+#define HL_FEATURE_DOORBELL 1u
 
 #define HL_PORT_RETURN 0x10   /* call finished (or initialisation done) */
 #define HL_PORT_HOSTCALL 0x11 /* host-call frame in the output buffer */
@@ -81,6 +85,23 @@ typedef struct {
     uint64_t stack_top, stack_size;
     uint64_t memory_size;
 } hl_peb;
+
+/* ---- The doorbell page: calls without a VM exit ----
+ * The host writes a call frame into the input buffer, then req_seq + 1. The
+ * dispatcher runs a call whenever req_seq differs from the last it handled,
+ * writes the result frame, then done_seq = req_seq. With spin non-zero it
+ * then waits for the next req_seq by spinning up to spin TSC ticks, so that a
+ * host thread watching done_seq sees results and posts calls with no exit;
+ * otherwise (and when the spin ends) it parks with an exit (HL_PORT_RETURN).
+ * Host and guest fields sit on their own cache lines. */
+typedef struct {
+    uint64_t req_seq; /* host -> guest: the latest call posted */
+    uint64_t spin;    /* host -> guest: TSC ticks to spin for the next call */
+    uint64_t host_reserved[6];
+    uint64_t done_seq; /* guest -> host: the latest call finished */
+    uint64_t spinning; /* guest -> host: 1 while the dispatcher spins */
+    uint64_t guest_reserved[6];
+} hl_doorbell;
 
 /* ---- Frames (all little-endian, in the input and output buffers) ---- */
 typedef struct {

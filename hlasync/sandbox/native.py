@@ -1,0 +1,80 @@
+"""The host-side helper library (``libhlwait.so``, built at install from
+``native/hl_wait.c``), through ctypes, which releases the GIL for the length
+of each call: a thread can wait for a guest's doorbell word, spinning and
+then sleeping, while every other Python thread runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+
+from .. import _build
+from ..errors import HlasyncError
+
+__all__ = ["FOREVER", "WAIT_FLAG", "WAIT_TIMEOUT", "WAIT_WORD", "Flag", "library", "wait"]
+
+WAIT_TIMEOUT, WAIT_WORD, WAIT_FLAG = 0, 1, 2
+#: A timeout that never ends.
+FOREVER = (1 << 64) - 1
+
+_lock = threading.Lock()
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The loaded helper (rebuilt first in a source checkout where it is stale)."""
+    target = _build.BUNDLED_DIR / _build.native.LIBRARY
+    if "libhlwait" in _build.bundled_builds():
+        with _lock:
+            try:
+                _build.build_bundled(only_stale=True, names=["libhlwait"])
+            except _build.GuestBuildError as exc:
+                if not target.exists():
+                    raise HlasyncError(f"the helper library is not built: {exc}") from None
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as exc:
+        raise HlasyncError(f"cannot load the helper library {target}: {exc}") from None
+    lib.hl_wait.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_uint64,
+        ctypes.c_void_p,
+        ctypes.c_uint64,
+        ctypes.c_uint64,
+    ]
+    lib.hl_wait.restype = ctypes.c_int
+    lib.hl_wake.argtypes = [ctypes.c_void_p]
+    lib.hl_wake.restype = None
+    return lib
+
+
+class Flag:
+    """A 32-bit word in host memory that one thread raises (:meth:`wake`) to end
+    another's :func:`wait` early."""
+
+    __slots__ = ("_word", "address")
+
+    def __init__(self) -> None:
+        self._word = ctypes.c_uint32(0)
+        self.address = ctypes.addressof(self._word)
+
+    @property
+    def raised(self) -> bool:
+        return bool(self._word.value)
+
+    def lower(self) -> None:
+        self._word.value = 0
+
+    def wake(self) -> None:
+        library().hl_wake(self.address)
+
+
+def wait(address: int, expected: int, flag: Flag, spin_ns: int, timeout_ns: int = FOREVER) -> int:
+    """Wait, without the GIL, until the 64-bit word at ``address`` equals
+    ``expected`` (:data:`WAIT_WORD`), ``flag`` is raised (:data:`WAIT_FLAG`) or
+    ``timeout_ns`` passed (:data:`WAIT_TIMEOUT`): spinning for ``spin_ns``,
+    then sleeping on the flag and looking at the word every 50 µs. ``address``
+    must stay mapped for the whole wait (a guest's memory, held by the caller)."""
+    return int(library().hl_wait(address, expected, flag.address, spin_ns, timeout_ns))
