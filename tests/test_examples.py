@@ -23,6 +23,7 @@ RUNS: dict[str, tuple[list[str], str]] = {
     "hang_capture_service.py": (["--self-test"], 'GET /add?a=1&b=2 -> 200 {"result": 3}'),
     "js_handlers.py": ([], "cart -> {'total': 3, 'calls': 1} (calls is 1 again)"),
     "js_hang_capture.py": ([], "JavaScript stack at the deadline:"),
+    "hot_sandbox.py": ([], "after restore(): increment -> 1"),
     "worker_processes.py": (
         [],
         "the pool goes on: add(i, 1) for i < 8 -> [1, 2, 3, 4, 5, 6, 7, 8]",

@@ -756,24 +756,26 @@ __attribute__((noreturn, used)) void hl_main(void) {
     ready[2] = (uint32_t)(__hl_functions_end - __hl_functions_start);
     ready[3] = HL_FEATURE_DOORBELL;
     volatile hl_doorbell *bell = (volatile hl_doorbell *)HL_DOORBELL_ADDR;
-    uint64_t handled = bell->req_seq;
+    /* The last call handled is done_seq itself, in memory: a host that puts
+     * the vCPU back at this loop without resetting memory (after a failed
+     * host call) marks the call handled there, so it is never run twice. */
     for (;;) {
-        __asm__ volatile("" ::: "memory"); /* the result frame is written before ... */
-        bell->done_seq = handled;          /* ... it is announced */
-        if (bell->spin && bell->req_seq == handled) {
+        if (bell->spin && bell->req_seq == bell->done_seq) {
             bell->spinning = 1;
             uint64_t start = rdtsc(); /* spin is re-read: the host ends a spin by zeroing it */
-            while (bell->req_seq == handled && rdtsc() - start < bell->spin)
+            while (bell->req_seq == bell->done_seq && rdtsc() - start < bell->spin)
                 __builtin_ia32_pause();
             bell->spinning = 0;
         }
-        if (bell->req_seq == handled) {
+        if (bell->req_seq == bell->done_seq) {
             HL_OUT(HL_PORT_RETURN); /* park until the host posts a call or asks for a spin */
             continue;
         }
-        handled = bell->req_seq;
+        uint64_t seq = bell->req_seq;
         __asm__ volatile("" ::: "memory"); /* the call frame is read after its announcement */
         reset_vector_state();
         dispatch();
+        __asm__ volatile("" ::: "memory"); /* the result frame is written before ... */
+        bell->done_seq = seq;              /* ... it is announced */
     }
 }

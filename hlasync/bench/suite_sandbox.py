@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import hlasync.guests
-from hlasync import GuestCancelled, Sandbox, SandboxState, abi
+from hlasync import GuestCancelled, Sandbox, SandboxConfig, SandboxState, abi
 from hlasync.bench.interrupt import RunawayWorker
 from hlasync.kvm.exits import Exit, IoOut
 from hlasync.sandbox.runner import post
@@ -41,6 +41,8 @@ from ._common import (
     time_calls,
 )
 
+#: The spin of the hot sandboxes measured (seconds).
+HOT_SPIN = 0.05
 #: How long ``spin()`` runs before the interrupt is sent.
 SPIN_BEFORE_INTERRUPT_S = 0.020
 
@@ -58,6 +60,7 @@ class Counts:
     restore_warmup: int
     interrupts: int
     interrupt_warmup: int
+    idle_sandboxes: int
 
 
 QUICK = Counts(
@@ -70,6 +73,7 @@ QUICK = Counts(
     restore_warmup=3,
     interrupts=10,
     interrupt_warmup=1,
+    idle_sandboxes=10,
 )
 FULL = Counts(
     calls=20_000,
@@ -81,6 +85,7 @@ FULL = Counts(
     restore_warmup=20,
     interrupts=200,
     interrupt_warmup=5,
+    idle_sandboxes=100,
 )
 
 
@@ -148,6 +153,70 @@ def bench_call_add(guest: Path, counts: Counts) -> Result:
         samples,
         ratio_to="bare_kvm_run",
         ratio_limit=2.0,
+    )
+
+
+def bench_call_add_hot(guest: Path, counts: Counts) -> Result:
+    """The same call on a hot sandbox (``spin``): posted on the doorbell while
+    the guest spins on its own thread, answered with no exit."""
+    sb = Sandbox(guest, SandboxConfig(spin=HOT_SPIN))
+    try:
+        if sb.call("add", 1, 2) != 3:
+            raise RuntimeError("add(1, 2) != 3 on a hot sandbox")
+        samples = time_calls(lambda: sb.call("add", 1, 2), counts.calls, counts.call_warmup)
+    finally:
+        sb.close()
+    return Result(
+        "call_add_hot",
+        f'Sandbox.call("add", 1, 2), hot (spin={HOT_SPIN:g} s)',
+        samples,
+        target=Target("median", 8 * US, "p50 <= 8 us"),
+        ratio_to="call_add",
+    )
+
+
+def bench_cpu_per_call(guest: Path, counts: Counts, spin: float) -> Result:
+    """CPU time of this process (every thread: the caller and a hot sandbox's
+    spinning vCPU) per back-to-back ``add``, over batches of calls."""
+    sb = Sandbox(guest, SandboxConfig(spin=spin))
+    batches, per_batch = 10, max(counts.calls // 10, 10)
+    samples: list[float] = []
+    try:
+        for _ in range(per_batch):
+            sb.call("add", 1, 2)
+        with gc_paused():
+            for _ in range(batches):
+                before = time.process_time_ns()
+                for _ in range(per_batch):
+                    sb.call("add", 1, 2)
+                samples.append((time.process_time_ns() - before) / per_batch)
+    finally:
+        sb.close()
+    key, mode = ("cpu_per_call_hot", "hot") if spin else ("cpu_per_call", "exit path")
+    return Result(key, f"CPU time per add, back to back ({mode})", samples)
+
+
+def bench_idle_hot(guest: Path, counts: Counts) -> Result:
+    """CPU time the process uses in 1 s while 100 sandboxes configured hot sit
+    idle after one call each (their spin over: parked, no thread spinning)."""
+    sandboxes = [Sandbox(guest, SandboxConfig(spin=0.01)) for _ in range(counts.idle_sandboxes)]
+    samples: list[float] = []
+    try:
+        for sb in sandboxes:
+            sb.call("add", 1, 2)
+        time.sleep(0.2)  # every spin has ended
+        for _ in range(3):
+            before = time.process_time_ns()
+            time.sleep(1.0 if counts.idle_sandboxes >= 100 else 0.2)
+            samples.append(time.process_time_ns() - before)
+    finally:
+        for sb in sandboxes:
+            sb.close()
+    return Result(
+        "idle_hot",
+        f"CPU time in 1 s of {counts.idle_sandboxes} idle hot-configured sandboxes",
+        samples,
+        target=Target("median", 10 * MS, "p50 <= 10 ms (~0)"),
     )
 
 
@@ -373,6 +442,10 @@ def run(counts: Counts) -> list[Result]:
     results = [bench_create_cold(guest)]  # must be the first Sandbox of the process
     results.append(bench_bare_kvm_run(guest, counts))
     results.append(bench_call_add(guest, counts))
+    results.append(bench_call_add_hot(guest, counts))
+    results.append(bench_cpu_per_call(guest, counts, 0.0))
+    results.append(bench_cpu_per_call(guest, counts, HOT_SPIN))
+    results.append(bench_idle_hot(guest, counts))
     results.append(bench_echo_bytes(guest, 1 * KiB, counts.calls, counts.call_warmup))
     warmup_64k = max(1, counts.echo_64k // 10)
     results.append(bench_echo_bytes(guest, 64 * KiB, counts.echo_64k, warmup_64k))
@@ -383,6 +456,10 @@ def run(counts: Counts) -> list[Result]:
     order = [
         "bare_kvm_run",
         "call_add",
+        "call_add_hot",
+        "cpu_per_call",
+        "cpu_per_call_hot",
+        "idle_hot",
         "echo_bytes_1k",
         "echo_bytes_64k",
         "create_cold",

@@ -57,6 +57,7 @@ class JSSandbox:
         self._modules: dict[str, str] = {}
         self._loaded = False
         self._sandbox = Sandbox(runtime.guest_path(), config, sandbox_id=sandbox_id)
+        self._sandbox._spin_allowed = False  # cpu_timeout counts the caller thread's CPU time
         try:
             for name, function in self._bridge.sandbox_functions().items():
                 self._sandbox.register_host_function(name, function)

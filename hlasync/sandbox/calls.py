@@ -34,6 +34,7 @@ from ..kvm import Vcpu
 
 if TYPE_CHECKING:
     from .core import Sandbox
+    from .hot import HotSession
 
 __all__ = ["Call", "CallHandle", "DumpRequest", "Phase", "ThreadRunner", "current_runner"]
 
@@ -55,6 +56,9 @@ class ThreadRunner:
         Vcpu.block_kick_signal()  # before any kick can be aimed at this thread
         self.ident = threading.get_ident()
         self.calls: list[Call] = []  # outermost first; more than one via host functions
+        #: Another thread to kick instead: a hot sandbox's thread runs this thread's
+        #: call in KVM_RUN while this one waits on the doorbell.
+        self.aim: int | None = None
         self._lock = threading.Lock()
         self._kick_sent = False
 
@@ -66,7 +70,15 @@ class ThreadRunner:
             if self._kick_sent:  # one pending kick is enough (real-time signals queue)
                 return
             self._kick_sent = True
-            Vcpu.kick(self.ident)
+            Vcpu.kick(self.aim or self.ident)
+
+    def aim_at(self, ident: int | None) -> bool:
+        """Send kicks to thread ``ident`` (None: this thread again). True if a kick
+        went out meanwhile: its thread consumed it, so the next may go out."""
+        with self._lock:
+            self.aim = ident
+            sent, self._kick_sent = self._kick_sent, False
+            return sent
 
     def drain(self) -> None:
         """Consume every pending kick of this (the calling) thread. Requests are
@@ -147,6 +159,7 @@ class Call:
         "cancelled",
         "dumps",
         "function",
+        "hot",
         "id",
         "parent",
         "phase",
@@ -171,6 +184,8 @@ class Call:
         self.borrowed = 0  # dumps written by other threads while the owner runs host code
         self.dumps: list[DumpRequest] = []  # every dump made of this call, oldest first
         self.started = False  # guest code has run for it (set by the owner)
+        #: The hot session it took the vCPU from (its guest was spinning), if any.
+        self.hot: HotSession | None = None
 
     def stop_requested(self) -> bool:
         """Whether this call, or a call it runs inside, was asked to stop."""

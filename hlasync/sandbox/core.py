@@ -19,6 +19,7 @@ import enum
 import itertools
 import logging
 import os
+import struct
 import threading
 import time
 import weakref
@@ -46,12 +47,13 @@ from ..guest import layout as lay
 from ..guest.image import GuestImage
 from ..guest.layout import MemoryLayout
 from ..guest.memory import GuestMemory, MemoryImage
-from ..kvm import kvm_regs
+from ..kvm import Vcpu, kvm_regs
 from ..kvm.exits import Interrupted, IoOut
 from . import cpu, registry, runner
 from .calls import Call, CallHandle, DumpRequest, Phase, current_runner
 from .dumps import CrashdumpRecord, try_dump, write_dump
 from .faults import ExceptionInfo
+from .hot import PARK_KICK_AFTER, HotSession, reaper
 from .machine import Machine
 from .snapshots import Snapshot, templates
 
@@ -63,6 +65,7 @@ _ids = itertools.count(1)
 #: How long a call, restore or dump waits for another operation on an idle
 #: sandbox (a restore, a snapshot, a dump) to finish before SandboxBusy.
 OPERATION_WAIT = 30.0
+_U64 = struct.Struct("<Q")
 #: How long generate_crashdump() waits for a running vCPU to pause.
 DUMP_PAUSE_TIMEOUT = 10.0
 #: How long close() waits for a running call to stop.
@@ -134,11 +137,15 @@ class Sandbox:
         self._crashdump_listeners: list[Callable[[CrashdumpRecord], None]] = []
         self._last_worker = -1  # the supervisor worker that ran it last
         self._state = SandboxState.CLOSED
-        self._holder: Call | _Operation | None = None
+        self._holder: Call | _Operation | HotSession | None = None
         self._loans = 0  # dumps written by other threads while a call runs host code
         self._forked_from: int | None = None
         self.last_exception: ExceptionInfo | None = None
         self._doorbell = False  # the guest's dispatcher waits on the doorbell page
+        self._hot: HotSession | None = None  # made at the first call with config.spin
+        #: Whether config.spin applies: owners that measure a call's CPU time on
+        #: the calling thread (the supervisor, JSSandbox) keep the exit path.
+        self._spin_allowed = True
         self._compat = (self.image.digest, self.layout)
         self._initial = self._boot()
         # Releases the VM and memory if the sandbox is dropped unclosed; takes no lock,
@@ -414,6 +421,12 @@ class Sandbox:
             self._state = SandboxState.CLOSED
             holder = self._holder
             own = False
+            if self._hot is not None:
+                self._hot.close()
+                reaper.forget(self._hot)
+            if isinstance(holder, HotSession):
+                holder.park(self, time.monotonic())
+                Vcpu.kick(holder.ident)  # no need to wait for the spin to notice
             if isinstance(holder, Call):
                 holder.cancelled = True
                 holder.runner.kick()
@@ -451,7 +464,11 @@ class Sandbox:
         runner_ = current_runner()
         call = Call(self.id, function, runner_)
         with self._lock:
-            self._wait_for_operations(function)
+            holder = self._holder
+            if isinstance(holder, HotSession) and not holder.parked_at:
+                call.hot = holder  # the guest spins: the call is posted on the doorbell
+            else:
+                self._wait_for_operations(function)
             if self._state is not SandboxState.READY:
                 self._raise_not_ready(function)
             self._holder = call
@@ -469,6 +486,10 @@ class Sandbox:
             holder = self._holder
             if holder is None:
                 return
+            if isinstance(holder, HotSession):  # stop the spin; it gives the vCPU up
+                holder.park(self, time.monotonic())
+                self._wait_locked(PARK_KICK_AFTER / 4)
+                continue
             if isinstance(holder, Call):
                 raise SandboxBusy(
                     f"sandbox {self.id} is already running a call ({holder.function})",
@@ -540,8 +561,6 @@ class Sandbox:
                 machine.pages.host_wrote(self.layout.input_addr, self.layout.input_size)
                 raise self._argument_error(signature, exc) from None
             machine.pages.host_wrote(self.layout.input_addr, written)
-            if self._doorbell:
-                runner.post(self)
             result = runner.run(self, call, signature)
             outcome = SandboxState.READY
             return result
@@ -566,12 +585,62 @@ class Sandbox:
                     call.phase = Phase.ENDED
                     if self._state is not SandboxState.CLOSED:
                         self._state = outcome
-                    self._holder = None
+                    self._holder = self._after_call_locked(call, outcome)
                     self._release_if_closed_locked()
                     self._notify_locked()
                     return stopped
             # Asked for as the call ended: they see the state it left.
             self._serve(call, requests, fault)
+
+    # ------------------------------------------------------- hot sandboxes
+    def _after_call_locked(self, call: Call, outcome: SandboxState) -> HotSession | None:
+        """Who holds the vCPU after ``call``: its hot session when the guest spins
+        (or is still in KVM_RUN on the hot thread), else nobody."""
+        hot = self._hot
+        wanted = (
+            outcome is SandboxState.READY
+            and self._state is SandboxState.READY
+            and self.config.spin > 0
+            and self._spin_allowed
+            and self._doorbell
+            and call.parent is None  # a nested call's thread goes on with the outer one
+        )
+        if hot is not None and hot.running:
+            if not wanted:  # a guest that failed may not park: kick it out now
+                hot.park(self, time.monotonic())
+                hot.kicked = True
+                Vcpu.kick(hot.ident)
+            if wanted:  # a budget the guest may have changed during the call
+                self._set_spin(hot.ticks)
+                reaper.watch(hot, time.monotonic() + self.config.spin + PARK_KICK_AFTER)
+            return hot  # until KVM_RUN is back on its thread
+        if not wanted:
+            return None
+        if hot is None:
+            hot = self._hot = HotSession(self)
+        hot.start(self)
+        reaper.watch(hot, time.monotonic() + self.config.spin + PARK_KICK_AFTER)
+        return hot
+
+    def _hot_returned(self, hot: HotSession) -> None:
+        """KVM_RUN came back on the hot thread (its exit is in ``hot.exit``): a call
+        holding the vCPU takes it from there; otherwise the sandbox is cold."""
+        with self._lock:
+            hot.running = False
+            # Under the lock: a start() of the next spin cannot come between.
+            hot.flag.wake()
+            if self._holder is hot:
+                self._holder = None
+                reaper.forget(hot)
+                if self._state is SandboxState.CLOSED:
+                    hot.close()
+                self._release_if_closed_locked()
+                self._notify_locked()
+
+    def _set_spin(self, ticks: int) -> None:
+        """The doorbell's spin budget (TSC ticks; 0 ends a spin)."""
+        _U64.pack_into(self._machine.doorbell, abi.DOORBELL_SPIN - abi.DOORBELL_ADDR, ticks)
+        self._machine.pages.host_wrote(abi.DOORBELL_SPIN, 8)
 
     # --------------------------------------------- requests from other threads
     def _stop(
@@ -817,6 +886,7 @@ class Sandbox:
         self._forked_from = parent
         self._state = SandboxState.CLOSED
         self._holder = None
+        self._hot = None  # its thread stayed in the parent
         self._loans = 0
         self._finalizer()
 

@@ -13,7 +13,16 @@ import threading
 from .. import _build
 from ..errors import HlasyncError
 
-__all__ = ["FOREVER", "WAIT_FLAG", "WAIT_TIMEOUT", "WAIT_WORD", "Flag", "library", "wait"]
+__all__ = [
+    "FOREVER",
+    "WAIT_FLAG",
+    "WAIT_TIMEOUT",
+    "WAIT_WORD",
+    "Flag",
+    "library",
+    "wait",
+    "wait_flag",
+]
 
 WAIT_TIMEOUT, WAIT_WORD, WAIT_FLAG = 0, 1, 2
 #: A timeout that never ends.
@@ -78,3 +87,11 @@ def wait(address: int, expected: int, flag: Flag, spin_ns: int, timeout_ns: int 
     then sleeping on the flag and looking at the word every 50 µs. ``address``
     must stay mapped for the whole wait (a guest's memory, held by the caller)."""
     return int(library().hl_wait(address, expected, flag.address, spin_ns, timeout_ns))
+
+
+_NEVER = ctypes.c_uint64(1)  # a word that never becomes 0
+
+
+def wait_flag(flag: Flag, timeout_ns: int = FOREVER) -> bool:
+    """Wait, without the GIL, for ``flag`` alone; True when it was raised."""
+    return wait(ctypes.addressof(_NEVER), 0, flag, 0, timeout_ns) == WAIT_FLAG

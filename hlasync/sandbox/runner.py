@@ -22,10 +22,12 @@ from ..errors import (
     HostFunctionError,
 )
 from ..guest.memory import GuestMemory
-from ..kvm.exits import Interrupted, IoOut, Shutdown
-from . import cpu
+from ..kvm import Vcpu
+from ..kvm.exits import Exit, Interrupted, IoOut, Shutdown
+from . import cpu, native
 from .dumps import attach_automatic_dump
 from .faults import ExceptionInfo, decode_exception
+from .hot import HotSession, read_done_seq
 
 if TYPE_CHECKING:
     from .calls import Call
@@ -34,6 +36,11 @@ if TYPE_CHECKING:
 __all__ = ["post", "run"]
 
 _U64 = struct.Struct("<Q")
+#: How long a caller spins (without the GIL) for a hot guest's answer before it
+#: sleeps and looks every 50 us.
+HOT_WAIT_SPIN_NS = 200_000
+#: How long one wait lasts without a return to Python (for signal handlers).
+HOT_WAIT_SLICE_NS = 100_000_000
 
 
 def post(sb: Sandbox) -> int:
@@ -48,13 +55,34 @@ def post(sb: Sandbox) -> int:
 
 def run(sb: Sandbox, call: Call, signature: FunctionSignature) -> Value:
     """Resume the guest at its dispatcher (the call frame is in the input
-    buffer) and run it until the call's outcome."""
+    buffer) and run it until the call's outcome.
+
+    A call that took the vCPU from a hot session (its guest spins on the
+    doorbell) is posted there and answered without an exit; if ``KVM_RUN``
+    comes back on the hot thread first (an exit of the call, a kick, the end
+    of the spin), this thread takes the vCPU over and goes on with the exit."""
     vcpu = sb._machine.vcpu
-    vcpu.prepare_thread()
-    call.started = True
     name = signature.name
+    seq = post(sb) if sb._doorbell else 0
+    call.started = True
+    pending: Exit | None = None
+    if call.hot is not None:
+        handed = _hot_call(sb, call, call.hot, seq)
+        if handed is None:
+            return _read_result(sb, signature, call.hot)
+        pending = handed
+    vcpu.prepare_thread()
     while True:
-        exit_ = vcpu.run()
+        if pending is not None:
+            exit_, pending = pending, None
+            if (
+                isinstance(exit_, IoOut)
+                and exit_.port == abi.PORT_RETURN
+                and read_done_seq(sb) != seq
+            ):
+                continue  # the guest parked before it saw the call: run it now
+        else:
+            exit_ = vcpu.run()
         match exit_:
             case IoOut(port=abi.PORT_RETURN):
                 return _read_result(sb, signature)
@@ -92,6 +120,44 @@ def run(sb: Sandbox, call: Call, signature: FunctionSignature) -> Value:
                 )
 
 
+def _hot_call(sb: Sandbox, call: Call, hot: HotSession, seq: int) -> Exit | None:
+    """Wait for the guest to answer call ``seq`` through the doorbell: None
+    when it did, else the exit that ``KVM_RUN`` came back with on the hot
+    thread (the vCPU is then stopped, and this thread's to run)."""
+    runner = call.runner
+    runner.aim_at(hot.ident)  # a stop or dump request kicks the hot thread's KVM_RUN
+    address = hot.done_seq_address(sb)
+    try:
+        outcome = native.wait(address, seq, hot.flag, HOT_WAIT_SPIN_NS, HOT_WAIT_SLICE_NS)
+        while outcome == native.WAIT_TIMEOUT:  # back in Python now and then: signals run
+            outcome = native.wait(address, seq, hot.flag, 0, HOT_WAIT_SLICE_NS)
+    finally:
+        kicked = runner.aim_at(None)
+    if outcome == native.WAIT_WORD:
+        return None
+    # KVM_RUN returned on the hot thread: from here the call runs on this thread,
+    # and the guest must not spin once it is done (nobody would watch it).
+    sb._set_spin(0)
+    exit_ = hot.exit
+    if isinstance(exit_, BaseException):
+        raise exit_
+    assert exit_ is not None
+    if kicked and not isinstance(exit_, Interrupted):
+        # The kick hit the hot thread after its KVM_RUN had returned: answer the
+        # requests it carried before running the guest again.
+        sb._on_kick(call)
+    return exit_
+
+
+def _reclaim(sb: Sandbox, hot: HotSession) -> None:
+    """Take the vCPU back from a hot thread whose guest cannot be trusted to
+    park: kick it out of KVM_RUN and wait until it is out."""
+    sb._set_spin(0)
+    Vcpu.kick(hot.ident)
+    while not native.wait_flag(hot.flag, HOT_WAIT_SLICE_NS):
+        pass
+
+
 def _memory(sb: Sandbox) -> GuestMemory:
     memory = sb._machine.memory
     assert memory is not None  # the call holds the vCPU: nothing releases it meanwhile
@@ -110,10 +176,14 @@ def _protocol_error(sb: Sandbox, function: str | None, message: str) -> GuestPro
     return GuestProtocolError(message, sandbox_id=sb.id, function=function)
 
 
-def _read_result(sb: Sandbox, signature: FunctionSignature) -> Value:
+def _read_result(sb: Sandbox, signature: FunctionSignature, hot: HotSession | None = None) -> Value:
+    """The call's result frame. ``hot``: the guest answered on the doorbell and
+    still runs on that session's thread; a bad frame stops it before the dump."""
     try:
         value, error = abi.read_result(sb._machine.output, signature.returns)
     except FrameError as exc:
+        if hot is not None:
+            _reclaim(sb, hot)
         raise _failed(sb, _protocol_error(sb, signature.name, f"bad result frame: {exc}")) from None
     if error is not None:
         hint = ""
@@ -177,8 +247,14 @@ def _host_call(sb: Sandbox, call: Call, function: str) -> None:
 
 
 def _unwind(sb: Sandbox) -> None:
-    """Put the vCPU back at the dispatcher's idle point (after a failed host call)."""
+    """Put the vCPU back at the dispatcher's idle point (after a failed host call).
+    Memory stays as the call left it: the doorbell must say the call was handled,
+    or the dispatcher, resumed to spin, would run its frame again."""
     cpu.apply(sb._machine.vcpu, sb._initial._cpu)
+    bell = sb._machine.doorbell
+    seq = _U64.unpack_from(bell, abi.DOORBELL_REQ_SEQ - abi.DOORBELL_ADDR)[0]
+    _U64.pack_into(bell, abi.DOORBELL_DONE_SEQ - abi.DOORBELL_ADDR, seq)
+    sb._machine.pages.host_wrote(abi.DOORBELL_DONE_SEQ, 8)
 
 
 def _print(sb: Sandbox, call: Call, function: str) -> None:

@@ -64,6 +64,7 @@ def new_sandbox(
             sys.stdout.flush()
 
     sandbox = Sandbox(image, config, output=on_output)
+    sandbox._spin_allowed = False  # cpu_timeout counts the vCPU worker thread's CPU time
     holder.append(sandbox)
     sandbox.add_crashdump_listener(on_crashdump)
     for name, function in dict(host_functions).items():

@@ -88,8 +88,8 @@ typedef struct {
 
 /* ---- The doorbell page: calls without a VM exit ----
  * The host writes a call frame into the input buffer, then req_seq + 1. The
- * dispatcher runs a call whenever req_seq differs from the last it handled,
- * writes the result frame, then done_seq = req_seq. With spin non-zero it
+ * dispatcher runs a call whenever req_seq differs from done_seq (the last call
+ * it handled), writes the result frame, then done_seq = req_seq. With spin non-zero it
  * then waits for the next req_seq by spinning up to spin TSC ticks, so that a
  * host thread watching done_seq sees results and posts calls with no exit;
  * otherwise (and when the spin ends) it parks with an exit (HL_PORT_RETURN).

@@ -1,0 +1,199 @@
+"""Hot sandboxes (``SandboxConfig.spin > 0``): between calls, a thread of the
+sandbox keeps its vCPU in ``KVM_RUN`` while the guest's dispatcher spins on
+the doorbell page, so that the next call is posted through shared memory and
+answered with no VM exit.
+
+While hot, the sandbox's holder is its :class:`HotSession`. A call takes the
+vCPU over from it without stopping the guest (see ``runner.run``); any other
+operation *parks* it first: the host zeroes the doorbell's ``spin``, the
+dispatcher leaves its loop for its ``out`` to the return port, and ``KVM_RUN``
+comes back on the hot thread, which then gives the vCPU up. A guest that does
+not park within :data:`PARK_KICK_AFTER` is kicked out of ``KVM_RUN``.
+
+When ``KVM_RUN`` returns on the hot thread (the spin ran out, a park, a kick,
+a fault in a call, any exit), the hot thread hands the exit to the call that
+holds the vCPU, if one does, and otherwise makes the sandbox cold (no holder,
+the vCPU stopped at the dispatcher's park). The sandbox goes hot again when
+its next call ends.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING
+
+from .. import abi
+from ..kvm import Vcpu
+from ..kvm.exits import Exit
+from . import native
+
+if TYPE_CHECKING:
+    from .core import Sandbox
+
+__all__ = ["PARK_KICK_AFTER", "HotSession", "reaper"]
+
+#: Seconds a parked guest has to reach its park exit before it is kicked.
+PARK_KICK_AFTER = 0.05
+_U64 = struct.Struct("<Q")
+
+
+class HotSession:
+    """The thread that runs a sandbox's vCPU between calls, and its state.
+    Fields are guarded by the sandbox's state lock, except ``exit``, which the
+    hot thread writes before it raises ``flag`` and which only the holder of
+    the vCPU reads after it saw the flag."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.name = "its hot dispatcher"  # as other holders, for SandboxBusy messages
+        self._sandbox = weakref.ref(sandbox)
+        self.vcpu: Vcpu = sandbox._machine.vcpu
+        self.flag = native.Flag()  # raised when KVM_RUN returned on the hot thread
+        self.running = False  # the hot thread is in (or about to enter) KVM_RUN
+        self.closing = False
+        self.exit: Exit | BaseException | None = None
+        self.parked_at = 0.0  # monotonic time a park was asked, 0 when none
+        self.kicked = False
+        self._go = threading.Event()
+        ticks = self.vcpu.tsc_khz() * 1000 * sandbox.config.spin
+        self.ticks = max(int(ticks), 1)
+        started = threading.Event()
+        self.thread = threading.Thread(
+            target=self._main, args=(started,), name=f"hlasync-hot-{sandbox.id}", daemon=True
+        )
+        # A sandbox dropped without close(): the thread ends with it (it holds
+        # only a weak reference, so it sleeps until then without waking up).
+        weakref.finalize(sandbox, self.close)
+        self.thread.start()
+        started.wait()
+
+    def start(self, sandbox: Sandbox) -> None:
+        """Resume the guest on the hot thread, spinning (sandbox lock held; the
+        vCPU is stopped and nobody else runs it)."""
+        sandbox._set_spin(self.ticks)
+        self.flag.lower()
+        self.exit = None
+        self.parked_at, self.kicked = 0.0, False
+        self.running = True
+        self._go.set()
+
+    def park(self, sandbox: Sandbox, now: float) -> None:
+        """Ask the guest to stop spinning (sandbox lock held); kick it when it
+        has not parked within PARK_KICK_AFTER of the first request."""
+        if not self.parked_at:
+            self.parked_at = now
+            sandbox._set_spin(0)
+        elif not self.kicked and now - self.parked_at >= PARK_KICK_AFTER:
+            self.kicked = True
+            Vcpu.kick(self.ident)
+
+    def expire(self) -> None:
+        """The spin should be over (the reaper's deadline passed): a guest still
+        spinning without a call ignored its budget; stop it."""
+        sandbox = self._sandbox()
+        if sandbox is None:
+            return
+        with sandbox._lock:
+            if sandbox._holder is self and self.running:
+                self.park(sandbox, time.monotonic())
+                self.kicked = True
+                Vcpu.kick(self.ident)
+
+    def close(self) -> None:
+        """End the hot thread once it is idle (sandbox lock held)."""
+        self.closing = True
+        self._go.set()
+
+    def _main(self, started: threading.Event) -> None:
+        Vcpu.block_kick_signal()  # before any kick can be aimed at this thread
+        self.ident = threading.get_ident()
+        started.set()
+        while True:
+            self._go.wait()
+            self._go.clear()
+            if not self._serve_once():
+                return
+
+    def _serve_once(self) -> bool:
+        """One KVM_RUN for the sandbox; False when the thread should end. The
+        sandbox is held only meanwhile: an idle hot thread keeps nothing alive."""
+        sandbox = self._sandbox()
+        if sandbox is None:
+            return False
+        if self.closing:
+            if self.running:  # started, then closed at once
+                sandbox._hot_returned(self)
+            return False
+        try:
+            self.vcpu.prepare_thread()
+            exit_: Exit | BaseException = self.vcpu.run()
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever holds the vCPU
+            exit_ = exc
+        while Vcpu.consume_kick():  # kicks that came after KVM_RUN returned
+            pass
+        self.exit = exit_
+        sandbox._hot_returned(self)  # raises the flag, under the sandbox's lock
+        return True
+
+    def done_seq_address(self, sandbox: Sandbox) -> int:
+        memory = sandbox._machine.memory
+        assert memory is not None  # a call holds the vCPU: nothing releases memory
+        return memory.address + abi.DOORBELL_DONE_SEQ
+
+
+def read_done_seq(sandbox: Sandbox) -> int:
+    """The last call the guest's dispatcher says it finished."""
+    offset = abi.DOORBELL_DONE_SEQ - abi.DOORBELL_ADDR
+    return int(_U64.unpack_from(sandbox._machine.doorbell, offset)[0])
+
+
+class _Reaper:
+    """One thread for every hot session of the process: at each session's
+    deadline (its spin plus PARK_KICK_AFTER after its last call) it stops a
+    guest that is still spinning with no call, so that no guest can keep a
+    CPU busy longer than its sandbox's ``spin`` allows. It sleeps while no
+    session is hot."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition(threading.Lock())
+        self._due: dict[HotSession, float] = {}
+        self._thread: threading.Thread | None = None
+        self._wakes_at = float("inf")  # when the reaper wakes up next on its own
+
+    def watch(self, hot: HotSession, deadline: float) -> None:
+        with self._changed:
+            self._due[hot] = deadline
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._main, name="hlasync-hot-reaper")
+                self._thread.daemon = True
+                self._thread.start()
+            if deadline < self._wakes_at:  # most calls move a deadline later: no wake-up
+                self._changed.notify()
+
+    def forget(self, hot: HotSession) -> None:
+        """``hot`` went cold or closed: no deadline (the thread ends with the last)."""
+        with self._changed:
+            if self._due.pop(hot, None) is not None and not self._due:
+                self._changed.notify()
+
+    def _main(self) -> None:
+        while True:
+            with self._changed:
+                while True:
+                    if not self._due:  # nothing hot: the thread ends, watch() makes another
+                        self._wakes_at = float("inf")
+                        self._thread = None
+                        return
+                    hot, due = min(self._due.items(), key=lambda item: item[1])
+                    now = time.monotonic()
+                    if due <= now:
+                        del self._due[hot]
+                        break
+                    self._wakes_at = due
+                    self._changed.wait(due - now)
+            hot.expire()  # without the reaper's lock: it takes the sandbox's
+
+
+reaper = _Reaper()
