@@ -33,6 +33,10 @@ DOORBELL_REQ_SEQ = DOORBELL_ADDR + 0x00  # host -> guest
 DOORBELL_SPIN = DOORBELL_ADDR + 0x08  # host -> guest: TSC ticks to spin
 DOORBELL_DONE_SEQ = DOORBELL_ADDR + 0x40  # guest -> host
 DOORBELL_SPINNING = DOORBELL_ADDR + 0x48  # guest -> host
+#: The same fields as indexes of the page's 64-bit words. The host reads and
+#: writes them as whole words (``memoryview.cast("Q")``: one 8-byte access each),
+#: never byte by byte: a running guest must not see a half-written value.
+WORD_REQ_SEQ, WORD_SPIN, WORD_DONE_SEQ, WORD_SPINNING = 0, 1, 8, 9
 #: Ready-frame feature bits.
 FEATURE_DOORBELL = 1
 

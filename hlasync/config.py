@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .abi import IMAGE_BASE
 from .crashdump.placement import RetentionPolicy
@@ -33,6 +33,18 @@ _MINIMUM_SIZES = {
 _BELOW_STACK = IMAGE_BASE + 2 * PAGE
 _MAX_INIT_TIMEOUT = 3600.0
 _MAX_SPIN = 1.0
+#: Environment variable giving ``SandboxConfig.spin``'s default (seconds).
+SPIN_ENV = "HLASYNC_SPIN"
+
+
+def _default_spin() -> float:
+    text = os.environ.get(SPIN_ENV, "").strip()
+    if not text:
+        return 0.0
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{SPIN_ENV} must be a number of seconds, got {text!r}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +80,10 @@ class SandboxConfig:
       with no VM exit (a few µs instead of ~30 on a PVM host), at the price of
       a CPU busy for up to ``spin`` after every call. Only synchronous
       ``Sandbox.call`` uses it; the supervisor and ``JSSandbox`` (whose CPU
-      timeouts count the caller thread's CPU time) take the exit path.
+      timeouts count the caller thread's CPU time) take the exit path. The
+      default comes from ``$HLASYNC_SPIN`` when it is set. At most one
+      sandbox per two CPUs spins at a time (``$HLASYNC_HOT_SLOTS``); the
+      others take the exit path meanwhile.
 
     ``crashdump_enabled`` (a bool, default True) writes a core dump on faults,
     aborts, protocol errors and watchdog timeouts; ``crashdump_dir`` (a path
@@ -86,7 +101,7 @@ class SandboxConfig:
     crashdump_dir: str | os.PathLike[str] | None = None
     crashdump_retention: RetentionPolicy | None = None
     init_timeout: float = 10.0
-    spin: float = 0.0
+    spin: float = field(default_factory=_default_spin)
 
     def __post_init__(self) -> None:
         for name in ("memory_size", "stack_size", "input_buffer_size", "output_buffer_size"):

@@ -15,6 +15,7 @@ was missed.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -61,6 +62,7 @@ class Counts:
     interrupts: int
     interrupt_warmup: int
     idle_sandboxes: int
+    thread_round_s: float
 
 
 QUICK = Counts(
@@ -74,6 +76,7 @@ QUICK = Counts(
     interrupts=10,
     interrupt_warmup=1,
     idle_sandboxes=10,
+    thread_round_s=0.1,
 )
 FULL = Counts(
     calls=20_000,
@@ -86,6 +89,7 @@ FULL = Counts(
     interrupts=200,
     interrupt_warmup=5,
     idle_sandboxes=100,
+    thread_round_s=1.0,
 )
 
 
@@ -98,6 +102,7 @@ class Result:
     #: Extra comparison shown in the table (e.g. the ratio to the bare round trip).
     ratio_to: str | None = None
     ratio_limit: float | None = None
+    ratio_label: str = "bare"
 
     def stats(self) -> dict[str, float]:
         return summarize(self.samples_ns)
@@ -194,6 +199,47 @@ def bench_cpu_per_call(guest: Path, counts: Counts, spin: float) -> Result:
         sb.close()
     key, mode = ("cpu_per_call_hot", "hot") if spin else ("cpu_per_call", "exit path")
     return Result(key, f"CPU time per add, back to back ({mode})", samples)
+
+
+def bench_threads(guest: Path, counts: Counts, threads: int, spin: float) -> Result:
+    """``threads`` threads each calling their own sandbox back to back: wall
+    time per call of all of them together (rounds of ``counts.thread_round_s``),
+    so that more hot sandboxes than CPUs show what spinning costs."""
+    sandboxes = [Sandbox(guest, SandboxConfig(spin=spin)) for _ in range(threads)]
+    samples: list[float] = []
+    try:
+        for sb in sandboxes:
+            sb.call("add", 1, 2)
+        for _ in range(3):
+            done = [0] * threads
+            stop = time.monotonic() + counts.thread_round_s
+
+            def worker(index: int, stop: float = stop, done: list[int] = done) -> None:
+                sb, n = sandboxes[index], 0
+                while time.monotonic() < stop:
+                    sb.call("add", 1, 2)
+                    n += 1
+                done[index] = n
+
+            workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+            started = time.perf_counter_ns()
+            for thread in workers:
+                thread.start()
+            for thread in workers:
+                thread.join()
+            samples.append((time.perf_counter_ns() - started) / max(sum(done), 1))
+    finally:
+        for sb in sandboxes:
+            sb.close()
+    mode = "hot" if spin else "exit path"
+    return Result(
+        f"threads_{threads}_{'hot' if spin else 'exit'}",
+        f"{threads} threads, own sandbox each, back to back ({mode}): wall time per call",
+        samples,
+        ratio_to=None if not spin else f"threads_{threads}_exit",
+        ratio_limit=None if not spin else 1.0,
+        ratio_label="the exit path",
+    )
 
 
 def bench_idle_hot(guest: Path, counts: Counts) -> Result:
@@ -376,7 +422,7 @@ def evaluate(result: Result, by_key: dict[str, Result]) -> tuple[str, str, float
     if result.ratio_to is not None and result.ratio_limit is not None:
         base = by_key[result.ratio_to].stats()["median"]
         ratio = stats["median"] / base
-        text = f"median <= {result.ratio_limit:.1f}x bare (got {ratio:.2f}x)"
+        text = f"median <= {result.ratio_limit:.1f}x {result.ratio_label} (got {ratio:.2f}x)"
         return text, "yes" if ratio <= result.ratio_limit else "no", ratio
     return "-", "-", None
 
@@ -446,6 +492,9 @@ def run(counts: Counts) -> list[Result]:
     results.append(bench_cpu_per_call(guest, counts, 0.0))
     results.append(bench_cpu_per_call(guest, counts, HOT_SPIN))
     results.append(bench_idle_hot(guest, counts))
+    for threads in (2, 4, 8):
+        results.append(bench_threads(guest, counts, threads, 0.0))
+        results.append(bench_threads(guest, counts, threads, HOT_SPIN))
     results.append(bench_echo_bytes(guest, 1 * KiB, counts.calls, counts.call_warmup))
     warmup_64k = max(1, counts.echo_64k // 10)
     results.append(bench_echo_bytes(guest, 64 * KiB, counts.echo_64k, warmup_64k))
@@ -460,6 +509,12 @@ def run(counts: Counts) -> list[Result]:
         "cpu_per_call",
         "cpu_per_call_hot",
         "idle_hot",
+        "threads_2_exit",
+        "threads_2_hot",
+        "threads_4_exit",
+        "threads_4_hot",
+        "threads_8_exit",
+        "threads_8_hot",
         "echo_bytes_1k",
         "echo_bytes_64k",
         "create_cold",

@@ -19,7 +19,6 @@ import enum
 import itertools
 import logging
 import os
-import struct
 import threading
 import time
 import weakref
@@ -53,7 +52,7 @@ from . import cpu, registry, runner
 from .calls import Call, CallHandle, DumpRequest, Phase, current_runner
 from .dumps import CrashdumpRecord, try_dump, write_dump
 from .faults import ExceptionInfo
-from .hot import PARK_KICK_AFTER, HotSession, reaper
+from .hot import PARK_KICK_AFTER, HotSession, budget, reaper
 from .machine import Machine
 from .snapshots import Snapshot, templates
 
@@ -65,7 +64,6 @@ _ids = itertools.count(1)
 #: How long a call, restore or dump waits for another operation on an idle
 #: sandbox (a restore, a snapshot, a dump) to finish before SandboxBusy.
 OPERATION_WAIT = 30.0
-_U64 = struct.Struct("<Q")
 #: How long generate_crashdump() waits for a running vCPU to pause.
 DUMP_PAUSE_TIMEOUT = 10.0
 #: How long close() waits for a running call to stop.
@@ -614,10 +612,14 @@ class Sandbox:
                 self._set_spin(hot.ticks)
                 reaper.watch(hot, time.monotonic() + self.config.spin + PARK_KICK_AFTER)
             return hot  # until KVM_RUN is back on its thread
-        if not wanted:
+        if not wanted or not budget.take():  # no CPU to spin on: the exit path
             return None
         if hot is None:
-            hot = self._hot = HotSession(self)
+            try:
+                hot = self._hot = HotSession(self)
+            except BaseException:
+                budget.give_back()
+                raise
         hot.start(self)
         reaper.watch(hot, time.monotonic() + self.config.spin + PARK_KICK_AFTER)
         return hot
@@ -627,6 +629,7 @@ class Sandbox:
         holding the vCPU takes it from there; otherwise the sandbox is cold."""
         with self._lock:
             hot.running = False
+            budget.give_back()
             # Under the lock: a start() of the next spin cannot come between.
             hot.flag.wake()
             if self._holder is hot:
@@ -639,7 +642,7 @@ class Sandbox:
 
     def _set_spin(self, ticks: int) -> None:
         """The doorbell's spin budget (TSC ticks; 0 ends a spin)."""
-        _U64.pack_into(self._machine.doorbell, abi.DOORBELL_SPIN - abi.DOORBELL_ADDR, ticks)
+        self._machine.bell[abi.WORD_SPIN] = ticks  # one 8-byte store
         self._machine.pages.host_wrote(abi.DOORBELL_SPIN, 8)
 
     # --------------------------------------------- requests from other threads

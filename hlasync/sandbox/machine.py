@@ -137,6 +137,9 @@ class Machine:
         self.input = view[layout.input_addr : layout.input_addr + layout.input_size]
         self.output = view[layout.output_addr : layout.output_addr + layout.output_size]
         self.doorbell = view[abi.DOORBELL_ADDR : abi.DOORBELL_ADDR + 0x1000]
+        #: The doorbell as 64-bit words (abi.WORD_*): every access is one aligned
+        #: 8-byte load or store, which a guest running meanwhile sees whole.
+        self.bell = self.doorbell.cast("Q")
 
     @property
     def released(self) -> bool:
@@ -166,6 +169,7 @@ class Machine:
     def release(self) -> None:
         """Close the VM and unmap guest memory (idempotent; takes no lock)."""
         self.input = self.output = self.doorbell = memoryview(b"")
+        self.bell = memoryview(b"").cast("Q")
         if self.vm is not None:
             self.vm.close()
             self.vm = None

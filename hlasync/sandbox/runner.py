@@ -8,7 +8,6 @@ automatic core dump here, on the owner thread, while the vCPU is paused.
 
 from __future__ import annotations
 
-import struct
 import sys
 from typing import TYPE_CHECKING
 
@@ -35,7 +34,6 @@ if TYPE_CHECKING:
 
 __all__ = ["post", "run"]
 
-_U64 = struct.Struct("<Q")
 #: How long a caller spins (without the GIL) for a hot guest's answer before it
 #: sleeps and looks every 50 us.
 HOT_WAIT_SPIN_NS = 200_000
@@ -46,9 +44,9 @@ HOT_WAIT_SLICE_NS = 100_000_000
 def post(sb: Sandbox) -> int:
     """Announce the call frame in the input buffer on the doorbell: the
     dispatcher runs a call only when ``req_seq`` moved. The new sequence."""
-    bell = sb._machine.doorbell
-    seq: int = (_U64.unpack_from(bell, 0)[0] + 1) & 0xFFFF_FFFF_FFFF_FFFF
-    _U64.pack_into(bell, 0, seq)
+    bell = sb._machine.bell
+    seq: int = (bell[abi.WORD_REQ_SEQ] + 1) & 0xFFFF_FFFF_FFFF_FFFF
+    bell[abi.WORD_REQ_SEQ] = seq  # one 8-byte store: a spinning guest never sees it torn
     sb._machine.pages.host_wrote(abi.DOORBELL_REQ_SEQ, 8)
     return seq
 
@@ -251,9 +249,8 @@ def _unwind(sb: Sandbox) -> None:
     Memory stays as the call left it: the doorbell must say the call was handled,
     or the dispatcher, resumed to spin, would run its frame again."""
     cpu.apply(sb._machine.vcpu, sb._initial._cpu)
-    bell = sb._machine.doorbell
-    seq = _U64.unpack_from(bell, abi.DOORBELL_REQ_SEQ - abi.DOORBELL_ADDR)[0]
-    _U64.pack_into(bell, abi.DOORBELL_DONE_SEQ - abi.DOORBELL_ADDR, seq)
+    bell = sb._machine.bell
+    bell[abi.WORD_DONE_SEQ] = bell[abi.WORD_REQ_SEQ]
     sb._machine.pages.host_wrote(abi.DOORBELL_DONE_SEQ, 8)
 
 
