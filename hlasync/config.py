@@ -81,9 +81,10 @@ class SandboxConfig:
       a CPU busy for up to ``spin`` after every call. Only synchronous
       ``Sandbox.call`` uses it; the supervisor and ``JSSandbox`` (whose CPU
       timeouts count the caller thread's CPU time) take the exit path. The
-      default comes from ``$HLASYNC_SPIN`` when it is set. At most one
-      sandbox per two CPUs spins at a time (``$HLASYNC_HOT_SLOTS``); the
-      others take the exit path meanwhile.
+      default comes from ``$HLASYNC_SPIN`` when it is set. A sandbox spins
+      only while the CPUs are free for it: at most one per two CPUs
+      (``$HLASYNC_HOT_SLOTS``), and not while other threads call sandboxes;
+      meanwhile it takes the exit path.
 
     ``crashdump_enabled`` (a bool, default True) writes a core dump on faults,
     aborts, protocol errors and watchdog timeouts; ``crashdump_dir`` (a path

@@ -52,7 +52,7 @@ from . import cpu, registry, runner
 from .calls import Call, CallHandle, DumpRequest, Phase, current_runner
 from .dumps import CrashdumpRecord, try_dump, write_dump
 from .faults import ExceptionInfo
-from .hot import PARK_KICK_AFTER, HotSession, budget, reaper
+from .hot import CROWDED_COOLDOWN, PARK_KICK_AFTER, HotSession, budget, reaper
 from .machine import Machine
 from .snapshots import Snapshot, templates
 
@@ -471,6 +471,7 @@ class Sandbox:
                 self._raise_not_ready(function)
             self._holder = call
             self._state = SandboxState.RUNNING
+        budget.call_started()
         runner_.calls.append(call)
         return call
 
@@ -603,16 +604,28 @@ class Sandbox:
             and self._doorbell
             and call.parent is None  # a nested call's thread goes on with the outer one
         )
-        if hot is not None and hot.running:
+        running = hot is not None and hot.running
+        now = time.monotonic()
+        cooling = hot is not None and now < hot.cooldown_until
+        # One look at the budget per call: this call leaves the calls in flight,
+        # and the sandbox gets (or keeps) a slot if the others leave one free.
+        room = budget.end_call(
+            running=running, wanted=wanted and not cooling, thread=call.thread, now=now
+        )
+        if wanted and not room and hot is not None and not cooling:
+            hot.cooldown_until = now + CROWDED_COOLDOWN
+        if hot is not None and running:
             if not wanted:  # a guest that failed may not park: kick it out now
-                hot.park(self, time.monotonic())
+                hot.park(self, now)
                 hot.kicked = True
                 Vcpu.kick(hot.ident)
-            if wanted:  # a budget the guest may have changed during the call
+            elif not room:  # other calls run meanwhile: leave them the CPUs
+                hot.park(self, now)
+            else:  # a budget the guest may have changed during the call
                 self._set_spin(hot.ticks)
                 reaper.watch(hot, time.monotonic() + self.config.spin + PARK_KICK_AFTER)
             return hot  # until KVM_RUN is back on its thread
-        if not wanted or not budget.take():  # no CPU to spin on: the exit path
+        if not room:  # not wanted, or no CPU to spin on: the exit path
             return None
         if hot is None:
             try:
@@ -635,6 +648,9 @@ class Sandbox:
             if self._holder is hot:
                 self._holder = None
                 reaper.forget(hot)
+                # The spin ran out (or was ended): no budget may stay behind for
+                # the next call, which runs on the exit path with nobody watching.
+                self._set_spin(0)
                 if self._state is SandboxState.CLOSED:
                     hot.close()
                 self._release_if_closed_locked()

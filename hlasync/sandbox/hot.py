@@ -33,10 +33,16 @@ from . import native
 if TYPE_CHECKING:
     from .core import Sandbox
 
-__all__ = ["PARK_KICK_AFTER", "HotBudget", "HotSession", "budget", "reaper"]
+__all__ = ["CROWDED_COOLDOWN", "PARK_KICK_AFTER", "HotBudget", "HotSession", "budget", "reaper"]
 
 #: Seconds a parked guest has to reach its park exit before it is kicked.
 PARK_KICK_AFTER = 0.05
+#: Seconds a sandbox stays on the exit path after the budget had no room for
+#: it: going hot and parking again at every call costs more than the exits.
+CROWDED_COOLDOWN = 0.02
+#: A sandbox does not spin while another thread made a call this recently
+#: (seconds): a few GIL switch intervals.
+OTHER_CALLERS_WINDOW = 0.02
 
 
 class HotSession:
@@ -55,6 +61,7 @@ class HotSession:
         self.exit: Exit | BaseException | None = None
         self.parked_at = 0.0  # monotonic time a park was asked, 0 when none
         self.kicked = False
+        self.cooldown_until = 0.0  # no spin before then (the budget was full)
         self._go = threading.Event()
         ticks = self.vcpu.tsc_khz() * 1000 * sandbox.config.spin
         self.ticks = max(int(ticks), 1)
@@ -201,20 +208,19 @@ reaper = _Reaper()
 
 
 class HotBudget:
-    """How many sandboxes of this process may spin at once: one per two CPUs
-    this process may run on, at least one (``$HLASYNC_HOT_SLOTS`` overrides
-    it). A hot call keeps two CPUs busy (the spinning guest, the waiting
-    caller); with more hot sandboxes, they, their callers and the GIL take
-    turns and calls get slower than exits would make them. Measured on 2 CPUs,
-    threads each calling their own sandbox back to back (calls/s, exit path /
-    hot): with one slot 2 threads 20k / 36k, 4 threads 27k / 29k, 8 threads
-    27k / 22k; with two slots 2 threads 94k, but 4 threads 20k and 8 threads
-    16k. A sandbox that finds no free slot stays on the exit path and tries
-    again when its next call ends."""
+    """Whether a sandbox whose call ends may spin. A hot call keeps two CPUs
+    busy (the spinning guest, the waiting caller), so: at most one hot sandbox
+    per two CPUs this process may run on, at least one (``$HLASYNC_HOT_SLOTS``
+    overrides it), counting the calls in flight on the exit path; and none
+    while another thread has called a sandbox within
+    :data:`OTHER_CALLERS_WINDOW`. Otherwise several callers, spinning guests and
+    the GIL take turns and calls get slower than exits would make them."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._used = 0
+        self._used = 0  # hot sessions in KVM_RUN
+        self._calls: list[None] = []  # one per call between _begin_call and _end_call
+        self._last_call: dict[int, float] = {}  # thread -> when its last call ended
         self.slots = self._slots()
 
     @staticmethod
@@ -224,9 +230,34 @@ class HotBudget:
             return int(text)
         return max(1, len(os.sched_getaffinity(0)) // 2)
 
-    def take(self) -> bool:
+    def call_started(self) -> None:
+        # list.append/pop are atomic under the GIL: no lock on every call's path.
+        self._calls.append(None)
+
+    def end_call(self, *, running: bool, wanted: bool, thread: int, now: float) -> bool:
+        """Call of ``thread`` ends at ``now`` (it leaves the calls in flight).
+        True when its sandbox may spin: no other thread called a sandbox within
+        :data:`OTHER_CALLERS_WINDOW` (threads that wait for the GIL are not in a
+        call, but a spinning guest takes the CPU they need), and the hot
+        sandboxes and calls in flight leave a slot. ``running`` (its guest still
+        spins) keeps its slot then; otherwise a free slot is taken for it."""
+        self._calls.pop()
+        last = self._last_call
+        last[thread] = now
+        if not wanted:
+            return False
+        if len(last) > 1:
+            recent = now - OTHER_CALLERS_WINDOW
+            for ident, t in list(last.items()):
+                if t > recent and ident != thread:
+                    return False
+                if t <= recent and len(last) > 64:  # forget threads that stopped calling
+                    last.pop(ident, None)
+        others = len(self._calls)
+        if running:
+            return self._used - 1 + others < self.slots
         with self._lock:
-            if self._used >= self.slots:
+            if self._used + others >= self.slots:
                 return False
             self._used += 1
             return True
@@ -238,6 +269,11 @@ class HotBudget:
     @property
     def used(self) -> int:
         return self._used
+
+    @property
+    def active(self) -> int:
+        """Calls in flight in this process, hot or not."""
+        return len(self._calls)
 
 
 budget = HotBudget()

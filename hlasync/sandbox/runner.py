@@ -69,6 +69,8 @@ def run(sb: Sandbox, call: Call, signature: FunctionSignature) -> Value:
         if handed is None:
             return _read_result(sb, signature, call.hot)
         pending = handed
+    elif sb._doorbell and sb._machine.bell[abi.WORD_SPIN]:
+        sb._set_spin(0)  # on the exit path nobody watches the doorbell: no spin
     vcpu.prepare_thread()
     while True:
         if pending is not None:

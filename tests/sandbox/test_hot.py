@@ -35,6 +35,18 @@ def _hot_session(sb: Sandbox) -> HotSession:
     return holder
 
 
+def _make_hot(sb: Sandbox, name: str = "add", *args: object) -> HotSession:
+    """Call until the sandbox is hot: it does not spin while another thread has
+    called a sandbox in the last moments (an earlier test's threads)."""
+    deadline = time.monotonic() + 10
+    while True:
+        sb.call(name, *(args or (1, 2)))  # type: ignore[arg-type]
+        if isinstance(sb._holder, HotSession):
+            return sb._holder
+        assert time.monotonic() < deadline, "the sandbox never went hot"
+        time.sleep(0.03)
+
+
 def _wait_until(predicate: object, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():  # type: ignore[operator]
@@ -74,8 +86,7 @@ def test_hot_calls_answer_like_the_exit_path(kvm: Kvm, simpleguest: Path) -> Non
 
 def test_calls_within_the_spin_make_no_exit(kvm: Kvm, simpleguest: Path) -> None:
     with Sandbox(simpleguest, HOT) as sb:
-        sb.call("add", 1, 1)
-        hot = _hot_session(sb)
+        hot = _make_hot(sb)
         _wait_until(lambda: hot.running)
         exit_before = hot.exit
         for n in range(500):
@@ -100,6 +111,7 @@ def test_the_spin_ends_and_an_idle_sandbox_costs_no_cpu(kvm: Kvm, simpleguest: P
 
 def test_operations_park_a_hot_guest_at_once(kvm: Kvm, simpleguest: Path) -> None:
     with Sandbox(simpleguest, SandboxConfig(spin=1.0)) as sb:  # the longest spin
+        _make_hot(sb)
         assert sb.call("increment") == 1
         started = time.monotonic()
         snapshot = sb.snapshot()
@@ -117,8 +129,7 @@ def test_operations_park_a_hot_guest_at_once(kvm: Kvm, simpleguest: Path) -> Non
 
 def test_close_while_hot_is_prompt_and_ends_the_thread(kvm: Kvm, simpleguest: Path) -> None:
     sb = Sandbox(simpleguest, SandboxConfig(spin=1.0))
-    sb.call("add", 1, 2)
-    thread = _hot_session(sb).thread
+    thread = _make_hot(sb).thread
     started = time.monotonic()
     sb.close()
     assert time.monotonic() - started < 1.0
@@ -129,7 +140,7 @@ def test_close_while_hot_is_prompt_and_ends_the_thread(kvm: Kvm, simpleguest: Pa
 
 def test_interrupt_and_dump_a_hot_call(kvm: Kvm, simpleguest: Path) -> None:
     with Sandbox(simpleguest, HOT) as sb:
-        sb.call("add", 1, 2)
+        _make_hot(sb)
         outcome: list[BaseException] = []
 
         def run() -> None:
@@ -158,7 +169,7 @@ def test_interrupt_and_dump_a_hot_call(kvm: Kvm, simpleguest: Path) -> None:
 
 def test_a_fault_in_a_hot_call_is_dumped(kvm: Kvm, simpleguest: Path) -> None:
     with Sandbox(simpleguest, HOT) as sb:
-        sb.call("add", 1, 2)
+        _make_hot(sb)
         with pytest.raises(GuestCrashed) as caught:
             sb.call("null_pointer_write")
         assert caught.value.core_path is not None
@@ -173,9 +184,16 @@ def test_a_guest_that_forges_doorbell_answers_is_stopped(kvm: Kvm, hostile_guest
     protocol error and a dump, the guest is kicked out of KVM_RUN (no CPU left
     burning), and restore() makes the sandbox usable again."""
     with Sandbox(hostile_guest, HOT) as sb:
-        assert isinstance(sb.call("count_in_input", b"aaa"), int)  # hot now
-        with pytest.raises(GuestProtocolError, match="bad result frame") as caught:
-            sb.call("forge_doorbell")
+        _make_hot(sb, "count_in_input", b"aaa")
+        # Should the call take the exit path after all, the forger never exits:
+        # stop it rather than hang the test run.
+        guard = threading.Timer(10, sb.interrupt)
+        guard.start()
+        try:
+            with pytest.raises(GuestProtocolError, match="bad result frame") as caught:
+                sb.call("forge_doorbell")
+        finally:
+            guard.cancel()
         assert caught.value.core_path is not None
         assert sb._holder is None and not sb._hot.running  # type: ignore[union-attr]
         sb.restore()
@@ -186,7 +204,7 @@ def test_a_guest_cannot_spin_longer_than_its_budget(kvm: Kvm, hostile_guest: Pat
     """The spin budget lives in guest memory: a guest that sets it to forever is
     still parked (or kicked) once its sandbox's own spin has passed."""
     with Sandbox(hostile_guest, SandboxConfig(spin=0.02)) as sb:
-        sb.call("count_in_input", b"")
+        _make_hot(sb, "count_in_input", b"")
         sb.call("spin_forever_between_calls")
         _wait_until(lambda: sb._holder is None, timeout=2.0)
         assert isinstance(sb.call("count_in_input", b"a"), int)
@@ -222,8 +240,7 @@ def test_a_hot_sandbox_dropped_without_close_ends_its_thread(kvm: Kvm, simplegue
     import gc
 
     sb = Sandbox(simpleguest, SandboxConfig(spin=0.01))
-    sb.call("add", 1, 2)
-    hot = _hot_session(sb)
+    hot = _make_hot(sb)
     deadline = time.monotonic() + 10
     while hot.running:  # until the spin is over
         assert time.monotonic() < deadline
@@ -253,7 +270,7 @@ def test_a_failed_host_call_is_not_run_again_when_the_guest_spins(
 
     with Sandbox(simpleguest, HOT) as sb:
         sb.register_host_function("fails_once", fails_once)
-        sb.call("add", 1, 2)
+        _make_hot(sb)
         with pytest.raises(HostFunctionError):
             sb.call("call_host", "fails_once", 7)
         time.sleep(0.05)  # hot again meanwhile
@@ -277,3 +294,54 @@ def test_every_posted_call_runs_exactly_once(kvm: Kvm, simpleguest: Path) -> Non
             for _ in range(3):  # one cold call, then hot ones
                 expected += 1
                 assert sb.call("increment") == expected
+
+
+def test_no_spin_while_other_calls_need_the_cpus(kvm: Kvm, simpleguest: Path) -> None:
+    """With the slots taken by calls in flight elsewhere in the process, a
+    sandbox parks at the end of its call (well before its spin would end) and
+    takes the exit path; once they are over, its next call makes it hot again."""
+    from hlasync.sandbox.hot import CROWDED_COOLDOWN, budget
+
+    release = threading.Event()
+
+    def block(x: int) -> int:
+        release.wait(30)
+        return x
+
+    others = [Sandbox(simpleguest) for _ in range(budget.slots)]
+    threads = []
+    try:
+        with Sandbox(simpleguest, SandboxConfig(spin=1.0)) as hot_sb:
+            _make_hot(hot_sb)
+            for sb in others:
+                sb.register_host_function("block", block)
+                thread = threading.Thread(target=sb.call, args=("call_host", "block", 1))
+                thread.start()
+                threads.append(thread)
+            _wait_until(lambda: budget.active >= len(others))
+            for _ in range(5):
+                assert hot_sb.call("add", 2, 3) == 5
+                # Parked at once: its spin of 1 s is far from over.
+                _wait_until(lambda: not isinstance(hot_sb._holder, HotSession), timeout=0.5)
+            release.set()
+            for thread in threads:
+                thread.join(10)
+            time.sleep(2 * CROWDED_COOLDOWN)  # it waits that long before trying again
+            hot_sb.call("add", 1, 1)
+            assert isinstance(hot_sb._holder, HotSession)
+    finally:
+        release.set()
+        for sb in others:
+            sb.close()
+
+
+def test_a_call_after_the_spin_ended_is_not_delayed_by_it(kvm: Kvm, simpleguest: Path) -> None:
+    """When a spin runs out, the guest parks with the spin budget still in its
+    doorbell page; the next call (on the exit path) must not spin it again
+    before the guest parks, or every such call takes the whole budget."""
+    with Sandbox(simpleguest, SandboxConfig(spin=0.3)) as sb:
+        _make_hot(sb)
+        _wait_until(lambda: sb._holder is None)  # the spin ran out: cold
+        started = time.monotonic()
+        assert sb.call("add", 2, 3) == 5
+        assert time.monotonic() - started < 0.15
