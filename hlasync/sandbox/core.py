@@ -771,7 +771,10 @@ class Sandbox:
         return request.path
 
     def _write_on_loan(self, call: Call, request: DumpRequest) -> None:
-        """Dump while the call's owner runs host code (``_loans`` counts us)."""
+        """Dump while the call's owner runs host code (``_loans`` counts us).
+        The result is stored before the loan ends: the owner, back from host
+        code, waits for the loan and then finds the dump in ``call.dumps``
+        (and the request's callbacks have run)."""
         try:
             path, error = try_dump(
                 self,
@@ -780,14 +783,14 @@ class Sandbox:
                 function=call.function,
                 annotations=request.annotations,
             )
+            with self._lock:
+                call.dumps.append(request)
+            request.set_result(path, error)
         finally:
             with self._lock:
                 self._loans -= 1
                 self._release_if_closed_locked()
                 self._notify_locked()
-        with self._lock:
-            call.dumps.append(request)
-        request.set_result(path, error)
 
     # ------------------------------------------- the owner's side of requests
     def _serve(

@@ -305,3 +305,50 @@ def test_a_forked_child_cannot_use_inherited_sandboxes(sandbox: Sandbox, simpleg
         time.sleep(0.01)
     assert os.waitstatus_to_exitcode(status) == 0
     assert sandbox.call("add", 1, 2) == 3  # the parent's sandbox is untouched
+
+
+def test_a_dump_on_loan_is_recorded_before_the_owner_goes_on(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call stopped with a dump while it runs a host function: the dump is
+    written on loan by another thread. The owner, back from the host function,
+    must find it recorded (the loan once ended before the dump's result was
+    stored, and a timeout then reached its caller without core_path: seen in
+    CI with worker processes). The store is slowed down here to show it."""
+    from hlasync.sandbox.calls import DumpRequest
+
+    original = DumpRequest.set_result
+
+    def slow_set_result(self: DumpRequest, path: Path | None, error: object) -> None:
+        time.sleep(0.2)
+        original(self, path, error)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DumpRequest, "set_result", slow_set_result)
+    entered, go = threading.Event(), threading.Event()
+
+    def host_function(x: int) -> int:
+        entered.set()
+        go.wait(10)
+        return x
+
+    sandbox.register_host_function("wait_here", host_function)
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            sandbox.call("call_host", "wait_here", 1)
+        except BaseException as exc:  # noqa: BLE001 - the outcome is the subject
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert entered.wait(10)
+    call = sandbox._holder
+    assert call is not None and not isinstance(call, str)
+    stop = sandbox._stop(call, "timeout")  # type: ignore[arg-type]
+    assert stop.stopped and stop.in_host and stop.dump is not None
+    go.set()
+    thread.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], GuestCancelled), outcome
+    assert outcome[0].core_path is not None
+    assert stop.dump.path == outcome[0].core_path
