@@ -710,26 +710,33 @@ class Sandbox:
         me = threading.get_ident()
         request = DumpRequest(directory, reason, annotations)
         with self._lock:
-            if self._state is SandboxState.CLOSED:
-                self._raise_not_ready("dump")
-            holder = self._holder
-            if isinstance(holder, Call) and holder.phase is not Phase.ENDED:
-                call: Call | None = holder
-                if holder.thread == me:  # host code of this very call: the vCPU is paused
-                    mode = "own"
-                elif holder.phase is Phase.HOST:
-                    self._loans += 1
-                    request.borrowed = True
-                    mode = "loan"
-                else:
-                    holder.requests.append(request)
-                    holder.runner.kick()
-                    mode = "request"
-            else:
-                self._wait_for_operations("dump")
+            while True:
+                if self._state is SandboxState.CLOSED:
+                    self._raise_not_ready("dump")
+                holder = self._holder
+                if isinstance(holder, Call) and holder.phase is not Phase.ENDED:
+                    call: Call | None = holder
+                    if holder.thread == me:  # host code of this very call: the vCPU is paused
+                        mode = "own"
+                    elif holder.phase is Phase.HOST:
+                        self._loans += 1
+                        request.borrowed = True
+                        mode = "loan"
+                    else:
+                        holder.requests.append(request)
+                        holder.runner.kick()
+                        mode = "request"
+                    break
+                try:
+                    self._wait_for_operations("dump")
+                except SandboxBusy:
+                    if isinstance(self._holder, Call):
+                        continue  # a call began while we waited: dump it as it runs
+                    raise
                 call = None
                 self._holder = _Operation("dump")
                 mode = "hold"
+                break
         if call is not None:
             if mode == "request":
                 return self._await_dump(call, request)

@@ -352,3 +352,32 @@ def test_a_dump_on_loan_is_recorded_before_the_owner_goes_on(
     assert len(outcome) == 1 and isinstance(outcome[0], GuestCancelled), outcome
     assert outcome[0].core_path is not None
     assert stop.dump.path == outcome[0].core_path
+
+
+def test_on_demand_dumps_never_see_sandbox_busy(sandbox: Sandbox, dump_dir: Path) -> None:
+    """generate_crashdump() waiting for a restore could wake up to find a call
+    holding the vCPU, and raised SandboxBusy instead of dumping that call (the
+    soak met it). Restores and calls on one thread, dumps on another."""
+    from hlasync import SandboxBusy
+
+    stop = time.monotonic() + 1.0
+    busy: list[SandboxBusy] = []
+    dumps = 0
+
+    def calls() -> None:
+        while time.monotonic() < stop:
+            sandbox.restore()
+            sandbox.call("echo", "x")
+
+    worker = threading.Thread(target=calls)
+    worker.start()
+    try:
+        while time.monotonic() < stop:
+            try:
+                os.unlink(sandbox.generate_crashdump(dump_dir))
+                dumps += 1
+            except SandboxBusy as exc:
+                busy.append(exc)
+    finally:
+        worker.join(10)
+    assert busy == [] and dumps > 0
