@@ -23,15 +23,15 @@ def main(argv: list[str]) -> None:
     receive: Callable[[], bytes]
     send: Callable[[bytes], None]
     if kind == "pipe":
+        from .suite_channel import _write_all
+
         read_fd, write_fd = fds
 
         def receive() -> bytes:
             return os.read(read_fd, 1 << 20)
 
         def send(data: bytes) -> None:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(write_fd, view) :]
+            _write_all(write_fd, data)
 
     elif kind == "socketpair":
         sock = socket.socket(fileno=fds[0])

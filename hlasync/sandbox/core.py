@@ -46,7 +46,7 @@ from ..guest import layout as lay
 from ..guest.image import GuestImage
 from ..guest.layout import MemoryLayout
 from ..guest.memory import GuestMemory, MemoryImage
-from ..kvm import Vcpu, kvm_regs
+from ..kvm import kvm_regs
 from ..kvm.exits import Interrupted, IoOut
 from . import cpu, registry, runner
 from .calls import Call, CallHandle, DumpRequest, Phase, current_runner
@@ -422,9 +422,8 @@ class Sandbox:
             if self._hot is not None:
                 self._hot.close()
                 reaper.forget(self._hot)
-            if isinstance(holder, HotSession):
-                holder.park(self, time.monotonic())
-                Vcpu.kick(holder.ident)  # no need to wait for the spin to notice
+            if isinstance(holder, HotSession):  # no need to wait for the spin to notice
+                holder.park(self, time.monotonic(), kick=True)
             if isinstance(holder, Call):
                 holder.cancelled = True
                 holder.runner.kick()
@@ -616,14 +615,12 @@ class Sandbox:
             hot.cooldown_until = now + CROWDED_COOLDOWN
         if hot is not None and running:
             if not wanted:  # a guest that failed may not park: kick it out now
-                hot.park(self, now)
-                hot.kicked = True
-                Vcpu.kick(hot.ident)
+                hot.park(self, now, kick=True)
             elif not room:  # other calls run meanwhile: leave them the CPUs
                 hot.park(self, now)
             else:  # a budget the guest may have changed during the call
                 self._set_spin(hot.ticks)
-                reaper.watch(hot, time.monotonic() + self.config.spin + PARK_KICK_AFTER)
+                reaper.watch(hot, now + self.config.spin + PARK_KICK_AFTER)
             return hot  # until KVM_RUN is back on its thread
         if not room:  # not wanted, or no CPU to spin on: the exit path
             return None
@@ -634,7 +631,7 @@ class Sandbox:
                 budget.give_back()
                 raise
         hot.start(self)
-        reaper.watch(hot, time.monotonic() + self.config.spin + PARK_KICK_AFTER)
+        reaper.watch(hot, now + self.config.spin + PARK_KICK_AFTER)
         return hot
 
     def _hot_returned(self, hot: HotSession) -> None:

@@ -52,7 +52,6 @@ class HotSession:
     the vCPU reads after it saw the flag."""
 
     def __init__(self, sandbox: Sandbox) -> None:
-        self.name = "its hot dispatcher"  # as other holders, for SandboxBusy messages
         self._sandbox = weakref.ref(sandbox)
         self.vcpu: Vcpu = sandbox._machine.vcpu
         self.flag = native.Flag()  # raised when KVM_RUN returned on the hot thread
@@ -85,13 +84,14 @@ class HotSession:
         self.running = True
         self._go.set()
 
-    def park(self, sandbox: Sandbox, now: float) -> None:
-        """Ask the guest to stop spinning (sandbox lock held); kick it when it
+    def park(self, sandbox: Sandbox, now: float, *, kick: bool = False) -> None:
+        """Ask the guest to stop spinning (sandbox lock held); kick it out of
+        KVM_RUN at once with ``kick`` (a guest that may not park), else when it
         has not parked within PARK_KICK_AFTER of the first request."""
         if not self.parked_at:
             self.parked_at = now
             sandbox._set_spin(0)
-        elif not self.kicked and now - self.parked_at >= PARK_KICK_AFTER:
+        if not self.kicked and (kick or now - self.parked_at >= PARK_KICK_AFTER):
             self.kicked = True
             Vcpu.kick(self.ident)
 
@@ -103,9 +103,7 @@ class HotSession:
             return
         with sandbox._lock:
             if sandbox._holder is self and self.running:
-                self.park(sandbox, time.monotonic())
-                self.kicked = True
-                Vcpu.kick(self.ident)
+                self.park(sandbox, time.monotonic(), kick=True)
 
     def close(self) -> None:
         """End the hot thread once it is idle (sandbox lock held)."""
@@ -265,10 +263,6 @@ class HotBudget:
     def give_back(self) -> None:
         with self._lock:
             self._used -= 1
-
-    @property
-    def used(self) -> int:
-        return self._used
 
     @property
     def active(self) -> int:
