@@ -31,12 +31,17 @@ PEB_ADDR = 0xF0000
 DOORBELL_ADDR = 0xF1000
 DOORBELL_REQ_SEQ = DOORBELL_ADDR + 0x00  # host -> guest
 DOORBELL_SPIN = DOORBELL_ADDR + 0x08  # host -> guest: TSC ticks to spin
+DOORBELL_ANSWER_SEQ = DOORBELL_ADDR + 0x10  # host -> guest: the latest ask answered
+DOORBELL_ANSWER_SPIN = DOORBELL_ADDR + 0x18  # host -> guest: TSC ticks to wait for one
 DOORBELL_DONE_SEQ = DOORBELL_ADDR + 0x40  # guest -> host
 DOORBELL_SPINNING = DOORBELL_ADDR + 0x48  # guest -> host
+DOORBELL_ASK_SEQ = DOORBELL_ADDR + 0x50  # guest -> host: a host call or print asked
+DOORBELL_ASK_PORT = DOORBELL_ADDR + 0x58  # guest -> host: PORT_HOSTCALL or PORT_PRINT
 #: The same fields as indexes of the page's 64-bit words. The host reads and
 #: writes them as whole words (``memoryview.cast("Q")``: one 8-byte access each),
 #: never byte by byte: a running guest must not see a half-written value.
-WORD_REQ_SEQ, WORD_SPIN, WORD_DONE_SEQ, WORD_SPINNING = 0, 1, 8, 9
+WORD_REQ_SEQ, WORD_SPIN, WORD_ANSWER_SEQ, WORD_ANSWER_SPIN = 0, 1, 2, 3
+WORD_DONE_SEQ, WORD_SPINNING, WORD_ASK_SEQ, WORD_ASK_PORT = 8, 9, 10, 11
 #: Ready-frame feature bits.
 FEATURE_DOORBELL = 1
 
@@ -44,6 +49,7 @@ PORT_RETURN = 0x10
 PORT_HOSTCALL = 0x11
 PORT_PRINT = 0x12
 PORT_ABORT = 0x13
+PORT_WAIT = 0x14  # the guest waits for the answer to a doorbell ask
 PORT_EXCEPTION_BASE = 0xE0  # + vector, written by the CPL0 exception stubs
 
 MAGIC_PEB = 0x31424550484C

@@ -33,7 +33,8 @@ static long hl_syscall4(long number, long a, long b, long c, long d) {
 
 #define HL_WAIT_WORD 1    /* *word reached the expected value */
 #define HL_WAIT_FLAG 2    /* *flag was raised (hl_wake) */
-#define HL_WAIT_TIMEOUT 0 /* neither, within timeout_ns */
+#define HL_WAIT_ASK 3     /* *ask differs from *answer (the guest asked something) */
+#define HL_WAIT_TIMEOUT 0 /* none of these, within timeout_ns */
 
 /* How long one futex sleep lasts before the word is looked at again: the guest
  * cannot wake a futex, so a sleeping waiter polls at this period. */
@@ -45,26 +46,38 @@ static uint64_t now_ns(void) {
     return (uint64_t)t.sec * 1000000000ull + (uint64_t)t.nsec;
 }
 
-static inline int ready(const volatile uint64_t *word, uint64_t expected,
-                        const volatile uint32_t *flag) {
-    if (__atomic_load_n(word, __ATOMIC_ACQUIRE) == expected) return HL_WAIT_WORD;
-    if (__atomic_load_n(flag, __ATOMIC_ACQUIRE)) return HL_WAIT_FLAG;
+struct hl_watch {
+    const volatile uint64_t *word;
+    uint64_t expected;
+    const volatile uint64_t *ask, *answer;
+    const volatile uint32_t *flag;
+};
+
+static inline int ready(const struct hl_watch *w) {
+    if (__atomic_load_n(w->word, __ATOMIC_ACQUIRE) == w->expected) return HL_WAIT_WORD;
+    if (__atomic_load_n(w->ask, __ATOMIC_ACQUIRE) != __atomic_load_n(w->answer, __ATOMIC_ACQUIRE))
+        return HL_WAIT_ASK;
+    if (__atomic_load_n(w->flag, __ATOMIC_ACQUIRE)) return HL_WAIT_FLAG;
     return -1;
 }
 
-/* Wait until *word == expected or *flag != 0: spin for spin_ns, then sleep on
- * the flag's futex in NAP_NS slices, for at most timeout_ns in all. The word
- * is checked first, so a result that is there wins over a raised flag. */
-int hl_wait(const volatile uint64_t *word, uint64_t expected, volatile uint32_t *flag,
-            uint64_t spin_ns, uint64_t timeout_ns) {
-    int outcome = ready(word, expected, flag);
+/* Wait until *word == expected, *ask != *answer or *flag != 0: spin for
+ * spin_ns, then sleep on the flag's futex in NAP_NS slices, for at most
+ * timeout_ns in all. The word is checked first, so a result that is there wins
+ * over a raised flag. Pass ask == answer when nothing can be asked. */
+int hl_wait(const volatile uint64_t *word, uint64_t expected, const volatile uint64_t *ask,
+            const volatile uint64_t *answer, volatile uint32_t *flag, uint64_t spin_ns,
+            uint64_t timeout_ns) {
+    const struct hl_watch w = {word, expected, ask, answer, flag};
+    const struct hl_watch *watch = &w;
+    int outcome = ready(watch);
     if (outcome >= 0) return outcome;
     uint64_t start = now_ns();
     uint64_t spin_end = start + (spin_ns < timeout_ns ? spin_ns : timeout_ns);
     unsigned polls = 0;
     for (;;) {
         __builtin_ia32_pause();
-        outcome = ready(word, expected, flag);
+        outcome = ready(watch);
         if (outcome >= 0) return outcome;
         if ((++polls & 63) == 0 && now_ns() >= spin_end) break;
     }
@@ -75,7 +88,7 @@ int hl_wait(const volatile uint64_t *word, uint64_t expected, volatile uint32_t 
         uint64_t nap = left < NAP_NS ? left : NAP_NS;
         struct hl_timespec slice = {(int64_t)(nap / 1000000000ull), (int64_t)(nap % 1000000000ull)};
         hl_syscall4(SYS_FUTEX, (long)flag, FUTEX_WAIT_PRIVATE, 0, (long)&slice);
-        outcome = ready(word, expected, flag);
+        outcome = ready(watch);
         if (outcome >= 0) return outcome;
     }
 }

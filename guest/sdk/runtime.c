@@ -100,6 +100,40 @@ char *strchr(const char *s, int c) {
     }
 }
 
+/* ------------------------------------------------------------ doorbell asks */
+static inline uint64_t rdtsc(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+/* Hand the frame in the output buffer to the host through the doorbell, when a
+ * host thread watches it (spin non-zero: a hot call), and wait for the answer
+ * there; 0 when nobody watches (the caller exits at its port instead). */
+static int hl_ask_doorbell(uint64_t port) {
+    volatile hl_doorbell *bell = (volatile hl_doorbell *)HL_DOORBELL_ADDR;
+    if (!bell->spin) return 0;
+    uint64_t seq = bell->ask_seq + 1;
+    bell->ask_port = port;
+    __asm__ volatile("" ::: "memory"); /* the frame and port are written before ... */
+    bell->ask_seq = seq;               /* ... the ask is announced */
+    uint64_t start = rdtsc();
+    while (bell->answer_seq != seq) {
+        /* spin is re-read: the host ends every wait by zeroing it */
+        if (!bell->spin || rdtsc() - start >= bell->answer_spin)
+            HL_OUT(HL_PORT_WAIT); /* the host answers the ask before it resumes us */
+        else
+            __builtin_ia32_pause();
+    }
+    __asm__ volatile("" ::: "memory"); /* the answer is read after its announcement */
+    return 1;
+}
+
+#define HL_ASK(port)                              \
+    do {                                          \
+        if (!hl_ask_doorbell(port)) HL_OUT(port);        \
+    } while (0)
+
 /* ------------------------------------------------------------ print/abort */
 static size_t message_frame(uint32_t magic, int64_t code, const char *text, size_t length) {
     hl_message_frame *frame = (hl_message_frame *)peb->output_addr;
@@ -116,7 +150,7 @@ void hl_write(const void *data, size_t length) {
     const char *p = data;
     while (length) {
         size_t sent = message_frame(HL_MAGIC_PRINT, 0, p, length);
-        HL_OUT(HL_PORT_PRINT);
+        HL_ASK(HL_PORT_PRINT);
         p += sent;
         length -= sent;
     }
@@ -577,7 +611,7 @@ hl_value hl_call_host_v(const char *name, const char *fmt, va_list ap) {
     frame->name_length = (uint32_t)name_length;
     frame->argc = (uint32_t)argc;
     frame->size = (uint32_t)pos;
-    HL_OUT(HL_PORT_HOSTCALL);
+    HL_ASK(HL_PORT_HOSTCALL);
 
     const hl_result_frame *result = (const hl_result_frame *)out;
     if (result->magic != HL_MAGIC_RESULT || result->status != HL_STATUS_OK)
@@ -712,11 +746,6 @@ static void dispatch(void) {
     }
 }
 
-static inline uint64_t rdtsc(void) {
-    uint32_t lo, hi;
-    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-    return ((uint64_t)hi << 32) | lo;
-}
 
 /* Every call starts with clean x87/SSE state: no values or modes left by the last
  * call. (The host restores the general registers; this is much cheaper here.) */

@@ -64,7 +64,13 @@ IO_BITMAP_PORTS = 256
 TSS_LIMIT = IO_BITMAP_OFFSET + IO_BITMAP_PORTS // 8  # + the all-ones terminator byte
 
 #: The only ports guest code may use; any other `in`/`out` at CPL3 raises #GP.
-GUEST_PORTS = (abi.PORT_RETURN, abi.PORT_HOSTCALL, abi.PORT_PRINT, abi.PORT_ABORT)
+GUEST_PORTS = (
+    abi.PORT_RETURN,
+    abi.PORT_HOSTCALL,
+    abi.PORT_PRINT,
+    abi.PORT_ABORT,
+    abi.PORT_WAIT,
+)
 #: Vectors whose exception frame starts with an error code.
 ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 #: Vectors a CPL3 `int n` may raise directly (others become #GP).

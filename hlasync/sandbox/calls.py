@@ -155,6 +155,7 @@ class Call:
     identity are guarded by the sandbox's state lock."""
 
     __slots__ = (
+        "asking",
         "borrowed",
         "cancelled",
         "dumps",
@@ -186,6 +187,10 @@ class Call:
         self.started = False  # guest code has run for it (set by the owner)
         #: The hot session it took the vCPU from (its guest was spinning), if any.
         self.hot: HotSession | None = None
+        #: Set while the owner answers a host call or print the guest asked on
+        #: the doorbell: the guest still runs on this session's thread, to be
+        #: stopped before the vCPU is read (a dump).
+        self.asking: HotSession | None = None
 
     def stop_requested(self) -> bool:
         """Whether this call, or a call it runs inside, was asked to stop."""

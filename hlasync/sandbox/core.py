@@ -738,6 +738,7 @@ class Sandbox:
             if mode == "request":
                 return self._await_dump(call, request)
             if mode == "own":
+                self._halt_asking(call)
                 return write_dump(
                     self, reason, directory, function=call.function, annotations=annotations
                 )
@@ -780,6 +781,7 @@ class Sandbox:
         code, waits for the loan and then finds the dump in ``call.dumps``
         (and the request's callbacks have run)."""
         try:
+            self._halt_asking(call)
             path, error = try_dump(
                 self,
                 request.reason,
@@ -801,6 +803,8 @@ class Sandbox:
         self, call: Call, requests: list[DumpRequest], fault: ExceptionInfo | None = None
     ) -> None:
         """Write dumps asked of this call (owner thread, vCPU paused)."""
+        if requests:
+            self._halt_asking(call)
         for request in requests:
             path, error = try_dump(
                 self,
@@ -813,6 +817,14 @@ class Sandbox:
             with self._lock:
                 call.dumps.append(request)
             request.set_result(path, error)
+
+    def _halt_asking(self, call: Call) -> None:
+        """Stop the guest of a call whose owner answers a doorbell ask (the guest
+        spins for the answer on its hot thread): a dump needs the vCPU stopped.
+        The owner finds the exit when it goes back to waiting for the guest."""
+        hot = call.asking
+        if hot is not None:
+            runner.reclaim(self, hot)
 
     def _on_kick(self, call: Call) -> None:
         """``KVM_RUN`` came back interrupted: answer whatever was asked of the call."""

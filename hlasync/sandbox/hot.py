@@ -33,8 +33,20 @@ from . import native
 if TYPE_CHECKING:
     from .core import Sandbox
 
-__all__ = ["CROWDED_COOLDOWN", "PARK_KICK_AFTER", "HotBudget", "HotSession", "budget", "reaper"]
+__all__ = [
+    "ANSWER_SPIN",
+    "CROWDED_COOLDOWN",
+    "PARK_KICK_AFTER",
+    "HotBudget",
+    "HotSession",
+    "budget",
+    "reaper",
+]
 
+#: Seconds a guest of a hot call spins for the answer to a host call or print
+#: it asked on the doorbell before it exits to wait (capped by ``spin``): a
+#: host function slower than this costs the exit it would have cost anyway.
+ANSWER_SPIN = 0.0002
 #: Seconds a parked guest has to reach its park exit before it is kicked.
 PARK_KICK_AFTER = 0.05
 #: Seconds a sandbox stays on the exit path after the budget had no room for
@@ -62,8 +74,9 @@ class HotSession:
         self.kicked = False
         self.cooldown_until = 0.0  # no spin before then (the budget was full)
         self._go = threading.Event()
-        ticks = self.vcpu.tsc_khz() * 1000 * sandbox.config.spin
-        self.ticks = max(int(ticks), 1)
+        per_second = self.vcpu.tsc_khz() * 1000
+        self.ticks = max(int(per_second * sandbox.config.spin), 1)
+        self.answer_ticks = max(int(per_second * min(sandbox.config.spin, ANSWER_SPIN)), 1)
         started = threading.Event()
         self.thread = threading.Thread(
             target=self._main, args=(started,), name=f"hlasync-hot-{sandbox.id}", daemon=True
@@ -77,6 +90,8 @@ class HotSession:
     def start(self, sandbox: Sandbox) -> None:
         """Resume the guest on the hot thread, spinning (sandbox lock held; the
         vCPU is stopped and nobody else runs it)."""
+        sandbox._machine.bell[abi.WORD_ANSWER_SPIN] = self.answer_ticks
+        sandbox._machine.pages.host_wrote(abi.DOORBELL_ANSWER_SPIN, 8)
         sandbox._set_spin(self.ticks)
         self.flag.lower()
         self.exit = None

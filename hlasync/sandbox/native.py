@@ -15,6 +15,7 @@ from ..errors import HlasyncError
 
 __all__ = [
     "FOREVER",
+    "WAIT_ASK",
     "WAIT_FLAG",
     "WAIT_TIMEOUT",
     "WAIT_WORD",
@@ -24,7 +25,7 @@ __all__ = [
     "wait_flag",
 ]
 
-WAIT_TIMEOUT, WAIT_WORD, WAIT_FLAG = 0, 1, 2
+WAIT_TIMEOUT, WAIT_WORD, WAIT_FLAG, WAIT_ASK = 0, 1, 2, 3
 #: A timeout that never ends.
 FOREVER = (1 << 64) - 1
 
@@ -49,6 +50,8 @@ def library() -> ctypes.CDLL:
     lib.hl_wait.argtypes = [
         ctypes.c_void_p,
         ctypes.c_uint64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
         ctypes.c_void_p,
         ctypes.c_uint64,
         ctypes.c_uint64,
@@ -80,18 +83,30 @@ class Flag:
         library().hl_wake(self.address)
 
 
-def wait(address: int, expected: int, flag: Flag, spin_ns: int, timeout_ns: int = FOREVER) -> int:
-    """Wait, without the GIL, until the 64-bit word at ``address`` equals
-    ``expected`` (:data:`WAIT_WORD`), ``flag`` is raised (:data:`WAIT_FLAG`) or
-    ``timeout_ns`` passed (:data:`WAIT_TIMEOUT`): spinning for ``spin_ns``,
-    then sleeping on the flag and looking at the word every 50 µs. ``address``
-    must stay mapped for the whole wait (a guest's memory, held by the caller)."""
-    return int(library().hl_wait(address, expected, flag.address, spin_ns, timeout_ns))
-
-
 _NEVER = ctypes.c_uint64(1)  # a word that never becomes 0
+_NEVER_ADDRESS = ctypes.addressof(_NEVER)
+
+
+def wait(
+    address: int,
+    expected: int,
+    flag: Flag,
+    spin_ns: int,
+    timeout_ns: int = FOREVER,
+    ask: tuple[int, int] | None = None,
+) -> int:
+    """Wait, without the GIL, until the 64-bit word at ``address`` equals
+    ``expected`` (:data:`WAIT_WORD`), the two 64-bit words at the addresses in
+    ``ask`` differ (:data:`WAIT_ASK`), ``flag`` is raised (:data:`WAIT_FLAG`)
+    or ``timeout_ns`` passed (:data:`WAIT_TIMEOUT`): spinning for ``spin_ns``,
+    then sleeping on the flag and looking at the words every 50 µs. The words
+    must stay mapped for the whole wait (a guest's memory, held by the caller)."""
+    first, second = ask if ask is not None else (_NEVER_ADDRESS, _NEVER_ADDRESS)
+    return int(
+        library().hl_wait(address, expected, first, second, flag.address, spin_ns, timeout_ns)
+    )
 
 
 def wait_flag(flag: Flag, timeout_ns: int = FOREVER) -> bool:
     """Wait, without the GIL, for ``flag`` alone; True when it was raised."""
-    return wait(ctypes.addressof(_NEVER), 0, flag, 0, timeout_ns) == WAIT_FLAG
+    return wait(_NEVER_ADDRESS, 0, flag, 0, timeout_ns) == WAIT_FLAG

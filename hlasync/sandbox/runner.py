@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .calls import Call
     from .core import Sandbox
 
-__all__ = ["post", "run"]
+__all__ = ["post", "reclaim", "run"]
 
 #: How long a caller spins (without the GIL) for a hot guest's answer before it
 #: sleeps and looks every 50 us.
@@ -90,6 +90,8 @@ def run(sb: Sandbox, call: Call, signature: FunctionSignature) -> Value:
                 _host_call(sb, call, name)
             case IoOut(port=abi.PORT_PRINT):
                 _print(sb, call, name)
+            case IoOut(port=abi.PORT_WAIT):
+                _answer_ask(sb, call, name, None)
             case IoOut(port=abi.PORT_ABORT):
                 raise _failed(sb, _aborted(sb, name))
             case IoOut(port=port) if 0 <= port - abi.PORT_EXCEPTION_BASE < 32:
@@ -123,16 +125,33 @@ def run(sb: Sandbox, call: Call, signature: FunctionSignature) -> Value:
 def _hot_call(sb: Sandbox, call: Call, hot: HotSession, seq: int) -> Exit | None:
     """Wait for the guest to answer call ``seq`` through the doorbell: None
     when it did, else the exit that ``KVM_RUN`` came back with on the hot
-    thread (the vCPU is then stopped, and this thread's to run)."""
+    thread (the vCPU is then stopped, and this thread's to run). Host calls
+    and prints the guest asks on the doorbell meanwhile are answered there."""
     runner = call.runner
     runner.aim_at(hot.ident)  # a stop or dump request kicks the hot thread's KVM_RUN
     address = hot.done_seq_address(sb)
+    base = address - abi.DOORBELL_DONE_SEQ
+    ask = (base + abi.DOORBELL_ASK_SEQ, base + abi.DOORBELL_ANSWER_SEQ)
+    kicked = False
     try:
-        outcome = native.wait(address, seq, hot.flag, HOT_WAIT_SPIN_NS, HOT_WAIT_SLICE_NS)
-        while outcome == native.WAIT_TIMEOUT:  # back in Python now and then: signals run
-            outcome = native.wait(address, seq, hot.flag, 0, HOT_WAIT_SLICE_NS)
+        while True:
+            outcome = native.wait(address, seq, hot.flag, HOT_WAIT_SPIN_NS, HOT_WAIT_SLICE_NS, ask)
+            while outcome == native.WAIT_TIMEOUT:  # back in Python now and then: signals run
+                outcome = native.wait(address, seq, hot.flag, 0, HOT_WAIT_SLICE_NS, ask)
+            if outcome != native.WAIT_ASK:
+                break
+            # Host code runs on this thread while the guest spins for its answer:
+            # kicks come here meanwhile (a call it makes runs here), and whoever
+            # needs the vCPU stopped stops the hot thread first (call.asking).
+            kicked |= runner.aim_at(None)
+            call.asking = hot
+            try:
+                _answer_ask(sb, call, call.function, hot)
+            finally:
+                call.asking = None
+            runner.aim_at(hot.ident)  # kicks sent here meanwhile were answered on the way out
     finally:
-        kicked = runner.aim_at(None)
+        kicked |= runner.aim_at(None)
     if outcome == native.WAIT_WORD:
         return None
     # KVM_RUN returned on the hot thread: from here the call runs on this thread,
@@ -149,13 +168,36 @@ def _hot_call(sb: Sandbox, call: Call, hot: HotSession, seq: int) -> Exit | None
     return exit_
 
 
-def _reclaim(sb: Sandbox, hot: HotSession) -> None:
+def reclaim(sb: Sandbox, hot: HotSession) -> None:
     """Take the vCPU back from a hot thread whose guest cannot be trusted to
-    park: kick it out of KVM_RUN and wait until it is out."""
+    park (or must stop at once): kick it out of KVM_RUN, wait until it is out."""
     sb._set_spin(0)
-    Vcpu.kick(hot.ident)
+    if not hot.flag.raised:
+        Vcpu.kick(hot.ident)
     while not native.wait_flag(hot.flag, HOT_WAIT_SLICE_NS):
         pass
+
+
+def _answer_ask(sb: Sandbox, call: Call, function: str, hot: HotSession | None) -> None:
+    """Answer the host call or print the guest asked on the doorbell, if it has
+    not been answered yet. ``hot``: the guest still spins on that session's
+    thread (stopped before anything that needs the vCPU)."""
+    bell = sb._machine.bell
+    asked = int(bell[abi.WORD_ASK_SEQ])
+    if asked == bell[abi.WORD_ANSWER_SEQ]:
+        return  # answered already (the guest exited as the answer came)
+    port = int(bell[abi.WORD_ASK_PORT])
+    if port == abi.PORT_HOSTCALL:
+        _host_call(sb, call, function, hot)
+    elif port == abi.PORT_PRINT:
+        _print(sb, call, function, hot)
+    else:
+        if hot is not None:
+            reclaim(sb, hot)
+        message = f"guest asked on the doorbell for unknown port {port:#x}"
+        raise _failed(sb, _protocol_error(sb, function, message))
+    bell[abi.WORD_ANSWER_SEQ] = asked  # one 8-byte store, after the answer's frame
+    sb._machine.pages.host_wrote(abi.DOORBELL_ANSWER_SEQ, 8)
 
 
 def _memory(sb: Sandbox) -> GuestMemory:
@@ -183,7 +225,7 @@ def _read_result(sb: Sandbox, signature: FunctionSignature, hot: HotSession | No
         value, error = abi.read_result(sb._machine.output, signature.returns)
     except FrameError as exc:
         if hot is not None:
-            _reclaim(sb, hot)
+            reclaim(sb, hot)
         raise _failed(sb, _protocol_error(sb, signature.name, f"bad result frame: {exc}")) from None
     if error is not None:
         hint = ""
@@ -197,14 +239,21 @@ def _read_result(sb: Sandbox, signature: FunctionSignature, hot: HotSession | No
     return value
 
 
-def _host_call(sb: Sandbox, call: Call, function: str) -> None:
+def _host_call(sb: Sandbox, call: Call, function: str, hot: HotSession | None = None) -> None:
+    """Run the host function the frame in the output buffer asks for and write
+    its result there. ``hot``: asked on the doorbell, the guest still spins on
+    that session's thread (stopped first when the call fails)."""
     output = sb._machine.output
     try:
         request = abi.read_host_call(output)
     except FrameError as exc:
+        if hot is not None:
+            reclaim(sb, hot)
         raise _failed(sb, _protocol_error(sb, function, f"bad host-call frame: {exc}")) from None
     host_fn = sb._host_functions.get(request.name)
     if host_fn is None:
+        if hot is not None:
+            reclaim(sb, hot)
         _unwind(sb)
         raise HostFunctionError(
             f"guest called unregistered host function {request.name!r}",
@@ -242,6 +291,8 @@ def _host_call(sb: Sandbox, call: Call, function: str) -> None:
     finally:
         sb._leave_host(call)
     if failure is not None:
+        if hot is not None:
+            reclaim(sb, hot)
         _unwind(sb)
         raise failure
 
@@ -253,13 +304,17 @@ def _unwind(sb: Sandbox) -> None:
     cpu.apply(sb._machine.vcpu, sb._initial._cpu)
     bell = sb._machine.bell
     bell[abi.WORD_DONE_SEQ] = bell[abi.WORD_REQ_SEQ]
+    bell[abi.WORD_ANSWER_SEQ] = bell[abi.WORD_ASK_SEQ]  # an ask of the call is over too
     sb._machine.pages.host_wrote(abi.DOORBELL_DONE_SEQ, 8)
+    sb._machine.pages.host_wrote(abi.DOORBELL_ANSWER_SEQ, 8)
 
 
-def _print(sb: Sandbox, call: Call, function: str) -> None:
+def _print(sb: Sandbox, call: Call, function: str, hot: HotSession | None = None) -> None:
     try:
         _, text = abi.read_message(sb._machine.output, abi.MAGIC_PRINT)
     except FrameError as exc:
+        if hot is not None:
+            reclaim(sb, hot)
         raise _failed(sb, _protocol_error(sb, function, f"bad print frame: {exc}")) from None
     decoded = text.decode(errors="replace")
     sb._enter_host(call)

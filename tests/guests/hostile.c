@@ -376,3 +376,40 @@ void spin_forever_between_calls(void) {
     ((volatile hl_doorbell *)HL_DOORBELL_ADDR)->spin = ~0ull;
 }
 HL_EXPORT(spin_forever_between_calls, HL_VOID);
+
+/* Asks the host through the doorbell as hl_call_host does (the frame is
+ * whatever the output buffer holds), for `port`, and waits for the answer:
+ * spinning while a host thread watches, else exiting at HL_PORT_WAIT. */
+static void ask_doorbell(uint64_t port) {
+    volatile hl_doorbell *bell = (volatile hl_doorbell *)HL_DOORBELL_ADDR;
+    uint64_t seq = bell->ask_seq + 1;
+    bell->ask_port = port;
+    __asm__ volatile("" ::: "memory");
+    bell->ask_seq = seq;
+    while (bell->answer_seq != seq) {
+        if (bell->spin)
+            __asm__ volatile("pause");
+        else
+            __asm__ volatile("outb %%al, %0" : : "i"(HL_PORT_WAIT), "a"(0) : "memory");
+    }
+}
+
+/* Asks on the doorbell for a port that is neither a host call nor a print. */
+void ask_unknown_port(void) { ask_doorbell(0x99); }
+HL_EXPORT(ask_unknown_port, HL_VOID);
+
+/* Asks on the doorbell for a host call whose frame is garbage. */
+void ask_garbage_host_call(void) {
+    uint8_t *out = (uint8_t *)hl_peb_get()->output_addr;
+    for (int i = 0; i < 64; i++) out[i] = (uint8_t)(0xC3 ^ i);
+    ask_doorbell(HL_PORT_HOSTCALL);
+}
+HL_EXPORT(ask_garbage_host_call, HL_VOID);
+
+/* Calls host function `name` `times` times in one call (the sum of its results). */
+int64_t call_host_times(const char *name, int64_t times) {
+    int64_t sum = 0;
+    for (int64_t i = 0; i < times; i++) sum += hl_call_host_int(name, "i", i);
+    return sum;
+}
+HL_EXPORT(call_host_times, HL_INT, HL_STR, HL_INT);

@@ -53,6 +53,7 @@ extern "C" {
 #define HL_PORT_HOSTCALL 0x11 /* host-call frame in the output buffer */
 #define HL_PORT_PRINT 0x12    /* print frame in the output buffer */
 #define HL_PORT_ABORT 0x13    /* abort frame in the output buffer */
+#define HL_PORT_WAIT 0x14     /* waiting for the answer to a doorbell ask */
 
 #define HL_MAGIC_PEB 0x31424550484cULL /* "HLPEB1" */
 #define HL_MAGIC_READY 0x5944524c      /* "LRDY" */
@@ -93,14 +94,25 @@ typedef struct {
  * then waits for the next req_seq by spinning up to spin TSC ticks, so that a
  * host thread watching done_seq sees results and posts calls with no exit;
  * otherwise (and when the spin ends) it parks with an exit (HL_PORT_RETURN).
+ *
+ * Host calls and prints of a call posted this way (spin non-zero: a host
+ * thread watches) are asked the same way: the guest writes the frame into the
+ * output buffer, the port it would have used into ask_port, then ask_seq + 1,
+ * and spins up to answer_spin ticks until answer_seq == ask_seq (the answer is
+ * then in the output buffer). When the wait runs out, or the host zeroes spin,
+ * it exits at HL_PORT_WAIT; the host answers the ask before it resumes it.
  * Host and guest fields sit on their own cache lines. */
 typedef struct {
-    uint64_t req_seq; /* host -> guest: the latest call posted */
-    uint64_t spin;    /* host -> guest: TSC ticks to spin for the next call */
-    uint64_t host_reserved[6];
+    uint64_t req_seq;     /* host -> guest: the latest call posted */
+    uint64_t spin;        /* host -> guest: TSC ticks to spin for the next call */
+    uint64_t answer_seq;  /* host -> guest: the latest ask answered */
+    uint64_t answer_spin; /* host -> guest: TSC ticks to spin for an answer */
+    uint64_t host_reserved[4];
     uint64_t done_seq; /* guest -> host: the latest call finished */
     uint64_t spinning; /* guest -> host: 1 while the dispatcher spins */
-    uint64_t guest_reserved[6];
+    uint64_t ask_seq;  /* guest -> host: the latest host call or print asked */
+    uint64_t ask_port; /* guest -> host: HL_PORT_HOSTCALL or HL_PORT_PRINT */
+    uint64_t guest_reserved[4];
 } hl_doorbell;
 
 /* ---- Frames (all little-endian, in the input and output buffers) ---- */
