@@ -19,8 +19,8 @@ from hlasync import (
     Sandbox,
     SandboxConfig,
     SandboxState,
+    abi,
 )
-from hlasync import abi
 from hlasync.crashdump import CoreDump
 from hlasync.kvm import Kvm
 from hlasync.sandbox.hot import ANSWER_SPIN, HotSession
@@ -126,9 +126,7 @@ def test_a_failed_host_call_of_a_hot_call_is_not_run_again(kvm: Kvm, simpleguest
         assert runs == [7]
 
 
-def test_a_dump_from_the_host_function_shows_the_guest_waiting(
-    kvm: Kvm, simpleguest: Path
-) -> None:
+def test_a_dump_from_the_host_function_shows_the_guest_waiting(kvm: Kvm, simpleguest: Path) -> None:
     """generate_crashdump() from inside the host function of a hot call stops the
     spinning guest first; the dump shows it waiting at the doorbell for its answer."""
     with Sandbox(simpleguest, HOT) as sb:
@@ -149,9 +147,7 @@ def test_a_dump_from_the_host_function_shows_the_guest_waiting(
             assert any(name.startswith("hl_call_host") for name in frames), frames
 
 
-def test_dump_and_stop_a_hot_call_blocked_in_a_host_function(
-    kvm: Kvm, simpleguest: Path
-) -> None:
+def test_dump_and_stop_a_hot_call_blocked_in_a_host_function(kvm: Kvm, simpleguest: Path) -> None:
     """Another thread dumps (borrowing the vCPU) and then interrupts a hot call
     whose host function blocks: the guest is stopped for the dump, and the call
     ends cancelled when the host function returns."""
@@ -191,9 +187,7 @@ def test_dump_and_stop_a_hot_call_blocked_in_a_host_function(
         assert sb.call("add", 2, 2) == 4
 
 
-def test_a_dumped_hot_call_blocked_in_a_host_function_goes_on(
-    kvm: Kvm, simpleguest: Path
-) -> None:
+def test_a_dumped_hot_call_blocked_in_a_host_function_goes_on(kvm: Kvm, simpleguest: Path) -> None:
     """The same dump without the stop: the call finishes with its result."""
     with Sandbox(simpleguest, HOT) as sb:
         entered, release = threading.Event(), threading.Event()
