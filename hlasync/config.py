@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Literal
 
 from .abi import IMAGE_BASE
 from .crashdump.placement import RetentionPolicy
@@ -33,18 +34,23 @@ _MINIMUM_SIZES = {
 _BELOW_STACK = IMAGE_BASE + 2 * PAGE
 _MAX_INIT_TIMEOUT = 3600.0
 _MAX_SPIN = 1.0
-#: Environment variable giving ``SandboxConfig.spin``'s default (seconds).
+#: Environment variable giving ``SandboxConfig.spin``'s default (seconds, or
+#: ``auto``).
 SPIN_ENV = "HLASYNC_SPIN"
+#: ``SandboxConfig.spin``'s default: spin only while calls come back to back.
+AUTO: Literal["auto"] = "auto"
 
 
-def _default_spin() -> float:
+def _default_spin() -> float | Literal["auto"]:
     text = os.environ.get(SPIN_ENV, "").strip()
-    if not text:
-        return 0.0
+    if not text or text == AUTO:
+        return AUTO
     try:
         return float(text)
     except ValueError:
-        raise ConfigError(f"{SPIN_ENV} must be a number of seconds, got {text!r}") from None
+        raise ConfigError(
+            f"{SPIN_ENV} must be a number of seconds or {AUTO!r}, got {text!r}"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,16 +78,20 @@ class SandboxConfig:
     - ``init_timeout`` (default 10): seconds, more than 0 and at most 3600;
       bounds the guest's initialisation (from its entry point to its
       dispatcher).
-    - ``spin`` (default 0): seconds, from 0 to 1, that the guest's dispatcher
-      spins waiting for the next call after one finishes, on a thread of its
-      own. 0 keeps the exit path: every call is one ``KVM_RUN`` on the
-      caller's thread. More than 0 makes the sandbox *hot* after each call:
-      a call that comes within the spin is served through the doorbell page
-      with no VM exit (a few µs instead of ~30 on a PVM host), at the price of
-      a CPU busy for up to ``spin`` after every call. Only synchronous
-      ``Sandbox.call`` uses it; the supervisor and ``JSSandbox`` (whose CPU
-      timeouts count the caller thread's CPU time) take the exit path. The
-      default comes from ``$HLASYNC_SPIN`` when it is set. A sandbox spins
+    - ``spin`` (default ``"auto"``): how long the guest's dispatcher spins
+      waiting for the next call after one finishes, on a thread of its own.
+      A spinning sandbox is *hot*: a call that comes within the spin is
+      served through the doorbell page with no VM exit (a few µs instead of
+      ~30 on a PVM host), and so are the host calls and prints it makes, at
+      the price of a CPU busy for up to the spin after every call. Seconds
+      from 0 to 1 fix it; 0 keeps the exit path (every call one ``KVM_RUN``
+      on the caller's thread). ``"auto"`` spins only while calls come back to
+      back (the caller came back within 200 µs of the last call, on
+      average), four times that gap, from 100 µs to 1 ms, and not at all
+      when calls are sparse. Only synchronous ``Sandbox.call`` uses it; the
+      supervisor and ``JSSandbox`` (whose CPU timeouts count the caller
+      thread's CPU time) take the exit path. ``$HLASYNC_SPIN`` (seconds or
+      ``auto``) changes the default. Whatever the setting, a sandbox spins
       only while the CPUs are free for it: at most one per two CPUs
       (``$HLASYNC_HOT_SLOTS``), and not while other threads call sandboxes;
       meanwhile it takes the exit path.
@@ -102,7 +112,7 @@ class SandboxConfig:
     crashdump_dir: str | os.PathLike[str] | None = None
     crashdump_retention: RetentionPolicy | None = None
     init_timeout: float = 10.0
-    spin: float = field(default_factory=_default_spin)
+    spin: float | Literal["auto"] = field(default_factory=_default_spin)
 
     def __post_init__(self) -> None:
         for name in ("memory_size", "stack_size", "input_buffer_size", "output_buffer_size"):
@@ -134,12 +144,14 @@ class SandboxConfig:
             raise ConfigError(
                 f"init_timeout must be a number of seconds in (0, 3600], got {self.init_timeout!r}"
             )
-        if (
+        if self.spin != AUTO and (
             isinstance(self.spin, bool)
             or not isinstance(self.spin, (int, float))
             or not 0 <= self.spin <= _MAX_SPIN
         ):
-            raise ConfigError(f"spin must be a number of seconds in [0, 1], got {self.spin!r}")
+            raise ConfigError(
+                f"spin must be a number of seconds in [0, 1] or {AUTO!r}, got {self.spin!r}"
+            )
         if not isinstance(self.crashdump_enabled, bool):
             raise ConfigError(
                 f"crashdump_enabled must be a bool, got {type(self.crashdump_enabled).__name__}"

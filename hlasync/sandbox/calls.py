@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -156,6 +157,7 @@ class Call:
 
     __slots__ = (
         "asking",
+        "began",
         "borrowed",
         "cancelled",
         "dumps",
@@ -185,6 +187,7 @@ class Call:
         self.borrowed = 0  # dumps written by other threads while the owner runs host code
         self.dumps: list[DumpRequest] = []  # every dump made of this call, oldest first
         self.started = False  # guest code has run for it (set by the owner)
+        self.began = time.monotonic()
         #: The hot session it took the vCPU from (its guest was spinning), if any.
         self.hot: HotSession | None = None
         #: Set while the owner answers a host call or print the guest asked on

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 from .. import abi
 from ..abi import Arg, FunctionSignature, Value
-from ..config import SandboxConfig
+from ..config import AUTO, SandboxConfig
 from ..errors import (
     ArgumentError,
     CrashdumpError,
@@ -52,7 +52,18 @@ from . import cpu, registry, runner
 from .calls import Call, CallHandle, DumpRequest, Phase, current_runner
 from .dumps import CrashdumpRecord, try_dump, write_dump
 from .faults import ExceptionInfo
-from .hot import CROWDED_COOLDOWN, PARK_KICK_AFTER, HotSession, budget, reaper
+from .hot import (
+    AUTO_FACTOR,
+    AUTO_GAP_CAP,
+    AUTO_MAX,
+    AUTO_MAX_GAP,
+    AUTO_MIN,
+    CROWDED_COOLDOWN,
+    PARK_KICK_AFTER,
+    HotSession,
+    budget,
+    reaper,
+)
 from .machine import Machine
 from .snapshots import Snapshot, templates
 
@@ -141,6 +152,8 @@ class Sandbox:
         self.last_exception: ExceptionInfo | None = None
         self._doorbell = False  # the guest's dispatcher waits on the doorbell page
         self._hot: HotSession | None = None  # made at the first call with config.spin
+        self._last_end = 0.0  # monotonic time the last call ended (spin="auto")
+        self._gap_average: float | None = None  # of the gaps between calls (spin="auto")
         #: Whether config.spin applies: owners that measure a call's CPU time on
         #: the calling thread (the supervisor, JSSandbox) keep the exit path.
         self._spin_allowed = True
@@ -595,16 +608,17 @@ class Sandbox:
         """Who holds the vCPU after ``call``: its hot session when the guest spins
         (or is still in KVM_RUN on the hot thread), else nobody."""
         hot = self._hot
+        now = time.monotonic()
+        spin = self._spin_after(call, now)
         wanted = (
             outcome is SandboxState.READY
             and self._state is SandboxState.READY
-            and self.config.spin > 0
+            and spin > 0
             and self._spin_allowed
             and self._doorbell
             and call.parent is None  # a nested call's thread goes on with the outer one
         )
         running = hot is not None and hot.running
-        now = time.monotonic()
         cooling = hot is not None and now < hot.cooldown_until
         # One look at the budget per call: this call leaves the calls in flight,
         # and the sandbox gets (or keeps) a slot if the others leave one free.
@@ -615,12 +629,13 @@ class Sandbox:
             hot.cooldown_until = now + CROWDED_COOLDOWN
         if hot is not None and running:
             if not wanted:  # a guest that failed may not park: kick it out now
-                hot.park(self, now, kick=True)
+                failed = outcome is not SandboxState.READY or self._state is not SandboxState.READY
+                hot.park(self, now, kick=failed)
             elif not room:  # other calls run meanwhile: leave them the CPUs
                 hot.park(self, now)
             else:  # a budget the guest may have changed during the call
-                self._set_spin(hot.ticks)
-                reaper.watch(hot, now + self.config.spin + PARK_KICK_AFTER)
+                self._set_spin(hot.ticks_for(spin))
+                reaper.watch(hot, now + spin + PARK_KICK_AFTER)
             return hot  # until KVM_RUN is back on its thread
         if not room:  # not wanted, or no CPU to spin on: the exit path
             return None
@@ -630,9 +645,25 @@ class Sandbox:
             except BaseException:
                 budget.give_back()
                 raise
-        hot.start(self)
-        reaper.watch(hot, now + self.config.spin + PARK_KICK_AFTER)
+        hot.start(self, spin)
+        reaper.watch(hot, now + spin + PARK_KICK_AFTER)
         return hot
+
+    def _spin_after(self, call: Call, now: float) -> float:
+        """Seconds the guest should spin after ``call``, which ends at ``now``
+        (0: none). ``spin="auto"`` follows the caller's gaps between calls."""
+        spin = self.config.spin
+        if spin != AUTO:
+            return float(spin)
+        last, self._last_end = self._last_end, now
+        if not last:
+            return 0.0  # the first call: no gap seen yet
+        gap = min(max(call.began - last, 0.0), AUTO_GAP_CAP)
+        average = self._gap_average
+        average = self._gap_average = gap if average is None else 0.75 * average + 0.25 * gap
+        if average > AUTO_MAX_GAP:
+            return 0.0
+        return min(max(AUTO_FACTOR * average, AUTO_MIN), AUTO_MAX)
 
     def _hot_returned(self, hot: HotSession) -> None:
         """KVM_RUN came back on the hot thread (its exit is in ``hot.exit``): a call

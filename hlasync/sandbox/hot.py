@@ -26,6 +26,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from .. import abi
+from ..config import AUTO
 from ..kvm import Vcpu
 from ..kvm.exits import Exit
 from . import native
@@ -35,6 +36,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ANSWER_SPIN",
+    "AUTO_FACTOR",
+    "AUTO_GAP_CAP",
+    "AUTO_MAX",
+    "AUTO_MAX_GAP",
+    "AUTO_MIN",
     "CROWDED_COOLDOWN",
     "PARK_KICK_AFTER",
     "HotBudget",
@@ -47,6 +53,15 @@ __all__ = [
 #: it asked on the doorbell before it exits to wait (capped by ``spin``): a
 #: host function slower than this costs the exit it would have cost anyway.
 ANSWER_SPIN = 0.0002
+#: ``spin="auto"``: a sandbox spins while its caller comes back within this
+#: many seconds of the end of the last call (a running average of the gaps,
+#: each counted as at most AUTO_GAP_CAP), for AUTO_FACTOR times that average,
+#: at least AUTO_MIN and at most AUTO_MAX seconds.
+AUTO_MAX_GAP = 0.0002
+AUTO_GAP_CAP = 0.001
+AUTO_FACTOR = 4.0
+AUTO_MIN = 0.0001
+AUTO_MAX = 0.001
 #: Seconds a parked guest has to reach its park exit before it is kicked.
 PARK_KICK_AFTER = 0.05
 #: Seconds a sandbox stays on the exit path after the budget had no room for
@@ -74,9 +89,10 @@ class HotSession:
         self.kicked = False
         self.cooldown_until = 0.0  # no spin before then (the budget was full)
         self._go = threading.Event()
-        per_second = self.vcpu.tsc_khz() * 1000
-        self.ticks = max(int(per_second * sandbox.config.spin), 1)
-        self.answer_ticks = max(int(per_second * min(sandbox.config.spin, ANSWER_SPIN)), 1)
+        self.per_second = self.vcpu.tsc_khz() * 1000  # TSC ticks
+        spin = sandbox.config.spin
+        longest = AUTO_MAX if spin == AUTO else float(spin)
+        self.answer_ticks = self.ticks_for(min(longest, ANSWER_SPIN))
         started = threading.Event()
         self.thread = threading.Thread(
             target=self._main, args=(started,), name=f"hlasync-hot-{sandbox.id}", daemon=True
@@ -87,12 +103,16 @@ class HotSession:
         self.thread.start()
         started.wait()
 
-    def start(self, sandbox: Sandbox) -> None:
-        """Resume the guest on the hot thread, spinning (sandbox lock held; the
-        vCPU is stopped and nobody else runs it)."""
+    def ticks_for(self, seconds: float) -> int:
+        """A spin of ``seconds`` in the guest's TSC ticks (at least one)."""
+        return max(int(self.per_second * seconds), 1)
+
+    def start(self, sandbox: Sandbox, seconds: float) -> None:
+        """Resume the guest on the hot thread, spinning for ``seconds`` (sandbox
+        lock held; the vCPU is stopped and nobody else runs it)."""
         sandbox._machine.bell[abi.WORD_ANSWER_SPIN] = self.answer_ticks
         sandbox._machine.pages.host_wrote(abi.DOORBELL_ANSWER_SPIN, 8)
-        sandbox._set_spin(self.ticks)
+        sandbox._set_spin(self.ticks_for(seconds))
         self.flag.lower()
         self.exit = None
         self.parked_at, self.kicked = 0.0, False

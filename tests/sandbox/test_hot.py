@@ -54,16 +54,55 @@ def _wait_until(predicate: object, timeout: float = 10.0) -> None:
         time.sleep(0.001)
 
 
-def test_spin_is_checked() -> None:
-    for bad in (-0.1, 1.5, float("nan"), True, "0.1"):
+def test_spin_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    for bad in (-0.1, 1.5, float("nan"), True, "0.1", "fast", None):
         with pytest.raises(ConfigError, match="spin"):
             SandboxConfig(spin=bad)  # type: ignore[arg-type]
+    monkeypatch.delenv("HLASYNC_SPIN", raising=False)
+    assert SandboxConfig().spin == "auto" == SandboxConfig(spin="auto").spin
+    monkeypatch.setenv("HLASYNC_SPIN", "0.25")
+    assert SandboxConfig().spin == 0.25
+    monkeypatch.setenv("HLASYNC_SPIN", "auto")
+    assert SandboxConfig().spin == "auto"
+    monkeypatch.setenv("HLASYNC_SPIN", "soon")
+    with pytest.raises(ConfigError, match="HLASYNC_SPIN must be a number of seconds or 'auto'"):
+        SandboxConfig()
+
+
+def test_auto_spins_while_calls_come_back_to_back(kvm: Kvm, simpleguest: Path) -> None:
+    """The default (``spin="auto"``): a caller that comes straight back makes the
+    sandbox hot; once it stops calling, the short spin ends on its own."""
+    with Sandbox(simpleguest, SandboxConfig(spin="auto")) as sb:
+        deadline = time.monotonic() + 10
+        while not isinstance(sb._holder, HotSession):  # other tests' threads may hold it back
+            for _ in range(20):
+                sb.call("add", 1, 2)
+            assert time.monotonic() < deadline, "back-to-back calls never made it hot"
+        hot = sb._holder
+        exit_before = hot.exit
+        for n in range(200):
+            assert sb.call("add", n, 1) == n + 1
+        assert sb._holder is hot and hot.exit is exit_before  # no exit meanwhile
+        started = time.monotonic()
+        _wait_until(lambda: sb._holder is None, timeout=5)  # parked, cold
+        assert time.monotonic() - started < 0.5, "the auto spin outlasted its 1 ms cap"
+
+
+def test_auto_leaves_sparse_calls_on_the_exit_path(kvm: Kvm, simpleguest: Path) -> None:
+    """Calls that come more than a few hundred µs apart never spin: a hot
+    session is never even made."""
+    with Sandbox(simpleguest, SandboxConfig(spin="auto")) as sb:
+        for n in range(30):
+            assert sb.call("add", n, 1) == n + 1
+            assert sb._holder is None
+            time.sleep(0.003)
+        assert sb._hot is None
 
 
 def test_hot_calls_answer_like_the_exit_path(kvm: Kvm, simpleguest: Path) -> None:
     printed: list[str] = []
     outcomes = []
-    for config in (SandboxConfig(), HOT):
+    for config in (SandboxConfig(spin=0), HOT):
         with Sandbox(simpleguest, config, output=printed.append) as sb:
             sb.register_host_function("twice", lambda x: 2 * x)
             outcomes.append(

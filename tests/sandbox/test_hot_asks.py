@@ -210,7 +210,7 @@ def test_a_dumped_hot_call_blocked_in_a_host_function_goes_on(kvm: Kvm, simplegu
         assert sb.call("call_host", "block", 2) == 6
 
 
-@pytest.mark.parametrize("config", [HOT, SandboxConfig()], ids=["hot", "exit-path"])
+@pytest.mark.parametrize("config", [HOT, SandboxConfig(spin=0)], ids=["hot", "exit-path"])
 @pytest.mark.parametrize(
     ("function", "message"),
     [
