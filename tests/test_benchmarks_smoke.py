@@ -6,6 +6,7 @@ No timing assertions: the numbers depend on the machine.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -72,6 +73,23 @@ CRASHDUMP_MEASUREMENTS = {
     "fault_with_dump": "ns",
     "fault_without_dump": "ns",
 }
+
+
+def test_quick_doorbell_benchmark_runs_side_by_side(kvm: Kvm, tmp_path: Path) -> None:
+    """Every row has the exit path and the doorbell measured in one run (and
+    wasmtime beside them where it is installed)."""
+    proc = _run_quick("doorbell", tmp_path)
+    assert "| exit path | doorbell (auto) | wasmtime |" in proc.stdout
+    data = json.loads((tmp_path / "doorbell.json").read_text(encoding="utf-8"))
+    measurements = data["measurements"]
+    cpus = len(os.sched_getaffinity(0))
+    for key in ("add", "host_call", "cpu", f"throughput_{cpus}", f"throughput_{2 * cpus}", "idle"):
+        modes = measurements[key]["modes"]
+        assert set(modes) >= {"exit path", "doorbell"}, (key, modes)
+        for mode in ("exit path", "doorbell"):
+            assert modes[mode]["samples"] and modes[mode]["median"] > 0, (key, mode)
+    assert set(measurements["pool"]["modes"]) == {"exit path"}
+    assert measurements["add"]["modes"]["exit path"]["median"] > 0
 
 
 def test_quick_crashdump_benchmark_runs_and_writes_json(kvm: Kvm, tmp_path: Path) -> None:

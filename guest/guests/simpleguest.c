@@ -82,6 +82,15 @@ HL_EXPORT(abort_guest, HL_VOID, HL_INT, HL_STR);
 int64_t call_host(const char *name, int64_t x) { return hl_call_host_int(name, "i", x); }
 HL_EXPORT(call_host, HL_INT, HL_STR, HL_INT);
 
+/* Calls host function `name` with 0, 1, ... `times` - 1 and returns the sum of
+ * its results: many host calls in one call (the host-call benchmark). */
+int64_t call_host_times(const char *name, int64_t times) {
+    int64_t sum = 0;
+    for (int64_t i = 0; i < times; i++) sum += hl_call_host_int(name, "i", i);
+    return sum;
+}
+HL_EXPORT(call_host_times, HL_INT, HL_STR, HL_INT);
+
 /* Calls host function `name` with a string and returns its string result. */
 const char *call_host_str(const char *name, const char *text) {
     hl_value v = hl_call_host(name, "s", text);

@@ -4,6 +4,8 @@ point for every benchmark suite.
 Suites (all by default, in this order):
 
 - ``sandbox``: call latency, create, restore, interrupt (targets in the table);
+- ``doorbell``: exit-less calls: the exit path, the doorbell and wasmtime side
+  by side (call, host call, pool call, throughput, CPU per call, idle CPU);
 - ``crashdump``: dump costs and sizes;
 - ``supervisor``: pool call latency, throughput, watchdog timeouts;
 - ``scaling``: supervisor throughput from 1 to all cores, threads and worker
@@ -37,7 +39,7 @@ from . import calls, fresh, hang, interrupt, javascript, plots, report, scale
 from ._common import FULL, QUICK, Row, SuiteOutput, machine_description
 
 DEFAULT_OUT = Path("benchmarks") / "results"
-SUITES = ("sandbox", "crashdump", "supervisor", "scaling", "channel", "peers")
+SUITES = ("sandbox", "doorbell", "crashdump", "supervisor", "scaling", "channel", "peers")
 BACKENDS = ("asyncio", "trio")
 
 
@@ -86,6 +88,8 @@ def _suite(name: str) -> Callable[[bool, dict[str, Any], str, Path], SuiteOutput
     def run(quick: bool, machine: dict[str, Any], backend: str, out: Path) -> SuiteOutput:
         if name == "sandbox":
             from . import suite_sandbox as module
+        elif name == "doorbell":
+            from . import suite_doorbell as module  # type: ignore[no-redef]
         elif name == "crashdump":
             from . import suite_crashdump as module  # type: ignore[no-redef]
         elif name == "supervisor":

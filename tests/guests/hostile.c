@@ -405,11 +405,3 @@ void ask_garbage_host_call(void) {
     ask_doorbell(HL_PORT_HOSTCALL);
 }
 HL_EXPORT(ask_garbage_host_call, HL_VOID);
-
-/* Calls host function `name` `times` times in one call (the sum of its results). */
-int64_t call_host_times(const char *name, int64_t times) {
-    int64_t sum = 0;
-    for (int64_t i = 0; i < times; i++) sum += hl_call_host_int(name, "i", i);
-    return sum;
-}
-HL_EXPORT(call_host_times, HL_INT, HL_STR, HL_INT);

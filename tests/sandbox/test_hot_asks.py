@@ -83,11 +83,11 @@ def test_host_calls_and_prints_of_a_hot_call_need_no_exit(kvm: Kvm, simpleguest:
         assert _asks(sb) - before >= 300
 
 
-def test_answers_slower_than_the_spin_arrive_after_an_exit(kvm: Kvm, hostile_guest: Path) -> None:
+def test_answers_slower_than_the_spin_arrive_after_an_exit(kvm: Kvm, simpleguest: Path) -> None:
     """A host function that takes longer than the guest's answer spin: the guest
     exits to wait, the call goes on from the caller's thread, and every host
     call of the call (fast and slow) is answered exactly once."""
-    with Sandbox(hostile_guest, HOT) as sb:
+    with Sandbox(simpleguest, HOT) as sb:
         seen: list[int] = []
 
         def slow(x: int) -> int:
@@ -97,7 +97,7 @@ def test_answers_slower_than_the_spin_arrive_after_an_exit(kvm: Kvm, hostile_gue
             return x
 
         sb.register_host_function("slow", slow)
-        _make_hot(sb, "count_in_input", b"")
+        _make_hot(sb)
         for _ in range(3):
             seen.clear()
             assert sb.call("call_host_times", "slow", 6) == sum(range(6))

@@ -1,0 +1,324 @@
+"""Exit-less calls side by side: the exit path (``SandboxConfig(spin=0)``),
+the doorbell (``spin="auto"``, the default) and wasmtime, in one run.
+
+The ``doorbell`` suite of ``python -m hlasync.bench``. Each row measures the
+modes in alternating rounds so that they see the same (shared, noisy)
+machine; the table shows medians and the doorbell/exit ratio.
+
+Rows (issue #12): sync ``add`` p50 (target <= 8 µs on a PVM host); a host call
+made from the guest (time per host call, 100 per call); a pool call through
+the supervisor (which keeps the exit path: pools restore after every call,
+which stops the vCPU anyway); throughput on every CPU with one caller thread
+per CPU and with two; CPU time per call (spinning shows here); CPU used in
+1 s by 100 idle sandboxes after a burst of calls each (target ~0).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .. import Sandbox, SandboxConfig, guests
+from ..supervisor import Supervisor
+from . import _wasm
+from ._common import SuiteOutput, format_ns, gc_paused, machine_lines, summarize
+
+__all__ = ["suite"]
+
+EXIT, DOORBELL, WASMTIME = "exit path", "doorbell", "wasmtime"
+CONFIGS = {EXIT: SandboxConfig(spin=0), DOORBELL: SandboxConfig(spin="auto")}
+#: Host calls per guest call in the host-call row.
+HOST_CALLS = 100
+
+#: ``call_host_times(n)``: calls the imported ``twice`` n times (the sum).
+HOST_WAT = """
+(module
+  (import "host" "twice" (func $twice (param i32) (result i32)))
+  (func (export "call_host_times") (param $n i32) (result i32)
+    (local $i i32) (local $sum i32)
+    (block $done
+      (loop $next
+        (br_if $done (i32.ge_s (local.get $i) (local.get $n)))
+        (local.set $sum (i32.add (local.get $sum) (call $twice (local.get $i))))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br $next)))
+    (local.get $sum)))
+"""
+
+
+@dataclass(frozen=True)
+class Counts:
+    rounds: int
+    calls: int  # per round and mode
+    host_rounds: int  # calls of call_host_times per round and mode
+    pool_calls: int
+    window_s: float  # throughput window per round and mode
+    idle: int
+
+
+QUICK = Counts(rounds=2, calls=200, host_rounds=10, pool_calls=200, window_s=0.1, idle=10)
+FULL = Counts(rounds=5, calls=4000, host_rounds=100, pool_calls=3000, window_s=0.5, idle=100)
+
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    unit: str  # "ns" or "calls/s"
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    note: str = ""
+    target: str = ""
+
+
+def _timed(function: Callable[[], object], n: int, divide: int = 1) -> list[float]:
+    clock = time.perf_counter_ns
+    samples = [0.0] * n
+    with gc_paused():
+        for i in range(n):
+            start = clock()
+            function()
+            samples[i] = (clock() - start) / divide
+    return samples
+
+
+def _wasm_instances() -> tuple[Callable[[], object], Callable[[], object]] | None:
+    if _wasm.missing() is not None:
+        return None
+    import wasmtime  # type: ignore[import-not-found, unused-ignore]
+
+    engine = wasmtime.Engine()
+    store = wasmtime.Store(engine)
+    add = wasmtime.Instance(store, wasmtime.Module(engine, _wasm.WAT), []).exports(store)["add"]
+    i32 = wasmtime.ValType.i32()
+    twice = wasmtime.Func(store, wasmtime.FuncType([i32], [i32]), lambda x: 2 * x)
+    host = wasmtime.Instance(store, wasmtime.Module(engine, HOST_WAT), [twice])
+    loop = host.exports(store)["call_host_times"]
+    assert isinstance(add, wasmtime.Func) and isinstance(loop, wasmtime.Func)
+    expected = sum(2 * i for i in range(HOST_CALLS))
+    if add(store, 1, 2) != 3 or loop(store, HOST_CALLS) != expected:
+        raise RuntimeError("wasmtime gave a wrong answer")
+    return (lambda: add(store, 1, 2)), (lambda: loop(store, HOST_CALLS))
+
+
+def _latencies(guest: Path, counts: Counts) -> list[Row]:
+    """add, a host call and CPU per call, the modes in alternating rounds."""
+    add = Row("add", 'sync call("add", 1, 2), p50', "ns", target="<= 8 µs (doorbell)")
+    host = Row("host_call", "host-call round trip from the guest, per host call", "ns")
+    cpu = Row("cpu", "CPU time per add, back to back (every thread)", "ns")
+    for row in (add, host, cpu):
+        row.samples = {EXIT: [], DOORBELL: []}
+    sandboxes = {mode: Sandbox(guest, config) for mode, config in CONFIGS.items()}
+    expected = sum(2 * i for i in range(HOST_CALLS))
+    try:
+        for sb in sandboxes.values():
+            sb.register_host_function("twice", lambda x: 2 * x)
+            for _ in range(200):
+                sb.call("add", 1, 2)
+            if sb.call("call_host_times", "twice", HOST_CALLS) != expected:
+                raise RuntimeError("call_host_times gave a wrong answer")
+        for _ in range(counts.rounds):
+            for mode, sb in sandboxes.items():
+                for _ in range(50):  # back to back again: the doorbell's auto spin follows
+                    sb.call("add", 1, 2)
+                add.samples[mode] += _timed(functools.partial(sb.call, "add", 1, 2), counts.calls)
+                before = time.process_time_ns()
+                for _ in range(counts.calls):
+                    sb.call("add", 1, 2)
+                cpu.samples[mode].append((time.process_time_ns() - before) / counts.calls)
+                loop = functools.partial(sb.call, "call_host_times", "twice", HOST_CALLS)
+                host.samples[mode] += _timed(loop, counts.host_rounds, HOST_CALLS)
+    finally:
+        for sb in sandboxes.values():
+            sb.close()
+    wasm = _wasm_instances()
+    if wasm is None:
+        for row in (add, host, cpu):
+            row.note = f"wasmtime: {_wasm.missing()}"
+    else:
+        wasm_add, wasm_loop = wasm
+        for _ in range(counts.rounds):
+            add.samples.setdefault(WASMTIME, []).extend(_timed(wasm_add, counts.calls))
+            before = time.process_time_ns()
+            for _ in range(counts.calls):
+                wasm_add()
+            cpu.samples.setdefault(WASMTIME, []).append(
+                (time.process_time_ns() - before) / counts.calls
+            )
+            host.samples.setdefault(WASMTIME, []).extend(
+                _timed(wasm_loop, counts.host_rounds, HOST_CALLS)
+            )
+    return [add, host, cpu]
+
+
+async def _pool_samples(guest: Path, n: int) -> list[float]:
+    async with Supervisor(processes=0) as sup:
+        pool = await sup.create_pool(guest, size=1)
+        for _ in range(100):
+            await pool.call("add", 1, 2)
+        samples = [0.0] * n
+        clock = time.perf_counter_ns
+        with gc_paused():
+            for i in range(n):
+                start = clock()
+                await pool.call("add", 1, 2)
+                samples[i] = clock() - start
+    return samples
+
+
+def _pool(guest: Path, counts: Counts) -> Row:
+    samples = anyio.run(_pool_samples, guest, counts.pool_calls)
+    return Row(
+        "pool",
+        'await pool.call("add", 1, 2), p50 (Supervisor, pool of 1)',
+        "ns",
+        {EXIT: samples},
+        note="the supervisor keeps the exit path: a pool restores after every call",
+    )
+
+
+def _throughput(guest: Path, counts: Counts, threads: int) -> Row:
+    """Calls/s of ``threads`` threads, each calling its own sandbox back to back."""
+    row = Row(
+        f"throughput_{threads}",
+        f"throughput, {threads} threads each calling its own sandbox (calls/s)",
+        "calls/s",
+        {EXIT: [], DOORBELL: []},
+    )
+    groups = {
+        mode: [Sandbox(guest, config) for _ in range(threads)] for mode, config in CONFIGS.items()
+    }
+    try:
+        for _ in range(counts.rounds):
+            for mode, group in groups.items():
+                done = [0] * threads
+                stop = time.monotonic() + counts.window_s
+
+                def worker(
+                    index: int,
+                    group: list[Sandbox] = group,
+                    stop: float = stop,
+                    done: list[int] = done,
+                ) -> None:
+                    sb, n = group[index], 0
+                    while time.monotonic() < stop:
+                        sb.call("add", 1, 2)
+                        n += 1
+                    done[index] = n
+
+                workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+                began = time.perf_counter()
+                for thread in workers:
+                    thread.start()
+                for thread in workers:
+                    thread.join()
+                row.samples[mode].append(sum(done) / (time.perf_counter() - began))
+    finally:
+        for group in groups.values():
+            for sb in group:
+                sb.close()
+    return row
+
+
+def _idle(guest: Path, counts: Counts) -> Row:
+    """CPU used in 1 s by ``counts.idle`` sandboxes after a burst of calls each."""
+    row = Row(
+        "idle",
+        f"CPU time in 1 s of {counts.idle} idle sandboxes, after a burst of calls each",
+        "ns",
+        {EXIT: [], DOORBELL: []},
+        target="~0 (<= 10 ms)",
+    )
+    for mode, config in CONFIGS.items():
+        sandboxes = [Sandbox(guest, config) for _ in range(counts.idle)]
+        try:
+            for sb in sandboxes:
+                for _ in range(50):
+                    sb.call("add", 1, 2)
+            time.sleep(0.1)  # every spin has ended (1 ms at most)
+            for _ in range(3):
+                before = time.process_time_ns()
+                time.sleep(1.0 if counts.idle >= 100 else 0.2)
+                row.samples[mode].append(time.process_time_ns() - before)
+        finally:
+            for sb in sandboxes:
+                sb.close()
+    return row
+
+
+def _value(row: Row, mode: str) -> float | None:
+    samples = row.samples.get(mode)
+    return statistics.median(samples) if samples else None
+
+
+def _text(row: Row, mode: str) -> str:
+    value = _value(row, mode)
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if row.unit == "calls/s" else format_ns(value)
+
+
+def render(machine: dict[str, Any], mode: str, rows: list[Row]) -> str:
+    lines = [
+        "## hlasync doorbell benchmarks: exit path, doorbell and wasmtime side by side",
+        "",
+        *machine_lines(machine),
+        f"- mode: {mode}",
+        "",
+        "| measurement | exit path | doorbell (auto) | wasmtime | doorbell / exit | target |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        exit_, bell = _value(row, EXIT), _value(row, DOORBELL)
+        ratio = f"{bell / exit_:.2f}x" if exit_ and bell is not None else "-"
+        lines.append(
+            f"| {row.label} | {_text(row, EXIT)} | {_text(row, DOORBELL)} "
+            f"| {_text(row, WASMTIME)} | {ratio} | {row.target or '-'} |"
+        )
+    notes = sorted({row.note for row in rows if row.note})
+    if notes:
+        lines += ["", *(f"- {note}" for note in notes)]
+    return "\n".join(lines)
+
+
+def suite(quick: bool, machine: dict[str, Any], backend: str) -> SuiteOutput:
+    del backend  # synchronous, but for the pool row (asyncio)
+    counts = QUICK if quick else FULL
+    started = time.perf_counter()
+    guest = guests.path("simpleguest")  # may rebuild a stale guest: not timed
+    cpus = len(os.sched_getaffinity(0))
+    rows = _latencies(guest, counts)
+    rows.append(_pool(guest, counts))
+    rows.append(_throughput(guest, counts, cpus))
+    rows.append(_throughput(guest, counts, 2 * cpus))
+    rows.append(_idle(guest, counts))
+    wall = time.perf_counter() - started
+    mode = "quick (smoke test, not for quoting)" if quick else "full"
+    document = {
+        "machine": machine,
+        "mode": "quick" if quick else "full",
+        "wall_seconds": wall,
+        "measurements": {
+            row.key: {
+                "label": row.label,
+                "unit": row.unit,
+                "note": row.note,
+                "target": row.target,
+                "modes": {
+                    mode_: {"samples": samples, **summarize(samples)}
+                    for mode_, samples in row.samples.items()
+                    if samples
+                },
+            }
+            for row in rows
+        },
+    }
+    return SuiteOutput(render(machine, mode, rows), document, wall, [])
