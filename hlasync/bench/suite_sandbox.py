@@ -42,6 +42,8 @@ from ._common import (
     time_calls,
 )
 
+#: The sandboxes measured on the exit path (every call one KVM_RUN).
+EXIT_PATH = SandboxConfig(spin=0)
 #: The spin of the hot sandboxes measured (seconds).
 HOT_SPIN = 0.05
 #: How long ``spin()`` runs before the interrupt is sent.
@@ -122,7 +124,7 @@ def bench_bare_kvm_run(guest: Path, counts: Counts) -> Result:
     """One KVM_RUN per sample: the guest dispatcher runs add(1, 2) and exits
     with ``out`` to the return port. No encode or decode in the loop, only the
     doorbell's ``req_seq + 1`` that announces the call (two 8-byte accesses)."""
-    sb = Sandbox(guest)
+    sb = Sandbox(guest, EXIT_PATH)
     try:
         machine = sb._machine
         sb._encoders["add"](machine.input, (1, 2))
@@ -148,7 +150,7 @@ def bench_bare_kvm_run(guest: Path, counts: Counts) -> Result:
 
 
 def bench_call_add(guest: Path, counts: Counts) -> Result:
-    sb = Sandbox(guest)
+    sb = Sandbox(guest, EXIT_PATH)
     try:
         if sb.call("add", 1, 2) != 3:
             raise RuntimeError("add(1, 2) != 3")
@@ -290,7 +292,7 @@ def bench_idle_hot(guest: Path, counts: Counts) -> Result:
 
 def bench_echo_bytes(guest: Path, size: int, n: int, warmup: int) -> Result:
     payload = os.urandom(size)
-    sb = Sandbox(guest)
+    sb = Sandbox(guest, EXIT_PATH)
     try:
         if sb.call("echo_bytes", payload) != payload:
             raise RuntimeError(f"echo_bytes of {size} bytes did not return its input")
@@ -305,7 +307,7 @@ def bench_create_cold(guest: Path) -> Result:
     """The first Sandbox of a guest in a process boots it and builds the template."""
     with gc_paused():
         start = time.perf_counter_ns()
-        sb = Sandbox(guest)
+        sb = Sandbox(guest, EXIT_PATH)
         elapsed = time.perf_counter_ns() - start
     sb.close()
     return Result("create_cold", "first create (cold)", [elapsed])
@@ -317,7 +319,7 @@ def bench_create(guest: Path, counts: Counts) -> Result:
     for i in range(counts.create_warmup + counts.creates):
         with gc_paused():
             start = clock()
-            sb = Sandbox(guest)
+            sb = Sandbox(guest, EXIT_PATH)
             elapsed = clock() - start
         sb.close()
         if i >= counts.create_warmup:
@@ -332,7 +334,7 @@ def bench_create(guest: Path, counts: Counts) -> Result:
 
 def bench_restore(guest: Path, counts: Counts) -> Result:
     """Restore an 8 MiB sandbox after heap_roundtrip dirtied ~64 KiB of it."""
-    sb = Sandbox(guest)
+    sb = Sandbox(guest, EXIT_PATH)
     try:
         if sb.config.memory_size != 8 * 1024 * KiB:
             raise RuntimeError(f"default memory_size is {sb.config.memory_size}, not 8 MiB")
@@ -366,7 +368,7 @@ def bench_restore_features(guest: Path, counts: Counts) -> list[Result]:
     """``add`` then ``restore()``, with and without the two KVM features that
     cut a restore (registers through the run area, hot pages left writable),
     on two sandboxes measured alternately in one loop."""
-    on, off = Sandbox(guest), Sandbox(guest)
+    on, off = Sandbox(guest, EXIT_PATH), Sandbox(guest, EXIT_PATH)
     try:
         off._machine.vcpu._sync_regs = False  # KVM_SET_SREGS / KVM_SET_REGS ioctls
         off._machine.pages.hot_limit = 0  # every written page protected again
@@ -402,7 +404,7 @@ def bench_restore_features(guest: Path, counts: Counts) -> list[Result]:
 
 def bench_interrupt(guest: Path, counts: Counts) -> Result:
     """ns from ``interrupt()`` to ``GuestCancelled`` caught, ~20 ms into ``spin()``."""
-    sb = Sandbox(guest)
+    sb = Sandbox(guest, EXIT_PATH)
     worker = RunawayWorker("spin-worker", lambda: sb.call("spin"), GuestCancelled)
 
     def interrupt() -> None:

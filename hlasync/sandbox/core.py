@@ -529,6 +529,9 @@ class Sandbox:
         with self._lock:
             self._wait_for_operations(name)
             self._holder = operation
+            # spin="auto": the next call follows an operation, which would park a
+            # spinning guest again (call + restore loops): it does not spin.
+            self._last_end = 0.0
         try:
             yield operation
         finally:
@@ -657,7 +660,7 @@ class Sandbox:
             return float(spin)
         last, self._last_end = self._last_end, now
         if not last:
-            return 0.0  # the first call: no gap seen yet
+            return 0.0  # the first call, or the first after an operation: no gap
         gap = min(max(call.began - last, 0.0), AUTO_GAP_CAP)
         average = self._gap_average
         average = self._gap_average = gap if average is None else 0.75 * average + 0.25 * gap

@@ -88,6 +88,16 @@ def test_auto_spins_while_calls_come_back_to_back(kvm: Kvm, simpleguest: Path) -
         assert time.monotonic() - started < 0.5, "the auto spin outlasted its 1 ms cap"
 
 
+def test_auto_does_not_spin_between_calls_and_restores(kvm: Kvm, simpleguest: Path) -> None:
+    """A call + restore loop: every restore would have to park a spinning guest
+    (an exit, then a wait for the hot thread), so auto never spins there."""
+    with Sandbox(simpleguest, SandboxConfig(spin="auto")) as sb:
+        for _ in range(100):
+            assert sb.call("increment") == 1
+            sb.restore()
+        assert sb._hot is None
+
+
 def test_auto_leaves_sparse_calls_on_the_exit_path(kvm: Kvm, simpleguest: Path) -> None:
     """Calls that come more than a few hundred µs apart never spin: a hot
     session is never even made."""
