@@ -253,7 +253,11 @@ class HotBudget:
         self._lock = threading.Lock()
         self._used = 0  # hot sessions in KVM_RUN
         self._calls: list[None] = []  # one per call between _begin_call and _end_call
-        self._last_call: dict[int, float] = {}  # thread -> when its last call ended
+        # The thread whose call ended last, when, and when a call of another
+        # thread last ended before that thread's run of calls began.
+        self._last_thread = 0
+        self._last_end = 0.0
+        self._other_end = 0.0
         self.slots = self._slots()
 
     @staticmethod
@@ -275,17 +279,13 @@ class HotBudget:
         sandboxes and calls in flight leave a slot. ``running`` (its guest still
         spins) keeps its slot then; otherwise a free slot is taken for it."""
         self._calls.pop()
-        last = self._last_call
-        last[thread] = now
-        if not wanted:
+        # O(1) on every call: no walk over the threads, which would grow with
+        # them exactly when the GIL is busiest.
+        if thread != self._last_thread:
+            self._other_end, self._last_thread = self._last_end, thread
+        self._last_end = now
+        if not wanted or now - self._other_end < OTHER_CALLERS_WINDOW:
             return False
-        if len(last) > 1:
-            recent = now - OTHER_CALLERS_WINDOW
-            for ident, t in list(last.items()):
-                if t > recent and ident != thread:
-                    return False
-                if t <= recent and len(last) > 64:  # forget threads that stopped calling
-                    last.pop(ident, None)
         others = len(self._calls)
         if running:
             return self._used - 1 + others < self.slots
