@@ -689,8 +689,11 @@ class Sandbox:
 
     def _set_spin(self, ticks: int) -> None:
         """The doorbell's spin budget (TSC ticks; 0 ends a spin)."""
-        self._machine.bell[abi.WORD_SPIN] = ticks  # one 8-byte store
-        self._machine.pages.host_wrote(abi.DOORBELL_SPIN, 8)
+        machine = self._machine
+        if machine.memory is None:  # released under a hot guest (the finalizer at exit)
+            return
+        machine.bell[abi.WORD_SPIN] = ticks  # one 8-byte store
+        machine.pages.host_wrote(abi.DOORBELL_SPIN, 8)
 
     # --------------------------------------------- requests from other threads
     def _stop(
