@@ -88,9 +88,10 @@ class SandboxConfig:
       on the caller's thread). ``"auto"`` spins only while calls come back to
       back (the caller came back within 200 µs of the last call, on
       average), four times that gap, from 100 µs to 1 ms, and not at all
-      when calls are sparse. Only synchronous ``Sandbox.call`` uses it; the
-      supervisor and ``JSSandbox`` (whose CPU timeouts count the caller
-      thread's CPU time) take the exit path. ``$HLASYNC_SPIN`` (seconds or
+      when calls are sparse. ``Sandbox`` and a supervisor's dedicated
+      sandboxes use it; pool members (restored after every call) and
+      ``JSSandbox`` (whose CPU timeouts count the caller thread's CPU time)
+      take the exit path. ``$HLASYNC_SPIN`` (seconds or
       ``auto``) changes the default. Whatever the setting, a sandbox spins
       only while the CPUs are free for it: at most one per two CPUs
       (``$HLASYNC_HOT_SLOTS``), and not while other threads call sandboxes;

@@ -79,6 +79,8 @@ OPERATION_WAIT = 30.0
 DUMP_PAUSE_TIMEOUT = 10.0
 #: How long close() waits for a running call to stop.
 CLOSE_TIMEOUT = 5.0
+#: Seconds close() waits for a hot sandbox's thread (and an idle reaper) to end.
+HOT_THREAD_JOIN = 1.0
 #: How long a call waits, before resuming its guest, for dumps that borrowed its vCPU.
 LOAN_TIMEOUT = 60.0
 
@@ -457,6 +459,12 @@ class Sandbox:
                     self._holder,
                     timeout,
                 )
+            hot = self._hot
+        if hot is not None and hot.thread.ident != me:
+            # Its thread is ending (closing, parked): gone when close() returns,
+            # and with it the reaper when nothing else is hot.
+            hot.thread.join(HOT_THREAD_JOIN)
+            reaper.settle(HOT_THREAD_JOIN)
         registry.discard(self)
 
     def __enter__(self) -> Sandbox:

@@ -201,6 +201,7 @@ class _Reaper:
         self._changed = threading.Condition(threading.Lock())
         self._due: dict[HotSession, float] = {}
         self._thread: threading.Thread | None = None
+        self._ending: threading.Thread | None = None  # the last thread, once it ends
         self._wakes_at = float("inf")  # when the reaper wakes up next on its own
 
     def watch(self, hot: HotSession, deadline: float) -> None:
@@ -219,13 +220,21 @@ class _Reaper:
             if self._due.pop(hot, None) is not None and not self._due:
                 self._changed.notify()
 
+    def settle(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) for the reaper's thread to end, if nothing
+        is hot any more."""
+        with self._changed:
+            thread = None if self._due else self._thread or self._ending
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
     def _main(self) -> None:
         while True:
             with self._changed:
                 while True:
                     if not self._due:  # nothing hot: the thread ends, watch() makes another
                         self._wakes_at = float("inf")
-                        self._thread = None
+                        self._ending, self._thread = self._thread, None
                         return
                     hot, due = min(self._due.items(), key=lambda item: item[1])
                     now = time.monotonic()

@@ -47,9 +47,14 @@ def new_sandbox(
     output: Callable[[str], None] | None,
     hub: Publisher,
     on_crashdump: Callable[[CrashdumpRecord], None],
+    *,
+    spin: bool = False,
 ) -> Sandbox:
     """A sandbox whose prints become :class:`~hlasync.events.GuestOutput`
-    events (and go to ``output``, or to stdout when nobody subscribes)."""
+    events (and go to ``output``, or to stdout when nobody subscribes).
+    ``spin``: its config's ``spin`` applies (a dedicated sandbox); a pool's
+    members restore after every call, which parks a spinning guest, so they
+    keep the exit path."""
     holder: list[Sandbox] = []
 
     def on_output(text: str) -> None:
@@ -64,7 +69,7 @@ def new_sandbox(
             sys.stdout.flush()
 
     sandbox = Sandbox(image, config, output=on_output)
-    sandbox._spin_allowed = False  # cpu_timeout counts the vCPU worker thread's CPU time
+    sandbox._spin_allowed = spin
     holder.append(sandbox)
     sandbox.add_crashdump_listener(on_crashdump)
     for name, function in dict(host_functions).items():
@@ -146,6 +151,7 @@ class Builder:
             self._output,
             self._hub,
             self._on_crashdump,
+            spin=self.spec.kind == "sandbox",
         )
 
     def make_all(self) -> list[Sandbox]:

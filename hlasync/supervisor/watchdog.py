@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from ..kvm import Vcpu
 from ..sandbox import Sandbox
-from .jobs import Job
+from .jobs import Job, cpu_used
 
 __all__ = ["Watchdog"]
 
@@ -30,9 +30,18 @@ class Watchdog:
         self._stopping = False
 
     def watch(self, job: Job) -> None:
-        """Start timing ``job`` (on the vCPU thread running it: CPU time is that thread's)."""
+        """Start timing ``job`` (on the vCPU thread running it: CPU time is that
+        thread's, and its sandbox's hot thread's when the call was posted on
+        the doorbell of a spinning guest)."""
         job.cpu_clock = time.pthread_getcpuclockid(threading.get_ident())
         job.cpu_start = time.clock_gettime(job.cpu_clock)
+        hot = job.call.hot if job.call is not None else None
+        if hot is not None:
+            try:
+                job.hot_clock = time.pthread_getcpuclockid(hot.ident)
+                job.hot_start = time.clock_gettime(job.hot_clock)
+            except OSError:  # the hot thread is gone: the guest runs here
+                job.hot_clock = None
         with self._cond:
             self._watched.add(job)
             self._cond.notify()
@@ -65,7 +74,7 @@ class Watchdog:
                         wake_at = min(wake_at, deadline)
                     if job.cpu_timeout is not None:
                         try:
-                            used = time.clock_gettime(job.cpu_clock) - job.cpu_start
+                            used = cpu_used(job)
                         except OSError:  # the worker thread is gone
                             self._watched.discard(job)
                             continue

@@ -259,9 +259,11 @@ def test_a_guest_cannot_spin_longer_than_its_budget(kvm: Kvm, hostile_guest: Pat
         assert isinstance(sb.call("count_in_input", b"a"), int)
 
 
-def test_the_supervisor_and_js_sandboxes_keep_the_exit_path(kvm: Kvm, simpleguest: Path) -> None:
-    """Their CPU-time limits count the calling thread's CPU: a guest spinning on
-    another thread would escape them, so ``spin`` does not apply there."""
+def test_pools_and_js_sandboxes_keep_the_exit_path(kvm: Kvm, simpleguest: Path) -> None:
+    """A pool restores its members after every call (which parks a spinning
+    guest), and a JS sandbox's CPU-time limit counts the calling thread's CPU,
+    so ``spin`` does not apply there (a supervisor's dedicated sandboxes do
+    spin: tests/test_supervisor_hot.py)."""
     import anyio
 
     from hlasync.js import JSSandbox
@@ -412,3 +414,5 @@ def test_releasing_a_hot_sandbox_at_exit_is_quiet(
     _wait_until(lambda: not hot.running, timeout=5)  # the spin ends, or the guest faults
     time.sleep(0.05)
     assert errors == []
+    sb.close()
+    assert not hot.thread.is_alive()

@@ -1,0 +1,73 @@
+"""The doorbell under the supervisor: a dedicated sandbox whose config spins
+goes hot between its calls (in threads and in worker processes), and its
+CPU-time limit still counts the guest, which then runs on the hot thread;
+pool members, restored after every call, keep the exit path."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from hlasync import CoreDump, GuestTimeout, SandboxConfig
+from hlasync.kvm import Kvm
+from hlasync.sandbox.hot import HotSession
+from hlasync.supervisor import Supervisor
+from tests.conftest import threads_only
+
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("supervisor_mode")]
+
+HOT = SandboxConfig(spin=0.2)
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@threads_only
+async def test_a_dedicated_sandbox_goes_hot_and_a_pool_does_not(
+    kvm: Kvm, simpleguest: Path
+) -> None:
+    async with Supervisor(workers=1) as sup:
+        dedicated = await sup.create_sandbox(simpleguest, HOT)
+        pool = await sup.create_pool(simpleguest, size=1, config=HOT)
+        (sandbox,) = dedicated._members
+        (member,) = pool._members
+        with anyio.fail_after(20):
+            while not isinstance(sandbox._holder, HotSession):
+                assert await dedicated.call("add", 1, 2) == 3
+            for n in range(100):  # answered through the doorbell
+                assert await dedicated.call("add", n, 1) == n + 1
+                assert await pool.call("add", n, 2) == n + 2
+        assert member._hot is None  # restored after every call: never spun
+
+
+async def test_cpu_timeout_stops_a_guest_answering_on_the_doorbell(
+    kvm: Kvm, simpleguest: Path
+) -> None:
+    """The hot call's guest burns the hot thread's CPU, not the worker's: the
+    CPU-time limit counts both. Counting the worker's alone, the guest burnt
+    some 5 s of CPU before the worker's naps added up to the 0.2 s limit."""
+    async with Supervisor(workers=1) as sup:
+        dedicated = await sup.create_sandbox(simpleguest, HOT)
+        members = getattr(dedicated, "_members", [])  # empty with worker processes
+        with anyio.fail_after(20):
+            for _ in range(50):
+                assert await dedicated.call("add", 1, 2) == 3
+            hot_clock = None
+            if members:  # thread mode: the next call is posted on the doorbell
+                while not isinstance(members[0]._holder, HotSession):
+                    assert await dedicated.call("add", 1, 2) == 3
+                hot_clock = time.pthread_getcpuclockid(members[0]._holder.ident)
+                before = time.clock_gettime(hot_clock)
+            with pytest.raises(GuestTimeout) as info:
+                await dedicated.call("spin", cpu_timeout=0.2)
+        assert info.value.kind == "cpu" and info.value.core_path is not None
+        if hot_clock is not None:  # the guest's CPU, on the thread it ran on
+            assert time.clock_gettime(hot_clock) - before < 1.0
+        with CoreDump.open(info.value.core_path) as dump:
+            assert dump.metadata["reason"] == "cpu-timeout"
+            assert (dump.backtrace()[0].symbol or "").startswith("spin")
