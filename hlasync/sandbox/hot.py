@@ -88,6 +88,7 @@ class HotSession:
         self.parked_at = 0.0  # monotonic time a park was asked, 0 when none
         self.kicked = False
         self.cooldown_until = 0.0  # no spin before then (the budget was full)
+        self.reaper_due = 0.0  # the deadline the reaper holds for this session
         self._go = threading.Event()
         self.per_second = self.vcpu.tsc_khz() * 1000  # TSC ticks
         spin = sandbox.config.spin
