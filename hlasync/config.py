@@ -87,7 +87,7 @@ class SandboxConfig:
       from 0 to 1 fix it; 0 keeps the exit path (every call one ``KVM_RUN``
       on the caller's thread). ``"auto"`` spins only while calls come back to
       back (the caller came back within 200 µs of the last call, on
-      average), four times that gap, from 100 µs to 1 ms, and not at all
+      average), four times that gap, from 300 µs to 1 ms, and not at all
       when calls are sparse. ``Sandbox`` and a supervisor's dedicated
       sandboxes use it; pool members (restored after every call) and
       ``JSSandbox`` (whose CPU timeouts count the caller thread's CPU time)

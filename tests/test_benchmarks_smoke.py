@@ -83,7 +83,8 @@ def test_quick_doorbell_benchmark_runs_side_by_side(kvm: Kvm, tmp_path: Path) ->
     data = json.loads((tmp_path / "doorbell.json").read_text(encoding="utf-8"))
     measurements = data["measurements"]
     cpus = len(os.sched_getaffinity(0))
-    for key in ("add", "host_call", "cpu", f"throughput_{cpus}", f"throughput_{2 * cpus}", "idle"):
+    keys = ("add", "host_call", "cpu", "supervised_sandbox", "idle")
+    for key in (*keys, f"throughput_{cpus}", f"throughput_{2 * cpus}"):
         modes = measurements[key]["modes"]
         assert set(modes) >= {"exit path", "doorbell"}, (key, modes)
         for mode in ("exit path", "doorbell"):

@@ -6,11 +6,12 @@ modes in alternating rounds so that they see the same (shared, noisy)
 machine; the table shows medians and the doorbell/exit ratio.
 
 Rows (issue #12): sync ``add`` p50 (target <= 8 µs on a PVM host); a host call
-made from the guest (time per host call, 100 per call); a pool call through
-the supervisor (which keeps the exit path: pools restore after every call,
-which stops the vCPU anyway); throughput on every CPU with one caller thread
-per CPU and with two; CPU time per call (spinning shows here); CPU used in
-1 s by 100 idle sandboxes after a burst of calls each (target ~0).
+made from the guest (time per host call, 100 per call); a call through the
+supervisor to a dedicated sandbox, and to a pool (which keeps the exit path:
+pools restore after every call, which stops the vCPU anyway); throughput on
+every CPU with one caller thread per CPU and with two; CPU time per call
+(spinning shows here); CPU used in 1 s by 100 idle sandboxes after a burst of
+calls each (target ~0).
 """
 
 from __future__ import annotations
@@ -159,30 +160,51 @@ def _latencies(guest: Path, counts: Counts) -> list[Row]:
     return [add, host, cpu]
 
 
-async def _pool_samples(guest: Path, n: int) -> list[float]:
-    async with Supervisor(processes=0) as sup:
-        pool = await sup.create_pool(guest, size=1)
-        for _ in range(100):
-            await pool.call("add", 1, 2)
-        samples = [0.0] * n
+async def _supervised_samples(guest: Path, counts: Counts) -> dict[str, dict[str, list[float]]]:
+    """p50 of ``add`` through a Supervisor (threads): a dedicated sandbox on
+    each path, and a pool (which keeps the exit path), in alternating rounds."""
+    samples: dict[str, dict[str, list[float]]] = {
+        "sandbox": {EXIT: [], DOORBELL: []},
+        "pool": {EXIT: []},
+    }
+    async with Supervisor(processes=0, workers=1) as sup:
+        targets = {
+            ("sandbox", EXIT): await sup.create_sandbox(guest, CONFIGS[EXIT]),
+            ("sandbox", DOORBELL): await sup.create_sandbox(guest, CONFIGS[DOORBELL]),
+            ("pool", EXIT): await sup.create_pool(guest, size=1),
+        }
         clock = time.perf_counter_ns
-        with gc_paused():
-            for i in range(n):
-                start = clock()
-                await pool.call("add", 1, 2)
-                samples[i] = clock() - start
+        per_round = max(counts.pool_calls // counts.rounds, 1)
+        for _ in range(counts.rounds):
+            for (kind, mode), target in targets.items():
+                for _ in range(50):
+                    await target.call("add", 1, 2)
+                taken = samples[kind][mode]
+                with gc_paused():
+                    for _ in range(per_round):
+                        start = clock()
+                        await target.call("add", 1, 2)
+                        taken.append(clock() - start)
     return samples
 
 
-def _pool(guest: Path, counts: Counts) -> Row:
-    samples = anyio.run(_pool_samples, guest, counts.pool_calls)
-    return Row(
-        "pool",
-        'await pool.call("add", 1, 2), p50 (Supervisor, pool of 1)',
-        "ns",
-        {EXIT: samples},
-        note="the supervisor keeps the exit path: a pool restores after every call",
-    )
+def _supervised(guest: Path, counts: Counts) -> list[Row]:
+    samples = anyio.run(_supervised_samples, guest, counts)
+    return [
+        Row(
+            "supervised_sandbox",
+            'await sandbox.call("add", 1, 2), p50 (Supervisor, dedicated sandbox)',
+            "ns",
+            samples["sandbox"],
+        ),
+        Row(
+            "pool",
+            'await pool.call("add", 1, 2), p50 (Supervisor, pool of 1)',
+            "ns",
+            samples["pool"],
+            note="a pool keeps the exit path: it restores after every call, which parks a guest",
+        ),
+    ]
 
 
 def _throughput(guest: Path, counts: Counts, threads: int) -> Row:
@@ -296,7 +318,7 @@ def suite(quick: bool, machine: dict[str, Any], backend: str) -> SuiteOutput:
     guest = guests.path("simpleguest")  # may rebuild a stale guest: not timed
     cpus = len(os.sched_getaffinity(0))
     rows = _latencies(guest, counts)
-    rows.append(_pool(guest, counts))
+    rows += _supervised(guest, counts)
     rows.append(_throughput(guest, counts, cpus))
     rows.append(_throughput(guest, counts, 2 * cpus))
     rows.append(_idle(guest, counts))

@@ -60,7 +60,7 @@ ANSWER_SPIN = 0.0002
 AUTO_MAX_GAP = 0.0002
 AUTO_GAP_CAP = 0.001
 AUTO_FACTOR = 4.0
-AUTO_MIN = 0.0001
+AUTO_MIN = 0.0003
 AUTO_MAX = 0.001
 #: Seconds a parked guest has to reach its park exit before it is kicked.
 PARK_KICK_AFTER = 0.05
