@@ -84,6 +84,10 @@ class HlasyncError(Exception):
     cross from the supervisor's worker processes to the callers.
     """
 
+    #: The Ray node the error came from (``hlasync.ray``), None for this machine:
+    #: the ``core_path`` of such an error is a path on that node.
+    node: str | None = None
+
     def __reduce__(self) -> tuple[Any, ...]:
         state = dict(self.__dict__)
         cause = self.__cause__

@@ -61,6 +61,8 @@ class Event:
 
     sandbox_id: str | None
     timestamp: float = field(default_factory=_now)
+    #: The Ray node the event comes from (``hlasync.ray``), None for this machine.
+    node: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

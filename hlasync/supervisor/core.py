@@ -6,6 +6,7 @@ threads of this process (:mod:`.threads`), or worker processes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -142,7 +143,10 @@ class Supervisor:
                 await self._backend.start(outbox, group)
             except BaseException as exc:
                 group.cancel_scope.cancel()
-                await group.__aexit__(type(exc), exc, exc.__traceback__)
+                # The group raises the start's error again, wrapped in an
+                # ExceptionGroup: the caller gets the error itself.
+                with contextlib.suppress(BaseException):
+                    await group.__aexit__(type(exc), exc, exc.__traceback__)
                 self._state = "closed"
                 raise
         else:
@@ -319,9 +323,14 @@ class Supervisor:
 
     def _announce(self, target: Target, sandbox_ids: list[str]) -> None:
         pool = target.name if isinstance(target, Pool) else None
+        nodes = self._backend.nodes_of(target)
         for sandbox_id in sandbox_ids:
             self._hub.publish(
-                ev.SandboxCreated, sandbox_id=sandbox_id, guest=str(target.image.path), pool=pool
+                ev.SandboxCreated,
+                sandbox_id=sandbox_id,
+                node=nodes.get(sandbox_id),
+                guest=str(target.image.path),
+                pool=pool,
             )
 
     async def close_sandbox(self, target: SupervisedSandbox) -> None:

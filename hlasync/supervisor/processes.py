@@ -20,6 +20,7 @@ start over from their initial state).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -104,6 +105,9 @@ class _Worker:
         self.shards: dict[str, _Shard] = {}
         self.waiting: dict[object, tuple[anyio.Event, list[Any]]] = {}
         self.counters: dict[str, int] = {}
+        #: The Ray node it runs on (hlasync.ray), and how messages name it.
+        self.node: str | None = None
+        self.where = ""
 
 
 class ProcessBackend:
@@ -165,8 +169,9 @@ class ProcessBackend:
         assert self._group is not None
         self._group.start_soon(guarded)
 
-    async def _launch(self, worker: _Worker) -> None:
-        """Start ``worker``'s process and wait (bounded) for its hello."""
+    async def _start_worker(self, worker: _Worker) -> socket.socket:
+        """Start ``worker``'s process (``worker.process``, ``worker.pid``); the
+        supervisor's end of its channel."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ)
         paths = [_PACKAGE_ROOT, *env.get("PYTHONPATH", "").split(os.pathsep)]
@@ -183,8 +188,14 @@ class ProcessBackend:
             raise SupervisorError(f"cannot start worker process {worker.index}: {exc}") from exc
         finally:
             child.close()
+        worker.process, worker.pid = process, process.pid
+        return parent
+
+    async def _launch(self, worker: _Worker) -> None:
+        """Start ``worker`` and wait (bounded) for its hello."""
+        parent = await self._start_worker(worker)
         parent.setblocking(False)
-        worker.process, worker.sock, worker.pid = process, parent, process.pid
+        worker.sock = parent
         worker.ready, worker.gone = anyio.Event(), anyio.Event()
         worker.alive, worker.leaving = True, False
         worker.outgoing, worker.unsent, worker.flush_scheduled = [], bytearray(), False
@@ -214,8 +225,8 @@ class ProcessBackend:
         if not worker.ready.is_set():
             self._kill(worker)
             raise SupervisorError(
-                f"worker process {worker.index} (pid {worker.pid}) did not start within "
-                f"{START_TIMEOUT:.0f} s"
+                f"worker process {worker.index} (pid {worker.pid}{worker.where}) did not start "
+                f"within {START_TIMEOUT:.0f} s"
             )
 
     def _kill(self, worker: _Worker) -> None:
@@ -366,11 +377,16 @@ class ProcessBackend:
                 return
             job, shard = found
             shard.inflight -= 1
+            if isinstance(error, HlasyncError) and worker.node is not None:
+                error.node = worker.node
             self._finish(job, result, error)
             if shard.target in self._waiting:
                 self._dispatch(shard.target)
         elif kind == "event":
-            self._front._hub.deliver(message[1])
+            event = message[1]
+            if worker.node is not None:
+                event = dataclasses.replace(event, node=worker.node)
+            self._front._hub.deliver(event)
         elif kind == "host":
             self._spawn(self._host_call, worker, *message[1:])
         elif kind == "output":
@@ -492,6 +508,14 @@ class ProcessBackend:
 
     def sandbox_ids(self, target: Target) -> list[str]:
         return [sandbox_id for shard in _shards(target) for sandbox_id in shard.sandbox_ids]
+
+    def nodes_of(self, target: Target) -> dict[str, str | None]:
+        """The Ray node of each of the target's sandboxes (hlasync.ray)."""
+        return {
+            sandbox_id: shard.worker.node
+            for shard in _shards(target)
+            for sandbox_id in shard.sandbox_ids
+        }
 
     async def close_target(self, target: Target) -> None:
         """Close a target once its calls are done (waiting is cancellable)."""
@@ -656,11 +680,12 @@ class ProcessBackend:
             worker.sock.close()
             worker.sock = None
         lost = WorkerLost(
-            f"worker process {worker.index} (pid {worker.pid}) ended "
+            f"worker process {worker.index} (pid {worker.pid}{worker.where}) ended "
             f"({_describe(status)}) while the call ran there",
             worker=worker.index,
             exit_status=status,
         )
+        lost.node = worker.node
         inflight = list(worker.inflight.values())
         worker.inflight.clear()
         for job, shard in inflight:
@@ -678,6 +703,7 @@ class ProcessBackend:
         self._front._hub.publish(
             ev.WorkerDied,
             sandbox_id=None,
+            node=worker.node,
             worker=worker.index,
             pid=worker.pid,
             exit_status=status,
@@ -693,7 +719,11 @@ class ProcessBackend:
             self._fail_targets_of(shards, exc)
             return
         self._front._hub.publish(
-            ev.WorkerStarted, sandbox_id=None, worker=worker.index, pid=worker.pid
+            ev.WorkerStarted,
+            sandbox_id=None,
+            node=worker.node,
+            worker=worker.index,
+            pid=worker.pid,
         )
         for shard in shards:
             try:
@@ -706,6 +736,7 @@ class ProcessBackend:
                 self._front._hub.publish(
                     ev.SandboxCreated,
                     sandbox_id=sandbox_id,
+                    node=worker.node,
                     guest=str(shard.target.image.path),
                     pool=None if isinstance(shard.target, SupervisedSandbox) else shard.target.name,
                 )

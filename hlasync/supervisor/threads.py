@@ -71,6 +71,10 @@ class ThreadBackend:
     def sandbox_ids(self, target: Target) -> list[str]:
         return [sb.id for sb in target._members]
 
+    def nodes_of(self, target: Target) -> dict[str, str | None]:
+        """The Ray node of each of the target's sandboxes: none here."""
+        return {}
+
     async def close_target(self, target: Target) -> None:
         """Close a target once its calls are done (waiting is cancellable)."""
         while True:

@@ -1,0 +1,178 @@
+"""``RaySupervisor``: the supervisor's API over workers spread across a Ray
+cluster (see docs/cluster.md)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from ..crashdump.placement import DUMP_DIR_ENV
+from ..errors import CrashdumpError, HlasyncError, SupervisorClosed, SupervisorError
+from ..supervisor.core import Supervisor
+from .backend import RayBackend
+
+__all__ = ["KVM_RESOURCE", "RaySupervisor"]
+
+#: The custom resource that marks a Ray node with a usable ``/dev/kvm``
+#: (``ray start --resources '{"kvm": N}'``: up to N workers there).
+KVM_RESOURCE = "kvm"
+
+
+class RaySupervisor(Supervisor):
+    """A :class:`~hlasync.Supervisor` whose workers are Ray actors.
+
+    ``actors`` workers, each a Ray actor holding ``workers`` vCPU threads and
+    its sandboxes, are placed by Ray on nodes that offer ``resources``
+    (default ``{"kvm": 1}`` per actor). Pools are spread over the actors, a
+    dedicated sandbox lives in one; calls, ``timeout``/``cpu_timeout``,
+    cancellation, ``generate_crashdump()`` and events work as with
+    ``Supervisor(processes=N)``. Events and errors name the node they come
+    from (``node``); a core dump is written on its node, and
+    :meth:`fetch_crashdump` brings its bytes here. An actor (or node) that
+    dies fails its running calls with :class:`~hlasync.WorkerLost`, emits
+    ``WorkerDied`` naming the node, and is started again wherever the
+    cluster has room, its pools and sandboxes made anew there.
+
+    ``address``: the Ray cluster to connect to when this process has not
+    called ``ray.init()`` yet (None: ``ray.init()``'s own default).
+    ``actor_options``: more ``.options()`` for the actors (e.g. a
+    ``runtime_env``). ``start_timeout``: seconds an actor may take to be
+    placed and to start (a cluster with no room fails then). Other arguments
+    as for :class:`~hlasync.Supervisor`.
+    """
+
+    def __init__(
+        self,
+        *,
+        actors: int = 2,
+        workers: int = 2,
+        resources: Mapping[str, float] | None = None,
+        address: str | None = None,
+        actor_options: Mapping[str, Any] | None = None,
+        start_timeout: float = 30.0,
+        max_pending: int = 10_000,
+        timeout: float | None = None,
+        cpu_timeout: float | None = None,
+        dump_on_cancel: bool = False,
+        shutdown_grace: float = 5.0,
+    ) -> None:
+        if type(actors) is not int or actors < 1:
+            raise ValueError("actors must be a positive int")
+        if isinstance(start_timeout, bool) or not isinstance(start_timeout, (int, float)):
+            raise ValueError("start_timeout must be a number of seconds")
+        if not start_timeout > 0:
+            raise ValueError("start_timeout must be a positive number of seconds")
+        resources = dict(resources) if resources is not None else {KVM_RESOURCE: 1.0}
+        for name, amount in resources.items():
+            if not isinstance(name, str) or not isinstance(amount, (int, float)) or amount <= 0:
+                raise ValueError(f"resources must map names to positive amounts, got {resources!r}")
+        super().__init__(
+            workers=workers,
+            processes=actors,
+            max_pending=max_pending,
+            timeout=timeout,
+            cpu_timeout=cpu_timeout,
+            dump_on_cancel=dump_on_cancel,
+            shutdown_grace=shutdown_grace,
+        )
+        self.address = address
+        self.resources = resources
+        self._ray_backend = RayBackend(
+            self, actors, workers, resources, actor_options or {}, float(start_timeout)
+        )
+        self._backend = self._ray_backend
+        self.workers = self._ray_backend.workers
+
+    async def __aenter__(self) -> RaySupervisor:
+        try:
+            import ray
+        except ImportError:
+            raise SupervisorError(
+                "hlasync.ray needs Ray on this machine and on every node: "
+                "pip install 'hlasync[ray]'"
+            ) from None
+
+        if not ray.is_initialized():
+            address = self.address
+            await anyio.to_thread.run_sync(
+                lambda: ray.init(address=address, log_to_driver=False, configure_logging=False)
+            )
+        await super().__aenter__()
+        return self
+
+    def nodes(self) -> dict[int, str | None]:
+        """The Ray node of each worker, by worker index."""
+        return self._ray_backend.nodes()
+
+    async def fetch_crashdump(
+        self,
+        source: HlasyncError | str | os.PathLike[str],
+        node: str | None = None,
+        directory: str | os.PathLike[str] | None = None,
+    ) -> Path:
+        """Copy a core dump written on a node of the cluster to this machine,
+        atomically, and return the local path. ``source`` is an error that
+        carries ``core_path`` and ``node`` (a ``GuestTimeout``,
+        ``GuestCrashed``, ...), or the dump's path on ``node`` (a
+        ``CrashDumpWritten`` event's ``path`` and ``node``). ``directory``:
+        where it goes (default ``$HYPERLIGHT_CORE_DUMP_DIR``, else the temp
+        directory); the file keeps its name."""
+        import ray
+
+        if isinstance(source, HlasyncError):
+            remote_path = getattr(source, "core_path", None)
+            node = node or source.node
+            if remote_path is None:
+                raise CrashdumpError(f"{type(source).__name__} carries no core dump")
+        else:
+            remote_path = source
+        if node is None:
+            raise ValueError("which Ray node wrote the dump? (pass node=..., or the error)")
+        actor = self._ray_backend.actor_on(node)
+        if actor is None:
+            raise SupervisorClosed(f"no live worker on Ray node {node} to read the dump from")
+        try:
+            data: bytes = await anyio.to_thread.run_sync(
+                lambda: ray.get(actor.read_dump.remote(str(remote_path)))
+            )
+        except Exception as exc:  # noqa: BLE001 - RayTaskError wrapping the node's refusal
+            raise CrashdumpError(f"cannot fetch {remote_path} from node {node}: {exc}") from None
+        target_dir = Path(directory or os.environ.get(DUMP_DIR_ENV) or tempfile.gettempdir())
+        return await anyio.to_thread.run_sync(
+            _write_atomically, target_dir, Path(str(remote_path)).name, data
+        )
+
+
+#: Runs of zero bytes at least this long are left as holes in a fetched dump.
+_HOLE = 1 << 16
+
+
+def _write_atomically(directory: Path, name: str, data: bytes) -> Path:
+    """``data`` into ``directory/name`` through a temporary file, sparse
+    (guest memory that reads as zero takes no disk, as in the original)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / name
+    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            view, zero = memoryview(data), bytes(_HOLE)
+            for offset in range(0, len(data), _HOLE):
+                chunk = view[offset : offset + _HOLE]
+                if chunk == zero[: len(chunk)]:
+                    file.seek(len(chunk), os.SEEK_CUR)
+                else:
+                    file.write(chunk)
+            file.truncate(len(data))
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, final)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return final

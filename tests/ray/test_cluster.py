@@ -1,0 +1,223 @@
+"""hlasync.ray on a real local Ray cluster: a head and a second node (two
+raylets on this machine, each offering the ``kvm`` resource and a label of
+its own), started by the fixture and stopped after the module."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from hlasync import (
+    CoreDump,
+    CrashdumpError,
+    GuestTimeout,
+    SandboxConfig,
+    SupervisorError,
+    WorkerLost,
+)
+from hlasync import events as ev
+from hlasync.kvm import Kvm
+from tests.conftest import require_tool
+
+pytestmark = pytest.mark.anyio
+
+HEAD, SECOND = "hlasync_test_head", "hlasync_test_second"
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        if os.environ.get("HLASYNC_REQUIRE_KVM") == "1":
+            pytest.fail("ray is not installed (README's install command installs it)")
+        pytest.skip("ray is not installed (pip install 'hlasync[ray]')")
+    return ray
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def cluster(kvm: Kvm) -> Iterator[dict[str, str]]:
+    """Two Ray nodes: the head (kvm: 2) and a second node (kvm: 1); their ids."""
+    ray = _ray()
+    import importlib
+
+    Cluster: Any = importlib.import_module("ray.cluster_utils").Cluster  # noqa: N806
+
+    # Ray's socket paths must stay under 108 bytes: a short directory of its own
+    # (the tests' temp directory is a long pytest path).
+    temp = tempfile.mkdtemp(prefix="hlray-", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = temp  # Ray's own files (ray_current_cluster, sessions)
+    os.makedirs(os.path.join(temp, "ray"))
+    small = {
+        "object_store_memory": 80 << 20,
+        "num_cpus": 2,
+        "temp_dir": os.path.join(temp, "ray"),
+    }
+    made = Cluster(
+        initialize_head=True,
+        head_node_args={**small, "resources": {"kvm": 2, HEAD: 10}, "include_dashboard": False},
+    )
+    try:
+        made.add_node(**small, resources={"kvm": 1, SECOND: 10})
+        ray.init(address=made.address, log_to_driver=False, configure_logging=False)
+        made.wait_for_nodes()
+        ids = {}
+        for node in ray.nodes():
+            labels = node["Resources"]
+            ids[HEAD if HEAD in labels else SECOND] = node["NodeID"]
+        yield ids
+    finally:
+        ray.shutdown()
+        made.shutdown()
+        del os.environ["RAY_TMPDIR"]
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+async def test_calls_spread_over_both_nodes_and_events_name_them(
+    cluster: dict[str, str], simpleguest: Path
+) -> None:
+    from hlasync.ray import RaySupervisor
+
+    async with RaySupervisor(actors=1, workers=1, resources={"kvm": 1, SECOND: 1}) as one_node:
+        assert set(one_node.nodes().values()) == {cluster[SECOND]}
+    async with RaySupervisor(actors=3, workers=1) as sup:
+        nodes = set(sup.nodes().values())
+        assert nodes == {cluster[HEAD], cluster[SECOND]}  # kvm: 2 + 1
+        async with sup.subscribe(ev.CallCompleted, ev.SandboxCreated) as stream:
+            pool = await sup.create_pool(simpleguest, size=3)
+            results: dict[int, object] = {}
+
+            async def one(i: int) -> None:
+                results[i] = await pool.call("add", i, 1000)
+
+            async with anyio.create_task_group() as group:
+                for i in range(300):
+                    group.start_soon(one, i)
+            assert results == {i: i + 1000 for i in range(300)}
+            seen: dict[type, set[str | None]] = {ev.CallCompleted: set(), ev.SandboxCreated: set()}
+            with anyio.fail_after(10):
+                async for event in stream:
+                    seen[type(event)].add(event.node)
+                    if len(seen[ev.CallCompleted]) == 2 and len(seen[ev.SandboxCreated]) == 2:
+                        break
+        assert seen[ev.CallCompleted] == nodes
+
+
+async def test_a_hung_guest_on_the_second_node_is_dumped_and_fetched(
+    cluster: dict[str, str], simpleguest: Path, tmp_path: Path
+) -> None:
+    """The watchdog of the second node dumps the hung call there; the core
+    comes home through the object store and gdb opens it here."""
+    from hlasync.ray import RaySupervisor
+
+    async with RaySupervisor(actors=1, workers=1, resources={"kvm": 1, SECOND: 1}) as sup:
+        on_node = tmp_path / "node"  # where the node writes (the same machine here)
+        on_node.mkdir()
+        sandbox = await sup.create_sandbox(simpleguest, SandboxConfig(crashdump_dir=on_node))
+        with pytest.raises(GuestTimeout) as info:
+            await sandbox.call("spin", timeout=0.3)
+        error = info.value
+        assert error.node == cluster[SECOND] and error.core_path is not None
+        assert Path(error.core_path).parent == on_node
+        local = await sup.fetch_crashdump(error, directory=tmp_path / "home")
+        assert local.parent == tmp_path / "home" and local.name == Path(error.core_path).name
+        assert local.stat().st_mode & 0o777 == 0o600
+        assert local.stat().st_blocks * 512 < local.stat().st_size  # still sparse
+        with CoreDump.open(local) as dump:
+            assert dump.metadata["reason"] == "timeout"
+            assert (dump.backtrace()[0].symbol or "").startswith("spin")
+        gdb = subprocess.run(
+            [require_tool("gdb"), "-nx", "-batch", "-ex", "bt", str(simpleguest), str(local)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert " spin " in gdb.stdout or "in spin" in gdb.stdout, gdb.stdout + gdb.stderr
+        with pytest.raises(CrashdumpError, match="not a core dump"):
+            await sup.fetch_crashdump("/etc/passwd", node=cluster[SECOND])
+        assert await sandbox.call("add", 2, 3) == 5  # restored after the timeout
+
+
+async def test_an_actor_killed_mid_load_fails_its_calls_and_comes_back(
+    cluster: dict[str, str], simpleguest: Path
+) -> None:
+    """Two calls wait in a host function (one per actor), eight more queue;
+    one actor is killed: its call fails with WorkerLost naming the node,
+    WorkerDied says so, a new actor takes its place, and every other call
+    completes."""
+    ray = _ray()
+    from hlasync.ray import RaySupervisor
+
+    entered: list[int] = []
+    gate = threading.Event()
+
+    def held(x: int) -> int:
+        entered.append(x)
+        gate.wait(30)
+        return x
+
+    async with (
+        RaySupervisor(actors=2, workers=1) as sup,
+        sup.subscribe(ev.WorkerDied, ev.WorkerStarted) as stream,
+    ):
+        pool = await sup.create_pool(simpleguest, size=2, host_functions={"held": held})
+        victim = 0
+        victim_node = sup.nodes()[victim]
+        outcomes: dict[int, object] = {}
+
+        async def one(i: int) -> None:
+            try:
+                outcomes[i] = await pool.call("call_host", "held", i)
+            except WorkerLost as exc:
+                outcomes[i] = exc
+
+        async with anyio.create_task_group() as group:
+            for i in range(10):
+                group.start_soon(one, i)
+            with anyio.fail_after(30):
+                while len(entered) < 2:  # a call in each actor
+                    await anyio.sleep(0.01)
+            ray.kill(sup._ray_backend._actors[victim], no_restart=True)
+            with anyio.fail_after(60):
+                died = await stream.receive()
+                assert isinstance(died, ev.WorkerDied) and died.node == victim_node
+                assert died.worker == victim and died.lost_calls == 1
+            gate.set()
+        lost = [o for o in outcomes.values() if isinstance(o, WorkerLost)]
+        assert len(outcomes) == 10 and len(lost) == 1, outcomes
+        assert lost[0].node == victim_node and "Ray node" in str(lost[0])
+        assert sorted(o for o in outcomes.values() if isinstance(o, int)) == sorted(
+            i for i, o in outcomes.items() if isinstance(o, int)
+        )
+        with anyio.fail_after(60):
+            started = await stream.receive()
+        assert isinstance(started, ev.WorkerStarted) and started.worker == victim
+        # The pool was made again in the new actor: both sandboxes answer.
+        assert [await pool.call("add", i, 1) for i in range(10)] == [i + 1 for i in range(10)]
+
+
+async def test_a_cluster_without_room_fails_clearly(cluster: dict[str, str]) -> None:
+    from hlasync.ray import RaySupervisor
+
+    with pytest.raises(ValueError, match="actors"):
+        RaySupervisor(actors=0)
+    with pytest.raises(ValueError, match="resources"):
+        RaySupervisor(resources={"kvm": -1})
+    sup = RaySupervisor(actors=1, resources={"kvm": 1, "no_such_label": 1}, start_timeout=2)
+    with pytest.raises(SupervisorError, match="cannot start worker 0 on the Ray cluster"):
+        async with sup:
+            pass
