@@ -93,6 +93,16 @@ def test_quick_doorbell_benchmark_runs_side_by_side(kvm: Kvm, tmp_path: Path) ->
     assert measurements["add"]["modes"]["exit path"]["median"] > 0
 
 
+def test_quick_ray_benchmark_compares_processes_and_actors(kvm: Kvm, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    proc = _run_quick("ray", tmp_path)
+    assert "| worker processes | Ray actors |" in proc.stdout
+    assert "Crossing Ray adds" in proc.stdout
+    data = json.loads((tmp_path / "ray.json").read_text(encoding="utf-8"))
+    for name in ("worker processes", "Ray actors"):
+        assert data["latency_samples_ns"][name] and min(data["rates"][name]) > 0
+
+
 def test_quick_crashdump_benchmark_runs_and_writes_json(kvm: Kvm, tmp_path: Path) -> None:
     # ``kvm``: skip where KVM is unusable (fail instead under HLASYNC_REQUIRE_KVM=1).
     proc = _run_quick("crashdump", tmp_path)

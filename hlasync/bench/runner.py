@@ -10,6 +10,8 @@ Suites (all by default, in this order):
 - ``supervisor``: pool call latency, throughput, watchdog timeouts;
 - ``scaling``: supervisor throughput from 1 to all cores, threads and worker
   processes, beside the machine's ceiling (a table and a plot);
+- ``ray``: the same pool through worker processes and through Ray actors
+  (what crossing Ray costs per call, and calls/s with many in flight);
 - ``channel``: the candidates for the supervisor-to-worker channel (pipes,
   a socketpair, shared-memory rings with eventfd wake-ups), round trip and
   batched rate;
@@ -39,7 +41,7 @@ from . import calls, fresh, hang, interrupt, javascript, plots, report, scale
 from ._common import FULL, QUICK, Row, SuiteOutput, machine_description
 
 DEFAULT_OUT = Path("benchmarks") / "results"
-SUITES = ("sandbox", "doorbell", "crashdump", "supervisor", "scaling", "channel", "peers")
+SUITES = ("sandbox", "doorbell", "crashdump", "supervisor", "scaling", "ray", "channel", "peers")
 BACKENDS = ("asyncio", "trio")
 
 
@@ -90,6 +92,8 @@ def _suite(name: str) -> Callable[[bool, dict[str, Any], str, Path], SuiteOutput
             from . import suite_sandbox as module
         elif name == "doorbell":
             from . import suite_doorbell as module  # type: ignore[no-redef]
+        elif name == "ray":
+            from . import suite_ray as module  # type: ignore[no-redef]
         elif name == "crashdump":
             from . import suite_crashdump as module  # type: ignore[no-redef]
         elif name == "supervisor":

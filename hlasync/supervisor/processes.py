@@ -74,12 +74,16 @@ class _Shard:
 
     __slots__ = ("capacity", "inflight", "key", "ready", "sandbox_ids", "spec", "target", "worker")
 
-    def __init__(self, target: Target, worker: _Worker, key: str, spec: TargetSpec) -> None:
+    def __init__(
+        self, target: Target, worker: _Worker, key: str, spec: TargetSpec, depth: int = 1
+    ) -> None:
         self.target = target
         self.worker = worker
         self.key = key
         self.spec = spec
-        self.capacity = spec.size
+        #: Calls sent to the worker at once: ``depth`` per sandbox (the others
+        #: queue there, so results come back while the next calls are on the way).
+        self.capacity = spec.size * depth
         self.inflight = 0
         self.ready = False
         self.sandbox_ids: list[str] = []
@@ -111,6 +115,10 @@ class _Worker:
 
 
 class ProcessBackend:
+    #: Calls in flight per sandbox of a worker (1: a call is sent when a sandbox
+    #: is free; more queue in the worker, for channels with a long round trip).
+    queue_depth = 1
+
     def __init__(
         self,
         front: Supervisor,
@@ -467,7 +475,7 @@ class ProcessBackend:
             size = spec.size // count + (1 if position < spec.size % count else 0)
             key = f"{spec.name}#{next(self._shard_ids)}"
             shard_spec = _replace(spec, name=key, size=size)
-            shards.append(_Shard(target, live[position], key, shard_spec))
+            shards.append(_Shard(target, live[position], key, shard_spec, self.queue_depth))
         for shard in shards:
             self._callables[shard.key] = callables
             self._outputs[shard.key] = output
@@ -766,7 +774,7 @@ class ProcessBackend:
         return {
             "pending": sum(len(queue) for queue in self._waiting.values()),
             "running": sum(len(w.inflight) for w in self._workers),
-            "sandboxes": sum(s.capacity for t in self._targets for s in _shards(t) if s.ready),
+            "sandboxes": sum(s.spec.size for t in self._targets for s in _shards(t) if s.ready),
         }
 
     def worker_counters(self) -> Counter[str]:
