@@ -24,6 +24,7 @@ RUNS: dict[str, tuple[list[str], str]] = {
     "js_handlers.py": ([], "cart -> {'total': 3, 'calls': 1} (calls is 1 again)"),
     "js_hang_capture.py": ([], "JavaScript stack at the deadline:"),
     "hot_sandbox.py": ([], "after restore(): increment -> 1"),
+    "ray_cluster.py": ([], "fetched core: hl_core_"),
     "worker_processes.py": (
         [],
         "the pool goes on: add(i, 1) for i < 8 -> [1, 2, 3, 4, 5, 6, 7, 8]",
@@ -121,3 +122,20 @@ def test_worker_processes(kvm: Kvm, tmp_path: Path) -> None:
     assert "the four calls: WorkerLost (exit status -9), WorkerLost (exit status -9)" in output
     assert "exit status -9, calls lost: 2" in output
     assert "workers_lost=1" in output
+
+
+def test_ray_cluster(kvm: Kvm, tmp_path: Path) -> None:
+    import pytest
+
+    pytest.importorskip("ray")
+    arguments, line = RUNS["ray_cluster.py"]
+    env_address = os.environ.pop("RAY_ADDRESS", None)  # the example starts its own cluster
+    try:
+        output = run_example("ray_cluster.py", arguments, tmp_path)
+    finally:
+        if env_address is not None:
+            os.environ["RAY_ADDRESS"] = env_address
+    assert line in output and "stopped in spin" in output
+    assert "100 calls: True" in output
+    nodes = output.split("calls completed per node: ")[1].splitlines()[0]
+    assert nodes.count(":") == 2, nodes  # both nodes served calls

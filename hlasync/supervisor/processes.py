@@ -689,7 +689,7 @@ class ProcessBackend:
             worker.sock = None
         lost = WorkerLost(
             f"worker process {worker.index} (pid {worker.pid}{worker.where}) ended "
-            f"({_describe(status)}) while the call ran there",
+            f"({_describe(status)}) while the call ran (or waited) there",
             worker=worker.index,
             exit_status=status,
         )

@@ -155,10 +155,11 @@ async def test_a_hung_guest_on_the_second_node_is_dumped_and_fetched(
 async def test_an_actor_killed_mid_load_fails_its_calls_and_comes_back(
     cluster: dict[str, str], simpleguest: Path
 ) -> None:
-    """Two calls wait in a host function (one per actor), eight more queue;
-    one actor is killed: its call fails with WorkerLost naming the node,
-    WorkerDied says so, a new actor takes its place, and every other call
-    completes."""
+    """Two calls wait in a host function (one per actor), eight more queue
+    (some of them on the actors: a Ray worker takes several calls per sandbox
+    at once); one actor is killed: every call sent to it fails with
+    WorkerLost naming the node, WorkerDied counts them, a new actor takes its
+    place, and every other call completes."""
     ray = _ray()
     from hlasync.ray import RaySupervisor
 
@@ -193,12 +194,13 @@ async def test_an_actor_killed_mid_load_fails_its_calls_and_comes_back(
                     await anyio.sleep(0.01)
             ray.kill(sup._ray_backend._actors[victim], no_restart=True)
             with anyio.fail_after(60):
-                died = await stream.receive()
-                assert isinstance(died, ev.WorkerDied) and died.node == victim_node
-                assert died.worker == victim and died.lost_calls == 1
+                event = await stream.receive()
+            assert isinstance(event, ev.WorkerDied) and event.node == victim_node
+            died = event
+            assert died.worker == victim and died.lost_calls >= 1
             gate.set()
         lost = [o for o in outcomes.values() if isinstance(o, WorkerLost)]
-        assert len(outcomes) == 10 and len(lost) == 1, outcomes
+        assert len(outcomes) == 10 and len(lost) == died.lost_calls, outcomes
         assert lost[0].node == victim_node and "Ray node" in str(lost[0])
         assert sorted(o for o in outcomes.values() if isinstance(o, int)) == sorted(
             i for i, o in outcomes.items() if isinstance(o, int)
