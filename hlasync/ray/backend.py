@@ -14,20 +14,29 @@ does for a process.
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ..errors import SupervisorError
+from ..errors import HlasyncError, SupervisorError
+from ..supervisor.jobs import Job
 from ..supervisor.processes import ProcessBackend, _Worker
 
 if TYPE_CHECKING:
     from ..supervisor.core import Supervisor
 
 __all__ = ["RayBackend"]
+
+_logger = logging.getLogger("hlasync.ray")
+
+
+#: Copies the core dump of an error from its node into a directory here.
+Fetcher = Callable[[HlasyncError, Path], Awaitable[Path]]
 
 #: Seconds one long-polled ``receive`` waits on the node before it answers b"".
 RECEIVE_WAIT = 0.5
@@ -48,9 +57,11 @@ class RayBackend(ProcessBackend):
         resources: Mapping[str, float],
         options: Mapping[str, Any],
         start_timeout: float,
+        fetch: tuple[Fetcher, Path] | None,
     ) -> None:
         super().__init__(front, actors, workers, None)
         self._start_timeout = start_timeout
+        self._fetch = fetch
         self._resources = dict(resources)
         self._options = dict(options)
         self._actors: dict[int, Any] = {}
@@ -123,6 +134,37 @@ class RayBackend(ProcessBackend):
         bridges = [thread for threads in self._bridges.values() for thread in threads]
         self._bridges.clear()
         await anyio.to_thread.run_sync(_join_all, bridges, BRIDGE_JOIN)
+
+    def _handle(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+        """As for worker processes; with ``fetch_dumps``, the core dump of a
+        call that failed with one is copied here before its caller hears of it."""
+        if message[0] == "done" and self._fetch is not None and worker.node is not None:
+            _, call_id, result, error, _sandbox_id, counters = message
+            if isinstance(error, HlasyncError) and getattr(error, "core_path", None):
+                worker.counters = counters
+                found = worker.inflight.pop(call_id, None)
+                if found is None:
+                    return
+                job, shard = found
+                shard.inflight -= 1
+                error.node = worker.node
+                self._spawn(self._fetch_then_finish, job, result, error)
+                if shard.target in self._waiting:
+                    self._dispatch(shard.target)
+                return
+        super()._handle(worker, message)
+
+    async def _fetch_then_finish(self, job: Job, result: Any, error: HlasyncError) -> None:
+        assert self._fetch is not None
+        fetch, directory = self._fetch
+        remote = getattr(error, "core_path", None)
+        try:
+            local = await fetch(error, directory)
+        except HlasyncError as exc:  # the node's copy stays: say why it is not here
+            _logger.warning("core dump %s stays on node %s: %s", remote, error.node, exc)
+        else:
+            error.core_path = local  # type: ignore[attr-defined]
+        self._finish(job, result, error)
 
     def actor_on(self, node: str) -> Any | None:
         """A live worker's actor on Ray node ``node``, if any."""

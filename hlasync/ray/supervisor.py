@@ -42,8 +42,11 @@ class RaySupervisor(Supervisor):
     called ``ray.init()`` yet (None: ``ray.init()``'s own default).
     ``actor_options``: more ``.options()`` for the actors (e.g. a
     ``runtime_env``). ``start_timeout``: seconds an actor may take to be
-    placed and to start (a cluster with no room fails then). Other arguments
-    as for :class:`~hlasync.Supervisor`.
+    placed and to start (a cluster with no room fails then). ``fetch_dumps``:
+    a directory here into which the core dump of every call that fails with
+    one (``GuestTimeout``, ``GuestCrashed``, ...) is copied before the
+    caller hears of it; the error's ``core_path`` is then the local copy.
+    Other arguments as for :class:`~hlasync.Supervisor`.
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class RaySupervisor(Supervisor):
         address: str | None = None,
         actor_options: Mapping[str, Any] | None = None,
         start_timeout: float = 30.0,
+        fetch_dumps: str | os.PathLike[str] | None = None,
         max_pending: int = 10_000,
         timeout: float | None = None,
         cpu_timeout: float | None = None,
@@ -82,8 +86,10 @@ class RaySupervisor(Supervisor):
         )
         self.address = address
         self.resources = resources
+        self.fetch_dumps = Path(fetch_dumps) if fetch_dumps is not None else None
+        fetch = (self._fetch_into, self.fetch_dumps) if self.fetch_dumps is not None else None
         self._ray_backend = RayBackend(
-            self, actors, workers, resources, actor_options or {}, float(start_timeout)
+            self, actors, workers, resources, actor_options or {}, float(start_timeout), fetch
         )
         self._backend = self._ray_backend
         self.workers = self._ray_backend.workers
@@ -104,6 +110,9 @@ class RaySupervisor(Supervisor):
             )
         await super().__aenter__()
         return self
+
+    async def _fetch_into(self, error: HlasyncError, directory: Path) -> Path:
+        return await self.fetch_crashdump(error, directory=directory)
 
     def nodes(self) -> dict[int, str | None]:
         """The Ray node of each worker, by worker index."""

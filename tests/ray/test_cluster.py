@@ -152,6 +152,35 @@ async def test_a_hung_guest_on_the_second_node_is_dumped_and_fetched(
         assert await sandbox.call("add", 2, 3) == 5  # restored after the timeout
 
 
+async def test_fetch_dumps_brings_every_core_home_before_the_caller_hears(
+    cluster: dict[str, str], simpleguest: Path, tmp_path: Path
+) -> None:
+    """With ``fetch_dumps``, the error a caller gets already points at the
+    local copy of its dump (a crash and a timeout), and the node's copy stays."""
+    from hlasync import GuestCrashed
+    from hlasync.ray import RaySupervisor
+
+    home = tmp_path / "home"
+    on_node = tmp_path / "node"
+    on_node.mkdir()
+    async with RaySupervisor(
+        actors=1, workers=1, resources={"kvm": 1, SECOND: 1}, fetch_dumps=home
+    ) as sup:
+        config = SandboxConfig(crashdump_dir=on_node)
+        pool = await sup.create_pool(simpleguest, size=1, config=config)
+        with pytest.raises(GuestCrashed) as crashed:
+            await pool.call("divide_by_zero")
+        with pytest.raises(GuestTimeout) as hung:
+            await pool.call("spin", timeout=0.3)
+        for error, symbol in ((crashed.value, "divide_by_zero"), (hung.value, "spin")):
+            assert error.node == cluster[SECOND]
+            assert error.core_path is not None and error.core_path.parent == home
+            assert (on_node / error.core_path.name).is_file()  # the node keeps its own
+            with CoreDump.open(error.core_path) as dump:
+                assert (dump.backtrace()[0].symbol or "").startswith(symbol)
+        assert await pool.call("add", 1, 1) == 2
+
+
 async def test_an_actor_killed_mid_load_fails_its_calls_and_comes_back(
     cluster: dict[str, str], simpleguest: Path
 ) -> None:
