@@ -14,6 +14,7 @@ import anyio
 from ..crashdump.placement import DUMP_DIR_ENV
 from ..errors import CrashdumpError, HlasyncError, SupervisorClosed, SupervisorError
 from ..supervisor.core import Supervisor
+from ..supervisor.targets import SupervisedSandbox, Target
 from .backend import RayBackend
 
 __all__ = ["KVM_RESOURCE", "RaySupervisor"]
@@ -105,9 +106,19 @@ class RaySupervisor(Supervisor):
 
         if not ray.is_initialized():
             address = self.address
-            await anyio.to_thread.run_sync(
-                lambda: ray.init(address=address, log_to_driver=False, configure_logging=False)
-            )
+            options: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
+            if address is None and not os.environ.get("RAY_ADDRESS"):
+                # A new one-node Ray instance on this machine, offering what the
+                # actors ask for (this machine's /dev/kvm is checked as they start).
+                options["resources"] = {
+                    name: amount * self.processes
+                    for name, amount in self.resources.items()
+                    if name not in ("CPU", "GPU", "memory")
+                }
+                options["include_dashboard"] = False
+            # On this thread (Ray's driver wants the main thread): a one-time
+            # start that blocks the loop for as long as Ray takes to come up.
+            ray.init(address=address, **options)
         await super().__aenter__()
         return self
 
@@ -117,6 +128,23 @@ class RaySupervisor(Supervisor):
     def nodes(self) -> dict[int, str | None]:
         """The Ray node of each worker, by worker index."""
         return self._ray_backend.nodes()
+
+    def node_of(self, target: Target) -> str | None:
+        """The Ray node a dedicated sandbox lives on (for a pool: one of them)."""
+        nodes = [node for node in self._ray_backend.nodes_of(target).values() if node]
+        return nodes[0] if nodes else None
+
+    async def generate_crashdump(
+        self, target: SupervisedSandbox, directory: str | os.PathLike[str] | None = None
+    ) -> Path:
+        """Dump a dedicated sandbox now, on its node (``directory`` is a
+        directory there). The node's path, or with ``fetch_dumps`` the local
+        copy."""
+        path = await super().generate_crashdump(target, directory)
+        node = self.node_of(target)
+        if self.fetch_dumps is not None and node is not None:
+            return await self.fetch_crashdump(path, node=node, directory=self.fetch_dumps)
+        return path
 
     async def fetch_crashdump(
         self,

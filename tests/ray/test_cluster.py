@@ -179,6 +179,12 @@ async def test_fetch_dumps_brings_every_core_home_before_the_caller_hears(
             with CoreDump.open(error.core_path) as dump:
                 assert (dump.backtrace()[0].symbol or "").startswith(symbol)
         assert await pool.call("add", 1, 1) == 2
+        sandbox = await sup.create_sandbox(simpleguest, config)
+        assert sup.node_of(sandbox) == cluster[SECOND]
+        on_demand = await sup.generate_crashdump(sandbox)
+        assert on_demand.parent == home and (on_node / on_demand.name).is_file()
+        with CoreDump.open(on_demand) as dump:
+            assert dump.metadata["reason"] == "on-demand"
 
 
 async def test_an_actor_killed_mid_load_fails_its_calls_and_comes_back(
