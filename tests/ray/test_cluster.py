@@ -31,6 +31,8 @@ from tests.conftest import require_tool
 pytestmark = pytest.mark.anyio
 
 HEAD, SECOND = "hlasync_test_head", "hlasync_test_second"
+#: The module's Ray cluster (ray.cluster_utils.Cluster), and the node arguments.
+_CLUSTER: dict[str, Any] = {}
 
 
 def _ray() -> Any:
@@ -70,6 +72,7 @@ def cluster(kvm: Kvm) -> Iterator[dict[str, str]]:
         initialize_head=True,
         head_node_args={**small, "resources": {"kvm": 2, HEAD: 10}, "include_dashboard": False},
     )
+    _CLUSTER.update(cluster=made, node_args=small)
     try:
         made.add_node(**small, resources={"kvm": 1, SECOND: 10})
         ray.init(address=made.address, log_to_driver=False, configure_logging=False)
@@ -80,6 +83,7 @@ def cluster(kvm: Kvm) -> Iterator[dict[str, str]]:
             ids[HEAD if HEAD in labels else SECOND] = node["NodeID"]
         yield ids
     finally:
+        _CLUSTER.clear()
         ray.shutdown()
         made.shutdown()
         del os.environ["RAY_TMPDIR"]
@@ -245,6 +249,69 @@ async def test_an_actor_killed_mid_load_fails_its_calls_and_comes_back(
         assert isinstance(started, ev.WorkerStarted) and started.worker == victim
         # The pool was made again in the new actor: both sandboxes answer.
         assert [await pool.call("add", i, 1) for i in range(10)] == [i + 1 for i in range(10)]
+
+
+async def test_a_node_that_dies_takes_its_calls_and_its_pool_moves(
+    cluster: dict[str, str], simpleguest: Path
+) -> None:
+    """A third node joins, the actor is placed there (soft node affinity), a
+    call waits in a host function, and the node is removed: the call fails
+    with WorkerLost naming that node, and the actor and its pool are made
+    again on a remaining node."""
+    ray = _ray()
+    import importlib
+
+    from hlasync.ray import RaySupervisor
+
+    strategies: Any = importlib.import_module("ray.util.scheduling_strategies")
+    made = _CLUSTER["cluster"]
+    doomed = made.add_node(**_CLUSTER["node_args"], resources={"kvm": 1})
+    made.wait_for_nodes()
+    doomed_id = next(
+        n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] not in cluster.values()
+    )
+    entered, gate = threading.Event(), threading.Event()
+
+    def held(x: int) -> int:
+        entered.set()
+        gate.wait(30)
+        return x
+
+    affinity = strategies.NodeAffinitySchedulingStrategy(node_id=doomed_id, soft=True)
+    try:
+        async with (
+            RaySupervisor(
+                actors=1, workers=1, actor_options={"scheduling_strategy": affinity}
+            ) as sup,
+            sup.subscribe(ev.WorkerDied, ev.WorkerStarted) as stream,
+        ):
+            assert sup.nodes() == {0: doomed_id}
+            pool = await sup.create_pool(simpleguest, size=1, host_functions={"held": held})
+            outcome: list[object] = []
+
+            async def one() -> None:
+                try:
+                    outcome.append(await pool.call("call_host", "held", 7))
+                except WorkerLost as exc:
+                    outcome.append(exc)
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(one)
+                with anyio.fail_after(30):
+                    while not entered.is_set():
+                        await anyio.sleep(0.01)
+                await anyio.to_thread.run_sync(made.remove_node, doomed)
+            gate.set()
+            assert len(outcome) == 1 and isinstance(outcome[0], WorkerLost), outcome
+            assert outcome[0].node == doomed_id
+            with anyio.fail_after(60):
+                died, started = await stream.receive(), await stream.receive()
+            assert isinstance(died, ev.WorkerDied) and died.node == doomed_id
+            assert isinstance(started, ev.WorkerStarted)
+            assert started.node in (cluster[HEAD], cluster[SECOND])
+            assert await pool.call("add", 20, 22) == 42
+    finally:
+        gate.set()
 
 
 async def test_a_cluster_without_room_fails_clearly(cluster: dict[str, str]) -> None:
