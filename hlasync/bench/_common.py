@@ -12,6 +12,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -370,3 +371,25 @@ def machine_description() -> dict[str, Any]:
             "gdb": _first_line(["gdb", "--version"]),
         },
     }
+
+
+def call_back_to_back(sandboxes: Sequence[Any], seconds: float) -> tuple[int, float]:
+    """One thread per sandbox, each calling ``add(1, 2)`` on its own sandbox
+    back to back for ``seconds``: (calls made by all, seconds elapsed)."""
+    done = [0] * len(sandboxes)
+    stop = time.monotonic() + seconds
+
+    def worker(index: int) -> None:
+        sandbox, n = sandboxes[index], 0
+        while time.monotonic() < stop:
+            sandbox.call("add", 1, 2)
+            n += 1
+        done[index] = n
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(sandboxes))]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(done), time.perf_counter() - began

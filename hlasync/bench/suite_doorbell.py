@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import os
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +30,14 @@ import anyio
 from .. import Sandbox, SandboxConfig, guests
 from ..supervisor import Supervisor
 from . import _wasm
-from ._common import SuiteOutput, format_ns, gc_paused, machine_lines, summarize
+from ._common import (
+    SuiteOutput,
+    call_back_to_back,
+    format_ns,
+    gc_paused,
+    machine_lines,
+    summarize,
+)
 
 __all__ = ["suite"]
 
@@ -221,28 +227,8 @@ def _throughput(guest: Path, counts: Counts, threads: int) -> Row:
     try:
         for _ in range(counts.rounds):
             for mode, group in groups.items():
-                done = [0] * threads
-                stop = time.monotonic() + counts.window_s
-
-                def worker(
-                    index: int,
-                    group: list[Sandbox] = group,
-                    stop: float = stop,
-                    done: list[int] = done,
-                ) -> None:
-                    sb, n = group[index], 0
-                    while time.monotonic() < stop:
-                        sb.call("add", 1, 2)
-                        n += 1
-                    done[index] = n
-
-                workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-                began = time.perf_counter()
-                for thread in workers:
-                    thread.start()
-                for thread in workers:
-                    thread.join()
-                row.samples[mode].append(sum(done) / (time.perf_counter() - began))
+                calls, seconds = call_back_to_back(group, counts.window_s)
+                row.samples[mode].append(calls / seconds)
     finally:
         for group in groups.values():
             for sb in group:

@@ -15,7 +15,6 @@ was missed.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ from ._common import (
     KiB,
     SuiteOutput,
     Target,
+    call_back_to_back,
     format_ns,
     gc_off,
     gc_paused,
@@ -223,28 +223,8 @@ def bench_threads(guest: Path, counts: Counts, threads: int) -> list[Result]:
                 sb.call("add", 1, 2)
         for _ in range(counts.thread_rounds):
             for mode, group in sandboxes.items():
-                done = [0] * threads
-                stop = time.monotonic() + counts.thread_round_s
-
-                def worker(
-                    index: int,
-                    group: list[Sandbox] = group,
-                    stop: float = stop,
-                    done: list[int] = done,
-                ) -> None:
-                    sb, n = group[index], 0
-                    while time.monotonic() < stop:
-                        sb.call("add", 1, 2)
-                        n += 1
-                    done[index] = n
-
-                workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-                started = time.perf_counter_ns()
-                for thread in workers:
-                    thread.start()
-                for thread in workers:
-                    thread.join()
-                samples[mode].append((time.perf_counter_ns() - started) / max(sum(done), 1))
+                calls, seconds = call_back_to_back(group, counts.thread_round_s)
+                samples[mode].append(seconds * 1e9 / max(calls, 1))
     finally:
         for group in sandboxes.values():
             for sb in group:

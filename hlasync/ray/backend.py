@@ -135,24 +135,15 @@ class RayBackend(ProcessBackend):
         self._bridges.clear()
         await anyio.to_thread.run_sync(_join_all, bridges, BRIDGE_JOIN)
 
-    def _handle(self, worker: _Worker, message: tuple[Any, ...]) -> None:
-        """As for worker processes; with ``fetch_dumps``, the core dump of a
-        call that failed with one is copied here before its caller hears of it."""
-        if message[0] == "done" and self._fetch is not None and worker.node is not None:
-            _, call_id, result, error, _sandbox_id, counters = message
-            if isinstance(error, HlasyncError) and getattr(error, "core_path", None):
-                worker.counters = counters
-                found = worker.inflight.pop(call_id, None)
-                if found is None:
-                    return
-                job, shard = found
-                shard.inflight -= 1
-                error.node = worker.node
-                self._spawn(self._fetch_then_finish, job, result, error)
-                if shard.target in self._waiting:
-                    self._dispatch(shard.target)
-                return
-        super()._handle(worker, message)
+    def _call_done(self, job: Job, result: Any, error: BaseException | None) -> None:
+        """With ``fetch_dumps``, the core dump of a call that failed with one is
+        copied here before its caller hears of it."""
+        fetch = self._fetch is not None and isinstance(error, HlasyncError) and error.node
+        if fetch and getattr(error, "core_path", None):
+            assert isinstance(error, HlasyncError)
+            self._spawn(self._fetch_then_finish, job, result, error)
+            return
+        self._finish(job, result, error)
 
     async def _fetch_then_finish(self, job: Job, result: Any, error: HlasyncError) -> None:
         assert self._fetch is not None

@@ -387,7 +387,7 @@ class ProcessBackend:
             shard.inflight -= 1
             if isinstance(error, HlasyncError) and worker.node is not None:
                 error.node = worker.node
-            self._finish(job, result, error)
+            self._call_done(job, result, error)
             if shard.target in self._waiting:
                 self._dispatch(shard.target)
         elif kind == "event":
@@ -610,6 +610,10 @@ class ProcessBackend:
                 self._send(worker, ("abandon", job.call_id, dump_on_cancel))
                 for scope in self._host_scopes.get(job.call_id, []):
                     scope.cancel()
+
+    def _call_done(self, job: Job, result: Any, error: BaseException | None) -> None:
+        """A worker's outcome of ``job`` (its sandbox is free again)."""
+        self._finish(job, result, error)
 
     def _finish(self, job: Job, result: Any, error: BaseException | None) -> None:
         if job.finished:

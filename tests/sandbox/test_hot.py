@@ -25,6 +25,7 @@ from hlasync import (
 from hlasync.crashdump import CoreDump
 from hlasync.kvm import Kvm
 from hlasync.sandbox.hot import HotSession
+from tests.sandbox.hot_helpers import make_hot, wait_until
 
 HOT = SandboxConfig(spin=0.2)
 
@@ -33,25 +34,6 @@ def _hot_session(sb: Sandbox) -> HotSession:
     holder = sb._holder
     assert isinstance(holder, HotSession), holder
     return holder
-
-
-def _make_hot(sb: Sandbox, name: str = "add", *args: object) -> HotSession:
-    """Call until the sandbox is hot: it does not spin while another thread has
-    called a sandbox in the last moments (an earlier test's threads)."""
-    deadline = time.monotonic() + 10
-    while True:
-        sb.call(name, *(args or (1, 2)))  # type: ignore[arg-type]
-        if isinstance(sb._holder, HotSession):
-            return sb._holder
-        assert time.monotonic() < deadline, "the sandbox never went hot"
-        time.sleep(0.03)
-
-
-def _wait_until(predicate: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.001)
 
 
 def test_spin_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -84,7 +66,7 @@ def test_auto_spins_while_calls_come_back_to_back(kvm: Kvm, simpleguest: Path) -
             assert sb.call("add", n, 1) == n + 1
         assert sb._holder is hot and hot.exit is exit_before  # no exit meanwhile
         started = time.monotonic()
-        _wait_until(lambda: sb._holder is None, timeout=5)  # parked, cold
+        wait_until(lambda: sb._holder is None, timeout=5)  # parked, cold
         assert time.monotonic() - started < 0.5, "the auto spin outlasted its 1 ms cap"
 
 
@@ -135,8 +117,8 @@ def test_hot_calls_answer_like_the_exit_path(kvm: Kvm, simpleguest: Path) -> Non
 
 def test_calls_within_the_spin_make_no_exit(kvm: Kvm, simpleguest: Path) -> None:
     with Sandbox(simpleguest, HOT) as sb:
-        hot = _make_hot(sb)
-        _wait_until(lambda: hot.running)
+        hot = make_hot(sb)
+        wait_until(lambda: hot.running)
         exit_before = hot.exit
         for n in range(500):
             assert sb.call("add", n, 1) == n + 1
@@ -147,7 +129,7 @@ def test_calls_within_the_spin_make_no_exit(kvm: Kvm, simpleguest: Path) -> None
 def test_the_spin_ends_and_an_idle_sandbox_costs_no_cpu(kvm: Kvm, simpleguest: Path) -> None:
     with Sandbox(simpleguest, SandboxConfig(spin=0.01)) as sb:
         assert sb.call("increment") == 1
-        _wait_until(lambda: sb._holder is None)  # parked: cold, its vCPU stopped
+        wait_until(lambda: sb._holder is None)  # parked: cold, its vCPU stopped
         process = psutil.Process()
         before = process.cpu_times()
         time.sleep(0.5)
@@ -160,7 +142,7 @@ def test_the_spin_ends_and_an_idle_sandbox_costs_no_cpu(kvm: Kvm, simpleguest: P
 
 def test_operations_park_a_hot_guest_at_once(kvm: Kvm, simpleguest: Path) -> None:
     with Sandbox(simpleguest, SandboxConfig(spin=1.0)) as sb:  # the longest spin
-        _make_hot(sb)
+        make_hot(sb)
         assert sb.call("increment") == 1
         started = time.monotonic()
         snapshot = sb.snapshot()
@@ -178,7 +160,7 @@ def test_operations_park_a_hot_guest_at_once(kvm: Kvm, simpleguest: Path) -> Non
 
 def test_close_while_hot_is_prompt_and_ends_the_thread(kvm: Kvm, simpleguest: Path) -> None:
     sb = Sandbox(simpleguest, SandboxConfig(spin=1.0))
-    thread = _make_hot(sb).thread
+    thread = make_hot(sb).thread
     started = time.monotonic()
     sb.close()
     assert time.monotonic() - started < 1.0
@@ -189,7 +171,7 @@ def test_close_while_hot_is_prompt_and_ends_the_thread(kvm: Kvm, simpleguest: Pa
 
 def test_interrupt_and_dump_a_hot_call(kvm: Kvm, simpleguest: Path) -> None:
     with Sandbox(simpleguest, HOT) as sb:
-        _make_hot(sb)
+        make_hot(sb)
         outcome: list[BaseException] = []
 
         def run() -> None:
@@ -200,7 +182,7 @@ def test_interrupt_and_dump_a_hot_call(kvm: Kvm, simpleguest: Path) -> None:
 
         thread = threading.Thread(target=run)
         thread.start()
-        _wait_until(lambda: sb.current_call is not None)
+        wait_until(lambda: sb.current_call is not None)
         time.sleep(0.05)
         path = sb.generate_crashdump()  # mid-call: it stops the guest where it runs
         with CoreDump.open(path) as dump:
@@ -218,7 +200,7 @@ def test_interrupt_and_dump_a_hot_call(kvm: Kvm, simpleguest: Path) -> None:
 
 def test_a_fault_in_a_hot_call_is_dumped(kvm: Kvm, simpleguest: Path) -> None:
     with Sandbox(simpleguest, HOT) as sb:
-        _make_hot(sb)
+        make_hot(sb)
         with pytest.raises(GuestCrashed) as caught:
             sb.call("null_pointer_write")
         assert caught.value.core_path is not None
@@ -233,7 +215,7 @@ def test_a_guest_that_forges_doorbell_answers_is_stopped(kvm: Kvm, hostile_guest
     protocol error and a dump, the guest is kicked out of KVM_RUN (no CPU left
     burning), and restore() makes the sandbox usable again."""
     with Sandbox(hostile_guest, HOT) as sb:
-        _make_hot(sb, "count_in_input", b"aaa")
+        make_hot(sb, "count_in_input", b"aaa")
         # Should the call take the exit path after all, the forger never exits:
         # stop it rather than hang the test run.
         guard = threading.Timer(10, sb.interrupt)
@@ -253,9 +235,9 @@ def test_a_guest_cannot_spin_longer_than_its_budget(kvm: Kvm, hostile_guest: Pat
     """The spin budget lives in guest memory: a guest that sets it to forever is
     still parked (or kicked) once its sandbox's own spin has passed."""
     with Sandbox(hostile_guest, SandboxConfig(spin=0.02)) as sb:
-        _make_hot(sb, "count_in_input", b"")
+        make_hot(sb, "count_in_input", b"")
         sb.call("spin_forever_between_calls")
-        _wait_until(lambda: sb._holder is None, timeout=2.0)
+        wait_until(lambda: sb._holder is None, timeout=2.0)
         assert isinstance(sb.call("count_in_input", b"a"), int)
 
 
@@ -291,7 +273,7 @@ def test_a_hot_sandbox_dropped_without_close_ends_its_thread(kvm: Kvm, simplegue
     import gc
 
     sb = Sandbox(simpleguest, SandboxConfig(spin=0.01))
-    hot = _make_hot(sb)
+    hot = make_hot(sb)
     deadline = time.monotonic() + 10
     while hot.running:  # until the spin is over
         assert time.monotonic() < deadline
@@ -321,7 +303,7 @@ def test_a_failed_host_call_is_not_run_again_when_the_guest_spins(
 
     with Sandbox(simpleguest, HOT) as sb:
         sb.register_host_function("fails_once", fails_once)
-        _make_hot(sb)
+        make_hot(sb)
         with pytest.raises(HostFunctionError):
             sb.call("call_host", "fails_once", 7)
         time.sleep(0.05)  # hot again meanwhile
@@ -363,17 +345,17 @@ def test_no_spin_while_other_calls_need_the_cpus(kvm: Kvm, simpleguest: Path) ->
     threads = []
     try:
         with Sandbox(simpleguest, SandboxConfig(spin=1.0)) as hot_sb:
-            _make_hot(hot_sb)
+            make_hot(hot_sb)
             for sb in others:
                 sb.register_host_function("block", block)
                 thread = threading.Thread(target=sb.call, args=("call_host", "block", 1))
                 thread.start()
                 threads.append(thread)
-            _wait_until(lambda: budget.active >= len(others))
+            wait_until(lambda: budget.active >= len(others))
             for _ in range(5):
                 assert hot_sb.call("add", 2, 3) == 5
                 # Parked at once: its spin of 1 s is far from over.
-                _wait_until(lambda: not isinstance(hot_sb._holder, HotSession), timeout=0.5)
+                wait_until(lambda: not isinstance(hot_sb._holder, HotSession), timeout=0.5)
             release.set()
             for thread in threads:
                 thread.join(10)
@@ -391,8 +373,8 @@ def test_a_call_after_the_spin_ended_is_not_delayed_by_it(kvm: Kvm, simpleguest:
     doorbell page; the next call (on the exit path) must not spin it again
     before the guest parks, or every such call takes the whole budget."""
     with Sandbox(simpleguest, SandboxConfig(spin=0.3)) as sb:
-        _make_hot(sb)
-        _wait_until(lambda: sb._holder is None)  # the spin ran out: cold
+        make_hot(sb)
+        wait_until(lambda: sb._holder is None)  # the spin ran out: cold
         started = time.monotonic()
         assert sb.call("add", 2, 3) == 5
         assert time.monotonic() - started < 0.15
@@ -408,10 +390,10 @@ def test_releasing_a_hot_sandbox_at_exit_is_quiet(
     errors: list[BaseException | None] = []
     monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
     sb = Sandbox(simpleguest, SandboxConfig(spin=0.05))
-    hot = _make_hot(sb)
-    _wait_until(lambda: hot.running)
+    hot = make_hot(sb)
+    wait_until(lambda: hot.running)
     sb._finalizer()  # what atexit runs for a sandbox nobody closed
-    _wait_until(lambda: not hot.running, timeout=5)  # the spin ends, or the guest faults
+    wait_until(lambda: not hot.running, timeout=5)  # the spin ends, or the guest faults
     time.sleep(0.05)
     assert errors == []
     sb.close()

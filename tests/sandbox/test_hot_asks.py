@@ -23,7 +23,8 @@ from hlasync import (
 )
 from hlasync.crashdump import CoreDump
 from hlasync.kvm import Kvm
-from hlasync.sandbox.hot import ANSWER_SPIN, HotSession
+from hlasync.sandbox.hot import ANSWER_SPIN
+from tests.sandbox.hot_helpers import make_hot
 
 HOT = SandboxConfig(spin=0.2)
 
@@ -31,26 +32,6 @@ HOT = SandboxConfig(spin=0.2)
 def _asks(sb: Sandbox) -> int:
     """Host calls and prints the guest asked on the doorbell so far."""
     return int(sb._machine.bell[abi.WORD_ASK_SEQ])
-
-
-def _make_hot(sb: Sandbox, name: str = "add", *args: object) -> HotSession:
-    """Call until the sandbox is hot (it does not spin while another thread has
-    called a sandbox in the last moments: an earlier test's threads)."""
-    deadline = time.monotonic() + 10
-    while True:
-        sb.call(name, *(args or (1, 2)))  # type: ignore[arg-type]
-        holder = sb._holder
-        if isinstance(holder, HotSession) and holder.running:
-            return holder
-        assert time.monotonic() < deadline, "the sandbox never went hot"
-        time.sleep(0.03)
-
-
-def _wait_until(predicate: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.001)
 
 
 def _frames(path: Path) -> list[str]:
@@ -71,7 +52,7 @@ def test_host_calls_and_prints_of_a_hot_call_need_no_exit(kvm: Kvm, simpleguest:
             return 2 * x
 
         sb.register_host_function("twice", twice)
-        _make_hot(sb)
+        make_hot(sb)
         before = _asks(sb)
         for n in range(200):
             assert sb.call("call_host", "twice", n) == 2 * n
@@ -97,7 +78,7 @@ def test_answers_slower_than_the_spin_arrive_after_an_exit(kvm: Kvm, simpleguest
             return x
 
         sb.register_host_function("slow", slow)
-        _make_hot(sb)
+        make_hot(sb)
         for _ in range(3):
             seen.clear()
             assert sb.call("call_host_times", "slow", 6) == sum(range(6))
@@ -114,7 +95,7 @@ def test_a_failed_host_call_of_a_hot_call_is_not_run_again(kvm: Kvm, simpleguest
             raise KeyError(x)
 
         sb.register_host_function("fail", fail)
-        _make_hot(sb)
+        make_hot(sb)
         assert sb.call("increment") == 1
         with pytest.raises(HostFunctionError, match="KeyError"):
             sb.call("call_host", "fail", 7)
@@ -137,7 +118,7 @@ def test_a_dump_from_the_host_function_shows_the_guest_waiting(kvm: Kvm, simpleg
             return x + 1
 
         sb.register_host_function("dump", dump)
-        _make_hot(sb)
+        make_hot(sb)
         assert sb.call("call_host", "dump", 41) == 42
         assert sb.call("call_host", "dump", 1) == 2  # hot again, dumped again
         assert len(paths) == 2
@@ -160,7 +141,7 @@ def test_dump_and_stop_a_hot_call_blocked_in_a_host_function(kvm: Kvm, simplegue
             return x
 
         sb.register_host_function("block", block)
-        _make_hot(sb)
+        make_hot(sb)
         outcome: list[object] = []
 
         def run() -> None:
@@ -198,7 +179,7 @@ def test_a_dumped_hot_call_blocked_in_a_host_function_goes_on(kvm: Kvm, simplegu
             return x * 3
 
         sb.register_host_function("block", block)
-        _make_hot(sb)
+        make_hot(sb)
         results: list[object] = []
         thread = threading.Thread(target=lambda: results.append(sb.call("call_host", "block", 5)))
         thread.start()
@@ -225,7 +206,7 @@ def test_a_forged_ask_is_a_protocol_error_with_a_dump(
     either way the host stops the guest, dumps it, and the sandbox recovers."""
     with Sandbox(hostile_guest, config) as sb:
         if config.spin:
-            _make_hot(sb, "count_in_input", b"")
+            make_hot(sb, "count_in_input", b"")
         with pytest.raises(GuestProtocolError, match=message) as caught:
             sb.call(function)
         assert caught.value.core_path is not None
