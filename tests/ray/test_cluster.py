@@ -156,6 +156,35 @@ async def test_a_hung_guest_on_the_second_node_is_dumped_and_fetched(
         assert await sandbox.call("add", 2, 3) == 5  # restored after the timeout
 
 
+async def test_cancel_and_cpu_timeout_stop_the_guest_on_its_node(
+    cluster: dict[str, str], simpleguest: Path, tmp_path: Path
+) -> None:
+    """Cancelling the caller's await stops the guest on its node (dumped there
+    with ``dump_on_cancel``); a CPU-time limit is enforced on the node too."""
+    from hlasync.ray import RaySupervisor
+
+    on_node = tmp_path / "node"
+    on_node.mkdir()
+    config = SandboxConfig(crashdump_dir=on_node)
+    async with (
+        RaySupervisor(actors=1, workers=1, dump_on_cancel=True) as sup,
+        sup.subscribe(ev.CrashDumpWritten) as stream,
+    ):
+        sandbox = await sup.create_sandbox(simpleguest, config)
+        with anyio.move_on_after(0.5) as scope:
+            await sandbox.call("spin")
+        assert scope.cancelled_caught
+        with anyio.fail_after(30):
+            written = await stream.receive()
+        assert isinstance(written, ev.CrashDumpWritten) and written.reason == "cancelled"
+        assert written.node == sup.node_of(sandbox) and written.path.parent == on_node
+        assert await sandbox.call("add", 4, 5) == 9  # stopped and restored on its node
+        with pytest.raises(GuestTimeout) as info:
+            await sandbox.call("spin", cpu_timeout=0.2)
+        assert info.value.kind == "cpu" and info.value.node == sup.node_of(sandbox)
+        assert await sandbox.call("add", 1, 1) == 2
+
+
 async def test_fetch_dumps_brings_every_core_home_before_the_caller_hears(
     cluster: dict[str, str], simpleguest: Path, tmp_path: Path
 ) -> None:
