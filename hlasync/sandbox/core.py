@@ -646,12 +646,7 @@ class Sandbox:
                 hot.park(self, now)
             else:  # a budget the guest may have changed during the call
                 self._set_spin(hot.ticks_for(spin))
-                # The reaper's deadline moves only when less than half its
-                # grace is left (not one lock per call): it stops a guest that
-                # outspins its budget by 25 to 50 ms.
-                if hot.reaper_due < now + spin + PARK_KICK_AFTER / 2:
-                    hot.reaper_due = now + spin + PARK_KICK_AFTER
-                    reaper.watch(hot, hot.reaper_due)
+                reaper.watch(hot, now + spin)
             return hot  # until KVM_RUN is back on its thread
         if not room:  # not wanted, or no CPU to spin on: the exit path
             return None
@@ -662,8 +657,7 @@ class Sandbox:
                 budget.give_back()
                 raise
         hot.start(self, spin)
-        hot.reaper_due = now + spin + PARK_KICK_AFTER
-        reaper.watch(hot, hot.reaper_due)
+        reaper.watch(hot, now + spin)
         return hot
 
     def _spin_after(self, call: Call, now: float) -> float:

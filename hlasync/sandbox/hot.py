@@ -88,7 +88,7 @@ class HotSession:
         self.parked_at = 0.0  # monotonic time a park was asked, 0 when none
         self.kicked = False
         self.cooldown_until = 0.0  # no spin before then (the budget was full)
-        self.reaper_due = 0.0  # the deadline the reaper holds for this session
+        self.reaper_due = 0.0  # the deadline the reaper holds for it (0: none; sandbox lock)
         self._go = threading.Event()
         self.per_second = self.vcpu.tsc_khz() * 1000  # TSC ticks
         spin = sandbox.config.spin
@@ -180,11 +180,6 @@ class HotSession:
         sandbox._hot_returned(self)  # raises the flag, under the sandbox's lock
         return True
 
-    def done_seq_address(self, sandbox: Sandbox) -> int:
-        memory = sandbox._machine.memory
-        assert memory is not None  # a call holds the vCPU: nothing releases memory
-        return memory.address + abi.DOORBELL_DONE_SEQ
-
 
 def read_done_seq(sandbox: Sandbox) -> int:
     """The last call the guest's dispatcher says it finished."""
@@ -205,7 +200,13 @@ class _Reaper:
         self._ending: threading.Thread | None = None  # the last thread, once it ends
         self._wakes_at = float("inf")  # when the reaper wakes up next on its own
 
-    def watch(self, hot: HotSession, deadline: float) -> None:
+    def watch(self, hot: HotSession, spin_end: float) -> None:
+        """Stop ``hot``'s guest if it still spins :data:`PARK_KICK_AFTER` after
+        ``spin_end`` (sandbox lock held). A deadline moves only when less than
+        half that grace is left: most calls take no lock here."""
+        if hot.reaper_due >= spin_end + PARK_KICK_AFTER / 2:
+            return
+        deadline = hot.reaper_due = spin_end + PARK_KICK_AFTER
         with self._changed:
             self._due[hot] = deadline
             if self._thread is None:
@@ -218,6 +219,7 @@ class _Reaper:
     def forget(self, hot: HotSession) -> None:
         """``hot`` went cold or closed: no deadline (the thread ends with the last)."""
         with self._changed:
+            hot.reaper_due = 0.0
             if self._due.pop(hot, None) is not None and not self._due:
                 self._changed.notify()
 

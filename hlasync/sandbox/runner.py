@@ -91,7 +91,7 @@ def run(sb: Sandbox, call: Call, signature: FunctionSignature) -> Value:
             case IoOut(port=abi.PORT_PRINT):
                 _print(sb, call, name)
             case IoOut(port=abi.PORT_WAIT):
-                _answer_ask(sb, call, name, None)
+                _answer_ask(sb, call, name)
             case IoOut(port=abi.PORT_ABORT):
                 raise _failed(sb, _aborted(sb, name))
             case IoOut(port=port) if 0 <= port - abi.PORT_EXCEPTION_BASE < 32:
@@ -129,8 +129,8 @@ def _hot_call(sb: Sandbox, call: Call, hot: HotSession, seq: int) -> Exit | None
     and prints the guest asks on the doorbell meanwhile are answered there."""
     runner = call.runner
     runner.aim_at(hot.ident)  # a stop or dump request kicks the hot thread's KVM_RUN
-    address = hot.done_seq_address(sb)
-    base = address - abi.DOORBELL_DONE_SEQ
+    base = _memory(sb).address
+    address = base + abi.DOORBELL_DONE_SEQ
     ask = (base + abi.DOORBELL_ASK_SEQ, base + abi.DOORBELL_ANSWER_SEQ)
     kicked = False
     try:
@@ -146,7 +146,7 @@ def _hot_call(sb: Sandbox, call: Call, hot: HotSession, seq: int) -> Exit | None
             kicked |= runner.aim_at(None)
             call.asking = hot
             try:
-                _answer_ask(sb, call, call.function, hot)
+                _answer_ask(sb, call, call.function)
             finally:
                 call.asking = None
             runner.aim_at(hot.ident)  # kicks sent here meanwhile were answered on the way out
@@ -178,22 +178,22 @@ def reclaim(sb: Sandbox, hot: HotSession) -> None:
         pass
 
 
-def _answer_ask(sb: Sandbox, call: Call, function: str, hot: HotSession | None) -> None:
+def _answer_ask(sb: Sandbox, call: Call, function: str) -> None:
     """Answer the host call or print the guest asked on the doorbell, if it has
-    not been answered yet. ``hot``: the guest still spins on that session's
-    thread (stopped before anything that needs the vCPU)."""
+    not been answered yet. While ``call.asking`` is set the guest still spins on
+    that hot session's thread: it is stopped before anything that needs the
+    vCPU (``Sandbox._halt_asking``)."""
     bell = sb._machine.bell
     asked = int(bell[abi.WORD_ASK_SEQ])
     if asked == bell[abi.WORD_ANSWER_SEQ]:
         return  # answered already (the guest exited as the answer came)
     port = int(bell[abi.WORD_ASK_PORT])
     if port == abi.PORT_HOSTCALL:
-        _host_call(sb, call, function, hot)
+        _host_call(sb, call, function)
     elif port == abi.PORT_PRINT:
-        _print(sb, call, function, hot)
+        _print(sb, call, function)
     else:
-        if hot is not None:
-            reclaim(sb, hot)
+        sb._halt_asking(call)
         message = f"guest asked on the doorbell for unknown port {port:#x}"
         raise _failed(sb, _protocol_error(sb, function, message))
     bell[abi.WORD_ANSWER_SEQ] = asked  # one 8-byte store, after the answer's frame
@@ -239,21 +239,19 @@ def _read_result(sb: Sandbox, signature: FunctionSignature, hot: HotSession | No
     return value
 
 
-def _host_call(sb: Sandbox, call: Call, function: str, hot: HotSession | None = None) -> None:
+def _host_call(sb: Sandbox, call: Call, function: str) -> None:
     """Run the host function the frame in the output buffer asks for and write
-    its result there. ``hot``: asked on the doorbell, the guest still spins on
-    that session's thread (stopped first when the call fails)."""
+    its result there (a guest that asked on the doorbell and still spins is
+    stopped first when the call fails)."""
     output = sb._machine.output
     try:
         request = abi.read_host_call(output)
     except FrameError as exc:
-        if hot is not None:
-            reclaim(sb, hot)
+        sb._halt_asking(call)
         raise _failed(sb, _protocol_error(sb, function, f"bad host-call frame: {exc}")) from None
     host_fn = sb._host_functions.get(request.name)
     if host_fn is None:
-        if hot is not None:
-            reclaim(sb, hot)
+        sb._halt_asking(call)
         _unwind(sb)
         raise HostFunctionError(
             f"guest called unregistered host function {request.name!r}",
@@ -291,8 +289,7 @@ def _host_call(sb: Sandbox, call: Call, function: str, hot: HotSession | None = 
     finally:
         sb._leave_host(call)
     if failure is not None:
-        if hot is not None:
-            reclaim(sb, hot)
+        sb._halt_asking(call)
         _unwind(sb)
         raise failure
 
@@ -309,12 +306,11 @@ def _unwind(sb: Sandbox) -> None:
     sb._machine.pages.host_wrote(abi.DOORBELL_ANSWER_SEQ, 8)
 
 
-def _print(sb: Sandbox, call: Call, function: str, hot: HotSession | None = None) -> None:
+def _print(sb: Sandbox, call: Call, function: str) -> None:
     try:
         _, text = abi.read_message(sb._machine.output, abi.MAGIC_PRINT)
     except FrameError as exc:
-        if hot is not None:
-            reclaim(sb, hot)
+        sb._halt_asking(call)
         raise _failed(sb, _protocol_error(sb, function, f"bad print frame: {exc}")) from None
     decoded = text.decode(errors="replace")
     sb._enter_host(call)
