@@ -231,8 +231,10 @@ def write_atomically(
     directory: Path,
     write: Callable[[int], int],
     retention: RetentionPolicy | None = None,
+    name: str | None = None,
 ) -> tuple[Path, int]:
     """Create a dump in ``directory`` with ``write(fd) -> size``; returns (path, size).
+    It is named ``name`` when given and free, else a new unique dump name.
 
     Raises :class:`CrashdumpError` on any failure, leaving no file behind.
     """
@@ -248,7 +250,7 @@ def write_atomically(
             os.fsync(fd)  # on disk before it has its name: a crash never leaves a hollow dump
         finally:
             os.close(fd)
-        final = _link_unique(Path(temp), directory)
+        final = _link_unique(Path(temp), directory, name)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(temp)
@@ -276,9 +278,9 @@ def _announce(path: Path) -> None:
     logger.error("Core dump created: %s", path)
 
 
-def _link_unique(temp: Path, directory: Path) -> Path:
-    for _ in range(100):
-        final = directory / dump_file_name()
+def _link_unique(temp: Path, directory: Path, name: str | None = None) -> Path:
+    for attempt in range(100):
+        final = directory / (name if name and not attempt else dump_file_name())
         try:
             os.link(temp, final)  # fails instead of replacing an existing name
             return final

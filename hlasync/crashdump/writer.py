@@ -236,7 +236,7 @@ def write_core(
         0,
     )
     os.ftruncate(fd, offset)
-    _pwrite_all(fd, ehdr + b"".join(headers) + notes, 0)
+    pwrite_all(fd, ehdr + b"".join(headers) + notes, 0)
 
     view = memory.view
     for region, file_offset in placements:
@@ -251,12 +251,12 @@ def write_core(
                 run_end = page + PAGE
                 while run_end < hi and view[run_end : run_end + PAGE].tobytes() != _ZERO_PAGE:
                     run_end += PAGE
-                _pwrite_all(fd, view[page:run_end], file_offset + page - region.start)
+                pwrite_all(fd, view[page:run_end], file_offset + page - region.start)
                 page = run_end
     return offset
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)

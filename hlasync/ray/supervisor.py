@@ -4,14 +4,14 @@ cluster (see docs/cluster.md)."""
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from ..crashdump.placement import DUMP_DIR_ENV
+from ..crashdump.placement import resolve_directory, write_atomically
+from ..crashdump.writer import pwrite_all
 from ..errors import CrashdumpError, HlasyncError, SupervisorClosed, SupervisorError
 from ..supervisor.core import Supervisor
 from ..supervisor.targets import SupervisedSandbox, Target
@@ -158,7 +158,7 @@ class RaySupervisor(Supervisor):
         ``GuestCrashed``, ...), or the dump's path on ``node`` (a
         ``CrashDumpWritten`` event's ``path`` and ``node``). ``directory``:
         where it goes (default ``$HYPERLIGHT_CORE_DUMP_DIR``, else the temp
-        directory); the file keeps its name."""
+        directory); the file keeps its name unless one of that name is there."""
         import ray
 
         if isinstance(source, HlasyncError):
@@ -179,37 +179,29 @@ class RaySupervisor(Supervisor):
             )
         except Exception as exc:  # noqa: BLE001 - RayTaskError wrapping the node's refusal
             raise CrashdumpError(f"cannot fetch {remote_path} from node {node}: {exc}") from None
-        target_dir = Path(directory or os.environ.get(DUMP_DIR_ENV) or tempfile.gettempdir())
-        return await anyio.to_thread.run_sync(
-            _write_atomically, target_dir, Path(str(remote_path)).name, data
+        if directory is None:
+            target = resolve_directory()  # $HYPERLIGHT_CORE_DUMP_DIR, else the temp directory
+        else:
+            target = Path(directory)
+            target.mkdir(parents=True, exist_ok=True)
+        name = Path(str(remote_path)).name
+        path, _ = await anyio.to_thread.run_sync(
+            lambda: write_atomically(target, lambda fd: _write_sparse(fd, data), name=name)
         )
+        return path
 
 
 #: Runs of zero bytes at least this long are left as holes in a fetched dump.
 _HOLE = 1 << 16
 
 
-def _write_atomically(directory: Path, name: str, data: bytes) -> Path:
-    """``data`` into ``directory/name`` through a temporary file, sparse
-    (guest memory that reads as zero takes no disk, as in the original)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / name
-    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            view, zero = memoryview(data), bytes(_HOLE)
-            for offset in range(0, len(data), _HOLE):
-                chunk = view[offset : offset + _HOLE]
-                if chunk == zero[: len(chunk)]:
-                    file.seek(len(chunk), os.SEEK_CUR)
-                else:
-                    file.write(chunk)
-            file.truncate(len(data))
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o600)
-        os.replace(temporary, final)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return final
+def _write_sparse(fd: int, data: bytes) -> int:
+    """``data`` into ``fd``, leaving runs of zeros as holes (guest memory that
+    reads as zero takes no disk, as in the original); its size."""
+    view, zero = memoryview(data), bytes(_HOLE)
+    for offset in range(0, len(data), _HOLE):
+        chunk = view[offset : offset + _HOLE]
+        if chunk != zero[: len(chunk)]:
+            pwrite_all(fd, chunk, offset)
+    os.ftruncate(fd, len(data))
+    return len(data)
