@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -275,6 +275,45 @@ def time_calls(function: Callable[[], object], n: int, warmup: int) -> list[floa
             function()
             samples[i] = clock() - start
     return samples
+
+
+async def time_awaits(
+    function: Callable[[], Awaitable[object]], n: int, warmup: int
+) -> list[float]:
+    """:func:`time_calls` for an async function: ``n`` awaits one by one (ns)."""
+    for _ in range(warmup):
+        await function()
+    samples: list[float] = [0] * n
+    clock = time.perf_counter_ns
+    with gc_paused():
+        for i in range(n):
+            start = clock()
+            await function()
+            samples[i] = clock() - start
+    return samples
+
+
+async def awaits_per_second(
+    function: Callable[[], Awaitable[object]], tasks: int, seconds: float
+) -> float:
+    """Awaits of ``function`` per second with ``tasks`` tasks awaiting it back
+    to back for ``seconds``."""
+    import anyio
+
+    count = 0
+    deadline = time.monotonic() + seconds
+
+    async def client() -> None:
+        nonlocal count
+        while time.monotonic() < deadline:
+            await function()
+            count += 1
+
+    began = time.monotonic()
+    async with anyio.create_task_group() as group:
+        for _ in range(tasks):
+            group.start_soon(client)
+    return count / (time.monotonic() - began)
 
 
 class _Discard(io.TextIOBase):

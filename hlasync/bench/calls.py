@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from pathlib import Path
 
 from .. import Sandbox, Supervisor
@@ -15,9 +14,9 @@ from ._common import (
     Counts,
     Row,
     format_ns,
-    gc_paused,
     percentile,
     skipped,
+    time_awaits,
     time_calls,
 )
 
@@ -38,16 +37,7 @@ async def _supervisor_samples(guest: Path, n: int, warmup: int) -> list[float]:
         pool = await sup.create_pool(guest, size=1)
         if await pool.call("add", 1, 2) != 3:
             raise BenchError("pool.call('add', 1, 2) != 3")
-        for _ in range(warmup):
-            await pool.call("add", 1, 2)
-        samples: list[float] = [0] * n
-        clock = time.perf_counter_ns
-        with gc_paused():
-            for i in range(n):
-                start = clock()
-                await pool.call("add", 1, 2)
-                samples[i] = clock() - start
-    return samples
+        return await time_awaits(lambda: pool.call("add", 1, 2), n, warmup)
 
 
 def bench_supervisor_call(guest: Path, counts: Counts) -> Row:

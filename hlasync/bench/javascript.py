@@ -27,7 +27,7 @@ from .. import Sandbox, Supervisor, guests
 from .._build import fetch
 from ..js import JSSandbox
 from ..js import runtime as js_runtime
-from ._common import BenchError, Counts, Row, gc_off, gc_paused, skipped, time_calls
+from ._common import BenchError, Counts, Row, gc_off, skipped, time_awaits, time_calls
 
 __all__ = ["run"]
 
@@ -84,16 +84,7 @@ def _js_echo(js: JSSandbox, counts: Counts, c_restored: Row) -> Row:
 async def _pool_samples(n: int) -> list[float]:
     async with Supervisor(workers=1) as sup:
         pool = await sup.create_js_pool({"echo": ECHO}, size=1, heap_size=HEAP)
-        for _ in range(50):
-            await pool.call_handler("echo", EVENT)
-        samples: list[float] = [0] * n
-        clock = time.perf_counter_ns
-        with gc_paused():
-            for i in range(n):
-                start = clock()
-                await pool.call_handler("echo", EVENT)
-                samples[i] = clock() - start
-    return samples
+        return await time_awaits(lambda: pool.call_handler("echo", EVENT), n, 50)
 
 
 def _pool_echo(counts: Counts) -> Row:

@@ -34,9 +34,10 @@ from ._common import (
     SuiteOutput,
     call_back_to_back,
     format_ns,
-    gc_paused,
     machine_lines,
     summarize,
+    time_awaits,
+    time_calls,
 )
 
 __all__ = ["suite"]
@@ -86,15 +87,9 @@ class Row:
     target: str = ""
 
 
-def _timed(function: Callable[[], object], n: int, divide: int = 1) -> list[float]:
-    clock = time.perf_counter_ns
-    samples = [0.0] * n
-    with gc_paused():
-        for i in range(n):
-            start = clock()
-            function()
-            samples[i] = (clock() - start) / divide
-    return samples
+def _per_host_call(samples: list[float]) -> list[float]:
+    """Times of calls that each made HOST_CALLS host calls, per host call."""
+    return [sample / HOST_CALLS for sample in samples]
 
 
 def _wasm_instances() -> tuple[Callable[[], object], Callable[[], object]] | None:
@@ -136,13 +131,15 @@ def _latencies(guest: Path, counts: Counts) -> list[Row]:
             for mode, sb in sandboxes.items():
                 for _ in range(50):  # back to back again: the doorbell's auto spin follows
                     sb.call("add", 1, 2)
-                add.samples[mode] += _timed(functools.partial(sb.call, "add", 1, 2), counts.calls)
+                add.samples[mode] += time_calls(
+                    functools.partial(sb.call, "add", 1, 2), counts.calls, 0
+                )
                 before = time.process_time_ns()
                 for _ in range(counts.calls):
                     sb.call("add", 1, 2)
                 cpu.samples[mode].append((time.process_time_ns() - before) / counts.calls)
                 loop = functools.partial(sb.call, "call_host_times", "twice", HOST_CALLS)
-                host.samples[mode] += _timed(loop, counts.host_rounds, HOST_CALLS)
+                host.samples[mode] += _per_host_call(time_calls(loop, counts.host_rounds, 0))
     finally:
         for sb in sandboxes.values():
             sb.close()
@@ -153,7 +150,7 @@ def _latencies(guest: Path, counts: Counts) -> list[Row]:
     else:
         wasm_add, wasm_loop = wasm
         for _ in range(counts.rounds):
-            add.samples.setdefault(WASMTIME, []).extend(_timed(wasm_add, counts.calls))
+            add.samples.setdefault(WASMTIME, []).extend(time_calls(wasm_add, counts.calls, 0))
             before = time.process_time_ns()
             for _ in range(counts.calls):
                 wasm_add()
@@ -161,7 +158,7 @@ def _latencies(guest: Path, counts: Counts) -> list[Row]:
                 (time.process_time_ns() - before) / counts.calls
             )
             host.samples.setdefault(WASMTIME, []).extend(
-                _timed(wasm_loop, counts.host_rounds, HOST_CALLS)
+                _per_host_call(time_calls(wasm_loop, counts.host_rounds, 0))
             )
     return [add, host, cpu]
 
@@ -179,18 +176,11 @@ async def _supervised_samples(guest: Path, counts: Counts) -> dict[str, dict[str
             ("sandbox", DOORBELL): await sup.create_sandbox(guest, CONFIGS[DOORBELL]),
             ("pool", EXIT): await sup.create_pool(guest, size=1),
         }
-        clock = time.perf_counter_ns
         per_round = max(counts.pool_calls // counts.rounds, 1)
         for _ in range(counts.rounds):
             for (kind, mode), target in targets.items():
-                for _ in range(50):
-                    await target.call("add", 1, 2)
-                taken = samples[kind][mode]
-                with gc_paused():
-                    for _ in range(per_round):
-                        start = clock()
-                        await target.call("add", 1, 2)
-                        taken.append(clock() - start)
+                call = functools.partial(target.call, "add", 1, 2)
+                samples[kind][mode] += await time_awaits(call, per_round, 50)
     return samples
 
 

@@ -22,7 +22,13 @@ import anyio
 
 from .. import guests
 from ..supervisor import Supervisor
-from ._common import SuiteOutput, format_ns, gc_paused, machine_lines
+from ._common import (
+    SuiteOutput,
+    awaits_per_second,
+    format_ns,
+    machine_lines,
+    time_awaits,
+)
 
 __all__ = ["suite"]
 
@@ -46,29 +52,9 @@ async def _measure(
     """Latencies of sequential calls (ns) and calls/s with IN_FLIGHT tasks."""
     async with make() as sup:
         pool = await sup.create_pool(guest, size=WORKERS * 2)
-        for _ in range(50):
-            await pool.call("add", 1, 2)
-        samples = [0.0] * calls
-        clock = time.perf_counter_ns
-        with gc_paused():
-            for i in range(calls):
-                start = clock()
-                await pool.call("add", 1, 2)
-                samples[i] = clock() - start
-        count = 0
-        deadline = time.monotonic() + window
-
-        async def client() -> None:
-            nonlocal count
-            while time.monotonic() < deadline:
-                await pool.call("add", 1, 2)
-                count += 1
-
-        began = time.monotonic()
-        async with anyio.create_task_group() as group:
-            for _ in range(IN_FLIGHT):
-                group.start_soon(client)
-        return samples, count / (time.monotonic() - began)
+        samples = await time_awaits(lambda: pool.call("add", 1, 2), calls, 50)
+        rate = await awaits_per_second(lambda: pool.call("add", 1, 2), IN_FLIGHT, window)
+        return samples, rate
 
 
 def suite(quick: bool, machine: dict[str, Any], backend: str) -> SuiteOutput:

@@ -149,18 +149,22 @@ def bench_bare_kvm_run(guest: Path, counts: Counts) -> Result:
     return Result("bare_kvm_run", "bare KVM_RUN round trip", samples)
 
 
-def bench_call_add(guest: Path, counts: Counts) -> Result:
-    sb = Sandbox(guest, EXIT_PATH)
+def _add_samples(guest: Path, config: SandboxConfig, counts: Counts) -> list[float]:
+    """``add(1, 2)`` back to back on a sandbox of ``config`` (ns per call)."""
+    sb = Sandbox(guest, config)
     try:
         if sb.call("add", 1, 2) != 3:
-            raise RuntimeError("add(1, 2) != 3")
-        samples = time_calls(lambda: sb.call("add", 1, 2), counts.calls, counts.call_warmup)
+            raise RuntimeError(f"add(1, 2) != 3 (spin={config.spin})")
+        return time_calls(lambda: sb.call("add", 1, 2), counts.calls, counts.call_warmup)
     finally:
         sb.close()
+
+
+def bench_call_add(guest: Path, counts: Counts) -> Result:
     return Result(
         "call_add",
         'Sandbox.call("add", 1, 2)',
-        samples,
+        _add_samples(guest, EXIT_PATH, counts),
         ratio_to="bare_kvm_run",
         ratio_limit=2.0,
     )
@@ -169,13 +173,7 @@ def bench_call_add(guest: Path, counts: Counts) -> Result:
 def bench_call_add_hot(guest: Path, counts: Counts) -> Result:
     """The same call on a hot sandbox (``spin``): posted on the doorbell while
     the guest spins on its own thread, answered with no exit."""
-    sb = Sandbox(guest, SandboxConfig(spin=HOT_SPIN))
-    try:
-        if sb.call("add", 1, 2) != 3:
-            raise RuntimeError("add(1, 2) != 3 on a hot sandbox")
-        samples = time_calls(lambda: sb.call("add", 1, 2), counts.calls, counts.call_warmup)
-    finally:
-        sb.close()
+    samples = _add_samples(guest, SandboxConfig(spin=HOT_SPIN), counts)
     return Result(
         "call_add_hot",
         f'Sandbox.call("add", 1, 2), hot (spin={HOT_SPIN:g} s)',

@@ -20,7 +20,14 @@ import anyio
 
 from .. import Sandbox, guests
 from ..supervisor import Supervisor
-from ._common import SuiteOutput, format_ns, gc_paused, machine_lines
+from ._common import (
+    SuiteOutput,
+    awaits_per_second,
+    format_ns,
+    gc_paused,
+    machine_lines,
+    time_awaits,
+)
 
 __all__ = ["suite"]
 
@@ -63,31 +70,14 @@ async def _rates(
         total = max(processes, 1) * workers
         pool = await sup.create_pool(guest, size=total * SANDBOXES_PER_WORKER)
         one = await sup.create_pool(guest, size=1)
-        for _ in range(100):
-            await one.call("add", 1, 2)
-        latencies = []
-        for _ in range(300 if window < 0.5 else 2000):
-            start = time.perf_counter_ns()
-            await one.call("add", 1, 2)
-            latencies.append(time.perf_counter_ns() - start)
+        n = 300 if window < 0.5 else 2000
+        latencies = await time_awaits(lambda: one.call("add", 1, 2), n, 100)
         tasks = total * SANDBOXES_PER_WORKER * TASKS_PER_SANDBOX
         rates: list[float] = []
         for index in range(rounds + 1):  # the first round warms up
-            count = 0
-            deadline = time.monotonic() + window
-
-            async def client(deadline: float = deadline) -> None:
-                nonlocal count
-                while time.monotonic() < deadline:
-                    await pool.call("add", 1, 2)
-                    count += 1
-
-            began = time.monotonic()
-            async with anyio.create_task_group() as group:
-                for _ in range(tasks):
-                    group.start_soon(client)
+            rate = await awaits_per_second(lambda: pool.call("add", 1, 2), tasks, window)
             if index:
-                rates.append(count / (time.monotonic() - began))
+                rates.append(rate)
         return rates, statistics.median(latencies)
 
 

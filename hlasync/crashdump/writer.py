@@ -22,7 +22,7 @@ from ..guest.memory import GuestMemory
 from ..kvm import kvm_fpu, kvm_regs, kvm_sregs
 from . import _format as fmt
 
-__all__ = ["CrashContext", "write_core"]
+__all__ = ["CrashContext", "pwrite_all", "write_core"]
 
 PAGE = 0x1000
 _ZERO_PAGE = bytes(PAGE)
