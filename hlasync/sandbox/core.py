@@ -81,6 +81,8 @@ DUMP_PAUSE_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 5.0
 #: Seconds close() waits for a hot sandbox's thread (and an idle reaper) to end.
 HOT_THREAD_JOIN = 1.0
+#: Seconds the finalizer of a sandbox still open at exit waits for its lock.
+RELEASE_WAIT = 1.0
 #: How long a call waits, before resuming its guest, for dumps that borrowed its vCPU.
 LOAN_TIMEOUT = 60.0
 
@@ -161,9 +163,9 @@ class Sandbox:
         self._spin_allowed = True
         self._compat = (self.image.digest, self.layout)
         self._initial = self._boot()
-        # Releases the VM and memory if the sandbox is dropped unclosed; takes no lock,
-        # so the cyclic GC may run it anywhere, also while some lock is held.
-        self._finalizer = weakref.finalize(self, self._machine.release)
+        # Releases the VM and memory if the sandbox is dropped unclosed (or is
+        # still open at interpreter exit); close() releases through _release_locked.
+        self._finalizer = weakref.finalize(self, _release_unclosed, self._machine, self._lock)
         self._state = SandboxState.READY
         registry.add(self)
 
@@ -451,7 +453,7 @@ class Sandbox:
                         break
                     self._wait_locked(remaining)
             if self._holder is None and not self._loans:
-                self._finalizer()
+                self._release_locked()
             elif not own:
                 _logger.warning(
                     "sandbox %s: %r did not stop within %.3g s; its VM is released when it returns",
@@ -560,9 +562,14 @@ class Sandbox:
         if self._waiting:  # nobody waits on most calls: skip the Condition's bookkeeping
             self._changed.notify_all()
 
+    def _release_locked(self) -> None:
+        """Release the VM and guest memory now (lock held, or no other thread)."""
+        self._finalizer.detach()
+        self._machine.release()
+
     def _release_if_closed_locked(self) -> None:
         if self._state is SandboxState.CLOSED and self._holder is None and not self._loans:
-            self._finalizer()
+            self._release_locked()
 
     def _run_begun(self, call: Call, signature: FunctionSignature, args: tuple[Arg, ...]) -> Value:
         """Run a call made holder by :meth:`_begin_call`, to its outcome."""
@@ -971,7 +978,21 @@ class Sandbox:
         self._holder = None
         self._hot = None  # its thread stayed in the parent
         self._loans = 0
-        self._finalizer()
+        self._release_locked()
+
+
+def _release_unclosed(machine: Machine, lock: threading.Lock) -> None:
+    """The finalizer of a sandbox nobody closed. The cyclic GC runs it once no
+    thread can reach the sandbox, so its lock is free then; but atexit runs it
+    for sandboxes still alive, while their hot thread, back from KVM_RUN, may be
+    writing the doorbell under that lock: wait for it, so that memory is never
+    unmapped under a write (bounded: a wedged thread does not stop the exit)."""
+    locked = lock.acquire(timeout=RELEASE_WAIT)
+    try:
+        machine.release()
+    finally:
+        if locked:
+            lock.release()
 
 
 def check_call(

@@ -398,3 +398,27 @@ def test_releasing_a_hot_sandbox_at_exit_is_quiet(
     assert errors == []
     sb.close()
     assert not hot.thread.is_alive()
+
+
+def test_the_finalizer_at_exit_waits_for_a_doorbell_write(kvm: Kvm, simpleguest: Path) -> None:
+    """The race behind the test above: atexit releases a live sandbox's memory
+    from the main thread while its hot thread writes the doorbell under the
+    sandbox's lock; releasing meanwhile made that write fail (or hit unmapped
+    memory). The finalizer waits for the lock."""
+    sb = Sandbox(simpleguest)
+    done = threading.Event()
+    with sb._lock:  # as the hot thread holds it while it writes the doorbell
+
+        def release() -> None:
+            sb._finalizer()
+            done.set()
+
+        finalizer = threading.Thread(target=release)
+        finalizer.start()
+        assert not done.wait(0.2)
+        assert not sb._machine.released
+        sb._machine.bell[0] = sb._machine.bell[0]  # the write still lands
+    assert done.wait(5)
+    finalizer.join()
+    assert sb._machine.released
+    sb.close()
