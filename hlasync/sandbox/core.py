@@ -705,10 +705,9 @@ class Sandbox:
     def _set_spin(self, ticks: int) -> None:
         """The doorbell's spin budget (TSC ticks; 0 ends a spin)."""
         machine = self._machine
-        if machine.memory is None:  # released under a hot guest (the finalizer at exit)
+        if machine.released:  # by the finalizer at exit, under a hot guest
             return
-        machine.bell[abi.WORD_SPIN] = ticks  # one 8-byte store
-        machine.pages.host_wrote(abi.DOORBELL_SPIN, 8)
+        machine.write_bell(abi.WORD_SPIN, ticks)
 
     # --------------------------------------------- requests from other threads
     def _stop(

@@ -111,8 +111,7 @@ class HotSession:
     def start(self, sandbox: Sandbox, seconds: float) -> None:
         """Resume the guest on the hot thread, spinning for ``seconds`` (sandbox
         lock held; the vCPU is stopped and nobody else runs it)."""
-        sandbox._machine.bell[abi.WORD_ANSWER_SPIN] = self.answer_ticks
-        sandbox._machine.pages.host_wrote(abi.DOORBELL_ANSWER_SPIN, 8)
+        sandbox._machine.write_bell(abi.WORD_ANSWER_SPIN, self.answer_ticks)
         sandbox._set_spin(self.ticks_for(seconds))
         self.flag.lower()
         self.exit = None

@@ -141,6 +141,12 @@ class Machine:
         #: 8-byte load or store, which a guest running meanwhile sees whole.
         self.bell = self.doorbell.cast("Q")
 
+    def write_bell(self, word: int, value: int) -> None:
+        """Store doorbell word ``word`` (abi.WORD_*) and record the host's write,
+        so that a restore puts the guest's page back as it was."""
+        self.bell[word] = value  # one aligned 8-byte store: a running guest never sees it torn
+        self.pages.host_wrote(abi.DOORBELL_ADDR + 8 * word, 8)
+
     @property
     def released(self) -> bool:
         return self.memory is None

@@ -44,10 +44,8 @@ HOT_WAIT_SLICE_NS = 100_000_000
 def post(sb: Sandbox) -> int:
     """Announce the call frame in the input buffer on the doorbell: the
     dispatcher runs a call only when ``req_seq`` moved. The new sequence."""
-    bell = sb._machine.bell
-    seq: int = (bell[abi.WORD_REQ_SEQ] + 1) & 0xFFFF_FFFF_FFFF_FFFF
-    bell[abi.WORD_REQ_SEQ] = seq  # one 8-byte store: a spinning guest never sees it torn
-    sb._machine.pages.host_wrote(abi.DOORBELL_REQ_SEQ, 8)
+    seq: int = (sb._machine.bell[abi.WORD_REQ_SEQ] + 1) & 0xFFFF_FFFF_FFFF_FFFF
+    sb._machine.write_bell(abi.WORD_REQ_SEQ, seq)
     return seq
 
 
@@ -196,8 +194,7 @@ def _answer_ask(sb: Sandbox, call: Call, function: str) -> None:
         sb._halt_asking(call)
         message = f"guest asked on the doorbell for unknown port {port:#x}"
         raise _failed(sb, _protocol_error(sb, function, message))
-    bell[abi.WORD_ANSWER_SEQ] = asked  # one 8-byte store, after the answer's frame
-    sb._machine.pages.host_wrote(abi.DOORBELL_ANSWER_SEQ, 8)
+    sb._machine.write_bell(abi.WORD_ANSWER_SEQ, asked)  # after the answer's frame
 
 
 def _memory(sb: Sandbox) -> GuestMemory:
@@ -299,11 +296,10 @@ def _unwind(sb: Sandbox) -> None:
     Memory stays as the call left it: the doorbell must say the call was handled,
     or the dispatcher, resumed to spin, would run its frame again."""
     cpu.apply(sb._machine.vcpu, sb._initial._cpu)
-    bell = sb._machine.bell
-    bell[abi.WORD_DONE_SEQ] = bell[abi.WORD_REQ_SEQ]
-    bell[abi.WORD_ANSWER_SEQ] = bell[abi.WORD_ASK_SEQ]  # an ask of the call is over too
-    sb._machine.pages.host_wrote(abi.DOORBELL_DONE_SEQ, 8)
-    sb._machine.pages.host_wrote(abi.DOORBELL_ANSWER_SEQ, 8)
+    machine = sb._machine
+    machine.write_bell(abi.WORD_DONE_SEQ, machine.bell[abi.WORD_REQ_SEQ])
+    # an ask of the call is over too
+    machine.write_bell(abi.WORD_ANSWER_SEQ, machine.bell[abi.WORD_ASK_SEQ])
 
 
 def _print(sb: Sandbox, call: Call, function: str) -> None:
