@@ -12,7 +12,6 @@ shows that ``restore()`` rolls guest state back to a snapshot.
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 
@@ -50,8 +49,7 @@ def show(label: str, value: Value) -> None:
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="hlasync-basic-") as dumps:
-        tour(SandboxConfig(crashdump_dir=dumps))  # keep this run's core dumps out of /tmp
+    tour(SandboxConfig())  # dumps go to $HYPERLIGHT_CORE_DUMP_DIR, else the temp directory
 
 
 def tour(config: SandboxConfig) -> None:
@@ -96,7 +94,7 @@ def tour(config: SandboxConfig) -> None:
             print(f"  GuestCrashed: {exc}")
             print(f"    vector {exc.vector} ({exc.vector_name}), rip {exc.rip:#x} in {exc.symbol}")
             if exc.core_path is not None:  # see examples/crash_dumps.py and docs/crashdumps.md
-                print(f"    core dump written: {exc.core_path.name}")
+                print(f"    core dump written: {exc.core_path}")
         print(f"  state: {sb.state.value}")
         try:
             sb.call("add", 1, 1)

@@ -5,19 +5,16 @@ Run: python examples/crash_dumps.py
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
 import time
-from pathlib import Path
 
-from hlasync import CoreDump, GuestCrashed, Sandbox, SandboxConfig, SandboxState, guests
+from hlasync import CoreDump, GuestCrashed, Sandbox, SandboxState, guests
 
 
 def main() -> None:
-    dumps = Path(tempfile.mkdtemp(prefix="hlasync-dumps-"))
     guest = guests.path("simpleguest")
-    with Sandbox(guest, SandboxConfig(crashdump_dir=str(dumps))) as sb:
+    # Dumps go to $HYPERLIGHT_CORE_DUMP_DIR, else the temp directory, and stay there.
+    with Sandbox(guest) as sb:
         # 1. A fault writes a dump automatically; the exception says where.
         try:
             sb.call("null_pointer_write")
@@ -42,7 +39,6 @@ def main() -> None:
         print(f"mid-call dump {path.name}: {frames}")
         print(f"...and the call still returned {result[0]}")
         print(f"open it with: gdb {guest} {path}")
-    shutil.rmtree(dumps)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ path of the dump. A background task logs every ``CrashDumpWritten`` and
 
 Core dumps go to ``HYPERLIGHT_CORE_DUMP_DIR`` (else the temp directory), where
 only the newest 50 ``hl_core_*.elf`` files are kept. ``--self-test`` without
-``HYPERLIGHT_CORE_DUMP_DIR`` writes them to a temporary directory it removes.
+``HYPERLIGHT_CORE_DUMP_DIR`` writes them to a new temporary directory of its own.
 """
 
 from __future__ import annotations
@@ -324,10 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     # Keep the newest 50 dumps: a client hitting /hang in a loop must not fill the disk.
     config = SandboxConfig(crashdump_retention=RetentionPolicy(max_files=50))
     if options.self_test and not os.environ.get("HYPERLIGHT_CORE_DUMP_DIR"):
-        # A self-test leaves nothing behind (and prunes no one else's dumps).
-        with tempfile.TemporaryDirectory(prefix="hlasync-service-") as dumps:
-            config = dataclasses.replace(config, crashdump_dir=dumps)
-            return asyncio.run(main_async(options.port, True, config))
+        # A self-test keeps its dumps (the answers name them) in a directory of
+        # its own, where retention prunes no one else's.
+        dumps = tempfile.mkdtemp(prefix="hlasync-service-")
+        config = dataclasses.replace(config, crashdump_dir=dumps)
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(main_async(options.port, options.self_test, config))
     return 0

@@ -12,8 +12,6 @@ from the loaded state.
 
 from __future__ import annotations
 
-import tempfile
-
 from hlasync import JSError, JSSyntaxError, SandboxConfig
 from hlasync.js import JSSandbox, default_config
 
@@ -41,33 +39,32 @@ def price(name: str) -> float:
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="hlasync-js-") as dumps:
-        config: SandboxConfig = default_config(16 << 20, crashdump_dir=dumps)
-        output = lambda level, text: print(f"  console.{level}: {text}")  # noqa: E731
-        with JSSandbox(heap_size=16 << 20, config=config, output=output) as js:
-            js.register_host_function("shop", "price", price)
-            js.add_module("money", "export const round2 = (x) => Math.round(x * 100) / 100;")
-            js.add_handler("cart", CART)
-            js.load()  # compiled once; every call starts from here
+    config: SandboxConfig = default_config(16 << 20)  # dumps: the usual places
+    output = lambda level, text: print(f"  console.{level}: {text}")  # noqa: E731
+    with JSSandbox(heap_size=16 << 20, config=config, output=output) as js:
+        js.register_host_function("shop", "price", price)
+        js.add_module("money", "export const round2 = (x) => Math.round(x * 100) / 100;")
+        js.add_handler("cart", CART)
+        js.load()  # compiled once; every call starts from here
 
-            event = {"items": [{"name": "apple", "count": 3}, {"name": "pear", "count": 2}]}
-            print("cart ->", js.call_handler("cart", {**event, "budget": 10}))
-            print("cart ->", js.call_handler("cart", {**event, "budget": 10}), "(calls is 1 again)")
-            try:
-                js.call_handler("cart", {**event, "budget": 1})
-            except JSError as exc:
-                print(f"JSError {exc.name}: {exc.js_message}")
-                for line in exc.stack.splitlines():
-                    print("  " + line.strip())
-            try:
-                js.call_handler("cart", {"items": [{"name": "kiwi", "count": 1}], "budget": 1})
-            except JSError as exc:
-                print(f"host function's exception, thrown in JS: {exc.name}: {exc.js_message}")
-            try:
-                js.add_handler("broken", "function handler(e) {\n  return e +\n}")
-            except JSSyntaxError as exc:
-                where = f"{exc.file} at line {exc.line}, column {exc.column}"
-                print(f"JSSyntaxError in {where}: {exc.js_message}")
+        event = {"items": [{"name": "apple", "count": 3}, {"name": "pear", "count": 2}]}
+        print("cart ->", js.call_handler("cart", {**event, "budget": 10}))
+        print("cart ->", js.call_handler("cart", {**event, "budget": 10}), "(calls is 1 again)")
+        try:
+            js.call_handler("cart", {**event, "budget": 1})
+        except JSError as exc:
+            print(f"JSError {exc.name}: {exc.js_message}")
+            for line in exc.stack.splitlines():
+                print("  " + line.strip())
+        try:
+            js.call_handler("cart", {"items": [{"name": "kiwi", "count": 1}], "budget": 1})
+        except JSError as exc:
+            print(f"host function's exception, thrown in JS: {exc.name}: {exc.js_message}")
+        try:
+            js.add_handler("broken", "function handler(e) {\n  return e +\n}")
+        except JSSyntaxError as exc:
+            where = f"{exc.file} at line {exc.line}, column {exc.column}"
+            print(f"JSSyntaxError in {where}: {exc.js_message}")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,8 @@ JavaScript stack) and stops it; the caller gets ``GuestTimeout`` with
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import tempfile
 
 import anyio
 
@@ -41,10 +39,10 @@ function handler(event) {
 """
 
 
-async def run(dumps: str) -> None:
+async def run() -> None:
     async with Supervisor(workers=2) as sup, sup.subscribe(ev.CallTimedOut) as timeouts:
         pool = await sup.create_js_pool(
-            {"collatz": COLLATZ}, size=2, config=default_config(8 << 20, crashdump_dir=dumps)
+            {"collatz": COLLATZ}, size=2, config=default_config(8 << 20)
         )
         print("collatz(27) ->", await pool.call_handler("collatz", {"n": 27}, timeout=1.0))
         try:
@@ -73,12 +71,7 @@ async def run(dumps: str) -> None:
 
 
 def main() -> None:
-    directory = os.environ.get("HYPERLIGHT_CORE_DUMP_DIR")
-    if directory:
-        anyio.run(run, directory)
-        return
-    with tempfile.TemporaryDirectory(prefix="hlasync-js-hang-") as dumps:
-        anyio.run(run, dumps)
+    anyio.run(run)  # dumps go to $HYPERLIGHT_CORE_DUMP_DIR, else the temp directory
 
 
 if __name__ == "__main__":

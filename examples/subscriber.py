@@ -15,8 +15,6 @@ it is set, else to a temporary directory that is removed at the end.
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
 from pathlib import Path
 
 from hlasync import GuestCrashed, GuestTimeout, SandboxConfig, guests
@@ -94,11 +92,7 @@ async def run(config: SandboxConfig) -> None:
 
 
 def main() -> None:
-    if os.environ.get("HYPERLIGHT_CORE_DUMP_DIR"):
-        asyncio.run(run(SandboxConfig()))
-        return
-    with tempfile.TemporaryDirectory(prefix="hlasync-subscriber-") as dumps:
-        asyncio.run(run(SandboxConfig(crashdump_dir=dumps)))
+    asyncio.run(run(SandboxConfig()))  # dumps: $HYPERLIGHT_CORE_DUMP_DIR, else the temp directory
 
 
 if __name__ == "__main__":

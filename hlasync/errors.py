@@ -28,7 +28,8 @@ Every error hlasync raises derives from :class:`HlasyncError`::
     │       └── JSResultError        a handler returned nothing, or nothing JSON can hold
     ├── SupervisorError              the supervisor cannot take this call
     │   ├── SupervisorBusy           its queue is full (call_nowait)
-    │   └── SupervisorClosed         it is shut down or shutting down
+    │   ├── SupervisorClosed         it is shut down or shutting down
+    │   └── WorkerLost               the worker process (or Ray actor) running the call died
     └── CrashdumpError               a core dump could not be written
         └── InvalidCoreDump          a file is not a readable hlasync core dump
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,10 @@ RUNS: dict[str, tuple[list[str], str]] = {
 def run_example(script: str, arguments: list[str], dumps: Path) -> str:
     """Run one example with this checkout's hlasync; its stdout, after checking it exited 0."""
     env = dict(os.environ)
-    env["HYPERLIGHT_CORE_DUMP_DIR"] = str(dumps)
+    # As a user runs them: no HYPERLIGHT_CORE_DUMP_DIR, so dumps go to the
+    # temp directory (this test's own).
+    env.pop("HYPERLIGHT_CORE_DUMP_DIR", None)
+    env["TMPDIR"] = str(dumps)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     completed = subprocess.run(
         [sys.executable, str(EXAMPLES / script), *arguments],
@@ -50,6 +54,10 @@ def run_example(script: str, arguments: list[str], dumps: Path) -> str:
         f"{script} exited {completed.returncode}\n"
         f"stdout:\n{completed.stdout}\nstderr:\n{completed.stderr}"
     )
+    # A dump an example tells you to open is still there when it is done.
+    for printed in re.findall(r"[^\s\"']*hl_core_[^\s\"']*?\.elf", completed.stdout):
+        path = Path(printed) if os.path.isabs(printed) else dumps / printed
+        assert path.is_file(), f"{script} printed {printed}, which is gone after it exited"
     return completed.stdout
 
 
@@ -91,7 +99,7 @@ def test_hang_capture_service_self_test(kvm: Kvm, tmp_path: Path) -> None:
     output = run_example("hang_capture_service.py", arguments, tmp_path)
     assert line in output
     hang = next(text for text in output.splitlines() if text.startswith("GET /hang -> 504"))
-    dumps = list(tmp_path.glob("hl_core_*.elf"))
+    dumps = list(tmp_path.glob("hlasync-service-*/hl_core_*.elf"))  # a directory of its own
     assert len(dumps) == 2  # /hang and /crash
     assert any(str(dump) in hang for dump in dumps)
 
