@@ -1,13 +1,15 @@
 """Sandboxes across a Ray cluster: a pool spread over two nodes, a hung guest
 dumped on its node and its core brought home.
 
-Run it from a checkout (needs /dev/kvm and ``pip install 'hlasync[ray]'``)::
+Run it from a checkout (needs /dev/kvm and Ray: ``python -m pip install -e '.[ray]'``)::
 
     python examples/ray_cluster.py               # starts a two-node local cluster
     RAY_ADDRESS=HEAD:6379 python examples/ray_cluster.py   # an existing cluster
 
 On an existing cluster, the nodes that may host sandboxes offer the ``kvm``
-resource (``ray start ... --resources '{"kvm": 2}'``); see docs/cluster.md.
+resource (``ray start ... --resources '{"kvm": 2}'``); one whose head requires
+Ray's token needs ``RAY_AUTH_MODE=token`` and the token here too (e.g.
+``RAY_AUTH_TOKEN_PATH``); see docs/cluster.md.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from hlasync.ray import RaySupervisor
 from hlasync.supervisor import Pool
 
 
-async def main(dumps: Path) -> None:
+async def main(node_dumps: Path) -> None:
     guest = guests.path("simpleguest")
     async with RaySupervisor(actors=2, workers=1) as sup:
         print("workers on nodes:", {i: node[:12] for i, node in sup.nodes().items() if node})
@@ -46,16 +48,17 @@ async def main(dumps: Path) -> None:
                 per_node[(event.node or "here")[:12]] += 1
             print("calls completed per node:", dict(per_node))
 
-        node_dumps = dumps / "on-node"  # where the nodes write (this machine, here)
-        node_dumps.mkdir(parents=True, exist_ok=True)
+        # The nodes write into node_dumps (on this machine, here); the fetched
+        # copy goes to $HYPERLIGHT_CORE_DUMP_DIR, else the temp directory. Both stay.
         sandbox = await sup.create_sandbox(guest, SandboxConfig(crashdump_dir=node_dumps))
         try:
             await sandbox.call("spin", timeout=0.2)
         except GuestTimeout as exc:
             print(f"hung guest stopped on node {exc.node and exc.node[:12]}: {exc}")
-            local = await sup.fetch_crashdump(exc, directory=dumps / "home")
+            local = await sup.fetch_crashdump(exc)
             with CoreDump.open(local) as dump:
                 print("fetched core:", local.name, "- stopped in", dump.backtrace()[0].symbol)
+            print(f"open it with: gdb {guest} {local}")
 
 
 async def _call(pool: Pool, i: int, results: list[int]) -> None:
@@ -65,7 +68,7 @@ async def _call(pool: Pool, i: int, results: list[int]) -> None:
 
 
 def run() -> None:
-    dumps = Path(tempfile.mkdtemp(prefix="hlasync-ray-example-"))
+    node_dumps = Path(tempfile.mkdtemp(prefix="hlasync-ray-example-"))
     cluster: Any = None
     temp = ""
     if not os.environ.get("RAY_ADDRESS"):
@@ -84,13 +87,12 @@ def run() -> None:
     else:
         ray.init(log_to_driver=False)
     try:
-        anyio.run(main, dumps)
+        anyio.run(main, node_dumps)
     finally:
         ray.shutdown()
         if cluster is not None:
             cluster.shutdown()
             shutil.rmtree(temp, ignore_errors=True)
-        shutil.rmtree(dumps, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def missing() -> str | None:
     this check, so that ``hlasync.bench`` runs (and type-checks) without it.
     """
     if importlib.util.find_spec("wasmtime") is None:
-        return "wasmtime is not installed (pip install 'hlasync[bench]')"
+        return "wasmtime is not installed (python -m pip install -e '.[bench]')"
     try:
         import wasmtime  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
     except ImportError as exc:

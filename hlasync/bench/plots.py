@@ -13,7 +13,7 @@ from ._common import CATEGORY_BY_KEY, MiB, Row
 def missing() -> str | None:
     """Why no plots are drawn, or None when matplotlib is there."""
     if importlib.util.find_spec("matplotlib") is None:
-        return "matplotlib is not installed (pip install 'hlasync[bench]')"
+        return "matplotlib is not installed (python -m pip install -e '.[bench]')"
     try:
         import matplotlib  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
     except ImportError as exc:

@@ -11,6 +11,7 @@ calls into one frame, and one Ray call carries each frame).
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -42,7 +43,7 @@ def _ray_available() -> str | None:
     try:
         import ray  # noqa: F401
     except ImportError:
-        return "ray is not installed (pip install 'hlasync[ray]')"
+        return "ray is not installed (python -m pip install -e '.[ray]' in a checkout of hlasync)"
     return None
 
 
@@ -96,6 +97,7 @@ def suite(quick: bool, machine: dict[str, Any], backend: str) -> SuiteOutput:
                 rates[name].append(per_second)
     finally:
         ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
     wall = time.perf_counter() - started
     p50 = {name: statistics.median(values) for name, values in latencies.items()}
     rate = {name: statistics.median(values) for name, values in rates.items()}

@@ -1,4 +1,5 @@
-"""Sandboxes across a Ray cluster: ``pip install 'hlasync[ray]'``.
+"""Sandboxes across a Ray cluster. Ray comes with the ``ray`` extra:
+``python -m pip install -e '.[ray]'`` in a checkout of hlasync.
 
 :class:`RaySupervisor` has the :class:`~hlasync.Supervisor` API; its workers
 are Ray actors placed on nodes that offer the ``kvm`` resource. See

@@ -55,6 +55,7 @@ class RayBackend(ProcessBackend):
         actors: int,
         workers: int,
         resources: Mapping[str, float],
+        num_cpus: float,
         options: Mapping[str, Any],
         start_timeout: float,
         fetch: tuple[Fetcher, Path] | None,
@@ -63,6 +64,7 @@ class RayBackend(ProcessBackend):
         self._start_timeout = start_timeout
         self._fetch = fetch
         self._resources = dict(resources)
+        self._num_cpus = num_cpus
         self._options = dict(options)
         self._actors: dict[int, Any] = {}
         self._bridges: dict[int, list[threading.Thread]] = {}
@@ -76,6 +78,7 @@ class RayBackend(ProcessBackend):
         remote: Any = ray.remote(NodeWorker)
         remote = remote.options(
             resources=self._resources,
+            num_cpus=self._num_cpus,  # 0 by default: the kvm resource alone places it
             max_concurrency=4,  # deliver, receive and read_dump at once
             max_restarts=0,  # a dead worker is relaunched (and its shards remade) here
             name=None,
@@ -90,7 +93,7 @@ class RayBackend(ProcessBackend):
             ray.kill(actor, no_restart=True)
             raise SupervisorError(
                 f"cannot start worker {worker.index} on the Ray cluster (resources "
-                f"{self._resources}): {type(exc).__name__}: {exc}"
+                f"{self._resources}, num_cpus {self._num_cpus:g}): {type(exc).__name__}: {exc}"
             ) from None
         if not info["kvm"]:
             ray.kill(actor, no_restart=True)

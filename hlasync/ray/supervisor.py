@@ -3,6 +3,8 @@ cluster (see docs/cluster.md)."""
 
 from __future__ import annotations
 
+import importlib
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,13 +25,27 @@ __all__ = ["KVM_RESOURCE", "RaySupervisor"]
 #: (``ray start --resources '{"kvm": N}'``: up to N workers there).
 KVM_RESOURCE = "kvm"
 
+#: ``.options()`` of the actors that RaySupervisor sets itself: not in
+#: ``actor_options`` (what to pass instead).
+_OWN_OPTIONS = {
+    "num_cpus": "pass RaySupervisor(num_cpus=...)",
+    "resources": "pass RaySupervisor(resources=...)",
+    "max_concurrency": "RaySupervisor sets it",
+    "max_restarts": "RaySupervisor starts a dead actor again itself",
+    "name": "RaySupervisor's actors have no names",
+}
+
 
 class RaySupervisor(Supervisor):
     """A :class:`~hlasync.Supervisor` whose workers are Ray actors.
 
     ``actors`` workers, each a Ray actor holding ``workers`` vCPU threads and
     its sandboxes, are placed by Ray on nodes that offer ``resources``
-    (default ``{"kvm": 1}`` per actor). Pools are spread over the actors, a
+    (default ``{"kvm": 1}`` per actor: a node started with ``kvm: N`` takes
+    N actors). ``num_cpus``: the CPUs each actor asks Ray for on top of
+    ``resources`` (default 0: the ``kvm`` resource alone decides where the
+    actors go; Ray's own default for an actor, 1 CPU, would also cap each
+    node at its CPU count). Pools are spread over the actors, a
     dedicated sandbox lives in one; calls, ``timeout``/``cpu_timeout``,
     cancellation, ``generate_crashdump()`` and events work as with
     ``Supervisor(processes=N)``. Events and errors name the node they come
@@ -40,9 +56,15 @@ class RaySupervisor(Supervisor):
     cluster has room, its pools and sandboxes made anew there.
 
     ``address``: the Ray cluster to connect to when this process has not
-    called ``ray.init()`` yet (None: ``ray.init()``'s own default).
-    ``actor_options``: more ``.options()`` for the actors (e.g. a
-    ``runtime_env``). ``start_timeout``: seconds an actor may take to be
+    called ``ray.init()`` yet. None: ``ray.init()``'s own default, that is
+    ``RAY_ADDRESS``, else the cluster ``ray start --head`` runs on this
+    machine (its token, if it uses token authentication, found by Ray in
+    ``~/.ray/auth_token``), else a new one-node Ray instance here offering
+    the actors' ``resources``. ``actor_options``: more ``.options()`` for
+    the actors (e.g. a ``runtime_env``); not ``num_cpus`` nor ``resources``
+    (a ValueError: pass them to RaySupervisor) nor the options RaySupervisor
+    sets itself (``max_concurrency``, ``max_restarts``, ``name``).
+    ``start_timeout``: seconds an actor may take to be
     placed and to start (a cluster with no room fails then). ``fetch_dumps``:
     a directory here into which the core dump of every call that fails with
     one (``GuestTimeout``, ``GuestCrashed``, ...) is copied before the
@@ -56,6 +78,7 @@ class RaySupervisor(Supervisor):
         actors: int = 2,
         workers: int = 2,
         resources: Mapping[str, float] | None = None,
+        num_cpus: float = 0,
         address: str | None = None,
         actor_options: Mapping[str, Any] | None = None,
         start_timeout: float = 30.0,
@@ -76,6 +99,23 @@ class RaySupervisor(Supervisor):
         for name, amount in resources.items():
             if not isinstance(name, str) or not isinstance(amount, (int, float)) or amount <= 0:
                 raise ValueError(f"resources must map names to positive amounts, got {resources!r}")
+        for name, instead in (("CPU", "num_cpus=..."), ("GPU", "actor_options={'num_gpus': ...}")):
+            if name in resources:
+                raise ValueError(f"resources cannot name {name!r} (Ray refuses it): pass {instead}")
+        if (
+            isinstance(num_cpus, bool)
+            or not isinstance(num_cpus, (int, float))
+            or not math.isfinite(num_cpus)
+            or num_cpus < 0
+        ):
+            raise ValueError(
+                f"num_cpus must be a non-negative number (the CPUs each actor asks Ray "
+                f"for; 0: the {KVM_RESOURCE!r} resource alone places them), got {num_cpus!r}"
+            )
+        options = dict(actor_options or {})
+        for key, instead in _OWN_OPTIONS.items():
+            if key in options:
+                raise ValueError(f"actor_options cannot set {key!r}: {instead}")
         super().__init__(
             workers=workers,
             processes=actors,
@@ -87,10 +127,11 @@ class RaySupervisor(Supervisor):
         )
         self.address = address
         self.resources = resources
+        self.num_cpus = num_cpus
         self.fetch_dumps = Path(fetch_dumps) if fetch_dumps is not None else None
         fetch = (self._fetch_into, self.fetch_dumps) if self.fetch_dumps is not None else None
         self._ray_backend = RayBackend(
-            self, actors, workers, resources, actor_options or {}, float(start_timeout), fetch
+            self, actors, workers, resources, num_cpus, options, float(start_timeout), fetch
         )
         self._backend = self._ray_backend
         self.workers = self._ray_backend.workers
@@ -101,24 +142,28 @@ class RaySupervisor(Supervisor):
         except ImportError:
             raise SupervisorError(
                 "hlasync.ray needs Ray on this machine and on every node: "
-                "pip install 'hlasync[ray]'"
+                "python -m pip install -e '.[ray]' in a checkout of hlasync"
             ) from None
 
         if not ray.is_initialized():
-            address = self.address
             options: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
-            if address is None and not os.environ.get("RAY_ADDRESS"):
-                # A new one-node Ray instance on this machine, offering what the
-                # actors ask for (this machine's /dev/kvm is checked as they start).
+            if self.address is None and _cluster_to_join() is None:
+                # No cluster to join: a new one-node Ray instance on this machine,
+                # offering what the actors ask for (this machine's /dev/kvm is
+                # checked as they start). Ray refuses resources for a cluster
+                # that is joined: it has its own.
                 options["resources"] = {
                     name: amount * self.processes
                     for name, amount in self.resources.items()
                     if name not in ("CPU", "GPU", "memory")
                 }
                 options["include_dashboard"] = False
+            # address=None even where a cluster was found: ray.init() then finds
+            # it again itself, and sends the token of a local cluster that uses
+            # token authentication (it does not for an address it is given).
             # On this thread (Ray's driver wants the main thread): a one-time
             # start that blocks the loop for as long as Ray takes to come up.
-            ray.init(address=address, **options)
+            ray.init(address=self.address, **options)
         await super().__aenter__()
         return self
 
@@ -189,6 +234,21 @@ class RaySupervisor(Supervisor):
             lambda: write_atomically(target, lambda fd: _write_sparse(fd, data), name=name)
         )
         return path
+
+
+def _cluster_to_join() -> str | None:
+    """The cluster ``ray.init()`` joins when given no address: ``RAY_ADDRESS``,
+    else the one ``ray start`` last started on this machine (the address it
+    recorded in ``ray_current_cluster`` of Ray's temp directory:
+    ``$RAY_TMPDIR/ray``, else ``$TMPDIR/ray``, else ``/tmp/ray``). None where
+    ``ray.init()`` would start a new instance."""
+    try:  # Ray's own lookup, as ray.init() makes it (Any: Ray annotates addr as str)
+        services: Any = importlib.import_module("ray._private.services")
+        lookup = services.canonicalize_bootstrap_address
+    except (ImportError, AttributeError):  # moved in a later Ray: RAY_ADDRESS at least
+        return os.environ.get("RAY_ADDRESS") or None
+    address: str | None = lookup(None)
+    return address
 
 
 #: Runs of zero bytes at least this long are left as holes in a fetched dump.

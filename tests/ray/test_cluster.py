@@ -41,7 +41,7 @@ def _ray() -> Any:
     except ImportError:
         if os.environ.get("HLASYNC_REQUIRE_KVM") == "1":
             pytest.fail("ray is not installed (README's install command installs it)")
-        pytest.skip("ray is not installed (pip install 'hlasync[ray]')")
+        pytest.skip("ray is not installed (python -m pip install -e '.[ray]')")
     return ray
 
 
