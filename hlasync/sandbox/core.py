@@ -81,7 +81,7 @@ DUMP_PAUSE_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 5.0
 #: Seconds close() waits for a hot sandbox's thread (and an idle reaper) to end.
 HOT_THREAD_JOIN = 1.0
-#: Seconds the finalizer of a sandbox still open at exit waits for its lock.
+#: Seconds the finalizer of a sandbox dropped unclosed waits for its lock.
 RELEASE_WAIT = 1.0
 #: How long a call waits, before resuming its guest, for dumps that borrowed its vCPU.
 LOAN_TIMEOUT = 60.0
@@ -163,9 +163,13 @@ class Sandbox:
         self._spin_allowed = True
         self._compat = (self.image.digest, self.layout)
         self._initial = self._boot()
-        # Releases the VM and memory if the sandbox is dropped unclosed (or is
-        # still open at interpreter exit); close() releases through _release_locked.
+        # Releases the VM and memory if the sandbox is dropped unclosed; close()
+        # releases through _release_locked. Not at interpreter exit: a daemon
+        # thread may still be in KVM_RUN or in the native doorbell wait, reading
+        # guest memory without the GIL (an unmap under it was a SIGSEGV), and
+        # the process's end releases everything anyway.
         self._finalizer = weakref.finalize(self, _release_unclosed, self._machine, self._lock)
+        self._finalizer.atexit = False
         self._state = SandboxState.READY
         registry.add(self)
 
@@ -705,7 +709,7 @@ class Sandbox:
     def _set_spin(self, ticks: int) -> None:
         """The doorbell's spin budget (TSC ticks; 0 ends a spin)."""
         machine = self._machine
-        if machine.released:  # by the finalizer at exit, under a hot guest
+        if machine.released:  # by the finalizer of a sandbox dropped unclosed
             return
         machine.write_bell(abi.WORD_SPIN, ticks)
 
@@ -981,11 +985,12 @@ class Sandbox:
 
 
 def _release_unclosed(machine: Machine, lock: threading.Lock) -> None:
-    """The finalizer of a sandbox nobody closed. The cyclic GC runs it once no
-    thread can reach the sandbox, so its lock is free then; but atexit runs it
-    for sandboxes still alive, while their hot thread, back from KVM_RUN, may be
-    writing the doorbell under that lock: wait for it, so that memory is never
-    unmapped under a write (bounded: a wedged thread does not stop the exit)."""
+    """The finalizer of a sandbox nobody closed, run when it is collected (not
+    at interpreter exit: see ``Sandbox.__init__``). No thread can reach the
+    sandbox then, so its lock is normally free; a hot thread back from KVM_RUN
+    may still be finishing a doorbell write under it: wait for that, so that
+    memory is never unmapped under a write (bounded: a wedged thread does not
+    hold up the release)."""
     locked = lock.acquire(timeout=RELEASE_WAIT)
     try:
         machine.release()
