@@ -5,10 +5,12 @@ pool members, restored after every call, keep the exit path."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
 import anyio
+import psutil
 import pytest
 
 from hlasync import CoreDump, GuestTimeout, SandboxConfig
@@ -71,3 +73,50 @@ async def test_cpu_timeout_stops_a_guest_answering_on_the_doorbell(
         with CoreDump.open(info.value.core_path) as dump:
             assert dump.metadata["reason"] == "cpu-timeout"
             assert (dump.backtrace()[0].symbol or "").startswith("spin")
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its worker processes so far."""
+    total = 0.0
+    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+async def test_a_timed_out_hot_call_without_dumps_leaves_no_guest_spinning(
+    kvm: Kvm, hostile_guest: Path
+) -> None:
+    """A dedicated sandbox's guest that asked for a host function and then
+    spins (ignoring the answer spin) kept a CPU busy after its call's
+    GuestTimeout when dumps were off (1.00 CPU-s/s): only the dump path halted
+    the asking guest. The stop itself halts it now."""
+    release = threading.Event()
+
+    def slow() -> int:
+        release.wait(30)
+        return 0
+
+    config = SandboxConfig(spin=0.2, crashdump_enabled=False)
+    try:
+        async with Supervisor(workers=1, shutdown_grace=0.5) as sup:
+            dedicated = await sup.create_sandbox(
+                hostile_guest, config, host_functions={"slow": slow}
+            )
+            with anyio.fail_after(20):
+                for _ in range(50):  # back to back: hot
+                    await dedicated.call("cpuid_leaf", 0)
+                with pytest.raises(GuestTimeout) as info:
+                    await dedicated.call("ask_host_then_spin", "slow", timeout=0.3)
+            assert info.value.core_path is None
+            await anyio.sleep(0.1)  # the stop lands
+            before = _cpu_seconds()
+            await anyio.sleep(0.5)
+            spent = _cpu_seconds() - before
+            assert spent < 0.15, f"{spent:.2f} s of CPU in 0.5 s after the timeout"
+            release.set()
+    finally:
+        release.set()

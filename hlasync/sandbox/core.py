@@ -447,7 +447,7 @@ class Sandbox:
                 holder.park(self, time.monotonic(), kick=True)
             if isinstance(holder, Call):
                 holder.cancelled = True
-                holder.runner.kick()
+                self._kick_locked(holder)
                 own = holder.thread == me
             if not own:
                 deadline = time.monotonic() + timeout
@@ -738,7 +738,7 @@ class Sandbox:
                     self._loans += 1
                 else:
                     call.requests.append(request)
-            call.runner.kick()
+            self._kick_locked(call)
         if request is not None and in_host:
             threading.Thread(
                 target=self._write_on_loan,
@@ -872,6 +872,17 @@ class Sandbox:
             with self._lock:
                 call.dumps.append(request)
             request.set_result(path, error)
+
+    def _kick_locked(self, call: Call) -> None:
+        """Interrupt ``call``'s guest (sandbox lock held; never blocks). While
+        its owner runs a host function, the guest may still spin for the answer
+        on its hot thread (``call.asking``), where the owner's kick does not
+        reach: that thread's KVM_RUN is kicked too, so a stopped call leaves no
+        guest on a CPU however long the host function takes."""
+        call.runner.kick()
+        hot = call.asking
+        if hot is not None:
+            runner.halt(self, hot)
 
     def _halt_asking(self, call: Call) -> None:
         """Stop the guest of a call whose owner answers a doorbell ask (the guest

@@ -140,9 +140,10 @@ def _hot_call(sb: Sandbox, call: Call, hot: HotSession, seq: int) -> Exit | None
                 break
             # Host code runs on this thread while the guest spins for its answer:
             # kicks come here meanwhile (a call it makes runs here), and whoever
-            # needs the vCPU stopped stops the hot thread first (call.asking).
-            kicked |= runner.aim_at(None)
+            # needs the vCPU stopped stops the hot thread first (call.asking, set
+            # before the kicks turn here: a stop in between still halts the guest).
             call.asking = hot
+            kicked |= runner.aim_at(None)
             try:
                 _answer_ask(sb, call, call.function)
             finally:
@@ -166,12 +167,19 @@ def _hot_call(sb: Sandbox, call: Call, hot: HotSession, seq: int) -> Exit | None
     return exit_
 
 
-def reclaim(sb: Sandbox, hot: HotSession) -> None:
-    """Take the vCPU back from a hot thread whose guest cannot be trusted to
-    park (or must stop at once): kick it out of KVM_RUN, wait until it is out."""
+def halt(sb: Sandbox, hot: HotSession) -> None:
+    """Make a hot thread's guest leave KVM_RUN now, without waiting for it: no
+    more spin, and a kick for a guest that ignores the spin (sandbox lock held,
+    or the vCPU's call owned: its flag is raised only under that lock)."""
     sb._set_spin(0)
     if not hot.flag.raised:
         Vcpu.kick(hot.ident)
+
+
+def reclaim(sb: Sandbox, hot: HotSession) -> None:
+    """Take the vCPU back from a hot thread whose guest cannot be trusted to
+    park (or must stop at once): kick it out of KVM_RUN, wait until it is out."""
+    halt(sb, hot)
     while not native.wait_flag(hot.flag, HOT_WAIT_SLICE_NS):
         pass
 

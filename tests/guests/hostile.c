@@ -405,3 +405,25 @@ void ask_garbage_host_call(void) {
     ask_doorbell(HL_PORT_HOSTCALL);
 }
 HL_EXPORT(ask_garbage_host_call, HL_VOID);
+
+/* Asks for host function `name` (no arguments) through the doorbell, as a hot
+ * call's hl_call_host does, then spins whatever happens: it ignores the spin
+ * budget, the answer spin and the answer itself (the guest of a hot call whose
+ * host function runs long, and that never parks). */
+void ask_host_then_spin(const char *name) {
+    volatile hl_doorbell *bell = (volatile hl_doorbell *)HL_DOORBELL_ADDR;
+    uint8_t *out = (uint8_t *)hl_peb_get()->output_addr;
+    hl_hostcall_frame *frame = (hl_hostcall_frame *)out;
+    size_t name_length = strlen(name);
+    memcpy(out + sizeof(*frame), name, name_length);
+    frame->magic = HL_MAGIC_HOSTCALL;
+    frame->name_length = (uint32_t)name_length;
+    frame->argc = 0;
+    frame->size = (uint32_t)(sizeof(*frame) + name_length);
+    if (!bell->spin) hl_abort(2, "ask_host_then_spin: not a hot call");
+    bell->ask_port = HL_PORT_HOSTCALL;
+    __asm__ volatile("" ::: "memory");
+    bell->ask_seq = bell->ask_seq + 1;
+    for (;;) __asm__ volatile("pause");
+}
+HL_EXPORT(ask_host_then_spin, HL_VOID, HL_STR);

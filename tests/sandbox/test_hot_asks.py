@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from hlasync import (
@@ -215,3 +216,63 @@ def test_a_forged_ask_is_a_protocol_error_with_a_dump(
         assert hot is None or not hot.running  # no guest left burning a CPU
         sb.restore()
         assert sb.call("count_in_input", b"aa") == 0  # no leftover of the forged frame
+
+
+def _cpu_in(thread: threading.Thread, seconds: float) -> float:
+    """The CPU time ``thread`` uses in the next ``seconds`` (as /proc counts
+    it; a thread that has ended uses none)."""
+
+    def used() -> float:
+        for task in psutil.Process().threads():
+            if task.id == thread.native_id:
+                return float(task.user_time + task.system_time)
+        return 0.0
+
+    before = used()
+    time.sleep(seconds)
+    return max(used() - before, 0.0) if thread.is_alive() else 0.0
+
+
+@pytest.mark.parametrize("stop", ["interrupt", "close"])
+def test_a_stopped_hot_call_leaves_no_guest_spinning_in_its_host_function(
+    kvm: Kvm, hostile_guest: Path, stop: str
+) -> None:
+    """A guest that asked for a host function and then spins, ignoring the
+    answer spin, kept its hot thread (and a CPU) busy while the host function
+    ran, after interrupt() returned True and after close() returned: the stop
+    kicked only the caller's thread. The stop now takes the guest off the CPU
+    at once; the call still ends as GuestCancelled when the function returns."""
+    entered, release = threading.Event(), threading.Event()
+
+    def slow() -> int:
+        entered.set()
+        release.wait(30)
+        return 0
+
+    sb = Sandbox(hostile_guest, HOT)
+    outcome: list[BaseException] = []
+    try:
+        sb.register_host_function("slow", slow)
+        hot = make_hot(sb, "cpuid_leaf", 0)
+
+        def call() -> None:
+            try:
+                sb.call("ask_host_then_spin", "slow")
+            except BaseException as exc:  # noqa: BLE001 - the test looks at it
+                outcome.append(exc)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        assert entered.wait(10)
+        if stop == "interrupt":
+            assert sb.interrupt()
+        else:
+            sb.close(timeout=0.5)
+        time.sleep(0.1)  # the kick lands
+        spent = _cpu_in(hot.thread, 0.5)
+        assert spent < 0.05, f"the hot thread used {spent:.2f} s of CPU in 0.5 s"
+    finally:
+        release.set()
+        caller.join(10)
+        sb.close()
+    assert len(outcome) == 1 and isinstance(outcome[0], GuestCancelled), outcome
