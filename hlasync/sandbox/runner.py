@@ -159,7 +159,11 @@ def _hot_call(sb: Sandbox, call: Call, hot: HotSession, seq: int) -> Exit | None
     exit_ = hot.exit
     if isinstance(exit_, BaseException):
         raise exit_
-    assert exit_ is not None
+    if exit_ is None:
+        # The hot thread ended (its sandbox closing) before it ran the guest:
+        # the vCPU is this thread's with the guest where it was; the call's
+        # requests (its stop) are answered as after a kick.
+        return Interrupted()
     if kicked and not isinstance(exit_, Interrupted):
         # The kick hit the hot thread after its KVM_RUN had returned: answer the
         # requests it carried before running the guest again.
