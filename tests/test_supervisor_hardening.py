@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from hlasync import (
+    CoreDump,
     GuestCancelled,
     GuestCrashed,
     GuestImageError,
@@ -277,3 +278,34 @@ async def test_guest_output_events_are_bounded(kvm: Kvm, simpleguest: Path) -> N
             stats = unread.statistics()
             assert stats.buffered_bytes <= 1 << 20
             assert stats.dropped > 0
+
+
+@threads_only
+async def test_a_timeout_in_an_async_host_function_is_dumped_however_slow_the_stop(
+    kvm: Kvm, simpleguest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchdog cancelled the async host function first and asked for the
+    dump second: when the guest's call ended in between (the cancelled
+    function returned at once), the caller got GuestTimeout with neither
+    core_path nor crashdump_error (1-3 in 20 timeouts, threads and processes).
+    Here the stop is slowed down, which made it happen every time."""
+    stop = Sandbox._stop
+
+    def slow_stop(self: Sandbox, *args: object, **kwargs: object) -> object:
+        time.sleep(0.2)  # the loop runs the host function's cancellation meanwhile
+        return stop(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Sandbox, "_stop", slow_stop)
+
+    async def fetch(x: int) -> int:
+        await anyio.sleep(10)
+        return x
+
+    async with Supervisor(workers=1) as sup:
+        pool = await sup.create_pool(simpleguest, size=1, host_functions={"fetch": fetch})
+        with anyio.fail_after(20), pytest.raises(GuestTimeout) as info:
+            await pool.call("call_host", "fetch", 1, timeout=0.2)
+        assert info.value.core_path is not None, info.value.crashdump_error
+        with CoreDump.open(info.value.core_path) as dump:
+            assert dump.metadata["reason"] == "timeout"
+        assert await pool.call("add", 1, 2) == 3

@@ -192,13 +192,16 @@ class WorkerHost:
         dump_reason: str | None = None,
         annotations: Mapping[str, object] | None = None,
     ) -> StopResult | None:
-        """Stop a running job's call (and cancel its async host functions); never blocks."""
-        self.cancel_host_calls(job)
+        """Stop a running job's call (and cancel its async host functions); never blocks.
+        The stop (and its dump) is asked for first: a cancelled host function
+        returns at once, and the call could end before a later stop found it."""
         with job.lock:
             call = job.call
-        if call is None or job.sandbox is None:
-            return None
-        return job.sandbox._stop(call, dump_reason, annotations=annotations)
+        result = None
+        if call is not None and job.sandbox is not None:
+            result = job.sandbox._stop(call, dump_reason, annotations=annotations)
+        self.cancel_host_calls(job)
+        return result
 
     def _cancel_scopes(self, job: Job) -> None:
         for scope in list(job.host_scopes):
