@@ -6,7 +6,7 @@ exits are values from :mod:`hlasync.kvm.exits`.
 """
 
 from . import exits
-from ._abi import kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, kvm_xsave
+from ._abi import kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xsave
 from .system import Kvm, ioctl
 from .vcpu import KICK_SIGNAL, Vcpu
 from .vm import Vm
@@ -22,5 +22,6 @@ __all__ = [
     "kvm_regs",
     "kvm_segment",
     "kvm_sregs",
+    "kvm_vcpu_events",
     "kvm_xsave",
 ]

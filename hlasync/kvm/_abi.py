@@ -112,6 +112,59 @@ class kvm_xsave(ctypes.Structure):  # noqa: N801
     _fields_ = [("region", u32 * 1024)]
 
 
+class kvm_vcpu_events_exception(ctypes.Structure):  # noqa: N801
+    _fields_ = [
+        ("injected", u8),
+        ("nr", u8),
+        ("has_error_code", u8),
+        ("pending", u8),
+        ("error_code", u32),
+    ]
+
+
+class kvm_vcpu_events_interrupt(ctypes.Structure):  # noqa: N801
+    _fields_ = [("injected", u8), ("nr", u8), ("soft", u8), ("shadow", u8)]
+
+
+class kvm_vcpu_events_nmi(ctypes.Structure):  # noqa: N801
+    _fields_ = [("injected", u8), ("pending", u8), ("masked", u8), ("pad", u8)]
+
+
+class kvm_vcpu_events_smi(ctypes.Structure):  # noqa: N801
+    _fields_ = [("smm", u8), ("pending", u8), ("smm_inside_nmi", u8), ("latched_init", u8)]
+
+
+class kvm_vcpu_events_triple_fault(ctypes.Structure):  # noqa: N801
+    _fields_ = [("pending", u8)]
+
+
+class kvm_vcpu_events(ctypes.Structure):  # noqa: N801
+    """Events KVM is delivering to the vCPU or holds for it (exception,
+    interrupt, NMI, SMI, triple fault): what ``KVM_RUN`` delivers first."""
+
+    _fields_ = [
+        ("exception", kvm_vcpu_events_exception),
+        ("interrupt", kvm_vcpu_events_interrupt),
+        ("nmi", kvm_vcpu_events_nmi),
+        ("sipi_vector", u32),
+        ("flags", u32),
+        ("smi", kvm_vcpu_events_smi),
+        ("triple_fault", kvm_vcpu_events_triple_fault),
+        ("reserved", u8 * 26),
+        ("exception_has_payload", u8),
+        ("exception_payload", u64),
+    ]
+
+
+# kvm_vcpu_events.flags: which optional fields KVM_SET_VCPU_EVENTS applies.
+KVM_VCPUEVENT_VALID_NMI_PENDING = 0x01
+KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x02
+KVM_VCPUEVENT_VALID_SHADOW = 0x04
+KVM_VCPUEVENT_VALID_SMM = 0x08
+KVM_VCPUEVENT_VALID_PAYLOAD = 0x10
+KVM_VCPUEVENT_VALID_TRIPLE_FAULT = 0x20
+
+
 class kvm_cpuid_entry2(ctypes.Structure):  # noqa: N801
     _fields_ = [
         ("function", u32),
@@ -166,6 +219,7 @@ KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
 KVM_CAP_SYNC_REGS = 74
 KVM_SYNC_X86_REGS = 1
 KVM_SYNC_X86_SREGS = 2
+KVM_SYNC_X86_EVENTS = 4
 KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1
 # vCPU ioctls.
 KVM_RUN = _io(0x80)
@@ -176,6 +230,8 @@ KVM_SET_SREGS = _iow(0x84, ctypes.sizeof(kvm_sregs))
 KVM_SET_SIGNAL_MASK = _iow(0x8B, 4)  # struct kvm_signal_mask { u32 len; u8 sigset[]; }
 KVM_GET_FPU = _ior(0x8C, ctypes.sizeof(kvm_fpu))
 KVM_SET_FPU = _iow(0x8D, ctypes.sizeof(kvm_fpu))
+KVM_GET_VCPU_EVENTS = _ior(0x9F, ctypes.sizeof(kvm_vcpu_events))
+KVM_SET_VCPU_EVENTS = _iow(0xA0, ctypes.sizeof(kvm_vcpu_events))
 KVM_GET_TSC_KHZ = _io(0xA3)
 KVM_GET_XSAVE = _ior(0xA4, ctypes.sizeof(kvm_xsave))
 KVM_SET_XSAVE = _iow(0xA5, ctypes.sizeof(kvm_xsave))
@@ -184,21 +240,11 @@ KVM_GET_CPUID2 = _ioc(_IOC_READ | _IOC_WRITE, 0x91, 8)
 
 KVM_API_VERSION = 12
 
+#: Request number -> name, for error messages (every _IO* number above carries KVMIO).
 IOCTL_NAMES = {
     value: name
     for name, value in dict(globals()).items()
-    if name.startswith("KVM_")
-    and isinstance(value, int)
-    and name
-    not in {
-        "KVM_API_VERSION",
-        "KVM_MEM_LOG_DIRTY_PAGES",
-        "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
-        "KVM_CAP_SYNC_REGS",
-        "KVM_SYNC_X86_REGS",
-        "KVM_SYNC_X86_SREGS",
-        "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE",
-    }
+    if name.startswith("KVM_") and isinstance(value, int) and (value >> 8) & 0xFF == KVMIO
 }
 
 # struct kvm_run: the fields we read (offsets in bytes).
@@ -211,6 +257,7 @@ RUN_VALID_REGS = 288
 RUN_DIRTY_REGS = 296
 RUN_SYNC_REGS = 304
 RUN_SYNC_SREGS = RUN_SYNC_REGS + ctypes.sizeof(kvm_regs)
+RUN_SYNC_EVENTS = RUN_SYNC_SREGS + ctypes.sizeof(kvm_sregs)
 # io: __u8 direction, size; __u16 port; __u32 count; __u64 data_offset
 RUN_IO_DIRECTION = 32
 RUN_IO_SIZE = 33

@@ -44,6 +44,14 @@ _U64 = struct.Struct("<Q")
 _SYNC_BOTH = _abi.KVM_SYNC_X86_REGS | _abi.KVM_SYNC_X86_SREGS
 _REGS_SIZE = ctypes.sizeof(_abi.kvm_regs)
 _SREGS_SIZE = ctypes.sizeof(_abi.kvm_sregs)
+_EVENTS_SIZE = ctypes.sizeof(_abi.kvm_vcpu_events)
+#: What the run area can stage: (KVM_SYNC_X86_* bit, the ioctl that sets it, offset,
+#: size), in the order applied when no KVM_RUN took them (events last, as KVM does).
+_SYNC_PARTS = (
+    (_abi.KVM_SYNC_X86_SREGS, _abi.KVM_SET_SREGS, _abi.RUN_SYNC_SREGS, _SREGS_SIZE),
+    (_abi.KVM_SYNC_X86_REGS, _abi.KVM_SET_REGS, _abi.RUN_SYNC_REGS, _REGS_SIZE),
+    (_abi.KVM_SYNC_X86_EVENTS, _abi.KVM_SET_VCPU_EVENTS, _abi.RUN_SYNC_EVENTS, _EVENTS_SIZE),
+)
 _MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write
 _FAIL_ENTRY = struct.Struct("<QI")
 _INTERNAL = struct.Struct("<II")
@@ -81,6 +89,8 @@ class Vcpu:
         #: (KVM_CAP_SYNC_REGS), which saves an ioctl (~5 us on PVM) per set.
         sync = vm.kvm.check_extension(_abi.KVM_CAP_SYNC_REGS)
         self._sync_regs = sync & _SYNC_BOTH == _SYNC_BOTH
+        #: The event state goes the same way where KVM takes it from the run area too.
+        self._sync_events = bool(sync & _abi.KVM_SYNC_X86_EVENTS)
         self._staged = False
 
     # -- running -----------------------------------------------------------
@@ -212,23 +222,41 @@ class Vcpu:
             self._describe_exit()  # finishing it needed another exit (the next page of an `ins`)
 
     # -- state ---------------------------------------------------------------
-    def stage_regs(self, regs: _abi.kvm_regs, sregs: _abi.kvm_sregs) -> None:
-        """Give the vCPU these general and segment registers before it next runs.
+    def stage_regs(
+        self,
+        regs: _abi.kvm_regs,
+        sregs: _abi.kvm_sregs,
+        events: _abi.kvm_vcpu_events | None = None,
+    ) -> None:
+        """Give the vCPU these general and segment registers (and ``events``, its
+        exception/interrupt/NMI state, when given) before it next runs.
 
         Where KVM supports ``KVM_CAP_SYNC_REGS`` they are written into the run
         area and applied by the next ``KVM_RUN``, without an ioctl each; every
-        state accessor first applies staged registers KVM has not taken yet, so
-        reads and writes in between see them.
+        state accessor first applies staged state KVM has not taken yet, so
+        reads and writes in between see it.
         """
         self._settle()
         if not self._sync_regs:
             ioctl(self.fd, _abi.KVM_SET_SREGS, sregs)
             ioctl(self.fd, _abi.KVM_SET_REGS, regs)
+            if events is not None:
+                ioctl(self.fd, _abi.KVM_SET_VCPU_EVENTS, events)
             return
         area = self.run_area
+        dirty = _SYNC_BOTH
+        # Slice assignment copies exactly the struct's size (mmap refuses any other
+        # length), within the run area (the sync-regs area spans 2 KiB from RUN_SYNC_REGS).
         area[_abi.RUN_SYNC_REGS : _abi.RUN_SYNC_REGS + _REGS_SIZE] = memoryview(regs).cast("B")
         area[_abi.RUN_SYNC_SREGS : _abi.RUN_SYNC_SREGS + _SREGS_SIZE] = memoryview(sregs).cast("B")
-        _U64.pack_into(area, _abi.RUN_DIRTY_REGS, _SYNC_BOTH)
+        if events is not None:
+            if self._sync_events:
+                end = _abi.RUN_SYNC_EVENTS + _EVENTS_SIZE
+                area[_abi.RUN_SYNC_EVENTS : end] = memoryview(events).cast("B")
+                dirty |= _abi.KVM_SYNC_X86_EVENTS
+            else:
+                ioctl(self.fd, _abi.KVM_SET_VCPU_EVENTS, events)
+        _U64.pack_into(area, _abi.RUN_DIRTY_REGS, dirty)
         self._staged = True
 
     def _settle(self) -> None:
@@ -239,12 +267,9 @@ class Vcpu:
             pending = _U64.unpack_from(area, _abi.RUN_DIRTY_REGS)[0]
             if pending:  # no KVM_RUN took them yet
                 _U64.pack_into(area, _abi.RUN_DIRTY_REGS, 0)
-                if pending & _abi.KVM_SYNC_X86_SREGS:
-                    end = _abi.RUN_SYNC_SREGS + _SREGS_SIZE
-                    ioctl(self.fd, _abi.KVM_SET_SREGS, bytes(area[_abi.RUN_SYNC_SREGS : end]))
-                if pending & _abi.KVM_SYNC_X86_REGS:
-                    end = _abi.RUN_SYNC_REGS + _REGS_SIZE
-                    ioctl(self.fd, _abi.KVM_SET_REGS, bytes(area[_abi.RUN_SYNC_REGS : end]))
+                for part, request, start, size in _SYNC_PARTS:
+                    if pending & part:
+                        ioctl(self.fd, request, bytes(area[start : start + size]))
             self._staged = False
         self.complete()
 
@@ -287,6 +312,22 @@ class Vcpu:
     def set_xsave(self, xsave: _abi.kvm_xsave) -> None:
         self._settle()
         ioctl(self.fd, _abi.KVM_SET_XSAVE, xsave)
+
+    def get_events(self) -> _abi.kvm_vcpu_events:
+        """The exception, interrupt, NMI and SMI the vCPU is being given or holds
+        (``KVM_GET_VCPU_EVENTS``): what its next ``KVM_RUN`` delivers first."""
+        self._settle()
+        events = _abi.kvm_vcpu_events()
+        # The request number encodes sizeof(kvm_vcpu_events): KVM writes exactly this owned buffer.
+        ioctl(self.fd, _abi.KVM_GET_VCPU_EVENTS, events)
+        return events
+
+    def set_events(self, events: _abi.kvm_vcpu_events) -> None:
+        """Replace that state now (``KVM_SET_VCPU_EVENTS``; ``events.flags`` says
+        which optional parts KVM applies)."""
+        self._settle()
+        # KVM reads sizeof(kvm_vcpu_events) bytes, the size of ``events`` itself.
+        ioctl(self.fd, _abi.KVM_SET_VCPU_EVENTS, events)
 
     def set_cpuid(self, entries: Sequence[_abi.kvm_cpuid_entry2]) -> None:
         """The CPUID the guest sees; KVM accepts it only before the first ``KVM_RUN``."""

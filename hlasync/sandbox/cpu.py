@@ -3,8 +3,11 @@
 A snapshot keeps *all* state guest code can read or set: the general
 registers and flags, the segment registers with their bases (on hosts where
 CPL3 may run ``wrfsbase``/``wrgsbase`` or load selectors, a call can change
-them), and the whole XSAVE area (x87, MMX, SSE, AVX, AVX-512, ...). Restoring
-sets all three, so nothing one call leaves in the CPU reaches the next.
+them), and the whole XSAVE area (x87, MMX, SSE, AVX, AVX-512, ...). It also
+keeps the vCPU's event state with nothing in flight: a kick that stops
+``KVM_RUN`` while KVM delivers a fault leaves that exception injected, and
+the next ``KVM_RUN`` would deliver it at whatever rip it finds. Restoring
+sets all four, so nothing one call leaves in the CPU reaches the next.
 
 New vCPUs get a minimal CPUID (the host's supported leaves without KVM's
 paravirtual ones) before they first run (KVM refuses CPUID changes after
@@ -19,16 +22,27 @@ from dataclasses import dataclass
 
 from ..errors import IoctlError
 from ..guest import layout as lay
-from ..kvm import Kvm, Vcpu, kvm_regs, kvm_segment, kvm_sregs, kvm_xsave
-from ..kvm._abi import kvm_cpuid_entry2
+from ..kvm import Kvm, Vcpu, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xsave
+from ..kvm._abi import (
+    KVM_VCPUEVENT_VALID_NMI_PENDING,
+    KVM_VCPUEVENT_VALID_SHADOW,
+    KVM_VCPUEVENT_VALID_SMM,
+    kvm_cpuid_entry2,
+)
 from .faults import copy_struct
 
-__all__ = ["CpuState", "apply", "capture", "configure_vcpu", "user_mode_sregs"]
+__all__ = ["CpuState", "apply", "capture", "configure_vcpu", "settled", "user_mode_sregs"]
 
 CR4_UMIP, CR4_SMEP, CR4_SMAP = 1 << 11, 1 << 20, 1 << 21
 #: CR4 protections tried in order; each is kept only if KVM accepts it.
 CR4_HARDENING = (CR4_UMIP, CR4_SMEP, CR4_SMAP)
 _HYPERVISOR_LEAVES = range(0x4000_0000, 0x5000_0000)
+#: The optional parts of an event state that restoring sets (KVM_VCPUEVENT_VALID_*):
+#: NMI pending, interrupt shadow, SMM. Not the exception payload nor a pending
+#: triple fault: KVM refuses them unless the VM enabled their capability (ours do not).
+_EVENT_PARTS = (
+    KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SHADOW | KVM_VCPUEVENT_VALID_SMM
+)
 
 _accepted_cr4: int | None = None
 _cr4_lock = threading.Lock()
@@ -41,18 +55,32 @@ class CpuState:
     regs: kvm_regs
     sregs: kvm_sregs
     xsave: kvm_xsave
+    events: kvm_vcpu_events  # settled: nothing in flight
 
 
 def capture(vcpu: Vcpu) -> CpuState:
-    return CpuState(vcpu.get_regs(), vcpu.get_sregs(), vcpu.get_xsave())
+    return CpuState(vcpu.get_regs(), vcpu.get_sregs(), vcpu.get_xsave(), settled(vcpu.get_events()))
+
+
+def settled(events: kvm_vcpu_events) -> kvm_vcpu_events:
+    """``events`` with nothing being delivered or held for delivery: no exception,
+    interrupt, NMI or SMI injected or pending. What belongs to the vCPU's
+    position (interrupt shadow, NMI mask, SMM) stays as captured."""
+    clean = kvm_vcpu_events()
+    clean.interrupt.shadow = events.interrupt.shadow
+    clean.nmi.masked = events.nmi.masked
+    clean.smi.smm, clean.smi.smm_inside_nmi = events.smi.smm, events.smi.smm_inside_nmi
+    clean.flags = events.flags & _EVENT_PARTS
+    return clean
 
 
 def apply(vcpu: Vcpu, state: CpuState) -> None:
     """Load ``state``: the x87/SSE/AVX state now, the general and segment
-    registers staged for the next ``KVM_RUN`` (or set now, where KVM cannot
-    take them from the run area; every later state access sees them either way)."""
+    registers and the settled event state staged for the next ``KVM_RUN`` (or
+    set now, where KVM cannot take them from the run area; every later state
+    access sees them either way)."""
     vcpu.set_xsave(state.xsave)
-    vcpu.stage_regs(state.regs, state.sregs)
+    vcpu.stage_regs(state.regs, state.sregs, state.events)
 
 
 def minimal_cpuid(kvm: Kvm) -> list[kvm_cpuid_entry2]:
