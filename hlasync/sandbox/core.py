@@ -349,7 +349,9 @@ class Sandbox:
 
         Everything guest code can read or set is reset: every byte of memory
         the guest or the host wrote, the general registers and flags, segment
-        registers and their bases, and the x87/MMX/SSE/AVX state.
+        registers and their bases, the x87/MMX/SSE/AVX state, and the vCPU's
+        event state (an exception or interrupt KVM was delivering when the
+        last call was stopped is dropped).
         """
         target = snapshot if snapshot is not None else self._initial
         if not isinstance(target, Snapshot):
