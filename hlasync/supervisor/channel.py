@@ -4,19 +4,39 @@ socket (``socketpair``) carrying frames, each a pickled *batch* of messages
 accumulated since their last write in one frame, so a busy channel costs one
 system call per batch, not per call.
 
-A message is a tuple whose first item names it (see ``worker.py`` and
+A message is a tuple whose first item names it and whose second, for a
+request or its answer, says which one it is (see ``worker.py`` and
 ``processes.py`` for the vocabulary). Only the supervisor's own worker
 processes are on the other end: the pickles are trusted.
+
+What one side pickles the other cannot always unpickle: a class of the
+application's ``__main__`` exists in the supervisor's process only. Two rules
+keep that from breaking the channel:
+
+- What application code raised (a host function the supervisor runs for a
+  worker's guest) crosses as a description (:func:`describe`), never as
+  itself: the side that raised it keeps the original. (hlasync's own errors,
+  whose classes both sides have, cross as themselves.)
+- A message that holds something the receiver cannot import arrives as
+  ``("undecodable", kind, ident, reason)`` (its kind and second item, and
+  why), so that the receiver fails that one request; the rest of its batch
+  arrives as sent. A frame of which not even that can be read raises its
+  unpickling error.
 """
 
 from __future__ import annotations
 
+import functools
+import io
+import os
 import pickle
 import struct
 import threading
+import traceback
 from collections.abc import Iterator
+from typing import Any
 
-__all__ = ["MAX_FRAME", "Decoder", "SocketSender", "encode"]
+__all__ = ["MAX_FRAME", "Decoder", "DescribedError", "SocketSender", "describe", "encode"]
 
 _HEADER = struct.Struct("<I")
 #: The largest frame either side accepts (a batch of large call arguments fits).
@@ -48,7 +68,11 @@ class Decoder:
                 return
             body = bytes(buffer[_HEADER.size : end])
             del buffer[:end]
-            yield pickle.loads(body)
+            try:
+                batch = pickle.loads(body)
+            except Exception as exc:  # noqa: BLE001 - salvaged message by message, or raised
+                batch = _salvage(body, exc)
+            yield batch
 
 
 class SocketSender:
@@ -92,3 +116,158 @@ class SocketSender:
         """Refuse further messages (what is queued has been or is being written)."""
         with self._lock:
             self._closed = True
+
+
+# ------------------------------------------------------------ exceptions
+class DescribedError(Exception):
+    """An exception raised in the other process, described: ``type_name`` (the
+    qualified name of its class), ``text`` (its ``str()``) and ``traceback``
+    (as text). It unpickles anywhere, whatever the original holds; ``token``
+    lets the side that raised it find the original again.
+
+    Each is an instance of a subclass named as the original's class, so that
+    what is built from ``type(error).__name__`` reads as it would have with the
+    original ("host function 'f' raised KeyError: ...", a JavaScript error's
+    ``name``)."""
+
+    def __init__(self, type_name: str, text: str, traceback: str, token: int | None) -> None:
+        super().__init__(text)
+        self.type_name = type_name
+        self.text = text
+        self.traceback = traceback
+        self.token = token
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        fields = (self.type_name, self.text, self.traceback, self.token)
+        return (_rebuild_described, (type(self).__name__, *fields))
+
+
+def describe(error: BaseException, token: int | None = None) -> DescribedError:
+    """``error`` as a :class:`DescribedError` (never raises: the description is
+    what fails a guest's host call, which must not be left unanswered)."""
+    cls = type(error)
+    try:
+        text = str(error)
+    except Exception:  # noqa: BLE001 - a broken __str__ still gets described
+        text = f"<{cls.__name__}, whose str() failed>"
+    try:
+        trace = "".join(traceback.format_exception(error))
+    except Exception:  # noqa: BLE001 - as above
+        trace = ""
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    return _described_class(cls.__name__)(name, text, trace, token)
+
+
+def _rebuild_described(
+    name: str, type_name: str, text: str, trace: str, token: int | None
+) -> DescribedError:
+    return _described_class(name)(type_name, text, trace, token)
+
+
+@functools.lru_cache(maxsize=256)
+def _described_class(name: str) -> type[DescribedError]:
+    return type(name, (DescribedError,), {"__module__": __name__, "__qualname__": name})
+
+
+# ------------------------------------------------------------- salvaging
+#: ``.found``: the list :func:`_what_is_missing` notes :class:`_Missing` objects in.
+_looking = threading.local()
+
+
+class _Missing(Exception):
+    """Stands, in a salvaged batch, for an object (or class) this process cannot
+    import; ``missing`` names it. It accepts whatever unpickling does to the
+    object it replaces. (An exception, so that an hlasync error holding one
+    still rebuilds.)"""
+
+    missing = ""
+
+    def __new__(cls, *args: object, **kwargs: object) -> _Missing:
+        return super().__new__(cls)
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+    def append(self, item: object) -> None:
+        pass
+
+    def extend(self, items: object) -> None:
+        pass
+
+    def __setitem__(self, key: object, value: object) -> None:
+        pass
+
+    def __reduce_ex__(self, protocol: object) -> Any:
+        # Noted wherever it is pickled: also inside another object's __reduce__
+        # that swallows the error (an hlasync error's cause is pickled so).
+        found = getattr(_looking, "found", None)
+        if found is not None:
+            found.append(self.missing)
+        raise pickle.PicklingError(f"{self.missing} stands for what this process lacks")
+
+
+class _Salvager(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except Exception:  # noqa: BLE001 - whatever makes the import fail
+            return type("Missing", (_Missing,), {"missing": f"{module}.{name}"})
+
+
+def _salvage(body: bytes, error: Exception) -> list[tuple[object, ...]]:
+    """The batch in ``body``, which does not unpickle here (``error``), each
+    message that holds what cannot be imported here replaced by
+    ``("undecodable", kind, ident, reason)``. ``error`` is raised when the
+    batch cannot be read even so, or a bad message does not say what it is."""
+    try:
+        batch = _Salvager(io.BytesIO(body)).load()
+    except Exception:  # noqa: BLE001 - not a missing class: nothing to salvage
+        raise error from None
+    if not isinstance(batch, list):
+        raise error
+    salvaged: list[tuple[object, ...]] = []
+    for message in batch:
+        reason = _what_is_missing(message)
+        if reason is None:
+            salvaged.append(message)
+            continue
+        if not (
+            isinstance(message, tuple)
+            and len(message) >= 2
+            and isinstance(message[0], str)
+            and isinstance(message[1], (int, str))
+        ):
+            raise error
+        salvaged.append(("undecodable", message[0], message[1], reason or _reason(error)))
+    return salvaged
+
+
+def _what_is_missing(message: object) -> str | None:
+    """None when ``message`` holds nothing :class:`_Salvager` had to replace
+    (it pickles again, and no :class:`_Missing` was met on the way); else why it
+    cannot be read here ("" when that is not known)."""
+    missing: list[str] = []
+    _looking.found = missing
+    try:
+        pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - a whole message pickles again: this one is not whole
+        if not missing:
+            return ""
+    finally:
+        _looking.found = None
+    if not missing:
+        return None
+    reason = f"{missing[0]} cannot be imported in process {os.getpid()}"
+    if missing[0].startswith("__main__."):
+        reason += " (a class of a program's __main__ exists in that program's process only)"
+    return reason
+
+
+def _reason(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"

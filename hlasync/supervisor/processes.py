@@ -10,12 +10,15 @@ receives calls it can start at once. Each worker's channel is read by a task
 of the loop itself (no thread hand-off: the loop wakes on the socket) and
 written in batches, one frame per loop iteration. Host functions run here
 (``async def`` ones on the loop, cancellable by the worker's watchdog;
-plain ones on a thread); output and events come back as messages.
+plain ones on a thread); output and events come back as messages. What a
+host function raises stays here: the worker gets a description of it
+(:func:`~.channel.describe`), and the call's error, when it comes back, has
+the original as its ``__cause__`` again.
 
-A worker that dies fails its calls with :class:`~hlasync.WorkerLost`,
-publishes :class:`~hlasync.events.WorkerDied`, and is replaced: a new
-process with the same index makes its shards again (dedicated sandboxes
-start over from their initial state).
+A worker that dies (or ends without being asked to) fails its calls with
+:class:`~hlasync.WorkerLost`, publishes :class:`~hlasync.events.WorkerDied`,
+and is replaced: a new process with the same index makes its shards again
+(dedicated sandboxes start over from their initial state).
 """
 
 from __future__ import annotations
@@ -45,10 +48,9 @@ from ..errors import (
     SupervisorClosed,
     SupervisorError,
     WorkerLost,
-    portable_error,
 )
 from ..guest.image import GuestImage
-from .channel import Decoder, encode
+from .channel import Decoder, DescribedError, describe, encode
 from .host import STOP_TIMEOUT
 from .jobs import Job
 from .loop import Outbox
@@ -139,6 +141,9 @@ class ProcessBackend:
         self._callables: dict[str, dict[HostKey, Callable[..., Any]]] = {}  # shard key -> ...
         self._outputs: dict[str, Callable[..., None] | None] = {}
         self._host_scopes: dict[int, list[anyio.CancelScope]] = {}
+        #: What host functions raised, per call in flight, by host call (the
+        #: worker got descriptions; the call's error gets the original back).
+        self._raised: dict[int, dict[int, BaseException]] = {}
         self._reply_ids = itertools.count(1)
         self._shard_ids = itertools.count(1)
         self.counters: Counter[str] = Counter()
@@ -380,18 +385,11 @@ class ProcessBackend:
         if kind == "done":
             _, call_id, result, error, _sandbox_id, counters = message
             worker.counters = counters
-            found = worker.inflight.pop(call_id, None)
-            if found is None:
-                return
-            job, shard = found
-            shard.inflight -= 1
-            if isinstance(error, HlasyncError) and worker.node is not None:
-                error.node = worker.node
-            self._call_done(job, result, error)
-            if shard.target in self._waiting:
-                self._dispatch(shard.target)
+            self._done(worker, call_id, result, error)
         elif kind == "event":
             event = message[1]
+            if isinstance(event, ev.CallFailed):
+                self._restore_cause(event.call_id, event.error)
             if worker.node is not None:
                 event = dataclasses.replace(event, node=worker.node)
             self._front._hub.deliver(event)
@@ -430,8 +428,45 @@ class ProcessBackend:
             sys.stderr.flush()
         elif kind == "hello":
             worker.ready.set()
-        elif kind == "bye":
-            worker.leaving = True
+        elif kind == "undecodable":
+            self._undecodable(worker, message[1], message[2], message[3])
+
+    def _done(self, worker: _Worker, call_id: int, result: Any, error: Any) -> None:
+        """The outcome of a call ``worker`` ran (its sandbox is free again)."""
+        found = worker.inflight.pop(call_id, None)
+        if found is None:
+            return
+        job, shard = found
+        shard.inflight -= 1
+        if isinstance(error, BaseException):
+            self._restore_cause(call_id, error)
+        if isinstance(error, HlasyncError) and worker.node is not None:
+            error.node = worker.node
+        self._call_done(job, result, error)
+        if shard.target in self._waiting:
+            self._dispatch(shard.target)
+
+    def _undecodable(self, worker: _Worker, kind: str, ident: Any, reason: str) -> None:
+        """A message from ``worker`` that this process cannot unpickle (it holds a
+        class only the worker has): whatever waits for it fails, saying why."""
+        where = f"worker process {worker.index} (pid {worker.pid}{worker.where})"
+        error = SupervisorError(
+            f"{where} sent a {kind!r} message this process cannot unpickle: {reason}"
+        )
+        if kind == "done":
+            self._done(worker, ident, None, error)
+        elif kind == "host":  # the guest waits for an answer
+            self._send(worker, ("host_reply", ident, False, describe(error)))
+        elif kind in ("created", "create_failed", "closed", "dump_done"):
+            waiter = worker.waiting.pop(
+                ("created" if kind == "create_failed" else kind, ident), None
+            )
+            if waiter is not None:
+                event, outcome = waiter
+                outcome.append((False, error))
+                event.set()
+        else:
+            self._front._report(error)
 
     async def _request(
         self, worker: _Worker, message: tuple[Any, ...], answer: tuple[str, object]
@@ -616,6 +651,7 @@ class ProcessBackend:
         self._finish(job, result, error)
 
     def _finish(self, job: Job, result: Any, error: BaseException | None) -> None:
+        self._raised.pop(job.call_id, None)
         if job.finished:
             return
         job.finished = True
@@ -653,9 +689,22 @@ class ProcessBackend:
                 value = await self._run_sync(function, args)
             reply: tuple[object, ...] = ("host_reply", reply_id, True, value)
         except Exception as exc:  # noqa: BLE001 - the guest's host call fails with it
-            reply = ("host_reply", reply_id, False, portable_error(exc))
+            # Never the exception itself: the worker may not be able to unpickle
+            # its class (one of the application's __main__, say).
+            if call_id in worker.inflight:
+                self._raised.setdefault(call_id, {})[reply_id] = exc
+            reply = ("host_reply", reply_id, False, describe(exc, reply_id))
         if worker.alive:
             self._send(worker, reply)
+
+    def _restore_cause(self, call_id: int, error: BaseException) -> None:
+        """Give ``error`` (a call's, from its worker) the exception a host function
+        raised here as its cause, in place of the description the worker had."""
+        cause = error.__cause__
+        if isinstance(cause, DescribedError) and cause.token is not None:
+            original = self._raised.get(call_id, {}).get(cause.token)
+            if original is not None:
+                error.__cause__ = original
 
     async def _run_sync(self, function: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         """A plain host function on one of this supervisor's ``hlasync-host-N``

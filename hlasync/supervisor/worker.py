@@ -5,12 +5,16 @@ Started by the supervisor as ``python -m hlasync.supervisor.worker FD`` (a
 fresh interpreter: a process that holds VMs is never forked). When the
 supervisor's end of the channel closes, for whatever reason, the worker stops
 its calls, closes its sandboxes and exits: it never outlives its supervisor.
+A message it cannot handle ends it with exit status 1, its calls' outcomes
+unsent: the supervisor sees a worker death (never a quiet end that leaves a
+call waiting).
 
 Messages from the supervisor: ``init``, ``create``, ``call``, ``abandon``,
 ``register``, ``close``, ``dump``, ``interest``, ``host_reply``,
-``shutdown``. To it: ``hello``, ``created``/``create_failed``, ``done``,
-``event``, ``host``, ``output``, ``cancel_host``, ``closed``, ``dump_done``,
-``bye``.
+``shutdown`` (and ``undecodable`` in place of one this process cannot
+unpickle, see :mod:`.channel`). To it: ``hello``,
+``created``/``create_failed``, ``done``, ``event``, ``host``, ``output``,
+``stderr``, ``cancel_host``, ``closed``, ``dump_done``.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 from .. import events as ev
-from ..errors import SupervisorClosed, portable_error
+from ..errors import SupervisorClosed, SupervisorError, portable_error
 from ..sandbox import Sandbox
 from .channel import Decoder, SocketSender
 from .creation import Builder, load_image
@@ -124,21 +129,40 @@ class Worker:
         self.lock = threading.Lock()
 
     # ------------------------------------------------------------- serving
-    def serve(self) -> None:
-        decoder = Decoder()
+    def serve(self) -> int:
+        """Serve the supervisor until it asks the worker to stop or its end
+        closes (0), or until a message cannot be handled (1: the worker may
+        have lost a request, so it ends as a failure and the supervisor reports
+        the death). Everything is stopped either way; the exit status."""
+        status = 0
         try:
-            while True:
-                data = self.sock.recv(1 << 20)
-                if not data:
-                    break  # the supervisor's end closed: it shut down or died
-                for batch in decoder.feed(data):
-                    for message in batch:
-                        if self.handle(message):
-                            return
-        except OSError:
-            pass
+            self._serve()
+        except Exception:  # noqa: BLE001 - told to the supervisor, which sees a death
+            status = 1
+            traceback.print_exc()  # on the supervisor's stderr once init has run
+            print(
+                f"hlasync worker process {os.getpid()}: cannot handle what the supervisor "
+                "sent; it exits, and its calls fail with WorkerLost",
+                file=sys.stderr,
+            )
+            self.sender.close()  # the calls it stops are lost: no outcome goes out
         finally:
             self.stop()
+        return status
+
+    def _serve(self) -> None:
+        decoder = Decoder()
+        while True:
+            try:
+                data = self.sock.recv(1 << 20)
+            except OSError:
+                data = b""
+            if not data:
+                return  # the supervisor's end closed: it shut down or died
+            for batch in decoder.feed(data):
+                for message in batch:
+                    if self.handle(message):
+                        return
 
     def handle(self, message: tuple[Any, ...]) -> bool:
         """One message; True when it tells the worker to exit."""
@@ -146,12 +170,7 @@ class Worker:
         if kind == "call":
             self.on_call(*message[1:])
         elif kind == "host_reply":
-            _, reply_id, ok, value = message
-            with self.lock:
-                reply = self.replies.pop(reply_id, None)
-            if reply is not None:
-                reply.outcome = (ok, value)
-                reply.event.set()
+            self.answer(message[1], message[2], message[3])
         elif kind == "abandon":
             _, call_id, dump = message
             job = self.jobs.get(call_id)
@@ -169,9 +188,42 @@ class Worker:
             self.operation(lambda: self.on_dump(message[1], message[2], message[3]))
         elif kind == "init":
             self.on_init(message[1])
+        elif kind == "undecodable":
+            self.on_undecodable(message[1], message[2], message[3])
         elif kind == "shutdown":
             return True
         return False
+
+    def on_undecodable(self, kind: str, ident: Any, reason: str) -> None:
+        """A message this process cannot unpickle (it holds an object of a class
+        only the supervisor's process has): the request fails, saying why. One
+        that has no answer to fail raises: the worker cannot go on."""
+        if kind == "call":
+            error = SupervisorError(
+                f"the worker process cannot unpickle the call's arguments: {reason}"
+            )
+            self.send(("done", ident, None, error, None, self.counters()))
+        elif kind == "host_reply":
+            what = f"the worker process cannot unpickle the host function's result: {reason}"
+            self.answer(ident, False, TypeError(what))
+        elif kind == "create":
+            error = SupervisorError(
+                f"the worker process cannot unpickle the target's description: {reason}"
+            )
+            self.send(("create_failed", ident, error))
+        else:
+            raise SupervisorError(f"a {kind!r} message cannot be unpickled here: {reason}")
+
+    def answer(self, reply_id: int, ok: bool, value: Any) -> None:
+        """The supervisor's answer to a host call: the guest waiting for it goes on."""
+        with self.lock:
+            reply = self.replies.pop(reply_id, None)
+        if reply is not None:
+            reply.outcome = (ok, value)
+            reply.event.set()
+
+    def counters(self) -> dict[str, int]:
+        return dict(self.host.counters) if self.host is not None else {}
 
     def operation(self, work: Callable[[], None]) -> None:
         assert self.host is not None
@@ -262,7 +314,7 @@ class Worker:
         target = self.targets.get(key)
         if host is None or target is None or target._closed:
             closed = SupervisorClosed(f"{key} is not open in this worker")
-            self.send(("done", call_id, None, closed, None, {}))
+            self.send(("done", call_id, None, closed, None, self.counters()))
             return
         job = Job(call_id, target, target.functions[name], args, timeout, cpu_timeout)
         self.jobs[call_id] = job
@@ -271,17 +323,8 @@ class Worker:
     def on_complete(self, job: Job) -> None:
         self.jobs.pop(job.call_id, None)
         sandbox_id = job.sandbox.id if job.sandbox is not None else None
-        assert self.host is not None
-        self.send(
-            (
-                "done",
-                job.call_id,
-                job.result,
-                portable_error(job.error),
-                sandbox_id,
-                dict(self.host.counters),
-            )
-        )
+        error = portable_error(job.error)
+        self.send(("done", job.call_id, job.result, error, sandbox_id, self.counters()))
 
     def on_close(self, key: str) -> None:
         host = self.host
@@ -327,16 +370,15 @@ class Worker:
             while time.monotonic() < deadline and host.alive():
                 time.sleep(0.002)
             host.shutdown_end()
-        self.send(("bye",))
         self.sender.close()
 
 
 def main(argv: list[str] | None = None) -> None:
     arguments = sys.argv[1:] if argv is None else argv
     sock = socket.socket(fileno=int(arguments[0]))
-    Worker(sock).serve()
+    status = Worker(sock).serve()
     # Threads blocked in host functions must not keep a finished worker alive.
-    os._exit(0)
+    os._exit(status)
 
 
 if __name__ == "__main__":
