@@ -91,6 +91,13 @@ def test_quick_doorbell_benchmark_runs_side_by_side(kvm: Kvm, tmp_path: Path) ->
             assert modes[mode]["samples"] and modes[mode]["median"] > 0, (key, mode)
     assert set(measurements["pool"]["modes"]) == {"exit path"}
     assert measurements["add"]["modes"]["exit path"]["median"] > 0
+    # The same rows once more with a busy loop on every CPU, in a table of their own.
+    assert "with a busy loop on every CPU" in proc.stdout
+    contended = data["with_busy_loops"]
+    for key in ("add", "host_call", "cpu", "supervised_sandbox", f"throughput_{cpus}"):
+        modes = contended[key]["modes"]
+        for mode in ("exit path", "doorbell"):
+            assert modes[mode]["samples"] and modes[mode]["median"] > 0, (key, mode)
 
 
 def test_quick_ray_benchmark_compares_processes_and_actors(kvm: Kvm, tmp_path: Path) -> None:

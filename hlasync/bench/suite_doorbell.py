@@ -12,15 +12,24 @@ pools restore after every call, which stops the vCPU anyway); throughput on
 every CPU with one caller thread per CPU and with two; CPU time per call
 (spinning shows here); CPU used in 1 s by 100 idle sandboxes after a burst of
 calls each (target ~0).
+
+Then the same rows (but the idle one) once more with a busy loop on every CPU
+(a process each, ``while True: pass``): a spinning guest that shares
+its CPU with other work must not make calls slower than the exit path
+(issue #17: ``spin="auto"`` no slower than ``spin=0`` in any row, in both
+tables).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,6 +261,20 @@ def _idle(guest: Path, counts: Counts) -> Row:
     return row
 
 
+@contextlib.contextmanager
+def busy_loops(count: int) -> Iterator[None]:
+    """``count`` processes that each keep a CPU busy (``while True: pass``)."""
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        time.sleep(0.2)  # running before the first measurement
+        yield
+    finally:
+        for loop in loops:
+            loop.kill()
+        for loop in loops:
+            loop.wait()
+
+
 def _value(row: Row, mode: str) -> float | None:
     samples = row.samples.get(mode)
     return statistics.median(samples) if samples else None
@@ -264,13 +287,27 @@ def _text(row: Row, mode: str) -> str:
     return f"{value:,.0f}" if row.unit == "calls/s" else format_ns(value)
 
 
-def render(machine: dict[str, Any], mode: str, rows: list[Row]) -> str:
+def render(machine: dict[str, Any], mode: str, rows: list[Row], contended: list[Row]) -> str:
     lines = [
         "## hlasync doorbell benchmarks: exit path, doorbell and wasmtime side by side",
         "",
         *machine_lines(machine),
         f"- mode: {mode}",
         "",
+        *_table(rows),
+        "",
+        f"### The same with a busy loop on every CPU ({len(os.sched_getaffinity(0))} processes)",
+        "",
+        *_table(contended),
+    ]
+    notes = sorted({row.note for row in [*rows, *contended] if row.note})
+    if notes:
+        lines += ["", *(f"- {note}" for note in notes)]
+    return "\n".join(lines)
+
+
+def _table(rows: list[Row]) -> list[str]:
+    lines = [
         "| measurement | exit path | doorbell (auto) | wasmtime | doorbell / exit | target |",
         "|---|---:|---:|---:|---:|---|",
     ]
@@ -281,10 +318,7 @@ def render(machine: dict[str, Any], mode: str, rows: list[Row]) -> str:
             f"| {row.label} | {_text(row, EXIT)} | {_text(row, DOORBELL)} "
             f"| {_text(row, WASMTIME)} | {ratio} | {row.target or '-'} |"
         )
-    notes = sorted({row.note for row in rows if row.note})
-    if notes:
-        lines += ["", *(f"- {note}" for note in notes)]
-    return "\n".join(lines)
+    return lines
 
 
 def suite(quick: bool, machine: dict[str, Any], backend: str) -> SuiteOutput:
@@ -298,25 +332,35 @@ def suite(quick: bool, machine: dict[str, Any], backend: str) -> SuiteOutput:
     rows.append(_throughput(guest, counts, cpus))
     rows.append(_throughput(guest, counts, 2 * cpus))
     rows.append(_idle(guest, counts))
+    with busy_loops(cpus):
+        contended = _latencies(guest, counts)
+        contended += _supervised(guest, counts)
+        contended.append(_throughput(guest, counts, cpus))
+        contended.append(_throughput(guest, counts, 2 * cpus))
     wall = time.perf_counter() - started
     mode = "quick (smoke test, not for quoting)" if quick else "full"
     document = {
         "machine": machine,
         "mode": "quick" if quick else "full",
         "wall_seconds": wall,
-        "measurements": {
-            row.key: {
-                "label": row.label,
-                "unit": row.unit,
-                "note": row.note,
-                "target": row.target,
-                "modes": {
-                    mode_: {"samples": samples, **summarize(samples)}
-                    for mode_, samples in row.samples.items()
-                    if samples
-                },
-            }
-            for row in rows
-        },
+        "measurements": _measurements(rows),
+        "with_busy_loops": _measurements(contended),
     }
-    return SuiteOutput(render(machine, mode, rows), document, wall, [])
+    return SuiteOutput(render(machine, mode, rows, contended), document, wall, [])
+
+
+def _measurements(rows: list[Row]) -> dict[str, Any]:
+    return {
+        row.key: {
+            "label": row.label,
+            "unit": row.unit,
+            "note": row.note,
+            "target": row.target,
+            "modes": {
+                mode: {"samples": samples, **summarize(samples)}
+                for mode, samples in row.samples.items()
+                if samples
+            },
+        }
+        for row in rows
+    }

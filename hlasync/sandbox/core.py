@@ -60,6 +60,7 @@ from .hot import (
     AUTO_MIN,
     CROWDED_COOLDOWN,
     PARK_KICK_AFTER,
+    AutoChooser,
     HotSession,
     budget,
     reaper,
@@ -158,6 +159,7 @@ class Sandbox:
         self._hot: HotSession | None = None  # made at the first call with config.spin
         self._last_end = 0.0  # monotonic time the last call ended (spin="auto")
         self._gap_average: float | None = None  # of the gaps between calls (spin="auto")
+        self._auto = AutoChooser()  # spin="auto": whether spinning pays for this caller
         #: Whether config.spin applies: owners that measure a call's CPU time on
         #: the calling thread (the supervisor, JSSandbox) keep the exit path.
         self._spin_allowed = True
@@ -685,7 +687,8 @@ class Sandbox:
         gap = min(max(call.began - last, 0.0), AUTO_GAP_CAP)
         average = self._gap_average
         average = self._gap_average = gap if average is None else 0.75 * average + 0.25 * gap
-        if average > AUTO_MAX_GAP:
+        spinning = self._auto.record(now - last, back_to_back=gap < AUTO_GAP_CAP)
+        if average > AUTO_MAX_GAP or not spinning:
             return 0.0
         return min(max(AUTO_FACTOR * average, AUTO_MIN), AUTO_MAX)
 

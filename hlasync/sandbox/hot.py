@@ -43,6 +43,7 @@ __all__ = [
     "AUTO_MIN",
     "CROWDED_COOLDOWN",
     "PARK_KICK_AFTER",
+    "AutoChooser",
     "HotBudget",
     "HotSession",
     "budget",
@@ -70,6 +71,87 @@ CROWDED_COOLDOWN = 0.02
 #: A sandbox does not spin while another thread made a call this recently
 #: (seconds): a few GIL switch intervals.
 OTHER_CALLERS_WINDOW = 0.02
+
+#: ``spin="auto"`` measures whether spinning pays (:class:`AutoChooser`): it
+#: runs the mode it prefers for a stretch of calls (AUTO_FIRST_RUN at first,
+#: twice as long after each probe the mode wins, at most AUTO_LONGEST_RUN),
+#: then probes: AUTO_PROBE_BLOCKS pairs of blocks of AUTO_PROBE_BLOCK calls,
+#: the other mode and its own in turn (so that both see the same moments of a
+#: noisy machine), and keeps whichever made the caller's calls come back
+#: sooner by AUTO_MARGIN, not counting the first AUTO_SETTLE calls of a block.
+AUTO_FIRST_RUN = 1000
+AUTO_LONGEST_RUN = 16_000
+AUTO_PROBE_BLOCK = 16
+AUTO_PROBE_BLOCKS = 3
+AUTO_SETTLE = 4
+AUTO_MARGIN = 0.1
+
+
+class AutoChooser:
+    """Whether a ``spin="auto"`` sandbox spins after a call, by measurement.
+
+    Spinning makes a call cheaper only when the spinning guest takes no CPU
+    that the caller needs: with more runnable threads than CPUs (a busy
+    machine, the supervisor's event loop and worker beside the guest) it
+    makes calls slower than exits. So the chooser times what the caller sees,
+    the *cycle* from the end of one call to the end of the next (the caller's
+    own work included), in both modes, and keeps the faster. It only counts
+    calls that came back to back; it holds no lock and does no I/O (the
+    sandbox's lock guards it), so it is tested on its own."""
+
+    __slots__ = ("_left", "_probe", "_run", "_samples", "_settle", "hot")
+
+    def __init__(self) -> None:
+        self.hot = True  # the preferred mode
+        self._run = self._left = AUTO_FIRST_RUN
+        self._probe: list[bool] = []  # the modes of the probe's calls to come, last first
+        self._settle = 0
+        self._samples: dict[bool, list[float]] = {True: [], False: []}
+
+    @property
+    def probing(self) -> bool:
+        return bool(self._probe)
+
+    @property
+    def spinning(self) -> bool:
+        """The mode of the next call: True to spin after it."""
+        return self._probe[-1] if self._probe else self.hot
+
+    def record(self, cycle: float, *, back_to_back: bool) -> bool:
+        """The call that ran in :attr:`spinning` mode ended ``cycle`` seconds
+        after the previous one: count it, and return the mode for the next."""
+        if not self._probe:
+            self._left -= 1
+            if self._left <= 0:
+                blocks = [not self.hot, self.hot] * AUTO_PROBE_BLOCKS
+                self._probe = [m for m in reversed(blocks) for _ in range(AUTO_PROBE_BLOCK)]
+                self._samples = {True: [], False: []}
+                self._settle = AUTO_SETTLE
+            return self.spinning
+        mode = self._probe.pop()
+        if back_to_back:
+            if self._settle:
+                self._settle -= 1
+            else:
+                self._samples[mode].append(cycle)
+        if self._probe and self._probe[-1] != mode:
+            self._settle = AUTO_SETTLE  # the next block switches modes
+        elif not self._probe:
+            self._decide()
+        return self.spinning
+
+    def _decide(self) -> None:
+        other, own = self._samples[not self.hot], self._samples[self.hot]
+        if other and own and _median(other) < (1 - AUTO_MARGIN) * _median(own):
+            self.hot, self._run = not self.hot, AUTO_FIRST_RUN  # the other mode won
+        else:
+            self._run = min(2 * self._run, AUTO_LONGEST_RUN)
+        self._left = self._run
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
 
 
 class HotSession:
