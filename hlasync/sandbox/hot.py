@@ -58,7 +58,7 @@ ANSWER_SPIN = 0.0002
 #: many seconds of the end of the last call (a running average of the gaps,
 #: each counted as at most AUTO_GAP_CAP), for AUTO_FACTOR times that average,
 #: at least AUTO_MIN and at most AUTO_MAX seconds.
-AUTO_MAX_GAP = 0.0002
+AUTO_MAX_GAP = 0.0005
 AUTO_GAP_CAP = 0.001
 AUTO_FACTOR = 4.0
 AUTO_MIN = 0.0003
@@ -77,9 +77,9 @@ OTHER_CALLERS_WINDOW = 0.02
 #: twice as long after each probe the mode wins, at most AUTO_LONGEST_RUN),
 #: then probes: AUTO_PROBE_BLOCKS pairs of blocks of AUTO_PROBE_BLOCK calls,
 #: the other mode and its own in turn (so that both see the same moments of a
-#: noisy machine), and keeps whichever made the caller's calls come back
-#: sooner by AUTO_MARGIN, not counting the first AUTO_SETTLE calls of a block.
-AUTO_FIRST_RUN = 1000
+#: noisy machine), and spins on only where that made the caller's calls come
+#: back sooner by AUTO_MARGIN, not counting the first AUTO_SETTLE calls of a block.
+AUTO_FIRST_RUN = 200
 AUTO_LONGEST_RUN = 16_000
 AUTO_PROBE_BLOCK = 16
 AUTO_PROBE_BLOCKS = 3
@@ -141,9 +141,15 @@ class AutoChooser:
         return self.spinning
 
     def _decide(self) -> None:
-        other, own = self._samples[not self.hot], self._samples[self.hot]
-        if other and own and _median(other) < (1 - AUTO_MARGIN) * _median(own):
-            self.hot, self._run = not self.hot, AUTO_FIRST_RUN  # the other mode won
+        """Spin only where it clearly pays: a spinning guest costs a CPU, so
+        spinning must beat the exit path by AUTO_MARGIN (either way round)."""
+        hot, cold = self._samples[True], self._samples[False]
+        if not hot or not cold:
+            hot_wins = self.hot  # nothing measured (calls not back to back): as it was
+        else:
+            hot_wins = _median(hot) < (1 - AUTO_MARGIN) * _median(cold)
+        if hot_wins != self.hot:
+            self.hot, self._run = hot_wins, AUTO_FIRST_RUN
         else:
             self._run = min(2 * self._run, AUTO_LONGEST_RUN)
         self._left = self._run

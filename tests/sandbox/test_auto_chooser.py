@@ -34,8 +34,10 @@ def test_it_spins_while_spinning_is_faster() -> None:
     modes = drive(chooser, {True: 10e-6, False: 50e-6}, 20_000)
     assert chooser.hot and chooser.spinning in (True, False)
     assert all(modes[:AUTO_FIRST_RUN])  # it starts spinning
-    # Probes of the exit path get rarer as spinning keeps winning.
-    assert modes.count(False) < 6 * AUTO_PROBE // 2
+    # Probes of the exit path get rarer as spinning keeps winning: runs of
+    # 200, 400, ... calls, then 16,000 at most, each followed by one probe.
+    probes = 1 + (20_000 // AUTO_LONGEST_RUN) + (AUTO_LONGEST_RUN // AUTO_FIRST_RUN).bit_length()
+    assert modes.count(False) <= probes * AUTO_PROBE // 2
 
 
 def test_it_leaves_the_spin_when_the_exit_path_is_faster() -> None:
@@ -56,10 +58,17 @@ def test_it_follows_a_machine_that_gets_busy_and_quiet_again() -> None:
     assert chooser.hot
 
 
-def test_a_difference_within_the_noise_does_not_switch() -> None:
+def test_spinning_must_clearly_pay() -> None:
+    """A spinning guest costs a CPU: within the noise of the exit path's
+    cycle, the exit path is kept (a busy machine's supervised call: 132 µs
+    spinning against 125 µs on the exit path per cycle, but 152 against 139
+    µs p50 per call)."""
     chooser = AutoChooser()
-    drive(chooser, {True: 100e-6, False: 95e-6}, 20_000)
-    assert chooser.hot
+    drive(chooser, {True: 132e-6, False: 125e-6}, 20_000)
+    assert not chooser.hot
+    chooser = AutoChooser()
+    drive(chooser, {True: 100e-6, False: 105e-6}, 20_000)
+    assert not chooser.hot
 
 
 def test_calls_that_do_not_come_back_to_back_are_not_measured() -> None:
