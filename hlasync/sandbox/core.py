@@ -19,6 +19,7 @@ import enum
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -606,7 +607,13 @@ class Sandbox:
             raise
         finally:
             if self._end_call(call, outcome):
-                raise self._cancelled_error(call)
+                # The stop wins over whatever the call came to meanwhile (a result,
+                # a fault, an abort): each stop that said True is one GuestCancelled,
+                # and what the guest did is its cause (a crash keeps its dump).
+                error, failed = self._cancelled_error(call), sys.exc_info()[1]
+                if failed is not None and not isinstance(failed, GuestCancelled):
+                    raise error from failed
+                raise error
 
     def _end_call(self, call: Call, outcome: SandboxState) -> bool:
         """Give up the vCPU. True if a stop request turns the outcome into GuestCancelled."""
@@ -616,7 +623,7 @@ class Sandbox:
             with self._lock:
                 requests, call.requests = call.requests, []
                 if not requests:
-                    stopped = call.cancelled and outcome is SandboxState.READY and call.started
+                    stopped = call.cancelled and call.started
                     if stopped:
                         outcome = SandboxState.POISONED  # interrupted as it finished
                     call.phase = Phase.ENDED
