@@ -28,7 +28,7 @@ from hlasync import (
 )
 from hlasync._build import build_guest
 from hlasync.kvm import Kvm
-from hlasync.sandbox import live_sandboxes, registry, runner
+from hlasync.sandbox import faults, live_sandboxes, registry, runner
 from tests.conftest import settled_fds
 
 
@@ -394,7 +394,7 @@ def test_an_interrupt_that_meets_a_fault_is_one_guest_cancelled(
     the crash (and its dump) is the GuestCancelled's cause."""
     sb = Sandbox(simpleguest)
     stopped: list[bool] = []
-    decode = runner.decode_exception
+    decode = faults.decode_exception  # what runner.py calls
 
     def decode_then_interrupted(*args: Any, **kwargs: Any) -> Any:
         decoded = decode(*args, **kwargs)
