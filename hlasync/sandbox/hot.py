@@ -75,15 +75,18 @@ OTHER_CALLERS_WINDOW = 0.02
 #: ``spin="auto"`` measures whether spinning pays (:class:`AutoChooser`): it
 #: runs the mode it prefers for a stretch of calls (AUTO_FIRST_RUN at first,
 #: twice as long after each probe the mode wins, at most AUTO_LONGEST_RUN),
-#: then probes: AUTO_PROBE_BLOCKS pairs of blocks of AUTO_PROBE_BLOCK calls,
-#: the other mode and its own in turn (so that both see the same moments of a
-#: noisy machine), and spins on only where that made the caller's calls come
-#: back sooner by AUTO_MARGIN, not counting the first AUTO_SETTLE calls of a block.
+#: then probes: AUTO_PROBE_BLOCKS pairs of blocks, the other mode and its own
+#: in turn (so that both see the same moments of a noisy machine), each block
+#: AUTO_PROBE_BLOCK timed calls after it settled (AUTO_SETTLE calls and
+#: AUTO_SETTLE_TIME seconds: a hot thread woken on a busy machine waits for a
+#: CPU before its first answers), and spins on only where that made the
+#: caller's calls come back sooner by AUTO_MARGIN.
 AUTO_FIRST_RUN = 200
 AUTO_LONGEST_RUN = 16_000
 AUTO_PROBE_BLOCK = 16
 AUTO_PROBE_BLOCKS = 3
 AUTO_SETTLE = 4
+AUTO_SETTLE_TIME = 0.005
 AUTO_MARGIN = 0.1
 
 
@@ -93,59 +96,71 @@ class AutoChooser:
     Spinning makes a call cheaper only when the spinning guest takes no CPU
     that the caller needs: with more runnable threads than CPUs (a busy
     machine, the supervisor's event loop and worker beside the guest) it
-    makes calls slower than exits. So the chooser times what the caller sees,
-    the *cycle* from the end of one call to the end of the next (the caller's
-    own work included), in both modes, and keeps the faster. It only counts
-    calls that came back to back; it holds no lock and does no I/O (the
-    sandbox's lock guards it), so it is tested on its own."""
+    can make calls slower than exits. So the chooser times what the caller
+    sees, the *cycle* from the end of one call to the end of the next (the
+    caller's own work included), in both modes, and spins only where that
+    clearly pays. It only counts calls that came back to back; it holds no
+    lock and does no I/O (the sandbox's lock guards it), so it is tested on
+    its own."""
 
-    __slots__ = ("_left", "_probe", "_run", "_samples", "_settle", "hot")
+    __slots__ = ("_block", "_counted", "_left", "_run", "_samples", "_settle", "_waited", "hot")
 
     def __init__(self) -> None:
         self.hot = True  # the preferred mode
         self._run = self._left = AUTO_FIRST_RUN
-        self._probe: list[bool] = []  # the modes of the probe's calls to come, last first
-        self._settle = 0
+        self._block = -1  # the probe's block (-1: not probing)
+        self._counted = 0  # timed calls of the block so far
+        self._settle = 0  # calls the block still lets pass untimed
+        self._waited = 0.0  # seconds of cycles the block let pass so far
         self._samples: dict[bool, list[float]] = {True: [], False: []}
 
     @property
     def probing(self) -> bool:
-        return bool(self._probe)
+        return self._block >= 0
 
     @property
     def spinning(self) -> bool:
         """The mode of the next call: True to spin after it."""
-        return self._probe[-1] if self._probe else self.hot
+        if self._block < 0:
+            return self.hot
+        return self.hot if self._block % 2 else not self.hot
 
     def record(self, cycle: float, *, back_to_back: bool) -> bool:
         """The call that ran in :attr:`spinning` mode ended ``cycle`` seconds
         after the previous one: count it, and return the mode for the next."""
-        if not self._probe:
+        if self._block < 0:
             self._left -= 1
             if self._left <= 0:
-                blocks = [not self.hot, self.hot] * AUTO_PROBE_BLOCKS
-                self._probe = [m for m in reversed(blocks) for _ in range(AUTO_PROBE_BLOCK)]
                 self._samples = {True: [], False: []}
-                self._settle = AUTO_SETTLE
+                self._start_block(0)
             return self.spinning
-        mode = self._probe.pop()
-        if back_to_back:
-            if self._settle:
-                self._settle -= 1
+        mode = self.spinning
+        if self._settle or self._waited < AUTO_SETTLE_TIME:
+            self._settle = max(self._settle - 1, 0)
+            self._waited += cycle
+        elif back_to_back:
+            self._samples[mode].append(cycle)
+            self._counted += 1
+        else:
+            self._counted += 1  # an idle caller: nothing to time, but the probe goes on
+        if self._counted >= AUTO_PROBE_BLOCK:
+            if self._block + 1 < 2 * AUTO_PROBE_BLOCKS:
+                self._start_block(self._block + 1)
             else:
-                self._samples[mode].append(cycle)
-        if self._probe and self._probe[-1] != mode:
-            self._settle = AUTO_SETTLE  # the next block switches modes
-        elif not self._probe:
-            self._decide()
+                self._block = -1
+                self._decide()
         return self.spinning
+
+    def _start_block(self, block: int) -> None:
+        self._block, self._counted = block, 0
+        self._settle, self._waited = AUTO_SETTLE, 0.0
 
     def _decide(self) -> None:
         """Spin only where it clearly pays: a spinning guest costs a CPU, so
         spinning must beat the exit path by AUTO_MARGIN (either way round)."""
         hot, cold = self._samples[True], self._samples[False]
         if not hot or not cold:
-            hot_wins = self.hot  # nothing measured (calls not back to back): as it was
+            hot_wins = self.hot  # nothing timed (calls not back to back): as it was
         else:
             hot_wins = _median(hot) < (1 - AUTO_MARGIN) * _median(cold)
         if hot_wins != self.hot:
