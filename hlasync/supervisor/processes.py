@@ -18,7 +18,12 @@ the original as its ``__cause__`` again.
 A worker that dies (or ends without being asked to) fails its calls with
 :class:`~hlasync.WorkerLost`, publishes :class:`~hlasync.events.WorkerDied`,
 and is replaced: a new process with the same index makes its shards again
-(dedicated sandboxes start over from their initial state).
+(dedicated sandboxes start over from their initial state). Each launch of a
+worker's process is a generation of it: a launch whose process ends before
+its hello, or while it makes the shards again, is over at once (that end is
+a death like any other, and the next launch takes over). A dump asked of a
+dedicated sandbox while its shard is being made again waits for it, as a
+queued call does, and fails with the queued calls' error if it cannot be.
 """
 
 from __future__ import annotations
@@ -102,6 +107,9 @@ class _Worker:
         self.ready = anyio.Event()
         self.alive = False
         self.leaving = False  # asked to shut down: its end is expected
+        #: Counts the launches of a process for this index. The next launch
+        #: starts only once the channel of the one before has ended.
+        self.generation = 0
         self.gone = anyio.Event()
         self.outgoing: list[tuple[object, ...]] = []
         self.unsent = bytearray()
@@ -114,6 +122,10 @@ class _Worker:
         #: The Ray node it runs on (hlasync.ray), and how messages name it.
         self.node: str | None = None
         self.where = ""
+
+    def serves(self, generation: int) -> bool:
+        """Whether launch ``generation`` is this worker's process now, its channel open."""
+        return self.generation == generation and self.alive
 
 
 class ProcessBackend:
@@ -150,6 +162,9 @@ class ProcessBackend:
         self._outbox: Outbox | None = None
         self._group: anyio.abc.TaskGroup | None = None
         self._closing = False
+        #: Requests that need a target's sandbox (dumps) while its shard is being
+        #: made again: answered where its queued calls are (see _sandbox_up).
+        self._awaiting_sandbox: dict[Target, list[tuple[anyio.Event, list[BaseException]]]] = {}
         #: Plain host functions run here (the loop must not block on them).
         self._host_threads = ThreadPoolExecutor(
             max_workers=HOST_THREADS, thread_name_prefix="hlasync-host"
@@ -161,7 +176,7 @@ class ProcessBackend:
         self._group = group
         self._front._hub.on_change = self._interest_changed
         try:
-            await _all(self._launch, self._workers)
+            await _all(self._launch_first, self._workers)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.shutdown()
@@ -204,17 +219,31 @@ class ProcessBackend:
         worker.process, worker.pid = process, process.pid
         return parent
 
-    async def _launch(self, worker: _Worker) -> None:
-        """Start ``worker`` and wait (bounded) for its hello."""
+    async def _launch_first(self, worker: _Worker) -> None:
+        if await self._launch(worker) is None:
+            status = worker.process.poll() if worker.process is not None else None
+            raise SupervisorError(
+                f"worker process {worker.index} (pid {worker.pid}{worker.where}) ended "
+                f"({_describe(status)}) before it started"
+            )
+
+    async def _launch(self, worker: _Worker) -> int | None:
+        """Start a new process for ``worker`` and wait (bounded) for its hello:
+        this launch's generation once it said hello, None when the process ended
+        first (that end is a death like any other, reported and followed by a
+        launch of its own: this one is over)."""
         parent = await self._start_worker(worker)
         parent.setblocking(False)
+        worker.generation += 1
+        generation = worker.generation
         worker.sock = parent
-        worker.ready, worker.gone = anyio.Event(), anyio.Event()
+        ready, gone = anyio.Event(), anyio.Event()
+        worker.ready, worker.gone = ready, gone
         worker.alive, worker.leaving = True, False
         worker.outgoing, worker.unsent, worker.flush_scheduled = [], bytearray(), False
         worker.writable = anyio.Event()
         self._spawn(self._reader, worker)
-        self._spawn(self._writer, worker)
+        self._spawn(self._writer, worker, generation)
         pins = None
         if self._pin_cpus:
             per = self.workers_per_process
@@ -234,13 +263,16 @@ class ProcessBackend:
             ),
         )
         with anyio.move_on_after(START_TIMEOUT):
-            await worker.ready.wait()
-        if not worker.ready.is_set():
+            await _either(ready, gone)
+        if gone.is_set():
+            return None
+        if not ready.is_set():
             self._kill(worker)
             raise SupervisorError(
                 f"worker process {worker.index} (pid {worker.pid}{worker.where}) did not start "
                 f"within {START_TIMEOUT:.0f} s"
             )
+        return generation
 
     def _kill(self, worker: _Worker) -> None:
         if worker.process is not None and worker.process.poll() is None:
@@ -255,6 +287,10 @@ class ProcessBackend:
             while queue:
                 self._finish(queue.popleft(), None, closed)
         self._waiting.clear()
+        for target in list(self._awaiting_sandbox):
+            self._answer_awaiting(
+                target, SupervisorClosed("the supervisor shut down before the sandbox was back")
+            )
         for worker in self._workers:
             if worker.alive:
                 worker.leaving = True
@@ -320,13 +356,15 @@ class ProcessBackend:
                 return
             del worker.unsent[:sent]
 
-    async def _writer(self, worker: _Worker) -> None:
+    async def _writer(self, worker: _Worker, generation: int) -> None:
+        """Writes what the socket of launch ``generation`` did not take at once;
+        ends with that launch's channel."""
         try:
-            while worker.alive:
+            while worker.serves(generation):
                 await worker.writable.wait()
+                if not worker.serves(generation) or worker.sock is None:
+                    return  # its channel ended: a later launch has a writer of its own
                 worker.writable = anyio.Event()
-                if worker.sock is None:
-                    return
                 await anyio.wait_writable(worker.sock)
                 self._write(worker)
         except (OSError, ValueError):
@@ -377,6 +415,7 @@ class ProcessBackend:
         finally:
             worker.alive = False
             worker.gone.set()
+            worker.writable.set()  # its writer ends too
             if not worker.leaving and not self._closing:
                 self._spawn(self._worker_died, worker)
 
@@ -394,7 +433,7 @@ class ProcessBackend:
                 event = dataclasses.replace(event, node=worker.node)
             self._front._hub.deliver(event)
         elif kind == "host":
-            self._spawn(self._host_call, worker, *message[1:])
+            self._spawn(self._host_call, worker, worker.generation, *message[1:])
         elif kind == "output":
             _, key, level, text = message
             output = self._outputs.get(key)
@@ -577,11 +616,13 @@ class ProcessBackend:
                 self._outputs.pop(shard.key, None)
                 for sandbox_id in shard.sandbox_ids:
                     self._front._hub.publish(ev.SandboxClosed, sandbox_id=sandbox_id)
+        self._answer_awaiting(target, SupervisorClosed(f"{target.name} is closed"))
 
     async def generate_crashdump(
         self, target: SupervisedSandbox, directory: str | os.PathLike[str] | None
     ) -> Path:
         (shard,) = _shards(target)
+        await self._sandbox_up(shard)
         reply_id = next(self._reply_ids)
         where = None if directory is None else os.fspath(directory)
         reply = await self._request(
@@ -591,6 +632,40 @@ class ProcessBackend:
         if error is not None:
             raise error
         return Path(path)
+
+    async def _sandbox_up(self, shard: _Shard) -> None:
+        """Return once ``shard``'s sandboxes can be asked for something. While its
+        worker is being replaced this waits as a queued call does: until the
+        shard is made again, or it fails with the error its queued calls get
+        when it cannot be (or the supervisor shuts down)."""
+        target = shard.target
+        while True:
+            if target._closed:
+                raise SupervisorClosed(f"{target.name} is closed")
+            if self._closing:
+                raise SupervisorClosed("the supervisor shut down before the sandbox was back")
+            if shard.ready and shard.worker.alive:
+                return
+            waiter: tuple[anyio.Event, list[BaseException]] = (anyio.Event(), [])
+            waiters = self._awaiting_sandbox.setdefault(target, [])
+            waiters.append(waiter)
+            try:
+                await waiter[0].wait()
+            finally:
+                if waiter in waiters:  # cancelled
+                    waiters.remove(waiter)
+                    if not waiters:
+                        self._awaiting_sandbox.pop(target, None)
+            if waiter[1]:
+                raise waiter[1][0]
+
+    def _answer_awaiting(self, target: Target, error: BaseException | None = None) -> None:
+        """Wake the requests waiting for ``target``'s sandbox (they look again),
+        or fail them with ``error``."""
+        for event, outcome in self._awaiting_sandbox.pop(target, []):
+            if error is not None:
+                outcome.append(error)
+            event.set()
 
     # ----------------------------------------------------------------- calls
     def submit(self, job: Job) -> None:
@@ -661,13 +736,16 @@ class ProcessBackend:
     async def _host_call(
         self,
         worker: _Worker,
+        generation: int,
         reply_id: int,
         call_id: int,
         key: str,
         host_key: HostKey,
         args: tuple[Any, ...],
     ) -> None:
-        """Run a host function for a worker's guest and send the answer back."""
+        """Run a host function for a worker's guest and send the answer back to
+        the launch of the worker that asked (``generation``), or to nobody: the
+        host calls of its replacement are numbered anew."""
         function = self._callables.get(key, {}).get(host_key)
         try:
             if function is None:
@@ -694,7 +772,7 @@ class ProcessBackend:
             if call_id in worker.inflight:
                 self._raised.setdefault(call_id, {})[reply_id] = exc
             reply = ("host_reply", reply_id, False, describe(exc, reply_id))
-        if worker.alive:
+        if worker.serves(generation):
             self._send(worker, reply)
 
     def _restore_cause(self, call_id: int, error: BaseException) -> None:
@@ -774,11 +852,19 @@ class ProcessBackend:
         if self._closing:
             return
         try:
-            await self._launch(worker)
+            generation = await self._launch(worker)
         except HlasyncError as exc:
             self._front._report(exc)
             self._fail_targets_of(shards, exc)
             return
+        if generation is None:
+            return  # it ended before its hello: that death makes the shards again
+
+        def over() -> bool:
+            """The new process died in turn (its death makes the shards again),
+            or the supervisor is shutting down."""
+            return self._closing or not worker.serves(generation)
+
         self._front._hub.publish(
             ev.WorkerStarted,
             sandbox_id=None,
@@ -787,9 +873,13 @@ class ProcessBackend:
             pid=worker.pid,
         )
         for shard in shards:
+            if over():
+                return
             try:
                 await self._make_shard(shard)
             except Exception as exc:  # noqa: BLE001 - reported; that target loses the shard
+                if over():
+                    return
                 self._front._report(exc)
                 self._fail_targets_of([shard], exc)
                 continue
@@ -803,6 +893,7 @@ class ProcessBackend:
                 )
             if isinstance(shard.target, SupervisedSandbox):
                 shard.target.id = shard.target.name = shard.sandbox_ids[0]
+            self._answer_awaiting(shard.target)
         self._dispatch()
 
     def _fail_targets_of(self, shards: list[_Shard], error: BaseException) -> None:
@@ -815,6 +906,7 @@ class ProcessBackend:
             queue = self._waiting.pop(target, deque())
             while queue:
                 self._finish(queue.popleft(), None, lost)
+            self._answer_awaiting(target, lost)
 
     # ------------------------------------------------------------ reporting
     def _interest_changed(self) -> None:
@@ -853,6 +945,18 @@ async def _all(function: Callable[[Any], Any], items: list[Any]) -> None:
             group.start_soon(one, item)
     if errors:
         raise errors[0]
+
+
+async def _either(first: anyio.Event, second: anyio.Event) -> None:
+    """Wait until ``first`` or ``second`` is set."""
+    async with anyio.create_task_group() as group:
+
+        async def wait(event: anyio.Event) -> None:
+            await event.wait()
+            group.cancel_scope.cancel()
+
+        group.start_soon(wait, first)
+        group.start_soon(wait, second)
 
 
 def _shards(target: Target) -> list[_Shard]:

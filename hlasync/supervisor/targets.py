@@ -171,7 +171,11 @@ class SupervisedSandbox(Target):
         self.id = name  # the sandbox's id once it exists
 
     async def generate_crashdump(self, directory: str | os.PathLike[str] | None = None) -> Path:
-        """Dump this sandbox now, also while a call runs; see :meth:`Sandbox.generate_crashdump`."""
+        """Dump this sandbox now, also while a call runs; see :meth:`Sandbox.generate_crashdump`.
+
+        With ``processes=N``, while the sandbox is being made again in the
+        replacement of its dead worker process, this waits for it as a queued
+        call does (and fails as the queued calls do if it cannot be made)."""
         return await self._supervisor.generate_crashdump(self, directory)
 
     def __repr__(self) -> str:
