@@ -27,22 +27,13 @@ from hlasync import (
 from hlasync import events as ev
 from hlasync.kvm import Kvm
 from tests.conftest import require_tool
+from tests.ray import require_ray
 
 pytestmark = pytest.mark.anyio
 
 HEAD, SECOND = "hlasync_test_head", "hlasync_test_second"
 #: The module's Ray cluster (ray.cluster_utils.Cluster), and the node arguments.
 _CLUSTER: dict[str, Any] = {}
-
-
-def _ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        if os.environ.get("HLASYNC_REQUIRE_KVM") == "1":
-            pytest.fail("ray is not installed (README's install command installs it)")
-        pytest.skip("ray is not installed (python -m pip install -e '.[ray]')")
-    return ray
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -53,7 +44,7 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="module")
 def cluster(kvm: Kvm) -> Iterator[dict[str, str]]:
     """Two Ray nodes: the head (kvm: 2) and a second node (kvm: 1); their ids."""
-    ray = _ray()
+    ray = require_ray()
     import importlib
 
     Cluster: Any = importlib.import_module("ray.cluster_utils").Cluster  # noqa: N806
@@ -228,7 +219,7 @@ async def test_an_actor_killed_mid_load_fails_its_calls_and_comes_back(
     at once); one actor is killed: every call sent to it fails with
     WorkerLost naming the node, WorkerDied counts them, a new actor takes its
     place, and every other call completes."""
-    ray = _ray()
+    ray = require_ray()
     from hlasync.ray import RaySupervisor
 
     entered: list[int] = []
@@ -287,7 +278,7 @@ async def test_a_node_that_dies_takes_its_calls_and_its_pool_moves(
     call waits in a host function, and the node is removed: the call fails
     with WorkerLost naming that node, and the actor and its pool are made
     again on a remaining node."""
-    ray = _ray()
+    ray = require_ray()
     import importlib
 
     from hlasync.ray import RaySupervisor

@@ -28,6 +28,7 @@ import pytest
 
 from hlasync import SupervisorError
 from hlasync.kvm import Kvm
+from tests.ray import require_ray
 
 pytestmark = pytest.mark.anyio
 
@@ -41,16 +42,6 @@ _ENV = (
     "RAY_AUTH_TOKEN",
     "RAY_AUTH_TOKEN_PATH",
 )
-
-
-def _ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        if os.environ.get("HLASYNC_REQUIRE_KVM") == "1":
-            pytest.fail("ray is not installed (README's install command installs it)")
-        pytest.skip("ray is not installed (python -m pip install -e '.[ray]')")
-    return ray
 
 
 @pytest.fixture
@@ -73,7 +64,7 @@ def ray_here(kvm: Kvm) -> Iterator[Path]:
     """A short directory for Ray's files (``RAY_TMPDIR``: its socket paths
     stay under 108 bytes) and a home of its own (``~/.ray/auth_token``), no
     ``RAY_ADDRESS`` nor auth settings; Ray shut down and all of it undone after."""
-    ray = _ray()
+    ray = require_ray()
     assert not ray.is_initialized()
     saved = {name: os.environ.get(name) for name in _ENV}
     temp = Path(tempfile.mkdtemp(prefix="hlrl-", dir="/tmp"))
@@ -118,7 +109,7 @@ async def test_kvm_n_lets_n_actors_land_on_a_node_with_fewer_cpus(
     """A node of 2 CPUs offering ``kvm: 4`` takes 4 actors (Ray's default for an
     actor, one CPU to be placed, would fit only 2); ``num_cpus=1`` asks for
     the CPUs again, and the third actor finds none."""
-    ray = _ray()
+    ray = require_ray()
     from hlasync.ray import RaySupervisor
 
     ray.init(
@@ -145,7 +136,7 @@ async def test_with_no_cluster_it_starts_one_offering_kvm_for_each_actor(
 ) -> None:
     """The command of the issue: 4 actors, no ``ray.init()``, no cluster, on a
     machine of 2 CPUs (where it failed to place the third actor)."""
-    ray = _ray()
+    ray = require_ray()
     from hlasync.ray import RaySupervisor
 
     async with RaySupervisor(actors=4, workers=2, start_timeout=20) as sup:
@@ -199,7 +190,7 @@ async def test_it_joins_the_cluster_ray_start_runs_on_this_machine(
     its node) instead of failing to start a second instance. With a token in
     ``~/.ray/auth_token`` the head requires it, and the driver, finding the
     local cluster itself, sends it."""
-    ray = _ray()
+    ray = require_ray()
     from hlasync.ray import RaySupervisor
 
     ray_bin = Path(sys.executable).with_name("ray")
