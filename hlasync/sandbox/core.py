@@ -19,7 +19,6 @@ import enum
 import itertools
 import logging
 import os
-import sys
 import threading
 import time
 import weakref
@@ -584,6 +583,7 @@ class Sandbox:
         """Run a call made holder by :meth:`_begin_call`, to its outcome."""
         outcome = SandboxState.POISONED
         name = signature.name
+        failed: BaseException | None = None  # what the call raised, if anything
         try:
             if call.stop_requested():
                 outcome = SandboxState.READY  # no guest code ran
@@ -602,15 +602,19 @@ class Sandbox:
             result = runner.run(self, call, signature)
             outcome = SandboxState.READY
             return result
-        except (HostFunctionError, GuestResultError):
+        except (HostFunctionError, GuestResultError) as exc:
             outcome = SandboxState.READY  # the vCPU is (back) at the dispatcher
+            failed = exc
+            raise
+        except BaseException as exc:
+            failed = exc
             raise
         finally:
             if self._end_call(call, outcome):
                 # The stop wins over whatever the call came to meanwhile (a result,
                 # a fault, an abort): each stop that said True is one GuestCancelled,
                 # and what the guest did is its cause (a crash keeps its dump).
-                error, failed = self._cancelled_error(call), sys.exc_info()[1]
+                error = self._cancelled_error(call)
                 if failed is not None and not isinstance(failed, GuestCancelled):
                     raise error from failed
                 raise error

@@ -414,3 +414,31 @@ def test_an_interrupt_that_meets_a_fault_is_one_guest_cancelled(
         assert sb.call("add", 1, 2) == 3
     finally:
         sb.close()
+
+
+def test_an_interrupt_that_meets_a_result_has_no_cause(
+    kvm: Kvm, simpleguest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The interrupt wins over a result too; that GuestCancelled has no cause,
+    even when the call was made while the caller handled an exception of its
+    own (that exception is not the call's)."""
+    sb = Sandbox(simpleguest)
+    stopped: list[bool] = []
+    read = runner._read_result
+
+    def read_then_interrupted(*args: Any, **kwargs: Any) -> Any:
+        value = read(*args, **kwargs)
+        stopped.append(sb.interrupt())  # lands as the result is read
+        return value
+
+    monkeypatch.setattr(runner, "_read_result", read_then_interrupted)
+    try:
+        try:
+            raise KeyError("the caller's own")
+        except KeyError:
+            with pytest.raises(GuestCancelled) as info:
+                sb.call("add", 1, 2)
+        assert stopped == [True]
+        assert info.value.__cause__ is None
+    finally:
+        sb.close()
