@@ -27,6 +27,7 @@ from hlasync import events as ev
 from hlasync.kvm import Kvm
 from hlasync.supervisor import Supervisor
 from hlasync.supervisor.channel import Decoder, DescribedError, describe, encode
+from hlasync.supervisor.messages import Abandon, Call, ToWorker, Undecodable
 
 pytestmark = pytest.mark.anyio
 
@@ -57,13 +58,14 @@ def test_a_message_holding_a_class_the_receiver_lacks_arrives_as_undecodable(
 ) -> None:
     """Only that message: the rest of its batch arrives as sent."""
     level = main_class("Level", int)
-    frame = encode([("call", 1, "pool#1", "add", (level(2), 3), None, None), ("abandon", 2, False)])
+    frame = encode([Call(1, "pool#1", "add", (level(2), 3), None, None), Abandon(2, False)])
     monkeypatch.delattr(sys.modules["__main__"], "Level")  # as in a worker
-    (batch,) = Decoder().feed(frame)
-    assert batch[1] == ("abandon", 2, False)
-    kind, what, ident, reason = batch[0]
-    assert (kind, what, ident) == ("undecodable", "call", 1)
-    assert "__main__.Level cannot be imported" in str(reason)
+    (batch,) = Decoder[ToWorker]().feed(frame)
+    assert batch[1] == Abandon(2, False)
+    undecodable = batch[0]
+    assert isinstance(undecodable, Undecodable)
+    assert (undecodable.kind, undecodable.ident) == (Call, 1)
+    assert "__main__.Level cannot be imported" in undecodable.reason
 
 
 def _explode() -> None:
@@ -78,8 +80,9 @@ class Explodes:
 def test_a_frame_nothing_can_be_salvaged_of_raises() -> None:
     """Not a missing class but a value that fails to rebuild: the receiver
     cannot tell which request it was, and must not go on as if nothing came."""
+    frame = encode([Call(1, "pool#1", "add", (Explodes(),), None, None)])
     with pytest.raises(RuntimeError, match="will not rebuild"):
-        list(Decoder().feed(encode([("call", 1, "pool#1", "add", (Explodes(),), None, None)])))
+        list(Decoder[ToWorker]().feed(frame))
 
 
 def test_an_exception_crosses_as_a_description(main_class: Callable[..., type]) -> None:

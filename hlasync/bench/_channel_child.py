@@ -1,7 +1,7 @@
 """The far end of the channel benchmark (``suite_channel``): reads frames from
-the given channel and answers each ``call`` message with a ``done`` one, all
+the given channel and answers each ``Call`` message with a ``Done`` one, all
 the answers to one frame in one frame (as a worker batches its completions);
-``bye`` or the end of the channel stops it.
+``Shutdown`` or the end of the channel stops it.
 
 ``python -m hlasync.bench._channel_child KIND FD...`` with KIND ``pipe``
 (read FD, write FD), ``socketpair`` (socket FD) or ``shared-memory ring``
@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 
 from ..supervisor.channel import Decoder, encode
+from ..supervisor.messages import Call, Done, Shutdown, ToSupervisor, ToWorker
 
 
 def main(argv: list[str]) -> None:
@@ -45,22 +46,24 @@ def main(argv: list[str]) -> None:
         send = up.write
 
         def receive() -> bytes:
-            while True:  # a ring has no end: ``bye`` stops the child
+            while True:  # a ring has no end: ``Shutdown`` stops the child
                 data = down.read()
                 if data:
                     return data
 
-    decoder = Decoder()
+    decoder = Decoder[ToWorker]()
     while True:
         data = receive()
         if not data:
             return
-        answers: list[tuple[object, ...]] = []
+        answers: list[ToSupervisor] = []
         for batch in decoder.feed(data):
             for message in batch:
-                if message[0] == "bye":
-                    return
-                answers.append(("done", message[1], 3))
+                match message:
+                    case Call(call_id=call_id):
+                        answers.append(Done(call_id, 3, None, None, {}))
+                    case Shutdown():
+                        return
         if answers:
             send(encode(answers))
 

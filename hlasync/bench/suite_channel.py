@@ -35,6 +35,7 @@ from typing import Any
 import anyio
 
 from ..supervisor.channel import Decoder, encode
+from ..supervisor.messages import Call, Shutdown, ToSupervisor, Undecodable
 from ._common import SuiteOutput, format_ns, gc_paused, machine_lines
 
 __all__ = ["RING_BYTES", "Ring", "suite"]
@@ -46,7 +47,7 @@ _TAIL_AT, _HEAD_AT, _DATA_AT = 0, 64, 128  # the two indices on their own cache 
 WINDOW = 64
 CANDIDATES = ("pipe", "socketpair", "shared-memory ring")
 #: A call message as the supervisor sends it (call id, target, function, args, limits).
-CALL = ("call", 0, "pool-1#0", "add", (1, 2), None, None)
+CALL = Call(0, "pool-1#0", "add", (1, 2), None, None)
 
 
 class Ring:
@@ -141,9 +142,9 @@ class _Link:
             os.close(fd)
         if kind == "socketpair":
             self._theirs.close()
-        self.decoder = Decoder()
+        self.decoder = Decoder[ToSupervisor]()
 
-    async def messages(self) -> list[tuple[object, ...]]:
+    async def messages(self) -> list[ToSupervisor | Undecodable]:
         """Wait (on the event loop) for the next frames; their messages."""
         while True:
             await anyio.wait_readable(self.read_fd)
@@ -154,7 +155,7 @@ class _Link:
             if out:
                 return out
 
-    def messages_blocking(self) -> list[tuple[object, ...]]:
+    def messages_blocking(self) -> list[ToSupervisor | Undecodable]:
         """The same without an event loop: this thread sleeps in poll()."""
         poller = select.poll()
         poller.register(self.read_fd, select.POLLIN)
@@ -166,7 +167,7 @@ class _Link:
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
-            self.send(encode([("bye",)]))
+            self.send(encode([Shutdown()]))
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:

@@ -4,10 +4,10 @@ socket (``socketpair``) carrying frames, each a pickled *batch* of messages
 accumulated since their last write in one frame, so a busy channel costs one
 system call per batch, not per call.
 
-A message is a tuple whose first item names it and whose second, for a
-request or its answer, says which one it is (see ``worker.py`` and
-``processes.py`` for the vocabulary). Only the supervisor's own worker
-processes are on the other end: the pickles are trusted.
+A message is one of the records of :mod:`.messages` (whose
+``ident_field``, for a request or its answer, says which one it is). Only the
+supervisor's own worker processes are on the other end: the pickles are
+trusted.
 
 What one side pickles the other cannot always unpickle: a class of the
 application's ``__main__`` exists in the supervisor's process only. Two rules
@@ -18,10 +18,10 @@ keep that from breaking the channel:
   itself: the side that raised it keeps the original. (hlasync's own errors,
   whose classes both sides have, cross as themselves.)
 - A message that holds something the receiver cannot import arrives as
-  ``("undecodable", kind, ident, reason)`` (its kind and second item, and
-  why), so that the receiver fails that one request; the rest of its batch
-  arrives as sent. A frame of which not even that can be read raises its
-  unpickling error.
+  :class:`~.messages.Undecodable` (its class, which request it is, and why),
+  so that the receiver fails that one request; the rest of its batch arrives
+  as sent. A frame of which not even that can be read, or whose bad message
+  does not say which request it is, raises its unpickling error.
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ import pickle
 import struct
 import threading
 import traceback
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Generic, TypeVar
+
+from .messages import Message, Undecodable, ident_of
 
 __all__ = ["MAX_FRAME", "Decoder", "DescribedError", "SocketSender", "describe", "encode"]
 
@@ -42,21 +44,26 @@ _HEADER = struct.Struct("<I")
 #: The largest frame either side accepts (a batch of large call arguments fits).
 MAX_FRAME = 1 << 30
 
+#: What one end receives (``ToWorker`` or ``ToSupervisor``), or sends.
+M = TypeVar("M", bound=Message)
 
-def encode(messages: list[tuple[object, ...]]) -> bytes:
+
+def encode(messages: Sequence[Message]) -> bytes:
     body = pickle.dumps(messages, protocol=pickle.HIGHEST_PROTOCOL)
     if len(body) > MAX_FRAME:
         raise ValueError(f"a batch of {len(body)} bytes exceeds the channel's {MAX_FRAME}")
     return _HEADER.pack(len(body)) + body
 
 
-class Decoder:
-    """Bytes in, batches out (a frame may arrive in pieces)."""
+class Decoder(Generic[M]):
+    """Bytes in, batches out (a frame may arrive in pieces): the messages the
+    other end sent (``M``), one it could not have sent readably replaced by an
+    :class:`~.messages.Undecodable`."""
 
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> Iterator[list[tuple[object, ...]]]:
+    def feed(self, data: bytes) -> Iterator[list[M | Undecodable]]:
         buffer = self._buffer
         buffer += data
         while len(buffer) >= _HEADER.size:
@@ -69,13 +76,13 @@ class Decoder:
             body = bytes(buffer[_HEADER.size : end])
             del buffer[:end]
             try:
-                batch = pickle.loads(body)
+                batch: list[M | Undecodable] = pickle.loads(body)
             except Exception as exc:  # noqa: BLE001 - salvaged message by message, or raised
                 batch = _salvage(body, exc)
             yield batch
 
 
-class SocketSender:
+class SocketSender(Generic[M]):
     """Sends from any thread on a blocking socket, without a thread of its own:
     the thread that posts into an idle sender writes, and whatever other
     threads post meanwhile goes out with its next write (one frame per batch,
@@ -83,13 +90,13 @@ class SocketSender:
 
     def __init__(self, sock: object) -> None:
         self._sendall = sock.sendall  # type: ignore[attr-defined]
-        self._queue: list[tuple[object, ...]] = []
+        self._queue: list[M] = []
         self._lock = threading.Lock()
         self._writing = False
         self._closed = False
         self.broken = False
 
-    def post(self, message: tuple[object, ...]) -> None:
+    def post(self, message: M) -> None:
         with self._lock:
             if self._closed:
                 return
@@ -220,31 +227,28 @@ class _Salvager(pickle.Unpickler):
             return type("Missing", (_Missing,), {"missing": f"{module}.{name}"})
 
 
-def _salvage(body: bytes, error: Exception) -> list[tuple[object, ...]]:
+def _salvage(body: bytes, error: Exception) -> list[Any]:
     """The batch in ``body``, which does not unpickle here (``error``), each
-    message that holds what cannot be imported here replaced by
-    ``("undecodable", kind, ident, reason)``. ``error`` is raised when the
-    batch cannot be read even so, or a bad message does not say what it is."""
+    message that holds what cannot be imported here replaced by an
+    :class:`~.messages.Undecodable` of its class and identity. ``error`` is
+    raised when the batch cannot be read even so, or a bad message does not
+    say which request it is."""
     try:
         batch = _Salvager(io.BytesIO(body)).load()
     except Exception:  # noqa: BLE001 - not a missing class: nothing to salvage
         raise error from None
     if not isinstance(batch, list):
         raise error
-    salvaged: list[tuple[object, ...]] = []
+    salvaged: list[Any] = []
     for message in batch:
         reason = _what_is_missing(message)
         if reason is None:
             salvaged.append(message)
             continue
-        if not (
-            isinstance(message, tuple)
-            and len(message) >= 2
-            and isinstance(message[0], str)
-            and isinstance(message[1], (int, str))
-        ):
+        ident = ident_of(message) if isinstance(message, Message) else None
+        if ident is None:
             raise error
-        salvaged.append(("undecodable", message[0], message[1], reason or _reason(error)))
+        salvaged.append(Undecodable(type(message), ident, reason or _reason(error)))
     return salvaged
 
 

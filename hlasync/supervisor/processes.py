@@ -41,7 +41,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, assert_never
 
 import anyio
 import anyio.abc
@@ -59,6 +59,33 @@ from .channel import Decoder, DescribedError, describe, encode
 from .host import STOP_TIMEOUT
 from .jobs import Job
 from .loop import Outbox
+from .messages import (
+    Abandon,
+    Call,
+    CancelHost,
+    Close,
+    Closed,
+    Create,
+    Created,
+    CreateFailed,
+    Done,
+    Dump,
+    DumpDone,
+    Hello,
+    HostCall,
+    HostReply,
+    Init,
+    Interest,
+    Message,
+    Output,
+    Published,
+    Register,
+    Shutdown,
+    Stderr,
+    ToSupervisor,
+    ToWorker,
+    Undecodable,
+)
 from .specs import HostKey, TargetSpec
 from .targets import SupervisedSandbox, Target
 
@@ -74,6 +101,8 @@ START_TIMEOUT = 30.0
 #: At most this many plain host functions run at once (each on its own thread).
 HOST_THREADS = 64
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+#: What a request to a worker waits for: the answer's class, the request's identity.
+_Answer = tuple[type[Message], int | str]
 
 
 class _Shard:
@@ -111,13 +140,15 @@ class _Worker:
         #: starts only once the channel of the one before has ended.
         self.generation = 0
         self.gone = anyio.Event()
-        self.outgoing: list[tuple[object, ...]] = []
+        self.outgoing: list[ToWorker] = []
         self.unsent = bytearray()
         self.flush_scheduled = False
         self.writable = anyio.Event()
         self.inflight: dict[int, tuple[Job, _Shard]] = {}
         self.shards: dict[str, _Shard] = {}
-        self.waiting: dict[object, tuple[anyio.Event, list[Any]]] = {}
+        #: Requests waiting for their answer, by the answer's class and the
+        #: request's identity; the outcome is the answer, or why there is none.
+        self.waiting: dict[_Answer, tuple[anyio.Event, list[ToSupervisor | BaseException]]] = {}
         self.counters: dict[str, int] = {}
         #: The Ray node it runs on (hlasync.ray), and how messages name it.
         self.node: str | None = None
@@ -252,14 +283,11 @@ class ProcessBackend:
             ]
         self._send(
             worker,
-            (
-                "init",
-                {
-                    "workers": self.workers_per_process,
-                    "pin_cpus": pins,
-                    "sys_path": [p for p in sys.path if p],
-                    "interest": self._front._hub.interest_names(),
-                },
+            Init(
+                workers=self.workers_per_process,
+                pin_cpus=pins,
+                sys_path=[p for p in sys.path if p],
+                interest=self._front._hub.interest_names(),
             ),
         )
         with anyio.move_on_after(START_TIMEOUT):
@@ -294,7 +322,7 @@ class ProcessBackend:
         for worker in self._workers:
             if worker.alive:
                 worker.leaving = True
-                self._send(worker, ("shutdown",))
+                self._send(worker, Shutdown())
         with anyio.move_on_after(STOP_TIMEOUT + 3.0):
             for worker in self._workers:
                 if worker.alive:
@@ -311,7 +339,7 @@ class ProcessBackend:
                 worker.sock.close()
                 worker.sock = None
             for event, outcome in worker.waiting.values():
-                outcome.append((False, stopped))
+                outcome.append(stopped)
                 event.set()
             worker.waiting.clear()
         # Idle host threads end now; one stuck in a host function is left behind.
@@ -323,7 +351,7 @@ class ProcessBackend:
             await anyio.sleep(0.005)
 
     # ------------------------------------------------------------- channels
-    def _send(self, worker: _Worker, message: tuple[object, ...]) -> None:
+    def _send(self, worker: _Worker, message: ToWorker) -> None:
         """Queue ``message`` (on the loop); one frame per loop iteration."""
         worker.outgoing.append(message)
         if not worker.flush_scheduled:
@@ -370,29 +398,30 @@ class ProcessBackend:
         except (OSError, ValueError):
             return  # the socket closed under us: the reader reports it
 
-    def _unsendable(self, worker: _Worker, batch: list[tuple[object, ...]], exc: Exception) -> None:
+    def _unsendable(self, worker: _Worker, batch: list[ToWorker], exc: Exception) -> None:
         """One message in ``batch`` does not pickle: send the others, fail its call."""
         for message in batch:
             try:
                 worker.unsent += encode([message])
             except Exception:  # noqa: BLE001 - this one
-                if message[0] == "call":
-                    found = worker.inflight.pop(message[1], None)  # type: ignore[call-overload]
-                    if found is not None:
-                        job, shard = found
-                        shard.inflight -= 1
-                        self._finish(
-                            job,
-                            None,
-                            SupervisorError(f"the call's arguments cannot be sent: {exc}"),
-                        )
-                elif message[0] == "host_reply":
-                    error = TypeError(f"the host function's result cannot be sent: {exc}")
-                    worker.unsent += encode([("host_reply", message[1], False, error)])
+                match message:
+                    case Call(call_id=call_id):
+                        found = worker.inflight.pop(call_id, None)
+                        if found is not None:
+                            job, shard = found
+                            shard.inflight -= 1
+                            self._finish(
+                                job,
+                                None,
+                                SupervisorError(f"the call's arguments cannot be sent: {exc}"),
+                            )
+                    case HostReply(reply_id=reply_id):
+                        error = TypeError(f"the host function's result cannot be sent: {exc}")
+                        worker.unsent += encode([HostReply(reply_id, False, error)])
         self._write(worker)
 
     async def _reader(self, worker: _Worker) -> None:
-        decoder = Decoder()
+        decoder = Decoder[ToSupervisor]()
         sock = worker.sock
         assert sock is not None
         try:
@@ -419,56 +448,71 @@ class ProcessBackend:
             if not worker.leaving and not self._closing:
                 self._spawn(self._worker_died, worker)
 
-    def _handle(self, worker: _Worker, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "done":
-            _, call_id, result, error, _sandbox_id, counters = message
-            worker.counters = counters
-            self._done(worker, call_id, result, error)
-        elif kind == "event":
-            event = message[1]
-            if isinstance(event, ev.CallFailed):
-                self._restore_cause(event.call_id, event.error)
-            if worker.node is not None:
-                event = dataclasses.replace(event, node=worker.node)
-            self._front._hub.deliver(event)
-        elif kind == "host":
-            self._spawn(self._host_call, worker, worker.generation, *message[1:])
-        elif kind == "output":
-            _, key, level, text = message
-            output = self._outputs.get(key)
-            if output is not None:
-                if level is None:
-                    output(text)
-                else:
-                    output(level, text)
-            elif not self._front._hub.wants(ev.GuestOutput):
-                if level is None:
-                    sys.stdout.write(text)
-                    sys.stdout.flush()
-                else:
-                    from ..js.host import default_output
+    def _handle(self, worker: _Worker, message: ToSupervisor | Undecodable) -> None:
+        match message:
+            case Done(call_id=call_id, result=result, error=error, counters=counters):
+                worker.counters = counters
+                self._done(worker, call_id, result, error)
+            case Published(event=event):
+                if isinstance(event, ev.CallFailed):
+                    self._restore_cause(event.call_id, event.error)
+                if worker.node is not None:
+                    event = dataclasses.replace(event, node=worker.node)
+                self._front._hub.deliver(event)
+            case HostCall():
+                self._spawn(self._host_call, worker, worker.generation, message)
+            case Output(key=key, level=level, text=text):
+                self._output(key, level, text)
+            case CancelHost(call_id=call_id):
+                for scope in self._host_scopes.get(call_id, []):
+                    scope.cancel()
+            case Created(key=key) | CreateFailed(key=key):
+                answered = self._answered(worker, (Created, key), message)
+                if not answered and isinstance(message, Created):  # made for nobody: discard it
+                    self._send(worker, Close(key))
+            case Closed(key=key):
+                self._answered(worker, (Closed, key), message)
+            case DumpDone(reply_id=reply_id):
+                self._answered(worker, (DumpDone, reply_id), message)
+            case Stderr(text=text):  # what the worker printed (dump paths, warnings)
+                sys.stderr.write(text)
+                sys.stderr.flush()
+            case Hello():
+                worker.ready.set()
+            case Undecodable(kind=kind, ident=ident, reason=reason):
+                self._undecodable(worker, kind, ident, reason)
+            case _:
+                assert_never(message)
 
-                    default_output(level, text)
-        elif kind == "cancel_host":
-            for scope in self._host_scopes.get(message[1], []):
-                scope.cancel()
-        elif kind in ("created", "create_failed", "closed", "dump_done"):
-            key = message[1]
-            waiter = worker.waiting.pop((kind if kind != "create_failed" else "created", key), None)
-            if waiter is not None:
-                event, outcome = waiter
-                outcome.append(message)
-                event.set()
-            elif kind == "created":  # nobody waits any more (cancelled): discard it
-                self._send(worker, ("close", key))
-        elif kind == "stderr":  # what the worker printed (dump paths, warnings)
-            sys.stderr.write(message[1])
-            sys.stderr.flush()
-        elif kind == "hello":
-            worker.ready.set()
-        elif kind == "undecodable":
-            self._undecodable(worker, message[1], message[2], message[3])
+    def _output(self, key: str, level: str | None, text: str) -> None:
+        """What a guest of shard ``key`` printed: to its target's output callback,
+        else (when no subscriber takes GuestOutput) to this process's stdout."""
+        output = self._outputs.get(key)
+        if output is not None:
+            if level is None:
+                output(text)
+            else:
+                output(level, text)
+        elif not self._front._hub.wants(ev.GuestOutput):
+            if level is None:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            else:
+                from ..js.host import default_output
+
+                default_output(level, text)
+
+    def _answered(
+        self, worker: _Worker, answer: _Answer, outcome: ToSupervisor | BaseException
+    ) -> bool:
+        """Hand ``outcome`` to the request waiting for ``answer``; False when none waits."""
+        waiter = worker.waiting.pop(answer, None)
+        if waiter is None:
+            return False
+        event, outcomes = waiter
+        outcomes.append(outcome)
+        event.set()
+        return True
 
     def _done(self, worker: _Worker, call_id: int, result: Any, error: Any) -> None:
         """The outcome of a call ``worker`` ran (its sandbox is free again)."""
@@ -485,36 +529,33 @@ class ProcessBackend:
         if shard.target in self._waiting:
             self._dispatch(shard.target)
 
-    def _undecodable(self, worker: _Worker, kind: str, ident: Any, reason: str) -> None:
+    def _undecodable(
+        self, worker: _Worker, kind: type[Message], ident: int | str, reason: str
+    ) -> None:
         """A message from ``worker`` that this process cannot unpickle (it holds a
         class only the worker has): whatever waits for it fails, saying why."""
         where = f"worker process {worker.index} (pid {worker.pid}{worker.where})"
         error = SupervisorError(
-            f"{where} sent a {kind!r} message this process cannot unpickle: {reason}"
+            f"{where} sent a {kind.__name__} message this process cannot unpickle: {reason}"
         )
-        if kind == "done":
+        if kind is Done and isinstance(ident, int):
             self._done(worker, ident, None, error)
-        elif kind == "host":  # the guest waits for an answer
-            self._send(worker, ("host_reply", ident, False, describe(error)))
-        elif kind in ("created", "create_failed", "closed", "dump_done"):
-            waiter = worker.waiting.pop(
-                ("created" if kind == "create_failed" else kind, ident), None
-            )
-            if waiter is not None:
-                event, outcome = waiter
-                outcome.append((False, error))
-                event.set()
+        elif kind is HostCall and isinstance(ident, int):  # the guest waits for an answer
+            self._send(worker, HostReply(ident, False, describe(error)))
+        elif kind in (Created, CreateFailed):
+            self._answered(worker, (Created, ident), error)
+        elif kind in (Closed, DumpDone):
+            self._answered(worker, (kind, ident), error)
         else:
             self._front._report(error)
 
-    async def _request(
-        self, worker: _Worker, message: tuple[Any, ...], answer: tuple[str, object]
-    ) -> tuple[Any, ...]:
-        """Send ``message`` and wait for the worker's answer named ``answer``
-        (a cancelled wait leaves the answer unclaimed: a shard made for nobody
-        is closed when it arrives)."""
+    async def _request(self, worker: _Worker, message: ToWorker, answer: _Answer) -> ToSupervisor:
+        """Send ``message`` and wait for the worker's answer ``answer`` (its
+        class and the request's identity); raises what fails the request (a
+        cancelled wait leaves the answer unclaimed: a shard made for nobody is
+        closed when it arrives)."""
         event = anyio.Event()
-        outcome: list[Any] = []
+        outcome: list[ToSupervisor | BaseException] = []
         worker.waiting[answer] = (event, outcome)
         self._send(worker, message)
         try:
@@ -523,9 +564,9 @@ class ProcessBackend:
             worker.waiting.pop(answer, None)
             raise
         reply = outcome[0]
-        if isinstance(reply, tuple) and reply and reply[0] is False:
-            raise reply[1]
-        return reply  # type: ignore[no-any-return]
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
 
     # -------------------------------------------------------------- targets
     async def create(
@@ -559,7 +600,7 @@ class ProcessBackend:
         except BaseException:
             for shard in shards:
                 if shard.ready:
-                    self._send(shard.worker, ("close", shard.key))
+                    self._send(shard.worker, Close(shard.key))
                 shard.worker.shards.pop(shard.key, None)
             raise
         self._targets.append(target)
@@ -571,22 +612,23 @@ class ProcessBackend:
     async def _make_shard(self, shard: _Shard) -> None:
         worker = shard.worker
         worker.shards[shard.key] = shard
-        reply = await self._request(
-            worker, ("create", shard.key, shard.spec), ("created", shard.key)
-        )
-        if reply[0] == "create_failed":
-            worker.shards.pop(shard.key, None)
-            error = reply[2]
-            raise error if isinstance(error, BaseException) else SupervisorError(str(error))
-        shard.sandbox_ids = list(reply[2])
-        shard.ready = True
+        reply = await self._request(worker, Create(shard.key, shard.spec), (Created, shard.key))
+        match reply:
+            case Created(sandbox_ids=sandbox_ids):
+                shard.sandbox_ids = list(sandbox_ids)
+                shard.ready = True
+            case CreateFailed(error=error):
+                worker.shards.pop(shard.key, None)
+                raise error
+            case _:
+                raise SupervisorError(f"{reply!r} does not answer {shard.key}'s creation")
 
     def register_host_function(
         self, target: Target, name: str, function: Callable[..., Any]
     ) -> None:
         for shard in _shards(target):
             self._callables[shard.key] = {**self._callables.get(shard.key, {}), (name,): function}
-            self._send(shard.worker, ("register", shard.key, name))
+            self._send(shard.worker, Register(shard.key, name))
 
     def sandbox_ids(self, target: Target) -> list[str]:
         return [sandbox_id for shard in _shards(target) for sandbox_id in shard.sandbox_ids]
@@ -611,7 +653,7 @@ class ProcessBackend:
                 worker = shard.worker
                 worker.shards.pop(shard.key, None)
                 if worker.alive:
-                    await self._request(worker, ("close", shard.key), ("closed", shard.key))
+                    await self._request(worker, Close(shard.key), (Closed, shard.key))
                 self._callables.pop(shard.key, None)
                 self._outputs.pop(shard.key, None)
                 for sandbox_id in shard.sandbox_ids:
@@ -626,12 +668,15 @@ class ProcessBackend:
         reply_id = next(self._reply_ids)
         where = None if directory is None else os.fspath(directory)
         reply = await self._request(
-            shard.worker, ("dump", reply_id, shard.key, where), ("dump_done", reply_id)
+            shard.worker, Dump(reply_id, shard.key, where), (DumpDone, reply_id)
         )
-        _, _, path, error = reply
-        if error is not None:
-            raise error
-        return Path(path)
+        match reply:
+            case DumpDone(error=None, path=str(path)):
+                return Path(path)
+            case DumpDone(error=BaseException() as error):
+                raise error
+            case _:
+                raise SupervisorError(f"{reply!r} does not answer a dump of {shard.key}")
 
     async def _sandbox_up(self, shard: _Shard) -> None:
         """Return once ``shard``'s sandboxes can be asked for something. While its
@@ -700,8 +745,7 @@ class ProcessBackend:
         worker.inflight[job.call_id] = (job, shard)
         job.started_at = time.monotonic()
         self._send(
-            worker,
-            ("call", job.call_id, shard.key, job.name, job.args, job.timeout, job.cpu_timeout),
+            worker, Call(job.call_id, shard.key, job.name, job.args, job.timeout, job.cpu_timeout)
         )
 
     def abandon(self, job: Job, dump_on_cancel: bool) -> None:
@@ -717,7 +761,7 @@ class ProcessBackend:
         job.abandoned = True
         for worker in self._workers:
             if job.call_id in worker.inflight:
-                self._send(worker, ("abandon", job.call_id, dump_on_cancel))
+                self._send(worker, Abandon(job.call_id, dump_on_cancel))
                 for scope in self._host_scopes.get(job.call_id, []):
                     scope.cancel()
 
@@ -733,19 +777,12 @@ class ProcessBackend:
         job.result, job.error = result, error
         self._front._job_done(job)
 
-    async def _host_call(
-        self,
-        worker: _Worker,
-        generation: int,
-        reply_id: int,
-        call_id: int,
-        key: str,
-        host_key: HostKey,
-        args: tuple[Any, ...],
-    ) -> None:
+    async def _host_call(self, worker: _Worker, generation: int, request: HostCall) -> None:
         """Run a host function for a worker's guest and send the answer back to
         the launch of the worker that asked (``generation``), or to nobody: the
         host calls of its replacement are numbered anew."""
+        reply_id, call_id, key = request.reply_id, request.call_id, request.key
+        host_key, args = request.host_key, request.args
         function = self._callables.get(key, {}).get(host_key)
         try:
             if function is None:
@@ -765,13 +802,13 @@ class ProcessBackend:
                     raise TimeoutError("host function cancelled by the watchdog")
             else:
                 value = await self._run_sync(function, args)
-            reply: tuple[object, ...] = ("host_reply", reply_id, True, value)
+            reply = HostReply(reply_id, True, value)
         except Exception as exc:  # noqa: BLE001 - the guest's host call fails with it
             # Never the exception itself: the worker may not be able to unpickle
             # its class (one of the application's __main__, say).
             if call_id in worker.inflight:
                 self._raised.setdefault(call_id, {})[reply_id] = exc
-            reply = ("host_reply", reply_id, False, describe(exc, reply_id))
+            reply = HostReply(reply_id, False, describe(exc, reply_id))
         if worker.serves(generation):
             self._send(worker, reply)
 
@@ -831,7 +868,7 @@ class ProcessBackend:
             shard.inflight -= 1
             self._finish(job, None, lost)
         for event, outcome in worker.waiting.values():
-            outcome.append((False, lost))
+            outcome.append(lost)
             event.set()
         worker.waiting.clear()
         shards = list(worker.shards.values())
@@ -913,7 +950,7 @@ class ProcessBackend:
         names = self._front._hub.interest_names()
         for worker in self._workers:
             if worker.alive:
-                self._send(worker, ("interest", names))
+                self._send(worker, Interest(names))
 
     def counts(self) -> dict[str, int]:
         return {

@@ -9,12 +9,10 @@ A message it cannot handle ends it with exit status 1, its calls' outcomes
 unsent: the supervisor sees a worker death (never a quiet end that leaves a
 call waiting).
 
-Messages from the supervisor: ``init``, ``create``, ``call``, ``abandon``,
-``register``, ``close``, ``dump``, ``interest``, ``host_reply``,
-``shutdown`` (and ``undecodable`` in place of one this process cannot
-unpickle, see :mod:`.channel`). To it: ``hello``,
-``created``/``create_failed``, ``done``, ``event``, ``host``, ``output``,
-``stderr``, ``cancel_host``, ``closed``, ``dump_done``.
+The messages are the records of :mod:`.messages`: it receives
+:data:`~.messages.ToWorker` (and :class:`~.messages.Undecodable` in place of
+one this process cannot unpickle, see :mod:`.channel`) and sends
+:data:`~.messages.ToSupervisor`.
 """
 
 from __future__ import annotations
@@ -28,8 +26,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, assert_never
 
 from .. import events as ev
 from ..errors import SupervisorClosed, SupervisorError, portable_error
@@ -38,6 +36,33 @@ from .channel import Decoder, SocketSender
 from .creation import Builder, load_image
 from .host import STOP_TIMEOUT, WorkerHost
 from .jobs import Job, current_job
+from .messages import (
+    Abandon,
+    Call,
+    CancelHost,
+    Close,
+    Closed,
+    Create,
+    Created,
+    CreateFailed,
+    Done,
+    Dump,
+    DumpDone,
+    Hello,
+    HostCall,
+    HostReply,
+    Init,
+    Interest,
+    Message,
+    Output,
+    Published,
+    Register,
+    Shutdown,
+    Stderr,
+    ToSupervisor,
+    ToWorker,
+    Undecodable,
+)
 from .specs import HostKey, TargetSpec
 from .targets import Target
 
@@ -48,12 +73,12 @@ class RemoteHub:
     """The worker's side of event delivery: events the supervisor's
     subscribers want (it says which) are sent over the channel."""
 
-    def __init__(self, send: Callable[[tuple[object, ...]], None]) -> None:
+    def __init__(self, send: Callable[[ToSupervisor], None]) -> None:
         self._send = send
         self._wanted: frozenset[str] = frozenset()
         self._interest: dict[type[ev.Event], bool] = {}
 
-    def set_interest(self, names: list[str]) -> None:
+    def set_interest(self, names: Iterable[str]) -> None:
         self._wanted = frozenset(names)
         self._interest = {}
 
@@ -73,14 +98,14 @@ class RemoteHub:
         error = getattr(event, "error", None)
         if isinstance(error, BaseException):
             event = dataclasses.replace(event, error=portable_error(error))  # type: ignore[call-arg]
-        self._send(("event", event))
+        self._send(Published(event))
 
 
 class _ForwardedStream(io.TextIOBase):
     """The worker's ``sys.stderr``: what is written there (dump paths, log
     warnings) is printed by the supervisor's process, where a user looks."""
 
-    def __init__(self, send: Callable[[tuple[object, ...]], None]) -> None:
+    def __init__(self, send: Callable[[ToSupervisor], None]) -> None:
         self._send = send
 
     def writable(self) -> bool:
@@ -88,7 +113,7 @@ class _ForwardedStream(io.TextIOBase):
 
     def write(self, text: str) -> int:
         if text:
-            self._send(("stderr", text))
+            self._send(Stderr(text))
         return len(text)
 
 
@@ -118,7 +143,7 @@ class HostedTarget(Target):
 class Worker:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.sender = SocketSender(sock)
+        self.sender = SocketSender[ToSupervisor](sock)
         self.send = self.sender.post
         self.hub = RemoteHub(self.send)
         self.host: WorkerHost | None = None
@@ -151,7 +176,7 @@ class Worker:
         return status
 
     def _serve(self) -> None:
-        decoder = Decoder()
+        decoder = Decoder[ToWorker]()
         while True:
             try:
                 data = self.sock.recv(1 << 20)
@@ -164,55 +189,56 @@ class Worker:
                     if self.handle(message):
                         return
 
-    def handle(self, message: tuple[Any, ...]) -> bool:
+    def handle(self, message: ToWorker | Undecodable) -> bool:
         """One message; True when it tells the worker to exit."""
-        kind = message[0]
-        if kind == "call":
-            self.on_call(*message[1:])
-        elif kind == "host_reply":
-            self.answer(message[1], message[2], message[3])
-        elif kind == "abandon":
-            _, call_id, dump = message
-            job = self.jobs.get(call_id)
-            if job is not None and self.host is not None:
-                self.host.abandon(job, "cancelled" if dump else None)
-        elif kind == "interest":
-            self.hub.set_interest(message[1])
-        elif kind == "create":
-            self.operation(lambda: self.on_create(message[1], message[2]))
-        elif kind == "register":
-            self.on_register(message[1], message[2])
-        elif kind == "close":
-            self.operation(lambda: self.on_close(message[1]))
-        elif kind == "dump":
-            self.operation(lambda: self.on_dump(message[1], message[2], message[3]))
-        elif kind == "init":
-            self.on_init(message[1])
-        elif kind == "undecodable":
-            self.on_undecodable(message[1], message[2], message[3])
-        elif kind == "shutdown":
-            return True
+        match message:
+            case Call():
+                self.on_call(message)
+            case HostReply(reply_id=reply_id, ok=ok, value=value):
+                self.answer(reply_id, ok, value)
+            case Abandon(call_id=call_id, dump=dump):
+                job = self.jobs.get(call_id)
+                if job is not None and self.host is not None:
+                    self.host.abandon(job, "cancelled" if dump else None)
+            case Interest(names=names):
+                self.hub.set_interest(names)
+            case Create(key=key, spec=spec):
+                self.operation(lambda: self.on_create(key, spec))
+            case Register(key=key, name=name):
+                self.on_register(key, name)
+            case Close(key=key):
+                self.operation(lambda: self.on_close(key))
+            case Dump(reply_id=reply_id, key=key, directory=directory):
+                self.operation(lambda: self.on_dump(reply_id, key, directory))
+            case Init():
+                self.on_init(message)
+            case Undecodable(kind=kind, ident=ident, reason=reason):
+                self.on_undecodable(kind, ident, reason)
+            case Shutdown():
+                return True
+            case _:
+                assert_never(message)
         return False
 
-    def on_undecodable(self, kind: str, ident: Any, reason: str) -> None:
+    def on_undecodable(self, kind: type[Message], ident: Any, reason: str) -> None:
         """A message this process cannot unpickle (it holds an object of a class
         only the supervisor's process has): the request fails, saying why. One
         that has no answer to fail raises: the worker cannot go on."""
-        if kind == "call":
+        if kind is Call:
             error = SupervisorError(
                 f"the worker process cannot unpickle the call's arguments: {reason}"
             )
-            self.send(("done", ident, None, error, None, self.counters()))
-        elif kind == "host_reply":
+            self.send(Done(ident, None, error, None, self.counters()))
+        elif kind is HostReply:
             what = f"the worker process cannot unpickle the host function's result: {reason}"
             self.answer(ident, False, TypeError(what))
-        elif kind == "create":
+        elif kind is Create:
             error = SupervisorError(
                 f"the worker process cannot unpickle the target's description: {reason}"
             )
-            self.send(("create_failed", ident, error))
+            self.send(CreateFailed(ident, error))
         else:
-            raise SupervisorError(f"a {kind!r} message cannot be unpickled here: {reason}")
+            raise SupervisorError(f"a {kind.__name__} message cannot be unpickled here: {reason}")
 
     def answer(self, reply_id: int, ok: bool, value: Any) -> None:
         """The supervisor's answer to a host call: the guest waiting for it goes on."""
@@ -230,17 +256,17 @@ class Worker:
         self.host.spawn_operation(work)
 
     # ---------------------------------------------------------------- set-up
-    def on_init(self, settings: dict[str, Any]) -> None:
+    def on_init(self, init: Init) -> None:
         sys.stderr = _ForwardedStream(self.send)
-        for entry in reversed(settings.get("sys_path", [])):
+        for entry in reversed(init.sys_path):
             if entry not in sys.path:
                 sys.path.insert(0, entry)
-        self.hub.set_interest(settings.get("interest", []))
-        host = WorkerHost(settings["workers"], settings.get("pin_cpus"), self.hub)
-        host.cancel_host_calls = lambda job: self.send(("cancel_host", job.call_id))
+        self.hub.set_interest(init.interest)
+        host = WorkerHost(init.workers, init.pin_cpus, self.hub)
+        host.cancel_host_calls = lambda job: self.send(CancelHost(job.call_id))
         host.start(self.on_complete, lambda function: function())
         self.host = host
-        self.send(("hello", os.getpid()))
+        self.send(Hello(os.getpid()))
 
     def on_create(self, key: str, spec: TargetSpec) -> None:
         host = self.host
@@ -251,9 +277,9 @@ class Worker:
             # its sys.stdout when nobody subscribes (as in the thread mode).
             output: Callable[..., None]
             if spec.kind == "js":
-                output = lambda level, text: self.send(("output", key, level, text))  # noqa: E731
+                output = lambda level, text: self.send(Output(key, level, text))  # noqa: E731
             else:
-                output = lambda text: self.send(("output", key, None, text))  # noqa: E731
+                output = lambda text: self.send(Output(key, None, text))  # noqa: E731
             builder = Builder(
                 spec,
                 image,
@@ -264,14 +290,16 @@ class Worker:
             )
             sandboxes = builder.make_all()
         except BaseException as exc:  # noqa: BLE001 - reported to the caller
-            self.send(("create_failed", key, portable_error(exc)))
+            error = portable_error(exc)
+            assert error is not None
+            self.send(CreateFailed(key, error))
             return
         target = HostedTarget(spec, builder)
         target._factory = builder.another
         target._host_functions = dict(builder.sandbox_functions)
         host.add_target(target, sandboxes)
         self.targets[key] = target
-        self.send(("created", key, [sb.id for sb in sandboxes]))
+        self.send(Created(key, tuple(sb.id for sb in sandboxes)))
 
     def on_register(self, key: str, name: str) -> None:
         target = self.targets.get(key)
@@ -291,7 +319,7 @@ class Worker:
             with self.lock:
                 reply_id = next(self.reply_ids)
                 self.replies[reply_id] = reply
-            self.send(("host", reply_id, job.call_id if job else 0, key, host_key, args))
+            self.send(HostCall(reply_id, job.call_id if job else 0, key, host_key, args))
             reply.event.wait()
             ok, value = reply.outcome
             if ok:
@@ -301,30 +329,23 @@ class Worker:
         return call_supervisor
 
     # ----------------------------------------------------------------- calls
-    def on_call(
-        self,
-        call_id: int,
-        key: str,
-        name: str,
-        args: tuple[Any, ...],
-        timeout: float | None,
-        cpu_timeout: float | None,
-    ) -> None:
+    def on_call(self, call: Call) -> None:
         host = self.host
-        target = self.targets.get(key)
+        target = self.targets.get(call.key)
         if host is None or target is None or target._closed:
-            closed = SupervisorClosed(f"{key} is not open in this worker")
-            self.send(("done", call_id, None, closed, None, self.counters()))
+            closed = SupervisorClosed(f"{call.key} is not open in this worker")
+            self.send(Done(call.call_id, None, closed, None, self.counters()))
             return
-        job = Job(call_id, target, target.functions[name], args, timeout, cpu_timeout)
-        self.jobs[call_id] = job
+        function = target.functions[call.function]
+        job = Job(call.call_id, target, function, call.args, call.timeout, call.cpu_timeout)
+        self.jobs[call.call_id] = job
         host.submit(job)
 
     def on_complete(self, job: Job) -> None:
         self.jobs.pop(job.call_id, None)
         sandbox_id = job.sandbox.id if job.sandbox is not None else None
         error = portable_error(job.error)
-        self.send(("done", job.call_id, job.result, error, sandbox_id, self.counters()))
+        self.send(Done(job.call_id, job.result, error, sandbox_id, self.counters()))
 
     def on_close(self, key: str) -> None:
         host = self.host
@@ -338,7 +359,7 @@ class Worker:
                 time.sleep(0.005)
             host.close_sandboxes(members or [])
             self.targets.pop(key, None)
-        self.send(("closed", key))
+        self.send(Closed(key))
 
     def on_dump(self, reply_id: int, key: str, directory: str | None) -> None:
         target = self.targets.get(key)
@@ -348,10 +369,10 @@ class Worker:
             sandbox: Sandbox = target._members[0]
             path = sandbox.generate_crashdump(directory)
         except BaseException as exc:  # noqa: BLE001 - reported to the caller
-            self.send(("dump_done", reply_id, None, portable_error(exc)))
+            self.send(DumpDone(reply_id, None, portable_error(exc)))
             return
         assert self.host is not None
-        self.send(("dump_done", reply_id, path, None))
+        self.send(DumpDone(reply_id, str(path), None))
 
     # ------------------------------------------------------------- shutdown
     def stop(self) -> None:
