@@ -15,6 +15,7 @@ import anyio
 from ..crashdump.placement import resolve_directory, write_atomically
 from ..crashdump.writer import pwrite_all
 from ..errors import CrashdumpError, HlasyncError, SupervisorClosed, SupervisorError
+from ..supervisor.backend import Backend
 from ..supervisor.core import Supervisor
 from ..supervisor.targets import SupervisedSandbox, Target
 from .backend import RayBackend
@@ -116,6 +117,12 @@ class RaySupervisor(Supervisor):
         for key, instead in _OWN_OPTIONS.items():
             if key in options:
                 raise ValueError(f"actor_options cannot set {key!r}: {instead}")
+        self.address = address
+        self.resources = resources
+        self.num_cpus = num_cpus
+        self.fetch_dumps = Path(fetch_dumps) if fetch_dumps is not None else None
+        self._actor_options = options
+        self._start_timeout = float(start_timeout)
         super().__init__(
             workers=workers,
             processes=actors,
@@ -125,16 +132,21 @@ class RaySupervisor(Supervisor):
             dump_on_cancel=dump_on_cancel,
             shutdown_grace=shutdown_grace,
         )
-        self.address = address
-        self.resources = resources
-        self.num_cpus = num_cpus
-        self.fetch_dumps = Path(fetch_dumps) if fetch_dumps is not None else None
+
+    def _make_backend(self, processes: int, workers: int) -> Backend:
+        """Workers that are Ray actors (``processes`` of them)."""
         fetch = (self._fetch_into, self.fetch_dumps) if self.fetch_dumps is not None else None
         self._ray_backend = RayBackend(
-            self, actors, workers, resources, num_cpus, options, float(start_timeout), fetch
+            self,
+            processes,
+            workers,
+            self.resources,
+            self.num_cpus,
+            self._actor_options,
+            self._start_timeout,
+            fetch,
         )
-        self._backend = self._ray_backend
-        self.workers = self._ray_backend.workers
+        return self._ray_backend
 
     async def __aenter__(self) -> RaySupervisor:
         try:

@@ -24,6 +24,7 @@ from ..config import SandboxConfig
 from ..errors import GuestCancelled, GuestTimeout, SupervisorBusy, SupervisorClosed
 from ..guest.image import GuestImage
 from ..sandbox import check_call
+from .backend import Backend
 from .creation import load_image
 from .hub import EventHub
 from .jobs import DEFAULT, Job, check_limit
@@ -112,11 +113,7 @@ class Supervisor:
         self.shutdown_grace = shutdown_grace
 
         self._hub = EventHub()
-        self._backend: ThreadBackend | ProcessBackend
-        if processes:
-            self._backend = ProcessBackend(self, processes, workers, self.pin_cpus)
-        else:
-            self._backend = ThreadBackend(self, workers, self.pin_cpus)
+        self._backend: Backend = self._make_backend(processes, workers)
         self.workers = self._backend.workers
         self._state = "new"  # new, open, closing, closed
         self._ids = iter(range(1, 1 << 62))
@@ -136,7 +133,7 @@ class Supervisor:
         self._all_done = anyio.Event()
         self._outstanding = 0
         self._counters = self._backend.counters
-        if isinstance(self._backend, ProcessBackend):
+        if self._backend.uses_tasks:
             group = self._group = anyio.create_task_group()
             await group.__aenter__()
             try:
@@ -150,7 +147,7 @@ class Supervisor:
                 self._state = "closed"
                 raise
         else:
-            self._backend.start(outbox)
+            await self._backend.start(outbox, None)
         self._state = "open"
         return self
 
@@ -488,11 +485,15 @@ class Supervisor:
             raise value
         return value  # type: ignore[no-any-return]
 
+    def _make_backend(self, processes: int, workers: int) -> Backend:
+        """The worker host: threads of this process, or worker processes (a
+        subclass makes another, as RaySupervisor does)."""
+        if processes:
+            return ProcessBackend(self, processes, workers, self.pin_cpus)
+        return ThreadBackend(self, workers, self.pin_cpus)
+
     def _spawn_operation(self, work: Callable[[], None]) -> None:
-        if isinstance(self._backend, ThreadBackend):
-            self._backend.host.spawn_operation(work)
-        else:
-            threading.Thread(target=work, name="hlasync-op", daemon=True).start()
+        self._backend.spawn_operation(work)
 
     def _discard(self, discard: Callable[[_T], object], value: _T) -> None:
         try:
@@ -502,8 +503,7 @@ class Supervisor:
 
     def _report(self, error: BaseException) -> None:
         """A failure the supervisor survives: logged, counted, published."""
-        if isinstance(self._backend, ThreadBackend):
-            self._backend.host.thread_failed(error)
+        if self._backend.report(error):
             return
         _logger.error("%s: %s", type(error).__name__, error, exc_info=error)
         self._counters["internal_errors"] += 1
@@ -564,8 +564,7 @@ class Supervisor:
         backend = self._backend
         counts = backend.counts()
         c = backend.counters.copy()
-        if isinstance(backend, ProcessBackend):
-            c.update(backend.worker_counters())
+        c.update(backend.worker_counters())
         return SupervisorStatistics(
             workers=self.workers,
             sandboxes=counts["sandboxes"],

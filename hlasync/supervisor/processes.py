@@ -160,9 +160,12 @@ class _Worker:
 
 
 class ProcessBackend:
+    """Sandboxes in worker processes (a :class:`.backend.Backend`)."""
+
     #: Calls in flight per sandbox of a worker (1: a call is sent when a sandbox
     #: is free; more queue in the worker, for channels with a long round trip).
     queue_depth = 1
+    uses_tasks = True
 
     def __init__(
         self,
@@ -202,7 +205,14 @@ class ProcessBackend:
         )
 
     # ------------------------------------------------------------- lifecycle
-    async def start(self, outbox: Outbox, group: anyio.abc.TaskGroup) -> None:
+    def spawn_operation(self, work: Callable[[], None]) -> None:
+        threading.Thread(target=work, name="hlasync-op", daemon=True).start()
+
+    def report(self, error: BaseException) -> bool:
+        return False  # the front logs, counts and publishes it
+
+    async def start(self, outbox: Outbox, group: anyio.abc.TaskGroup | None) -> None:
+        assert group is not None  # uses_tasks: the front made it
         self._outbox = outbox
         self._group = group
         self._front._hub.on_change = self._interest_changed

@@ -28,13 +28,28 @@ __all__ = ["ThreadBackend"]
 
 
 class ThreadBackend:
+    """Sandboxes on vCPU threads of this process (a :class:`.backend.Backend`)."""
+
+    uses_tasks = False
+
     def __init__(self, front: Supervisor, workers: int, pin_cpus: tuple[int, ...] | None) -> None:
         self._front = front
         self.host = WorkerHost(workers, pin_cpus, front._hub)
         self.workers = workers
 
-    def start(self, outbox: Outbox) -> None:
+    async def start(self, outbox: Outbox, group: anyio.abc.TaskGroup | None) -> None:
+        del group  # its threads are its own
         self.host.start(outbox.post, outbox.on_loop)
+
+    def spawn_operation(self, work: Callable[[], None]) -> None:
+        self.host.spawn_operation(work)
+
+    def report(self, error: BaseException) -> bool:
+        self.host.thread_failed(error)
+        return True
+
+    def worker_counters(self) -> dict[str, int]:
+        return {}
 
     # -------------------------------------------------------------- targets
     async def create(
