@@ -603,3 +603,21 @@ async def _cancel_when(event: threading.Event, scope: anyio.CancelScope) -> None
     while not event.is_set():
         await anyio.sleep(0.001)
     scope.cancel()
+
+
+async def test_closing_a_sandbox_twice_at_once_ends_both(kvm: Kvm, simpleguest: Path) -> None:
+    """Two tasks closing the same dedicated sandbox at once: with worker
+    processes the second close's request took the place of the first's in
+    the wait for the worker's answer, and the first waited forever, shielded
+    from cancellation (found by tests/stress_supervisor.py). Both end now."""
+    async with Supervisor(workers=1) as sup:
+        sandbox = await sup.create_sandbox(simpleguest)
+        assert await sandbox.call("add", 1, 2) == 3
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(sandbox.aclose)
+                tasks.start_soon(sandbox.aclose)
+        with pytest.raises(SupervisorClosed):
+            await sandbox.call("add", 1, 2)
+        other = await sup.create_sandbox(simpleguest)  # the supervisor goes on
+        assert await other.call("add", 2, 3) == 5

@@ -199,6 +199,8 @@ class ProcessBackend:
         #: Requests that need a target's sandbox (dumps) while its shard is being
         #: made again: answered where its queued calls are (see _sandbox_up).
         self._awaiting_sandbox: dict[Target, list[tuple[anyio.Event, list[BaseException]]]] = {}
+        #: Targets being closed: a second close waits for the first.
+        self._closing_targets: dict[Target, anyio.Event] = {}
         #: Plain host functions run here (the loop must not block on them).
         self._host_threads = ThreadPoolExecutor(
             max_workers=HOST_THREADS, thread_name_prefix="hlasync-host"
@@ -564,6 +566,8 @@ class ProcessBackend:
         class and the request's identity); raises what fails the request (a
         cancelled wait leaves the answer unclaimed: a shard made for nobody is
         closed when it arrives)."""
+        if answer in worker.waiting:  # its answer would reach one of them only
+            raise SupervisorError(f"a second request for {answer[0].__name__} {answer[1]!r}")
         event = anyio.Event()
         outcome: list[ToSupervisor | BaseException] = []
         worker.waiting[answer] = (event, outcome)
@@ -652,7 +656,21 @@ class ProcessBackend:
         }
 
     async def close_target(self, target: Target) -> None:
-        """Close a target once its calls are done (waiting is cancellable)."""
+        """Close a target once its calls are done (waiting is cancellable). A
+        close of a target that is being closed waits for that one: one request
+        per target, and each answer has one waiter."""
+        closing = self._closing_targets.get(target)
+        if closing is not None:
+            await closing.wait()
+            return
+        closing = self._closing_targets[target] = anyio.Event()
+        try:
+            await self._close_target(target)
+        finally:
+            del self._closing_targets[target]  # a later close finds it closed
+            closing.set()
+
+    async def _close_target(self, target: Target) -> None:
         while self._waiting.get(target) or any(shard.inflight for shard in _shards(target)):
             await anyio.sleep(0.005)
         target._closed = True
