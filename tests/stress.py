@@ -51,7 +51,7 @@ from hlasync import (
     guests,
 )
 
-__all__ = ["Report", "main", "run"]
+__all__ = ["Report", "describe", "main", "run", "show"]
 
 #: Seconds one operation may take before it counts as hung (a dump of an 8 MiB
 #: guest, a close that waits for a call: well under a second each).
@@ -295,7 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     seed = options.seed if options.seed is not None else int.from_bytes(os.urandom(4), "big")
     print(f"stress: {options.seconds:g} s, seed {seed}, {options.threads} threads", flush=True)
-    report = run(options.seconds, seed, options.threads)
+    return show(run(options.seconds, seed, options.threads))
+
+
+def show(report: Report) -> int:
+    """Print a run's outcomes and findings; the exit status (1: findings)."""
     for name, count in sorted(report.outcomes.items()):
         print(f"  {name:<45} {count}")
     print(f"operations: {sum(report.operations.values())}")

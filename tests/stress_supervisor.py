@@ -14,13 +14,10 @@ the findings; the test suite runs it with a fixed seed.
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import random
 import sys
 import tempfile
-import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +35,8 @@ from hlasync import (
 )
 from hlasync.supervisor import SupervisedSandbox, Supervisor
 
+from .stress import Report, describe, show
+
 __all__ = ["Report", "main", "run"]
 
 #: Seconds one operation may take before it counts as hung.
@@ -54,15 +53,6 @@ OPERATIONS = (
     ("dump", 4),
     ("replace", 1),
 )
-
-
-@dataclass
-class Report:
-    seconds: float
-    seed: int
-    operations: collections.Counter[str] = field(default_factory=collections.Counter)
-    outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
-    findings: list[str] = field(default_factory=list)
 
 
 class Stress:
@@ -149,9 +139,7 @@ class Stress:
                 outcome = type(exc).__name__
             except Exception as exc:  # noqa: BLE001 - every other outcome is a finding
                 outcome = type(exc).__name__
-                where = traceback.extract_tb(exc.__traceback__)[-1:]
-                place = f" at {where[0].filename}:{where[0].lineno}" if where else ""
-                self.finding(f"{operation}: {type(exc).__name__}: {exc}{place}")
+                self.finding(f"{operation}: {describe(exc)}")
             self.report.outcomes[f"{operation}: {outcome}"] += 1
 
     async def run(self, processes: int) -> Report:
@@ -187,14 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     seed = options.seed if options.seed is not None else int.from_bytes(os.urandom(4), "big")
     print(f"stress: {options.seconds:g} s, seed {seed}, processes={options.processes}", flush=True)
-    report = run(options.seconds, seed, processes=options.processes, backend=options.backend)
-    for name, count in sorted(report.outcomes.items()):
-        print(f"  {name:<45} {count}")
-    print(f"operations: {sum(report.operations.values())}")
-    for finding in report.findings:
-        print(f"FINDING: {finding}")
-    print("result: " + ("OK" if not report.findings else f"{len(report.findings)} findings"))
-    return 0 if not report.findings else 1
+    return show(run(options.seconds, seed, processes=options.processes, backend=options.backend))
 
 
 if __name__ == "__main__":
