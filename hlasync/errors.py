@@ -14,6 +14,7 @@ Every error hlasync raises derives from :class:`HlasyncError`::
     ├── SandboxStateError            the sandbox cannot take this request now
     │   ├── SandboxPoisoned          a fault or interrupt left it dirty: restore() first
     │   ├── SandboxBusy              a call is already running on it
+    │   │   └── OwnerBusy            its vCPU's owner thread did not take a request in time
     │   └── SandboxClosed            it was closed
     ├── GuestError                   the guest failed while running a call
     │   ├── GuestCrashed             a CPU exception (fault) in guest code
@@ -66,6 +67,7 @@ __all__ = [
     "JSSyntaxError",
     "KvmError",
     "KvmUnavailableError",
+    "OwnerBusy",
     "SandboxBusy",
     "SandboxClosed",
     "SandboxPoisoned",
@@ -188,6 +190,11 @@ class SandboxPoisoned(SandboxStateError):
 
 class SandboxBusy(SandboxStateError):
     """Another call is running on this sandbox."""
+
+
+class OwnerBusy(SandboxBusy):
+    """The vCPU's owner thread did not take a request in time (another stayed
+    in flight too long), or it has ended with its sandbox."""
 
 
 class SandboxClosed(SandboxStateError):

@@ -21,6 +21,19 @@ from hlasync.errors import KvmUnavailableError
 from hlasync.kvm import Kvm
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With HLASYNC_CHECK_OWNER=1, any vCPU ioctl or guest-memory unmap that ran
+    off its owner thread fails the session, also one raised on a background
+    thread where no test saw it."""
+    from hlasync.kvm import owner
+
+    if owner.CHECK and owner.violations:
+        print(f"\nHLASYNC_CHECK_OWNER: {len(owner.violations)} violation(s):", file=sys.stderr)
+        for violation in owner.violations[:20]:
+            print(f"  {violation}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def _kvm_problem() -> str | None:
     try:
         Kvm.shared()

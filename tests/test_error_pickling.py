@@ -24,6 +24,7 @@ SAMPLES: list[HlasyncError] = [
     errors.SandboxStateError("state", sandbox_id="sb-1-1"),
     errors.SandboxPoisoned("poisoned", sandbox_id="sb-1-1"),
     errors.SandboxBusy("busy", sandbox_id="sb-1-1"),
+    errors.OwnerBusy("owner busy", sandbox_id="sb-1-1"),
     errors.SandboxClosed("closed", sandbox_id="sb-1-1"),
     errors.GuestError("guest", sandbox_id="sb-1-1", function="f", core_path=Path("/tmp/c")),
     errors.GuestCrashed(

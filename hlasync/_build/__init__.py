@@ -192,14 +192,16 @@ def bundled_builds() -> dict[str, BundledGuest]:
     """Everything built into _bin: the bundled guests and, from a source
     checkout, the host helper library (:mod:`.native`)."""
     builds = bundled_guests()
-    source = _SOURCE_NATIVE_DIR / "hl_wait.c"
-    if source.is_file():
+    sources = [_SOURCE_NATIVE_DIR / name for name in native.SOURCES]
+    if all(source.is_file() for source in sources):
 
         def build(target: Path, tools: Toolchain) -> None:
             with atomic_output(target) as temp:
-                native.build(temp, tools, [source])
+                native.build(temp, tools, sources)
 
-        builds["libhlwait"] = BundledGuest("libhlwait", lambda: [source], build, (), native.LIBRARY)
+        builds["libhlwait"] = BundledGuest(
+            "libhlwait", lambda: list(sources), build, (), native.LIBRARY
+        )
     return builds
 
 

@@ -1,7 +1,8 @@
-"""The host-side helper library (``native/hl_wait.c`` -> ``_bin/libhlwait.so``):
-code that waits for a guest's doorbell without holding the GIL, loaded with
-ctypes. Built at install with the guests' compiler (gcc, clang or the pinned
-zig cc), as an ordinary shared object for this machine."""
+"""The host-side helper library (``native/hl_wait.c``, ``native/hl_owner.c``
+-> ``_bin/libhlwait.so``): code that waits for a guest's doorbell and the loop
+of a vCPU's owner thread, both without holding the GIL, loaded with ctypes.
+Built at install with the guests' compiler (gcc, clang or the pinned zig cc),
+as an ordinary shared object for this machine."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from pathlib import Path
 
 from .toolchain import Toolchain
 
-__all__ = ["FLAGS", "LIBRARY", "build"]
+__all__ = ["FLAGS", "LIBRARY", "SOURCES", "build"]
 
 #: The library's name in the package's _bin.
 LIBRARY = "libhlwait.so"
+#: Its sources, in native/.
+SOURCES = ("hl_wait.c", "hl_owner.c")
 FLAGS = (
     "-std=gnu11",
     "-O2",

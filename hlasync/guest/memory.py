@@ -21,8 +21,12 @@ import errno
 import os
 import weakref
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from ..kvm import _libc
+
+if TYPE_CHECKING:
+    from ..kvm.owner import Owner
 
 __all__ = ["GuestMemory", "MemoryImage"]
 
@@ -124,6 +128,9 @@ class GuestMemory:
             backing.fd,
         )
         self.backing = backing
+        #: The owner thread of the vCPU that runs on this memory (set once there
+        #: is one): only it maps over or unmaps the memory.
+        self.owner: Owner | None = None
         self._backing_map: tuple[int, memoryview] | None = None
         # Safe: the array covers exactly the mapping, which lives until close().
         self._array = (ctypes.c_ubyte * self.size).from_address(self.address)
@@ -165,13 +172,12 @@ class GuestMemory:
         """Replace the contents with another image, at the same host address."""
         if backing.size != self.size:
             raise ValueError("image size does not match guest memory")
-        _libc.mmap(
-            self.address,
-            self.size,
-            _libc.PROT_READ | _libc.PROT_WRITE,
-            _libc.MAP_PRIVATE | _libc.MAP_FIXED | _libc.MAP_NORESERVE,
-            backing.fd,
-        )
+        prot = _libc.PROT_READ | _libc.PROT_WRITE
+        flags = _libc.MAP_PRIVATE | _libc.MAP_FIXED | _libc.MAP_NORESERVE
+        if self.owner is not None:
+            self.owner.mmap_fixed(self.address, self.size, prot, flags, backing.fd)
+        else:
+            _libc.mmap(self.address, self.size, prot, flags, backing.fd)
         self._close_backing_map()
         self.backing = backing
 
@@ -204,5 +210,8 @@ class GuestMemory:
         if self.address:
             self.view.release()
             del self._array
-            _libc.munmap(self.address, self.size)
-            self.address = 0
+            address, self.address = self.address, 0
+            if self.owner is not None:
+                self.owner.munmap(address, self.size)
+            else:
+                _libc.munmap(address, self.size)

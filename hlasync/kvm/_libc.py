@@ -8,6 +8,8 @@ import ctypes
 import ctypes.util
 import os
 
+from . import owner as _owner
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 _mmap = _libc.mmap
@@ -40,6 +42,8 @@ def _raise(what: str) -> None:
 
 
 def mmap(address: int, length: int, prot: int, flags: int, fd: int, offset: int = 0) -> int:
+    if flags & MAP_FIXED and _owner.CHECK:
+        _owner.check_range(address, length, "fixed mmap")
     result = _mmap(address or None, length, prot, flags, fd, offset)
     if result is None or result == MAP_FAILED:
         _raise("mmap")
@@ -48,6 +52,8 @@ def mmap(address: int, length: int, prot: int, flags: int, fd: int, offset: int 
 
 
 def munmap(address: int, length: int) -> None:
+    if _owner.CHECK:
+        _owner.check_range(address, length, "munmap")
     if _munmap(address, length) != 0:
         _raise("munmap")
 

@@ -8,7 +8,7 @@ import os
 import threading
 
 from ..errors import IoctlError, KvmUnavailableError
-from . import _abi
+from . import _abi, owner
 
 __all__ = ["Kvm", "ioctl"]
 
@@ -16,7 +16,13 @@ DEFAULT_DEVICE = "/dev/kvm"
 
 
 def ioctl(fd: int, request: int, arg: object = 0) -> int:
-    """``fcntl.ioctl`` that raises :class:`IoctlError` naming the request."""
+    """``fcntl.ioctl`` that raises :class:`IoctlError` naming the request.
+
+    A vCPU's ioctls go through its owner (:meth:`Vcpu._ioctl`); with
+    ``HLASYNC_CHECK_OWNER=1`` one that comes here from another thread raises
+    :class:`~hlasync.kvm.owner.OwnerViolation`."""
+    if owner.CHECK:
+        owner.check_fd(fd, request)
     try:
         return fcntl.ioctl(fd, request, arg)  # type: ignore[call-overload, no-any-return]
     except OSError as exc:

@@ -1,15 +1,13 @@
-"""A KVM virtual CPU: run, registers, kicks."""
+"""A KVM virtual CPU: run, registers, kicks, all on its owner thread (:mod:`.owner`)."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import mmap
 import os
 import signal
 import struct
-import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -27,6 +25,7 @@ from .exits import (
     Shutdown,
     UnknownExit,
 )
+from .owner import Owner
 from .system import ioctl
 
 if TYPE_CHECKING:
@@ -34,8 +33,8 @@ if TYPE_CHECKING:
 
 __all__ = ["KICK_SIGNAL", "Vcpu"]
 
-#: Real-time signal used to kick a vCPU out of ``KVM_RUN``. Threads that run a
-#: vCPU keep it blocked; KVM unblocks it only while the guest runs.
+#: Real-time signal used to kick a vCPU out of ``KVM_RUN``. A vCPU's owner
+#: thread keeps it blocked; KVM unblocks it only while the guest runs.
 KICK_SIGNAL: int = signal.SIGRTMIN + 2
 
 _IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
@@ -58,7 +57,6 @@ _INTERNAL = struct.Struct("<II")
 #: At most this many KVM_RUNs finish one exit (a string `in` exits once per 4 KiB page).
 COMPLETION_ROUNDS = 1 << 17
 _INTERRUPTED = Interrupted()
-_thread_state = threading.local()
 _HLT = Hlt()
 _SHUTDOWN = Shutdown()
 
@@ -78,11 +76,20 @@ class Vcpu:
             os.close(self.fd)
             raise
         self._run_size = len(self.run_area)
+        try:
+            #: The one thread that runs this vCPU and issues its ioctls.
+            self.owner = Owner(KICK_SIGNAL)
+        except BaseException:
+            self.run_area.close()
+            os.close(self.fd)
+            raise
+        self.owner.own_fd(self.fd)
+        # The kick signal is deliverable to the owner thread only inside KVM_RUN.
+        self._ioctl(_abi.KVM_SET_SIGNAL_MASK, struct.pack("<IQ", 8, self.owner.run_mask))
         #: The last exit was an I/O or MMIO access: KVM finishes it (writes the data
         #: an `in` reads, advances rip past an `out` on VMX/SVM) only on the next
         #: KVM_RUN. Until then the vCPU state is not consistent (KVM API, "KVM_RUN").
         self._incomplete = False
-        self._mask_thread: int | None = None
         # Exits of single-byte `out`s repeat on every call: reuse the values.
         self._out_cache: dict[int, IoOut] = {}
         #: KVM takes registers staged in the run area with the next KVM_RUN
@@ -94,58 +101,19 @@ class Vcpu:
         self._staged = False
 
     # -- running -----------------------------------------------------------
-    @staticmethod
-    def block_kick_signal() -> None:
-        """Block :data:`KICK_SIGNAL` in the calling thread (once per thread).
-
-        Must happen before the thread can be kicked: an unblocked real-time
-        signal with no handler would terminate the process.
-        """
-        if not getattr(_thread_state, "kick_blocked", False):
-            signal.pthread_sigmask(signal.SIG_BLOCK, [KICK_SIGNAL])
-            _thread_state.kick_blocked = True
-
-    def prepare_thread(self) -> None:
-        """Make the calling thread able to run this vCPU and to be kicked.
-
-        Blocks :data:`KICK_SIGNAL` in the thread and hands KVM the thread's
-        mask without it, so the signal is only deliverable inside ``KVM_RUN``.
-        The caller must own the vCPU (the ioctl waits for a running KVM_RUN).
-        """
-        ident = threading.get_ident()
-        if ident == self._mask_thread:
-            return
-        self.block_kick_signal()
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-        mask = 0
-        for signum in blocked:
-            if signum != KICK_SIGNAL:
-                mask |= 1 << (int(signum) - 1)
-        ioctl(self.fd, _abi.KVM_SET_SIGNAL_MASK, struct.pack("<IQ", 8, mask))
-        self._mask_thread = ident
-
-    @staticmethod
-    def kick(thread_ident: int) -> None:
-        """Send the kick signal to a thread that runs (or is about to run) a vCPU."""
-        signal.pthread_kill(thread_ident, KICK_SIGNAL)
-
-    @staticmethod
-    def consume_kick() -> bool:
-        """Clear a pending kick in the calling thread; True if there was one."""
-        return signal.sigtimedwait([KICK_SIGNAL], 0) is not None
+    def kick(self) -> None:
+        """Make the guest leave ``KVM_RUN`` now, or the next ``KVM_RUN`` return at
+        once (from any thread; never blocks)."""
+        self.owner.kick()
 
     def run(self) -> Exit:
         """One ``KVM_RUN``: run the guest until its next exit and describe it.
 
         KVM first finishes the previous exit's access (if any), then runs.
         """
-        try:
-            fcntl.ioctl(self.fd, _abi.KVM_RUN, 0)
-        except InterruptedError:
+        if not self.owner.run(self.fd):
             self._incomplete = False  # KVM completes pending accesses before it checks signals
             return _INTERRUPTED
-        except OSError as exc:
-            raise IoctlError("KVM_RUN", exc.errno or 0, exc.strerror or str(exc)) from None
         return self._describe_exit()
 
     def _describe_exit(self) -> Exit:
@@ -211,12 +179,12 @@ class Vcpu:
                 )
             self.run_area[_abi.RUN_IMMEDIATE_EXIT] = 1
             try:
-                fcntl.ioctl(self.fd, _abi.KVM_RUN, 0)
-            except InterruptedError:
+                self._ioctl(_abi.KVM_RUN, 0)
+            except IoctlError as exc:
+                if exc.errno != errno.EINTR:
+                    raise
                 self._incomplete = False  # the expected outcome of immediate_exit
                 continue
-            except OSError as exc:
-                raise IoctlError("KVM_RUN", exc.errno or 0, exc.strerror or str(exc)) from None
             finally:
                 self.run_area[_abi.RUN_IMMEDIATE_EXIT] = 0
             self._describe_exit()  # finishing it needed another exit (the next page of an `ins`)
@@ -238,10 +206,10 @@ class Vcpu:
         """
         self._settle()
         if not self._sync_regs:
-            ioctl(self.fd, _abi.KVM_SET_SREGS, sregs)
-            ioctl(self.fd, _abi.KVM_SET_REGS, regs)
+            self._ioctl(_abi.KVM_SET_SREGS, sregs)
+            self._ioctl(_abi.KVM_SET_REGS, regs)
             if events is not None:
-                ioctl(self.fd, _abi.KVM_SET_VCPU_EVENTS, events)
+                self._ioctl(_abi.KVM_SET_VCPU_EVENTS, events)
             return
         area = self.run_area
         dirty = _SYNC_BOTH
@@ -255,7 +223,7 @@ class Vcpu:
                 area[_abi.RUN_SYNC_EVENTS : end] = memoryview(events).cast("B")
                 dirty |= _abi.KVM_SYNC_X86_EVENTS
             else:
-                ioctl(self.fd, _abi.KVM_SET_VCPU_EVENTS, events)
+                self._ioctl(_abi.KVM_SET_VCPU_EVENTS, events)
         _U64.pack_into(area, _abi.RUN_DIRTY_REGS, dirty)
         self._staged = True
 
@@ -269,49 +237,49 @@ class Vcpu:
                 _U64.pack_into(area, _abi.RUN_DIRTY_REGS, 0)
                 for part, request, start, size in _SYNC_PARTS:
                     if pending & part:
-                        ioctl(self.fd, request, bytes(area[start : start + size]))
+                        self._ioctl(request, bytes(area[start : start + size]))
             self._staged = False
         self.complete()
 
     def get_regs(self) -> _abi.kvm_regs:
         self._settle()
         regs = _abi.kvm_regs()
-        ioctl(self.fd, _abi.KVM_GET_REGS, regs)
+        self._ioctl(_abi.KVM_GET_REGS, regs)
         return regs
 
     def set_regs(self, regs: _abi.kvm_regs) -> None:
         self._settle()
-        ioctl(self.fd, _abi.KVM_SET_REGS, regs)
+        self._ioctl(_abi.KVM_SET_REGS, regs)
 
     def get_sregs(self) -> _abi.kvm_sregs:
         self._settle()
         sregs = _abi.kvm_sregs()
-        ioctl(self.fd, _abi.KVM_GET_SREGS, sregs)
+        self._ioctl(_abi.KVM_GET_SREGS, sregs)
         return sregs
 
     def set_sregs(self, sregs: _abi.kvm_sregs) -> None:
         self._settle()
-        ioctl(self.fd, _abi.KVM_SET_SREGS, sregs)
+        self._ioctl(_abi.KVM_SET_SREGS, sregs)
 
     def get_fpu(self) -> _abi.kvm_fpu:
         self._settle()
         fpu = _abi.kvm_fpu()
-        ioctl(self.fd, _abi.KVM_GET_FPU, fpu)
+        self._ioctl(_abi.KVM_GET_FPU, fpu)
         return fpu
 
     def set_fpu(self, fpu: _abi.kvm_fpu) -> None:
         self._settle()
-        ioctl(self.fd, _abi.KVM_SET_FPU, fpu)
+        self._ioctl(_abi.KVM_SET_FPU, fpu)
 
     def get_xsave(self) -> _abi.kvm_xsave:
         self._settle()
         xsave = _abi.kvm_xsave()
-        ioctl(self.fd, _abi.KVM_GET_XSAVE, xsave)
+        self._ioctl(_abi.KVM_GET_XSAVE, xsave)
         return xsave
 
     def set_xsave(self, xsave: _abi.kvm_xsave) -> None:
         self._settle()
-        ioctl(self.fd, _abi.KVM_SET_XSAVE, xsave)
+        self._ioctl(_abi.KVM_SET_XSAVE, xsave)
 
     def get_events(self) -> _abi.kvm_vcpu_events:
         """The exception, interrupt, NMI and SMI the vCPU is being given or holds
@@ -319,7 +287,7 @@ class Vcpu:
         self._settle()
         events = _abi.kvm_vcpu_events()
         # The request number encodes sizeof(kvm_vcpu_events): KVM writes exactly this owned buffer.
-        ioctl(self.fd, _abi.KVM_GET_VCPU_EVENTS, events)
+        self._ioctl(_abi.KVM_GET_VCPU_EVENTS, events)
         return events
 
     def set_events(self, events: _abi.kvm_vcpu_events) -> None:
@@ -327,27 +295,35 @@ class Vcpu:
         which optional parts KVM applies)."""
         self._settle()
         # KVM reads sizeof(kvm_vcpu_events) bytes, the size of ``events`` itself.
-        ioctl(self.fd, _abi.KVM_SET_VCPU_EVENTS, events)
+        self._ioctl(_abi.KVM_SET_VCPU_EVENTS, events)
 
     def set_cpuid(self, entries: Sequence[_abi.kvm_cpuid_entry2]) -> None:
         """The CPUID the guest sees; KVM accepts it only before the first ``KVM_RUN``."""
         table = _abi.kvm_cpuid2(nent=len(entries))
         for index, entry in enumerate(entries):
             table.entries[index] = entry
-        ioctl(self.fd, _abi.KVM_SET_CPUID2, table)
+        self._ioctl(_abi.KVM_SET_CPUID2, table)
 
     def get_cpuid(self) -> tuple[_abi.kvm_cpuid_entry2, ...]:
         """The CPUID table KVM holds for this vCPU."""
         table = _abi.kvm_cpuid2(nent=_abi.CPUID_MAX_ENTRIES)
-        ioctl(self.fd, _abi.KVM_GET_CPUID2, table)
+        self._ioctl(_abi.KVM_GET_CPUID2, table)
         return tuple(table.entries[: table.nent])
 
     def tsc_khz(self) -> int:
         """The guest's TSC frequency in kHz (what ``rdtsc`` counts in the guest)."""
-        return ioctl(self.fd, _abi.KVM_GET_TSC_KHZ)
+        return self._ioctl(_abi.KVM_GET_TSC_KHZ)
+
+    def _ioctl(self, request: int, arg: object = 0) -> int:
+        """An ioctl of this vCPU, on its owner thread."""
+        return self.owner.ioctl(self.fd, request, arg)
 
     def close(self) -> None:
+        """Close the vCPU (on its owner, after any KVM_RUN returned) and end the owner."""
         if self.fd >= 0:
-            self.run_area.close()
-            os.close(self.fd)
-            self.fd = -1
+            fd, self.fd = self.fd, -1
+            try:
+                self.owner.close_fd(fd)
+            finally:
+                self.owner.stop()
+                self.run_area.close()

@@ -1,20 +1,24 @@
-"""A call on a sandbox: its identity, the thread that owns it, and the
+"""A call on a sandbox: its identity, the thread that called it, and the
 requests other threads make of it.
 
-One owner per vCPU: while a call runs, only its owner thread touches the
-vCPU and guest memory. Other threads never wait on a lock the owner holds
-for long: they post a request on the :class:`Call` (stop it, dump it) under
-the sandbox's small state lock and *kick* the owner out of ``KVM_RUN``; the
-owner answers at its next safe point. While the owner runs host code (a host
-function, the output callback) the vCPU is paused: a dump may *borrow* it
-then, and the owner waits for the loan to end before it resumes the guest.
+Every ``KVM_RUN`` and vCPU ioctl runs on the vCPU's owner thread
+(:mod:`hlasync.kvm.owner`). A running call is the sandbox's holder: its
+*caller* (the thread that called it) posts the call's ``KVM_RUN``s to the
+owner and acts on each exit. Other threads never wait on a lock the caller
+holds for long: they post a request on the :class:`Call` (stop it, dump it)
+under the sandbox's small state lock and *kick* the guest out of
+``KVM_RUN``; the caller answers at its next safe point. While the caller
+runs host code (a host function, the output callback) the vCPU is paused: a
+dump may *borrow* it then, and the caller waits for the loan to end before
+it resumes the guest.
 
-Kicks belong to threads, not sandboxes: a host function may run another
-sandbox's call on the same thread. Each thread that runs calls has one
-:class:`ThreadRunner`; it sends at most one kick at a time and drains every
-pending one when ``KVM_RUN`` comes back interrupted, after which the
-innermost call looks at its own requests and at those of the calls it runs
-inside (stopping an outer call stops the calls nested in it).
+A kick goes to a vCPU's owner thread (:mod:`hlasync.kvm.owner`), the one
+thread that runs it: its ``KVM_RUN`` returns, or its next one at once. A host
+function may run another sandbox's call on the calling thread, so a request
+for a call kicks the vCPU of the innermost call its thread waits for (its
+:class:`ThreadRunner` knows the calls), which then looks at its own requests
+and at those of the calls it runs inside (stopping an outer call stops the
+calls nested in it).
 """
 
 from __future__ import annotations
@@ -51,43 +55,21 @@ class Phase(enum.Enum):
 
 
 class ThreadRunner:
-    """Kick bookkeeping of one thread that runs calls (and the calls it runs)."""
+    """The calls one thread runs (more than one when a host function calls
+    another sandbox), and where a kick for them goes."""
 
     def __init__(self) -> None:
-        Vcpu.block_kick_signal()  # before any kick can be aimed at this thread
         self.ident = threading.get_ident()
         self.calls: list[Call] = []  # outermost first; more than one via host functions
-        #: Another thread to kick instead: a hot sandbox's thread runs this thread's
-        #: call in KVM_RUN while this one waits on the doorbell.
-        self.aim: int | None = None
-        self._lock = threading.Lock()
-        self._kick_sent = False
 
     def kick(self) -> None:
-        """Interrupt this thread's ``KVM_RUN`` (or its next one). The caller holds
-        the lock of a sandbox whose call this thread is running, so the thread
-        is alive and keeps the kick signal blocked outside ``KVM_RUN``."""
-        with self._lock:
-            if self._kick_sent:  # one pending kick is enough (real-time signals queue)
-                return
-            self._kick_sent = True
-            Vcpu.kick(self.aim or self.ident)
-
-    def aim_at(self, ident: int | None) -> bool:
-        """Send kicks to thread ``ident`` (None: this thread again). True if a kick
-        went out meanwhile: its thread consumed it, so the next may go out."""
-        with self._lock:
-            self.aim = ident
-            sent, self._kick_sent = self._kick_sent, False
-            return sent
-
-    def drain(self) -> None:
-        """Consume every pending kick of this (the calling) thread. Requests are
-        posted before their kick, so looking at them after this misses none."""
-        with self._lock:
-            self._kick_sent = False
-            while Vcpu.consume_kick():
-                pass
+        """Interrupt the guest this thread waits for: the vCPU of its innermost
+        call (its owner's KVM_RUN returns now, or its next one at once). That
+        call then looks at its own requests and those of the calls it runs
+        inside."""
+        calls = self.calls
+        if calls:
+            calls[-1].vcpu.kick()
 
 
 def current_runner() -> ThreadRunner:
@@ -171,10 +153,12 @@ class Call:
         "sandbox_id",
         "started",
         "thread",
+        "vcpu",
     )
 
-    def __init__(self, sandbox_id: str, function: str, runner: ThreadRunner) -> None:
+    def __init__(self, sandbox_id: str, function: str, runner: ThreadRunner, vcpu: Vcpu) -> None:
         self.id = next(_call_ids)
+        self.vcpu = vcpu  # its sandbox's: a kick goes to that vCPU's owner
         self.sandbox_id = sandbox_id
         self.function = function
         self.runner = runner

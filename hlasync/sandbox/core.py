@@ -4,9 +4,10 @@ States: ``ready`` (idle, a call may start), ``running`` (a call is on the
 vCPU), ``poisoned`` (a fault, abort, protocol error or interrupt left the
 guest dirty: only :meth:`Sandbox.restore` helps) and ``closed``.
 
-Who may touch the vCPU and guest memory is decided by one *holder* at a
-time: a running call (its owner thread, see :mod:`.calls`), or an operation
-on an idle sandbox (restore, snapshot, dump). The state lock guards only
+Every vCPU ioctl and ``KVM_RUN`` runs on the vCPU's owner thread
+(:mod:`hlasync.kvm.owner`). What the vCPU is used for is decided by one
+*holder* at a time: a running call (its caller, see :mod:`.calls`), an
+operation on an idle sandbox (restore, snapshot, dump) or a hot session. The state lock guards only
 small bookkeeping and is never held across a guest run, a host function or
 a dump write: interrupting, inspecting and closing never wait behind them.
 Every wait has a bound.
@@ -180,6 +181,7 @@ class Sandbox:
         template = templates.get(self._compat)
         if template is not None:
             self._machine = Machine(self.layout, template._image)
+            self._machine.vcpu.owner.label = self.id
             try:
                 cpu.apply(self._machine.vcpu, template._cpu)
             except BaseException:
@@ -199,6 +201,7 @@ class Sandbox:
             finally:
                 mapping.close()
             self._machine = Machine(self.layout, boot)
+            self._machine.vcpu.owner.label = self.id
         except BaseException:
             boot.close()
             raise
@@ -221,8 +224,6 @@ class Sandbox:
         """Run the guest from its entry point to its dispatcher, for at most
         ``config.init_timeout`` seconds."""
         vcpu = self._machine.vcpu
-        runner_ = current_runner()
-        vcpu.prepare_thread()
         expired = threading.Event()
         guard = threading.Lock()
         booting = True
@@ -231,7 +232,7 @@ class Sandbox:
             with guard:  # kick only while this thread is still booting
                 if booting:
                     expired.set()
-                    runner_.kick()
+                    vcpu.kick()
 
         timer = threading.Timer(self.config.init_timeout, expire)
         timer.daemon = True
@@ -241,14 +242,13 @@ class Sandbox:
                 exit_ = vcpu.run()
                 if not isinstance(exit_, Interrupted):
                     break
-                runner_.drain()
                 if expired.is_set():
                     self._init_timed_out()
         finally:
             with guard:
                 booting = False
             timer.cancel()
-            runner_.drain()  # a kick sent just before the guard closed
+            vcpu.owner.drain()  # a kick sent just before the guard closed
         if not (isinstance(exit_, IoOut) and exit_.port == abi.PORT_RETURN):
             raise GuestImageError(
                 f"guest did not reach its dispatcher during initialisation (exit: {exit_}); "
@@ -490,7 +490,7 @@ class Sandbox:
     def _begin_call(self, function: str) -> Call:
         """Make a call the holder of the vCPU (the calling thread becomes its owner)."""
         runner_ = current_runner()
-        call = Call(self.id, function, runner_)
+        call = Call(self.id, function, runner_, self._machine.vcpu)
         with self._lock:
             holder = self._holder
             if isinstance(holder, HotSession) and not holder.parked_at:
@@ -896,6 +896,7 @@ class Sandbox:
         reach: that thread's KVM_RUN is kicked too, so a stopped call leaves no
         guest on a CPU however long the host function takes."""
         call.runner.kick()
+        call.vcpu.kick()  # the owner of this call's vCPU, which may be another's innermost
         hot = call.asking
         if hot is not None:
             runner.halt(self, hot)
@@ -910,7 +911,6 @@ class Sandbox:
 
     def _on_kick(self, call: Call) -> None:
         """``KVM_RUN`` came back interrupted: answer whatever was asked of the call."""
-        call.runner.drain()
         with self._lock:
             requests, call.requests = call.requests, []
             stop = call.stop_requested()

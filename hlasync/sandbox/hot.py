@@ -231,7 +231,7 @@ class HotSession:
             sandbox._set_spin(0)
         if not self.kicked and (kick or now - self.parked_at >= PARK_KICK_AFTER):
             self.kicked = True
-            Vcpu.kick(self.ident)
+            self.vcpu.kick()
 
     def expire(self) -> None:
         """The spin should be over (the reaper's deadline passed): a guest still
@@ -249,7 +249,6 @@ class HotSession:
         self._go.set()
 
     def _main(self, started: threading.Event) -> None:
-        Vcpu.block_kick_signal()  # before any kick can be aimed at this thread
         self.ident = threading.get_ident()
         started.set()
         while True:
@@ -272,12 +271,11 @@ class HotSession:
                 sandbox._hot_returned(self)
             return False
         try:
-            self.vcpu.prepare_thread()
+            # On the vCPU's owner thread; a kick that comes after it returned
+            # stays pending there and interrupts the next KVM_RUN at once.
             exit_: Exit | BaseException = self.vcpu.run()
         except BaseException as exc:  # noqa: BLE001 - handed to whoever holds the vCPU
             exit_ = exc
-        while Vcpu.consume_kick():  # kicks that came after KVM_RUN returned
-            pass
         self.exit = exit_
         sandbox._hot_returned(self)  # raises the flag, under the sandbox's lock
         return True

@@ -129,6 +129,9 @@ class Machine:
                 logged = False
             self.pages = WrittenPages(self.vm, size, logged=logged, manual=manual)
             self.vcpu: Vcpu = self.vm.create_vcpu()
+            # From here only the vCPU's owner thread maps over or unmaps guest memory.
+            self.memory.owner = self.vcpu.owner
+            self.vcpu.owner.own_range(address, size)
             cpu.configure_vcpu(self.vcpu, Kvm.shared())
         except BaseException:
             self.release()
@@ -173,12 +176,18 @@ class Machine:
         return self.memory.data_runs(self.pages.collect())
 
     def release(self) -> None:
-        """Close the VM and unmap guest memory (idempotent; takes no lock)."""
+        """Unmap guest memory and close the VM (idempotent; takes no lock).
+
+        Both on the vCPU's owner thread, after any KVM_RUN returned: the guest
+        is kicked first, so a running one does not hold the release up."""
         self.input = self.output = self.doorbell = memoryview(b"")
         self.bell = memoryview(b"").cast("Q")
-        if self.vm is not None:
-            self.vm.close()
-            self.vm = None
+        vm = self.vm
+        if vm is not None and vm.vcpus:
+            vm.vcpus[0].kick()
         if self.memory is not None:
-            self.memory.close()
-            self.memory = None
+            memory, self.memory = self.memory, None
+            memory.close()
+        if vm is not None:
+            self.vm = None
+            vm.close()

@@ -7,11 +7,8 @@ then sleeping, while every other Python thread runs.
 from __future__ import annotations
 
 import ctypes
-import functools
-import threading
 
-from .. import _build
-from ..errors import HlasyncError
+from ..kvm.helper import library
 
 __all__ = [
     "FOREVER",
@@ -28,38 +25,6 @@ __all__ = [
 WAIT_TIMEOUT, WAIT_WORD, WAIT_FLAG, WAIT_ASK = 0, 1, 2, 3
 #: A timeout that never ends.
 FOREVER = (1 << 64) - 1
-
-_lock = threading.Lock()
-
-
-@functools.cache
-def library() -> ctypes.CDLL:
-    """The loaded helper (rebuilt first in a source checkout where it is stale)."""
-    target = _build.BUNDLED_DIR / _build.native.LIBRARY
-    if "libhlwait" in _build.bundled_builds():
-        with _lock:
-            try:
-                _build.build_bundled(only_stale=True, names=["libhlwait"])
-            except _build.GuestBuildError as exc:
-                if not target.exists():
-                    raise HlasyncError(f"the helper library is not built: {exc}") from None
-    try:
-        lib = ctypes.CDLL(str(target))
-    except OSError as exc:
-        raise HlasyncError(f"cannot load the helper library {target}: {exc}") from None
-    lib.hl_wait.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_uint64,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_uint64,
-        ctypes.c_uint64,
-    ]
-    lib.hl_wait.restype = ctypes.c_int
-    lib.hl_wake.argtypes = [ctypes.c_void_p]
-    lib.hl_wake.restype = None
-    return lib
 
 
 class Flag:

@@ -1,9 +1,11 @@
-"""The owner's side of one call: run the vCPU and act on each exit.
+"""The caller's side of one call: have the vCPU's owner run the guest and
+act on each exit.
 
-A call is one ``KVM_RUN`` when the guest simply returns; host calls and
-prints add one each. Every frame the guest wrote is checked by :mod:`hlasync.abi`
-before it is believed. Faults, aborts and protocol errors get their
-automatic core dump here, on the owner thread, while the vCPU is paused.
+A call is one ``KVM_RUN`` (on the owner thread) when the guest simply
+returns; host calls and prints add one each. Every frame the guest wrote is
+checked by :mod:`hlasync.abi` before it is believed. Faults, aborts and
+protocol errors get their automatic core dump here, on the calling thread,
+while the vCPU is paused.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from ..errors import (
     HostFunctionError,
 )
 from ..guest.memory import GuestMemory
-from ..kvm import Vcpu
 from ..kvm.exits import Exit, Interrupted, IoOut, Shutdown
 from . import cpu, native
 from .dumps import attach_automatic_dump
@@ -69,7 +70,6 @@ def run(sb: Sandbox, call: Call, signature: FunctionSignature) -> Value:
         pending = handed
     elif sb._doorbell and sb._machine.bell[abi.WORD_SPIN]:
         sb._set_spin(0)  # on the exit path nobody watches the doorbell: no spin
-    vcpu.prepare_thread()
     while True:
         if pending is not None:
             exit_, pending = pending, None
@@ -125,36 +125,29 @@ def _hot_call(sb: Sandbox, call: Call, hot: HotSession, seq: int) -> Exit | None
     when it did, else the exit that ``KVM_RUN`` came back with on the hot
     thread (the vCPU is then stopped, and this thread's to run). Host calls
     and prints the guest asks on the doorbell meanwhile are answered there."""
-    runner = call.runner
-    runner.aim_at(hot.ident)  # a stop or dump request kicks the hot thread's KVM_RUN
     base = _memory(sb).address
     address = base + abi.DOORBELL_DONE_SEQ
     ask = (base + abi.DOORBELL_ASK_SEQ, base + abi.DOORBELL_ANSWER_SEQ)
-    kicked = False
-    try:
-        while True:
-            outcome = native.wait(address, seq, hot.flag, HOT_WAIT_SPIN_NS, HOT_WAIT_SLICE_NS, ask)
-            while outcome == native.WAIT_TIMEOUT:  # back in Python now and then: signals run
-                outcome = native.wait(address, seq, hot.flag, 0, HOT_WAIT_SLICE_NS, ask)
-            if outcome != native.WAIT_ASK:
-                break
-            # Host code runs on this thread while the guest spins for its answer:
-            # kicks come here meanwhile (a call it makes runs here), and whoever
-            # needs the vCPU stopped stops the hot thread first (call.asking, set
-            # before the kicks turn here: a stop in between still halts the guest).
-            call.asking = hot
-            kicked |= runner.aim_at(None)
-            try:
-                _answer_ask(sb, call, call.function)
-            finally:
-                call.asking = None
-            runner.aim_at(hot.ident)  # kicks sent here meanwhile were answered on the way out
-    finally:
-        kicked |= runner.aim_at(None)
+    while True:
+        outcome = native.wait(address, seq, hot.flag, HOT_WAIT_SPIN_NS, HOT_WAIT_SLICE_NS, ask)
+        while outcome == native.WAIT_TIMEOUT:  # back in Python now and then: signals run
+            outcome = native.wait(address, seq, hot.flag, 0, HOT_WAIT_SLICE_NS, ask)
+        if outcome != native.WAIT_ASK:
+            break
+        # Host code runs on this thread while the guest spins for its answer on
+        # the vCPU's owner: whoever needs the vCPU stopped (a stop, a dump) kicks
+        # the owner (call.asking, set before the host code runs).
+        call.asking = hot
+        try:
+            _answer_ask(sb, call, call.function)
+        finally:
+            call.asking = None
     if outcome == native.WAIT_WORD:
         return None
-    # KVM_RUN returned on the hot thread: from here the call runs on this thread,
-    # and the guest must not spin once it is done (nobody would watch it).
+    # KVM_RUN returned on the owner for the hot thread: from here this thread
+    # waits for the call's KVM_RUNs, and the guest must not spin once it is
+    # done (nobody would watch it). A kick that came after that KVM_RUN
+    # returned is pending on the owner: the next KVM_RUN returns at once.
     sb._set_spin(0)
     exit_ = hot.exit
     if isinstance(exit_, BaseException):
@@ -164,10 +157,6 @@ def _hot_call(sb: Sandbox, call: Call, hot: HotSession, seq: int) -> Exit | None
         # the vCPU is this thread's with the guest where it was; the call's
         # requests (its stop) are answered as after a kick.
         return Interrupted()
-    if kicked and not isinstance(exit_, Interrupted):
-        # The kick hit the hot thread after its KVM_RUN had returned: answer the
-        # requests it carried before running the guest again.
-        sb._on_kick(call)
     return exit_
 
 
@@ -177,7 +166,7 @@ def halt(sb: Sandbox, hot: HotSession) -> None:
     or the vCPU's call owned: its flag is raised only under that lock)."""
     sb._set_spin(0)
     if not hot.flag.raised:
-        Vcpu.kick(hot.ident)
+        sb._machine.vcpu.kick()
 
 
 def reclaim(sb: Sandbox, hot: HotSession) -> None:

@@ -42,7 +42,6 @@ from ..errors import (
     HostFunctionError,
     SupervisorClosed,
 )
-from ..kvm import Vcpu
 from ..sandbox import CrashdumpRecord, Sandbox, SandboxState
 from ..sandbox.calls import DumpRequest
 from ..sandbox.core import StopResult
@@ -258,7 +257,6 @@ class WorkerHost:
         if self.pin_cpus:
             cpu = self.pin_cpus[index % len(self.pin_cpus)]
             os.sched_setaffinity(threading.get_native_id(), {cpu})
-        Vcpu.block_kick_signal()
         while True:
             with self._work:
                 while True:

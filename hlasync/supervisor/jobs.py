@@ -54,11 +54,11 @@ class Job:
         "expired_at",
         "finished",
         "host_scopes",
-        "hot_clock",
-        "hot_start",
         "js_stack",
         "lock",
         "name",
+        "owner_clock",
+        "owner_start",
         "queued_at",
         "result",
         "sandbox",
@@ -105,22 +105,22 @@ class Job:
         #: The CPU clock of the hot thread whose guest answers the call through
         #: the doorbell (``Sandbox`` spin), or None: the guest's CPU time is
         #: spent there, not on the worker thread.
-        self.hot_clock: int | None = None
-        self.hot_start = 0.0
+        self.owner_clock: int | None = None
+        self.owner_start = 0.0
         self.host_scopes: list[anyio.CancelScope] = []
         self.js_stack: str | None = None  # a JS handler's stack when its limit expired
 
 
 def cpu_used(job: Job) -> float:
-    """Seconds of CPU the call has used so far: its worker thread's, and its
-    hot thread's while the guest answers there. OSError when the worker thread
-    is gone."""
+    """Seconds of CPU the call has used so far: its worker thread's and its
+    vCPU's owner thread's (``owner_clock``: the guest runs there). OSError when
+    the worker thread is gone."""
     used = time.clock_gettime(job.cpu_clock) - job.cpu_start
-    if job.hot_clock is not None:
+    if job.owner_clock is not None:
         try:
-            used += time.clock_gettime(job.hot_clock) - job.hot_start
-        except OSError:  # the hot thread ended (the sandbox closed)
-            job.hot_clock = None
+            used += time.clock_gettime(job.owner_clock) - job.owner_start
+        except OSError:  # the owner thread ended (the sandbox closed)
+            job.owner_clock = None
     return used
 
 

@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..kvm import Vcpu
 from ..sandbox import Sandbox
 from .jobs import Job, cpu_used
 
@@ -30,18 +29,18 @@ class Watchdog:
         self._stopping = False
 
     def watch(self, job: Job) -> None:
-        """Start timing ``job`` (on the vCPU thread running it: CPU time is that
-        thread's, and its sandbox's hot thread's when the call was posted on
-        the doorbell of a spinning guest)."""
+        """Start timing ``job`` (on the worker thread running it: CPU time is
+        that thread's, which runs host code, and that of its vCPU's owner
+        thread, which runs the guest)."""
         job.cpu_clock = time.pthread_getcpuclockid(threading.get_ident())
         job.cpu_start = time.clock_gettime(job.cpu_clock)
-        hot = job.call.hot if job.call is not None else None
-        if hot is not None:
+        call = job.call
+        if call is not None and call.vcpu.owner.ident is not None:
             try:
-                job.hot_clock = time.pthread_getcpuclockid(hot.ident)
-                job.hot_start = time.clock_gettime(job.hot_clock)
-            except OSError:  # the hot thread is gone: the guest runs here
-                job.hot_clock = None
+                job.owner_clock = time.pthread_getcpuclockid(call.vcpu.owner.ident)
+                job.owner_start = time.clock_gettime(job.owner_clock)
+            except OSError:  # the owner has ended (the sandbox closed)
+                job.owner_clock = None
         with self._cond:
             self._watched.add(job)
             self._cond.notify()
@@ -56,7 +55,6 @@ class Watchdog:
             self._cond.notify_all()
 
     def main(self) -> None:
-        Vcpu.block_kick_signal()
         while True:
             expired: list[tuple[Job, str]] = []
             with self._cond:

@@ -48,7 +48,6 @@ def test_a_dispatcher_resumed_without_a_new_call_parks_again(sandbox: Sandbox) -
     ``req_seq`` the dispatcher goes straight back to its park exit."""
     assert sandbox.call("increment") == 1
     machine = sandbox._machine
-    machine.vcpu.prepare_thread()
     exit_ = machine.vcpu.run()  # no call posted
     assert isinstance(exit_, IoOut) and exit_.port == abi.PORT_RETURN
     assert _word(sandbox, abi.DOORBELL_DONE_SEQ) == 1
@@ -65,7 +64,6 @@ def test_a_spinning_dispatcher_serves_calls_without_exits(sandbox: Sandbox) -> N
     posted = 300
 
     def hot() -> None:
-        vcpu.prepare_thread()
         exits.append(vcpu.run())
 
     with sandbox._operation("doorbell test"):  # nothing else may use the vCPU meanwhile

@@ -1,0 +1,55 @@
+"""Loading the host-side helper library (``libhlwait.so``, built at install
+from ``native/hl_wait.c`` and ``native/hl_owner.c``) through ctypes, which
+releases the GIL for the length of each call into it."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+
+from .. import _build
+from ..errors import HlasyncError
+
+__all__ = ["library"]
+
+_lock = threading.Lock()
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The loaded helper (rebuilt first in a source checkout where it is stale)."""
+    target = _build.BUNDLED_DIR / _build.native.LIBRARY
+    if "libhlwait" in _build.bundled_builds():
+        with _lock:
+            try:
+                _build.build_bundled(only_stale=True, names=["libhlwait"])
+            except _build.GuestBuildError as exc:
+                if not target.exists():
+                    raise HlasyncError(f"the helper library is not built: {exc}") from None
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as exc:
+        raise HlasyncError(f"cannot load the helper library {target}: {exc}") from None
+    lib.hl_wait.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_uint64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_uint64,
+        ctypes.c_uint64,
+    ]
+    lib.hl_wait.restype = ctypes.c_int
+    lib.hl_wake.argtypes = [ctypes.c_void_p]
+    lib.hl_wake.restype = None
+    u64, i64, ptr = ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p
+    lib.hl_owner_loop.argtypes = [ptr]
+    lib.hl_owner_loop.restype = None
+    lib.hl_owner_call.argtypes = [ptr, ctypes.c_int32, i64, i64, i64, i64, i64, u64, u64]
+    lib.hl_owner_call.restype = ctypes.c_int
+    lib.hl_owner_wait.argtypes = [ptr, ctypes.c_uint32, u64, u64]
+    lib.hl_owner_wait.restype = ctypes.c_int
+    lib.hl_owner_kick.argtypes = [ptr]
+    lib.hl_owner_kick.restype = None
+    return lib

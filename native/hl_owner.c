@@ -1,0 +1,224 @@
+/*
+ * A vCPU's owner thread (hlasync/kvm/owner.py): the one thread that runs a
+ * sandbox's vCPU for the sandbox's whole life. It serves one request at a time
+ * from a small shared record, without the GIL: KVM_RUN, every vCPU ioctl, the
+ * mapping and unmapping of guest memory and the closing of the VM's files.
+ * Any thread posts a request (hl_owner_call, serialized by the poster) and
+ * waits for it, spinning and then sleeping; any thread kicks (hl_owner_kick)
+ * the owner's KVM_RUN out of the guest, or the next one if none runs.
+ *
+ * Freestanding like hl_wait.c: raw system calls, no libc.
+ */
+#include <stdint.h>
+
+#define SYS_MMAP 9
+#define SYS_MUNMAP 11
+#define SYS_IOCTL 16
+#define SYS_CLOSE 3
+#define SYS_RT_SIGTIMEDWAIT 128
+#define SYS_FUTEX 202
+#define SYS_CLOCK_GETTIME 228
+#define SYS_TGKILL 234
+#define FUTEX_WAIT_PRIVATE 128
+#define FUTEX_WAKE_PRIVATE 129
+#define CLOCK_MONOTONIC 1
+#define EINTR 4
+#define EAGAIN 11
+#define KVM_RUN 0xae80
+
+enum {
+    OP_NONE = 0,
+    OP_IOCTL = 1,  /* ioctl(fd, a1, a2) */
+    OP_RUN = 2,    /* KVM_RUN on fd; -EINTR at once when a kick is pending */
+    OP_MUNMAP = 3, /* munmap(a1, a2) */
+    OP_CLOSE = 4,  /* close(fd) */
+    OP_EXIT = 5,   /* the loop ends (after answering) */
+    OP_DRAIN = 6,  /* forget a pending kick */
+    OP_MMAP = 7,   /* mmap(a1, a2, a3 >> 32, a3 & 0xffffffff, fd, a4): the result is the address */
+};
+
+/* Shared with Python (hlasync/kvm/owner.py: _Record): keep the layouts equal. */
+struct hl_owner {
+    uint32_t req;             /* sequence of the latest request (the owner's futex) */
+    uint32_t done;            /* sequence of the latest answered request (the waiter's futex) */
+    uint32_t owner_sleeping;  /* the owner sleeps on req */
+    uint32_t waiter_sleeping; /* a waiter sleeps on done */
+    uint32_t kicked;          /* a kick waits for the next KVM_RUN */
+    uint32_t in_run;          /* the owner is in (or entering) KVM_RUN */
+    int32_t tid, pid, signal; /* the owner thread, its process, the kick signal */
+    int32_t op;
+    int64_t fd, a1, a2, a3, a4;
+    int64_t result; /* >= 0, or -errno */
+    uint64_t spin_ns; /* how long the owner spins for the next request before it sleeps */
+    uint64_t runs, kicks, served;
+    uint64_t last_run_ns; /* how long the last KVM_RUN took */
+    uint64_t gap_ns;      /* from the last answer to the request after it */
+};
+
+struct hl_timespec {
+    int64_t sec, nsec;
+};
+
+static long sys6(long n, long a, long b, long c, long d, long e, long f) {
+    register long r10 __asm__("r10") = d;
+    register long r8 __asm__("r8") = e;
+    register long r9 __asm__("r9") = f;
+    long result;
+    __asm__ volatile("syscall"
+                     : "=a"(result)
+                     : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
+                     : "rcx", "r11", "memory");
+    return result;
+}
+
+static uint64_t clock_ns(void) {
+    struct hl_timespec t = {0, 0};
+    sys6(SYS_CLOCK_GETTIME, CLOCK_MONOTONIC, (long)&t, 0, 0, 0, 0);
+    return (uint64_t)t.sec * 1000000000ull + (uint64_t)t.nsec;
+}
+
+#define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
+#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
+
+/* Consume every pending kick signal of this (the owner) thread. */
+static void drain_signals(struct hl_owner *o) {
+    uint64_t set = 1ull << (o->signal - 1);
+    struct hl_timespec zero = {0, 0};
+    while (sys6(SYS_RT_SIGTIMEDWAIT, (long)&set, 0, (long)&zero, 8, 0, 0) > 0) {
+    }
+}
+
+static int64_t run(struct hl_owner *o) {
+    int64_t result;
+    uint64_t start = clock_ns();
+    STORE(&o->in_run, 1);
+    if (LOAD(&o->kicked))
+        result = -EINTR;
+    else
+        result = sys6(SYS_IOCTL, o->fd, KVM_RUN, 0, 0, 0, 0);
+    STORE(&o->in_run, 0);
+    o->last_run_ns = clock_ns() - start;
+    o->runs++;
+    if (result == -EINTR) {
+        /* A kick ended it (or was pending): it is spent. One sent after this
+         * drain stays pending and makes the next KVM_RUN return at once. */
+        STORE(&o->kicked, 0);
+        drain_signals(o);
+    }
+    return result;
+}
+
+static int64_t serve(struct hl_owner *o) {
+    switch (o->op) {
+    case OP_IOCTL:
+        return sys6(SYS_IOCTL, o->fd, o->a1, o->a2, 0, 0, 0);
+    case OP_RUN:
+        return run(o);
+    case OP_MUNMAP:
+        return sys6(SYS_MUNMAP, o->a1, o->a2, 0, 0, 0, 0);
+    case OP_MMAP:
+        return sys6(SYS_MMAP, o->a1, o->a2, (long)((uint64_t)o->a3 >> 32),
+                    (long)(o->a3 & 0xffffffff), o->fd, o->a4);
+    case OP_CLOSE:
+        return sys6(SYS_CLOSE, o->fd, 0, 0, 0, 0, 0);
+    case OP_DRAIN:
+        STORE(&o->kicked, 0);
+        drain_signals(o);
+        return 0;
+    case OP_EXIT:
+        return 0;
+    default:
+        return -22; /* EINVAL */
+    }
+}
+
+/* The owner thread's loop: serve requests until OP_EXIT. The calling thread
+ * must keep the kick signal blocked (KVM unblocks it inside KVM_RUN). */
+void hl_owner_loop(struct hl_owner *o) {
+    /* From the last answered request: one posted before the loop began is served. */
+    uint32_t seen = LOAD(&o->done);
+    for (;;) {
+        /* Spin for the next request only while requests come back within the
+         * spin (a caller's next call, a run of ioctls): an idle owner, or one
+         * whose callers are slow (a busy machine), sleeps at once. */
+        uint64_t answered = clock_ns();
+        uint64_t spin = o->gap_ns < 2 * o->spin_ns ? o->spin_ns : 0; /* a slept gap has a wake-up in it */
+        uint64_t end = answered + spin;
+        unsigned polls = 0;
+        while (LOAD(&o->req) == seen) {
+            __builtin_ia32_pause();
+            if ((++polls & 63) == 0 && clock_ns() >= end) {
+                STORE(&o->owner_sleeping, 1);
+                while (LOAD(&o->req) == seen)
+                    sys6(SYS_FUTEX, (long)&o->req, FUTEX_WAIT_PRIVATE, seen, 0, 0, 0);
+                STORE(&o->owner_sleeping, 0);
+            }
+        }
+        o->gap_ns = clock_ns() - answered;
+        seen = LOAD(&o->req);
+        int op = o->op;
+        o->result = serve(o);
+        o->served++;
+        STORE(&o->done, seen);
+        if (LOAD(&o->waiter_sleeping))
+            sys6(SYS_FUTEX, (long)&o->done, FUTEX_WAKE_PRIVATE, 0x7fffffff, 0, 0, 0);
+        if (op == OP_EXIT)
+            return;
+    }
+}
+
+/* Wait (any thread) until the request with sequence ``seq`` is answered:
+ * 1 when it is, 0 after timeout_ns. Spins for spin_ns first. */
+int hl_owner_wait(struct hl_owner *o, uint32_t seq, uint64_t spin_ns, uint64_t timeout_ns) {
+    if (LOAD(&o->done) == seq) return 1;
+    uint64_t start = clock_ns();
+    uint64_t spin_end = start + (spin_ns < timeout_ns ? spin_ns : timeout_ns);
+    unsigned polls = 0;
+    for (;;) {
+        __builtin_ia32_pause();
+        if (LOAD(&o->done) == seq) return 1;
+        if ((++polls & 63) == 0 && clock_ns() >= spin_end) break;
+    }
+    for (;;) {
+        uint64_t now = clock_ns();
+        if (now - start >= timeout_ns) return 0;
+        uint64_t left = timeout_ns - (now - start);
+        struct hl_timespec slice = {(int64_t)(left / 1000000000ull), (int64_t)(left % 1000000000ull)};
+        uint32_t seen = LOAD(&o->done);
+        if (seen == seq) return 1;
+        STORE(&o->waiter_sleeping, 1);
+        if (LOAD(&o->done) == seen)
+            sys6(SYS_FUTEX, (long)&o->done, FUTEX_WAIT_PRIVATE, seen, (long)&slice, 0, 0);
+        STORE(&o->waiter_sleeping, 0);
+        if (LOAD(&o->done) == seq) return 1;
+    }
+}
+
+/* Post a request (the caller makes sure no other is in flight) and wait for
+ * it as hl_owner_wait does. The request's sequence is o->req afterwards. */
+int hl_owner_call(struct hl_owner *o, int32_t op, int64_t fd, int64_t a1, int64_t a2, int64_t a3,
+                  int64_t a4, uint64_t spin_ns, uint64_t timeout_ns) {
+    uint32_t seq = LOAD(&o->req) + 1;
+    o->op = op;
+    o->fd = fd;
+    o->a1 = a1;
+    o->a2 = a2;
+    o->a3 = a3;
+    o->a4 = a4;
+    STORE(&o->req, seq);
+    if (LOAD(&o->owner_sleeping))
+        sys6(SYS_FUTEX, (long)&o->req, FUTEX_WAKE_PRIVATE, 1, 0, 0, 0);
+    return hl_owner_wait(o, seq, spin_ns, timeout_ns);
+}
+
+/* Kick the owner (any thread): its KVM_RUN returns -EINTR now, or its next
+ * one at once. Only the kick that raises the flag signals, and only a thread
+ * in KVM_RUN: a pending kick is one flag and at most one signal. (The owner
+ * sets in_run before it looks at kicked, the kicker the other way round: one
+ * of the two sees the other's store.) */
+void hl_owner_kick(struct hl_owner *o) {
+    if (__atomic_exchange_n(&o->kicked, 1, __ATOMIC_SEQ_CST)) return;
+    __atomic_add_fetch(&o->kicks, 1, __ATOMIC_RELAXED);
+    if (LOAD(&o->in_run))
+        sys6(SYS_TGKILL, o->pid, o->tid, o->signal, 0, 0, 0);
+}
