@@ -1,14 +1,16 @@
 """The supervisor's side of workers that run as Ray actors.
 
-It is the process backend (``hlasync/supervisor/processes.py``: shards,
-queues, host calls, events, worker deaths and relaunches) with another way to
-start a worker: a :class:`~hlasync.ray.actor.NodeWorker` actor, placed by Ray
-on a node that offers the KVM resource, instead of a child process. The
-channel's bytes go through a local ``socketpair`` whose far end two bridge
-threads per worker carry over Ray method calls (``deliver`` and a long-polled
-``receive``); when the actor or its node dies, ``receive`` fails, the bridge
-closes the socket, and the process backend sees the end of a worker as it
-does for a process.
+It is the process backend (``hlasync/supervisor/processes.py`` and its
+``proc_*`` modules: shards, queues, host calls, events, worker deaths and
+relaunches) with another way to start a worker: a
+:class:`~hlasync.ray.actor.NodeWorker` actor, placed by Ray on a node that
+offers the KVM resource, instead of a child process. The channel's bytes go
+through a local ``socketpair`` whose far end two bridge threads per worker
+carry over Ray method calls (``deliver`` and a long-polled ``receive``); when
+the actor or its node dies, ``receive`` fails, the bridge closes the socket,
+and the process backend sees the end of a worker as it does for a process.
+Like every backend it knows the supervisor's front through its
+:class:`~hlasync.supervisor.backend.Front` alone.
 """
 
 from __future__ import annotations
@@ -19,16 +21,15 @@ import socket
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 
 from ..errors import HlasyncError, SupervisorError
+from ..supervisor.backend import Front
 from ..supervisor.jobs import Job
-from ..supervisor.processes import ProcessBackend, _Worker
-
-if TYPE_CHECKING:
-    from ..supervisor.core import Supervisor
+from ..supervisor.proc_handle import WorkerHandle
+from ..supervisor.processes import ProcessBackend
 
 __all__ = ["RayBackend"]
 
@@ -51,7 +52,7 @@ class RayBackend(ProcessBackend):
 
     def __init__(
         self,
-        front: Supervisor,
+        front: Front,
         actors: int,
         workers: int,
         resources: Mapping[str, float],
@@ -69,7 +70,7 @@ class RayBackend(ProcessBackend):
         self._actors: dict[int, Any] = {}
         self._bridges: dict[int, list[threading.Thread]] = {}
 
-    async def _start_worker(self, worker: _Worker) -> socket.socket:
+    async def _start_worker(self, worker: WorkerHandle) -> socket.socket:
         import ray
 
         from .actor import NodeWorker
@@ -124,7 +125,7 @@ class RayBackend(ProcessBackend):
         self._bridges[worker.index] = [up, down]
         return mine
 
-    def _kill(self, worker: _Worker) -> None:
+    def _kill(self, worker: WorkerHandle) -> None:
         import ray
 
         actor = self._actors.pop(worker.index, None)

@@ -15,7 +15,7 @@ import anyio
 from ..crashdump.placement import resolve_directory, write_atomically
 from ..crashdump.writer import pwrite_all
 from ..errors import CrashdumpError, HlasyncError, SupervisorClosed, SupervisorError
-from ..supervisor.backend import Backend
+from ..supervisor.backend import Backend, Front
 from ..supervisor.core import Supervisor
 from ..supervisor.targets import SupervisedSandbox, Target
 from .backend import RayBackend
@@ -133,11 +133,11 @@ class RaySupervisor(Supervisor):
             shutdown_grace=shutdown_grace,
         )
 
-    def _make_backend(self, processes: int, workers: int) -> Backend:
+    def _make_backend(self, front: Front, processes: int, workers: int) -> Backend:
         """Workers that are Ray actors (``processes`` of them)."""
         fetch = (self._fetch_into, self.fetch_dumps) if self.fetch_dumps is not None else None
         self._ray_backend = RayBackend(
-            self,
+            front,
             processes,
             workers,
             self.resources,

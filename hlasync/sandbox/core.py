@@ -16,7 +16,6 @@ Every wait has a bound.
 from __future__ import annotations
 
 import contextlib
-import enum
 import itertools
 import logging
 import os
@@ -68,6 +67,7 @@ from .hot import (
 )
 from .machine import Machine
 from .snapshots import Snapshot, templates
+from .states import Event, SandboxState, after
 
 __all__ = ["Sandbox", "SandboxState", "StopResult", "check_call"]
 
@@ -87,13 +87,6 @@ HOT_THREAD_JOIN = 1.0
 RELEASE_WAIT = 1.0
 #: How long a call waits, before resuming its guest, for dumps that borrowed its vCPU.
 LOAN_TIMEOUT = 60.0
-
-
-class SandboxState(enum.Enum):
-    READY = "ready"
-    RUNNING = "running"
-    POISONED = "poisoned"
-    CLOSED = "closed"
 
 
 class StopResult(NamedTuple):
@@ -173,7 +166,7 @@ class Sandbox:
         # the process's end releases everything anyway.
         self._finalizer = weakref.finalize(self, _release_unclosed, self._machine, self._lock)
         self._finalizer.atexit = False
-        self._state = SandboxState.READY
+        self._state = after(self._state, Event.BOOTED)
         registry.add(self)
 
     # ----------------------------------------------------------- creation
@@ -373,15 +366,13 @@ class Sandbox:
                 cpu.apply(machine.vcpu, target._cpu)
             except OSError as exc:
                 with self._lock:
-                    if self._state is not SandboxState.CLOSED:
-                        self._state = SandboxState.POISONED
+                    self._state = after(self._state, Event.RESTORE_FAILED)
                 raise SandboxPoisoned(
                     f"restoring sandbox {self.id} failed ({exc}); it stays poisoned: close it",
                     sandbox_id=self.id,
                 ) from exc
             with self._lock:
-                if self._state is not SandboxState.CLOSED:
-                    self._state = SandboxState.READY
+                self._state = after(self._state, Event.RESTORED)
                 self.last_exception = None
 
     def generate_crashdump(self, directory: str | os.PathLike[str] | None = None) -> Path:
@@ -441,7 +432,7 @@ class Sandbox:
         with self._lock:
             if self._state is SandboxState.CLOSED:
                 return
-            self._state = SandboxState.CLOSED
+            self._state = after(self._state, Event.CLOSE)
             holder = self._holder
             own = False
             if self._hot is not None:
@@ -500,7 +491,7 @@ class Sandbox:
             if self._state is not SandboxState.READY:
                 self._raise_not_ready(function)
             self._holder = call
-            self._state = SandboxState.RUNNING
+            self._state = after(self._state, Event.CALL)
         budget.call_started()
         runner_.calls.append(call)
         return call
@@ -631,8 +622,8 @@ class Sandbox:
                     if stopped:
                         outcome = SandboxState.POISONED  # interrupted as it finished
                     call.phase = Phase.ENDED
-                    if self._state is not SandboxState.CLOSED:
-                        self._state = outcome
+                    event = Event.RETURNED if outcome is SandboxState.READY else Event.FAILED
+                    self._state = after(self._state, event)
                     self._holder = self._after_call_locked(call, outcome)
                     self._release_if_closed_locked()
                     self._notify_locked()
@@ -1004,7 +995,7 @@ class Sandbox:
         self._changed = threading.Condition(self._lock)
         self._waiting = 0
         self._forked_from = parent
-        self._state = SandboxState.CLOSED
+        self._state = after(self._state, Event.CLOSE)
         self._holder = None
         self._hot = None  # its thread stayed in the parent
         self._loans = 0

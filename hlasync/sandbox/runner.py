@@ -11,10 +11,10 @@ while the vCPU is paused.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, assert_never
 
 from .. import abi
-from ..abi import FrameError, FunctionSignature, Value
+from ..abi import FunctionSignature, Value
 from ..errors import (
     GuestAborted,
     GuestError,
@@ -23,8 +23,24 @@ from ..errors import (
     HostFunctionError,
 )
 from ..guest.memory import GuestMemory
-from ..kvm.exits import Exit, Interrupted, IoOut, Shutdown
+from ..kvm.exits import Exit, Interrupted
 from . import cpu, native
+from .decide import (
+    Aborted,
+    Asked,
+    Broken,
+    Faulted,
+    HostCallAsked,
+    Kicked,
+    PrintAsked,
+    Replay,
+    Returned,
+    Returning,
+    Unreturnable,
+    decide,
+    decide_ask,
+    result,
+)
 from .dumps import attach_automatic_dump
 from .faults import ExceptionInfo, decode_exception
 from .hot import HotSession, read_done_seq
@@ -70,54 +86,42 @@ def run(sb: Sandbox, call: Call, signature: FunctionSignature) -> Value:
         pending = handed
     elif sb._doorbell and sb._machine.bell[abi.WORD_SPIN]:
         sb._set_spin(0)  # on the exit path nobody watches the doorbell: no spin
+    output = sb._machine.output
     while True:
+        seen = True
         if pending is not None:
             exit_, pending = pending, None
-            if (
-                isinstance(exit_, IoOut)
-                and exit_.port == abi.PORT_RETURN
-                and read_done_seq(sb) != seq
-            ):
-                continue  # the guest parked before it saw the call: run it now
+            seen = read_done_seq(sb) == seq  # a return exit before the guest saw the call?
         else:
             exit_ = vcpu.run()
-        match exit_:
-            case IoOut(port=abi.PORT_RETURN):
+        action = decide(exit_, output, call_seen=seen)
+        match action:
+            case Returning():
                 return _read_result(sb, signature)
-            case IoOut(port=abi.PORT_HOSTCALL):
-                _host_call(sb, call, name)
-            case IoOut(port=abi.PORT_PRINT):
-                _print(sb, call, name)
-            case IoOut(port=abi.PORT_WAIT):
+            case HostCallAsked(request=request):
+                _host_call(sb, call, name, request)
+            case PrintAsked(text=text):
+                _print(sb, call, text)
+            case Asked():
                 _answer_ask(sb, call, name)
-            case IoOut(port=abi.PORT_ABORT):
-                raise _failed(sb, _aborted(sb, name))
-            case IoOut(port=port) if 0 <= port - abi.PORT_EXCEPTION_BASE < 32:
+            case Kicked():
+                sb._on_kick(call)
+            case Replay():
+                continue  # the guest parked before it saw the call: run it now
+            case Faulted(vector=vector):
                 error, fault = decode_exception(
-                    vcpu,
-                    _memory(sb),
-                    sb.image,
-                    sandbox_id=sb.id,
-                    function=name,
-                    vector=port - abi.PORT_EXCEPTION_BASE,
+                    vcpu, _memory(sb), sb.image, sandbox_id=sb.id, function=name, vector=vector
                 )
                 raise _failed(sb, error, fault)
-            case IoOut(port=port):
-                message = f"guest wrote to unknown port {port:#x}"
-                raise _failed(sb, _protocol_error(sb, name, message))
-            case Interrupted():
-                sb._on_kick(call)
-            case _:
-                suffix = " (triple fault)" if isinstance(exit_, Shutdown) else ""
-                raise _failed(
-                    sb,
-                    GuestProtocolError(
-                        f"unexpected vCPU exit {exit_}{suffix}",
-                        sandbox_id=sb.id,
-                        function=name,
-                        vcpu_exit=exit_,
-                    ),
+            case Aborted(code=code, message=message):
+                aborted = GuestAborted(
+                    sandbox_id=sb.id, function=name, code=code, guest_message=message
                 )
+                raise _failed(sb, aborted)
+            case Broken(message=message, exit=unexpected):
+                raise _failed(sb, _protocol_error(sb, name, message, unexpected))
+            case _:
+                assert_never(action)
 
 
 def _hot_call(sb: Sandbox, call: Call, hot: HotSession, seq: int) -> Exit | None:
@@ -186,15 +190,14 @@ def _answer_ask(sb: Sandbox, call: Call, function: str) -> None:
     asked = int(bell[abi.WORD_ASK_SEQ])
     if asked == bell[abi.WORD_ANSWER_SEQ]:
         return  # answered already (the guest exited as the answer came)
-    port = int(bell[abi.WORD_ASK_PORT])
-    if port == abi.PORT_HOSTCALL:
-        _host_call(sb, call, function)
-    elif port == abi.PORT_PRINT:
-        _print(sb, call, function)
-    else:
-        sb._halt_asking(call)
-        message = f"guest asked on the doorbell for unknown port {port:#x}"
-        raise _failed(sb, _protocol_error(sb, function, message))
+    match decide_ask(int(bell[abi.WORD_ASK_PORT]), sb._machine.output):
+        case HostCallAsked(request=request):
+            _host_call(sb, call, function, request)
+        case PrintAsked(text=text):
+            _print(sb, call, text)
+        case Broken(message=message):
+            sb._halt_asking(call)
+            raise _failed(sb, _protocol_error(sb, function, message))
     sb._machine.write_bell(abi.WORD_ANSWER_SEQ, asked)  # after the answer's frame
 
 
@@ -212,41 +215,33 @@ def _failed(sb: Sandbox, error: GuestError, fault: ExceptionInfo | None = None) 
     return error
 
 
-def _protocol_error(sb: Sandbox, function: str | None, message: str) -> GuestProtocolError:
-    return GuestProtocolError(message, sandbox_id=sb.id, function=function)
+def _protocol_error(
+    sb: Sandbox, function: str | None, message: str, unexpected: Exit | None = None
+) -> GuestProtocolError:
+    return GuestProtocolError(message, sandbox_id=sb.id, function=function, vcpu_exit=unexpected)
 
 
 def _read_result(sb: Sandbox, signature: FunctionSignature, hot: HotSession | None = None) -> Value:
     """The call's result frame. ``hot``: the guest answered on the doorbell and
     still runs on that session's thread; a bad frame stops it before the dump."""
-    try:
-        value, error = abi.read_result(sb._machine.output, signature.returns)
-    except FrameError as exc:
-        if hot is not None:
-            reclaim(sb, hot)
-        raise _failed(sb, _protocol_error(sb, signature.name, f"bad result frame: {exc}")) from None
-    if error is not None:
-        hint = ""
-        if "output buffer" in error:
-            hint = f" (raise SandboxConfig.output_buffer_size, now {sb.layout.output_size})"
-        raise GuestResultError(
-            f"the guest could not return the result: {error}{hint}",
-            sandbox_id=sb.id,
-            function=signature.name,
-        )
-    return value
+    match result(sb._machine.output, signature.returns, sb.layout.output_size):
+        case Returned(value=value):
+            return value
+        case Unreturnable(message=message):
+            raise GuestResultError(message, sandbox_id=sb.id, function=signature.name)
+        case Broken(message=message):
+            if hot is not None:
+                reclaim(sb, hot)
+            raise _failed(sb, _protocol_error(sb, signature.name, message))
+        case outcome:
+            assert_never(outcome)
 
 
-def _host_call(sb: Sandbox, call: Call, function: str) -> None:
-    """Run the host function the frame in the output buffer asks for and write
-    its result there (a guest that asked on the doorbell and still spins is
+def _host_call(sb: Sandbox, call: Call, function: str, request: abi.HostCall) -> None:
+    """Run the host function ``request`` asks for and write its result into
+    the output buffer (a guest that asked on the doorbell and still spins is
     stopped first when the call fails)."""
     output = sb._machine.output
-    try:
-        request = abi.read_host_call(output)
-    except FrameError as exc:
-        sb._halt_asking(call)
-        raise _failed(sb, _protocol_error(sb, function, f"bad host-call frame: {exc}")) from None
     host_fn = sb._host_functions.get(request.name)
     if host_fn is None:
         sb._halt_asking(call)
@@ -303,32 +298,13 @@ def _unwind(sb: Sandbox) -> None:
     machine.write_bell(abi.WORD_ANSWER_SEQ, machine.bell[abi.WORD_ASK_SEQ])
 
 
-def _print(sb: Sandbox, call: Call, function: str) -> None:
-    try:
-        _, text = abi.read_message(sb._machine.output, abi.MAGIC_PRINT)
-    except FrameError as exc:
-        sb._halt_asking(call)
-        raise _failed(sb, _protocol_error(sb, function, f"bad print frame: {exc}")) from None
-    decoded = text.decode(errors="replace")
+def _print(sb: Sandbox, call: Call, text: str) -> None:
     sb._enter_host(call)
     try:
         if sb._output is not None:
-            sb._output(decoded)
+            sb._output(text)
         else:
-            sys.stdout.write(decoded)
+            sys.stdout.write(text)
             sys.stdout.flush()
     finally:
         sb._leave_host(call)
-
-
-def _aborted(sb: Sandbox, function: str) -> GuestError:
-    try:
-        code, text = abi.read_message(sb._machine.output, abi.MAGIC_ABORT)
-    except FrameError as exc:
-        return _protocol_error(sb, function, f"bad abort frame: {exc}")
-    return GuestAborted(
-        sandbox_id=sb.id,
-        function=function,
-        code=code,
-        guest_message=text.decode(errors="replace"),
-    )

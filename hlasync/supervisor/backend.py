@@ -1,25 +1,77 @@
-"""What the supervisor's front (``core.py``) asks of a worker host: the
-protocol that the thread backend (``threads.py``), the worker-process backend
-(``processes.py``) and the Ray backend (``hlasync/ray/backend.py``) implement.
-The front knows its backend through this protocol alone."""
+"""The two sides of the boundary between the supervisor's front
+(``core.py``) and its worker host:
+
+- :class:`Backend`: what the front asks of a backend; the thread backend
+  (``threads.py``), the worker-process backend (``processes.py``) and the Ray
+  backend (``hlasync/ray/backend.py``) implement it. The front knows its
+  backend through this protocol alone.
+- :class:`Front`: what a backend may ask of the front; the front hands its
+  backend one when it makes it (``Supervisor._make_backend``). Backends know
+  the front through this protocol alone (never its private members)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     import anyio.abc
 
+    from .. import events as ev
     from ..guest.image import GuestImage
+    from .hub import Publisher
     from .jobs import Job
     from .loop import Outbox
     from .specs import HostKey, TargetSpec
     from .targets import SupervisedSandbox, Target
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "Front"]
+
+_T = TypeVar("_T")
+
+
+class Front(Protocol):
+    """What a backend may use of the supervisor's front (``core.Supervisor``
+    hands each backend one)."""
+
+    @property
+    def events(self) -> Publisher:
+        """Where events go, from any thread (``wants``, ``publish``, ``post``):
+        the front's event hub."""
+
+    @property
+    def token(self) -> Any:
+        """The event loop's anyio token (host functions called from threads run
+        on the loop with it); set once the supervisor has been entered."""
+
+    def deliver(self, event: ev.Event) -> None:
+        """Hand ``event``, built elsewhere (by a worker process), to the
+        subscribers that take it (on the loop)."""
+
+    def interest(self) -> list[str]:
+        """The names of the event classes some subscriber takes."""
+
+    def on_interest_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the loop) whenever the subscribers change."""
+
+    def report(self, error: BaseException) -> None:
+        """A failure the supervisor survives: logged, counted and published
+        (unless the backend's own :meth:`Backend.report` took it)."""
+
+    def announce(self, target: Target, sandbox_ids: list[str]) -> None:
+        """Publish ``SandboxCreated`` for ``target``'s new sandboxes."""
+
+    def job_done(self, job: Job) -> None:
+        """``job``'s outcome is in ``job.result``/``job.error``: count it, free
+        its place in the queue and wake its caller (on the loop, once per job)."""
+
+    async def in_thread(
+        self, function: Callable[[], _T], *, discard: Callable[[_T], object] | None = None
+    ) -> _T:
+        """Run blocking ``function`` on an operation thread of its own and await
+        it; ``discard`` takes a result that arrives after the wait was cancelled."""
 
 
 class Backend(Protocol):

@@ -2,17 +2,19 @@
 calls, awaits their outcomes, creates and closes targets, and fans events
 out to subscribers; running the calls is a backend's: the worker host on
 threads of this process (:mod:`.threads`), or worker processes
-(:mod:`.processes`)."""
+(:mod:`.processes`). A backend sees the front only through the
+:class:`~.backend.Front` the front hands it (a :class:`~.front.FrontLink`)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -24,13 +26,16 @@ from ..config import SandboxConfig
 from ..errors import GuestCancelled, GuestTimeout, SupervisorBusy, SupervisorClosed
 from ..guest.image import GuestImage
 from ..sandbox import check_call
-from .backend import Backend
-from .creation import load_image
+from .backend import Backend, Front
+from .front import FrontLink
 from .hub import EventHub
-from .jobs import DEFAULT, Job, check_limit
+from .jobs import Job
 from .loop import Outbox, loop_waker
+from .making import TargetMaker
+from .operations import run_operation
 from .processes import ProcessBackend
-from .specs import HostKey, TargetSpec, split_host_functions
+from .settings import DEFAULT, check_limit, check_settings
+from .stats import SupervisorStatistics, gather
 from .targets import JSPool, PendingCall, Pool, SupervisedSandbox, Target
 from .threads import ThreadBackend
 
@@ -38,26 +43,6 @@ __all__ = ["Supervisor", "SupervisorStatistics"]
 
 _logger = logging.getLogger("hlasync.supervisor")
 _T = TypeVar("_T")
-
-
-class SupervisorStatistics(NamedTuple):
-    workers: int
-    sandboxes: int
-    pending: int  # calls waiting for a vCPU
-    running: int
-    started: int
-    completed: int
-    failed: int
-    timed_out: int
-    cancelled: int
-    dumps_written: int
-    dumps_failed: int
-    subscribers: int
-    events_published: int
-    events_dropped: int
-    internal_errors: int  # SupervisorError events: failures the supervisor survived
-    processes: int = 0  # worker processes (0: the thread mode)
-    workers_lost: int = 0  # worker processes that died and were replaced
 
 
 class Supervisor:
@@ -88,22 +73,9 @@ class Supervisor:
         dump_on_cancel: bool = False,
         shutdown_grace: float = 5.0,
     ) -> None:
-        if type(workers) is not int or workers < 1:
-            raise ValueError("workers must be a positive int")
-        if processes is None:
-            processes = _default_processes()
-        if type(processes) is not int or processes < 0:
-            raise ValueError("processes must be an int >= 0 (0: threads of this process)")
-        if type(max_pending) is not int or max_pending < 1:
-            raise ValueError("max_pending must be a positive int")
-        check_limit("timeout", timeout)
-        check_limit("cpu_timeout", cpu_timeout)
-        if shutdown_grace < 0:
-            raise ValueError("shutdown_grace must be >= 0")
-        if pin_cpus is not None:
-            available = os.sched_getaffinity(0)
-            if not pin_cpus or any(cpu not in available for cpu in pin_cpus):
-                raise ValueError(f"pin_cpus must name CPUs this process may use: {available}")
+        processes = check_settings(
+            workers, processes, pin_cpus, max_pending, timeout, cpu_timeout, shutdown_grace
+        )
         self.processes = processes
         self.pin_cpus = tuple(pin_cpus) if pin_cpus is not None else None
         self.max_pending = max_pending
@@ -113,10 +85,19 @@ class Supervisor:
         self.shutdown_grace = shutdown_grace
 
         self._hub = EventHub()
-        self._backend: Backend = self._make_backend(processes, workers)
+        front = FrontLink(
+            self._hub,
+            token=lambda: self._token,
+            report=self._report,
+            announce=self._announce,
+            job_done=self._job_done,
+            in_thread=self._in_thread,
+        )
+        self._backend: Backend = self._make_backend(front, processes, workers)
         self.workers = self._backend.workers
         self._state = "new"  # new, open, closing, closed
         self._ids = iter(range(1, 1 << 62))
+        self._maker = TargetMaker(self, self._backend, self._in_thread, self._ids, self._check_open)
         self._outbox: Outbox | None = None
         self._token: Any = None
         self._group: anyio.abc.TaskGroup | None = None
@@ -207,13 +188,7 @@ class Supervisor:
         to stdout when nobody subscribes to them). A member whose restore
         fails is closed and replaced by a new one.
         """
-        self._check_open()
-        if type(size) is not int or size < 1:
-            raise ValueError("size must be a positive int")
-        image = await self._in_thread(lambda: load_image(guest))
-        pool = Pool(self, name or f"pool-{next(self._ids)}", image, size)
-        await self._create(pool, "pool", image, size, config, _plain(host_functions), output)
-        return pool
+        return await self._maker.pool(guest, size, config, name, host_functions, output)
 
     async def create_sandbox(
         self,
@@ -224,11 +199,7 @@ class Supervisor:
         output: Callable[[str], None] | None = None,
     ) -> SupervisedSandbox:
         """A dedicated sandbox that keeps its state between calls (run one at a time)."""
-        self._check_open()
-        image = await self._in_thread(lambda: load_image(guest))
-        target = SupervisedSandbox(self, f"sandbox-{next(self._ids)}", image)
-        await self._create(target, "sandbox", image, 1, config, _plain(host_functions), output)
-        return target
+        return await self._maker.sandbox(guest, config, host_functions, output)
 
     async def create_js_pool(
         self,
@@ -255,70 +226,12 @@ class Supervisor:
         (and goes to ``output(level, text)``, or to stdout/stderr when nobody
         subscribes). Raises JSSyntaxError for a handler that does not compile.
         """
-        from ..js import protocol, runtime
-
-        self._check_open()
-        if type(size) is not int or size < 1:
-            raise ValueError("size must be a positive int")
-        if not isinstance(handlers, Mapping) or not handlers:
-            raise ValueError("handlers must be a non-empty mapping of name -> source")
-        for handler, source in handlers.items():
-            protocol.check_name("handler", handler)
-            if not isinstance(source, str) or not source.strip():
-                raise ValueError(f"the source of handler {handler!r} must be a non-empty str")
-        functions: dict[HostKey, Callable[..., Any] | str] = {}
-        for module, members in (host_functions or {}).items():
-            protocol.check_name("module", module)
-            for function_name, function in members.items():
-                if not isinstance(function_name, str) or not function_name.isidentifier():
-                    raise ValueError(
-                        f"host function name must be a JavaScript identifier, got {function_name!r}"
-                    )
-                functions[(module, function_name)] = function
-        heap = runtime.DEFAULT_HEAP_SIZE if heap_size is None else heap_size
-        config = config if config is not None else runtime.default_config(heap)
-        image = await self._in_thread(lambda: load_image(runtime.guest_path()))
-        pool = JSPool(self, name or f"js-pool-{next(self._ids)}", image, size, handlers)
-        await self._create(
-            pool,
-            "js",
-            image,
-            size,
-            config,
-            functions,
-            output,
-            handlers=dict(handlers),
-            modules=dict(modules or {}),
-            heap=heap,
+        return await self._maker.js_pool(
+            handlers, size, modules, host_functions, heap_size, config, name, output
         )
-        return pool
-
-    async def _create(
-        self,
-        target: Target,
-        kind: Any,
-        image: GuestImage,
-        size: int,
-        config: SandboxConfig | None,
-        functions: Mapping[HostKey, Callable[..., Any] | str],
-        output: Callable[..., None] | None,
-        **js: Any,
-    ) -> None:
-        callables, references = split_host_functions(functions)
-        spec = TargetSpec(
-            kind=kind,
-            name=target.name,
-            guest=str(image.path),
-            config=config,
-            size=size,
-            host_functions=tuple(callables),
-            references=references,
-            output=output is not None,
-            **js,
-        )
-        await self._backend.create(target, spec, image, callables, output)
 
     def _announce(self, target: Target, sandbox_ids: list[str]) -> None:
+        """``SandboxCreated`` for each of ``target``'s new sandboxes."""
         pool = target.name if isinstance(target, Pool) else None
         nodes = self._backend.nodes_of(target)
         for sandbox_id in sandbox_ids:
@@ -339,6 +252,16 @@ class Supervisor:
         if self._state == "closed":
             return  # aclose() closed every sandbox
         await self._backend.close_target(target)
+
+    def _register_host_function(
+        self, target: Target, name: str, function: Callable[..., Any]
+    ) -> None:
+        """``target.register_host_function()``: its backend gives its sandboxes the function."""
+        self._backend.register_host_function(target, name, function)
+
+    def _sandbox_ids(self, target: Target) -> list[str]:
+        """``Pool.sandbox_ids``: the ids of ``target``'s sandboxes, as its backend knows them."""
+        return self._backend.sandbox_ids(target)
 
     # ----------------------------------------------------------------- calls
     async def call(
@@ -385,7 +308,7 @@ class Supervisor:
             self._counters["busy"] += 1
             raise SupervisorBusy(f"{self.max_pending} calls are already pending") from None
         self._submit(job)
-        return PendingCall(self, job)
+        return PendingCall(job, functools.partial(self._await_job, job))
 
     def _make_job(
         self,
@@ -449,57 +372,25 @@ class Supervisor:
         sandboxes nobody will receive). One thread per operation: a slow
         operation never holds up another.
         """
-        done = anyio.Event()
-        guard = threading.Lock()
-        outcome: list[tuple[bool, Any]] = []
-        abandoned = False
         assert self._outbox is not None
-        on_loop = self._outbox.on_loop
+        return await run_operation(
+            function,
+            spawn=self._spawn_operation,
+            on_loop=self._outbox.on_loop,
+            report=self._report,
+            discard=discard,
+        )
 
-        def work() -> None:
-            try:
-                result: tuple[bool, Any] = (True, function())
-            except BaseException as exc:  # noqa: BLE001 - re-raised on the loop
-                result = (False, exc)
-            with guard:
-                outcome.append(result)
-                drop = abandoned
-            if drop:
-                if result[0] and discard is not None:
-                    self._discard(discard, result[1])
-                return
-            on_loop(done.set)
-
-        self._spawn_operation(work)
-        try:
-            await done.wait()
-        except BaseException:
-            with guard:
-                abandoned = True
-                arrived = outcome[0] if outcome else None
-            if arrived is not None and arrived[0] and discard is not None:
-                self._discard(discard, arrived[1])
-            raise
-        ok, value = outcome[0]
-        if not ok:
-            raise value
-        return value  # type: ignore[no-any-return]
-
-    def _make_backend(self, processes: int, workers: int) -> Backend:
+    def _make_backend(self, front: Front, processes: int, workers: int) -> Backend:
         """The worker host: threads of this process, or worker processes (a
-        subclass makes another, as RaySupervisor does)."""
+        subclass makes another, as RaySupervisor does). ``front`` is all the
+        backend may use of this supervisor."""
         if processes:
-            return ProcessBackend(self, processes, workers, self.pin_cpus)
-        return ThreadBackend(self, workers, self.pin_cpus)
+            return ProcessBackend(front, processes, workers, self.pin_cpus)
+        return ThreadBackend(front, workers, self.pin_cpus)
 
     def _spawn_operation(self, work: Callable[[], None]) -> None:
         self._backend.spawn_operation(work)
-
-    def _discard(self, discard: Callable[[_T], object], value: _T) -> None:
-        try:
-            discard(value)
-        except BaseException as exc:  # noqa: BLE001 - reported, never raised into a caller
-            self._report(exc)
 
     def _report(self, error: BaseException) -> None:
         """A failure the supervisor survives: logged, counted, published."""
@@ -561,29 +452,7 @@ class Supervisor:
 
     # ------------------------------------------------------------ reporting
     def statistics(self) -> SupervisorStatistics:
-        backend = self._backend
-        counts = backend.counts()
-        c = backend.counters.copy()
-        c.update(backend.worker_counters())
-        return SupervisorStatistics(
-            workers=self.workers,
-            sandboxes=counts["sandboxes"],
-            pending=counts["pending"],
-            running=counts["running"],
-            started=c["started"],
-            completed=c["completed"],
-            failed=c["failed"],
-            timed_out=c["timed_out"],
-            cancelled=c["cancelled"],
-            dumps_written=c["dumps_written"],
-            dumps_failed=c["dumps_failed"],
-            subscribers=self._hub.subscribers,
-            events_published=self._hub.published,
-            events_dropped=self._hub.dropped,
-            internal_errors=c["internal_errors"],
-            processes=self.processes,
-            workers_lost=c["workers_lost"],
-        )
+        return gather(self.workers, self.processes, self._backend, self._hub)
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -596,23 +465,3 @@ class Supervisor:
     def __repr__(self) -> str:
         mode = f"{self.processes} processes x " if self.processes else ""
         return f"<Supervisor {self._state}, {mode}{self.workers // max(self.processes, 1)} workers>"
-
-
-def _plain(
-    functions: Mapping[str, Callable[..., Any] | str] | None,
-) -> dict[HostKey, Callable[..., Any] | str]:
-    return {(name,): function for name, function in (functions or {}).items()}
-
-
-def _default_processes() -> int:
-    """``HLASYNC_PROCESSES`` from the environment, else 0 (threads of this process)."""
-    value = os.environ.get("HLASYNC_PROCESSES", "").strip()
-    if not value:
-        return 0
-    try:
-        processes = int(value)
-    except ValueError:
-        raise ValueError(f"HLASYNC_PROCESSES must be an int >= 0, got {value!r}") from None
-    if processes < 0:
-        raise ValueError(f"HLASYNC_PROCESSES must be an int >= 0, got {value!r}")
-    return processes

@@ -1,7 +1,8 @@
 """The worker host: the sandboxes, the vCPU threads that run every call on
 them, the scheduler queue, the watchdog, restores and replacements, and the
 dumps of hung calls. The supervisor's front (``core.py``) only submits calls
-and receives their outcomes through the outbox.
+and receives their outcomes through the outbox. The events of outcomes and
+dumps are built by :mod:`.outcomes`.
 
 Threads (all joined on shutdown):
 
@@ -34,10 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from .. import events as ev
 from ..abi import Value
 from ..errors import (
-    CrashdumpError,
     GuestCancelled,
-    GuestCrashed,
-    GuestTimeout,
     HlasyncError,
     HostFunctionError,
     SupervisorClosed,
@@ -47,6 +45,7 @@ from ..sandbox.calls import DumpRequest
 from ..sandbox.core import StopResult
 from .hub import Publisher
 from .jobs import Job, set_current_job
+from .outcomes import dump_written, publish_dump, publish_outcome, timeout_error
 from .targets import Target
 from .watchdog import Watchdog
 
@@ -337,7 +336,7 @@ class WorkerHost:
                 # The dump made as it stopped (its callback may not have run yet).
                 job.core_path = job.core_path or exc.core_path
                 job.dump_error = job.dump_error or exc.crashdump_error
-                error = self._timeout_error(job)
+                error = timeout_error(job)
             else:
                 error = exc
         except BaseException as exc:  # noqa: BLE001 - every outcome goes to the caller
@@ -349,21 +348,6 @@ class WorkerHost:
         # The caller hears the outcome before the sandbox is restored for the next call.
         self.finish(job, result, error)
         self._reset(job.target, sandbox)
-
-    def _timeout_error(self, job: Job) -> GuestTimeout:
-        assert job.sandbox is not None and job.expired is not None
-        limit = job.timeout if job.expired == "wall" else job.cpu_timeout
-        error = GuestTimeout(
-            sandbox_id=job.sandbox.id,
-            function=job.name,
-            kind=job.expired,
-            limit=limit or 0.0,
-            elapsed=job.expired_at - job.started_at,
-            core_path=job.core_path,
-        )
-        error.crashdump_error = job.dump_error
-        error.js_stack = job.js_stack
-        return error
 
     def _reset(self, target: Target, sandbox: Sandbox) -> None:
         """Make the sandbox ready for its next call and give it back; a sandbox
@@ -439,50 +423,7 @@ class WorkerHost:
             job.finished = True
             job.result, job.error = result, error
         self.running.discard(job)  # one atomic set operation: no lock needed
-        hub = self.hub
-        sandbox_id = job.sandbox.id if job.sandbox is not None else None
-        duration = time.monotonic() - (job.started_at or job.queued_at)
-        if error is None:
-            if hub.wants(ev.CallCompleted):
-                hub.publish(
-                    ev.CallCompleted,
-                    sandbox_id=sandbox_id,
-                    function=job.name,
-                    call_id=job.call_id,
-                    duration=duration,
-                )
-        else:
-            if isinstance(error, GuestTimeout):
-                hub.publish(
-                    ev.CallTimedOut,
-                    sandbox_id=sandbox_id,
-                    function=job.name,
-                    call_id=job.call_id,
-                    kind=error.kind,
-                    elapsed=error.elapsed,
-                    core_path=error.core_path,
-                    js_stack=error.js_stack,
-                )
-            elif isinstance(error, GuestCrashed):
-                hub.publish(
-                    ev.GuestCrashed,
-                    sandbox_id=sandbox_id,
-                    function=job.name,
-                    call_id=job.call_id,
-                    vector=error.vector,
-                    vector_name=error.vector_name,
-                    rip=error.rip,
-                    symbol=error.symbol,
-                    core_path=error.core_path,
-                )
-            hub.publish(
-                ev.CallFailed,
-                sandbox_id=sandbox_id,
-                function=job.name,
-                call_id=job.call_id,
-                duration=duration,
-                error=error,
-            )
+        publish_outcome(self.hub, job, error)
         self._complete(job)
 
     # -------------------------------------------------------------- expiries
@@ -521,7 +462,7 @@ class WorkerHost:
         if stop.dump is not None:
             stop.dump.add_done_callback(lambda request: self._expiry_dumped(job, request))
         elif stop.in_host:
-            self.finish(job, None, self._timeout_error(job))
+            self.finish(job, None, timeout_error(job))
 
     def _expiry_dumped(self, job: Job, request: DumpRequest) -> None:
         job.core_path = request.path
@@ -529,28 +470,10 @@ class WorkerHost:
         if request.borrowed:
             # Written while the guest was blocked in a host function, which may not return
             # soon: answer the caller now; the sandbox comes back when the function returns.
-            self.finish(job, None, self._timeout_error(job))
+            self.finish(job, None, timeout_error(job))
 
     # ----------------------------------------------------------------- dumps
     def on_crashdump(self, record: CrashdumpRecord) -> None:
         """Every dump of every sandbox of this host: counted and published."""
-        if record.error is None and record.path is not None:
-            self.count("dumps_written")
-            self.hub.publish(
-                ev.CrashDumpWritten,
-                sandbox_id=record.sandbox_id,
-                path=record.path,
-                reason=record.reason,
-                function=record.function,
-                size=record.size,
-                seconds=record.seconds,
-            )
-        else:
-            self.count("dumps_failed")
-            self.hub.publish(
-                ev.CrashDumpFailed,
-                sandbox_id=record.sandbox_id,
-                reason=record.reason,
-                function=record.function,
-                error=record.error or CrashdumpError("unknown failure"),
-            )
+        self.count("dumps_written" if dump_written(record) else "dumps_failed")
+        publish_dump(self.hub, record)

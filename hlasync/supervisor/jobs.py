@@ -1,12 +1,13 @@
-"""One call, from submission to completion, and the small values every part
-of the supervisor shares."""
+"""One call, from submission to completion (:class:`Job`), and which call a
+vCPU thread runs. The limits' values (``DEFAULT``, ``check_limit``) live in
+:mod:`.settings` and are importable from here too."""
 
 from __future__ import annotations
 
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -14,14 +15,12 @@ from ..abi import Arg, FunctionSignature, Value
 from ..errors import CrashdumpError
 from ..sandbox import Sandbox
 from ..sandbox.calls import Call
+from .settings import DEFAULT, check_limit
 
 if TYPE_CHECKING:
     from .targets import Target
 
 __all__ = ["DEFAULT", "Job", "check_limit", "current_job"]
-
-#: "Use the supervisor-wide default" (a timeout of None means no limit).
-DEFAULT: Any = object()
 
 _tls = threading.local()  # .job: the call running on this vCPU thread
 
@@ -122,10 +121,3 @@ def cpu_used(job: Job) -> float:
         except OSError:  # the owner thread ended (the sandbox closed)
             job.owner_clock = None
     return used
-
-
-def check_limit(name: str, value: float | None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number of seconds or None, got {value!r}")

@@ -1,7 +1,8 @@
 """What a target is made of, as plain data: a worker process receives it and
 makes the sandboxes itself (a KVM VM belongs to the process that created it).
 The thread mode makes its sandboxes from the same description, so both
-modes share one construction path (:mod:`.creation`)."""
+modes share one construction path (:mod:`.creation`). Also the checks that
+turn the front's arguments (host functions, JavaScript handlers) into it."""
 
 from __future__ import annotations
 
@@ -9,11 +10,23 @@ import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..config import SandboxConfig
 
-__all__ = ["HostKey", "TargetSpec", "import_reference", "is_reference"]
+if TYPE_CHECKING:
+    from ..guest.image import GuestImage
+
+__all__ = [
+    "HostKey",
+    "TargetSpec",
+    "import_reference",
+    "is_reference",
+    "js_host_functions",
+    "plain_host_functions",
+    "split_host_functions",
+    "target_spec",
+]
 
 #: A host function's key: ``(name,)`` for a guest's, ``(module, name)`` for a
 #: JavaScript one (imported in JavaScript from ``module``).
@@ -94,3 +107,64 @@ def split_host_functions(
                 f"'package.module:function', got {type(value).__name__}"
             )
     return callables, references
+
+
+def target_spec(
+    name: str,
+    kind: Any,
+    image: GuestImage,
+    size: int,
+    config: SandboxConfig | None,
+    functions: Mapping[HostKey, Callable[..., Any] | str],
+    output: Callable[..., None] | None,
+    **js: Any,
+) -> tuple[TargetSpec, dict[HostKey, Callable[..., Any]]]:
+    """The spec of a new target ``name`` of ``size`` sandboxes of ``image``
+    (``js``: a JavaScript pool's handlers, modules and heap), and the host
+    functions among ``functions`` that run in the caller's process."""
+    callables, references = split_host_functions(functions)
+    spec = TargetSpec(
+        kind=kind,
+        name=name,
+        guest=str(image.path),
+        config=config,
+        size=size,
+        host_functions=tuple(callables),
+        references=references,
+        output=output is not None,
+        **js,
+    )
+    return spec, callables
+
+
+def plain_host_functions(
+    functions: Mapping[str, Callable[..., Any] | str] | None,
+) -> dict[HostKey, Callable[..., Any] | str]:
+    """A plain guest's host functions (``name -> function``) by their keys."""
+    return {(name,): function for name, function in (functions or {}).items()}
+
+
+def js_host_functions(
+    handlers: Mapping[str, str],
+    host_functions: Mapping[str, Mapping[str, Callable[..., Any] | str]] | None,
+) -> dict[HostKey, Callable[..., Any] | str]:
+    """Check a JavaScript pool's ``handlers`` (name -> source); its host
+    functions (``module -> name -> function``) by their keys."""
+    from ..js import protocol
+
+    if not isinstance(handlers, Mapping) or not handlers:
+        raise ValueError("handlers must be a non-empty mapping of name -> source")
+    for handler, source in handlers.items():
+        protocol.check_name("handler", handler)
+        if not isinstance(source, str) or not source.strip():
+            raise ValueError(f"the source of handler {handler!r} must be a non-empty str")
+    functions: dict[HostKey, Callable[..., Any] | str] = {}
+    for module, members in (host_functions or {}).items():
+        protocol.check_name("module", module)
+        for function_name, function in members.items():
+            if not isinstance(function_name, str) or not function_name.isidentifier():
+                raise ValueError(
+                    f"host function name must be a JavaScript identifier, got {function_name!r}"
+                )
+            functions[(module, function_name)] = function
+    return functions

@@ -1,22 +1,71 @@
 """Where calls go: pools (fresh state per call), JavaScript pools and
-dedicated sandboxes, and the handle of a call queued without waiting."""
+dedicated sandboxes, and the handle of a call queued without waiting. A
+target knows the supervisor that made it through :class:`Owner` (so this
+module imports neither the front nor the calls)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+import anyio
 
 from ..abi import Arg, FunctionSignature, Value
 from ..guest.image import GuestImage
 from ..sandbox import Sandbox, SandboxState
-from .jobs import DEFAULT, Job
+from .settings import DEFAULT
 
-if TYPE_CHECKING:
-    from .core import Supervisor
+__all__ = ["JSPool", "Owner", "PendingCall", "Pool", "QueuedCall", "SupervisedSandbox", "Target"]
 
-__all__ = ["JSPool", "PendingCall", "Pool", "SupervisedSandbox", "Target"]
+
+class Owner(Protocol):
+    """What a target asks of the supervisor that made it (:class:`~.core.Supervisor`
+    implements it): the front's calls, plus its entry points for targets."""
+
+    async def call(
+        self,
+        target: Target,
+        name: str,
+        *args: Arg,
+        timeout: float | None = ...,
+        cpu_timeout: float | None = ...,
+    ) -> Value: ...
+
+    def call_nowait(
+        self,
+        target: Target,
+        name: str,
+        *args: Arg,
+        timeout: float | None = ...,
+        cpu_timeout: float | None = ...,
+    ) -> PendingCall: ...
+
+    async def generate_crashdump(
+        self, target: SupervisedSandbox, directory: str | os.PathLike[str] | None = ...
+    ) -> Path: ...
+
+    async def _close_target(self, target: Target) -> None:
+        """Close ``target`` once its calls are done."""
+
+    def _register_host_function(
+        self, target: Target, name: str, function: Callable[..., Any]
+    ) -> None:
+        """Give every sandbox of ``target`` the host function ``name``."""
+
+    def _sandbox_ids(self, target: Target) -> list[str]:
+        """The ids of ``target``'s sandboxes (in worker processes too)."""
+
+
+class QueuedCall(Protocol):
+    """A queued call as its :class:`PendingCall` sees it (a :class:`~.jobs.Job`)."""
+
+    @property
+    def call_id(self) -> int: ...
+
+    @property
+    def done(self) -> anyio.Event | None: ...
 
 
 class Target:
@@ -28,7 +77,7 @@ class Target:
     #: (taken while the guest still runs; JS pools ask the engine for its stack).
     _stop_annotations: Callable[[Sandbox], Mapping[str, object]] | None = None
 
-    def __init__(self, supervisor: Supervisor, name: str, image: GuestImage) -> None:
+    def __init__(self, supervisor: Owner, name: str, image: GuestImage) -> None:
         self._supervisor = supervisor
         self.name = name
         self.image = image
@@ -62,7 +111,7 @@ class Target:
         this target (``async def`` functions run on the supervisor's loop)."""
         if not callable(function):
             raise TypeError("host function must be callable")
-        self._supervisor._backend.register_host_function(self, name, function)
+        self._supervisor._register_host_function(self, name, function)
 
     async def call(
         self,
@@ -99,14 +148,14 @@ class Pool(Target):
 
     fresh_state = True
 
-    def __init__(self, supervisor: Supervisor, name: str, image: GuestImage, size: int) -> None:
+    def __init__(self, supervisor: Owner, name: str, image: GuestImage, size: int) -> None:
         super().__init__(supervisor, name, image)
         self.size = size
 
     @property
     def sandbox_ids(self) -> list[str]:
         """The ids of this pool's sandboxes (in worker processes too)."""
-        return self._supervisor._backend.sandbox_ids(self)
+        return self._supervisor._sandbox_ids(self)
 
     def __repr__(self) -> str:
         return f"<Pool {self.name} of {self.size} x {self.image.path.name}>"
@@ -118,7 +167,7 @@ class JSPool(Pool):
 
     def __init__(
         self,
-        supervisor: Supervisor,
+        supervisor: Owner,
         name: str,
         image: GuestImage,
         size: int,
@@ -164,7 +213,7 @@ class SupervisedSandbox(Target):
 
     fresh_state = False
 
-    def __init__(self, supervisor: Supervisor, name: str, image: GuestImage) -> None:
+    def __init__(self, supervisor: Owner, name: str, image: GuestImage) -> None:
         super().__init__(supervisor, name, image)
         #: The sandbox (the thread mode; None when it lives in a worker process).
         self.sandbox: Sandbox | None = None
@@ -185,9 +234,10 @@ class SupervisedSandbox(Target):
 class PendingCall:
     """A call queued by ``call_nowait``: ``await`` it for the result."""
 
-    def __init__(self, supervisor: Supervisor, job: Job) -> None:
-        self._supervisor = supervisor
+    def __init__(self, job: QueuedCall, outcome: Callable[[], Awaitable[Value]]) -> None:
         self._job = job
+        #: Awaits the call's outcome (the front's wait, cancellable as any).
+        self._outcome = outcome
 
     @property
     def call_id(self) -> int:
@@ -197,4 +247,4 @@ class PendingCall:
         return self._job.done is not None and self._job.done.is_set()
 
     def __await__(self) -> Generator[Any, None, Value]:
-        return self._supervisor._await_job(self._job).__await__()
+        return self._outcome().__await__()

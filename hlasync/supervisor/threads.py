@@ -1,5 +1,6 @@
 """The thread mode: sandboxes live in the supervisor's own process, on its
-worker host's vCPU threads."""
+worker host's vCPU threads. It knows the front through its
+:class:`~.backend.Front` alone."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 
 from ..errors import SupervisorClosed
 from ..guest.image import GuestImage
+from .backend import Front
 from .creation import Builder
 from .host import STOP_TIMEOUT, WorkerHost
 from .hostcalls import wrap_host_function
@@ -20,9 +22,6 @@ from .jobs import Job
 from .loop import Outbox
 from .specs import HostKey, TargetSpec
 from .targets import SupervisedSandbox, Target
-
-if TYPE_CHECKING:
-    from .core import Supervisor
 
 __all__ = ["ThreadBackend"]
 
@@ -32,9 +31,9 @@ class ThreadBackend:
 
     uses_tasks = False
 
-    def __init__(self, front: Supervisor, workers: int, pin_cpus: tuple[int, ...] | None) -> None:
+    def __init__(self, front: Front, workers: int, pin_cpus: tuple[int, ...] | None) -> None:
         self._front = front
-        self.host = WorkerHost(workers, pin_cpus, front._hub)
+        self.host = WorkerHost(workers, pin_cpus, front.events)
         self.workers = workers
 
     async def start(self, outbox: Outbox, group: anyio.abc.TaskGroup | None) -> None:
@@ -61,24 +60,24 @@ class ThreadBackend:
         output: Callable[..., None] | None,
     ) -> None:
         front = self._front
-        token = front._token
+        token = front.token
         wrapped = {key: wrap_host_function(fn, token) for key, fn in callables.items()}
         builder = Builder(
-            spec, image, wrapped.__getitem__, output, front._hub, self.host.on_crashdump
+            spec, image, wrapped.__getitem__, output, front.events, self.host.on_crashdump
         )
-        sandboxes = await front._in_thread(builder.make_all, discard=self.host.close_sandboxes)
+        sandboxes = await front.in_thread(builder.make_all, discard=self.host.close_sandboxes)
         target._factory = builder.another
         target._host_functions = dict(builder.sandbox_functions)
         if isinstance(target, SupervisedSandbox):
             target.sandbox = sandboxes[0]
             target.id = target.name = sandboxes[0].id
         self.host.add_target(target, sandboxes)
-        front._announce(target, [sb.id for sb in sandboxes])
+        front.announce(target, [sb.id for sb in sandboxes])
 
     def register_host_function(
         self, target: Target, name: str, function: Callable[..., Any]
     ) -> None:
-        wrapped = wrap_host_function(function, self._front._token)
+        wrapped = wrap_host_function(function, self._front.token)
         target._host_functions[name] = wrapped
         for sandbox in list(target._members):
             sandbox.register_host_function(name, wrapped)
@@ -98,7 +97,7 @@ class ThreadBackend:
                 break
             await anyio.sleep(0.005)
         if members:
-            await self._front._in_thread(lambda: self.host.close_sandboxes(members))
+            await self._front.in_thread(lambda: self.host.close_sandboxes(members))
 
     async def generate_crashdump(
         self, target: SupervisedSandbox, directory: str | os.PathLike[str] | None
@@ -106,7 +105,7 @@ class ThreadBackend:
         sandbox = target.sandbox
         if sandbox is None:
             raise SupervisorClosed(f"{target.name} is closed")
-        return await self._front._in_thread(lambda: sandbox.generate_crashdump(directory))
+        return await self._front.in_thread(lambda: sandbox.generate_crashdump(directory))
 
     # ----------------------------------------------------------------- calls
     def submit(self, job: Job) -> None:

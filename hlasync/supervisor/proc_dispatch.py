@@ -1,0 +1,165 @@
+"""The process mode's reading side: the task that reads a worker's channel
+(a task of the loop itself: no thread hand-off, the loop wakes on the socket)
+and the dispatch of every message a worker sends: call outcomes, events,
+host calls, guest output, answers to requests, and messages this process
+cannot unpickle. :class:`WorkerMessages` is the base of
+:class:`~.processes.ProcessBackend`; the backend provides the hooks it calls
+(a call's outcome, a worker's unexpected end, tasks of the supervisor)."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import sys
+from collections.abc import Callable
+from typing import Any, assert_never
+
+import anyio
+
+from .. import events as ev
+from ..errors import HlasyncError, SupervisorError
+from .backend import Front
+from .channel import Decoder, describe
+from .jobs import Job
+from .messages import (
+    CancelHost,
+    Close,
+    Closed,
+    Created,
+    CreateFailed,
+    Done,
+    DumpDone,
+    Hello,
+    HostCall,
+    HostReply,
+    Message,
+    Output,
+    Published,
+    Stderr,
+    ToSupervisor,
+    Undecodable,
+)
+from .proc_handle import WorkerHandle
+from .proc_hostcalls import HostCalls
+from .proc_shards import CallQueue
+
+__all__ = ["WorkerMessages"]
+
+
+class WorkerMessages(abc.ABC):
+    """Reads worker channels and handles what they carry (on the loop)."""
+
+    _front: Front
+    _hosts: HostCalls
+    _queue: CallQueue
+    _closing: bool
+
+    @abc.abstractmethod
+    def _spawn(self, function: Callable[..., Any], *args: Any) -> None:
+        """Run ``function(*args)`` as a task of the supervisor."""
+
+    @abc.abstractmethod
+    def _call_done(self, job: Job, result: Any, error: BaseException | None) -> None:
+        """A worker's outcome of ``job`` (its sandbox is free again)."""
+
+    @abc.abstractmethod
+    async def _worker_died(self, worker: WorkerHandle) -> None:
+        """``worker``'s channel ended when nobody asked it to."""
+
+    async def _reader(self, worker: WorkerHandle) -> None:
+        decoder = Decoder[ToSupervisor]()
+        sock = worker.sock
+        assert sock is not None
+        try:
+            while True:
+                try:
+                    await anyio.wait_readable(sock)
+                    data = sock.recv(1 << 20)
+                except BlockingIOError:
+                    continue
+                except (OSError, ValueError):
+                    data = b""
+                if not data:
+                    break
+                for batch in decoder.feed(data):
+                    for message in batch:
+                        try:
+                            self._handle(worker, message)
+                        except Exception as exc:  # noqa: BLE001 - the channel goes on
+                            self._front.report(exc)
+        finally:
+            worker.alive = False
+            worker.gone.set()
+            worker.writable.set()  # its writer ends too
+            if not worker.leaving and not self._closing:
+                self._spawn(self._worker_died, worker)
+
+    def _handle(self, worker: WorkerHandle, message: ToSupervisor | Undecodable) -> None:
+        match message:
+            case Done(call_id=call_id, result=result, error=error, counters=counters):
+                worker.counters = counters
+                self._done(worker, call_id, result, error)
+            case Published(event=event):
+                if isinstance(event, ev.CallFailed):
+                    self._hosts.restore_cause(event.call_id, event.error)
+                if worker.node is not None:
+                    event = dataclasses.replace(event, node=worker.node)
+                self._front.deliver(event)
+            case HostCall():
+                self._spawn(self._hosts.run, worker, worker.generation, message)
+            case Output(key=key, level=level, text=text):
+                self._hosts.output(key, level, text)
+            case CancelHost(call_id=call_id):
+                self._hosts.cancel(call_id)
+            case Created(key=key) | CreateFailed(key=key):
+                answered = worker.answered((Created, key), message)
+                if not answered and isinstance(message, Created):  # made for nobody: discard it
+                    worker.send(Close(key))
+            case Closed(key=key):
+                worker.answered((Closed, key), message)
+            case DumpDone(reply_id=reply_id):
+                worker.answered((DumpDone, reply_id), message)
+            case Stderr(text=text):  # what the worker printed (dump paths, warnings)
+                sys.stderr.write(text)
+                sys.stderr.flush()
+            case Hello():
+                worker.ready.set()
+            case Undecodable(kind=kind, ident=ident, reason=reason):
+                self._undecodable(worker, kind, ident, reason)
+            case _:
+                assert_never(message)
+
+    def _done(self, worker: WorkerHandle, call_id: int, result: Any, error: Any) -> None:
+        """The outcome of a call ``worker`` ran (its sandbox is free again)."""
+        found = worker.inflight.pop(call_id, None)
+        if found is None:
+            return
+        job, shard = found
+        shard.inflight -= 1
+        if isinstance(error, BaseException):
+            self._hosts.restore_cause(call_id, error)
+        if isinstance(error, HlasyncError) and worker.node is not None:
+            error.node = worker.node
+        self._call_done(job, result, error)
+        if self._queue.has_queue(shard.target):
+            self._queue.dispatch(shard.target)
+
+    def _undecodable(
+        self, worker: WorkerHandle, kind: type[Message], ident: int | str, reason: str
+    ) -> None:
+        """A message from ``worker`` that this process cannot unpickle (it holds a
+        class only the worker has): whatever waits for it fails, saying why."""
+        where = f"worker process {worker.index} (pid {worker.pid}{worker.where})"
+        error = SupervisorError(
+            f"{where} sent a {kind.__name__} message this process cannot unpickle: {reason}"
+        )
+        if kind is Done and isinstance(ident, int):
+            self._done(worker, ident, None, error)
+        elif kind is HostCall and isinstance(ident, int):  # the guest waits for an answer
+            worker.send(HostReply(ident, False, describe(error)))
+        elif kind in (Created, CreateFailed):
+            worker.answered((Created, ident), error)
+        elif kind in (Closed, DumpDone):
+            worker.answered((kind, ident), error)
+        else:
+            self._front.report(error)

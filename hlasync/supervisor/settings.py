@@ -1,0 +1,67 @@
+"""The supervisor's settings: their checks and defaults. :data:`DEFAULT`
+("the supervisor's default" for a call's limits) and :func:`check_limit` are
+shared by the front (:mod:`.core`), the calls (:mod:`.jobs`) and the targets
+(:mod:`.targets`); :func:`check_settings` checks ``Supervisor(...)``'s
+arguments (``processes`` defaults to ``HLASYNC_PROCESSES``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["DEFAULT", "check_limit", "check_settings", "default_processes"]
+
+#: "Use the supervisor-wide default" (a timeout of None means no limit).
+DEFAULT: Any = object()
+
+
+def check_limit(name: str, value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds or None, got {value!r}")
+
+
+def check_settings(
+    workers: int,
+    processes: int | None,
+    pin_cpus: Sequence[int] | None,
+    max_pending: int,
+    timeout: float | None,
+    cpu_timeout: float | None,
+    shutdown_grace: float,
+) -> int:
+    """Check the arguments of ``Supervisor(...)`` (a ValueError says what is
+    wrong); the number of worker processes (``processes``, else its default)."""
+    if type(workers) is not int or workers < 1:
+        raise ValueError("workers must be a positive int")
+    if processes is None:
+        processes = default_processes()
+    if type(processes) is not int or processes < 0:
+        raise ValueError("processes must be an int >= 0 (0: threads of this process)")
+    if type(max_pending) is not int or max_pending < 1:
+        raise ValueError("max_pending must be a positive int")
+    check_limit("timeout", timeout)
+    check_limit("cpu_timeout", cpu_timeout)
+    if shutdown_grace < 0:
+        raise ValueError("shutdown_grace must be >= 0")
+    if pin_cpus is not None:
+        available = os.sched_getaffinity(0)
+        if not pin_cpus or any(cpu not in available for cpu in pin_cpus):
+            raise ValueError(f"pin_cpus must name CPUs this process may use: {available}")
+    return processes
+
+
+def default_processes() -> int:
+    """``HLASYNC_PROCESSES`` from the environment, else 0 (threads of this process)."""
+    value = os.environ.get("HLASYNC_PROCESSES", "").strip()
+    if not value:
+        return 0
+    try:
+        processes = int(value)
+    except ValueError:
+        raise ValueError(f"HLASYNC_PROCESSES must be an int >= 0, got {value!r}") from None
+    if processes < 0:
+        raise ValueError(f"HLASYNC_PROCESSES must be an int >= 0, got {value!r}")
+    return processes
