@@ -25,6 +25,10 @@
 #define EINTR 4
 #define EAGAIN 11
 #define KVM_RUN 0xae80
+#define SYS_SCHED_YIELD 24
+/* Spinning waits yield the CPU after this many polls (a few microseconds):
+ * on a busy machine the thread they wait for may need this very CPU. */
+#define YIELD_AFTER 256
 
 enum {
     OP_NONE = 0,
@@ -52,7 +56,10 @@ struct hl_owner {
     uint64_t spin_ns; /* how long the owner spins for the next request before it sleeps */
     uint64_t runs, kicks, served;
     uint64_t last_run_ns; /* how long the last KVM_RUN took */
-    uint64_t gap_ns;      /* from the last answer to the request after it */
+    uint64_t gap_ns;      /* from the last answer to the request after it was posted */
+    uint64_t posted_ns;   /* when the latest request was posted */
+    uint32_t has_slot;    /* this owner and its waiter hold a spin slot */
+    uint32_t pad;
 };
 
 struct hl_timespec {
@@ -75,6 +82,40 @@ static uint64_t clock_ns(void) {
     struct hl_timespec t = {0, 0};
     sys6(SYS_CLOCK_GETTIME, CLOCK_MONOTONIC, (long)&t, 0, 0, 0, 0);
     return (uint64_t)t.sec * 1000000000ull + (uint64_t)t.nsec;
+}
+
+/* At most this many threads of the process spin at once (owners waiting for
+ * a request, waiters for an answer): more spinners than free CPUs take the
+ * CPUs the guests and the callers need. Others sleep on their futex at once. */
+static uint32_t spin_slots = 1;
+static uint32_t spinners = 0;
+
+void hl_owner_set_spin_slots(uint32_t slots) { spin_slots = slots ? slots : 1; }
+
+/* How many spin slots are taken now. */
+uint32_t hl_owner_spinners(void) { return __atomic_load_n(&spinners, __ATOMIC_SEQ_CST); }
+
+static int take_spin(void) {
+    if (__atomic_add_fetch(&spinners, 1, __ATOMIC_SEQ_CST) <= spin_slots) return 1;
+    __atomic_sub_fetch(&spinners, 1, __ATOMIC_SEQ_CST);
+    return 0;
+}
+
+static void give_spin(void) { __atomic_sub_fetch(&spinners, 1, __ATOMIC_SEQ_CST); }
+
+/* A slot belongs to an owner and its waiter together: they take turns (the
+ * waiter spins while the owner runs the guest, the owner while the caller
+ * works), so the pair keeps it while requests come back to back and gives
+ * it up when either side goes to sleep. */
+static int pair_take(struct hl_owner *o) {
+    if (__atomic_load_n(&o->has_slot, __ATOMIC_SEQ_CST)) return 1;
+    if (!take_spin()) return 0;
+    if (__atomic_exchange_n(&o->has_slot, 1, __ATOMIC_SEQ_CST)) give_spin(); /* the other side took one */
+    return 1;
+}
+
+static void pair_give(struct hl_owner *o) {
+    if (__atomic_exchange_n(&o->has_slot, 0, __ATOMIC_SEQ_CST)) give_spin();
 }
 
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
@@ -142,42 +183,63 @@ void hl_owner_loop(struct hl_owner *o) {
          * spin (a caller's next call, a run of ioctls): an idle owner, or one
          * whose callers are slow (a busy machine), sleeps at once. */
         uint64_t answered = clock_ns();
-        uint64_t spin = o->gap_ns < 2 * o->spin_ns ? o->spin_ns : 0; /* a slept gap has a wake-up in it */
+        uint64_t spin = o->gap_ns < o->spin_ns && pair_take(o) ? o->spin_ns : 0;
         uint64_t end = answered + spin;
         unsigned polls = 0;
-        while (LOAD(&o->req) == seen) {
-            __builtin_ia32_pause();
-            if ((++polls & 63) == 0 && clock_ns() >= end) {
-                STORE(&o->owner_sleeping, 1);
-                while (LOAD(&o->req) == seen)
-                    sys6(SYS_FUTEX, (long)&o->req, FUTEX_WAIT_PRIVATE, seen, 0, 0, 0);
-                STORE(&o->owner_sleeping, 0);
-            }
+        while (LOAD(&o->req) == seen && spin) {
+            if (++polls > YIELD_AFTER)
+                sys6(SYS_SCHED_YIELD, 0, 0, 0, 0, 0, 0);
+            else
+                __builtin_ia32_pause();
+            if ((polls & 63) == 0 && clock_ns() >= end) break;
         }
-        o->gap_ns = clock_ns() - answered;
+        if (LOAD(&o->req) == seen) {
+            pair_give(o);
+            STORE(&o->owner_sleeping, 1);
+            while (LOAD(&o->req) == seen)
+                sys6(SYS_FUTEX, (long)&o->req, FUTEX_WAIT_PRIVATE, seen, 0, 0, 0);
+            STORE(&o->owner_sleeping, 0);
+        }
+        /* The caller's own pause, not the owner's wake-up: a sleeping owner
+         * goes back to spinning as soon as requests come back quickly again. */
+        uint64_t posted = o->posted_ns;
+        o->gap_ns = posted > answered ? posted - answered : 0;
         seen = LOAD(&o->req);
         int op = o->op;
         o->result = serve(o);
         o->served++;
+        if (op == OP_EXIT) pair_give(o); /* before the answer: the record is the waiter's then */
         STORE(&o->done, seen);
         if (LOAD(&o->waiter_sleeping))
             sys6(SYS_FUTEX, (long)&o->done, FUTEX_WAKE_PRIVATE, 0x7fffffff, 0, 0, 0);
-        if (op == OP_EXIT)
-            return;
+        if (op == OP_EXIT) return;
     }
 }
 
 /* Wait (any thread) until the request with sequence ``seq`` is answered:
  * 1 when it is, 0 after timeout_ns. Spins for spin_ns first. */
+/* The request ``seq`` is answered: after the last one (OP_EXIT) the owner has
+ * ended, so a spin slot the waiter took meanwhile goes back here. */
+static int answered(struct hl_owner *o) {
+    if (o->op == OP_EXIT) pair_give(o);
+    return 1;
+}
+
 int hl_owner_wait(struct hl_owner *o, uint32_t seq, uint64_t spin_ns, uint64_t timeout_ns) {
-    if (LOAD(&o->done) == seq) return 1;
+    if (LOAD(&o->done) == seq) return answered(o);
     uint64_t start = clock_ns();
     uint64_t spin_end = start + (spin_ns < timeout_ns ? spin_ns : timeout_ns);
-    unsigned polls = 0;
-    for (;;) {
-        __builtin_ia32_pause();
-        if (LOAD(&o->done) == seq) return 1;
-        if ((++polls & 63) == 0 && clock_ns() >= spin_end) break;
+    if (spin_ns && pair_take(o)) {
+        unsigned polls = 0;
+        for (;;) {
+            if (++polls > YIELD_AFTER)
+                sys6(SYS_SCHED_YIELD, 0, 0, 0, 0, 0, 0);
+            else
+                __builtin_ia32_pause();
+            if (LOAD(&o->done) == seq) return answered(o);
+            if ((polls & 63) == 0 && clock_ns() >= spin_end) break;
+        }
+        pair_give(o);
     }
     for (;;) {
         uint64_t now = clock_ns();
@@ -185,12 +247,12 @@ int hl_owner_wait(struct hl_owner *o, uint32_t seq, uint64_t spin_ns, uint64_t t
         uint64_t left = timeout_ns - (now - start);
         struct hl_timespec slice = {(int64_t)(left / 1000000000ull), (int64_t)(left % 1000000000ull)};
         uint32_t seen = LOAD(&o->done);
-        if (seen == seq) return 1;
+        if (seen == seq) return answered(o);
         STORE(&o->waiter_sleeping, 1);
         if (LOAD(&o->done) == seen)
             sys6(SYS_FUTEX, (long)&o->done, FUTEX_WAIT_PRIVATE, seen, (long)&slice, 0, 0);
         STORE(&o->waiter_sleeping, 0);
-        if (LOAD(&o->done) == seq) return 1;
+        if (LOAD(&o->done) == seq) return answered(o);
     }
 }
 
@@ -205,6 +267,7 @@ int hl_owner_call(struct hl_owner *o, int32_t op, int64_t fd, int64_t a1, int64_
     o->a2 = a2;
     o->a3 = a3;
     o->a4 = a4;
+    o->posted_ns = clock_ns();
     STORE(&o->req, seq);
     if (LOAD(&o->owner_sleeping))
         sys6(SYS_FUTEX, (long)&o->req, FUTEX_WAKE_PRIVATE, 1, 0, 0, 0);

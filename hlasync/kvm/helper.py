@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import threading
 
 from .. import _build
@@ -52,4 +53,19 @@ def library() -> ctypes.CDLL:
     lib.hl_owner_wait.restype = ctypes.c_int
     lib.hl_owner_kick.argtypes = [ptr]
     lib.hl_owner_kick.restype = None
+    lib.hl_owner_set_spin_slots.argtypes = [ctypes.c_uint32]
+    lib.hl_owner_set_spin_slots.restype = None
+    lib.hl_owner_spinners.argtypes = []
+    lib.hl_owner_spinners.restype = ctypes.c_uint32
+    lib.hl_owner_set_spin_slots(spin_slots())
     return lib
+
+
+def spin_slots() -> int:
+    """How many threads of the process may spin at once waiting for a vCPU's
+    owner or its answer: one per two CPUs it may run on, at least one
+    (``$HLASYNC_HOT_SLOTS`` overrides it, as for hot sandboxes)."""
+    text = os.environ.get("HLASYNC_HOT_SLOTS", "").strip()
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    return max(1, len(os.sched_getaffinity(0)) // 2)

@@ -105,6 +105,9 @@ class _Record(ctypes.Structure):
         ("served", ctypes.c_uint64),
         ("last_run_ns", ctypes.c_uint64),
         ("gap_ns", ctypes.c_uint64),
+        ("posted_ns", ctypes.c_uint64),
+        ("has_slot", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
     ]
 
 
@@ -231,12 +234,14 @@ class Owner:
             raise IoctlError(name, -result, os.strerror(-result))
         return result
 
-    def run(self, fd: int) -> bool:
+    def run(self, fd: int, *, long: bool = False) -> bool:
         """One ``KVM_RUN`` on the owner thread: True when it ran to an exit,
-        False when a kick interrupted it (or stopped it before it began)."""
+        False when a kick interrupted it (or stopped it before it began).
+        ``long``: the run is expected to last (a hot guest's spin): the
+        waiter sleeps at once instead of spinning for the answer."""
         # Spin about as long as the last KVM_RUN took: a call that comes back
         # in microseconds is caught without a wake-up, a long one is slept on.
-        spin = min(RUN_SPIN_NS, 2 * self._record.last_run_ns + IOCTL_SPIN_NS)
+        spin = 0 if long else min(RUN_SPIN_NS, 2 * self._record.last_run_ns + IOCTL_SPIN_NS)
         result = self.call(_OP_RUN, fd, spin_ns=spin)
         if result == -errno.EINTR:
             return False

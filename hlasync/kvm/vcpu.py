@@ -106,12 +106,12 @@ class Vcpu:
         once (from any thread; never blocks)."""
         self.owner.kick()
 
-    def run(self) -> Exit:
+    def run(self, *, long: bool = False) -> Exit:
         """One ``KVM_RUN``: run the guest until its next exit and describe it.
 
         KVM first finishes the previous exit's access (if any), then runs.
         """
-        if not self.owner.run(self.fd):
+        if not self.owner.run(self.fd, long=long):
             self._incomplete = False  # KVM completes pending accesses before it checks signals
             return _INTERRUPTED
         return self._describe_exit()

@@ -32,16 +32,24 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from ..errors import CrashdumpError
 from ..kvm import Vcpu
 
 if TYPE_CHECKING:
-    from .core import Sandbox
     from .hot import HotSession
 
-__all__ = ["Call", "CallHandle", "DumpRequest", "Phase", "ThreadRunner", "current_runner"]
+__all__ = [
+    "Call",
+    "CallHandle",
+    "DumpRequest",
+    "Phase",
+    "StopResult",
+    "Stoppable",
+    "ThreadRunner",
+    "current_runner",
+]
 
 _logger = logging.getLogger("hlasync")
 _call_ids = itertools.count(1)
@@ -133,6 +141,14 @@ class DumpRequest:
             _logger.exception("dump request callback %r failed", callback)
 
 
+class StopResult(NamedTuple):
+    """What a request to stop a call (``Sandbox._stop``) did."""
+
+    stopped: bool  # this request stopped the call (False: ended or already stopping)
+    dump: DumpRequest | None  # the dump asked for, if any
+    in_host: bool  # the call was running host code (a host function) on another thread
+
+
 class Call:
     """One call on one sandbox, from start to outcome. Fields other than the
     identity are guarded by the sandbox's state lock."""
@@ -198,6 +214,12 @@ class Call:
         return f"<Call {self.id} {self.function} on {self.sandbox_id} {self.phase.value}>"
 
 
+class Stoppable(Protocol):
+    """What a :class:`CallHandle` uses of its sandbox (a :class:`~.core.Sandbox`)."""
+
+    def _stop(self, call: Call) -> StopResult: ...
+
+
 class CallHandle:
     """A running (or finished) call of a :class:`~hlasync.Sandbox`.
 
@@ -208,7 +230,7 @@ class CallHandle:
 
     __slots__ = ("_call", "_sandbox")
 
-    def __init__(self, sandbox: Sandbox, call: Call) -> None:
+    def __init__(self, sandbox: Stoppable, call: Call) -> None:
         self._sandbox = weakref.ref(sandbox)
         self._call = call
 

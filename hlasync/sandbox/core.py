@@ -11,103 +11,67 @@ operation on an idle sandbox (restore, snapshot, dump) or a hot session. The sta
 small bookkeeping and is never held across a guest run, a host function or
 a dump write: interrupting, inspecting and closing never wait behind them.
 Every wait has a bound.
+
+This module owns the :class:`Sandbox` class (its public API, the lifecycle
+of a call from its start to its outcome, close) and every change of its
+state (:func:`~.states.after`). Its parts: :mod:`.holder` (the shared fields
+and who holds the vCPU), :mod:`.boot` (making the machine, snapshots),
+:mod:`.requests` (stopping and dumping a running call, and the caller's
+answers), :mod:`.spin` (hot sessions at the end of a call).
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any
 
 from .. import abi
 from ..abi import Arg, FunctionSignature, Value
-from ..config import AUTO, SandboxConfig
+from ..config import SandboxConfig
 from ..errors import (
     ArgumentError,
-    CrashdumpError,
     FunctionNotFound,
     GuestCancelled,
-    GuestImageError,
     GuestResultError,
     HostFunctionError,
-    SandboxBusy,
     SandboxClosed,
     SandboxPoisoned,
 )
-from ..guest import layout as lay
 from ..guest.image import GuestImage
 from ..guest.layout import MemoryLayout
-from ..guest.memory import GuestMemory, MemoryImage
-from ..kvm import kvm_regs
-from ..kvm.exits import Interrupted, IoOut
 from . import cpu, registry, runner
-from .calls import Call, CallHandle, DumpRequest, Phase, current_runner
-from .dumps import CrashdumpRecord, try_dump, write_dump
-from .faults import ExceptionInfo
-from .hot import (
-    AUTO_FACTOR,
-    AUTO_GAP_CAP,
-    AUTO_MAX,
-    AUTO_MAX_GAP,
-    AUTO_MIN,
-    CROWDED_COOLDOWN,
-    PARK_KICK_AFTER,
-    AutoChooser,
-    HotSession,
-    budget,
-    reaper,
-)
+from .boot import Booting
+from .calls import Call, CallHandle, Phase, StopResult, current_runner
+from .dumps import CrashdumpRecord
+from .hot import AutoChooser, HotSession, budget, reaper
 from .machine import Machine
-from .snapshots import Snapshot, templates
+from .requests import Requests
+from .snapshots import Snapshot
+from .spin import Spinning
 from .states import Event, SandboxState, after
 
-__all__ = ["Sandbox", "SandboxState", "StopResult", "check_call"]
+__all__ = ["Sandbox", "SandboxState", "StopResult", "check_call", "live_sandboxes"]
 
 _logger = logging.getLogger("hlasync")
 _ids = itertools.count(1)
 
-#: How long a call, restore or dump waits for another operation on an idle
-#: sandbox (a restore, a snapshot, a dump) to finish before SandboxBusy.
-OPERATION_WAIT = 30.0
-#: How long generate_crashdump() waits for a running vCPU to pause.
-DUMP_PAUSE_TIMEOUT = 10.0
 #: How long close() waits for a running call to stop.
 CLOSE_TIMEOUT = 5.0
 #: Seconds close() waits for a hot sandbox's thread (and an idle reaper) to end.
 HOT_THREAD_JOIN = 1.0
 #: Seconds the finalizer of a sandbox dropped unclosed waits for its lock.
 RELEASE_WAIT = 1.0
-#: How long a call waits, before resuming its guest, for dumps that borrowed its vCPU.
-LOAN_TIMEOUT = 60.0
 
 
-class StopResult(NamedTuple):
-    """What :meth:`Sandbox._stop` did."""
-
-    stopped: bool  # this request stopped the call (False: ended or already stopping)
-    dump: DumpRequest | None  # the dump asked for, if any
-    in_host: bool  # the call was running host code (a host function) on another thread
-
-
-class _Operation:
-    """A holder of an idle sandbox that is not a call: restore, snapshot or dump."""
-
-    __slots__ = ("name", "thread")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.thread = threading.get_ident()
-
-
-class Sandbox:
+class Sandbox(Requests, Spinning, Booting):
     """A guest running in its own KVM micro-VM.
 
     ``guest`` is the path of a guest ELF built with the hlasync SDK (see
@@ -118,8 +82,6 @@ class Sandbox:
     :class:`SandboxBusy`); :meth:`interrupt`, :meth:`generate_crashdump` and
     :meth:`close` may be called from any thread, also from a host function.
     """
-
-    _machine: Machine
 
     def __init__(
         self,
@@ -136,23 +98,23 @@ class Sandbox:
         self.layout = MemoryLayout.compute(self.config, self.image)
         self.id = sandbox_id or f"sb-{os.getpid()}-{next(_ids)}"
         self._output = output
-        self._host_functions: dict[str, Callable[..., Any]] = {}
+        self._host_functions = {}
         self._signatures = {fn.name: fn for fn in self.image.functions}
         self._encoders = {fn.name: abi.make_call_encoder(fn) for fn in self.image.functions}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._waiting = 0  # threads waiting on _changed
-        self._crashdump_listeners: list[Callable[[CrashdumpRecord], None]] = []
+        self._crashdump_listeners = []
         self._last_worker = -1  # the supervisor worker that ran it last
         self._state = SandboxState.CLOSED
-        self._holder: Call | _Operation | HotSession | None = None
+        self._holder = None
         self._loans = 0  # dumps written by other threads while a call runs host code
-        self._forked_from: int | None = None
-        self.last_exception: ExceptionInfo | None = None
+        self._forked_from = None
+        self.last_exception = None
         self._doorbell = False  # the guest's dispatcher waits on the doorbell page
-        self._hot: HotSession | None = None  # made at the first call with config.spin
+        self._hot = None  # made at the first call with config.spin
         self._last_end = 0.0  # monotonic time the last call ended (spin="auto")
-        self._gap_average: float | None = None  # of the gaps between calls (spin="auto")
+        self._gap_average = None  # of the gaps between calls (spin="auto")
         self._auto = AutoChooser()  # spin="auto": whether spinning pays for this caller
         #: Whether config.spin applies: owners that measure a call's CPU time on
         #: the calling thread (the supervisor, JSSandbox) keep the exit path.
@@ -168,114 +130,6 @@ class Sandbox:
         self._finalizer.atexit = False
         self._state = after(self._state, Event.BOOTED)
         registry.add(self)
-
-    # ----------------------------------------------------------- creation
-    def _boot(self) -> Snapshot:
-        template = templates.get(self._compat)
-        if template is not None:
-            self._machine = Machine(self.layout, template._image)
-            self._machine.vcpu.owner.label = self.id
-            try:
-                cpu.apply(self._machine.vcpu, template._cpu)
-            except BaseException:
-                self._machine.release()
-                raise
-            # The template's output buffer still holds the ready frame its guest wrote.
-            features = abi.READY.unpack_from(self._machine.output, 0)[3]
-            self._doorbell = bool(features & abi.FEATURE_DOORBELL)
-            return template
-        boot = MemoryImage(self.layout.memory_size, "hlasync-boot")
-        try:
-            mapping = GuestMemory(boot)  # write the boot image once through a private map
-            try:
-                lay.build_boot_image(mapping.view, self.layout, self.image)
-                # Everything the boot image holds lies below the stack.
-                boot.write_runs(mapping.view, [(0, self.layout.stack_base)])
-            finally:
-                mapping.close()
-            self._machine = Machine(self.layout, boot)
-            self._machine.vcpu.owner.label = self.id
-        except BaseException:
-            boot.close()
-            raise
-        try:
-            vcpu = self._machine.vcpu
-            cpu.set_user_mode(vcpu)
-            vcpu.set_regs(
-                kvm_regs(rip=self.image.entry, rsp=self.layout.stack_top, rflags=lay.RFLAGS)
-            )
-            self._initialise()
-            initial = self._take_snapshot()
-        except BaseException:
-            self._machine.release()
-            boot.close()  # not left to the GC: a traceback may keep it alive a long time
-            raise
-        templates.put(self._compat, initial)
-        return initial
-
-    def _initialise(self) -> None:
-        """Run the guest from its entry point to its dispatcher, for at most
-        ``config.init_timeout`` seconds."""
-        vcpu = self._machine.vcpu
-        expired = threading.Event()
-        guard = threading.Lock()
-        booting = True
-
-        def expire() -> None:
-            with guard:  # kick only while this thread is still booting
-                if booting:
-                    expired.set()
-                    vcpu.kick()
-
-        timer = threading.Timer(self.config.init_timeout, expire)
-        timer.daemon = True
-        timer.start()
-        try:
-            while True:
-                exit_ = vcpu.run()
-                if not isinstance(exit_, Interrupted):
-                    break
-                if expired.is_set():
-                    self._init_timed_out()
-        finally:
-            with guard:
-                booting = False
-            timer.cancel()
-            vcpu.owner.drain()  # a kick sent just before the guard closed
-        if not (isinstance(exit_, IoOut) and exit_.port == abi.PORT_RETURN):
-            raise GuestImageError(
-                f"guest did not reach its dispatcher during initialisation (exit: {exit_}); "
-                "was it built with the hlasync SDK?",
-                path=self.image.path,
-            )
-        magic, version, count, features = abi.READY.unpack_from(self._machine.output, 0)
-        self._doorbell = bool(features & abi.FEATURE_DOORBELL)
-        if magic != abi.MAGIC_READY or version != abi.ABI_VERSION:
-            raise GuestImageError(
-                f"guest speaks ABI {version if magic == abi.MAGIC_READY else '?'}, host speaks "
-                f"{abi.ABI_VERSION}: rebuild it with this version of the SDK",
-                path=self.image.path,
-            )
-        if count != len(self.image.functions):
-            raise GuestImageError(
-                f"guest reports {count} functions, its ELF declares {len(self.image.functions)}",
-                path=self.image.path,
-            )
-
-    def _init_timed_out(self) -> None:
-        path, failure = None, None
-        if self.config.crashdump_enabled:
-            path, failure = try_dump(self, "init-timeout", None, function=None)
-        where = f"; core dump: {path}" if path else ""
-        if failure is not None:
-            where = f"; no core dump: {failure}"
-        error = GuestImageError(
-            f"guest did not reach its dispatcher within {self.config.init_timeout:g} s of "
-            f"starting (SandboxConfig.init_timeout){where}",
-            path=self.image.path,
-        )
-        error.core_path = path
-        raise error
 
     # -------------------------------------------------------------- API
     @property
@@ -477,7 +331,7 @@ class Sandbox:
     def __repr__(self) -> str:
         return f"<Sandbox {self.id} {self.image.path.name} {self._state.value}>"
 
-    # ------------------------------------------------------ holding the vCPU
+    # ------------------------------------------- a call, from start to outcome
     def _begin_call(self, function: str) -> Call:
         """Make a call the holder of the vCPU (the calling thread becomes its owner)."""
         runner_ = current_runner()
@@ -495,80 +349,6 @@ class Sandbox:
         budget.call_started()
         runner_.calls.append(call)
         return call
-
-    def _wait_for_operations(self, what: str) -> None:
-        """Wait (lock held, bounded) until no other operation holds the vCPU;
-        SandboxBusy if a call holds it. Returns with the holder free."""
-        deadline = 0.0
-        while True:
-            if self._state is SandboxState.CLOSED:
-                self._raise_not_ready(what)
-            holder = self._holder
-            if holder is None:
-                return
-            if isinstance(holder, HotSession):  # stop the spin; it gives the vCPU up
-                holder.park(self, time.monotonic())
-                self._wait_locked(PARK_KICK_AFTER / 4)
-                continue
-            if isinstance(holder, Call):
-                raise SandboxBusy(
-                    f"sandbox {self.id} is already running a call ({holder.function})",
-                    sandbox_id=self.id,
-                )
-            if holder.thread == threading.get_ident():
-                raise SandboxBusy(
-                    f"sandbox {self.id} is busy with {holder.name} on this thread ({what})",
-                    sandbox_id=self.id,
-                )
-            now = time.monotonic()
-            if not deadline:
-                deadline = now + OPERATION_WAIT
-            if now >= deadline:
-                raise SandboxBusy(
-                    f"sandbox {self.id} has been busy with {holder.name} for more than "
-                    f"{OPERATION_WAIT:g} s ({what})",
-                    sandbox_id=self.id,
-                )
-            self._wait_locked(deadline - now)
-
-    @contextlib.contextmanager
-    def _operation(self, name: str) -> Iterator[_Operation]:
-        """Hold an idle (ready or poisoned) sandbox's vCPU for ``name``."""
-        operation = _Operation(name)
-        with self._lock:
-            self._wait_for_operations(name)
-            self._holder = operation
-            # spin="auto": the next call follows an operation, which would park a
-            # spinning guest again (call + restore loops): it does not spin.
-            self._last_end = 0.0
-        try:
-            yield operation
-        finally:
-            with self._lock:
-                self._holder = None
-                self._release_if_closed_locked()
-                self._notify_locked()
-
-    def _wait_locked(self, timeout: float) -> None:
-        """Wait (lock held) for the holder or the loans to change."""
-        self._waiting += 1
-        try:
-            self._changed.wait(max(timeout, 0.0))
-        finally:
-            self._waiting -= 1
-
-    def _notify_locked(self) -> None:
-        if self._waiting:  # nobody waits on most calls: skip the Condition's bookkeeping
-            self._changed.notify_all()
-
-    def _release_locked(self) -> None:
-        """Release the VM and guest memory now (lock held, or no other thread)."""
-        self._finalizer.detach()
-        self._machine.release()
-
-    def _release_if_closed_locked(self) -> None:
-        if self._state is SandboxState.CLOSED and self._holder is None and not self._loans:
-            self._release_locked()
 
     def _run_begun(self, call: Call, signature: FunctionSignature, args: tuple[Arg, ...]) -> Value:
         """Run a call made holder by :meth:`_begin_call`, to its outcome."""
@@ -631,325 +411,7 @@ class Sandbox:
             # Asked for as the call ended: they see the state it left.
             self._serve(call, requests, fault)
 
-    # ------------------------------------------------------- hot sandboxes
-    def _after_call_locked(self, call: Call, outcome: SandboxState) -> HotSession | None:
-        """Who holds the vCPU after ``call``: its hot session when the guest spins
-        (or is still in KVM_RUN on the hot thread), else nobody."""
-        hot = self._hot
-        now = time.monotonic()
-        spin = self._spin_after(call, now)
-        wanted = (
-            outcome is SandboxState.READY
-            and self._state is SandboxState.READY
-            and spin > 0
-            and self._spin_allowed
-            and self._doorbell
-            and call.parent is None  # a nested call's thread goes on with the outer one
-        )
-        running = hot is not None and hot.running
-        cooling = hot is not None and now < hot.cooldown_until
-        # One look at the budget per call: this call leaves the calls in flight,
-        # and the sandbox gets (or keeps) a slot if the others leave one free.
-        room = budget.end_call(
-            running=running, wanted=wanted and not cooling, thread=call.thread, now=now
-        )
-        if wanted and not room and hot is not None and not cooling:
-            hot.cooldown_until = now + CROWDED_COOLDOWN
-        if hot is not None and running:
-            if not wanted:  # a guest that failed may not park: kick it out now
-                failed = outcome is not SandboxState.READY or self._state is not SandboxState.READY
-                hot.park(self, now, kick=failed)
-            elif not room:  # other calls run meanwhile: leave them the CPUs
-                hot.park(self, now)
-            else:  # a budget the guest may have changed during the call
-                self._set_spin(hot.ticks_for(spin))
-                reaper.watch(hot, now + spin)
-            return hot  # until KVM_RUN is back on its thread
-        if not room:  # not wanted, or no CPU to spin on: the exit path
-            return None
-        if hot is None:
-            try:
-                hot = self._hot = HotSession(self)
-            except BaseException:
-                budget.give_back()
-                raise
-        hot.start(self, spin)
-        reaper.watch(hot, now + spin)
-        return hot
-
-    def _spin_after(self, call: Call, now: float) -> float:
-        """Seconds the guest should spin after ``call``, which ends at ``now``
-        (0: none). ``spin="auto"`` follows the caller's gaps between calls."""
-        spin = self.config.spin
-        if spin != AUTO:
-            return float(spin)
-        last, self._last_end = self._last_end, now
-        if not last:
-            return 0.0  # the first call, or the first after an operation: no gap
-        gap = min(max(call.began - last, 0.0), AUTO_GAP_CAP)
-        average = self._gap_average
-        average = self._gap_average = gap if average is None else 0.75 * average + 0.25 * gap
-        spinning = self._auto.record(now - last, back_to_back=gap < AUTO_GAP_CAP)
-        if average > AUTO_MAX_GAP or not spinning:
-            return 0.0
-        return min(max(AUTO_FACTOR * average, AUTO_MIN), AUTO_MAX)
-
-    def _hot_returned(self, hot: HotSession) -> None:
-        """KVM_RUN came back on the hot thread (its exit is in ``hot.exit``): a call
-        holding the vCPU takes it from there; otherwise the sandbox is cold."""
-        with self._lock:
-            hot.running = False
-            budget.give_back()
-            # Under the lock: a start() of the next spin cannot come between.
-            hot.flag.wake()
-            if self._holder is hot:
-                self._holder = None
-                reaper.forget(hot)
-                # The spin ran out (or was ended): no budget may stay behind for
-                # the next call, which runs on the exit path with nobody watching.
-                self._set_spin(0)
-                if self._state is SandboxState.CLOSED:
-                    hot.close()
-                self._release_if_closed_locked()
-                self._notify_locked()
-
-    def _set_spin(self, ticks: int) -> None:
-        """The doorbell's spin budget (TSC ticks; 0 ends a spin)."""
-        machine = self._machine
-        if machine.released:  # by the finalizer of a sandbox dropped unclosed
-            return
-        machine.write_bell(abi.WORD_SPIN, ticks)
-
-    # --------------------------------------------- requests from other threads
-    def _stop(
-        self,
-        call: Call,
-        dump_reason: str | None = None,
-        directory: str | os.PathLike[str] | None = None,
-        annotations: Mapping[str, object] | None = None,
-    ) -> StopResult:
-        """Ask ``call`` to stop, first dumping it when ``dump_reason`` is given
-        (and dumps are enabled). Never blocks: the dump is written by the
-        call's owner, or by a new thread while the owner runs host code."""
-        me = threading.get_ident()
-        with self._lock:
-            if self._holder is not call or call.phase is Phase.ENDED or call.cancelled:
-                return StopResult(False, None, False)
-            call.cancelled = True
-            in_host = call.phase is Phase.HOST and call.thread != me
-            request = None
-            if dump_reason is not None and self.config.crashdump_enabled:
-                request = DumpRequest(directory, dump_reason, annotations)
-                if in_host:
-                    request.borrowed = True
-                    self._loans += 1
-                else:
-                    call.requests.append(request)
-            self._kick_locked(call)
-        if request is not None and in_host:
-            threading.Thread(
-                target=self._write_on_loan,
-                args=(call, request),
-                name=f"hlasync-dump-{self.id}",
-                daemon=True,
-            ).start()
-        return StopResult(True, request, in_host)
-
-    def _dump_now(
-        self,
-        directory: str | os.PathLike[str] | None,
-        reason: str,
-        annotations: Mapping[str, object] | None = None,
-    ) -> Path:
-        """A dump now, whatever the sandbox is doing (see generate_crashdump)."""
-        if not self.config.crashdump_enabled:
-            raise CrashdumpError(
-                f"crash dumps are disabled for sandbox {self.id} (crashdump_enabled=False)"
-            )
-        me = threading.get_ident()
-        request = DumpRequest(directory, reason, annotations)
-        with self._lock:
-            while True:
-                if self._state is SandboxState.CLOSED:
-                    self._raise_not_ready("dump")
-                holder = self._holder
-                if isinstance(holder, Call) and holder.phase is not Phase.ENDED:
-                    call: Call | None = holder
-                    if holder.thread == me:  # host code of this very call: the vCPU is paused
-                        mode = "own"
-                    elif holder.phase is Phase.HOST:
-                        self._loans += 1
-                        request.borrowed = True
-                        mode = "loan"
-                    else:
-                        holder.requests.append(request)
-                        holder.runner.kick()
-                        mode = "request"
-                    break
-                try:
-                    self._wait_for_operations("dump")
-                except SandboxBusy:
-                    if isinstance(self._holder, Call):
-                        continue  # a call began while we waited: dump it as it runs
-                    raise
-                call = None
-                self._holder = _Operation("dump")
-                mode = "hold"
-                break
-        if call is not None:
-            if mode == "request":
-                return self._await_dump(call, request)
-            if mode == "own":
-                self._halt_asking(call)
-                return write_dump(
-                    self, reason, directory, function=call.function, annotations=annotations
-                )
-            self._write_on_loan(call, request)
-            if request.error is not None:
-                raise request.error
-            assert request.path is not None
-            return request.path
-        try:
-            fault = self.last_exception if self._state is SandboxState.POISONED else None
-            return write_dump(
-                self, reason, directory, function=None, fault=fault, annotations=annotations
-            )
-        finally:
-            with self._lock:
-                self._holder = None
-                self._release_if_closed_locked()
-                self._notify_locked()
-
-    def _await_dump(self, call: Call, request: DumpRequest) -> Path:
-        if not request.wait(DUMP_PAUSE_TIMEOUT):
-            with self._lock:
-                if request in call.requests:  # not taken: withdraw it
-                    call.requests.remove(request)
-                    withdrawn = True
-                else:
-                    withdrawn = False
-            if withdrawn or not request.wait(DUMP_PAUSE_TIMEOUT):
-                raise CrashdumpError(
-                    f"sandbox {self.id}: the vCPU did not pause within {DUMP_PAUSE_TIMEOUT:g} s"
-                )
-        if request.error is not None:
-            raise request.error
-        assert request.path is not None
-        return request.path
-
-    def _write_on_loan(self, call: Call, request: DumpRequest) -> None:
-        """Dump while the call's owner runs host code (``_loans`` counts us).
-        The result is stored before the loan ends: the owner, back from host
-        code, waits for the loan and then finds the dump in ``call.dumps``
-        (and the request's callbacks have run)."""
-        try:
-            self._halt_asking(call)
-            path, error = try_dump(
-                self,
-                request.reason,
-                request.directory,
-                function=call.function,
-                annotations=request.annotations,
-            )
-            with self._lock:
-                call.dumps.append(request)
-            request.set_result(path, error)
-        finally:
-            with self._lock:
-                self._loans -= 1
-                self._release_if_closed_locked()
-                self._notify_locked()
-
-    # ------------------------------------------- the owner's side of requests
-    def _serve(
-        self, call: Call, requests: list[DumpRequest], fault: ExceptionInfo | None = None
-    ) -> None:
-        """Write dumps asked of this call (owner thread, vCPU paused)."""
-        if requests:
-            self._halt_asking(call)
-        for request in requests:
-            path, error = try_dump(
-                self,
-                request.reason,
-                request.directory,
-                function=call.function,
-                fault=fault,
-                annotations=request.annotations,
-            )
-            with self._lock:
-                call.dumps.append(request)
-            request.set_result(path, error)
-
-    def _kick_locked(self, call: Call) -> None:
-        """Interrupt ``call``'s guest (sandbox lock held; never blocks). While
-        its owner runs a host function, the guest may still spin for the answer
-        on its hot thread (``call.asking``), where the owner's kick does not
-        reach: that thread's KVM_RUN is kicked too, so a stopped call leaves no
-        guest on a CPU however long the host function takes."""
-        call.runner.kick()
-        call.vcpu.kick()  # the owner of this call's vCPU, which may be another's innermost
-        hot = call.asking
-        if hot is not None:
-            runner.halt(self, hot)
-
-    def _halt_asking(self, call: Call) -> None:
-        """Stop the guest of a call whose owner answers a doorbell ask (the guest
-        spins for the answer on its hot thread): a dump needs the vCPU stopped.
-        The owner finds the exit when it goes back to waiting for the guest."""
-        hot = call.asking
-        if hot is not None:
-            runner.reclaim(self, hot)
-
-    def _on_kick(self, call: Call) -> None:
-        """``KVM_RUN`` came back interrupted: answer whatever was asked of the call."""
-        with self._lock:
-            requests, call.requests = call.requests, []
-            stop = call.stop_requested()
-            call.cancelled = stop  # also when a call it runs inside was stopped
-        self._serve(call, requests)  # a stopped call still gets its dump first
-        if stop:
-            raise self._cancelled_error(call)
-
-    def _enter_host(self, call: Call) -> None:
-        """The owner leaves the guest to run host code; the vCPU may be borrowed."""
-        while True:
-            with self._lock:
-                requests, call.requests = call.requests, []
-                if not requests:
-                    call.phase = Phase.HOST
-                    return
-            self._serve(call, requests)
-
-    def _leave_host(self, call: Call) -> None:
-        """The owner is back from host code: wait for loans, then resume or stop."""
-        with self._lock:
-            deadline = time.monotonic() + LOAN_TIMEOUT
-            while self._loans and time.monotonic() < deadline:
-                self._wait_locked(deadline - time.monotonic())
-            if self._loans:
-                _logger.error(
-                    "sandbox %s: a dump still reads guest memory after %g s; resuming",
-                    self.id,
-                    LOAN_TIMEOUT,
-                )
-            call.phase = Phase.GUEST
-            requests, call.requests = call.requests, []
-            stop = call.stop_requested()
-            call.cancelled = stop
-        self._serve(call, requests)
-        if stop:
-            raise self._cancelled_error(call)
-
     # --------------------------------------------------------- internals
-    def _take_snapshot(self) -> Snapshot:
-        machine = self._machine
-        assert machine.memory is not None
-        machine.vcpu.complete()  # before reading memory: finishing an `ins` writes it
-        image = machine.memory.snapshot_image(machine.data_runs())
-        # Map the new image under the guest so restoring it is a cheap reset.
-        machine.remap(image)
-        return Snapshot(self._compat, image, cpu.capture(machine.vcpu))
-
     def _argument_error(self, signature: FunctionSignature, exc: ValueError) -> ArgumentError:
         if isinstance(exc, abi.EncodeError):
             detail = str(exc)  # "arguments need N bytes; the input buffer holds M"
@@ -959,33 +421,6 @@ class Sandbox:
             f"{signature}: {detail}: raise SandboxConfig.input_buffer_size",
             sandbox_id=self.id,
             function=signature.name,
-        )
-
-    def _cancelled_error(self, call: Call) -> GuestCancelled:
-        path, failure = call.last_dump()
-        error = GuestCancelled(
-            "call interrupted", sandbox_id=self.id, function=call.function, core_path=path
-        )
-        error.crashdump_error = failure
-        return error
-
-    def _raise_not_ready(self, what: str) -> None:
-        state = self._state
-        if state is SandboxState.POISONED:
-            raise SandboxPoisoned(
-                f"sandbox {self.id} is poisoned by an earlier fault or interrupt; call restore()",
-                sandbox_id=self.id,
-            )
-        if state is SandboxState.CLOSED:
-            if self._forked_from is not None:
-                raise SandboxClosed(
-                    f"sandbox {self.id} belongs to process {self._forked_from}; a forked child "
-                    "cannot use it (create sandboxes after the fork)",
-                    sandbox_id=self.id,
-                )
-            raise SandboxClosed(f"sandbox {self.id} is closed", sandbox_id=self.id)
-        raise SandboxBusy(
-            f"sandbox {self.id} is already running a call ({what})", sandbox_id=self.id
         )
 
     def _after_fork_in_child(self, parent: int) -> None:
@@ -1015,6 +450,11 @@ def _release_unclosed(machine: Machine, lock: threading.Lock) -> None:
     finally:
         if locked:
             lock.release()
+
+
+def live_sandboxes() -> list[Sandbox]:
+    """Every sandbox of this process that is not closed."""
+    return registry.live(Sandbox)
 
 
 def check_call(

@@ -16,20 +16,21 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec
+from typing import Any, ParamSpec, Protocol
 
+from ..config import SandboxConfig
 from ..crashdump import _format as core_format
 from ..crashdump.placement import resolve_directory, write_atomically
 from ..crashdump.writer import CrashContext, write_core
 from ..errors import CrashdumpError, GuestAborted, GuestCrashed, GuestError, HlasyncError
 from ..guest import layout as lay
+from ..guest.image import GuestImage
+from ..guest.layout import MemoryLayout
 from ..kvm import kvm_sregs
 from .faults import VECTOR_NAMES, ExceptionInfo
+from .machine import Machine
 
-if TYPE_CHECKING:
-    from .core import Sandbox
-
-__all__ = ["CrashdumpRecord", "capture", "write_dump"]
+__all__ = ["CrashdumpRecord", "Dumpable", "capture", "write_dump"]
 
 _logger = logging.getLogger("hlasync")
 _P = ParamSpec("_P")
@@ -46,6 +47,23 @@ class CrashdumpRecord:
     size: int
     seconds: float
     error: CrashdumpError | None = None
+
+
+class Dumpable(Protocol):
+    """What a dump reads of a sandbox (a :class:`~.core.Sandbox`, or a part of it)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def image(self) -> GuestImage: ...
+    @property
+    def layout(self) -> MemoryLayout: ...
+    @property
+    def config(self) -> SandboxConfig: ...
+    @property
+    def _machine(self) -> Machine: ...
+    @property
+    def _crashdump_listeners(self) -> list[Callable[[CrashdumpRecord], None]]: ...
 
 
 def _version() -> str:
@@ -66,7 +84,7 @@ def _special_registers(sregs: kvm_sregs) -> dict[str, int]:
 
 
 def capture(
-    sandbox: Sandbox,
+    sandbox: Dumpable,
     reason: str,
     *,
     function: str | None,
@@ -143,7 +161,7 @@ def capture(
 
 
 def write_dump(
-    sandbox: Sandbox,
+    sandbox: Dumpable,
     reason: str,
     directory: str | os.PathLike[str] | None,
     *,
@@ -225,7 +243,9 @@ def _returning_failure(
 try_dump = _returning_failure(write_dump)
 
 
-def attach_automatic_dump(sandbox: Sandbox, error: GuestError, fault: ExceptionInfo | None) -> None:
+def attach_automatic_dump(
+    sandbox: Dumpable, error: GuestError, fault: ExceptionInfo | None
+) -> None:
     """Write the dump a fault, abort or protocol error gets, onto ``error``."""
     from ..errors import GuestProtocolError
 

@@ -23,16 +23,14 @@ import os
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .. import abi
-from ..config import AUTO
+from ..config import AUTO, SandboxConfig
 from ..kvm import Vcpu
 from ..kvm.exits import Exit
 from . import native
-
-if TYPE_CHECKING:
-    from .core import Sandbox
+from .machine import Machine
 
 __all__ = [
     "ANSWER_SPIN",
@@ -45,7 +43,9 @@ __all__ = [
     "PARK_KICK_AFTER",
     "AutoChooser",
     "HotBudget",
+    "HotOwner",
     "HotSession",
+    "SpinControl",
     "budget",
     "reaper",
 ]
@@ -88,6 +88,30 @@ AUTO_PROBE_BLOCKS = 3
 AUTO_SETTLE = 4
 AUTO_SETTLE_TIME = 0.005
 AUTO_MARGIN = 0.1
+
+
+class SpinControl(Protocol):
+    """What starting, parking and watching a spinning guest use of its sandbox
+    (a :class:`~.core.Sandbox`, or a part of it): its machine and the
+    doorbell's spin budget."""
+
+    @property
+    def _machine(self) -> Machine: ...
+    def _set_spin(self, ticks: int) -> None: ...
+
+
+class HotOwner(SpinControl, Protocol):
+    """What a :class:`HotSession` uses of its sandbox (a :class:`~.core.Sandbox`)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def config(self) -> SandboxConfig: ...
+    @property
+    def _lock(self) -> threading.Lock: ...
+    @property
+    def _holder(self) -> object: ...
+    def _hot_returned(self, hot: HotSession) -> None: ...
 
 
 class AutoChooser:
@@ -181,7 +205,7 @@ class HotSession:
     hot thread writes before it raises ``flag`` and which only the holder of
     the vCPU reads after it saw the flag."""
 
-    def __init__(self, sandbox: Sandbox) -> None:
+    def __init__(self, sandbox: HotOwner) -> None:
         self._sandbox = weakref.ref(sandbox)
         self.vcpu: Vcpu = sandbox._machine.vcpu
         self.flag = native.Flag()  # raised when KVM_RUN returned on the hot thread
@@ -211,7 +235,7 @@ class HotSession:
         """A spin of ``seconds`` in the guest's TSC ticks (at least one)."""
         return max(int(self.per_second * seconds), 1)
 
-    def start(self, sandbox: Sandbox, seconds: float) -> None:
+    def start(self, sandbox: SpinControl, seconds: float) -> None:
         """Resume the guest on the hot thread, spinning for ``seconds`` (sandbox
         lock held; the vCPU is stopped and nobody else runs it)."""
         sandbox._machine.write_bell(abi.WORD_ANSWER_SPIN, self.answer_ticks)
@@ -222,7 +246,7 @@ class HotSession:
         self.running = True
         self._go.set()
 
-    def park(self, sandbox: Sandbox, now: float, *, kick: bool = False) -> None:
+    def park(self, sandbox: SpinControl, now: float, *, kick: bool = False) -> None:
         """Ask the guest to stop spinning (sandbox lock held); kick it out of
         KVM_RUN at once with ``kick`` (a guest that may not park), else when it
         has not parked within PARK_KICK_AFTER of the first request."""
@@ -273,7 +297,7 @@ class HotSession:
         try:
             # On the vCPU's owner thread; a kick that comes after it returned
             # stays pending there and interrupts the next KVM_RUN at once.
-            exit_: Exit | BaseException = self.vcpu.run()
+            exit_: Exit | BaseException = self.vcpu.run(long=True)
         except BaseException as exc:  # noqa: BLE001 - handed to whoever holds the vCPU
             exit_ = exc
         self.exit = exit_
@@ -281,7 +305,7 @@ class HotSession:
         return True
 
 
-def read_done_seq(sandbox: Sandbox) -> int:
+def read_done_seq(sandbox: SpinControl) -> int:
     """The last call the guest's dispatcher says it finished."""
     return int(sandbox._machine.bell[abi.WORD_DONE_SEQ])
 

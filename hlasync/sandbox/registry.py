@@ -7,34 +7,43 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
-if TYPE_CHECKING:
-    from .core import Sandbox
+from .states import SandboxState
 
-__all__ = ["add", "discard", "live_sandboxes"]
+__all__ = ["Registered", "add", "discard", "live"]
 
-_live: weakref.WeakSet[Sandbox] = weakref.WeakSet()
+
+class Registered(Protocol):
+    """What the registry uses of a sandbox (a :class:`~.core.Sandbox`)."""
+
+    @property
+    def state(self) -> SandboxState: ...
+    def _after_fork_in_child(self, parent: int) -> None: ...
+
+
+_R = TypeVar("_R", bound=Registered)
+
+_live: weakref.WeakSet[Registered] = weakref.WeakSet()
 _lock = threading.Lock()
 
 
-def add(sandbox: Sandbox) -> None:
+def add(sandbox: Registered) -> None:
     with _lock:
         _live.add(sandbox)
 
 
-def discard(sandbox: Sandbox) -> None:
+def discard(sandbox: Registered) -> None:
     with _lock:
         _live.discard(sandbox)
 
 
-def live_sandboxes() -> list[Sandbox]:
-    """Every sandbox of this process that is not closed."""
-    from .core import SandboxState
-
+def live(kind: type[_R]) -> list[_R]:
+    """Every registered sandbox of ``kind`` that is not closed (``live_sandboxes()``
+    of :mod:`.core` asks for every :class:`~.core.Sandbox`)."""
     with _lock:
         sandboxes = list(_live)
-    return [sb for sb in sandboxes if sb.state is not SandboxState.CLOSED]
+    return [sb for sb in sandboxes if isinstance(sb, kind) and sb.state is not SandboxState.CLOSED]
 
 
 def _after_fork_in_child() -> None:

@@ -11,7 +11,8 @@ while the vCPU is paused.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, assert_never
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, assert_never
 
 from .. import abi
 from ..abi import FunctionSignature, Value
@@ -25,6 +26,7 @@ from ..errors import (
 from ..guest.memory import GuestMemory
 from ..kvm.exits import Exit, Interrupted
 from . import cpu, native
+from .calls import Call
 from .decide import (
     Aborted,
     Asked,
@@ -41,15 +43,12 @@ from .decide import (
     decide_ask,
     result,
 )
-from .dumps import attach_automatic_dump
+from .dumps import Dumpable, attach_automatic_dump
 from .faults import ExceptionInfo, decode_exception
-from .hot import HotSession, read_done_seq
+from .hot import HotSession, SpinControl, read_done_seq
+from .snapshots import Snapshot
 
-if TYPE_CHECKING:
-    from .calls import Call
-    from .core import Sandbox
-
-__all__ = ["post", "reclaim", "run"]
+__all__ = ["Runnable", "halt", "post", "reclaim", "run"]
 
 #: How long a caller spins (without the GIL) for a hot guest's answer before it
 #: sleeps and looks every 50 us.
@@ -58,7 +57,28 @@ HOT_WAIT_SPIN_NS = 200_000
 HOT_WAIT_SLICE_NS = 100_000_000
 
 
-def post(sb: Sandbox) -> int:
+class Runnable(Dumpable, SpinControl, Protocol):
+    """What the run loop uses of a sandbox (a :class:`~.core.Sandbox`, or a part
+    of it): its machine and guest, its host functions and output, and the
+    caller's answers to requests (:mod:`.requests`)."""
+
+    last_exception: ExceptionInfo | None
+
+    @property
+    def _doorbell(self) -> bool: ...
+    @property
+    def _initial(self) -> Snapshot: ...
+    @property
+    def _host_functions(self) -> Mapping[str, Callable[..., Any]]: ...
+    @property
+    def _output(self) -> Callable[[str], None] | None: ...
+    def _on_kick(self, call: Call) -> None: ...
+    def _enter_host(self, call: Call) -> None: ...
+    def _leave_host(self, call: Call) -> None: ...
+    def _halt_asking(self, call: Call) -> None: ...
+
+
+def post(sb: SpinControl) -> int:
     """Announce the call frame in the input buffer on the doorbell: the
     dispatcher runs a call only when ``req_seq`` moved. The new sequence."""
     seq: int = (sb._machine.bell[abi.WORD_REQ_SEQ] + 1) & 0xFFFF_FFFF_FFFF_FFFF
@@ -66,7 +86,7 @@ def post(sb: Sandbox) -> int:
     return seq
 
 
-def run(sb: Sandbox, call: Call, signature: FunctionSignature) -> Value:
+def run(sb: Runnable, call: Call, signature: FunctionSignature) -> Value:
     """Resume the guest at its dispatcher (the call frame is in the input
     buffer) and run it until the call's outcome.
 
@@ -124,7 +144,7 @@ def run(sb: Sandbox, call: Call, signature: FunctionSignature) -> Value:
                 assert_never(action)
 
 
-def _hot_call(sb: Sandbox, call: Call, hot: HotSession, seq: int) -> Exit | None:
+def _hot_call(sb: Runnable, call: Call, hot: HotSession, seq: int) -> Exit | None:
     """Wait for the guest to answer call ``seq`` through the doorbell: None
     when it did, else the exit that ``KVM_RUN`` came back with on the hot
     thread (the vCPU is then stopped, and this thread's to run). Host calls
@@ -164,7 +184,7 @@ def _hot_call(sb: Sandbox, call: Call, hot: HotSession, seq: int) -> Exit | None
     return exit_
 
 
-def halt(sb: Sandbox, hot: HotSession) -> None:
+def halt(sb: SpinControl, hot: HotSession) -> None:
     """Make a hot thread's guest leave KVM_RUN now, without waiting for it: no
     more spin, and a kick for a guest that ignores the spin (sandbox lock held,
     or the vCPU's call owned: its flag is raised only under that lock)."""
@@ -173,7 +193,7 @@ def halt(sb: Sandbox, hot: HotSession) -> None:
         sb._machine.vcpu.kick()
 
 
-def reclaim(sb: Sandbox, hot: HotSession) -> None:
+def reclaim(sb: SpinControl, hot: HotSession) -> None:
     """Take the vCPU back from a hot thread whose guest cannot be trusted to
     park (or must stop at once): kick it out of KVM_RUN, wait until it is out."""
     halt(sb, hot)
@@ -181,7 +201,7 @@ def reclaim(sb: Sandbox, hot: HotSession) -> None:
         pass
 
 
-def _answer_ask(sb: Sandbox, call: Call, function: str) -> None:
+def _answer_ask(sb: Runnable, call: Call, function: str) -> None:
     """Answer the host call or print the guest asked on the doorbell, if it has
     not been answered yet. While ``call.asking`` is set the guest still spins on
     that hot session's thread: it is stopped before anything that needs the
@@ -201,13 +221,13 @@ def _answer_ask(sb: Sandbox, call: Call, function: str) -> None:
     sb._machine.write_bell(abi.WORD_ANSWER_SEQ, asked)  # after the answer's frame
 
 
-def _memory(sb: Sandbox) -> GuestMemory:
+def _memory(sb: SpinControl) -> GuestMemory:
     memory = sb._machine.memory
     assert memory is not None  # the call holds the vCPU: nothing releases it meanwhile
     return memory
 
 
-def _failed(sb: Sandbox, error: GuestError, fault: ExceptionInfo | None = None) -> GuestError:
+def _failed(sb: Runnable, error: GuestError, fault: ExceptionInfo | None = None) -> GuestError:
     """A failure that poisons the sandbox: remember the fault, write the dump."""
     sb.last_exception = fault
     if sb.config.crashdump_enabled:
@@ -216,12 +236,14 @@ def _failed(sb: Sandbox, error: GuestError, fault: ExceptionInfo | None = None) 
 
 
 def _protocol_error(
-    sb: Sandbox, function: str | None, message: str, unexpected: Exit | None = None
+    sb: Runnable, function: str | None, message: str, unexpected: Exit | None = None
 ) -> GuestProtocolError:
     return GuestProtocolError(message, sandbox_id=sb.id, function=function, vcpu_exit=unexpected)
 
 
-def _read_result(sb: Sandbox, signature: FunctionSignature, hot: HotSession | None = None) -> Value:
+def _read_result(
+    sb: Runnable, signature: FunctionSignature, hot: HotSession | None = None
+) -> Value:
     """The call's result frame. ``hot``: the guest answered on the doorbell and
     still runs on that session's thread; a bad frame stops it before the dump."""
     match result(sb._machine.output, signature.returns, sb.layout.output_size):
@@ -237,7 +259,7 @@ def _read_result(sb: Sandbox, signature: FunctionSignature, hot: HotSession | No
             assert_never(outcome)
 
 
-def _host_call(sb: Sandbox, call: Call, function: str, request: abi.HostCall) -> None:
+def _host_call(sb: Runnable, call: Call, function: str, request: abi.HostCall) -> None:
     """Run the host function ``request`` asks for and write its result into
     the output buffer (a guest that asked on the doorbell and still spins is
     stopped first when the call fails)."""
@@ -287,7 +309,7 @@ def _host_call(sb: Sandbox, call: Call, function: str, request: abi.HostCall) ->
         raise failure
 
 
-def _unwind(sb: Sandbox) -> None:
+def _unwind(sb: Runnable) -> None:
     """Put the vCPU back at the dispatcher's idle point (after a failed host call).
     Memory stays as the call left it: the doorbell must say the call was handled,
     or the dispatcher, resumed to spin, would run its frame again."""
@@ -298,7 +320,7 @@ def _unwind(sb: Sandbox) -> None:
     machine.write_bell(abi.WORD_ANSWER_SEQ, machine.bell[abi.WORD_ASK_SEQ])
 
 
-def _print(sb: Sandbox, call: Call, text: str) -> None:
+def _print(sb: Runnable, call: Call, text: str) -> None:
     sb._enter_host(call)
     try:
         if sb._output is not None:

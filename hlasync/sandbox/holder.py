@@ -1,0 +1,182 @@
+"""Who holds a sandbox's vCPU, and the fields the parts of a sandbox share.
+
+:class:`SandboxBase` declares what a :class:`~.core.Sandbox` keeps (its
+machine, the state lock and the condition that waiters use, the holder, the
+loans, the hot session) and owns the *holder* machinery. One holder at a
+time decides what the vCPU is used for: a running call (:class:`~.calls.Call`),
+an operation on an idle sandbox (:class:`_Operation`: restore, snapshot,
+dump) or a hot session (:class:`~.hot.HotSession`). Here: waiting (bounded)
+until no other operation holds the vCPU, holding it for an operation, waking
+the waiters when the holder or the loans change, and releasing the VM of a
+closed sandbox once nobody holds it. Every change of the sandbox's state is
+:mod:`.core`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .. import abi
+from ..config import SandboxConfig
+from ..errors import SandboxBusy, SandboxClosed, SandboxPoisoned
+from ..guest.image import GuestImage
+from ..guest.layout import MemoryLayout
+from .calls import Call
+from .dumps import CrashdumpRecord
+from .faults import ExceptionInfo
+from .hot import PARK_KICK_AFTER, AutoChooser, HotSession
+from .machine import Machine
+from .snapshots import Snapshot
+from .states import SandboxState
+
+__all__ = ["OPERATION_WAIT", "SandboxBase"]
+
+#: How long a call, restore or dump waits for another operation on an idle
+#: sandbox (a restore, a snapshot, a dump) to finish before SandboxBusy.
+OPERATION_WAIT = 30.0
+
+
+class _Operation:
+    """A holder of an idle sandbox that is not a call: restore, snapshot or dump."""
+
+    __slots__ = ("name", "thread")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.thread = threading.get_ident()
+
+
+class SandboxBase:
+    """The fields of a sandbox that its parts share (set by ``Sandbox.__init__``)
+    and the holder of its vCPU. Fields below the lock are guarded by it."""
+
+    config: SandboxConfig
+    image: GuestImage
+    layout: MemoryLayout
+    id: str
+    last_exception: ExceptionInfo | None
+    _machine: Machine
+    _output: Callable[[str], None] | None
+    _host_functions: dict[str, Callable[..., Any]]
+    _crashdump_listeners: list[Callable[[CrashdumpRecord], None]]
+    _compat: tuple[str, MemoryLayout]  # what a snapshot must match to be restored here
+    _initial: Snapshot  # what restore() without an argument returns to
+    _doorbell: bool  # the guest's dispatcher waits on the doorbell page
+    _spin_allowed: bool  # whether config.spin applies (see Sandbox.__init__)
+    _finalizer: weakref.finalize[[Machine, threading.Lock], SandboxBase]
+    _lock: threading.Lock
+    _changed: threading.Condition  # on _lock: the holder or the loans changed
+    _waiting: int  # threads waiting on _changed
+    _state: SandboxState
+    _holder: Call | _Operation | HotSession | None
+    _loans: int  # dumps written by other threads while a call runs host code
+    _forked_from: int | None  # the parent's pid, in a forked child
+    _hot: HotSession | None  # made at the first call with config.spin
+    _last_end: float  # monotonic time the last call ended (spin="auto")
+    _gap_average: float | None  # of the gaps between calls (spin="auto")
+    _auto: AutoChooser  # spin="auto": whether spinning pays for this caller
+
+    def _wait_for_operations(self, what: str) -> None:
+        """Wait (lock held, bounded) until no other operation holds the vCPU;
+        SandboxBusy if a call holds it. Returns with the holder free."""
+        deadline = 0.0
+        while True:
+            if self._state is SandboxState.CLOSED:
+                self._raise_not_ready(what)
+            holder = self._holder
+            if holder is None:
+                return
+            if isinstance(holder, HotSession):  # stop the spin; it gives the vCPU up
+                holder.park(self, time.monotonic())
+                self._wait_locked(PARK_KICK_AFTER / 4)
+                continue
+            if isinstance(holder, Call):
+                raise SandboxBusy(
+                    f"sandbox {self.id} is already running a call ({holder.function})",
+                    sandbox_id=self.id,
+                )
+            if holder.thread == threading.get_ident():
+                raise SandboxBusy(
+                    f"sandbox {self.id} is busy with {holder.name} on this thread ({what})",
+                    sandbox_id=self.id,
+                )
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + OPERATION_WAIT
+            if now >= deadline:
+                raise SandboxBusy(
+                    f"sandbox {self.id} has been busy with {holder.name} for more than "
+                    f"{OPERATION_WAIT:g} s ({what})",
+                    sandbox_id=self.id,
+                )
+            self._wait_locked(deadline - now)
+
+    @contextlib.contextmanager
+    def _operation(self, name: str) -> Iterator[_Operation]:
+        """Hold an idle (ready or poisoned) sandbox's vCPU for ``name``."""
+        operation = _Operation(name)
+        with self._lock:
+            self._wait_for_operations(name)
+            self._holder = operation
+            # spin="auto": the next call follows an operation, which would park a
+            # spinning guest again (call + restore loops): it does not spin.
+            self._last_end = 0.0
+        try:
+            yield operation
+        finally:
+            with self._lock:
+                self._holder = None
+                self._release_if_closed_locked()
+                self._notify_locked()
+
+    def _wait_locked(self, timeout: float) -> None:
+        """Wait (lock held) for the holder or the loans to change."""
+        self._waiting += 1
+        try:
+            self._changed.wait(max(timeout, 0.0))
+        finally:
+            self._waiting -= 1
+
+    def _notify_locked(self) -> None:
+        if self._waiting:  # nobody waits on most calls: skip the Condition's bookkeeping
+            self._changed.notify_all()
+
+    def _release_locked(self) -> None:
+        """Release the VM and guest memory now (lock held, or no other thread)."""
+        self._finalizer.detach()
+        self._machine.release()
+
+    def _release_if_closed_locked(self) -> None:
+        if self._state is SandboxState.CLOSED and self._holder is None and not self._loans:
+            self._release_locked()
+
+    def _set_spin(self, ticks: int) -> None:
+        """The doorbell's spin budget (TSC ticks; 0 ends a spin)."""
+        machine = self._machine
+        if machine.released:  # by the finalizer of a sandbox dropped unclosed
+            return
+        machine.write_bell(abi.WORD_SPIN, ticks)
+
+    def _raise_not_ready(self, what: str) -> None:
+        state = self._state
+        if state is SandboxState.POISONED:
+            raise SandboxPoisoned(
+                f"sandbox {self.id} is poisoned by an earlier fault or interrupt; call restore()",
+                sandbox_id=self.id,
+            )
+        if state is SandboxState.CLOSED:
+            if self._forked_from is not None:
+                raise SandboxClosed(
+                    f"sandbox {self.id} belongs to process {self._forked_from}; a forked child "
+                    "cannot use it (create sandboxes after the fork)",
+                    sandbox_id=self.id,
+                )
+            raise SandboxClosed(f"sandbox {self.id} is closed", sandbox_id=self.id)
+        raise SandboxBusy(
+            f"sandbox {self.id} is already running a call ({what})", sandbox_id=self.id
+        )
