@@ -59,7 +59,7 @@ struct hl_owner {
     uint64_t gap_ns;      /* from the last answer to the request after it was posted */
     uint64_t posted_ns;   /* when the latest request was posted */
     uint32_t has_slot;    /* this owner and its waiter hold a spin slot */
-    uint32_t pad;
+    uint32_t warm;        /* a request comes soon: a sleeping owner spins once more */
 };
 
 struct hl_timespec {
@@ -183,22 +183,26 @@ void hl_owner_loop(struct hl_owner *o) {
          * spin (a caller's next call, a run of ioctls): an idle owner, or one
          * whose callers are slow (a busy machine), sleeps at once. */
         uint64_t answered = clock_ns();
-        uint64_t spin = o->gap_ns < o->spin_ns && pair_take(o) ? o->spin_ns : 0;
-        uint64_t end = answered + spin;
-        unsigned polls = 0;
-        while (LOAD(&o->req) == seen && spin) {
-            if (++polls > YIELD_AFTER)
-                sys6(SYS_SCHED_YIELD, 0, 0, 0, 0, 0, 0);
-            else
-                __builtin_ia32_pause();
-            if ((polls & 63) == 0 && clock_ns() >= end) break;
-        }
-        if (LOAD(&o->req) == seen) {
+        int eager = o->gap_ns < o->spin_ns;
+        while (LOAD(&o->req) == seen) {
+            uint64_t spin = eager && pair_take(o) ? o->spin_ns : 0;
+            uint64_t end = clock_ns() + spin;
+            unsigned polls = 0;
+            while (LOAD(&o->req) == seen && spin) {
+                if (++polls > YIELD_AFTER)
+                    sys6(SYS_SCHED_YIELD, 0, 0, 0, 0, 0, 0);
+                else
+                    __builtin_ia32_pause();
+                if ((polls & 63) == 0 && clock_ns() >= end) break;
+            }
+            if (LOAD(&o->req) != seen) break;
             pair_give(o);
             STORE(&o->owner_sleeping, 1);
-            while (LOAD(&o->req) == seen)
+            while (LOAD(&o->req) == seen && !LOAD(&o->warm))
                 sys6(SYS_FUTEX, (long)&o->req, FUTEX_WAIT_PRIVATE, seen, 0, 0, 0);
             STORE(&o->owner_sleeping, 0);
+            /* Woken by hl_owner_warm: a request is on its way, spin for it. */
+            eager = __atomic_exchange_n(&o->warm, 0, __ATOMIC_SEQ_CST);
         }
         /* The caller's own pause, not the owner's wake-up: a sleeping owner
          * goes back to spinning as soon as requests come back quickly again. */
@@ -272,6 +276,15 @@ int hl_owner_call(struct hl_owner *o, int32_t op, int64_t fd, int64_t a1, int64_
     if (LOAD(&o->owner_sleeping))
         sys6(SYS_FUTEX, (long)&o->req, FUTEX_WAKE_PRIVATE, 1, 0, 0, 0);
     return hl_owner_wait(o, seq, spin_ns, timeout_ns);
+}
+
+/* Wake a sleeping owner ahead of a request that follows soon (any thread,
+ * never blocks): its wake-up overlaps the caller's work instead of adding to
+ * the request's latency. */
+void hl_owner_warm(struct hl_owner *o) {
+    if (!LOAD(&o->owner_sleeping)) return;
+    STORE(&o->warm, 1);
+    sys6(SYS_FUTEX, (long)&o->req, FUTEX_WAKE_PRIVATE, 1, 0, 0, 0);
 }
 
 /* Kick the owner (any thread): its KVM_RUN returns -EINTR now, or its next

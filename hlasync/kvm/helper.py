@@ -53,6 +53,8 @@ def library() -> ctypes.CDLL:
     lib.hl_owner_wait.restype = ctypes.c_int
     lib.hl_owner_kick.argtypes = [ptr]
     lib.hl_owner_kick.restype = None
+    lib.hl_owner_warm.argtypes = [ptr]
+    lib.hl_owner_warm.restype = None
     lib.hl_owner_set_spin_slots.argtypes = [ctypes.c_uint32]
     lib.hl_owner_set_spin_slots.restype = None
     lib.hl_owner_spinners.argtypes = []

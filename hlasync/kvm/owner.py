@@ -107,7 +107,7 @@ class _Record(ctypes.Structure):
         ("gap_ns", ctypes.c_uint64),
         ("posted_ns", ctypes.c_uint64),
         ("has_slot", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("warm", ctypes.c_uint32),
     ]
 
 
@@ -284,6 +284,12 @@ class Owner:
         """Forget a kick that has not stopped a KVM_RUN yet."""
         if not self.direct and not self._ended:
             self.call(_OP_DRAIN)
+
+    def warm(self) -> None:
+        """Wake a sleeping owner ahead of requests that follow soon (a restore's
+        ioctls): its wake-up overlaps the caller's work (any thread; never blocks)."""
+        if not self._ended and not self.direct:
+            self._lib.hl_owner_warm(self._address)
 
     def kick(self) -> None:
         """Make the owner's KVM_RUN return now, or its next one at once (any

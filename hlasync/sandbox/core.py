@@ -209,6 +209,8 @@ class Sandbox(Requests, Spinning, Booting):
             raise ValueError("snapshot belongs to a sandbox of another guest or configuration")
         with self._operation("restore"):
             machine = self._machine
+            # Its ioctls follow the memory reset: wake the owner meanwhile.
+            machine.vcpu.owner.warm()
             assert machine.memory is not None
             try:
                 # First: KVM finishing a pending `in`/`ins` writes registers and memory.
