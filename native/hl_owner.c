@@ -92,6 +92,9 @@ static uint32_t spinners = 0;
 
 void hl_owner_set_spin_slots(uint32_t slots) { spin_slots = slots ? slots : 1; }
 
+/* In a forked child: the parent's spinners are not here. */
+void hl_owner_forked(void) { __atomic_store_n(&spinners, 0, __ATOMIC_SEQ_CST); }
+
 /* How many spin slots are taken now. */
 uint32_t hl_owner_spinners(void) { return __atomic_load_n(&spinners, __ATOMIC_SEQ_CST); }
 
@@ -196,8 +199,8 @@ void hl_owner_loop(struct hl_owner *o) {
                 if ((polls & 63) == 0 && clock_ns() >= end) break;
             }
             if (LOAD(&o->req) != seen) break;
+            STORE(&o->owner_sleeping, 1); /* before the slot goes: see answered() */
             pair_give(o);
-            STORE(&o->owner_sleeping, 1);
             while (LOAD(&o->req) == seen && !LOAD(&o->warm))
                 sys6(SYS_FUTEX, (long)&o->req, FUTEX_WAIT_PRIVATE, seen, 0, 0, 0);
             STORE(&o->owner_sleeping, 0);
@@ -225,12 +228,15 @@ void hl_owner_loop(struct hl_owner *o) {
 /* The request ``seq`` is answered: after the last one (OP_EXIT) the owner has
  * ended, so a spin slot the waiter took meanwhile goes back here. */
 static int answered(struct hl_owner *o) {
-    if (o->op == OP_EXIT) pair_give(o);
+    /* A slot taken while the owner went to sleep (or ended) would stay taken
+     * with nobody spinning: give it back. */
+    if (o->op == OP_EXIT || LOAD(&o->owner_sleeping)) pair_give(o);
     return 1;
 }
 
 int hl_owner_wait(struct hl_owner *o, uint32_t seq, uint64_t spin_ns, uint64_t timeout_ns) {
     if (LOAD(&o->done) == seq) return answered(o);
+    if (!spin_ns) pair_give(o); /* a long wait (a hot guest's run): nobody of the pair spins */
     uint64_t start = clock_ns();
     uint64_t spin_end = start + (spin_ns < timeout_ns ? spin_ns : timeout_ns);
     if (spin_ns && pair_take(o)) {

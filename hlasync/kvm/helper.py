@@ -60,6 +60,10 @@ def library() -> ctypes.CDLL:
     lib.hl_owner_spinners.argtypes = []
     lib.hl_owner_spinners.restype = ctypes.c_uint32
     lib.hl_owner_set_spin_slots(spin_slots())
+    lib.hl_owner_forked.argtypes = []
+    lib.hl_owner_forked.restype = None
+    # A forked child has none of its parent's spinning threads.
+    os.register_at_fork(after_in_child=lib.hl_owner_forked)
     return lib
 
 

@@ -127,6 +127,7 @@ class Owner:
         self._address = ctypes.addressof(self._record)
         self._post = threading.Lock()
         self._ended = False
+        self._abandoned: object = None  # an unanswered request given up on (its buffer)
         #: The sandbox it serves, for messages (set by the sandbox).
         self.label = "?"
         self.pid = os.getpid()
@@ -176,8 +177,16 @@ class Owner:
         a3: int = 0,
         a4: int = 0,
         spin_ns: int = IOCTL_SPIN_NS,
+        keep: object = None,
     ) -> int:
-        """Post request ``op`` and wait for the owner's answer (>= 0, or -errno)."""
+        """Post request ``op`` and wait for the owner's answer (>= 0, or -errno).
+        ``keep``: what the request points at, kept alive while it may run."""
+        if self.direct:
+            raise OwnerBusy(
+                f"sandbox {self.label}: the vCPU's owner thread is in process {self.pid}; "
+                "a forked child cannot use it",
+                sandbox_id=self.label,
+            )
         if not self._post.acquire(timeout=POST_WAIT):
             raise OwnerBusy(
                 f"sandbox {self.label}: the vCPU's owner thread has served another request "
@@ -191,19 +200,30 @@ class Owner:
                     "is closed)",
                     sandbox_id=self.label,
                 )
-            lib, address = self._lib, self._address
-            done = lib.hl_owner_call(address, op, fd, a1, a2, a3, a4, spin_ns, WAIT_SLICE_NS)
-            if not done:
-                seq = self._record.req
-                try:
-                    while not lib.hl_owner_wait(address, seq, 0, WAIT_SLICE_NS):
-                        pass  # back in Python between slices: signal handlers run
-                except BaseException:
-                    # A signal handler raised (KeyboardInterrupt): end the request
-                    # before anyone posts another (a KVM_RUN ends with a kick).
+            lib, address, record = self._lib, self._address, self._record
+            if self._abandoned is not None:
+                # A request given up on (see below) must end before another is posted.
+                if not lib.hl_owner_wait(address, record.req, 0, int(POST_WAIT * 1e9)):
+                    raise OwnerBusy(
+                        f"sandbox {self.label}: an interrupted request to the vCPU's owner "
+                        f"thread has not ended in {POST_WAIT:g} s",
+                        sandbox_id=self.label,
+                    )
+                self._abandoned = None
+            try:
+                done = lib.hl_owner_call(address, op, fd, a1, a2, a3, a4, spin_ns, WAIT_SLICE_NS)
+                while not done:  # back in Python between slices: signal handlers run
+                    done = lib.hl_owner_wait(address, record.req, 0, WAIT_SLICE_NS)
+            except BaseException:
+                # A signal handler raised (KeyboardInterrupt), also while the first
+                # wait was in C: end the request before anyone posts another (a
+                # KVM_RUN ends with a kick); if it does not end in time, the next
+                # poster waits for it, and what it points at stays alive.
+                if record.done != record.req:
                     self.kick()
-                    lib.hl_owner_wait(address, seq, 0, int(STOP_WAIT * 1e9))
-                    raise
+                    if not lib.hl_owner_wait(address, record.req, 0, int(STOP_WAIT * 1e9)):
+                        self._abandoned = keep if keep is not None else True
+                raise
             if op == _OP_EXIT:
                 self._ended = True
             return int(self._record.result)
@@ -227,7 +247,7 @@ class Owner:
             view = memoryview(arg)  # type: ignore[arg-type]
             keep = (ctypes.c_char * view.nbytes).from_buffer(view)
             pointer = ctypes.addressof(keep)
-        result = self.call(_OP_IOCTL, fd, request, pointer)
+        result = self.call(_OP_IOCTL, fd, request, pointer, keep=keep)
         del keep
         if result < 0:
             name = _abi.IOCTL_NAMES.get(request, f"ioctl {request:#x}")

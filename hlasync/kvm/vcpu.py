@@ -111,7 +111,14 @@ class Vcpu:
 
         KVM first finishes the previous exit's access (if any), then runs.
         """
-        if not self.owner.run(self.fd, long=long):
+        try:
+            ran = self.owner.run(self.fd, long=long)
+        except BaseException:
+            # Whatever the run came to is unknown (a KeyboardInterrupt while it
+            # ran): let the next state access complete it (harmless if nothing is).
+            self._incomplete = True
+            raise
+        if not ran:
             self._incomplete = False  # KVM completes pending accesses before it checks signals
             return _INTERRUPTED
         return self._describe_exit()

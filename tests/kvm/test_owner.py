@@ -268,3 +268,53 @@ def test_every_spin_slot_is_given_back(kvm: Kvm, simpleguest: Path) -> None:
     finally:
         idle.close()
     assert lib.hl_owner_spinners() == 0
+
+
+def test_a_keyboardinterrupt_during_a_run_leaves_no_guest_running(
+    kvm: Kvm, simpleguest: Path
+) -> None:
+    """A signal handler that raises while the caller waits for the owner's
+    KVM_RUN (here in the very first wait, which is in C) stops the guest
+    before the exception goes on: nothing keeps running on the owner, and the
+    sandbox is usable after restore()."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    sb = Sandbox(simpleguest, SandboxConfig(spin=0))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.03)
+        with pytest.raises(KeyboardInterrupt):
+            sb.call("spin")  # forever
+        owner_ = sb._machine.vcpu.owner
+        assert not owner_.in_run
+        tid = owner_._record.tid
+        before = _thread_cpu(tid)
+        time.sleep(0.3)
+        assert _thread_cpu(tid) - before < 0.05  # no guest burning the owner's CPU
+        sb.restore()
+        assert sb.call("add", 2, 2) == 4
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        sb.close()
+
+
+def test_a_hot_guests_long_run_holds_no_spin_slot(kvm: Kvm, simpleguest: Path) -> None:
+    """While a hot sandbox's guest spins on the doorbell (a long KVM_RUN of
+    its owner), no spin slot is held for it: other callers may still spin."""
+    from hlasync.kvm.helper import library
+
+    lib = library()
+    with Sandbox(simpleguest, SandboxConfig(spin=0.5)) as sb:
+        for _ in range(5):
+            sb.call("add", 1, 2)
+        owner_ = sb._machine.vcpu.owner
+        deadline = time.monotonic() + 2
+        while not owner_.in_run and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert owner_.in_run  # the guest spins in the owner's KVM_RUN
+        time.sleep(0.01)
+        assert lib.hl_owner_spinners() == 0
