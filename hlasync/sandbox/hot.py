@@ -273,7 +273,6 @@ class HotSession:
         self._go.set()
 
     def _main(self, started: threading.Event) -> None:
-        self.ident = threading.get_ident()
         started.set()
         while True:
             self._go.wait()
