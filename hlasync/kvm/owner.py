@@ -30,7 +30,6 @@ import itertools
 import os
 import signal
 import threading
-from collections.abc import Iterator
 
 from ..errors import IoctlError, OwnerBusy
 from . import _abi
@@ -381,8 +380,3 @@ def check_range(address: int, length: int, what: str) -> None:
         overlaps = address < start + size and start < address + length
         if overlaps and not owner.direct and not owner.on_owner_thread():
             _violation(f"{what} of guest memory at {start:#x}")
-
-
-def owned() -> Iterator[Owner]:
-    """Owners with a registered vCPU (HLASYNC_CHECK_OWNER)."""
-    return iter(set(_owned_fds.values()))
