@@ -34,6 +34,7 @@ _MINIMUM_SIZES = {
 _BELOW_STACK = IMAGE_BASE + 2 * PAGE
 _MAX_INIT_TIMEOUT = 3600.0
 _MAX_SPIN = 1.0
+_MAX_IDLE_TRIM = 86400.0
 #: Environment variable giving ``SandboxConfig.spin``'s default (seconds, or
 #: ``auto``).
 SPIN_ENV = "HLASYNC_SPIN"
@@ -97,6 +98,15 @@ class SandboxConfig:
       (``$HLASYNC_HOT_SLOTS``), and not while other threads call sandboxes;
       meanwhile it takes the exit path.
 
+    ``idle_trim`` (default 2; seconds, more than 0 and at most 86400, or
+    ``None``): after this long with no call and no operation, the sandbox
+    gives back the pages of its backing image (template or snapshot) that
+    its guest only read. All sandboxes made from one image share those
+    pages, but RSS counts them once per sandbox that maps them (about 70 KiB
+    each after a call of the bundled guest); the pages the guest wrote are
+    kept. The next call maps what it reads again (a few µs per page, once).
+    ``None`` never trims. docs/architecture.md §13 ("Idle trim").
+
     ``crashdump_enabled`` (a bool, default True) writes a core dump on faults,
     aborts, protocol errors and watchdog timeouts; ``crashdump_dir`` (a path
     or None) overrides the directory (else ``HYPERLIGHT_CORE_DUMP_DIR``, else
@@ -114,6 +124,7 @@ class SandboxConfig:
     crashdump_retention: RetentionPolicy | None = None
     init_timeout: float = 10.0
     spin: float | Literal["auto"] = field(default_factory=_default_spin)
+    idle_trim: float | None = 2.0
 
     def __post_init__(self) -> None:
         for name in ("memory_size", "stack_size", "input_buffer_size", "output_buffer_size"):
@@ -152,6 +163,15 @@ class SandboxConfig:
         ):
             raise ConfigError(
                 f"spin must be a number of seconds in [0, 1] or {AUTO!r}, got {self.spin!r}"
+            )
+        if self.idle_trim is not None and (
+            isinstance(self.idle_trim, bool)
+            or not isinstance(self.idle_trim, (int, float))
+            or not 0 < self.idle_trim <= _MAX_IDLE_TRIM
+        ):
+            raise ConfigError(
+                f"idle_trim must be a number of seconds in (0, 86400] or None, got "
+                f"{self.idle_trim!r}"
             )
         if not isinstance(self.crashdump_enabled, bool):
             raise ConfigError(

@@ -13,6 +13,7 @@
 
 #define SYS_MMAP 9
 #define SYS_MUNMAP 11
+#define SYS_MADVISE 28
 #define SYS_IOCTL 16
 #define SYS_CLOSE 3
 #define SYS_RT_SIGTIMEDWAIT 128
@@ -39,6 +40,7 @@ enum {
     OP_EXIT = 5,   /* the loop ends (after answering) */
     OP_DRAIN = 6,  /* forget a pending kick */
     OP_MMAP = 7,   /* mmap(a1, a2, a3 >> 32, a3 & 0xffffffff, fd, a4): the result is the address */
+    OP_MADVISE = 8, /* madvise(a1, a2, a3) */
 };
 
 /* Shared with Python (hlasync/kvm/owner.py: _Record): keep the layouts equal. */
@@ -163,6 +165,8 @@ static int64_t serve(struct hl_owner *o) {
     case OP_MMAP:
         return sys6(SYS_MMAP, o->a1, o->a2, (long)((uint64_t)o->a3 >> 32),
                     (long)(o->a3 & 0xffffffff), o->fd, o->a4);
+    case OP_MADVISE:
+        return sys6(SYS_MADVISE, o->a1, o->a2, o->a3, 0, 0, 0);
     case OP_CLOSE:
         return sys6(SYS_CLOSE, o->fd, 0, 0, 0, 0, 0);
     case OP_DRAIN:

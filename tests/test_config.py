@@ -54,6 +54,8 @@ def test_docstring_states_every_field_and_limit() -> None:
         {"input_buffer_size": 4 << 10, "output_buffer_size": 4 << 10},
         {"heap_size": 4 << 10},
         {"init_timeout": 3600},
+        {"idle_trim": 86400},
+        {"idle_trim": None},
         # stack + buffers exactly fill what 2 MiB leaves above the smallest image
         {"memory_size": 2 << 20, "stack_size": (1 << 20) - (8 << 10) - (512 << 10)},
     ],
@@ -73,6 +75,7 @@ def test_limits_are_inclusive(kwargs: dict[str, object]) -> None:
         ({"init_timeout": 0}, "init_timeout must be a number of seconds in (0, 3600], got 0"),
         ({"crashdump_enabled": 1}, "crashdump_enabled must be a bool, got int"),
         ({"crashdump_dir": 5}, "crashdump_dir must be a path or None, got int"),
+        ({"idle_trim": 0}, "idle_trim must be a number of seconds in (0, 86400] or None, got 0"),
     ],
 )
 def test_messages_name_the_limit_and_the_value_given(
@@ -97,3 +100,9 @@ def test_sizes_that_cannot_fit_in_memory_are_refused_at_construction(
     # Before, such a config was accepted and every Sandbox made with it failed.
     with pytest.raises(ConfigError, match=r"more than .* that memory_size .* raise memory_size"):
         SandboxConfig(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", [0, -1, 0.0, 86401, True, "2", float("nan")])
+def test_bad_idle_trim_is_refused(value: object) -> None:
+    with pytest.raises(ConfigError, match="idle_trim"):
+        SandboxConfig(idle_trim=value)  # type: ignore[arg-type]

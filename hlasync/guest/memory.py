@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -31,6 +32,13 @@ if TYPE_CHECKING:
 __all__ = ["GuestMemory", "MemoryImage"]
 
 PAGE = 0x1000
+
+#: Per /proc/self/pagemap entry (8 bytes, little-endian), its top byte: bit 7
+#: is "present" (bit 63), bit 5 "a file page or shared" (bit 61). A private
+#: mapping's page with both is the backing image's own page, not a copy.
+_SHARED_PRESENT = 0xA0
+_SHARED_MASK = bytes(1 if byte & _SHARED_PRESENT == _SHARED_PRESENT else 0 for byte in range(256))
+_SHARED_RUN = re.compile(b"\x01+")
 
 
 class MemoryImage:
@@ -138,7 +146,49 @@ class GuestMemory:
 
     def reset(self) -> None:
         """Discard every guest write since the backing image was mapped."""
-        _libc.madvise(self.address, self.size, _libc.MADV_DONTNEED)
+        self._discard(self.address, self.size)
+
+    def _discard(self, address: int, length: int) -> None:
+        """``madvise(MADV_DONTNEED)``, on the owner thread once there is one."""
+        if self.owner is not None:
+            self.owner.madvise(address, length, _libc.MADV_DONTNEED)
+        else:
+            _libc.madvise(address, length, _libc.MADV_DONTNEED)
+
+    def trim(self) -> int:
+        """Drop this mapping's pages of the backing image that no write has
+        copied (what the guest only read), and the host's read-only view of
+        the image; the bytes dropped. What the guest sees does not change: a
+        dropped page is mapped again from the image at its next access.
+
+        Only while nothing writes the memory (no guest runs, no host frame is
+        being written): a write that copies a page between the look and the
+        drop would be lost. Without ``/proc/self/pagemap``, drops nothing.
+        """
+        pages = self.size // PAGE
+        try:
+            fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return 0
+        try:
+            entries = bytearray()
+            offset = (self.address // PAGE) * 8
+            while len(entries) < pages * 8:
+                chunk = os.pread(fd, pages * 8 - len(entries), offset + len(entries))
+                if not chunk:
+                    return 0
+                entries += chunk
+        except OSError:
+            return 0
+        finally:
+            os.close(fd)
+        dropped = 0
+        for run in _SHARED_RUN.finditer(bytes(entries[7::8]).translate(_SHARED_MASK)):
+            start, end = run.span()
+            self._discard(self.address + start * PAGE, (end - start) * PAGE)
+            dropped += (end - start) * PAGE
+        self._close_backing_map()
+        return dropped
 
     def reset_pages(self, pages: Iterable[int]) -> None:
         """Copy the backing image's content over ``pages`` (page indexes).

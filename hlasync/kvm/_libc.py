@@ -59,5 +59,7 @@ def munmap(address: int, length: int) -> None:
 
 
 def madvise(address: int, length: int, advice: int) -> None:
+    if advice == MADV_DONTNEED and _owner.CHECK:
+        _owner.check_range(address, length, "madvise(MADV_DONTNEED)")
     if _madvise(address, length, advice) != 0:
         _raise("madvise")

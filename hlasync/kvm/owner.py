@@ -61,7 +61,7 @@ OWNER_SPIN_NS = 50_000
 #: Seconds :meth:`Owner.stop` waits for the owner thread to end.
 STOP_WAIT = 5.0
 
-_OP_IOCTL, _OP_RUN, _OP_MUNMAP, _OP_CLOSE, _OP_EXIT, _OP_DRAIN, _OP_MMAP = 1, 2, 3, 4, 5, 6, 7
+_OP_IOCTL, _OP_RUN, _OP_MUNMAP, _OP_CLOSE, _OP_EXIT, _OP_DRAIN, _OP_MMAP, _OP_MADVISE = range(1, 9)
 
 #: HLASYNC_CHECK_OWNER=1: assert that vCPU ioctls and guest-memory unmaps run on the owner.
 CHECK = os.environ.get("HLASYNC_CHECK_OWNER", "") not in ("", "0")
@@ -291,6 +291,18 @@ class Owner:
         if result < 0:
             raise OSError(-result, f"munmap: {os.strerror(-result)}")
 
+    def madvise(self, address: int, length: int, advice: int) -> None:
+        """``madvise`` guest memory on the owner: a discard (``MADV_DONTNEED``)
+        changes what the guest sees, so it is never concurrent with a run."""
+        if self.direct:
+            from . import _libc
+
+            _libc.madvise(address, length, advice)
+            return
+        result = self.call(_OP_MADVISE, -1, address, length, advice)
+        if result < 0:
+            raise OSError(-result, f"madvise: {os.strerror(-result)}")
+
     def close_fd(self, fd: int) -> None:
         """Close the vCPU's file on the owner: no ioctl of it can still run."""
         _owned_fds.pop(fd, None)
@@ -374,8 +386,8 @@ def check_fd(fd: int, request: int) -> None:
 
 
 def check_range(address: int, length: int, what: str) -> None:
-    """(HLASYNC_CHECK_OWNER) A direct unmap or fixed map: a violation if it
-    touches owned guest memory."""
+    """(HLASYNC_CHECK_OWNER) A direct unmap, fixed map or discard: a violation
+    if it touches owned guest memory."""
     for start, (size, owner) in list(_owned_ranges.items()):
         overlaps = address < start + size and start < address + length
         if overlaps and not owner.direct and not owner.on_owner_thread():

@@ -116,6 +116,8 @@ class Sandbox(Requests, Spinning, Booting):
         self._last_end = 0.0  # monotonic time the last call ended (spin="auto")
         self._gap_average = None  # of the gaps between calls (spin="auto")
         self._auto = AutoChooser()  # spin="auto": whether spinning pays for this caller
+        self._idle_since = 0.0  # when the last holder left (idle_trim)
+        self._trim_noted = False  # the hlasync-trim thread will look at it
         #: Whether config.spin applies: owners that measure a call's CPU time on
         #: the calling thread (the supervisor, JSSandbox) keep the exit path.
         self._spin_allowed = True
@@ -407,7 +409,7 @@ class Sandbox(Requests, Spinning, Booting):
                     event = Event.RETURNED if outcome is SandboxState.READY else Event.FAILED
                     self._state = after(self._state, event)
                     self._holder = self._after_call_locked(call, outcome)
-                    self._release_if_closed_locked()
+                    self._holder_left_locked()
                     self._notify_locked()
                     return stopped
             # Asked for as the call ended: they see the state it left.

@@ -23,9 +23,10 @@ from typing import Any
 
 from .. import abi
 from ..config import SandboxConfig
-from ..errors import SandboxBusy, SandboxClosed, SandboxPoisoned
+from ..errors import HlasyncError, SandboxBusy, SandboxClosed, SandboxPoisoned
 from ..guest.image import GuestImage
 from ..guest.layout import MemoryLayout
+from . import trim
 from .calls import Call
 from .dumps import CrashdumpRecord
 from .faults import ExceptionInfo
@@ -80,6 +81,8 @@ class SandboxBase:
     _last_end: float  # monotonic time the last call ended (spin="auto")
     _gap_average: float | None  # of the gaps between calls (spin="auto")
     _auto: AutoChooser  # spin="auto": whether spinning pays for this caller
+    _idle_since: float  # monotonic time the last holder gave the vCPU up (idle_trim)
+    _trim_noted: bool  # the hlasync-trim thread will look at this sandbox
 
     def _wait_for_operations(self, what: str) -> None:
         """Wait (lock held, bounded) until no other operation holds the vCPU;
@@ -131,8 +134,48 @@ class SandboxBase:
         finally:
             with self._lock:
                 self._holder = None
+                self._holder_left_locked()
+                self._notify_locked()
+
+    def _holder_left_locked(self) -> None:
+        """A holder gave the vCPU up (lock held): release a closed sandbox's VM;
+        otherwise the sandbox may be idle from now (``idle_trim``)."""
+        if self._state is SandboxState.CLOSED:
+            self._release_if_closed_locked()
+            return
+        now = time.monotonic()
+        self._idle_since = now
+        after = self.config.idle_trim
+        if after is not None and not self._trim_noted:
+            self._trim_noted = True
+            trim.note(self, now + after)
+
+    def _trim_if_idle(self, now: float) -> float | None:
+        """(The hlasync-trim thread) Drop the backing image's pages from guest
+        memory if nothing held the vCPU for ``idle_trim`` seconds. None when
+        done or closed, else when to look again."""
+        after = self.config.idle_trim
+        with self._lock:
+            if after is None or self._state is SandboxState.CLOSED:
+                self._trim_noted = False
+                return None
+            if self._holder is not None or self._loans:
+                return now + after  # busy: its holder will leave a new idle time
+            due = self._idle_since + after
+            if due > now:
+                return due
+            self._holder = _Operation("trim")
+        try:
+            self._machine.trim()
+        except (OSError, HlasyncError) as exc:  # a closed owner; nothing is lost
+            trim.log.debug("sandbox %s: idle trim skipped: %s", self.id, exc)
+        finally:
+            with self._lock:
+                self._holder = None
+                self._trim_noted = False
                 self._release_if_closed_locked()
                 self._notify_locked()
+        return None
 
     def _wait_locked(self, timeout: float) -> None:
         """Wait (lock held) for the holder or the loans to change."""

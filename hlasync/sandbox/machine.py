@@ -164,6 +164,13 @@ class Machine:
             self.memory.reset_pages(pages)
         self.pages.clear()
 
+    def trim(self) -> int:
+        """Drop the unchanged backing-image pages of guest memory from this
+        process's mappings (see :meth:`GuestMemory.trim`); the bytes dropped."""
+        if self.memory is None:
+            return 0
+        return self.memory.trim()
+
     def remap(self, image: MemoryImage) -> None:
         assert self.memory is not None
         self.pages.collect()  # writes before the remap do not count

@@ -138,7 +138,7 @@ class Requests(SandboxBase):
         finally:
             with self._lock:
                 self._holder = None
-                self._release_if_closed_locked()
+                self._holder_left_locked()
                 self._notify_locked()
 
     def _await_dump(self, call: Call, request: DumpRequest) -> Path:

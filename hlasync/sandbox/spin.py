@@ -113,5 +113,5 @@ class Spinning(SandboxBase):
                 self._set_spin(0)
                 if self._state is SandboxState.CLOSED:
                     hot.close()
-                self._release_if_closed_locked()
+                self._holder_left_locked()
                 self._notify_locked()

@@ -115,9 +115,11 @@ def test_a_direct_unmap_of_guest_memory_is_a_violation_when_checked(
                 _libc.MAP_PRIVATE | _libc.MAP_FIXED | _libc.MAP_ANONYMOUS,
                 -1,
             )
+        with pytest.raises(OwnerViolation, match=r"MADV_DONTNEED.* of guest memory"):
+            _libc.madvise(memory.address, 0x1000, _libc.MADV_DONTNEED)
         assert sb.call("add", 1, 2) == 3  # nothing was unmapped
     # close() unmapped it on the owner: no violation, and the range is forgotten.
-    assert len(owner.violations) == 2
+    assert len(owner.violations) == 3
 
 
 def test_a_second_poster_gets_ownerbusy_after_the_deadline(
@@ -192,16 +194,22 @@ def test_the_sandbox_path_has_no_violation_with_the_check_on(
     kvm: Kvm, simpleguest: Path, tmp_path: Path
 ) -> None:
     """With HLASYNC_CHECK_OWNER=1 in the environment, the whole sandbox path
-    (boot, calls, dumps, restore, close) runs without a violation."""
+    (boot, calls, an idle trim, dumps, restore, close) runs without a violation."""
     script = textwrap.dedent(
         f"""
         import sys
         from hlasync import Sandbox, SandboxConfig, GuestCrashed
         from hlasync.kvm import owner
         assert owner.CHECK
-        config = SandboxConfig(spin=0, crashdump_dir={str(tmp_path)!r})
+        import time
+        from hlasync.sandbox import trim
+        config = SandboxConfig(spin=0, crashdump_dir={str(tmp_path)!r}, idle_trim=0.05)
         with Sandbox({str(simpleguest)!r}, config) as sb:
             assert sb.call("add", 1, 2) == 3
+            deadline = time.monotonic() + 10
+            while trim.pending() and time.monotonic() < deadline:  # an idle trim
+                time.sleep(0.01)
+            assert not trim.pending()
             snap = sb.snapshot()
             try:
                 sb.call("divide_by_zero")
