@@ -5,9 +5,10 @@ Calls (good ones, faults, long ones, host functions that call another
 sandbox), interrupts (of the sandbox and of one call's handle), on-demand
 dumps, restores and closes (a closed sandbox is replaced) hit a handful of
 sandboxes, some hot (``spin`` > 0: calls through the doorbell) and some on
-the exit path, all at once. Every operation must end, within a bound, with
-its own result or with an error it may meet when others act on the same
-sandbox (busy, poisoned, closed, cancelled): anything else is a finding.
+the exit path, all at once; idle trims (``idle_trim``) come in between.
+Every operation must end, within a bound, with its own result or with an
+error it may meet when others act on the same sandbox (busy, poisoned,
+closed, cancelled): anything else is a finding.
 
 - a call of a function that cannot fail (``add``, ``spin_for``) that fails
   otherwise (a fault: something of another call reached it; an
@@ -50,6 +51,7 @@ from hlasync import (
     SandboxPoisoned,
     guests,
 )
+from hlasync.sandbox import trim
 
 __all__ = ["Report", "describe", "main", "run", "show"]
 
@@ -92,6 +94,7 @@ class Report:
     operations: collections.Counter[str] = field(default_factory=collections.Counter)
     outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
     findings: list[str] = field(default_factory=list)
+    trims: int = 0  # idle trims done meanwhile (SandboxConfig.idle_trim)
 
 
 class Stress:
@@ -100,7 +103,10 @@ class Stress:
         self.report = Report(seconds, seed)
         self.dumps = dumps
         self.configs = [
-            SandboxConfig(spin=spin, crashdump_dir=dumps) for spin in (0.05, 0, 0.05, 0)
+            # idle_trim: the trim thread drops mapped image pages whenever a
+            # sandbox rests 10 ms, amid everything else.
+            SandboxConfig(spin=spin, crashdump_dir=dumps, idle_trim=0.01)
+            for spin in (0.05, 0, 0.05, 0)
         ]
         self.slots: list[Sandbox] = [self._new(config) for config in self.configs]
         self.lock = threading.Lock()
@@ -246,9 +252,11 @@ class Stress:
         ]
         clients.append(threading.Thread(target=self.driver, name="stress-driver", daemon=True))
         watchdog = threading.Thread(target=self.watchdog, name="stress-watchdog", daemon=True)
+        trims = trim.trims()
         for thread in [*clients, watchdog]:
             thread.start()
         self.stop.wait(self.seconds)
+        self.report.trims = trim.trims() - trims
         self.stop.set()
         for thread in clients:
             thread.join(HANG_AFTER)
@@ -302,7 +310,7 @@ def show(report: Report) -> int:
     """Print a run's outcomes and findings; the exit status (1: findings)."""
     for name, count in sorted(report.outcomes.items()):
         print(f"  {name:<45} {count}")
-    print(f"operations: {sum(report.operations.values())}")
+    print(f"operations: {sum(report.operations.values())}, idle trims: {report.trims}")
     for finding in report.findings:
         print(f"FINDING: {finding}")
     print("result: " + ("OK" if not report.findings else f"{len(report.findings)} findings"))

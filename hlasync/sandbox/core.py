@@ -47,7 +47,7 @@ from ..errors import (
 )
 from ..guest.image import GuestImage
 from ..guest.layout import MemoryLayout
-from . import cpu, registry, runner
+from . import cpu, registry, runner, trim
 from .boot import Booting
 from .calls import Call, CallHandle, Phase, StopResult, current_runner
 from .dumps import CrashdumpRecord
@@ -293,6 +293,9 @@ class Sandbox(Requests, Spinning, Booting):
             self._state = after(self._state, Event.CLOSE)
             holder = self._holder
             own = False
+            if self._trim_noted:
+                self._trim_noted = False
+                trim.forget(self)
             if self._hot is not None:
                 self._hot.close()
                 reaper.forget(self._hot)
@@ -324,6 +327,7 @@ class Sandbox(Requests, Spinning, Booting):
             # and with it the reaper when nothing else is hot.
             hot.thread.join(HOT_THREAD_JOIN)
             reaper.settle(HOT_THREAD_JOIN)
+        trim.settle(HOT_THREAD_JOIN)
         registry.discard(self)
 
     def __enter__(self) -> Sandbox:

@@ -150,32 +150,35 @@ class SandboxBase:
             self._trim_noted = True
             trim.note(self, now + after)
 
-    def _trim_if_idle(self, now: float) -> float | None:
+    def _trim_if_idle(self, now: float) -> bool:
         """(The hlasync-trim thread) Drop the backing image's pages from guest
-        memory if nothing held the vCPU for ``idle_trim`` seconds. None when
-        done or closed, else when to look again."""
+        memory if nothing held the vCPU for ``idle_trim`` seconds (True);
+        else look again when that may be so."""
         after = self.config.idle_trim
         with self._lock:
-            if after is None or self._state is SandboxState.CLOSED:
+            if after is None or self._state is SandboxState.CLOSED or not self._trim_noted:
                 self._trim_noted = False
-                return None
+                return False
             if self._holder is not None or self._loans:
-                return now + after  # busy: its holder will leave a new idle time
+                trim.note(self, now + after)  # busy: its holder will leave a new idle time
+                return False
             due = self._idle_since + after
             if due > now:
-                return due
+                trim.note(self, due)
+                return False
             self._holder = _Operation("trim")
         try:
             self._machine.trim()
+            return True
         except (OSError, HlasyncError) as exc:  # a closed owner; nothing is lost
             trim.log.debug("sandbox %s: idle trim skipped: %s", self.id, exc)
+            return False
         finally:
             with self._lock:
                 self._holder = None
                 self._trim_noted = False
                 self._release_if_closed_locked()
                 self._notify_locked()
-        return None
 
     def _wait_locked(self, timeout: float) -> None:
         """Wait (lock held) for the holder or the loans to change."""

@@ -9,8 +9,8 @@ process-wide ``hlasync-trim`` thread drops those shared mappings; the pages
 the guest wrote are kept, so nothing the guest sees changes, and its next
 access to a dropped page maps it again (a minor fault, a few µs, once).
 
-The thread sleeps until the earliest sandbox is due, and on its condition
-while none is: idle sandboxes cost no wake-ups once trimmed. It holds only
+The thread sleeps until the earliest sandbox is due and ends when none is
+noted (a later call makes another): trimmed idle sandboxes cost no wake-ups. It holds only
 weak references, so a sandbox dropped unclosed is collected as usual, and a
 trim holds the sandbox like any operation on an idle sandbox (a call that
 comes meanwhile waits for it, a busy sandbox is tried again later).
@@ -27,7 +27,7 @@ import time
 import weakref
 from typing import Protocol
 
-__all__ = ["Trimmable", "note"]
+__all__ = ["Trimmable", "forget", "note", "pending", "settle", "trims"]
 
 log = logging.getLogger("hlasync.sandbox")
 
@@ -37,61 +37,90 @@ class Trimmable(Protocol):
 
     id: str
 
-    def _trim_if_idle(self, now: float) -> float | None:
-        """Trim if idle long enough: None when done (or closed), else when to try again."""
+    def _trim_if_idle(self, now: float) -> bool:
+        """Trim if idle long enough (True), else :func:`note` itself again
+        (under its lock, so that a close in between cannot be missed)."""
         ...
 
 
 class _Trimmer:
+    """The ``hlasync-trim`` thread and the sandboxes it is to look at. The
+    thread runs only while some sandbox is noted (the reaper's pattern in
+    :mod:`.hot`): it ends with the last, and :func:`note` makes another."""
+
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._due: list[tuple[float, int, weakref.ref[Trimmable]]] = []
+        self._due: list[tuple[float, int, weakref.ref[Trimmable]]] = []  # a heap
+        self._noted: set[weakref.ref[Trimmable]] = set()  # what the heap holds that counts
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
+        self._ending: threading.Thread | None = None  # the last thread, once it ends
+        self.trims = 0  # sandboxes trimmed so far
 
     def note(self, sandbox: Trimmable, due: float) -> None:
         """Look at ``sandbox`` at monotonic time ``due`` (once per noting)."""
+        ref = weakref.ref(sandbox)
         with self._cond:
             earliest = self._due[0][0] if self._due else None
-            heapq.heappush(self._due, (due, next(self._order), weakref.ref(sandbox)))
+            heapq.heappush(self._due, (due, next(self._order), ref))
+            self._noted.add(ref)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._main, name="hlasync-trim", daemon=True)
                 self._thread.start()
             elif earliest is None or due < earliest:
                 self._cond.notify()
 
+    def forget(self, sandbox: Trimmable) -> None:
+        """``sandbox`` closed: not to be looked at (the thread ends with the last)."""
+        with self._cond:
+            self._noted.discard(weakref.ref(sandbox))
+            if not self._noted:
+                self._cond.notify()
+
+    def settle(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) for the thread to end, if nothing is noted."""
+        with self._cond:
+            thread = None if self._noted else self._thread or self._ending
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
     def pending(self) -> int:
         """How many sandboxes are waiting to be looked at."""
         with self._cond:
-            return len(self._due)
+            return len(self._noted)
 
     def forked(self) -> None:
         """In a forked child: the thread stayed in the parent."""
         self._cond = threading.Condition(threading.Lock())
         self._due = []
-        self._thread = None
+        self._noted = set()
+        self._thread = self._ending = None
 
     def _main(self) -> None:
         while True:
             with self._cond:
                 while True:
+                    if not self._noted:  # nothing to look at: the thread ends
+                        self._due = []
+                        self._ending, self._thread = self._thread, None
+                        return
                     now = time.monotonic()
                     if self._due and self._due[0][0] <= now:
                         _, _, ref = heapq.heappop(self._due)
+                        if ref not in self._noted:
+                            continue  # closed since
+                        self._noted.discard(ref)
                         break
                     self._cond.wait(self._due[0][0] - now if self._due else None)
             sandbox = ref()
             if sandbox is None:
                 continue
             try:
-                again = sandbox._trim_if_idle(now)
+                if sandbox._trim_if_idle(now):
+                    self.trims += 1
             except Exception:  # pragma: no cover - never lose the thread over one sandbox
                 log.exception("trimming idle sandbox %s failed", sandbox.id)
-                again = None
             del sandbox
-            if again is not None:
-                with self._cond:
-                    heapq.heappush(self._due, (again, next(self._order), ref))
 
 
 _trimmer = _Trimmer()
@@ -101,6 +130,21 @@ os.register_at_fork(after_in_child=_trimmer.forked)
 def note(sandbox: Trimmable, due: float) -> None:
     """Have the ``hlasync-trim`` thread look at ``sandbox`` at monotonic time ``due``."""
     _trimmer.note(sandbox, due)
+
+
+def forget(sandbox: Trimmable) -> None:
+    """``sandbox`` closed: the trimmer no longer looks at it."""
+    _trimmer.forget(sandbox)
+
+
+def settle(timeout: float) -> None:
+    """Wait (at most ``timeout``) for the trim thread to end if nothing is noted."""
+    _trimmer.settle(timeout)
+
+
+def trims() -> int:
+    """How many times an idle sandbox was trimmed in this process."""
+    return _trimmer.trims
 
 
 def pending() -> int:
