@@ -262,6 +262,8 @@ class Sandbox(Requests, Spinning, Booting):
     def _write_memory(self, address: int, data: bytes) -> None:
         """Write guest memory from the host (noted, so a restore undoes it)."""
         with self._lock:
+            # A trim discards the pages it found unwritten: a write meanwhile would be lost.
+            self._wait_for_trim_locked()
             memory = self._machine.memory
             if memory is None:
                 raise SandboxClosed(f"sandbox {self.id} is closed", sandbox_id=self.id)

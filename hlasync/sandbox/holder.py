@@ -147,8 +147,7 @@ class SandboxBase:
         self._idle_since = now
         after = self.config.idle_trim
         if after is not None and not self._trim_noted:
-            self._trim_noted = True
-            trim.note(self, now + after)
+            self._trim_noted = trim.note(self, now + after)
 
     def _trim_if_idle(self, now: float) -> bool:
         """(The hlasync-trim thread) Drop the backing image's pages from guest
@@ -160,11 +159,12 @@ class SandboxBase:
                 self._trim_noted = False
                 return False
             if self._holder is not None or self._loans:
-                trim.note(self, now + after)  # busy: its holder will leave a new idle time
+                # busy: its holder will leave a new idle time
+                self._trim_noted = trim.note(self, now + after)
                 return False
             due = self._idle_since + after
             if due > now:
-                trim.note(self, due)
+                self._trim_noted = trim.note(self, due)
                 return False
             self._holder = _Operation("trim")
         try:
@@ -179,6 +179,19 @@ class SandboxBase:
                 self._trim_noted = False
                 self._release_if_closed_locked()
                 self._notify_locked()
+
+    def _wait_for_trim_locked(self) -> None:
+        """Wait (lock held, bounded) until no idle trim holds the vCPU."""
+        deadline = time.monotonic() + OPERATION_WAIT
+        while isinstance(self._holder, _Operation) and self._holder.name == "trim":
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SandboxBusy(
+                    f"sandbox {self.id} has been busy with an idle trim for more than "
+                    f"{OPERATION_WAIT:g} s",
+                    sandbox_id=self.id,
+                )
+            self._wait_locked(remaining)
 
     def _wait_locked(self, timeout: float) -> None:
         """Wait (lock held) for the holder or the loans to change."""

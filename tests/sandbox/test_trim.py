@@ -10,6 +10,8 @@ import time
 import weakref
 from pathlib import Path
 
+import pytest
+
 from hlasync import CoreDump, Sandbox, SandboxConfig
 from hlasync.kvm import Kvm
 from hlasync.sandbox import trim
@@ -181,3 +183,81 @@ def test_closed_and_dropped_sandboxes_leave_the_trimmer(kvm: Kvm, simpleguest: P
     gc.collect()
     assert gone() is None  # the trimmer keeps no sandbox alive
     assert wait_for(lambda: trim.pending() == 0)
+
+
+def test_a_host_write_during_a_trim_is_kept(kvm: Kvm, simpleguest: Path) -> None:
+    """A host write into guest memory (``_write_memory``: the JavaScript stack
+    capture uses it) waits for a trim that holds the sandbox: before, a write
+    between the trim's look at the pages and its discard was lost."""
+    mib = 1 << 20
+    config = SandboxConfig(idle_trim=0.05, spin=0, memory_size=64 * mib)
+    with Sandbox(simpleguest, config) as sb:
+        size = sb.layout.memory_size
+        low = 16 * mib  # far above the image: the guest never touches it
+        written = 0
+        for attempt in range(3):
+            assert sb.call("add", 1, 2) == 3  # a holder leaves: the trim is noted
+            sb.read_memory(low, size - low)  # every page of [low, size) mapped from the image
+            deadline = time.monotonic() + 5
+            while sb._holder is None and time.monotonic() < deadline:
+                pass  # the trim is short: poll without sleeping
+            assert sb._holder is not None  # the trim began
+            marker = bytes([attempt + 1]) * 8
+            addresses: list[int] = []
+            while sb._holder is not None and low + len(addresses) * 4096 < size:
+                address = low + len(addresses) * 4096
+                sb._write_memory(address, marker)
+                addresses.append(address)
+            written += len(addresses)
+            lost = [a for a in addresses if sb.read_memory(a, 8) != marker]
+            assert lost == [], f"{len(lost)} of {len(addresses)} writes lost"
+        assert written > 0
+
+
+def test_no_thread_for_the_trim_leaves_calls_and_close_working(
+    kvm: Kvm, simpleguest: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where no thread can be started (a thread limit, interpreter exit), a call
+    still returns its result and close() works; the sandbox is not trimmed."""
+    trim.settle(5.0)
+    assert "hlasync-trim" not in [t.name for t in threading.enumerate()]
+    started = threading.Thread.start
+
+    def refuse(thread: threading.Thread) -> None:
+        if thread.name == "hlasync-trim":
+            raise RuntimeError("can't start new thread")
+        started(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    sb = Sandbox(simpleguest, SandboxConfig(idle_trim=TRIM, spin=0))
+    assert sb.call("add", 1, 2) == 3
+    assert "no idle trim" in caplog.text
+    assert sb.call("add", 2, 2) == 4
+    sb.close()
+    monkeypatch.undo()
+    with Sandbox(simpleguest, SandboxConfig(idle_trim=TRIM, spin=0)) as again:
+        assert again.call("add", 1, 1) == 2
+        assert wait_for(lambda: mapping(again)["Shared"] == 0)  # trimming works again
+
+
+def test_a_dropped_sandbox_does_not_keep_the_trim_thread(kvm: Kvm, simpleguest: Path) -> None:
+    dropped = Sandbox(simpleguest, SandboxConfig(idle_trim=3600, spin=0))
+    assert dropped.call("add", 1, 1) == 2
+    del dropped
+    gc.collect()
+    with Sandbox(simpleguest, SandboxConfig(spin=0)) as other:
+        assert other.call("add", 1, 1) == 2
+    # other's close settled the thread: the dropped sandbox's due time (an hour) is not waited for
+    assert trim.pending() == 0
+    assert "hlasync-trim" not in [t.name for t in threading.enumerate()]
+
+
+def test_closed_sandboxes_do_not_pile_up_in_the_trimmer(kvm: Kvm, simpleguest: Path) -> None:
+    config = SandboxConfig(idle_trim=3600, spin=0)
+    with Sandbox(simpleguest, config) as kept:
+        assert kept.call("add", 1, 1) == 2
+        for _ in range(150):
+            with Sandbox(simpleguest, config) as sb:
+                assert sb.call("add", 1, 1) == 2
+        assert trim.pending() == 1
+        assert len(trim._trimmer._due) <= 2 * 1 + 64 + 1
