@@ -30,6 +30,7 @@ from .errors import (
     GuestTimeout,
     HlasyncError,
     InvalidCoreDump,
+    printable,
 )
 from .guest.image import GuestImage
 from .kvm import KICK_SIGNAL
@@ -140,7 +141,7 @@ def _js_run(args: argparse.Namespace) -> int:
         except GuestTimeout as exc:
             print(f"hlasync: GuestTimeout: {exc}", file=sys.stderr)
             print("javascript stack:", file=sys.stderr)
-            print(exc.js_stack or "    (unavailable)", file=sys.stderr, end="")
+            print(printable(exc.js_stack or "    (unavailable)"), file=sys.stderr, end="")
             return 1
     print(json.dumps(result, ensure_ascii=False, indent=2))
     return 0
@@ -161,7 +162,7 @@ def _guest_build(args: argparse.Namespace) -> int:
         raise
     print(f"built {output} ({len(image.functions)} functions)")
     for fn in sorted(image.functions, key=lambda f: f.name):
-        print(f"  {fn}")
+        print(f"  {_one_line(fn)}")
     return 0
 
 
@@ -169,7 +170,7 @@ def _guest_functions(args: argparse.Namespace) -> int:
     path = Path(args.guest) if Path(args.guest).exists() else guests.path(args.guest)
     image = GuestImage.load(path)
     for fn in sorted(image.functions, key=lambda f: f.name):
-        print(fn)
+        print(_one_line(fn))
     return 0
 
 
@@ -198,26 +199,31 @@ def _dump_list(args: argparse.Namespace) -> int:
                 if fnmatch.fnmatchcase(e.name, DUMP_GLOB)
             ]
     except OSError as exc:
-        print(f"hlasync: cannot list {directory}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return _fail(f"cannot list {directory}: {exc.strerror or exc}")
     if not found:
-        print(f"no hlasync core dumps in {directory}")
+        print(f"no hlasync core dumps in {_one_line(directory)}")
         return 0
     for st, path in sorted(found, key=lambda item: item[0].st_mtime_ns):
+        # Each file costs what CoreDump.open reads within its limits: a few KiB
+        # of headers and notes, whatever the file claims.
+        shown = _one_line(path)
         if not stat.S_ISREG(st.st_mode):
-            print(f"{path}  skipped: not a regular file")
+            print(f"{shown}  skipped: not a regular file")
             continue
         allocated = st.st_blocks * 512
         try:
             with CoreDump.open(path) as dump:
                 meta = dump.metadata
-                print(
-                    f"{path}  {allocated // 1024} KiB  {meta.get('timestamp')}  "
-                    f"{meta.get('sandbox_id')}  {meta.get('reason')}  {meta.get('function')}"
-                )
+                fields = [meta.get(k) for k in ("timestamp", "sandbox_id", "reason", "function")]
+                print(f"{shown}  {allocated // 1024} KiB  " + "  ".join(map(_one_line, fields)))
         except InvalidCoreDump as exc:
-            print(f"{path}  {allocated // 1024} KiB  unreadable: {exc}")
+            print(f"{shown}  {allocated // 1024} KiB  unreadable: {_one_line(exc)}")
     return 0
+
+
+def _one_line(value: object) -> str:
+    """Text a file or a guest chose, fit for one line of a terminal."""
+    return printable(str(value), keep_newlines=False)
 
 
 def _dump_all(args: argparse.Namespace) -> int:
@@ -249,9 +255,9 @@ def _dump_all(args: argparse.Namespace) -> int:
         result = read_manifest(args.pid, temp_dir, status.uid)
         if result is not None and result.get("time", 0) >= sent_at:
             for path in result["paths"]:
-                print(path)
+                print(_one_line(path))
             for error in result["errors"]:
-                print(f"hlasync: {error}", file=sys.stderr)
+                print(f"hlasync: {_one_line(error)}", file=sys.stderr)
             return 0 if not result["errors"] else 1
         time.sleep(0.05)
     return _fail(
@@ -285,7 +291,7 @@ def _temp_dir_of(pid: int) -> str | None:
 
 
 def _fail(message: str) -> int:
-    print(f"hlasync: {message}", file=sys.stderr)
+    print(f"hlasync: {printable(message)}", file=sys.stderr)
     return 1
 
 
@@ -384,5 +390,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.close(devnull)
         return 128 + signal.SIGPIPE
     except HlasyncError as exc:
-        print(f"hlasync: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"hlasync: {type(exc).__name__}: {printable(str(exc))}", file=sys.stderr)
         return 1

@@ -36,6 +36,11 @@ Every error hlasync raises derives from :class:`HlasyncError`::
 
 Every :class:`GuestError` carries the sandbox id, the guest function name and,
 when a core dump was written for it, ``core_path``.
+
+Text that came from a guest (a JS message or stack, an abort message) is kept
+unchanged on the error's attributes, but the error's ``str()`` shows it through
+:func:`printable`: a guest cannot move a terminal's cursor, retitle its window
+or hide text in someone's log by throwing an error.
 """
 
 from __future__ import annotations
@@ -76,7 +81,38 @@ __all__ = [
     "SupervisorClosed",
     "SupervisorError",
     "WorkerLost",
+    "printable",
 ]
+
+
+def _printable_table(*, keep_newlines: bool) -> dict[int, str]:
+    controls = [*range(0x20), 0x7F, *range(0x80, 0xA0)]
+    # Invisible characters that reorder or break lines in a terminal or editor.
+    layout = [0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029]
+    table = {c: f"\\x{c:02x}" for c in controls}
+    table.update({c: f"\\u{c:04x}" for c in layout})
+    del table[ord("\t")]
+    if keep_newlines:
+        del table[ord("\n")]
+    return table
+
+
+_PRINTABLE_MULTILINE = _printable_table(keep_newlines=True)
+_PRINTABLE_ONE_LINE = _printable_table(keep_newlines=False)
+
+
+def printable(text: str, *, keep_newlines: bool = True) -> str:
+    """``text`` safe to print on a terminal or write to a log.
+
+    Every control character (C0 but tab and, with ``keep_newlines``, newline;
+    DEL; C1 ``0x80``-``0x9f``) becomes its ``\\xNN`` escape, and the invisible
+    characters that reorder or break lines (bidirectional overrides and
+    isolates, U+2028/U+2029) their ``\\uNNNN`` escape: ``"\\x1b[2J"`` prints
+    as the six characters ``\\x1b[2J`` instead of clearing the screen.
+    Everything else, backslashes included, is left as it is, so the result is
+    for reading, not for decoding back. Linear in ``len(text)``.
+    """
+    return text.translate(_PRINTABLE_MULTILINE if keep_newlines else _PRINTABLE_ONE_LINE)
 
 
 class HlasyncError(Exception):
@@ -90,6 +126,9 @@ class HlasyncError(Exception):
     #: The Ray node the error came from (``hlasync.ray``), None for this machine:
     #: the ``core_path`` of such an error is a path on that node.
     node: str | None = None
+
+    def __str__(self) -> str:
+        return printable(super().__str__())
 
     def __reduce__(self) -> tuple[Any, ...]:
         state = dict(self.__dict__)
@@ -233,7 +272,7 @@ class GuestError(HlasyncError):
         text = f"{self.message} ({where})"
         if self.core_path is not None:
             text += f"; core dump: {self.core_path}"
-        return text
+        return printable(text)
 
 
 class GuestCrashed(GuestError):
@@ -288,7 +327,7 @@ class GuestAborted(GuestError):
         core_path: Path | None = None,
     ) -> None:
         super().__init__(
-            f"guest aborted with code {code}: {guest_message}",
+            f"guest aborted with code {code}: {printable(guest_message, keep_newlines=False)}",
             sandbox_id=sandbox_id,
             function=function,
             core_path=core_path,
@@ -393,7 +432,7 @@ class JSError(GuestError):
         js_message: str,
         stack: str,
     ) -> None:
-        shown = f"{name}: {js_message}" if name else js_message
+        shown = f"{printable(name, keep_newlines=False)}: {js_message}" if name else js_message
         super().__init__(
             f"JavaScript {shown}" + (f"\n{stack.rstrip()}" if stack else ""),
             sandbox_id=sandbox_id,

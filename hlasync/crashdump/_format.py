@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import signal
 import struct
-from collections.abc import Iterator
 
 # ELF identification and header values.
 ELFMAG = b"\x7fELF"
@@ -36,6 +35,20 @@ NT_HLASYNC = 0x484C0001
 NOTE_NAME_CORE = b"CORE"
 NOTE_NAME_LINUX = b"LINUX"
 NOTE_NAME_HLASYNC = b"HLASYNC"
+
+# Bounds on what hlasync reads of a core file (hlasync's own dumps stay far below
+# them; the writer keeps its metadata within MAX_METADATA_BYTES). A file beyond
+# any of them is refused: a hostile file costs what these allow, never what it claims.
+MAX_PROGRAM_HEADERS = 1024  # hlasync writes 1 + one per memory region (~20)
+MAX_NOTE_SEGMENTS = 16  # hlasync writes 1
+MAX_NOTE_SEGMENT_BYTES = 32 << 20
+MAX_NOTES = 256  # in all segments together; hlasync writes 8
+MAX_NOTE_NAME_BYTES = 256  # "CORE", "LINUX", "HLASYNC"
+MAX_NOTE_BYTES = 64 << 10  # each note read besides the metadata (prstatus, prpsinfo, auxv)
+MAX_METADATA_BYTES = 1 << 20  # the hlasync note's JSON: decoding costs up to ~20x its size
+#: Identification reads this many note headers of the first PT_NOTE at most:
+#: hlasync's note is its eighth at most.
+IDENTIFY_NOTES = 16
 
 # Auxiliary vector.
 AT_NULL, AT_PHDR, AT_PHENT, AT_PHNUM, AT_PAGESZ, AT_ENTRY = 0, 3, 4, 5, 6, 9
@@ -123,21 +136,3 @@ def note(name: bytes, kind: int, desc: bytes) -> bytes:
     pad_name = b"\0" * (-len(name_z) % 4)
     pad_desc = b"\0" * (-len(desc) % 4)
     return NHDR.pack(len(name_z), len(desc), kind) + name_z + pad_name + desc + pad_desc
-
-
-def iter_notes(data: bytes) -> Iterator[tuple[bytes, int, bytes]]:
-    """(name, type, description) of each note in a ``PT_NOTE`` segment's bytes.
-
-    Raises ValueError when a note runs past the end of ``data``.
-    """
-    offset = 0
-    while offset + NHDR.size <= len(data):
-        namesz, descsz, kind = NHDR.unpack_from(data, offset)
-        offset += NHDR.size
-        name_end = offset + namesz
-        desc_start = offset + ((namesz + 3) & ~3)
-        desc_end = desc_start + descsz
-        if name_end > len(data) or desc_end > len(data):
-            raise ValueError("note extends past the end of its segment")
-        yield data[offset:name_end].rstrip(b"\0"), kind, data[desc_start:desc_end]
-        offset = (desc_end + 3) & ~3

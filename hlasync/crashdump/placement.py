@@ -9,7 +9,8 @@ written to a hidden temporary file first (mode 0600), flushed to disk and
 linked into place only when complete, so no reader ever sees a partial dump
 and no two dumps share a name. Other programs (Hyperlight) use the same name
 pattern and directory variable: retention only ever deletes files that carry
-the hlasync note.
+the hlasync note where hlasync's writer puts it (:func:`is_hlasync_dump`,
+which reads a few KiB of each file at most).
 
 Every failure raises :class:`CrashdumpError`; a failure after the dump is in
 place (retention, the announcement) is logged and does not fail the dump.
@@ -27,18 +28,21 @@ import secrets
 import stat
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CrashdumpError
+from ..errors import CrashdumpError, InvalidCoreDump
 from . import _format as fmt
+from . import _scan
 
 __all__ = [
     "DUMP_DIR_ENV",
     "DUMP_GLOB",
     "RetentionPolicy",
+    "dump_directories",
     "dump_file_name",
     "is_hlasync_dump",
     "resolve_directory",
@@ -50,9 +54,10 @@ logger = logging.getLogger("hlasync.crashdump")
 DUMP_DIR_ENV = "HYPERLIGHT_CORE_DUMP_DIR"
 DUMP_GLOB = "hl_core_*.elf"
 _sequence = itertools.count(1)
-#: Bounds on what is read to recognise a dump: hlasync dumps stay far below them.
-_MAX_PHNUM = 4096
-_MAX_NOTES = 1 << 20
+#: The directories dumps were written to (an ordered set), for dump_directories().
+_written: dict[Path, None] = {}
+_written_lock = threading.Lock()
+_REMEMBERED = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,34 +148,50 @@ def _remove_if_same(path: Path, expected: os.stat_result) -> bool:
 
 
 def is_hlasync_dump(fd: int) -> bool:
-    """Whether the open file is an ELF core carrying the hlasync note.
+    """Whether the open file is a core dump hlasync wrote.
 
-    Reads the ELF header, the program headers and the ``PT_NOTE`` segments only.
+    Identifies the writer's layout (:mod:`.writer`): an x86-64 ELF core whose
+    first program header is the ``PT_NOTE`` that holds the hlasync note among
+    its first ``IDENTIFY_NOTES`` notes. Reads the ELF header, that program
+    header and the note headers: a few KiB at most, whatever the file claims
+    (a planted file cannot make retention or ``dump list`` slow).
     """
-    header = os.pread(fd, fmt.EHDR.size, 0)
-    if len(header) < fmt.EHDR.size:
-        return False
-    ident, e_type, _, _, _, phoff, _, _, _, phentsize, phnum, _, _, _ = fmt.EHDR.unpack(header)
-    if (
-        ident[:4] != fmt.ELFMAG
-        or ident[4:6] != bytes([fmt.ELFCLASS64, fmt.ELFDATA2LSB])
-        or e_type != fmt.ET_CORE
-        or phentsize != fmt.PHDR.size
-        or phnum > _MAX_PHNUM
-    ):
-        return False
-    table = os.pread(fd, phnum * fmt.PHDR.size, phoff)
-    for index in range(len(table) // fmt.PHDR.size):
-        p_type, _, offset, _, _, filesz, _, _ = fmt.PHDR.unpack_from(table, index * fmt.PHDR.size)
-        if p_type != fmt.PT_NOTE or filesz > _MAX_NOTES:
-            continue
-        try:
-            for name, kind, _ in fmt.iter_notes(os.pread(fd, filesz, offset)):
-                if name == fmt.NOTE_NAME_HLASYNC and kind == fmt.NT_HLASYNC:
-                    return True
-        except ValueError:
-            continue
+    try:
+        phoff, _ = _scan.read_header(fd)
+        (first,) = _scan.read_program_headers(fd, phoff, 1)
+        if first.type != fmt.PT_NOTE:
+            return False
+        for note in _scan.iter_note_headers(fd, first.offset, first.filesz, fmt.IDENTIFY_NOTES):
+            if note.name == fmt.NOTE_NAME_HLASYNC and note.type == fmt.NT_HLASYNC:
+                return True
+    except InvalidCoreDump:
+        pass
     return False
+
+
+def dump_directories() -> list[Path]:
+    """The directories this process's dumps go to by default and went to.
+
+    ``$HYPERLIGHT_CORE_DUMP_DIR`` (else the temp directory), then every
+    directory :func:`write_atomically` put a dump in, latest last (the last
+    ``_REMEMBERED`` of them). A Ray node hands out dumps from these only.
+    """
+    default = os.environ.get(DUMP_DIR_ENV) or None
+    try:
+        first = Path(default) if default is not None else Path(tempfile.gettempdir())
+    except OSError:
+        first = None
+    with _written_lock:
+        written = list(_written)
+    return ([first] if first is not None else []) + written
+
+
+def _remember(directory: Path) -> None:
+    with _written_lock:
+        _written.pop(directory, None)
+        _written[directory] = None
+        while len(_written) > _REMEMBERED:
+            del _written[next(iter(_written))]
 
 
 def resolve_directory(
@@ -265,6 +286,7 @@ def write_atomically(
         pass  # renamed into place
     except OSError as exc:
         logger.warning("could not remove the temporary name %s of %s: %s", temp, final, exc)
+    _remember(directory)
     if retention is not None:
         retention.apply(directory, final)
     _announce(final)

@@ -1,7 +1,13 @@
 """Reading hlasync core dumps back: registers, memory, metadata, backtraces.
 
-ELF structure is parsed by pyelftools; the note payloads use the layouts in
-:mod:`._format`. Anything malformed raises :class:`InvalidCoreDump`.
+The ELF header, program headers and notes are read with :mod:`._scan`,
+within the limits of :mod:`._format` (``MAX_PROGRAM_HEADERS``,
+``MAX_NOTE_SEGMENT_BYTES``, ``MAX_NOTES``, ``MAX_METADATA_BYTES``...): opening
+a file reads its headers and the few notes it uses, never a whole segment,
+so what a file claims (a sparse file's gigabyte note) costs nothing. Guest
+memory is read only when asked for. Anything malformed or beyond a limit
+raises :class:`InvalidCoreDump`; :meth:`CoreDump.read` raises ValueError
+(which InvalidCoreDump also is) for memory the dump does not hold.
 """
 
 from __future__ import annotations
@@ -14,11 +20,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
-from elftools.elf.elffile import ELFFile
-
-from ..errors import GuestImageError, InvalidCoreDump
-from ..guest.image import GuestImage
+from ..errors import GuestImageError, InvalidCoreDump, printable
+from ..guest.image import GuestImage, open_regular_file
 from . import _format as fmt
+from . import _scan
 from .unwind import CallFrameTable, unwind
 
 __all__ = ["CoreDump", "DumpRegion", "Frame"]
@@ -68,37 +73,12 @@ class CoreDump:
         self._file = file
         self._size = os.fstat(file.fileno()).st_size
         try:
-            elf = ELFFile(file)
-            if elf.header["e_type"] != "ET_CORE" or elf.header["e_machine"] != "EM_X86_64":
-                raise InvalidCoreDump(f"{path}: not an x86-64 ELF core file")
-            regions: list[DumpRegion] = []
-            notes: dict[int, bytes] = {}
-            metadata: dict[str, Any] | None = None
-            for segment in elf.iter_segments():
-                kind = segment["p_type"]
-                offset, filesz = segment["p_offset"], segment["p_filesz"]
-                if offset + filesz > self._size:
-                    raise InvalidCoreDump(
-                        f"{path}: truncated ({kind} needs bytes up to {offset + filesz}, the file "
-                        f"has {self._size})"
-                    )
-                if kind == "PT_LOAD":
-                    regions.append(
-                        DumpRegion(segment["p_vaddr"], filesz, segment["p_flags"] & 7, offset)
-                    )
-                elif kind == "PT_NOTE":
-                    for name, note_type, desc in fmt.iter_notes(self._read_at(offset, filesz)):
-                        if name == fmt.NOTE_NAME_HLASYNC and note_type == fmt.NT_HLASYNC:
-                            metadata = json.loads(desc)
-                        elif name in (fmt.NOTE_NAME_CORE, fmt.NOTE_NAME_LINUX):
-                            notes[note_type] = desc
-        except InvalidCoreDump:
-            raise
-        except Exception as exc:  # noqa: BLE001 - untrusted input: pyelftools may raise anything
-            raise InvalidCoreDump(f"{path}: malformed core file ({exc})") from None
+            regions, notes, metadata, has_metadata = self._scan(file.fileno())
+        except InvalidCoreDump as exc:
+            raise InvalidCoreDump(f"{path}: {exc}") from None
         if fmt.NT_PRSTATUS not in notes:
             raise InvalidCoreDump(f"{path}: no NT_PRSTATUS note (not a process core dump)")
-        if metadata is None:
+        if not has_metadata:
             raise InvalidCoreDump(f"{path}: no hlasync metadata note (not written by hlasync)")
         problem = _check_metadata(metadata)
         if problem is not None:
@@ -124,14 +104,71 @@ class CoreDump:
             self.program_path = psargs.split(b"\0", 1)[0].decode(errors="replace") or None
         self._tables: dict[str, CallFrameTable] = {}
 
+    def _scan(self, fd: int) -> tuple[list[DumpRegion], dict[int, bytes], Any, bool]:
+        """The regions, the notes this reader uses, the decoded metadata and
+        whether there was any, read within the limits of :mod:`._format`
+        (InvalidCoreDump beyond them)."""
+        phoff, phnum = _scan.read_header(fd)
+        regions: list[DumpRegion] = []
+        notes: dict[int, bytes] = {}
+        metadata: Any = None
+        has_metadata = False
+        note_segments, notes_left = 0, fmt.MAX_NOTES
+        for header in _scan.read_program_headers(fd, phoff, phnum):
+            if header.offset + header.filesz > self._size:
+                kind = {fmt.PT_LOAD: "PT_LOAD", fmt.PT_NOTE: "PT_NOTE"}.get(header.type, "segment")
+                raise InvalidCoreDump(
+                    f"truncated ({kind} needs bytes up to {header.offset + header.filesz}, the "
+                    f"file has {self._size})"
+                )
+            if header.type == fmt.PT_LOAD:
+                regions.append(
+                    DumpRegion(header.vaddr, header.filesz, header.flags & 7, header.offset)
+                )
+                continue
+            if header.type != fmt.PT_NOTE:
+                continue
+            note_segments += 1
+            if note_segments > fmt.MAX_NOTE_SEGMENTS:
+                raise InvalidCoreDump(
+                    f"more than {fmt.MAX_NOTE_SEGMENTS} PT_NOTE segments (the limit)"
+                )
+            if header.filesz > fmt.MAX_NOTE_SEGMENT_BYTES:
+                raise InvalidCoreDump(
+                    f"a PT_NOTE of {header.filesz} bytes (the limit is "
+                    f"{fmt.MAX_NOTE_SEGMENT_BYTES})"
+                )
+            # The first note of each kind counts (a process core has one NT_PRSTATUS
+            # per thread, the first is the one that stopped): each is read once.
+            for note in _scan.iter_note_headers(fd, header.offset, header.filesz, notes_left):
+                notes_left -= 1
+                if note.name == fmt.NOTE_NAME_HLASYNC and note.type == fmt.NT_HLASYNC:
+                    if not has_metadata:
+                        metadata, has_metadata = _read_metadata(fd, note), True
+                elif (
+                    note.name in (fmt.NOTE_NAME_CORE, fmt.NOTE_NAME_LINUX)
+                    and note.type in (fmt.NT_PRSTATUS, fmt.NT_PRPSINFO, fmt.NT_AUXV)
+                    and note.type not in notes
+                ):
+                    if note.size > fmt.MAX_NOTE_BYTES:
+                        raise InvalidCoreDump(
+                            f"a note of type {note.type} of {note.size} bytes (the limit is "
+                            f"{fmt.MAX_NOTE_BYTES})"
+                        )
+                    notes[note.type] = _scan.read_exact(fd, note.size, note.offset)
+        return regions, notes, metadata, has_metadata
+
     # ---------------------------------------------------------------- open
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> CoreDump:
+        """Open the dump at ``path``: a regular file (a FIFO or device is
+        refused without blocking). InvalidCoreDump if it is not a readable dump."""
         path = Path(path)
         try:
-            file = open(path, "rb")  # noqa: SIM115 - owned by the CoreDump, closed by close()
-        except OSError as exc:
-            raise InvalidCoreDump(f"{path}: cannot open: {exc.strerror}") from None
+            file = open_regular_file(path)
+        except (OSError, ValueError) as exc:  # ValueError: NUL in the name
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise InvalidCoreDump(f"{path}: cannot open: {reason}") from None
         try:
             return cls(path, file)
         except BaseException:
@@ -151,10 +188,10 @@ class CoreDump:
 
     # --------------------------------------------------------------- memory
     def _read_at(self, offset: int, size: int) -> bytes:
-        data = os.pread(self._file.fileno(), size, offset)
-        if len(data) != size:
-            raise InvalidCoreDump(f"{self.path}: truncated at offset {offset + len(data)}")
-        return data
+        try:
+            return _scan.read_exact(self._file.fileno(), size, offset)
+        except InvalidCoreDump as exc:
+            raise InvalidCoreDump(f"{self.path}: {exc}") from None
 
     def read(self, address: int, size: int) -> bytes:
         """``size`` bytes of guest memory at ``address`` (ValueError if not all in the dump)."""
@@ -279,33 +316,44 @@ class CoreDump:
         }
 
     def report(self, guest: str | os.PathLike[str] | None = None) -> str:
-        """A human-readable account of the dump."""
+        """A human-readable account of the dump.
+
+        Safe to print: every text the guest or the file chose (metadata,
+        symbol names, paths) is shown through :func:`~hlasync.errors.printable`,
+        one line each, so no escape sequence reaches the terminal.
+        """
         meta = self.metadata
         image, problem = self._guest(guest)
-        lines = [f"hlasync core dump {self.path}"]
+        lines = [f"hlasync core dump {_one_line(self.path)}"]
         lines.append(
-            f"  reason:   {meta.get('reason')} ({fmt.signal_name(self.signal)})"
-            f"    sandbox: {meta.get('sandbox_id')}    function: {meta.get('function')}"
+            f"  reason:   {_one_line(meta.get('reason'))} ({fmt.signal_name(self.signal)})"
+            f"    sandbox: {_one_line(meta.get('sandbox_id'))}"
+            f"    function: {_one_line(meta.get('function'))}"
         )
-        lines.append(f"  time:     {meta.get('timestamp')}    pid: {meta.get('pid')}")
+        lines.append(f"  time:     {_one_line(meta.get('timestamp'))}    pid: {meta.get('pid')}")
         lines.append(
-            f"  guest:    {image.path if image is not None else self.guest_path}"
-            f"    build-id: {self.build_id or 'not recorded'}"
+            f"  guest:    {_one_line(image.path if image is not None else self.guest_path)}"
+            f"    build-id: {_one_line(self.build_id or 'not recorded')}"
         )
         if problem is not None:
-            lines.append(f"  symbols:  none: {problem}; pass --guest PATH to name the guest ELF")
+            lines.append(
+                f"  symbols:  none: {_one_line(problem)}; pass --guest PATH to name the guest ELF"
+            )
         if meta.get("vector") is not None:
             extra = ""
             if meta.get("error_code") is not None:
                 extra += f", error code {meta['error_code']:#x}"
             if meta.get("cr2") is not None:
                 extra += f", cr2 {meta['cr2']:#x}"
-            lines.append(f"  exception: {meta.get('vector_name')} (vector {meta['vector']}){extra}")
+            lines.append(
+                f"  exception: {_one_line(meta.get('vector_name'))} (vector {meta['vector']})"
+                f"{extra}"
+            )
         if meta.get("message"):
-            lines.append(f"  message:  {meta['message']}")
+            lines.append(f"  message:  {_one_line(meta['message'])}")
         lines += _javascript_stack(meta)
         lines.append("backtrace:")
-        lines += [f"  {frame}" for frame in self._backtrace(image)]
+        lines += [f"  {_one_line(frame)}" for frame in self._backtrace(image)]
         lines.append("registers:")
         names = [
             "rip",
@@ -338,12 +386,28 @@ class CoreDump:
         for region in self.regions:
             lines.append(
                 f"  {region.start:#010x}-{region.end:#010x} {region.permissions} "
-                f"{named.get(region.start, '')}"
+                f"{_one_line(named.get(region.start, ''))}"
             )
         return "\n".join(lines)
 
     def __repr__(self) -> str:
         return f"CoreDump({str(self.path)!r}, reason={self.metadata.get('reason')!r})"
+
+
+def _read_metadata(fd: int, note: _scan.NoteHeader) -> Any:
+    """The decoded JSON of the hlasync note (InvalidCoreDump if it is not JSON)."""
+    if note.size > fmt.MAX_METADATA_BYTES:
+        raise InvalidCoreDump(
+            f"an hlasync metadata note of {note.size} bytes (the limit is {fmt.MAX_METADATA_BYTES})"
+        )
+    # JSON holds no zero bytes, so no part of it can lie in a hole: a note that
+    # claims a sparse file's zeros is refused before they are read.
+    if _scan.has_hole(fd, note.offset, note.size):
+        raise InvalidCoreDump("the hlasync metadata note lies in a hole (zeros, not JSON)")
+    try:
+        return json.loads(_scan.read_exact(fd, note.size, note.offset))
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise InvalidCoreDump(f"the hlasync metadata note is not JSON ({exc})") from None
 
 
 def _javascript_stack(meta: dict[str, Any]) -> list[str]:
@@ -352,9 +416,15 @@ def _javascript_stack(meta: dict[str, Any]) -> list[str]:
         return []
     stack = meta.get("js_stack")
     if isinstance(stack, str) and stack.strip():
-        return ["javascript stack:"] + [f"  {line.strip()}" for line in stack.splitlines() if line]
+        lines = [f"  {_one_line(line.strip())}" for line in stack.splitlines() if line]
+        return ["javascript stack:", *lines]
     reason = meta.get("js_stack_unavailable") or "the engine reported none"
-    return [f"javascript stack: unavailable ({reason})"]
+    return [f"javascript stack: unavailable ({_one_line(reason)})"]
+
+
+def _one_line(value: object) -> str:
+    """``value`` as text fit for one line of a terminal (control characters escaped)."""
+    return printable(str(value), keep_newlines=False)
 
 
 _OPTIONAL_INT = (int, type(None))

@@ -14,6 +14,8 @@ from elftools.common.exceptions import DWARFError, ELFError
 from elftools.dwarf.callframe import FDE
 from elftools.elf.elffile import ELFFile
 
+from ..guest.image import open_regular_file
+
 __all__ = ["CallFrameTable", "unwind"]
 
 RBP, RSP, RA = 6, 7, 16  # DWARF register numbers on x86-64
@@ -27,7 +29,7 @@ class CallFrameTable:
         self._ranges: list[tuple[int, int, Any]] = []
         self._decoded: dict[int, list[dict[Any, Any]]] = {}
         try:
-            with open(path, "rb") as f:
+            with open_regular_file(path) as f:  # a FIFO swapped in since cannot block
                 dwarf = ELFFile(f).get_dwarf_info()
                 if dwarf.has_EH_CFI():
                     entries = dwarf.EH_CFI_entries()

@@ -12,7 +12,7 @@ import json
 import os
 import signal
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from ..guest.memory import GuestMemory
 from ..kvm import kvm_fpu, kvm_regs, kvm_sregs
 from . import _format as fmt
 
-__all__ = ["CrashContext", "pwrite_all", "write_core"]
+__all__ = ["CrashContext", "build_metadata", "pwrite_all", "write_core"]
 
 PAGE = 0x1000
 _ZERO_PAGE = bytes(PAGE)
@@ -146,9 +146,7 @@ def build_notes(
     nt_file = struct.pack("<QQ", len(files), PAGE)
     nt_file += b"".join(struct.pack("<QQQ", *entry) for entry in files)
     nt_file += (path.encode() + b"\0") * len(files)
-    metadata = json.dumps(
-        {**context.metadata, "build_id": image.build_id}, sort_keys=True, default=str
-    ).encode()
+    metadata = build_metadata({**context.metadata, "build_id": image.build_id})
     parts = [
         fmt.note(fmt.NOTE_NAME_CORE, fmt.NT_PRSTATUS, prstatus),
         fmt.note(fmt.NOTE_NAME_CORE, fmt.NT_PRPSINFO, prpsinfo),
@@ -163,6 +161,44 @@ def build_notes(
         parts.append(fmt.note(fmt.NOTE_NAME_LINUX, fmt.NT_X86_XSTATE, xstate))
     parts.append(fmt.note(fmt.NOTE_NAME_HLASYNC, fmt.NT_HLASYNC, metadata))
     return b"".join(parts)
+
+
+#: The longest string the metadata keeps whole when it would not fit the reader's limit.
+_LONGEST_STRING = 256 << 10
+
+
+def build_metadata(metadata: Mapping[str, Any]) -> bytes:
+    """The hlasync note's JSON, within the reader's ``MAX_METADATA_BYTES``.
+
+    A guest's text (an abort message, a JS stack) can be as long as its output
+    buffer. When the note would not fit, every string longer than a limit
+    (256 Ki characters, halved until the note fits) keeps its start and ends
+    with ``"... [N characters cut]"``; the error the caller gets keeps it whole.
+    """
+    payload = _json(metadata)
+    limit = _LONGEST_STRING
+    while len(payload) > fmt.MAX_METADATA_BYTES:
+        if limit < 64:
+            raise ValueError(f"the dump's metadata does not fit in {fmt.MAX_METADATA_BYTES} bytes")
+        payload = _json(_cut_strings(metadata, limit))
+        limit //= 2
+    return payload
+
+
+def _json(value: object) -> bytes:
+    return json.dumps(value, sort_keys=True, default=str).encode()
+
+
+def _cut_strings(value: Any, limit: int) -> Any:
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return value
+        return f"{value[:limit]}... [{len(value) - limit} characters cut]"
+    if isinstance(value, Mapping):
+        return {key: _cut_strings(item, limit) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_cut_strings(item, limit) for item in value]
+    return value
 
 
 def _segment_flags(region: Region) -> int:

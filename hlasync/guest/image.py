@@ -9,14 +9,17 @@ the GNU build-id that identifies this build.
 from __future__ import annotations
 
 import bisect
+import errno
 import hashlib
 import io
 import itertools
 import os
+import stat
 import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
@@ -26,7 +29,7 @@ from .. import abi
 from ..abi import FunctionSignature, ValueType
 from ..errors import GuestImageError
 
-__all__ = ["GuestImage", "Segment", "Symbol"]
+__all__ = ["GuestImage", "Segment", "Symbol", "open_regular_file"]
 
 PAGE = 0x1000
 MAX_IMAGE_FILE = 64 << 20
@@ -56,6 +59,61 @@ class Symbol:
     name: str
     address: int
     size: int
+
+
+_FILE_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def open_regular_file(path: str | os.PathLike[str], *, follow_symlinks: bool = True) -> BinaryIO:
+    """``path`` opened for reading, if it is a regular file.
+
+    For paths that others chose (the guest a core dump names, a dump in a
+    shared directory): opened with ``O_NONBLOCK``, so a FIFO or a device
+    cannot block the ``open()``, then refused unless ``fstat`` says regular
+    file (OSError ``EINVAL``, "not a regular file (a FIFO)"). The flag stays
+    set; reads of a regular file ignore it. ``follow_symlinks=False`` refuses
+    a symlink in the last component (``O_NOFOLLOW``, OSError ``ELOOP``).
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = _FILE_KINDS.get(stat.S_IFMT(mode), "a special file")
+            raise OSError(errno.EINVAL, f"not a regular file ({kind})", os.fspath(path))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_at_most(file: BinaryIO, limit: int, size: int) -> bytes:
+    """What ``file`` holds, up to ``limit`` + 1 bytes (``size``: what fstat
+    says it holds), or only its first four bytes when they are not an ELF
+    header. Memory follows what is read, not what ``limit`` allows: a file
+    that says 0 bytes (``/proc`` files) is read a MiB at a time."""
+    head = os.pread(file.fileno(), 4, 0)
+    if head != b"\x7fELF":
+        return head
+    parts = []
+    total = 0
+    want = min(size, limit) + 1
+    while total <= limit:
+        part = file.read(min(want, limit + 1 - total))
+        if not part:
+            break
+        parts.append(part)
+        total += len(part)
+        want = 1 << 20
+    return b"".join(parts)
 
 
 class GuestImage:
@@ -104,7 +162,7 @@ class GuestImage:
         """Read and validate the guest at ``path`` (GuestImageError if unusable)."""
         path = Path(path)
         try:
-            with open(path, "rb") as f:
+            with open_regular_file(path) as f:
                 st = os.fstat(f.fileno())
                 key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
                 with cls._cache_lock:
@@ -115,9 +173,12 @@ class GuestImage:
                     raise GuestImageError(
                         f"file is {st.st_size} bytes, larger than {MAX_IMAGE_FILE}", path=path
                     )
-                data = f.read(MAX_IMAGE_FILE + 1)
-        except OSError as exc:
-            raise GuestImageError(f"cannot read guest binary: {exc.strerror}", path=path) from None
+                data = _read_at_most(f, MAX_IMAGE_FILE, st.st_size)
+        except (OSError, ValueError) as exc:  # ValueError: NUL in the name
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise GuestImageError(f"cannot read guest binary: {reason}", path=path) from None
+        if len(data) > MAX_IMAGE_FILE:
+            raise GuestImageError(f"file is larger than {MAX_IMAGE_FILE} bytes", path=path)
         if not data.startswith(b"\x7fELF"):
             raise GuestImageError("not an ELF file", path=path)
         image = cls(path, data)

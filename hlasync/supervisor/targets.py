@@ -5,10 +5,11 @@ module imports neither the front nor the calls)."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
 
@@ -17,7 +18,21 @@ from ..guest.image import GuestImage
 from ..sandbox import Sandbox, SandboxState
 from .settings import DEFAULT
 
-__all__ = ["JSPool", "Owner", "PendingCall", "Pool", "QueuedCall", "SupervisedSandbox", "Target"]
+if TYPE_CHECKING:
+    from .front import InThread
+
+__all__ = [
+    "JSPool",
+    "Owner",
+    "PendingCall",
+    "Pool",
+    "QueuedCall",
+    "SupervisedSandbox",
+    "Target",
+    "decode_js_reply",
+]
+
+_T = TypeVar("_T")
 
 
 class Owner(Protocol):
@@ -56,6 +71,11 @@ class Owner(Protocol):
 
     def _sandbox_ids(self, target: Target) -> list[str]:
         """The ids of ``target``'s sandboxes (in worker processes too)."""
+
+    async def _in_thread(
+        self, function: Callable[[], _T], *, discard: Callable[[_T], object] | None = ...
+    ) -> _T:
+        """Run blocking ``function`` on an operation thread of its own and await it."""
 
 
 class QueuedCall(Protocol):
@@ -196,14 +216,39 @@ class JSPool(Pool):
         :class:`~hlasync.GuestTimeout` carries the handler's JavaScript stack
         (``js_stack``), and so do its dump and the ``CallTimedOut`` event.
         """
-        from ..js import protocol, runtime
+        from ..js import runtime
 
         arguments = runtime.call_arguments(self.name, name, event)
         reply = await self.call("js_call", *arguments, timeout=timeout, cpu_timeout=cpu_timeout)
-        return protocol.decode_reply(reply, sandbox_id=self.name, handler=name)
+        return await decode_js_reply(
+            self._supervisor._in_thread, reply, sandbox_id=self.name, handler=name
+        )
 
     def __repr__(self) -> str:
         return f"<JSPool {self.name} of {self.size} x {len(self.handlers)} handlers>"
+
+
+async def decode_js_reply(
+    in_thread: InThread, reply: object, *, sandbox_id: str, handler: str
+) -> Any:
+    """The result of a JS handler's ``reply`` (:func:`hlasync.js.protocol.decode_reply`),
+    read without holding up the event loop.
+
+    A reply up to :data:`~hlasync.js.protocol.INLINE_REPLY` bytes is read here
+    (at most a few milliseconds); a larger one, up to the 2 MiB of the output
+    buffer and written by a guest that may want to stall the supervisor, is
+    read on an operation thread (``in_thread``) in a way that lets the loop run
+    meanwhile. The awaiting task may be cancelled: the thread finishes
+    reading, nobody receives the result.
+    """
+    from ..js import protocol
+
+    if not isinstance(reply, bytes) or len(reply) <= protocol.INLINE_REPLY:
+        return protocol.decode_reply(reply, sandbox_id=sandbox_id, handler=handler)
+    decode = functools.partial(
+        protocol.decode_reply, reply, sandbox_id=sandbox_id, handler=handler, share_gil=True
+    )
+    return await in_thread(decode)
 
 
 class SupervisedSandbox(Target):
