@@ -9,13 +9,16 @@ cannot hide a builder bug.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from hlasync.crashdump import _format as fmt
+from hlasync.crashdump import _scan
 
 PAGE = 0x1000
 #: The planted file of issue 18: placement.py's old limits, exactly.
@@ -136,3 +139,26 @@ def minimal(out: Path, metadata: dict[str, Any] | None = None) -> Path:
     )  # fmt: skip
     out.write_bytes(ehdr + fmt.PHDR.pack(fmt.PT_NOTE, 0, offset, 0, 0, len(notes), 0, 4) + notes)
     return out
+
+
+class CountingOs:
+    """``os`` for :mod:`hlasync.crashdump._scan`, counting the bytes ``pread`` returns."""
+
+    def __init__(self) -> None:
+        self.read = 0
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        data = os.pread(fd, size, offset)
+        self.read += len(data)
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+
+@contextlib.contextmanager
+def counting_reads() -> Iterator[CountingOs]:
+    """Count the bytes the bounded reader (:mod:`hlasync.crashdump._scan`) reads."""
+    counter = CountingOs()
+    with mock.patch.object(_scan, "os", counter):
+        yield counter

@@ -13,10 +13,8 @@ import contextlib
 import json
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -31,7 +29,6 @@ from hlasync import (
     SandboxConfig,
 )
 from hlasync.crashdump import _format as fmt
-from hlasync.crashdump import _scan
 from hlasync.crashdump.placement import is_hlasync_dump
 from hlasync.kvm import Kvm
 from tests.conftest import fuzz_examples
@@ -66,28 +63,6 @@ def real_core(tmp_path_factory: pytest.TempPathFactory, kvm: Kvm, simpleguest: P
         sb.call("divide_by_zero")
     assert info.value.core_path is not None
     return info.value.core_path
-
-
-class _CountingOs:
-    """``os`` for :mod:`hlasync.crashdump._scan`, counting the bytes ``pread`` returns."""
-
-    def __init__(self) -> None:
-        self.read = 0
-
-    def pread(self, fd: int, size: int, offset: int) -> bytes:
-        data = os.pread(fd, size, offset)
-        self.read += len(data)
-        return data
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(os, name)
-
-
-@contextlib.contextmanager
-def _counting() -> Iterator[_CountingOs]:
-    counter = _CountingOs()
-    with mock.patch.object(_scan, "os", counter):
-        yield counter
 
 
 # ---------------------------------------------------------------- inputs
@@ -182,13 +157,13 @@ def _check(measured: Measured, held: int, label: str) -> None:
 
 
 def _opened_reads(path: Path) -> int:
-    with _counting() as counter, contextlib.suppress(InvalidCoreDump):
+    with hostile.counting_reads() as counter, contextlib.suppress(InvalidCoreDump):
         CoreDump.open(path).close()
     return counter.read
 
 
 def _identify(path: Path) -> tuple[bool, int]:
-    with _counting() as counter:
+    with hostile.counting_reads() as counter:
         fd = os.open(path, os.O_RDONLY)
         try:
             found = is_hlasync_dump(fd)

@@ -13,42 +13,19 @@ Python allocations (tracemalloc) and, for the core parsers, the bytes
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from unittest import mock
 
 from hlasync import CoreDump
 from hlasync.crashdump import _format as fmt
-from hlasync.crashdump import _scan
 from hlasync.crashdump.placement import is_hlasync_dump
 from hlasync.ray.actor import read_node_dump
 from tests.crashdump import hostile
 from tests.fuzz.budget import measure
-
-
-class _CountingOs:
-    def __init__(self) -> None:
-        self.read = 0
-
-    def pread(self, fd: int, size: int, offset: int) -> bytes:
-        data = os.pread(fd, size, offset)
-        self.read += len(data)
-        return data
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(os, name)
-
-
-@contextlib.contextmanager
-def _counting() -> Iterator[_CountingOs]:
-    counter = _CountingOs()
-    with mock.patch.object(_scan, "os", counter):
-        yield counter
 
 
 def _size(count: float) -> str:
@@ -74,7 +51,7 @@ def _outcome(value: object) -> str:
 
 def _row(parser: str, what: str, work: Callable[[], object]) -> str:
     gc.collect()  # the last row's garbage is not this row's time
-    with _counting() as counter:
+    with hostile.counting_reads() as counter:
         measured = measure(work)
     read = f"{_size(counter.read // 2)}" if counter.read else "-"  # measure() runs it twice
     return (
