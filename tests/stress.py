@@ -310,7 +310,8 @@ def show(report: Report) -> int:
     """Print a run's outcomes and findings; the exit status (1: findings)."""
     for name, count in sorted(report.outcomes.items()):
         print(f"  {name:<45} {count}")
-    print(f"operations: {sum(report.operations.values())}, idle trims: {report.trims}")
+    trims = f", idle trims: {report.trims}" if report.trims else ""  # this process's
+    print(f"operations: {sum(report.operations.values())}{trims}")
     for finding in report.findings:
         print(f"FINDING: {finding}")
     print("result: " + ("OK" if not report.findings else f"{len(report.findings)} findings"))
