@@ -105,8 +105,8 @@ class SandboxConfig:
     pages, but RSS counts them once per sandbox that maps them (about 70 KiB
     each after a call of the bundled guest, 1.4 MiB for a JavaScript
     sandbox); the pages the guest wrote are kept. The next call maps what
-    it reads again, once: a fault per page (on a PVM host ~40 µs more for a
-    call of the bundled guest, ~9 ms for a JavaScript handler call).
+    it reads again, once: a fault per page (on a PVM host 40-130 µs more
+    for a call of the bundled guest, 1-9 ms for a JavaScript handler call).
     ``None`` never trims. docs/architecture.md §13 ("Idle trim").
 
     ``crashdump_enabled`` (a bool, default True) writes a core dump on faults,
