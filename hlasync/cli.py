@@ -118,20 +118,44 @@ DEMO_SPIN = (
 
 
 def _js_run(args: argparse.Namespace) -> int:
-    from .js import JSSandbox
+    from .js import JSSandbox, files, protocol
 
+    script = Path(args.script)
     try:
-        source = Path(args.script).read_text(encoding="utf-8")
+        source = files.read_handler(script)
+        # The ES modules next to the handler, for its imports ("./math" finds
+        # math.js) and require() calls; a handler that has none needs none.
+        modules = (
+            files.read_modules(script.parent, exclude=script.name)
+            if files.imports_modules(source)
+            else {}
+        )
     except OSError as exc:
-        print(f"hlasync: cannot read {args.script}: {exc.strerror}", file=sys.stderr)
+        print(
+            f"hlasync: cannot read {exc.filename or args.script}: {exc.strerror}", file=sys.stderr
+        )
         return 1
+    except ValueError as exc:  # not UTF-8, or past a bound of read_modules
+        print(f"hlasync: {exc}", file=sys.stderr)
+        return 2
     try:
         event = json.loads(args.event)
     except json.JSONDecodeError as exc:
         print(f"hlasync: --event is not JSON: {exc}", file=sys.stderr)
         return 2
-    name = args.name or Path(args.script).stem
+    name = args.name or script.stem
+    try:
+        protocol.check_name("handler", name)
+    except ValueError as exc:
+        print(f"hlasync: {exc}: choose another with --name", file=sys.stderr)
+        return 2
+    for option, limit in (("--timeout", args.timeout), ("--cpu-timeout", args.cpu_timeout)):
+        if limit is not None and not limit > 0:  # what call_handler() refuses
+            print(f"hlasync: {option} must be a positive number of seconds", file=sys.stderr)
+            return 2
     with JSSandbox(heap_size=args.heap_size << 20) as js:
+        for module, module_source in modules.items():
+            js.add_module(module, module_source)
         js.add_handler(name, source)
         js.load()
         try:
@@ -340,7 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     js = commands.add_parser("js", help="run JavaScript handlers in the bundled JS runtime")
     js_commands = js.add_subparsers(dest="js_command", required=True)
     run = js_commands.add_parser("run", help="run one handler with one event and print its result")
-    run.add_argument("script", help="a script defining function handler(event), or an ES module")
+    run.add_argument(
+        "script",
+        help="a script defining function handler(event), or an ES module (which may import "
+        "the .js/.mjs files under its directory)",
+    )
     run.add_argument("--event", default="null", help="the event, as JSON (default: null)")
     run.add_argument("--name", help="the handler's name in stacks (default: the file's stem)")
     run.add_argument("--timeout", type=float, help="wall-clock limit in seconds")

@@ -143,8 +143,9 @@ GUEST_OUTPUT_LIMIT = 64 * 1024
 class GuestOutput(Event):
     """One print of a guest. ``truncated`` counts the bytes (UTF-8) of the
     print that were cut after ``text``; 0 when ``text`` is all of it.
-    ``level`` is ``"print"`` for ``hl_print`` and the console method for
-    JavaScript (``"log"``, ``"info"``, ``"warn"``, ``"error"``, ``"debug"``)."""
+    ``level`` is ``"print"`` for ``hl_print`` and JavaScript's ``print()``
+    (text with no newline implied), and the console method for JavaScript's
+    console (``"log"``, ``"info"``, ``"warn"``, ``"error"``, ``"debug"``)."""
 
     text: str
     truncated: int = 0

@@ -24,6 +24,8 @@ RUNS: dict[str, tuple[list[str], str]] = {
     "hang_capture_service.py": (["--self-test"], 'GET /add?a=1&b=2 -> 200 {"result": 3}'),
     "js_handlers.py": ([], "cart -> {'total': 3, 'calls': 1} (calls is 1 again)"),
     "js_hang_capture.py": ([], "JavaScript stack at the deadline:"),
+    "js_stateful.py": ([], "add 1 -> {'total': 16} (15 + 1: the snapshot's state)"),
+    "js_from_hyperlight.py": ([], "{'cpu_timeout': 0.2, 'timeout': 5.0} -> GuestTimeout (cpu)"),
     "hot_sandbox.py": ([], "after restore(): increment -> 1"),
     "ray_cluster.py": ([], "fetched core: hl_core_"),
     "worker_processes.py": (
@@ -120,6 +122,27 @@ def test_js_hang_capture(kvm: Kvm, tmp_path: Path) -> None:
     assert "at steps (collatz.js:" in output  # the JS stack, in the error and in dump show
     assert "JS_CallInternal" in output  # the engine's C frames in the dump's backtrace
     assert "collatz(7) -> {'n': 7, 'steps': 16}" in output  # the pool went on
+
+
+def test_js_from_hyperlight(kvm: Kvm, tmp_path: Path) -> None:
+    arguments, line = RUNS["js_from_hyperlight.py"]
+    output = run_example("js_from_hyperlight.py", arguments, tmp_path)
+    assert line in output
+    assert "fibonacci -> {'n': 50, 'fib': 12586269025}" in output
+    assert "must be list[float], got str" in output  # the argument check, caught in JavaScript
+    assert "interrupt -> GuestCancelled" in output
+    assert "{'timeout': 0.3} -> GuestTimeout (wall) at handler (spin.js:2:3)" in output
+
+
+def test_js_stateful(kvm: Kvm, tmp_path: Path) -> None:
+    arguments, line = RUNS["js_stateful.py"]
+    output = run_example("js_stateful.py", arguments, tmp_path)
+    assert line in output
+    assert "add 10 -> {'total': 15}" in output  # the state kept
+    assert "GuestTimeout (wall limit 0.2 s); poisoned: True" in output
+    assert "the next call is refused: SandboxPoisoned" in output
+    assert "after restore(): add 1 -> {'total': 1}" in output
+    assert "without keep_state: add 5 three times -> [5, 5, 5]" in output
 
 
 def test_worker_processes(kvm: Kvm, tmp_path: Path) -> None:

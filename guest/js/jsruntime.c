@@ -16,11 +16,16 @@
  * up; the interpreter's interrupt handler (polled every few thousand
  * operations) writes the stack there. Host functions, console output and the
  * clock are host calls to `__js_host`, `__js_console` and the libc's clock.
+ * Imports resolve against the modules the host registered, with hyperlight-js's
+ * rules (normalize_module), and then the built-in ones. The built-ins every
+ * context has (console, print, require, String.bytesFrom; the modules console,
+ * io, crypto and require) are builtins.c.
  */
 #include <hlasync_guest.h>
 #include <stdio.h>
 #include <string.h>
 
+#include "builtins.h"
 #include "quickjs.h"
 
 #define HL_JS_STACK_MAX 8192
@@ -66,8 +71,7 @@ typedef struct {
     size_t length, capacity;
 } buffer_t;
 
-static buffer_t reply;   /* what a call returns (copied out after it returns) */
-static buffer_t printed; /* console output being joined */
+static buffer_t reply; /* what a call returns (copied out after it returns) */
 
 static void buffer_append(buffer_t *buffer, const char *text, size_t length) {
     if (buffer->length + length > buffer->capacity) {
@@ -195,38 +199,7 @@ static int on_interrupt(JSRuntime *runtime, void *opaque) {
     return 0; /* never interrupts: stopping a guest is the host's job (it kicks the vCPU) */
 }
 
-/* ----------------------------------------------------- console and random */
-static JSValue js_console(JSContext *c, JSValueConst this_value, int argc, JSValueConst *argv,
-                          int magic) {
-    static const char *const levels[] = {"log", "info", "warn", "error", "debug"};
-    (void)this_value;
-    printed.length = 0;
-    for (int i = 0; i < argc; i++) {
-        if (i) buffer_append(&printed, " ", 1);
-        JSValue text;
-        if (JS_IsString(argv[i]) || !JS_IsObject(argv[i]) || JS_IsFunction(c, argv[i])) {
-            text = JS_ToString(c, argv[i]);
-        } else {
-            text = JS_JSONStringify(c, argv[i], JS_UNDEFINED, JS_UNDEFINED);
-            if (JS_IsException(text) || JS_IsUndefined(text)) {
-                JS_FreeValue(c, JS_GetException(c));
-                JS_FreeValue(c, text);
-                text = JS_ToString(c, argv[i]);
-            }
-        }
-        if (JS_IsException(text)) return JS_EXCEPTION;
-        size_t length;
-        const char *part = JS_ToCStringLen(c, &length, text);
-        JS_FreeValue(c, text);
-        if (!part) return JS_EXCEPTION;
-        buffer_append(&printed, part, length);
-        JS_FreeCString(c, part);
-    }
-    buffer_append(&printed, "", 1); /* NUL */
-    hl_call_host("__js_console", "ss", levels[magic], printed.data);
-    return JS_UNDEFINED;
-}
-
+/* --------------------------------------------------------------- random */
 static uint64_t next_random(void) {
     /* xorshift128+, reseeded by the host for every call */
     uint64_t s1 = random_state[0];
@@ -313,12 +286,128 @@ static int host_module_init(JSContext *c, JSModuleDef *module) {
     return 0;
 }
 
+/* Host module `name`, exporting `names` (an array of function names), in
+ * context `c`: the main context defines each when it is registered, a script
+ * handler's context when it first imports it. NULL with an exception pending. */
+static JSModuleDef *new_host_module(JSContext *c, const char *name, JSValueConst names) {
+    JSModuleDef *module = JS_NewCModule(c, name, host_module_init);
+    if (!module) return NULL;
+    int64_t count = 0;
+    JS_GetLength(c, names, &count);
+    for (int64_t i = 0; i < count; i++) {
+        JSValue function = JS_GetPropertyUint32(c, names, (uint32_t)i);
+        const char *text = JS_ToCString(c, function);
+        if (text) JS_AddModuleExport(c, module, text);
+        JS_FreeCString(c, text);
+        JS_FreeValue(c, function);
+    }
+    return module;
+}
+
+/* ------------------------------------------------------ module resolution */
+/* Whether `name` is a module registered on the sandbox: an ES module (`add_module`)
+ * or a host module. */
+static bool is_registered(const char *name) {
+    JSValue source = JS_GetPropertyStr(ctx, module_sources, name);
+    bool found = JS_IsString(source);
+    JS_FreeValue(ctx, source);
+    if (found) return true;
+    JSValue functions = JS_GetPropertyStr(ctx, host_modules, name);
+    found = JS_IsArray(functions);
+    JS_FreeValue(ctx, functions);
+    return found;
+}
+
+/* Whether `specifier` is a path ("./x", "../x", "/x", "." or ".."), not a name. */
+static bool is_path(const char *specifier) {
+    if (specifier[0] == '/') return true;
+    if (specifier[0] != '.') return false;
+    const char *rest = specifier[1] == '.' ? specifier + 2 : specifier + 1;
+    return *rest == '/' || *rest == '\0';
+}
+
+/* Path `specifier` from the root of the registered modules: a relative one from
+ * the directory of `base`, "/x" from the root; "." and ".." segments folded, ".."
+ * stopping at the root. */
+static char *module_path(JSContext *c, const char *base, const char *specifier) {
+    size_t base_length = 0;
+    if (specifier[0] == '.') {
+        const char *slash = strrchr(base, '/');
+        base_length = slash ? (size_t)(slash - base) : 0;
+    }
+    char *path = js_malloc(c, base_length + strlen(specifier) + 2);
+    if (!path) return NULL;
+    memcpy(path, base, base_length);
+    size_t length = base_length;
+    const char *segment = specifier;
+    while (*segment) {
+        const char *end = strchr(segment, '/');
+        size_t size = end ? (size_t)(end - segment) : strlen(segment);
+        if (size == 2 && segment[0] == '.' && segment[1] == '.') {
+            while (length && path[length - 1] != '/') length--;
+            if (length) length--; /* the slash before the dropped segment */
+        } else if (size && !(size == 1 && segment[0] == '.')) {
+            if (length) path[length++] = '/';
+            memcpy(path + length, segment, size);
+            length += size;
+        }
+        segment += size;
+        if (*segment == '/') segment++;
+    }
+    path[length] = '\0';
+    return path;
+}
+
+/* The module that `specifier`, imported by module `base`, names. A name (`money`,
+ * `lib/util`, a host module) is taken as it is. A path follows hyperlight-js's
+ * resolver (its extensions .js and .mjs, and index files) over the registered
+ * modules instead of a file system: the first registered of P, P.js, P.mjs,
+ * P/index.js and P/index.mjs, P being the path from the root (module_path). None
+ * is: P, which load_module then reports missing. */
+static char *normalize_module(JSContext *c, const char *base, const char *specifier, void *opaque) {
+    (void)opaque;
+    if (!is_path(specifier)) return js_strdup(c, specifier);
+    char *path = module_path(c, base, specifier);
+    if (!path) return NULL;
+    static const char *const suffixes[] = {"", ".js", ".mjs", "/index.js", "/index.mjs"};
+    size_t length = strlen(path);
+    char *candidate = js_malloc(c, length + sizeof "/index.mjs");
+    if (!candidate) {
+        js_free(c, path);
+        return NULL;
+    }
+    for (size_t i = 0; i < sizeof suffixes / sizeof *suffixes; i++) {
+        if (i && length == 0) break; /* the root is no module, and has no index */
+        memcpy(candidate, path, length);
+        strcpy(candidate + length, suffixes[i]);
+        if (is_registered(candidate)) {
+            js_free(c, path);
+            return candidate;
+        }
+    }
+    js_free(c, candidate);
+    return path;
+}
+
+/* Module `name` for context `c`, when it is not yet defined there: a host
+ * module, a registered ES module (compiled now), else a built-in one
+ * (builtins.c), so that what the sandbox registers comes first. */
 static JSModuleDef *load_module(JSContext *c, const char *name, void *opaque) {
     (void)opaque;
+    JSValue functions = JS_GetPropertyStr(ctx, host_modules, name);
+    if (JS_IsArray(functions)) {
+        JSModuleDef *module = new_host_module(c, name, functions);
+        JS_FreeValue(ctx, functions);
+        return module;
+    }
+    JS_FreeValue(ctx, functions);
     JSValue source = JS_GetPropertyStr(ctx, module_sources, name);
     if (!JS_IsString(source)) {
         JS_FreeValue(ctx, source);
-        JS_ThrowReferenceError(c, "could not load module '%s': register it on the sandbox first", name);
+        if (builtins_has_module(name)) return builtins_new_module(c, name);
+        JS_ThrowReferenceError(c, "could not load module '%s': no module of that name is registered "
+                                  "on the sandbox (a relative import also finds NAME.js, NAME.mjs, "
+                                  "NAME/index.js and NAME/index.mjs)", name);
         return NULL;
     }
     size_t length;
@@ -334,17 +423,16 @@ static JSModuleDef *load_module(JSContext *c, const char *name, void *opaque) {
 }
 
 /* ---------------------------------------------------------------- set-up */
-/* A context with console and the host-seeded Math.random. */
+/* A context with the built-ins (builtins.c) and the host-seeded Math.random. */
 static JSContext *new_context(void) {
     JSContext *c = JS_NewContext(rt);
     if (!c) return NULL;
+    if (builtins_add_globals(c) < 0) {
+        JS_FreeValue(c, JS_GetException(c));
+        JS_FreeContext(c);
+        return NULL;
+    }
     JSValue global = JS_GetGlobalObject(c);
-    JSValue console = JS_NewObject(c);
-    static const char *const levels[] = {"log", "info", "warn", "error", "debug"};
-    for (int i = 0; i < 5; i++)
-        JS_SetPropertyStr(c, console, levels[i],
-                          JS_NewCFunctionMagic(c, js_console, levels[i], 0, JS_CFUNC_generic_magic, i));
-    JS_SetPropertyStr(c, global, "console", console);
     JSValue math = JS_GetPropertyStr(c, global, "Math");
     JS_SetPropertyStr(c, math, "random", JS_NewCFunction(c, js_random, "random", 0));
     JS_FreeValue(c, math);
@@ -359,12 +447,14 @@ int64_t js_init(int64_t memory_limit, int64_t stack_limit) {
     JS_SetMemoryLimit(rt, (size_t)memory_limit);
     JS_SetMaxStackSize(rt, (size_t)stack_limit);
     JS_SetInterruptHandler(rt, on_interrupt, NULL);
-    JS_SetModuleLoaderFunc(rt, NULL, load_module, NULL);
+    JS_SetModuleLoaderFunc(rt, normalize_module, load_module, NULL);
+    if (builtins_init(rt) < 0) return -1;
     ctx = new_context();
     if (!ctx) return -2;
-    handlers = JS_NewObject(ctx);
-    host_modules = JS_NewObject(ctx);
-    module_sources = JS_NewObject(ctx);
+    /* no prototype: a name such as "toString" or "__proto__" is only a name */
+    handlers = JS_NewObjectProto(ctx, JS_NULL);
+    host_modules = JS_NewObjectProto(ctx, JS_NULL);
+    module_sources = JS_NewObjectProto(ctx, JS_NULL);
     return 0;
 }
 HL_EXPORT(js_init, HL_INT, HL_INT, HL_INT);
@@ -375,17 +465,7 @@ hl_bytes js_define_host_module(const char *name, const char *functions) {
     JSValue names = JS_ParseJSON(ctx, functions, strlen(functions), "<host functions>");
     if (JS_IsException(names)) return reply_exception('E');
     JS_SetPropertyStr(ctx, host_modules, name, names);
-    JSModuleDef *module = JS_NewCModule(ctx, name, host_module_init);
-    if (!module) return reply_exception('E');
-    int64_t count = 0;
-    JS_GetLength(ctx, names, &count);
-    for (int64_t i = 0; i < count; i++) {
-        JSValue function = JS_GetPropertyUint32(ctx, names, (uint32_t)i);
-        const char *text = JS_ToCString(ctx, function);
-        if (text) JS_AddModuleExport(ctx, module, text);
-        JS_FreeCString(ctx, text);
-        JS_FreeValue(ctx, function);
-    }
+    if (!new_host_module(ctx, name, names)) return reply_exception('E');
     return reply_text('O', "{}");
 }
 HL_EXPORT(js_define_host_module, HL_BYTES, HL_STR, HL_STR);
@@ -442,14 +522,14 @@ static bool pending_is_syntax_error(void) {
     return syntax;
 }
 
-/* Whether `source` is an ES module: a line starting with an import or export
- * statement (a dynamic import() is not one). */
-static bool is_module_source(const char *source) {
+/* Whether a line of `source` starts with an export statement, or (`imports`) an
+ * import statement (a dynamic import() is not one). */
+static bool has_statement(const char *source, bool imports) {
     const char *line = source;
     while (*line) {
         while (*line == ' ' || *line == '\t' || *line == '\r') line++;
         const char *keyword = NULL;
-        if (strncmp(line, "import", 6) == 0) keyword = line + 6;
+        if (imports && strncmp(line, "import", 6) == 0) keyword = line + 6;
         else if (strncmp(line, "export", 6) == 0) keyword = line + 6;
         if (keyword && (*keyword == ' ' || *keyword == '\t' || *keyword == '{' ||
                         *keyword == '*' || *keyword == '"' || *keyword == '\''))
@@ -459,6 +539,32 @@ static bool is_module_source(const char *source) {
         line++;
     }
     return false;
+}
+
+/* Whether `source` is an ES module: a line starts with an import or export statement. */
+static bool is_module_source(const char *source) { return has_statement(source, true); }
+
+/* Compile handler module `source` (length `length`) as `filename`. A module that
+ * exports nothing gets `export { handler };` after its last line, as hyperlight-js
+ * adds it (its runtime's register_handler): every line and column of the source
+ * stays where it was. If that does not compile (no `handler` is defined, or the
+ * source has an error of its own), the source is compiled as it is, so that an
+ * error is the source's own, at its own position. */
+static JSValue compile_handler_module(const char *source, size_t length, const char *filename) {
+    const int flags = JS_EVAL_TYPE_MODULE | JS_EVAL_FLAG_COMPILE_ONLY;
+    if (!has_statement(source, false)) {
+        static const char appendix[] = "\nexport { handler };";
+        char *exported = malloc(length + sizeof appendix);
+        if (exported) {
+            memcpy(exported, source, length);
+            memcpy(exported + length, appendix, sizeof appendix); /* with its NUL */
+            JSValue module = JS_Eval(ctx, exported, length + sizeof appendix - 1, filename, flags);
+            free(exported);
+            if (!JS_IsException(module)) return module;
+            JS_FreeValue(ctx, JS_GetException(ctx));
+        }
+    }
+    return JS_Eval(ctx, source, length, filename, flags);
 }
 
 /* Compile and run `source` as handler `name`: an ES module exporting `handler`, or
@@ -471,8 +577,7 @@ static hl_bytes add_handler(const char *name, const char *source, bool check) {
     snprintf(filename, sizeof filename, "%s.js", name);
     JSValue handler;
     if (is_module_source(source)) {
-        JSValue module = JS_Eval(ctx, source, length, filename,
-                                 JS_EVAL_TYPE_MODULE | JS_EVAL_FLAG_COMPILE_ONLY);
+        JSValue module = compile_handler_module(source, length, filename);
         if (JS_IsException(module)) {
             if (check && !pending_is_syntax_error()) { /* imports resolve at load() */
                 JS_FreeValue(ctx, JS_GetException(ctx));
@@ -545,7 +650,11 @@ hl_bytes js_add_handler(const char *name, const char *source) {
 HL_EXPORT(js_add_handler, HL_BYTES, HL_STR, HL_STR);
 
 /* ------------------------------------------------------------------ calls */
-hl_bytes js_call(const char *name, const uint8_t *event, size_t event_length, int64_t seed) {
+/* Call handler `name` with the JSON `event`; `seed` seeds Math.random, and a
+ * non-zero `gc` runs the garbage collector once the handler has returned or
+ * thrown (hyperlight-js's gc flag: what a kept-state sandbox wants). */
+hl_bytes js_call(const char *name, const uint8_t *event, size_t event_length, int64_t seed,
+                 int64_t gc) {
     if (!ctx) return reply_text('E', "{\"name\":\"InternalError\",\"message\":\"no engine\"}");
     JS_UpdateStackTop(rt);
     random_state[0] = (uint64_t)seed ^ 0x9E3779B97F4A7C15ULL;
@@ -570,6 +679,11 @@ hl_bytes js_call(const char *name, const uint8_t *event, size_t event_length, in
     hl_js_control.running = 0;
     JS_FreeValue(ctx, argument);
     JS_FreeValue(ctx, handler);
+    if (gc) {
+        JSValue pending = JS_IsException(result) ? JS_GetException(own) : JS_UNDEFINED;
+        JS_RunGC(rt);
+        if (JS_IsException(result)) JS_Throw(own, pending);
+    }
     if (JS_IsException(result)) {
         if (own != ctx) JS_Throw(ctx, JS_GetException(own));
         return reply_exception('E');
@@ -580,4 +694,4 @@ hl_bytes js_call(const char *name, const uint8_t *event, size_t event_length, in
     JS_FreeValue(ctx, result);
     return out;
 }
-HL_EXPORT(js_call, HL_BYTES, HL_STR, HL_BYTES, HL_INT);
+HL_EXPORT(js_call, HL_BYTES, HL_STR, HL_BYTES, HL_INT, HL_INT);

@@ -181,7 +181,7 @@ def bundled_guests() -> dict[str, BundledGuest]:
             "jsruntime",
             lambda: [*jsruntime.inputs(js_dir), *sdk_files()],
             lambda target, tools: jsruntime.build(
-                target, tools, [js_dir / "jsruntime.c"], sdk_dir(), js_dir / "libc"
+                target, tools, sorted(js_dir.glob("*.c")), sdk_dir(), js_dir / "libc"
             ),
             (fetch.QUICKJS, fetch.ZIGLANG),
         )

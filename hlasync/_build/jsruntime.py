@@ -3,7 +3,8 @@
 What goes into ``jsruntime.elf``, each group compiled with its own flags:
 
 - the SDK runtime (``runtime.c``), like every guest;
-- the glue, ``guest/js/jsruntime.c``, and our libc, ``guest/js/libc/*.c``
+- the glue, ``guest/js/*.c`` (``jsruntime.c``, the built-ins ``builtins.c`` and
+  ``sha2.c``), and our libc, ``guest/js/libc/*.c``
   (stdout/stderr, clocks, pthreads for one thread, errno, abort);
 - the QuickJS engine from the pinned ``quickjs-ng`` sdist, compiled as hosted
   C (builtins on: memcpy of a constant size becomes a move);

@@ -189,7 +189,7 @@ def _fresh(js: JSSandbox, counts: Counts) -> list[Row]:
     clock = time.perf_counter_ns
     sandbox = js.sandbox
     for _ in range(counts.js_restores):
-        sandbox.call("js_call", "echo", json.dumps(EVENT).encode() + b"\0", 1)
+        sandbox.call("js_call", "echo", json.dumps(EVENT).encode() + b"\0", 1, 0)
         with gc_off():
             start = clock()
             sandbox.restore()

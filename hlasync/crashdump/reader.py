@@ -288,7 +288,7 @@ class CoreDump:
         if image is not None:
             table = self._tables.get(image.digest)
             if table is None:
-                table = self._tables[image.digest] = CallFrameTable(image.path)
+                table = self._tables[image.digest] = CallFrameTable(image)
         regs = self.registers
         pcs = unwind(self.read, regs["rip"], regs["rsp"], regs["rbp"], table, max_frames)
         # Caller frames name the call site: look up the byte before the return address.

@@ -11,17 +11,19 @@ Under a :class:`~hlasync.Supervisor`, ``await sup.create_js_pool({...})``
 gives a pool whose ``call_handler`` takes ``timeout`` and ``cpu_timeout``.
 Modules:
 
-- :mod:`.sandbox` JSSandbox (synchronous)
+- :mod:`.sandbox` JSSandbox (synchronous) and its JSSnapshot
 - :mod:`.runtime` sizes and set-up of the runtime guest
 - :mod:`.protocol` what crosses between host and guest (JSON, reply statuses)
 - :mod:`.host` host functions, console output and the clock, host side
+- :mod:`.arguments` host-function arguments checked against their annotations
+- :mod:`.files` ES modules read from a directory (``hlasync js run``), bounded
 - :mod:`.stack` the JavaScript stack of a running handler, asked from outside
 """
 
 from ..errors import JSError, JSResultError, JSSyntaxError
 from .host import HostBridge, OutputSink
 from .runtime import DEFAULT_HEAP_SIZE, default_config
-from .sandbox import JSSandbox
+from .sandbox import JSSandbox, JSSnapshot
 from .stack import JSStack, capture_stack
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "JSError",
     "JSResultError",
     "JSSandbox",
+    "JSSnapshot",
     "JSStack",
     "JSSyntaxError",
     "OutputSink",

@@ -10,17 +10,20 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import protocol
+from .arguments import checked
 
 __all__ = ["HostBridge", "OutputSink", "default_output"]
 
-#: Receives ``(level, text)`` for every console call of a handler.
+#: Receives ``(level, text)`` for every console call of a handler (the level is
+#: the method's name) and its print() text (level ``"print"``, no newline implied).
 OutputSink = Callable[[str, str], None]
 
 
 def default_output(level: str, text: str) -> None:
-    """console.log/info/debug to stdout, warn/error to stderr (like Node)."""
+    """console.log/info/debug to stdout, warn/error to stderr (like Node), each
+    a line; print() text (level ``"print"``) to stdout as it is."""
     stream = sys.stderr if level in ("warn", "error") else sys.stdout
-    stream.write(text + "\n")
+    stream.write(text if level == "print" else text + "\n")
     stream.flush()
 
 
@@ -33,7 +36,8 @@ class HostBridge:
     """Host functions by (module, name), and where console output goes.
 
     The guest sees module ``module`` exporting the functions registered under
-    it; each takes and returns JSON values. A Python exception becomes a JS
+    it; each takes and returns JSON values, its arguments checked against its
+    annotations first (:mod:`.arguments`). A Python exception becomes a JS
     exception (same name and message) the handler can catch.
     """
 
@@ -43,11 +47,10 @@ class HostBridge:
 
     def register(self, module: str, name: str, function: Callable[..., Any]) -> None:
         protocol.check_name("module", module)
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ValueError(f"host function name must be a JavaScript identifier, got {name!r}")
+        protocol.check_function_name(name)
         if not callable(function):
             raise TypeError("host function must be callable")
-        self.functions.setdefault(module, {})[name] = function
+        self.functions.setdefault(module, {})[name] = checked(module, name, function)
 
     def modules(self) -> Mapping[str, list[str]]:
         """Module name -> the names of its functions (what the guest defines)."""

@@ -26,6 +26,7 @@ __all__ = [
     "HOST_CALL",
     "INLINE_REPLY",
     "LEVELS",
+    "check_function_name",
     "check_name",
     "decode_reply",
     "encode_event",
@@ -33,9 +34,9 @@ __all__ = [
 
 #: Host functions the guest calls (registered on every JS sandbox).
 HOST_CALL = "__js_host"  # (module, name, JSON array of arguments) -> JSON envelope
-CONSOLE = "__js_console"  # (level, text) -> None
+CONSOLE = "__js_console"  # (level, text) -> None; level "print" is print(): no newline
 CLOCK = "__hl_clock"  # () -> seconds since the epoch, as a float
-LEVELS = ("log", "info", "warn", "error", "debug")
+LEVELS = ("log", "info", "warn", "error", "debug", "print")
 
 #: Replies up to this size decode at once, wherever they arrive (at most a
 #: few milliseconds); a supervisor decodes larger ones on a thread of their own,
@@ -45,6 +46,8 @@ INLINE_REPLY = 64 * 1024
 #: Handler and module names (checked on host-given names only, never on guest
 #: text): what a file name (``<name>.js`` in stacks) may be.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-/@:]{0,99}\Z")
+#: The longest host function name (any characters but NUL and lone surrogates).
+_MAX_FUNCTION_NAME = 100
 #: How many lines of a stack :func:`syntax_position` reads: an engine puts the
 #: frame it means on the first one.
 _POSITION_LINES = 16
@@ -70,6 +73,33 @@ def check_name(kind: str, name: object) -> str:
             " (not starting with a punctuation mark)"
         )
     return name
+
+
+def check_function_name(name: object) -> str:
+    """``name`` if it can name a host function, else ValueError saying why.
+
+    Any text of 1-100 characters but NUL or a lone surrogate (it crosses to the
+    guest as UTF-8, as a C string): hyperlight-js takes any non-empty name,
+    ``"no-op"`` or ``"scoped/add/😊"``, and JavaScript reaches one that is no
+    identifier as a property of the module: ``import * as m from "host";
+    m["no-op"]()`` (or ``import { "no-op" as noop } from "host"``).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"host function name must be a non-empty str, got {name!r}")
+    if len(name) > _MAX_FUNCTION_NAME or "\0" in name or not _is_utf8(name):
+        raise ValueError(
+            f"host function name {name!r} must be 1-{_MAX_FUNCTION_NAME} characters, "
+            "without NUL or lone surrogates"
+        )
+    return name
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def encode_event(event: object, *, sandbox_id: str, handler: str) -> bytes:

@@ -45,7 +45,7 @@ def default_config(heap_size: int = DEFAULT_HEAP_SIZE, **options: Any) -> Sandbo
     memory limit): memory for the heap plus the engine, a 1 MiB stack, 2 MiB
     input and output buffers (events and results up to about 2 MiB), and no
     idle trim (``idle_trim=None``: a handler call after one maps ~350 pages
-    of the runtime again, ~5-9 ms on a PVM host, for RSS alone; the pages
+    of the runtime again, 1-9 ms on a PVM host, for RSS alone; the pages
     are shared by every JS sandbox of the process). ``options`` override any
     field."""
     if type(heap_size) is not int or not MIN_HEAP_SIZE <= heap_size <= MAX_MEMORY - OVERHEAD:
@@ -102,10 +102,16 @@ def check_handler(sandbox: Sandbox, name: str, source: str) -> None:
     protocol.decode_reply(reply, sandbox_id=sandbox.id, handler=name)
 
 
-def call_arguments(sandbox_id: str, name: str, event: object) -> tuple[str, bytes, int]:
-    """Arguments of the guest's ``js_call`` for one handler call."""
+def call_arguments(
+    sandbox_id: str, name: str, event: object, *, gc: bool = False
+) -> tuple[str, bytes, int, int]:
+    """Arguments of the guest's ``js_call`` for one handler call (ValueError for
+    a name no handler can have, ArgumentError for an event that is not JSON).
+    ``gc``: the guest runs the engine's garbage collector after the handler."""
+    protocol.check_name("handler", name)
     payload = protocol.encode_event(event, sandbox_id=sandbox_id, handler=name)
-    return name, payload, secrets.randbits(63)  # Math.random's seed: fresh for every call
+    seed = secrets.randbits(63)  # Math.random's seed: fresh for every call
+    return name, payload, seed, int(gc)
 
 
 def call_handler(sandbox: Sandbox, name: str, event: object) -> Any:

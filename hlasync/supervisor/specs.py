@@ -149,8 +149,10 @@ def js_host_functions(
     host_functions: Mapping[str, Mapping[str, Callable[..., Any] | str]] | None,
 ) -> dict[HostKey, Callable[..., Any] | str]:
     """Check a JavaScript pool's ``handlers`` (name -> source); its host
-    functions (``module -> name -> function``) by their keys."""
+    functions (``module -> name -> function``, their arguments checked against
+    their annotations: :func:`hlasync.js.arguments.checked`) by their keys."""
     from ..js import protocol
+    from ..js.arguments import checked
 
     if not isinstance(handlers, Mapping) or not handlers:
         raise ValueError("handlers must be a non-empty mapping of name -> source")
@@ -162,9 +164,10 @@ def js_host_functions(
     for module, members in (host_functions or {}).items():
         protocol.check_name("module", module)
         for function_name, function in members.items():
-            if not isinstance(function_name, str) or not function_name.isidentifier():
-                raise ValueError(
-                    f"host function name must be a JavaScript identifier, got {function_name!r}"
-                )
+            protocol.check_function_name(function_name)
+            # Arguments are checked where the function runs (this process, or
+            # the worker's bridge for an importable reference).
+            if callable(function):
+                function = checked(module, function_name, function)
             functions[(module, function_name)] = function
     return functions

@@ -4,7 +4,8 @@ as a markdown table: ``python -m tests.fuzz.worst_cases_files``.
 Parsers: the core reader (``CoreDump.open`` and ``report()``), dump
 identification (``is_hlasync_dump``, what retention and the Ray node use),
 the guest ELF a dump's metadata names (``GuestImage.load`` through
-``CoreDump.guest_problem``) and a Ray node's ``read_node_dump``. Each row
+``CoreDump.guest_problem``; for the hostile ELFs of :mod:`tests.guest.hostile`
+also the unwinder's table and lookups) and a Ray node's ``read_node_dump``. Each row
 gives the outcome, the time (one run, not under tracemalloc), the peak of
 Python allocations (tracemalloc) and, for the core parsers, the bytes
 ``pread`` returned. Needs no KVM (the cores are built by
@@ -20,12 +21,15 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from hlasync import CoreDump
+from hlasync import CoreDump, GuestImage, guests
 from hlasync.crashdump import _format as fmt
 from hlasync.crashdump.placement import is_hlasync_dump
+from hlasync.crashdump.unwind import CallFrameTable
+from hlasync.guest.image import PF_X
 from hlasync.ray.actor import read_node_dump
 from tests.crashdump import hostile
 from tests.fuzz.budget import measure
+from tests.guest import hostile as hostile_elf
 
 
 def _size(count: float) -> str:
@@ -137,6 +141,71 @@ def _json_worst(out: Path) -> Path:
     return out
 
 
+def _show_guest(work: Path, elf: Path, pcs: tuple[int, ...] = ()) -> Callable[[], object]:
+    """What showing a dump that names ``elf`` does with it: load it, unwind,
+    and look up the rows of ``pcs``. Says what the caps left out, if anything."""
+    named = hostile.minimal(work / f"names-{elf.stem}.elf", {"guest": str(elf)})
+
+    def show() -> object:
+        GuestImage._cache.clear()  # measure() runs this twice: both load the file
+        with CoreDump.open(named) as dump:
+            image = dump.guest_image()
+            if image is None:
+                return dump.guest_problem()
+            dump.backtrace()
+            table = CallFrameTable(image)
+            rows = sum(table.row(pc) is not None for pc in pcs)
+        found = f"loaded, {len(image.symbols)} symbols, {rows}/{len(pcs)} rows"
+        return "; ".join(image.truncated) or found
+
+    return show
+
+
+def _guest_rows(work: Path) -> list[str]:
+    """The hostile guest ELFs, each at most MAX_IMAGE_FILE (64 MiB)."""
+    label = "guest ELF named by a dump: load + unwind"
+    real = guests.path("simpleguest")
+    base = real.read_bytes()
+    code = next(s for s in GuestImage.load(real).segments if s.flags & PF_X)
+    start, size = code.vaddr, code.memsz
+    pcs = tuple(range(start, start + size, size // 64))[:64]  # a backtrace's most lookups
+    h = hostile_elf
+    cases: list[tuple[str, Callable[[], bytes], tuple[int, ...]]] = [
+        ("65,535 section headers", lambda: h.many_sections(base, 0xFFFF), ()),
+        ("65,534 program headers", lambda: h.many_program_headers(base, 0xFFFE), ()),
+        ("60 MiB of section names without a NUL, 1,000 sections named into them",
+         lambda: h.nameless_strings(base, 60 << 20, 1000), ()),
+        ("1.3 M symbols (37 MiB)", lambda: h.many_symbols(base, 1_300_000), ()),
+        ("32,768 symbols named into a string table without a NUL (most symbol memory)",
+         lambda: h.long_symbol_names(base, 1 << 15, (1 << 15) + 2048), ()),
+        ("1 M exported functions (61 MiB)", lambda: h.many_functions(base, 1_000_000, start), ()),
+        ("5 M notes before the build-id (57 MiB)", lambda: h.many_notes(base, 5_000_000), ()),
+        ("4 PT_LOAD loading the same 60 MiB",
+         lambda: h.overlapping_segments(base, 4, 60 << 20), ()),
+        (".eh_frame of 1.4 M CIEs and 1.4 M FDEs (59 MiB)",
+         lambda: h.call_frames(base, h.fde_pairs(1_400_000, start, size)), pcs),
+        (".eh_frame: one FDE of 60 M instructions",
+         lambda: h.call_frames(base, h.cfi_long_program(start, size, 60 << 20)), pcs),
+        ("FDE: rules for 1,000 registers, 1,000 remembered rows",
+         lambda: h.call_frames(base, h.cfi_many_registers(start, size, 1000, 1000)), pcs),
+        ("an FDE that is its own CIE",
+         lambda: h.call_frames(base, h.cfi_self_referencing(start, size)), pcs),
+        ("compressed .debug_info: 1 GiB of zeros in 1 MiB",
+         lambda: h.compressed(base, b".debug_info", 1 << 30), ()),
+        ("compressed .hl_functions: 1 GiB of zeros in 1 MiB",
+         lambda: h.compressed(base, b".hl_functions", 1 << 30), ()),
+    ]  # fmt: skip
+    js = guests.path("jsruntime")
+    what = f"jsruntime.elf, the bundled QuickJS guest ({_size(js.stat().st_size)})"
+    out = [_row(label, what, _show_guest(work, js))]
+    elf = work / "guest.elf"
+    for what, build, lookups in cases:
+        elf.write_bytes(build())
+        out.append(_row(label, what, _show_guest(work, elf, lookups)))
+        elf.unlink()  # up to 64 MiB each
+    return out
+
+
 def _real_dump(directory: Path) -> Path | None:
     from hlasync import GuestCrashed, Sandbox, SandboxConfig, guests
     from hlasync.errors import KvmUnavailableError
@@ -205,6 +274,7 @@ def rows(work: Path) -> list[str]:
                 return dump.guest_problem()
 
         out.append(_row(guest, what, problem))
+    out += _guest_rows(work)
 
     dumps = work / "node_dumps"
     private = work / "private"

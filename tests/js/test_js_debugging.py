@@ -34,7 +34,7 @@ def test_a_hung_handler_in_gdb_lldb_and_dump_show(kvm: Kvm, dump_dir: Path, limi
         js.add_handler("loop", LOOP)
         js.load()
         with pytest.raises(GuestTimeout) as info:
-            js.call_handler("loop", {}, **{limit: 0.3})
+            js.call_handler("loop", {}, **{limit: 0.3})  # type: ignore[arg-type]
     assert info.value.kind == ("wall" if limit == "timeout" else "cpu")
     core, stack = info.value.core_path, info.value.js_stack
     assert core is not None and core.parent == dump_dir

@@ -338,7 +338,8 @@ def test_a_hang_is_stopped_with_its_javascript_stack_and_a_dump(kvm: Kvm, dump_d
         js.add_handler("loop", LOOP)
         js.add_handler("ok", "function handler(e) { return 'after' }")
         js.load()
-        for limits in ({"timeout": 0.3}, {"cpu_timeout": 0.3}):
+        each: tuple[dict[str, Any], ...] = ({"timeout": 0.3}, {"cpu_timeout": 0.3})
+        for limits in each:
             with pytest.raises(GuestTimeout) as info:
                 js.call_handler("loop", {}, **limits)
             error = info.value
