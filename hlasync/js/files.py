@@ -28,6 +28,7 @@ import stat
 from pathlib import Path
 
 from ..config import MiB
+from ..guest.image import open_regular_file
 from . import protocol
 
 __all__ = [
@@ -190,13 +191,14 @@ def read_handler(path: str | os.PathLike[str]) -> str:
     symbolic link: the user named it): a regular file of at most
     :data:`MAX_FILE_SIZE` bytes, opened without blocking on a FIFO. ValueError
     past the bound or for a file that is not UTF-8, OSError when unreadable."""
-    fd = os.open(os.fspath(path), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError(f"{path}: not a regular file")
-        data = _read_at_most(fd, MAX_FILE_SIZE + 1)
-    finally:
-        os.close(fd)
+        file = open_regular_file(path)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # "not a regular file (a FIFO)"
+            raise ValueError(f"{path}: {exc.strerror}") from None
+        raise
+    with file:
+        data = file.read(MAX_FILE_SIZE + 1)
     if len(data) > MAX_FILE_SIZE:
         raise ValueError(f"{path}: a handler file may have at most {MAX_FILE_SIZE} bytes")
     try:

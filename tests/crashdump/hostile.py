@@ -162,3 +162,17 @@ def counting_reads() -> Iterator[CountingOs]:
     counter = CountingOs()
     with mock.patch.object(_scan, "os", counter):
         yield counter
+
+
+def real_dump(directory: Path, guest: Path) -> Path:
+    """A real core dump (needs /dev/kvm): the divide_by_zero fault of
+    ``guest`` (simpleguest), written into ``directory``."""
+    from hlasync import GuestCrashed, Sandbox, SandboxConfig
+
+    with Sandbox(guest, SandboxConfig(crashdump_dir=directory)) as sb:
+        try:
+            sb.call("divide_by_zero")
+        except GuestCrashed as exc:
+            assert exc.core_path is not None, "the fault wrote no dump"
+            return exc.core_path
+    raise AssertionError("divide_by_zero returned")

@@ -21,12 +21,9 @@ import pytest
 
 from hlasync import (
     CoreDump,
-    GuestCrashed,
     GuestImage,
     GuestImageError,
     InvalidCoreDump,
-    Sandbox,
-    SandboxConfig,
 )
 from hlasync.crashdump import _format as fmt
 from hlasync.crashdump import placement
@@ -42,12 +39,7 @@ ESC = "\x1b[31m"
 @pytest.fixture(scope="module")
 def crash_core(tmp_path_factory: pytest.TempPathFactory, kvm: Kvm, simpleguest: Path) -> Path:
     """The dump of a divide_by_zero fault."""
-    directory = tmp_path_factory.mktemp("hostile")
-    config = SandboxConfig(crashdump_dir=directory)
-    with Sandbox(simpleguest, config) as sb, pytest.raises(GuestCrashed) as info:
-        sb.call("divide_by_zero")
-    assert info.value.core_path is not None
-    return info.value.core_path
+    return hostile.real_dump(tmp_path_factory.mktemp("hostile"), simpleguest)
 
 
 def _finishes(work: Callable[[], Any], seconds: float, release: Callable[[], None]) -> Any:

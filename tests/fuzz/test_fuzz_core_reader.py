@@ -22,11 +22,8 @@ from hypothesis import strategies as st
 
 from hlasync import (
     CoreDump,
-    GuestCrashed,
     GuestImageError,
     InvalidCoreDump,
-    Sandbox,
-    SandboxConfig,
 )
 from hlasync.crashdump import _format as fmt
 from hlasync.crashdump.placement import is_hlasync_dump
@@ -57,12 +54,7 @@ _SETTINGS = settings(
 
 @pytest.fixture(scope="module")
 def real_core(tmp_path_factory: pytest.TempPathFactory, kvm: Kvm, simpleguest: Path) -> Path:
-    directory = tmp_path_factory.mktemp("fuzz-core")
-    config = SandboxConfig(crashdump_dir=directory)
-    with Sandbox(simpleguest, config) as sb, pytest.raises(GuestCrashed) as info:
-        sb.call("divide_by_zero")
-    assert info.value.core_path is not None
-    return info.value.core_path
+    return hostile.real_dump(tmp_path_factory.mktemp("fuzz-core"), simpleguest)
 
 
 # ---------------------------------------------------------------- inputs

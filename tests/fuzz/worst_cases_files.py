@@ -207,7 +207,6 @@ def _guest_rows(work: Path) -> list[str]:
 
 
 def _real_dump(directory: Path) -> Path | None:
-    from hlasync import GuestCrashed, Sandbox, SandboxConfig, guests
     from hlasync.errors import KvmUnavailableError
     from hlasync.kvm import Kvm
 
@@ -215,12 +214,7 @@ def _real_dump(directory: Path) -> Path | None:
         Kvm.shared()
     except KvmUnavailableError:
         return None
-    with Sandbox(guests.path("simpleguest"), SandboxConfig(crashdump_dir=directory)) as sb:
-        try:
-            sb.call("divide_by_zero")
-        except GuestCrashed as exc:
-            return exc.core_path
-    return None
+    return hostile.real_dump(directory, guests.path("simpleguest"))
 
 
 def rows(work: Path) -> list[str]:
