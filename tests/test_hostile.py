@@ -19,11 +19,13 @@ from hlasync import (
     HostFunctionError,
     Sandbox,
     SandboxBusy,
+    SandboxConfig,
     SandboxState,
     abi,
 )
 from hlasync.guest import layout
 from hlasync.kvm import Kvm
+from hlasync.sandbox import trim
 
 # (index in tests/guests/hostile.c `instruction`, name, expected vector)
 INSTRUCTIONS = [
@@ -160,10 +162,23 @@ def test_reentering_the_sandbox_from_a_host_call_is_refused(hostile: Sandbox) ->
     assert hostile.call("instruction", 15) == 15
 
 
+def _threads() -> set[threading.Thread]:
+    """The live threads, less the process-wide ``hlasync-trim`` thread: that one
+    comes and goes with idle sandboxes anywhere in the process (another test's
+    sandbox trimmed meanwhile ended it in a CI run), not with this test's."""
+    return {t for t in threading.enumerate() if t.name != "hlasync-trim"}
+
+
 def test_poking_everywhere_never_reaches_the_host(kvm: Kvm, hostile_guest: Path) -> None:
     process = psutil.Process()
-    threads = threading.active_count()
-    with Sandbox(hostile_guest) as a, Sandbox(hostile_guest) as b:
+    threads = _threads()
+    # An idle sandbox trimmed while the test runs: the trim thread is alive now
+    # and gone at the end, as when another test's sandbox went idle in a CI run.
+    idle = Sandbox(hostile_guest, config=SandboxConfig(idle_trim=0.05))
+    idle.call("instruction", 15)
+    trims = trim.trims()
+    assert "hlasync-trim" in {t.name for t in threading.enumerate()}
+    with idle, Sandbox(hostile_guest) as a, Sandbox(hostile_guest) as b:
         b.call("poke", abi.SCRATCH_ADDR, 0x5EC2E7)
         for address in range(0, a.layout.memory_size + (64 << 20), 0x7FFF8):
             try:
@@ -176,7 +191,9 @@ def test_poking_everywhere_never_reaches_the_host(kvm: Kvm, hostile_guest: Path)
         assert b.call("peek", abi.SCRATCH_ADDR) == 0x5EC2E7  # b never saw a's writes
         a.restore()
         assert a.call("peek", abi.SCRATCH_ADDR) == 0
-    assert threading.active_count() == threads
+        assert trim.trims() > trims  # the idle one was trimmed meanwhile
+        assert idle.call("instruction", 15) == 15
+    assert _threads() == threads  # nothing of the sandboxes' own outlived them
     assert process.status() != psutil.STATUS_ZOMBIE
 
 
