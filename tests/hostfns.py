@@ -27,3 +27,12 @@ def crash_worker(x: int) -> int:
 
     os.kill(os.getpid(), signal.SIGSEGV)
     return x
+
+
+def current_trace(text: str) -> str:
+    """The trace and span id of the span current where this runs (a worker
+    process too), as ``TRACE/SPAN`` in hex."""
+    from opentelemetry import trace
+
+    context = trace.get_current_span().get_span_context()
+    return f"{context.trace_id:032x}/{context.span_id:016x}"

@@ -30,10 +30,11 @@ import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._telemetry import ATTR_CORE_PATH
 from ..errors import CrashdumpError, InvalidCoreDump
 from . import _format as fmt
 from . import _scan
@@ -253,9 +254,11 @@ def write_atomically(
     write: Callable[[int], int],
     retention: RetentionPolicy | None = None,
     name: str | None = None,
+    extra: Mapping[str, object] | None = None,
 ) -> tuple[Path, int]:
     """Create a dump in ``directory`` with ``write(fd) -> size``; returns (path, size).
     It is named ``name`` when given and free, else a new unique dump name.
+    ``extra``: fields for its "Core dump created" log record (its path is added).
 
     Raises :class:`CrashdumpError` on any failure, leaving no file behind.
     """
@@ -289,15 +292,15 @@ def write_atomically(
     _remember(directory)
     if retention is not None:
         retention.apply(directory, final)
-    _announce(final)
+    _announce(final, extra)
     return final, size
 
 
-def _announce(path: Path) -> None:
+def _announce(path: Path, extra: Mapping[str, object] | None) -> None:
     if sys.stderr is not None:
         with contextlib.suppress(OSError, ValueError):  # a closed or broken stderr
             sys.stderr.write(f"Core dump created: {path}\n")
-    logger.error("Core dump created: %s", path)
+    logger.error("Core dump created: %s", path, extra={**(extra or {}), ATTR_CORE_PATH: str(path)})
 
 
 def _link_unique(temp: Path, directory: Path, name: str | None = None) -> Path:

@@ -68,7 +68,7 @@ def default_config(heap_size: int = DEFAULT_HEAP_SIZE, **options: Any) -> Sandbo
 def start_engine(sandbox: Sandbox, heap_size: int) -> None:
     """Create the engine (runtime, context, console) in a freshly booted sandbox."""
     stack = sandbox.layout.stack_top - sandbox.layout.stack_base
-    status = sandbox.call("js_init", heap_size, max(stack - STACK_RESERVE, 64 * 1024))
+    status = sandbox._call_with(None, "js_init", heap_size, max(stack - STACK_RESERVE, 64 * 1024))
     if status != 0:
         raise GuestImageError(
             f"the JS runtime could not start (js_init returned {status!r}): is the guest heap "
@@ -86,19 +86,19 @@ def install(
 ) -> None:
     """Define host modules, compile modules, then compile and run the handlers."""
     for module, functions in host_modules.items():
-        reply = sandbox.call("js_define_host_module", module, json.dumps(functions))
+        reply = sandbox._call_with(None, "js_define_host_module", module, json.dumps(functions))
         protocol.decode_reply(reply, sandbox_id=sandbox.id, handler=None)
     for name, source in modules.items():
-        reply = sandbox.call("js_add_module", name, source)
+        reply = sandbox._call_with(None, "js_add_module", name, source)
         protocol.decode_reply(reply, sandbox_id=sandbox.id, handler=name)
     for name, source in handlers.items():
-        reply = sandbox.call("js_add_handler", name, source)
+        reply = sandbox._call_with(None, "js_add_handler", name, source)
         protocol.decode_reply(reply, sandbox_id=sandbox.id, handler=name)
 
 
 def check_handler(sandbox: Sandbox, name: str, source: str) -> None:
     """Compile ``source`` without running it; JSSyntaxError if it does not compile."""
-    reply = sandbox.call("js_check_handler", name, source)
+    reply = sandbox._call_with(None, "js_check_handler", name, source)
     protocol.decode_reply(reply, sandbox_id=sandbox.id, handler=name)
 
 

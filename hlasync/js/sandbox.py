@@ -24,6 +24,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from .. import _telemetry as telemetry
 from ..config import SandboxConfig
 from ..errors import (
     CallError,
@@ -317,13 +318,33 @@ class JSSandbox:
                 f"JS sandbox {self.id}: handlers changed or never loaded; call load() first",
                 sandbox_id=self.id,
             )
+        span = telemetry.begin_call(name, guest=self._sandbox.image.path.name, sandbox_id=self.id)
+        if span is None:
+            return self._run_handler(name, arguments, timeout, cpu_timeout, None)
+        try:
+            with span.current():  # host functions and nested calls run inside it
+                result = self._run_handler(name, arguments, timeout, cpu_timeout, span)
+        except BaseException as exc:
+            span.end(exc)
+            raise
+        span.end(None)
+        return result
+
+    def _run_handler(
+        self,
+        name: str,
+        arguments: tuple[Any, ...],
+        timeout: float | None,
+        cpu_timeout: float | None,
+        span: telemetry.CallSpan | None,
+    ) -> Any:
         watch = None
         if timeout is not None or cpu_timeout is not None:
             watch = _Watch(self, name, timeout, cpu_timeout)
             watch.start()  # fail closed: CallError, and the handler does not run
         error: BaseException | None = None
         try:
-            reply = self._sandbox.call("js_call", *arguments)
+            reply = self._sandbox._call_with(span, "js_call", *arguments)
         except GuestCancelled as exc:
             error = exc
             if watch is not None:
@@ -556,6 +577,19 @@ class _Watch:
         result = sandbox._stop(handle._call, reason, annotations=stack.annotations())
         if result.stopped:  # not when it had ended, or interrupt() stopped it first
             self.expired, self.expired_at, self.js_stack = kind, expired_at, stack.stack
+            limit = self._timeout if kind == "wall" else self._cpu_timeout
+            if kind == "wall":
+                late = expired_at - self.started_at - (limit or 0.0)
+            else:
+                late = self._cpu_now() - self._cpu_start - (limit or 0.0)
+            telemetry.watchdog_late(late, kind)
+            telemetry.timed_out(
+                kind,
+                sandbox_id=self._js.id,
+                function=self._handler,
+                limit=limit,
+                elapsed=expired_at - self.started_at,
+            )
         if result.dump is not None and result.dump.wait(30):
             self.core_path, self.dump_error = result.dump.path, result.dump.error
         return True

@@ -38,6 +38,7 @@ from ..errors import CrashdumpError
 from ..kvm import Vcpu
 
 if TYPE_CHECKING:
+    from .._telemetry import CallSpan
     from .hot import HotSession
 
 __all__ = [
@@ -167,13 +168,23 @@ class Call:
         "requests",
         "runner",
         "sandbox_id",
+        "span",
         "started",
         "thread",
         "vcpu",
     )
 
-    def __init__(self, sandbox_id: str, function: str, runner: ThreadRunner, vcpu: Vcpu) -> None:
+    def __init__(
+        self,
+        sandbox_id: str,
+        function: str,
+        runner: ThreadRunner,
+        vcpu: Vcpu,
+        span: CallSpan | None = None,
+    ) -> None:
         self.id = next(_call_ids)
+        #: Its telemetry (span and timing), when traces or metrics are recorded.
+        self.span = span
         self.vcpu = vcpu  # its sandbox's: a kick goes to that vCPU's owner
         self.sandbox_id = sandbox_id
         self.function = function

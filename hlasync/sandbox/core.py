@@ -33,6 +33,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from .. import _telemetry as telemetry
 from .. import abi
 from ..abi import Arg, FunctionSignature, Value
 from ..config import SandboxConfig
@@ -166,14 +167,39 @@ class Sandbox(Requests, Spinning, Booting):
         self._host_functions[name] = function
 
     def call(self, name: str, *args: Arg) -> Value:
-        """Call guest function ``name`` with ``args`` and return its result."""
-        signature = check_call(self.image, self._signatures, self.id, name, args)
-        return self._call_checked(signature, args)
+        """Call guest function ``name`` with ``args`` and return its result.
 
-    def _call_checked(self, signature: FunctionSignature, args: tuple[Arg, ...]) -> Value:
+        With OpenTelemetry configured, the call is an ``hlasync.call`` span
+        (current on this thread while it runs: host functions nest under it)
+        and counts in the call metrics (``docs/observability.md``)."""
+        signature = check_call(self.image, self._signatures, self.id, name, args)
+        span = telemetry.begin_call(name, guest=self.image.path.name, sandbox_id=self.id)
+        if span is None:
+            return self._call_checked(signature, args)
+        try:
+            with span.current():
+                result = self._call_checked(signature, args, span)
+        except BaseException as exc:
+            span.end(exc)
+            raise
+        span.end(None)
+        return result
+
+    def _call_with(self, span: telemetry.CallSpan | None, name: str, *args: Arg) -> Value:
+        """:meth:`call` as part of a call whose telemetry ``span`` its caller
+        made (a JavaScript handler's): no span of its own."""
+        signature = check_call(self.image, self._signatures, self.id, name, args)
+        return self._call_checked(signature, args, span)
+
+    def _call_checked(
+        self,
+        signature: FunctionSignature,
+        args: tuple[Arg, ...],
+        span: telemetry.CallSpan | None = None,
+    ) -> Value:
         """:meth:`call` for arguments already checked against ``signature`` (the
-        supervisor checks them before queueing)."""
-        return self._run_begun(self._begin_call(signature.name), signature, args)
+        supervisor checks them before queueing); ``span``: its telemetry."""
+        return self._run_begun(self._begin_call(signature.name, span), signature, args)
 
     def interrupt(self) -> bool:
         """Stop the running call (from any thread).
@@ -342,15 +368,19 @@ class Sandbox(Requests, Spinning, Booting):
         return f"<Sandbox {self.id} {self.image.path.name} {self._state.value}>"
 
     # ------------------------------------------- a call, from start to outcome
-    def _begin_call(self, function: str) -> Call:
+    def _begin_call(self, function: str, span: telemetry.CallSpan | None = None) -> Call:
         """Make a call the holder of the vCPU (the calling thread becomes its owner)."""
         runner_ = current_runner()
-        call = Call(self.id, function, runner_, self._machine.vcpu)
+        call = Call(self.id, function, runner_, self._machine.vcpu, span)
         with self._lock:
             holder = self._holder
             if isinstance(holder, HotSession) and not holder.parked_at:
                 call.hot = holder  # the guest spins: the call is posted on the doorbell
+                if span is not None:
+                    span.path = "doorbell"
             else:
+                if span is not None:
+                    span.path = "exit"
                 self._wait_for_operations(function)
             if self._state is not SandboxState.READY:
                 self._raise_not_ready(function)

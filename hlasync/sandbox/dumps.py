@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, Protocol
 
+from .. import _telemetry as telemetry
 from ..config import SandboxConfig
 from ..crashdump import _format as core_format
 from ..crashdump.placement import resolve_directory, write_atomically
@@ -27,6 +28,7 @@ from ..guest import layout as lay
 from ..guest.image import GuestImage
 from ..guest.layout import MemoryLayout
 from ..kvm import kvm_sregs
+from .calls import Call
 from .faults import VECTOR_NAMES, ExceptionInfo
 from .machine import Machine
 
@@ -194,6 +196,7 @@ def write_dump(
                 runs=runs,
             ),
             sandbox.config.crashdump_retention,
+            extra=telemetry.dump_extra(sandbox.id, reason, function),
         )
     except Exception as exc:  # noqa: BLE001 - every failure is reported the same way
         failure = (
@@ -205,6 +208,7 @@ def write_dump(
         )
         if failure is not exc:
             failure.__cause__ = exc
+        telemetry.dump_done(sandbox.id, reason, function, None, failure, _span_of(sandbox))
         notify(
             sandbox._crashdump_listeners,
             CrashdumpRecord(
@@ -212,11 +216,18 @@ def write_dump(
             ),
         )
         raise failure from None
+    telemetry.dump_done(sandbox.id, reason, function, str(path), None, _span_of(sandbox))
     notify(
         sandbox._crashdump_listeners,
         CrashdumpRecord(sandbox.id, reason, function, path, size, time.perf_counter() - started),
     )
     return path
+
+
+def _span_of(sandbox: Dumpable) -> telemetry.CallSpan | None:
+    """The telemetry of the call running on ``sandbox`` (its holder), if any."""
+    holder = getattr(sandbox, "_holder", None)
+    return holder.span if isinstance(holder, Call) else None
 
 
 def notify(listeners: list[Callable[[CrashdumpRecord], None]], record: CrashdumpRecord) -> None:

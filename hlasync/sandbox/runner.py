@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, assert_never
 
+from .. import _telemetry as telemetry
 from .. import abi
 from ..abi import FunctionSignature, Value
 from ..errors import (
@@ -232,6 +233,8 @@ def _failed(sb: Runnable, error: GuestError, fault: ExceptionInfo | None = None)
     sb.last_exception = fault
     if sb.config.crashdump_enabled:
         attach_automatic_dump(sb, error, fault)
+    if isinstance(error, GuestProtocolError):
+        telemetry.protocol_error(sb.id, error)
     return error
 
 

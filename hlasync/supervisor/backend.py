@@ -130,5 +130,11 @@ class Backend(Protocol):
     def counts(self) -> dict[str, int]:
         """pending, running and sandboxes now."""
 
+    def pool_loads(self) -> list[tuple[str, int, int]]:
+        """(name, sandboxes, sandboxes running a call) of every open pool (any thread)."""
+
+    def remote_sandboxes(self) -> int:
+        """Sandboxes open in other processes (worker processes, Ray actors)."""
+
     def worker_counters(self) -> dict[str, int]:
         """Counters kept where the sandboxes run (worker processes), to add in."""

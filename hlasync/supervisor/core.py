@@ -20,6 +20,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from .. import _telemetry as telemetry
 from .. import events as ev
 from ..abi import Arg, Value
 from ..config import SandboxConfig
@@ -130,7 +131,14 @@ class Supervisor:
         else:
             await self._backend.start(outbox, None)
         self._state = "open"
+        telemetry.add_source(self)  # its pools and remote sandboxes in the gauges
         return self
+
+    def _telemetry_pools(self) -> list[tuple[str, int, int]]:
+        return self._backend.pool_loads() if self._state == "open" else []
+
+    def _telemetry_remote_sandboxes(self) -> int:
+        return self._backend.remote_sandboxes() if self._state == "open" else 0
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
@@ -152,6 +160,7 @@ class Supervisor:
             self._state = "closed"
             return
         self._state = "closing"
+        telemetry.discard_source(self)
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(self.shutdown_grace):
                 if self._outstanding:
@@ -283,12 +292,17 @@ class Supervisor:
         """
         job = self._make_job(target, name, args, timeout, cpu_timeout)
         try:
-            self._slots.acquire_nowait()  # no extra trip through the event loop when there is room
-        except anyio.WouldBlock:
-            await self._slots.acquire()
-        if self._state != "open":  # shut down while this caller waited for room
-            self._slots.release()
-            raise SupervisorClosed("the supervisor shut down before the call was queued")
+            try:
+                self._slots.acquire_nowait()  # no extra trip through the loop when there is room
+            except anyio.WouldBlock:
+                await self._slots.acquire()
+            if self._state != "open":  # shut down while this caller waited for room
+                self._slots.release()
+                raise SupervisorClosed("the supervisor shut down before the call was queued")
+        except BaseException as exc:
+            if job.span is not None:  # never queued: its span ends here
+                job.span.end(exc, cancelled=isinstance(exc, anyio.get_cancelled_exc_class()))
+            raise
         self._submit(job)
         return await self._await_job(job)
 
@@ -306,7 +320,10 @@ class Supervisor:
             self._slots.acquire_nowait()
         except anyio.WouldBlock:
             self._counters["busy"] += 1
-            raise SupervisorBusy(f"{self.max_pending} calls are already pending") from None
+            busy = SupervisorBusy(f"{self.max_pending} calls are already pending")
+            if job.span is not None:
+                job.span.end(busy)
+            raise busy from None
         self._submit(job)
         return PendingCall(job, functools.partial(self._await_job, job))
 
@@ -330,6 +347,17 @@ class Supervisor:
         signature = check_call(target.image, target.functions, target.name, name, args)
         job = Job(next(self._ids), target, signature, args, timeout, cpu_timeout)
         job.done = anyio.Event()
+        handler = telemetry.handler_call.get()
+        job.span = telemetry.begin_call(
+            handler.name if handler is not None else name,
+            guest=target.image.path.name,
+            sandbox_id=target.id if isinstance(target, SupervisedSandbox) else None,
+            target=target.name,
+            call_id=job.call_id,
+        )
+        if handler is not None and job.span is not None:
+            handler.span, job.span.held = job.span, True
+            telemetry.handler_call.set(None)  # nested calls are their own
         return job
 
     def _submit(self, job: Job) -> None:
@@ -443,6 +471,11 @@ class Supervisor:
             counters["cancelled"] += 1
         else:
             counters["failed"] += 1
+        if isinstance(error, GuestTimeout) and "_lateness" in error.__dict__:
+            telemetry.watchdog_late(error.__dict__["_lateness"], error.kind)
+        if job.span is not None:
+            sandbox_id = job.sandbox.id if job.sandbox is not None else job.sandbox_id
+            job.span.end(error, path=job.path, sandbox_id=sandbox_id, cancelled=job.abandoned)
         self._slots.release()
         self._outstanding -= 1
         if self._outstanding == 0:

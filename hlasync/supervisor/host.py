@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from .. import _telemetry as telemetry
 from .. import events as ev
 from ..abi import Value
 from ..errors import (
@@ -312,12 +313,14 @@ class WorkerHost:
                 call_id=job.call_id,
                 queued=job.started_at - job.queued_at,
             )
+        job.sandbox_id = sandbox.id
         try:
-            call = sandbox._begin_call(job.name)
+            call = sandbox._begin_call(job.name, job.span)
         except HlasyncError as exc:  # closed or poisoned under us
             self.finish(job, None, exc)
             self._reset(job.target, sandbox)
             return
+        job.path = "exit" if call.hot is None else "doorbell"
         with job.lock:
             job.call = call
             abandoned = job.abandoned
@@ -330,7 +333,11 @@ class WorkerHost:
         result: Value = None
         error: BaseException | None = None
         try:
-            result = sandbox._run_begun(call, job.signature, job.args)
+            if job.span is None:
+                result = sandbox._run_begun(call, job.signature, job.args)
+            else:  # host functions run on this thread inside the call's span
+                with job.span.current():
+                    result = sandbox._run_begun(call, job.signature, job.args)
         except (GuestCancelled, HostFunctionError) as exc:
             if job.expired:
                 # The dump made as it stopped (its callback may not have run yet).
@@ -434,6 +441,13 @@ class WorkerHost:
                 return
             job.expired = kind
             job.expired_at = time.monotonic()
+        telemetry.timed_out(
+            kind,
+            sandbox_id=job.sandbox_id,
+            function=job.span.function if job.span is not None else job.name,
+            limit=job.timeout if kind == "wall" else job.cpu_timeout,
+            elapsed=job.expired_at - job.started_at,
+        )
         reason = "timeout" if kind == "wall" else "cpu-timeout"
         annotate = job.target._stop_annotations
         if annotate is None or job.sandbox is None:

@@ -31,6 +31,12 @@ def wrap_host_functions(
 
 def _async_host(function: Callable[..., Awaitable[Any]], token: Any) -> Callable[..., Any]:
     async def run(job: Job | None, args: tuple[Any, ...]) -> Any:
+        if job is not None and job.span is not None:
+            with job.span.current():  # inside the call's span, as plain ones are
+                return await run_scoped(job, args)
+        return await run_scoped(job, args)
+
+    async def run_scoped(job: Job | None, args: tuple[Any, ...]) -> Any:
         with anyio.CancelScope() as scope:
             if job is not None:
                 job.host_scopes.append(scope)

@@ -18,6 +18,7 @@ from ..sandbox.calls import Call
 from .settings import DEFAULT, check_limit
 
 if TYPE_CHECKING:
+    from .._telemetry import CallSpan
     from .targets import Target
 
 __all__ = ["DEFAULT", "Job", "check_limit", "current_job"]
@@ -54,14 +55,18 @@ class Job:
         "finished",
         "host_scopes",
         "js_stack",
+        "lateness",
         "lock",
         "name",
         "owner_clock",
         "owner_start",
+        "path",
         "queued_at",
         "result",
         "sandbox",
+        "sandbox_id",
         "signature",
+        "span",
         "started_at",
         "target",
         "timeout",
@@ -96,6 +101,8 @@ class Job:
         self.started_at = 0.0
         self.expired: str | None = None  # "wall" or "cpu"
         self.expired_at = 0.0
+        #: How late the watchdog noticed the expiry (seconds, CPU-seconds for "cpu").
+        self.lateness = 0.0
         self.core_path: Path | None = None
         self.dump_error: CrashdumpError | None = None
         self.abandoned = False
@@ -108,6 +115,12 @@ class Job:
         self.owner_start = 0.0
         self.host_scopes: list[anyio.CancelScope] = []
         self.js_stack: str | None = None  # a JS handler's stack when its limit expired
+        #: Its telemetry (``hlasync.call`` span, timing), made on the caller's side.
+        self.span: CallSpan | None = None
+        #: How it reached its guest (``exit`` or ``doorbell``) and on which
+        #: sandbox, once a worker ran it (for its span).
+        self.path: str | None = None
+        self.sandbox_id: str | None = None
 
 
 def cpu_used(job: Job) -> float:

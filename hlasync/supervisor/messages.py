@@ -37,6 +37,7 @@ __all__ = [
     "HostReply",
     "Init",
     "Interest",
+    "Log",
     "Message",
     "Output",
     "Published",
@@ -95,6 +96,9 @@ class Call(Message):
     args: tuple[Any, ...]
     timeout: float | None
     cpu_timeout: float | None
+    #: The call's trace context (W3C ``traceparent``...), for host functions
+    #: that run in the worker: they run inside the caller's span.
+    trace: dict[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +195,8 @@ class Done(Message):
     error: BaseException | None
     sandbox_id: str | None
     counters: dict[str, int]
+    #: How the call reached its guest: "exit" or "doorbell" (None: it never ran).
+    path: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +261,18 @@ class DumpDone(Message):
     error: BaseException | None
 
 
+@dataclass(frozen=True, slots=True)
+class Log(Message):
+    """Worker -> supervisor: a record of one of the worker's ``hlasync.*``
+    loggers (a dump, a timeout), logged again on the supervisor's side."""
+
+    name: str
+    level: int
+    message: str
+    fields: dict[str, Any]  # its ``hlasync.*`` extra fields
+    created: float
+
+
 # ----------------------------------------------------------- either way
 @dataclass(frozen=True, slots=True)
 class Undecodable(Message):
@@ -279,6 +297,7 @@ ToSupervisor: TypeAlias = (
     | CancelHost
     | Output
     | Stderr
+    | Log
     | Closed
     | DumpDone
 )

@@ -78,6 +78,7 @@ def timeout_error(job: Job) -> GuestTimeout:
     )
     error.crashdump_error = job.dump_error
     error.js_stack = job.js_stack
+    error.__dict__["_lateness"] = job.lateness  # for hlasync.watchdog.lateness, by the caller
     return error
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any, assert_never
 
 import anyio
 
+from .. import _telemetry as telemetry
 from .. import events as ev
 from ..errors import HlasyncError, SupervisorError
 from .backend import Front
@@ -32,6 +34,7 @@ from .messages import (
     Hello,
     HostCall,
     HostReply,
+    Log,
     Message,
     Output,
     Published,
@@ -98,15 +101,21 @@ class WorkerMessages(abc.ABC):
         match message:
             case Done(call_id=call_id, result=result, error=error, counters=counters):
                 worker.counters = counters
-                self._done(worker, call_id, result, error)
+                self._done(worker, call_id, result, error, message.sandbox_id, message.path)
             case Published(event=event):
                 if isinstance(event, ev.CallFailed):
                     self._hosts.restore_cause(event.call_id, event.error)
+                elif isinstance(event, ev.CrashDumpWritten | ev.CrashDumpFailed):
+                    _count_dump(event)
+                    if not self._front.events.wants(type(event)):
+                        return  # sent for the metrics alone
                 if worker.node is not None:
                     event = dataclasses.replace(event, node=worker.node)
                 self._front.deliver(event)
-            case HostCall():
-                self._spawn(self._hosts.run, worker, worker.generation, message)
+            case HostCall(call_id=call_id):
+                found = worker.inflight.get(call_id)
+                span = found[0].span if found is not None else None
+                self._spawn(self._hosts.run, worker, worker.generation, message, span)
             case Output(key=key, level=level, text=text):
                 self._hosts.output(key, level, text)
             case CancelHost(call_id=call_id):
@@ -122,6 +131,8 @@ class WorkerMessages(abc.ABC):
             case Stderr(text=text):  # what the worker printed (dump paths, warnings)
                 sys.stderr.write(text)
                 sys.stderr.flush()
+            case Log():
+                _log_again(worker, message)
             case Hello():
                 worker.ready.set()
             case Undecodable(kind=kind, ident=ident, reason=reason):
@@ -129,12 +140,21 @@ class WorkerMessages(abc.ABC):
             case _:
                 assert_never(message)
 
-    def _done(self, worker: WorkerHandle, call_id: int, result: Any, error: Any) -> None:
+    def _done(
+        self,
+        worker: WorkerHandle,
+        call_id: int,
+        result: Any,
+        error: Any,
+        sandbox_id: str | None = None,
+        path: str | None = None,
+    ) -> None:
         """The outcome of a call ``worker`` ran (its sandbox is free again)."""
         found = worker.inflight.pop(call_id, None)
         if found is None:
             return
         job, shard = found
+        job.sandbox_id, job.path = sandbox_id, path
         shard.inflight -= 1
         if isinstance(error, BaseException):
             self._hosts.restore_cause(call_id, error)
@@ -163,3 +183,30 @@ class WorkerMessages(abc.ABC):
             worker.answered((kind, ident), error)
         else:
             self._front.report(error)
+
+
+#: The events a worker process always sends: its dumps, for the dump metrics.
+DUMP_EVENTS = ("CrashDumpFailed", "CrashDumpWritten")
+
+
+def _count_dump(event: ev.CrashDumpWritten | ev.CrashDumpFailed) -> None:
+    """A worker's dump in this process's ``hlasync.crashdumps`` metrics (its
+    log record is the worker's own, on its stderr)."""
+    if isinstance(event, ev.CrashDumpWritten):
+        telemetry.dump_counted(event.reason, failed=False)
+    else:
+        telemetry.dump_counted(event.reason, failed=True)
+
+
+def _log_again(worker: WorkerHandle, record: Log) -> None:
+    """A worker's log record, on the same logger here, with the worker's
+    index and process id as two more fields."""
+    logger = logging.getLogger(record.name)
+    if not logger.isEnabledFor(record.level):
+        return
+    extra = {**record.fields, "hlasync.worker": worker.index, "hlasync.pid": worker.pid}
+    made = logger.makeRecord(
+        record.name, record.level, "(worker)", 0, "%s", (record.message,), None, extra=extra
+    )
+    made.created = record.created
+    logger.handle(made)

@@ -12,11 +12,12 @@ goes to their target's output callback, or to this process's stdout.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -27,6 +28,9 @@ from .loop import Outbox
 from .messages import HostCall, HostReply
 from .proc_handle import WorkerHandle
 from .specs import HostKey
+
+if TYPE_CHECKING:
+    from .._telemetry import CallSpan
 
 __all__ = ["HOST_THREADS", "HostCalls"]
 
@@ -75,10 +79,24 @@ class HostCalls:
         self._outputs.pop(key, None)
 
     # ----------------------------------------------------------------- calls
-    async def run(self, worker: WorkerHandle, generation: int, request: HostCall) -> None:
+    async def run(
+        self,
+        worker: WorkerHandle,
+        generation: int,
+        request: HostCall,
+        span: CallSpan | None = None,
+    ) -> None:
         """Run a host function for a worker's guest and send the answer back to
         the launch of the worker that asked (``generation``), or to nobody: the
-        host calls of its replacement are numbered anew."""
+        host calls of its replacement are numbered anew. It runs inside the
+        call's span (``span``), so that its own spans nest under it."""
+        if span is None:
+            await self._run(worker, generation, request)
+            return
+        with span.current():
+            await self._run(worker, generation, request)
+
+    async def _run(self, worker: WorkerHandle, generation: int, request: HostCall) -> None:
         reply_id, call_id, key = request.reply_id, request.call_id, request.key
         host_key, args = request.host_key, request.args
         function = self._callables.get(key, {}).get(host_key)
@@ -144,7 +162,8 @@ class HostCalls:
             if on_loop is not None:
                 on_loop(done.set)
 
-        self._threads.submit(work)
+        # In the caller's context (the call's span): the executor does not copy it.
+        self._threads.submit(contextvars.copy_context().run, work)
         await done.wait()
         ok, value = box[0]
         if not ok:

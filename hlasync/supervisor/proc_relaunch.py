@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
+from .. import _telemetry as telemetry
 from .. import events as ev
 from ..errors import HlasyncError, WorkerLost
 from .backend import Front
@@ -88,7 +89,17 @@ class Relauncher:
         for shard in shards:
             shard.ready = False
             shard.inflight = 0
-        _logger.error("%s", lost)
+        _logger.error(
+            "%s",
+            lost,
+            extra={
+                telemetry.ATTR_WORKER: worker.index,
+                telemetry.ATTR_EXIT_STATUS: status,
+                "hlasync.pid": worker.pid,
+                "hlasync.node": worker.node,
+                "hlasync.lost_calls": len(inflight),
+            },
+        )
         self._front.events.publish(
             ev.WorkerDied,
             sandbox_id=None,
@@ -119,6 +130,7 @@ class Relauncher:
             or the supervisor is shutting down."""
             return self._closing() or not worker.serves(generation)
 
+        telemetry.worker_restarted(worker.index)
         self._front.events.publish(
             ev.WorkerStarted,
             sandbox_id=None,

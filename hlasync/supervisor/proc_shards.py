@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import anyio
 
+from .. import _telemetry as telemetry
 from ..errors import SupervisorClosed
 from .jobs import Job
 from .messages import Call
@@ -47,7 +48,10 @@ def send_call(shard: Shard, job: Job) -> None:
     worker = shard.worker
     worker.inflight[job.call_id] = (job, shard)
     job.started_at = time.monotonic()
-    worker.send(Call(job.call_id, shard.key, job.name, job.args, job.timeout, job.cpu_timeout))
+    trace = telemetry.inject(job.span)
+    worker.send(
+        Call(job.call_id, shard.key, job.name, job.args, job.timeout, job.cpu_timeout, trace)
+    )
 
 
 class CallQueue:

@@ -64,13 +64,13 @@ from .messages import (
     Register,
     Shutdown,
 )
-from .proc_dispatch import WorkerMessages
+from .proc_dispatch import DUMP_EVENTS, WorkerMessages
 from .proc_handle import Shard, WorkerHandle
 from .proc_hostcalls import HOST_THREADS, HostCalls
 from .proc_relaunch import Relauncher, describe_status, reaped
 from .proc_shards import CallQueue, shards_of
 from .specs import HostKey, TargetSpec
-from .targets import SupervisedSandbox, Target
+from .targets import Pool, SupervisedSandbox, Target
 
 __all__ = ["HOST_THREADS", "START_TIMEOUT", "ProcessBackend"]
 
@@ -217,7 +217,7 @@ class ProcessBackend(WorkerMessages):
                 workers=self.workers_per_process,
                 pin_cpus=pins,
                 sys_path=[p for p in sys.path if p],
-                interest=self._front.interest(),
+                interest=self._interest(),
             ),
         )
         with anyio.move_on_after(START_TIMEOUT):
@@ -427,10 +427,15 @@ class ProcessBackend(WorkerMessages):
 
     # ------------------------------------------------------------ reporting
     def _interest_changed(self) -> None:
-        names = self._front.interest()
+        names = self._interest()
         for worker in self._workers:
             if worker.alive:
                 worker.send(Interest(names))
+
+    def _interest(self) -> list[str]:
+        """The events workers send: the subscribers', and every dump's (counted
+        here in the dump metrics, see WorkerMessages._published)."""
+        return sorted({*self._front.interest(), *DUMP_EVENTS})
 
     def counts(self) -> dict[str, int]:
         return {
@@ -438,6 +443,19 @@ class ProcessBackend(WorkerMessages):
             "running": sum(len(w.inflight) for w in self._workers),
             "sandboxes": sum(s.spec.size for t in self._targets for s in shards_of(t) if s.ready),
         }
+
+    def pool_loads(self) -> list[tuple[str, int, int]]:
+        loads = []
+        for target in list(self._targets):
+            if isinstance(target, Pool):
+                shards = [s for s in shards_of(target) if s.ready]
+                size = sum(s.spec.size for s in shards)
+                busy = sum(min(s.inflight, s.spec.size) for s in shards)
+                loads.append((target.name, size, busy))
+        return loads
+
+    def remote_sandboxes(self) -> int:
+        return self.counts()["sandboxes"]
 
     def worker_counters(self) -> Counter[str]:
         total: Counter[str] = Counter()

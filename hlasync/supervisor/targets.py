@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
 
+from .. import _telemetry as telemetry
 from ..abi import Arg, FunctionSignature, Value
 from ..guest.image import GuestImage
 from ..sandbox import Sandbox, SandboxState
@@ -219,10 +220,26 @@ class JSPool(Pool):
         from ..js import runtime
 
         arguments = runtime.call_arguments(self.name, name, event)
-        reply = await self.call("js_call", *arguments, timeout=timeout, cpu_timeout=cpu_timeout)
-        return await decode_js_reply(
-            self._supervisor._in_thread, reply, sandbox_id=self.name, handler=name
-        )
+        handler = telemetry.HandlerCall(name)  # its span names the handler, ends here
+        token = telemetry.handler_call.set(handler)
+        try:
+            try:
+                reply = await self.call(
+                    "js_call", *arguments, timeout=timeout, cpu_timeout=cpu_timeout
+                )
+            finally:
+                telemetry.handler_call.reset(token)
+            result = await decode_js_reply(
+                self._supervisor._in_thread, reply, sandbox_id=self.name, handler=name
+            )
+        except BaseException as exc:
+            if handler.span is not None:
+                cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
+                handler.span.release(exc, cancelled=cancelled)
+            raise
+        if handler.span is not None:
+            handler.span.release(None)
+        return result
 
     def __repr__(self) -> str:
         return f"<JSPool {self.name} of {self.size} x {len(self.handlers)} handlers>"

@@ -21,7 +21,7 @@ from .hostcalls import wrap_host_function
 from .jobs import Job
 from .loop import Outbox
 from .specs import HostKey, TargetSpec
-from .targets import SupervisedSandbox, Target
+from .targets import Pool, SupervisedSandbox, Target
 
 __all__ = ["ThreadBackend"]
 
@@ -134,6 +134,18 @@ class ThreadBackend:
                 "running": len(host.running),
                 "sandboxes": sum(len(t._members) for t in host.targets),
             }
+
+    def pool_loads(self) -> list[tuple[str, int, int]]:
+        host = self.host
+        with host.lock:
+            return [
+                (t.name, len(t._members), len(t._members) - len(t._free))
+                for t in host.targets
+                if isinstance(t, Pool)
+            ]
+
+    def remote_sandboxes(self) -> int:
+        return 0  # they are this process's: counted as its own
 
     @property
     def counters(self) -> Any:

@@ -67,6 +67,7 @@ class Watchdog:
                         deadline = job.started_at + job.timeout
                         if now >= deadline:
                             expired.append((job, "wall"))
+                            job.lateness = now - deadline
                             self._watched.discard(job)
                             continue
                         wake_at = min(wake_at, deadline)
@@ -78,6 +79,7 @@ class Watchdog:
                             continue
                         if used >= job.cpu_timeout:
                             expired.append((job, "cpu"))
+                            job.lateness = used - job.cpu_timeout
                             self._watched.discard(job)
                             continue
                         # CPU time cannot grow faster than wall time.

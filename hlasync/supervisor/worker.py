@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import itertools
+import logging
 import os
 import socket
 import sys
@@ -29,6 +30,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from typing import Any, assert_never
 
+from .. import _telemetry as telemetry
 from .. import events as ev
 from ..errors import SupervisorClosed, SupervisorError, portable_error
 from ..sandbox import Sandbox
@@ -53,6 +55,7 @@ from .messages import (
     HostReply,
     Init,
     Interest,
+    Log,
     Message,
     Output,
     Published,
@@ -115,6 +118,29 @@ class _ForwardedStream(io.TextIOBase):
         if text:
             self._send(Stderr(text))
         return len(text)
+
+
+class _ForwardedLogs(logging.Handler):
+    """The worker's ``hlasync`` logger: its records (with their ``hlasync.*``
+    fields) go to the supervisor's process, which logs them again there."""
+
+    def __init__(self, send: Callable[[ToSupervisor], None]) -> None:
+        super().__init__()
+        self._send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + "".join(traceback.format_exception(*record.exc_info))
+            fields = {
+                key: value if isinstance(value, str | int | float | bool | None) else str(value)
+                for key, value in record.__dict__.items()
+                if key.startswith("hlasync.")
+            }
+            self._send(Log(record.name, record.levelno, message, fields, record.created))
+        except Exception:  # noqa: BLE001 - logging never breaks the worker
+            self.handleError(record)
 
 
 class _Reply:
@@ -258,6 +284,9 @@ class Worker:
     # ---------------------------------------------------------------- set-up
     def on_init(self, init: Init) -> None:
         sys.stderr = _ForwardedStream(self.send)
+        logs = logging.getLogger("hlasync")
+        logs.addHandler(_ForwardedLogs(self.send))
+        logs.propagate = False  # not also as text on the forwarded stderr
         for entry in reversed(init.sys_path):
             if entry not in sys.path:
                 sys.path.insert(0, entry)
@@ -338,6 +367,8 @@ class Worker:
             return
         function = target.functions[call.function]
         job = Job(call.call_id, target, function, call.args, call.timeout, call.cpu_timeout)
+        if call.trace:  # host functions run here inside the caller's span
+            job.span = telemetry.remote_span(call.trace, function.name)
         self.jobs[call.call_id] = job
         host.submit(job)
 
@@ -345,7 +376,7 @@ class Worker:
         self.jobs.pop(job.call_id, None)
         sandbox_id = job.sandbox.id if job.sandbox is not None else None
         error = portable_error(job.error)
-        self.send(Done(job.call_id, job.result, error, sandbox_id, self.counters()))
+        self.send(Done(job.call_id, job.result, error, sandbox_id, self.counters(), job.path))
 
     def on_close(self, key: str) -> None:
         host = self.host

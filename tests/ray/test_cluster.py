@@ -345,3 +345,50 @@ async def test_a_cluster_without_room_fails_clearly(cluster: dict[str, str]) -> 
     with pytest.raises(SupervisorError, match="cannot start worker 0 on the Ray cluster"):
         async with sup:
             pass
+
+
+async def test_calls_on_ray_nodes_are_spans_with_host_functions_nested(
+    cluster: dict[str, str], simpleguest: Path
+) -> None:
+    """The caller's span is the parent of a Ray call's ``hlasync.call`` span; a
+    host function run on the driver nests under it, and so does the trace
+    context seen by a host function given by reference, which runs on the node."""
+    otel = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from hlasync import observability
+    from hlasync.ray import RaySupervisor
+
+    spans = InMemorySpanExporter()
+    provider = otel.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    tracer = provider.get_tracer("tests")
+    observability.configure(tracer_provider=provider)
+
+    def here(x: int) -> int:
+        with tracer.start_as_current_span("here"):
+            return x + 1
+
+    try:
+        async with RaySupervisor(actors=1, workers=1, resources={"kvm": 1, SECOND: 1}) as sup:
+            pool = await sup.create_pool(
+                simpleguest,
+                size=1,
+                host_functions={"here": here, "there": "tests.hostfns:current_trace"},
+            )
+            with tracer.start_as_current_span("request") as request:
+                assert await pool.call("call_host", "here", 1) == 2
+                there = await pool.call("call_host_str", "there", "x")
+    finally:
+        observability.configure(tracer_provider=None)
+    calls = [s for s in spans.get_finished_spans() if s.name == "hlasync.call"]
+    (nested,) = [s for s in spans.get_finished_spans() if s.name == "here"]
+    assert len(calls) == 2
+    request_id = request.get_span_context().span_id
+    assert all(s.parent is not None and s.parent.span_id == request_id for s in calls)
+    assert calls[0].context is not None and calls[1].context is not None
+    assert nested.parent is not None and nested.parent.span_id == calls[0].context.span_id
+    assert there == f"{calls[1].context.trace_id:032x}/{calls[1].context.span_id:016x}"
+    assert calls[1].attributes is not None
+    assert str(calls[1].attributes["hlasync.sandbox.id"]) in pool.sandbox_ids

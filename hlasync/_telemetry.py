@@ -1,0 +1,666 @@
+"""OpenTelemetry traces and metrics, and the structured log records that go
+with them, for every guest call, dump, timeout and worker death.
+
+Only the OpenTelemetry *API* is used, imported lazily: the library never
+configures an SDK (users do, or pass providers to
+:func:`hlasync.observability.configure`). While no SDK provider is set (the
+API's proxy providers answer), or the ``otel`` extra is absent, or
+instrumentation is switched off (``HLASYNC_OTEL=0`` or ``configure(enabled=
+False)``), a call costs one provider lookup and nothing is recorded.
+
+The names (span, attributes, metrics, log fields) are listed in
+``docs/observability.md``; :mod:`hlasync.observability` is the public face.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import Meter, MeterProvider
+    from opentelemetry.trace import Span, Tracer, TracerProvider
+
+__all__ = [
+    "ATTR_CORE_PATH",
+    "ATTR_FUNCTION",
+    "ATTR_GUEST",
+    "ATTR_OUTCOME",
+    "ATTR_PATH",
+    "ATTR_SANDBOX_ID",
+    "SPAN_CALL",
+    "CallSpan",
+    "begin_call",
+    "crashdump_reason",
+    "outcome_of",
+]
+
+SCOPE = "hlasync"
+SPAN_CALL = "hlasync.call"
+EVENT_CRASHDUMP = "hlasync.crashdump"
+
+ATTR_SANDBOX_ID = "hlasync.sandbox.id"
+ATTR_GUEST = "hlasync.guest"
+ATTR_FUNCTION = "hlasync.function"
+ATTR_OUTCOME = "hlasync.outcome"
+ATTR_PATH = "hlasync.path"
+ATTR_CORE_PATH = "hlasync.core_path"
+ATTR_TARGET = "hlasync.target"  # the pool or dedicated sandbox of a supervised call
+ATTR_CALL_ID = "hlasync.call.id"  # the supervisor's call id
+ATTR_REASON = "hlasync.reason"  # why a dump was written
+ATTR_KIND = "hlasync.kind"  # of a timeout: wall or cpu
+ATTR_POOL = "hlasync.pool"
+ATTR_WORKER = "hlasync.worker"
+ATTR_EXIT_STATUS = "hlasync.exit_status"
+ATTR_ERROR = "hlasync.error"  # an exception's type name
+
+_dump_log = logging.getLogger("hlasync.crashdump")
+_supervisor_log = logging.getLogger("hlasync.supervisor")
+
+# ------------------------------------------------------------ the switch
+_enabled = os.environ.get("HLASYNC_OTEL", "1").strip().lower() not in ("0", "off", "false", "no")
+#: Providers given to configure() (None: the API's global ones).
+_tracer_provider: TracerProvider | None = None
+_meter_provider: MeterProvider | None = None
+
+_UNSET: Any = object()
+
+
+def configure(
+    *,
+    enabled: bool | None = None,
+    tracer_provider: Any = _UNSET,
+    meter_provider: Any = _UNSET,
+) -> None:
+    """See :func:`hlasync.observability.configure`."""
+    global _enabled, _tracer_provider, _meter_provider
+    if enabled is not None:
+        if not isinstance(enabled, bool):
+            raise TypeError("enabled must be a bool")
+        _enabled = enabled
+    if tracer_provider not in (_UNSET, None) or meter_provider not in (_UNSET, None):
+        _api()  # a span made from a given provider is made current through the API
+    if tracer_provider is not _UNSET:
+        if tracer_provider is not None and not hasattr(tracer_provider, "get_tracer"):
+            raise TypeError("tracer_provider must be an OpenTelemetry TracerProvider or None")
+        _tracer_provider = tracer_provider
+        _tracers.clear()
+    if meter_provider is not _UNSET:
+        if meter_provider is not None and not hasattr(meter_provider, "get_meter"):
+            raise TypeError("meter_provider must be an OpenTelemetry MeterProvider or None")
+        _meter_provider = meter_provider
+        _meters.clear()
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+# ------------------------------------------------------- the API, lazily
+class _Api:
+    """The OpenTelemetry API's modules once imported (None: not installed)."""
+
+    trace: Any = None
+    metrics: Any = None
+    metrics_internal: Any = None
+    context: Any = None
+    proxies: tuple[type, ...] = ()
+    status_error: Any = None
+    loaded = False
+
+
+def _api() -> type[_Api] | None:
+    if not _Api.loaded:
+        try:
+            from opentelemetry import context, metrics, trace
+            from opentelemetry.metrics import _internal as metrics_internal
+            from opentelemetry.trace import NoOpTracerProvider, ProxyTracerProvider, StatusCode
+
+            _Api.trace, _Api.metrics, _Api.context = trace, metrics, context
+            _Api.metrics_internal = metrics_internal
+            _Api.proxies = (
+                ProxyTracerProvider,
+                NoOpTracerProvider,
+                metrics_internal._ProxyMeterProvider,
+                metrics.NoOpMeterProvider,
+            )
+            _Api.status_error = StatusCode.ERROR
+        except ImportError:
+            _Api.trace = None
+        _Api.loaded = True
+    return _Api if _Api.trace is not None else None
+
+
+_tracers: dict[int, Tracer] = {}
+
+
+def tracer() -> Tracer | None:
+    """hlasync's tracer, or None when nothing would record its spans."""
+    if not _enabled:
+        return None
+    if _tracer_provider is not None:
+        provider: Any = _tracer_provider
+    else:
+        api = _api()
+        if api is None or _unset(api.trace, "_TRACER_PROVIDER", "OTEL_PYTHON_TRACER_PROVIDER"):
+            return None
+        provider = api.trace.get_tracer_provider()
+        if isinstance(provider, api.proxies):
+            return None
+    found = _tracers.get(id(provider))
+    if found is None:
+        found = _tracers[id(provider)] = provider.get_tracer(SCOPE, _version())
+    return found
+
+
+def _unset(module: Any, name: str, variable: str) -> bool:
+    """Whether the API's global provider ``name`` is certainly not set: the
+    cheap test a call makes while no SDK is configured (the API's own lookup
+    reads the environment every time)."""
+    return getattr(module, name, False) is None and variable not in _environment
+
+
+#: The environment as the process started (a provider named there is loaded
+#: by the API at its first lookup).
+_environment = frozenset(os.environ)
+
+
+class _Instruments:
+    """hlasync's instruments on one meter provider."""
+
+    def __init__(self, meter: Meter) -> None:
+        self.calls = meter.create_counter(
+            "hlasync.calls", unit="{call}", description="Guest calls, by outcome and function"
+        )
+        self.duration = meter.create_histogram(
+            "hlasync.call.duration", unit="s", description="Duration of guest calls"
+        )
+        self.crashdumps = meter.create_counter(
+            "hlasync.crashdumps", unit="{dump}", description="Core dumps written, by reason"
+        )
+        self.crashdump_failures = meter.create_counter(
+            "hlasync.crashdump.failures",
+            unit="{dump}",
+            description="Core dumps that could not be written, by reason",
+        )
+        self.timeouts = meter.create_counter(
+            "hlasync.timeouts", unit="{call}", description="Calls stopped by a wall or CPU limit"
+        )
+        self.worker_restarts = meter.create_counter(
+            "hlasync.worker.restarts",
+            unit="{process}",
+            description="Worker processes (or Ray actors) started again after they died",
+        )
+        self.lateness = meter.create_histogram(
+            "hlasync.watchdog.lateness",
+            unit="s",
+            description="How long after a call's deadline the watchdog acted on it",
+        )
+        meter.create_observable_up_down_counter(
+            "hlasync.sandboxes",
+            callbacks=[_observe_sandboxes],
+            unit="{sandbox}",
+            description="Open sandboxes (this process's and its supervisors' workers')",
+        )
+        meter.create_observable_gauge(
+            "hlasync.pool.size",
+            callbacks=[_observe_pools("size")],
+            unit="{sandbox}",
+            description="Sandboxes of a pool",
+        )
+        meter.create_observable_gauge(
+            "hlasync.pool.busy",
+            callbacks=[_observe_pools("busy")],
+            unit="{sandbox}",
+            description="Sandboxes of a pool running a call",
+        )
+
+
+_meters: dict[int, _Instruments] = {}
+_meters_lock = threading.Lock()
+
+
+def instruments() -> _Instruments | None:
+    """hlasync's instruments, or None when nothing would record them."""
+    if not _enabled:
+        return None
+    if _meter_provider is not None:
+        provider: Any = _meter_provider
+    else:
+        api = _api()
+        if api is None or _unset(
+            api.metrics_internal, "_METER_PROVIDER", "OTEL_PYTHON_METER_PROVIDER"
+        ):
+            return None
+        provider = api.metrics.get_meter_provider()
+        if isinstance(provider, api.proxies):
+            return None
+    found = _meters.get(id(provider))
+    if found is None:
+        with _meters_lock:
+            found = _meters.get(id(provider))
+            if found is None:
+                found = _Instruments(provider.get_meter(SCOPE, _version()))
+                _meters[id(provider)] = found
+    return found
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("hlasync")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        return "0"
+
+
+# ---------------------------------------------- gauges read on collection
+#: Things whose sandboxes and pools the observable instruments read: objects
+#: with ``_telemetry_sandboxes() -> int`` and ``_telemetry_pools() ->
+#: iterable of (pool name, size, busy)`` (supervisors); local sandboxes are
+#: counted through hlasync.sandbox's registry.
+_sources: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def add_source(source: Any) -> None:
+    _sources.add(source)
+
+
+def discard_source(source: Any) -> None:
+    _sources.discard(source)
+
+
+def _observe_sandboxes(options: Any) -> Iterator[Any]:
+    from opentelemetry.metrics import Observation
+
+    from .sandbox.core import live_sandboxes
+
+    total = len(live_sandboxes())
+    for source in list(_sources):
+        try:
+            total += source._telemetry_remote_sandboxes()
+        except Exception:  # noqa: BLE001 - a closing supervisor counts none
+            continue
+    yield Observation(total)
+
+
+def _observe_pools(which: str) -> Callable[[Any], Iterator[Any]]:
+    def observe(options: Any) -> Iterator[Any]:
+        from opentelemetry.metrics import Observation
+
+        for source in list(_sources):
+            try:
+                pools = list(source._telemetry_pools())
+            except Exception:  # noqa: BLE001 - a closing supervisor reports none
+                continue
+            for name, size, busy in pools:
+                yield Observation(size if which == "size" else busy, {ATTR_POOL: name})
+
+    return observe
+
+
+# ----------------------------------------------------------------- calls
+def outcome_of(error: BaseException | None, *, cancelled: bool = False) -> str:
+    """``ok``, ``crashed``, ``timeout``, ``cancelled`` or ``error``."""
+    from .errors import (
+        GuestAborted,
+        GuestCancelled,
+        GuestCrashed,
+        GuestProtocolError,
+        GuestTimeout,
+    )
+
+    if error is None:
+        return "ok"
+    if isinstance(error, GuestTimeout):
+        return "timeout"
+    if cancelled or isinstance(error, GuestCancelled):
+        return "cancelled"
+    if isinstance(error, GuestCrashed | GuestAborted | GuestProtocolError):
+        return "crashed"
+    return "error"
+
+
+class CallSpan:
+    """One guest call's span (None without a tracer) and its start, for the
+    call metrics. ``dumped``: the core paths already added as span events."""
+
+    __slots__ = (
+        "dumped",
+        "ended",
+        "function",
+        "held",
+        "meters",
+        "path",
+        "sandbox_id",
+        "span",
+        "start",
+    )
+
+    def __init__(self, span: Span | None, meters: _Instruments | None, function: str) -> None:
+        self.span = span
+        self.meters = meters
+        self.function = function
+        self.start = time.perf_counter()
+        self.dumped: list[str] = []
+        #: How the call reached its guest: ``exit`` or ``doorbell`` (once known).
+        self.path: str | None = None
+        self.sandbox_id: str | None = None
+        #: Its outcome is decided by whoever holds it (a JS pool's handler call
+        #: decodes the reply after the guest call ended): see :meth:`release`.
+        self.held = False
+        self.ended = False
+
+    def set(self, key: str, value: str | int) -> None:
+        if self.span is not None:
+            self.span.set_attribute(key, value)
+
+    @contextmanager
+    def current(self) -> Iterator[None]:
+        """Make the span the current one of this thread's context meanwhile
+        (host functions and nested calls run inside it)."""
+        if self.span is None:
+            yield
+            return
+        api = _Api
+        token = api.context.attach(api.trace.set_span_in_context(self.span))
+        try:
+            yield
+        finally:
+            api.context.detach(token)
+
+    def dump_written(self, path: str, reason: str) -> None:
+        """A dump of this call was written: a span event (once per path)."""
+        if self.span is None or path in self.dumped:
+            return
+        self.dumped.append(path)
+        self.span.set_attribute(ATTR_CORE_PATH, path)
+        self.span.add_event(EVENT_CRASHDUMP, {ATTR_CORE_PATH: path, ATTR_REASON: reason})
+
+    def end(
+        self,
+        error: BaseException | None,
+        *,
+        path: str | None = None,
+        sandbox_id: str | None = None,
+        cancelled: bool = False,
+    ) -> None:
+        """The call's outcome: the span ends and the call is counted (once;
+        a held span only notes ``path`` and ``sandbox_id`` until released)."""
+        self.path = path or self.path
+        self.sandbox_id = sandbox_id or self.sandbox_id
+        if self.held or self.ended:
+            return
+        self.ended = True
+        outcome = outcome_of(error, cancelled=cancelled)
+        span = self.span
+        if span is not None:
+            if self.sandbox_id is not None:
+                span.set_attribute(ATTR_SANDBOX_ID, self.sandbox_id)
+            if self.path is not None:
+                span.set_attribute(ATTR_PATH, self.path)
+            span.set_attribute(ATTR_OUTCOME, outcome)
+            core_path = getattr(error, "core_path", None)
+            if core_path is not None:
+                reason = crashdump_reason_of_error(error)
+                self.dump_written(str(core_path), reason)
+            if error is not None:
+                span.set_attribute(ATTR_ERROR, type(error).__name__)
+                if outcome != "cancelled":
+                    span.record_exception(error)
+                span.set_status(_Api.status_error, f"{type(error).__name__}: {error}"[:300])
+            span.end()
+        meters = self.meters
+        if meters is not None:
+            attributes = {ATTR_OUTCOME: outcome, ATTR_FUNCTION: self.function}
+            meters.calls.add(1, attributes)
+            meters.duration.record(time.perf_counter() - self.start, attributes)
+            if outcome == "timeout":
+                meters.timeouts.add(1, {ATTR_KIND: getattr(error, "kind", "wall")})
+
+    def release(self, error: BaseException | None, *, cancelled: bool = False) -> None:
+        """End a held span with its holder's outcome."""
+        self.held = False
+        self.end(error, cancelled=cancelled)
+
+
+class HandlerCall:
+    """A JS pool's handler call as its supervised call sees it: the span is
+    named after the handler and held for the handler call to end."""
+
+    __slots__ = ("name", "span")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.span: CallSpan | None = None
+
+
+#: Set by JSPool.call_handler around its guest call (see HandlerCall).
+handler_call: ContextVar[HandlerCall | None] = ContextVar("hlasync_handler_call", default=None)
+
+
+def begin_call(
+    function: str,
+    *,
+    guest: str,
+    sandbox_id: str | None = None,
+    target: str | None = None,
+    call_id: int | None = None,
+) -> CallSpan | None:
+    """Start one call's span (a child of the caller's current span) and its
+    timing; None when neither traces nor metrics would be recorded."""
+    if not _enabled:
+        return None
+    trace_ = tracer()
+    meters = instruments()
+    if trace_ is None and meters is None:
+        return None
+    span = None
+    if trace_ is not None:
+        attributes: dict[str, str | int] = {ATTR_GUEST: guest, ATTR_FUNCTION: function}
+        if sandbox_id is not None:
+            attributes[ATTR_SANDBOX_ID] = sandbox_id
+        if target is not None:
+            attributes[ATTR_TARGET] = target
+        if call_id is not None:
+            attributes[ATTR_CALL_ID] = call_id
+        span = trace_.start_span(SPAN_CALL, attributes=attributes)
+    return CallSpan(span, meters, function)
+
+
+@contextmanager
+def call_scope(function: str, *, guest: str, sandbox_id: str) -> Iterator[CallSpan | None]:
+    """A synchronous call (``Sandbox.call``, ``JSSandbox.call_handler``) as
+    one span, current on this thread while it runs; what it raises is its
+    outcome."""
+    record = begin_call(function, guest=guest, sandbox_id=sandbox_id)
+    if record is None:
+        yield None
+        return
+    try:
+        with record.current():
+            yield record
+    except BaseException as exc:
+        record.end(exc)
+        raise
+    record.end(None)
+
+
+# ------------------------------------------------ across process borders
+def inject(record: CallSpan | None) -> dict[str, str] | None:
+    """The trace context of ``record``'s span for another process (through
+    the API's global propagator: W3C ``traceparent`` by default)."""
+    if record is None or record.span is None:
+        return None
+    api = _Api
+    from opentelemetry import propagate
+
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=api.trace.set_span_in_context(record.span))
+    return carrier or None
+
+
+def remote_span(carrier: dict[str, str], function: str) -> CallSpan | None:
+    """In a worker process: a stand-in for the caller's span, from its trace
+    context (``carrier``), made current while the call runs so that host
+    functions run here nest under the caller's span. It records nothing and
+    ends nothing here: the span is the caller's, and so are the metrics."""
+    api = _api()
+    if api is None or not _enabled:
+        return None
+    from opentelemetry import propagate
+
+    try:
+        context = propagate.extract(carrier)
+    except Exception:  # noqa: BLE001 - a malformed carrier: no parent
+        return None
+    parent = api.trace.get_current_span(context)
+    if not parent.get_span_context().is_valid:
+        return None
+    record = CallSpan(parent, None, function)
+    record.ended = True  # never ended or counted here
+    return record
+
+
+# ------------------------------------------------------------------ dumps
+_REASONS = {
+    "fault": "fault",
+    "abort": "abort",
+    "timeout": "timeout",
+    "cpu-timeout": "timeout",
+    "on-demand": "on_demand",
+    "protocol-error": "protocol",
+    "unexpected-exit": "protocol",
+    "cancelled": "cancelled",
+    "signal": "signal",
+}
+
+
+def crashdump_reason(reason: str) -> str:
+    """The ``hlasync.reason`` of a dump's internal reason (as its note records it)."""
+    return _REASONS.get(reason, reason.replace("-", "_"))
+
+
+def crashdump_reason_of_error(error: BaseException | None) -> str:
+    from .errors import GuestAborted, GuestCrashed, GuestProtocolError, GuestTimeout
+
+    if isinstance(error, GuestTimeout):
+        return "timeout"
+    if isinstance(error, GuestCrashed):
+        return "fault"
+    if isinstance(error, GuestAborted):
+        return "abort"
+    if isinstance(error, GuestProtocolError):
+        return "protocol"
+    return "cancelled"
+
+
+def dump_extra(
+    sandbox_id: str, reason: str, function: str | None, path: str | None = None
+) -> dict[str, object]:
+    """The ``extra`` fields of a dump's log record."""
+    extra: dict[str, object] = {
+        ATTR_SANDBOX_ID: sandbox_id,
+        ATTR_REASON: crashdump_reason(reason),
+        ATTR_FUNCTION: function,
+    }
+    if path is not None:
+        extra[ATTR_CORE_PATH] = path
+    return extra
+
+
+def dump_done(
+    sandbox_id: str,
+    reason: str,
+    function: str | None,
+    path: str | None,
+    error: BaseException | None,
+    span: CallSpan | None,
+) -> None:
+    """A dump was written (``path``) or failed (``error``): counted, and an
+    event on the span of the call it was made of (when known). The log
+    record of a written dump is the "Core dump created" one
+    (:mod:`hlasync.crashdump.placement`); a failure is logged here."""
+    label = crashdump_reason(reason)
+    if error is not None:
+        _dump_log.warning(
+            "sandbox %s: core dump (%s) failed: %s",
+            sandbox_id,
+            label,
+            error,
+            extra={**dump_extra(sandbox_id, reason, function), ATTR_ERROR: type(error).__name__},
+        )
+    elif span is not None and path is not None:
+        span.dump_written(path, label)
+    dump_counted(reason, failed=error is not None)
+
+
+def dump_counted(reason: str, *, failed: bool) -> None:
+    """One dump (internal ``reason``) in ``hlasync.crashdumps`` or, ``failed``,
+    in ``hlasync.crashdump.failures``."""
+    meters = instruments()
+    if meters is not None:
+        counter = meters.crashdump_failures if failed else meters.crashdumps
+        counter.add(1, {ATTR_REASON: crashdump_reason(reason)})
+
+
+_sandbox_log = logging.getLogger("hlasync.sandbox")
+
+
+def protocol_error(sandbox_id: str, error: Any) -> None:
+    """A guest broke the call protocol (a ``GuestProtocolError``): a log record."""
+    _sandbox_log.warning(
+        "%s",
+        error,
+        extra={
+            ATTR_SANDBOX_ID: sandbox_id,
+            ATTR_FUNCTION: error.function,
+            ATTR_REASON: "protocol",
+            ATTR_CORE_PATH: str(error.core_path) if error.core_path is not None else None,
+        },
+    )
+
+
+# -------------------------------------------------------- the supervisor
+def timed_out(
+    kind: str, *, sandbox_id: str | None, function: str, limit: float | None, elapsed: float
+) -> None:
+    """A call's wall (``wall``) or CPU (``cpu``) limit expired: a log record
+    (the count is the call's outcome's, in :meth:`CallSpan.end`)."""
+    _supervisor_log.warning(
+        "sandbox %s: %s() passed its %s limit of %s s (%.3f s): dumping and stopping it",
+        sandbox_id,
+        function,
+        kind,
+        limit,
+        elapsed,
+        extra={
+            ATTR_SANDBOX_ID: sandbox_id,
+            ATTR_FUNCTION: function,
+            ATTR_KIND: kind,
+            "hlasync.limit": limit,
+            "hlasync.elapsed": elapsed,
+        },
+    )
+
+
+def watchdog_late(seconds: float, kind: str) -> None:
+    """A watchdog acted on a ``kind`` (wall or cpu) limit ``seconds`` after it
+    expired (for cpu: CPU-seconds used past the limit)."""
+    meters = instruments()
+    if meters is not None:
+        meters.lateness.record(max(seconds, 0.0), {ATTR_KIND: kind})
+
+
+def worker_restarted(worker: int) -> None:
+    """Worker process (or Ray actor) ``worker`` was started again after it died."""
+    meters = instruments()
+    if meters is not None:
+        meters.worker_restarts.add(1, {ATTR_WORKER: worker})
