@@ -176,11 +176,21 @@ class _Instruments:
     """hlasync's instruments on one meter provider."""
 
     def __init__(self, meter: Meter) -> None:
-        self.calls = meter.create_counter(
-            "hlasync.calls", unit="{call}", description="Guest calls, by outcome and function"
+        # Counted here and read by the SDK when it collects: a call costs a
+        # dict increment instead of an SDK measurement.
+        self._counts: dict[tuple[str, str], int] = {}
+        self._counts_lock = threading.Lock()
+        meter.create_observable_counter(
+            "hlasync.calls",
+            callbacks=[self._observe_calls],
+            unit="{call}",
+            description="Guest calls, by outcome and function",
         )
         self.duration = meter.create_histogram(
-            "hlasync.call.duration", unit="s", description="Duration of guest calls"
+            "hlasync.call.duration",
+            unit="s",
+            description="Duration of guest calls",
+            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
         )
         self.crashdumps = meter.create_counter(
             "hlasync.crashdumps", unit="{dump}", description="Core dumps written, by reason"
@@ -202,6 +212,7 @@ class _Instruments:
             "hlasync.watchdog.lateness",
             unit="s",
             description="How long after a call's deadline the watchdog acted on it",
+            explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
         )
         meter.create_observable_up_down_counter(
             "hlasync.sandboxes",
@@ -222,6 +233,26 @@ class _Instruments:
             description="Sandboxes of a pool running a call",
         )
 
+    def count_call(self, outcome: str, function: str) -> None:
+        key = (outcome, function)
+        with self._counts_lock:
+            self._counts[key] = self._counts.get(key, 0) + 1
+
+    def _observe_calls(self, options: Any) -> Iterator[Any]:
+        from opentelemetry.metrics import Observation
+
+        with self._counts_lock:
+            counts = list(self._counts.items())
+        for (outcome, function), count in counts:
+            yield Observation(count, {ATTR_OUTCOME: outcome, ATTR_FUNCTION: function})
+
+
+#: Histogram buckets for durations in seconds, 10 µs to 10 s (the SDK's
+#: defaults are made for milliseconds: every call would land in the first).
+SECONDS_BUCKETS = (
+    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
 
 _meters: dict[int, _Instruments] = {}
 _meters_lock = threading.Lock()
@@ -370,7 +401,12 @@ class CallSpan:
             yield
             return
         api = _Api
-        token = api.context.attach(api.trace.set_span_in_context(self.span))
+        try:
+            token = api.context.attach(api.trace.set_span_in_context(self.span))
+        except Exception as exc:  # noqa: BLE001 - a broken SDK never fails a call
+            failed(exc)
+            yield
+            return
         try:
             yield
         finally:
@@ -399,14 +435,21 @@ class CallSpan:
         if self.held or self.ended:
             return
         self.ended = True
+        try:
+            self._record(error, cancelled)
+        except Exception as exc:  # noqa: BLE001 - a broken SDK never fails a call
+            failed(exc)
+
+    def _record(self, error: BaseException | None, cancelled: bool) -> None:
         outcome = outcome_of(error, cancelled=cancelled)
         span = self.span
         if span is not None:
+            attributes: dict[str, str] = {ATTR_OUTCOME: outcome}
             if self.sandbox_id is not None:
-                span.set_attribute(ATTR_SANDBOX_ID, self.sandbox_id)
+                attributes[ATTR_SANDBOX_ID] = self.sandbox_id
             if self.path is not None:
-                span.set_attribute(ATTR_PATH, self.path)
-            span.set_attribute(ATTR_OUTCOME, outcome)
+                attributes[ATTR_PATH] = self.path
+            span.set_attributes(attributes)
             core_path = getattr(error, "core_path", None)
             if core_path is not None:
                 reason = crashdump_reason_of_error(error)
@@ -419,9 +462,11 @@ class CallSpan:
             span.end()
         meters = self.meters
         if meters is not None:
-            attributes = {ATTR_OUTCOME: outcome, ATTR_FUNCTION: self.function}
-            meters.calls.add(1, attributes)
-            meters.duration.record(time.perf_counter() - self.start, attributes)
+            meters.count_call(outcome, self.function)
+            meters.duration.record(
+                time.perf_counter() - self.start,
+                {ATTR_OUTCOME: outcome, ATTR_FUNCTION: self.function},
+            )
             if outcome == "timeout":
                 meters.timeouts.add(1, {ATTR_KIND: getattr(error, "kind", "wall")})
 
@@ -471,26 +516,25 @@ def begin_call(
             attributes[ATTR_TARGET] = target
         if call_id is not None:
             attributes[ATTR_CALL_ID] = call_id
-        span = trace_.start_span(SPAN_CALL, attributes=attributes)
+        try:
+            span = trace_.start_span(SPAN_CALL, attributes=attributes)
+        except Exception as exc:  # noqa: BLE001 - a broken SDK never fails a call
+            failed(exc)
     return CallSpan(span, meters, function)
 
 
-@contextmanager
-def call_scope(function: str, *, guest: str, sandbox_id: str) -> Iterator[CallSpan | None]:
-    """A synchronous call (``Sandbox.call``, ``JSSandbox.call_handler``) as
-    one span, current on this thread while it runs; what it raises is its
-    outcome."""
-    record = begin_call(function, guest=guest, sandbox_id=sandbox_id)
-    if record is None:
-        yield None
-        return
-    try:
-        with record.current():
-            yield record
-    except BaseException as exc:
-        record.end(exc)
-        raise
-    record.end(None)
+_failures: set[str] = set()
+
+
+def failed(error: BaseException) -> None:
+    """The SDK (or a processor, exporter or reader given to it) raised: the
+    call goes on; logged once per kind of failure."""
+    key = f"{type(error).__name__}: {error}"[:200]
+    if key not in _failures:
+        _failures.add(key)
+        logging.getLogger("hlasync.telemetry").warning(
+            "OpenTelemetry recording failed (%s); hlasync goes on without it", key
+        )
 
 
 # ------------------------------------------------ across process borders
@@ -588,6 +632,20 @@ def dump_done(
     event on the span of the call it was made of (when known). The log
     record of a written dump is the "Core dump created" one
     (:mod:`hlasync.crashdump.placement`); a failure is logged here."""
+    try:
+        _dump_done(sandbox_id, reason, function, path, error, span)
+    except Exception as exc:  # noqa: BLE001 - a broken SDK never fails a dump
+        failed(exc)
+
+
+def _dump_done(
+    sandbox_id: str,
+    reason: str,
+    function: str | None,
+    path: str | None,
+    error: BaseException | None,
+    span: CallSpan | None,
+) -> None:
     label = crashdump_reason(reason)
     if error is not None:
         _dump_log.warning(

@@ -27,6 +27,7 @@ RUNS: dict[str, tuple[list[str], str]] = {
     "js_stateful.py": ([], "add 1 -> {'total': 16} (15 + 1: the snapshot's state)"),
     "js_from_hyperlight.py": ([], "{'cpu_timeout': 0.2, 'timeout': 5.0} -> GuestTimeout (cpu)"),
     "hot_sandbox.py": ([], "after restore(): increment -> 1"),
+    "observability_console.py": ([], "await pool.call('call_host', 'double', 5) -> 10"),
     "ray_cluster.py": ([], "fetched core: hl_core_"),
     "worker_processes.py": (
         [],
@@ -143,6 +144,17 @@ def test_js_stateful(kvm: Kvm, tmp_path: Path) -> None:
     assert "the next call is refused: SandboxPoisoned" in output
     assert "after restore(): add 1 -> {'total': 1}" in output
     assert "without keep_state: add 5 three times -> [5, 5, 5]" in output
+
+
+def test_observability_console(kvm: Kvm, tmp_path: Path) -> None:
+    import pytest
+
+    pytest.importorskip("opentelemetry.sdk")
+    arguments, line = RUNS["observability_console.py"]
+    output = run_example("observability_console.py", arguments, tmp_path)
+    assert line in output
+    assert "event hlasync.crashdump {'hlasync.core_path': " in output
+    assert "span double" in output and "metric hlasync.calls {" in output
 
 
 def test_worker_processes(kvm: Kvm, tmp_path: Path) -> None:

@@ -25,16 +25,16 @@ import pytest
 
 pytest.importorskip("opentelemetry.sdk")
 
-from opentelemetry import trace  # noqa: E402
-from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
+from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
     InMemorySpanExporter,
 )
 
-from hlasync import (  # noqa: E402
+from hlasync import (
     GuestCancelled,
     GuestCrashed,
     GuestTimeout,
@@ -44,8 +44,8 @@ from hlasync import (  # noqa: E402
     WorkerLost,
     observability,
 )
-from hlasync import events as ev  # noqa: E402
-from hlasync.kvm import Kvm  # noqa: E402
+from hlasync import events as ev
+from hlasync.kvm import Kvm
 
 pytestmark = pytest.mark.anyio
 
@@ -300,7 +300,7 @@ async def test_supervised_crashes_timeouts_and_cancels_are_counted(
         with anyio.fail_after(10):  # the cancelled call's outcome reaches the loop
             while len(otel.finished()) < 4:
                 await anyio.sleep(0.01)
-    by_function = {}
+    by_function: dict[object, list[Any]] = {}
     for span in otel.finished():
         assert span.attributes is not None
         by_function.setdefault(span.attributes["hlasync.function"], []).append(span.attributes)
@@ -377,9 +377,12 @@ def test_dump_and_timeout_log_records_carry_the_attributes(
 ) -> None:
     from hlasync.js import JSSandbox
 
-    with caplog.at_level(logging.WARNING, logger="hlasync"), Sandbox(simpleguest) as sb:
-        with pytest.raises(GuestCrashed) as crashed:
-            sb.call("divide_by_zero")
+    with (
+        caplog.at_level(logging.WARNING, logger="hlasync"),
+        Sandbox(simpleguest) as sb,
+        pytest.raises(GuestCrashed) as crashed,
+    ):
+        sb.call("divide_by_zero")
     (dumped,) = [r for r in caplog.records if r.getMessage().startswith("Core dump created")]
     assert dumped.name == "hlasync.crashdump"
     assert getattr(dumped, "hlasync.core_path") == str(crashed.value.core_path)
@@ -456,9 +459,12 @@ def test_a_protocol_error_is_a_log_record(
 ) -> None:
     from hlasync import GuestProtocolError
 
-    with caplog.at_level(logging.WARNING, logger="hlasync"), Sandbox(hostile_guest) as sb:
-        with pytest.raises(GuestProtocolError) as info:
-            sb.call("in_port")
+    with (
+        caplog.at_level(logging.WARNING, logger="hlasync"),
+        Sandbox(hostile_guest) as sb,
+        pytest.raises(GuestProtocolError) as info,
+    ):
+        sb.call("in_port")
     (record,) = [r for r in caplog.records if r.name == "hlasync.sandbox"]
     assert record.levelno == logging.WARNING
     assert getattr(record, "hlasync.reason") == "protocol"
@@ -489,3 +495,30 @@ async def test_a_worker_process_logs_through_the_supervisors_loggers(
     assert getattr(dumped, "hlasync.core_path") == str(info.value.core_path)
     assert getattr(dumped, "hlasync.reason") == "timeout"
     assert dumped.getMessage() == f"Core dump created: {info.value.core_path}"
+
+
+def test_a_broken_sdk_never_fails_a_call(
+    kvm: Kvm, simpleguest: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    class Broken(SpanProcessor):
+        def on_start(self, span: Any, parent_context: Any = None) -> None:
+            raise RuntimeError("processor on_start broke")
+
+        def on_end(self, span: Any) -> None:
+            raise RuntimeError("processor on_end broke")
+
+    provider = TracerProvider()
+    provider.add_span_processor(Broken())
+    observability.configure(tracer_provider=provider)
+    try:
+        with caplog.at_level(logging.WARNING, logger="hlasync"), Sandbox(simpleguest) as sb:
+            assert [sb.call("add", i, 1) for i in range(3)] == [1, 2, 3]
+            with pytest.raises(GuestCrashed):
+                sb.call("divide_by_zero")
+    finally:
+        observability.configure(tracer_provider=None)
+    warned = [r for r in caplog.records if r.name == "hlasync.telemetry"]
+    assert warned and len(warned) == len({r.getMessage() for r in warned})  # once per kind
+    assert all("hlasync goes on without it" in r.getMessage() for r in warned)

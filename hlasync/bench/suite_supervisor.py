@@ -1,5 +1,5 @@
-"""Async supervisor benchmarks: pool call latency, throughput, and watchdog
-timeouts.
+"""Async supervisor benchmarks: pool call latency, throughput, watchdog
+timeouts, and what hlasync's OpenTelemetry instrumentation costs a pool call.
 
 The ``supervisor`` suite of ``python -m hlasync.bench`` (``python -m
 hlasync.bench supervisor``).
@@ -10,8 +10,9 @@ takes few samples and is a smoke test only; numbers worth quoting come from
 the full mode.
 
 Measurements that are compared with each other (supervised and synchronous
-calls; 2 and 1 workers) run in the same process, interleaved in rounds, so
-that machine noise that comes and goes between minutes hits both alike.
+calls; 2 and 1 workers; instrumentation off, on without an SDK, on with an
+SDK recording) run in the same process, interleaved in rounds, so that
+machine noise that comes and goes between minutes hits them alike.
 
 Timed-out calls write their core dumps to a fresh temporary directory (through
 ``HYPERLIGHT_CORE_DUMP_DIR``, restored afterwards) that is deleted at the end;
@@ -29,7 +30,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +38,7 @@ from typing import Any, Literal
 import anyio
 
 import hlasync.guests
-from hlasync import GuestTimeout, Sandbox
+from hlasync import GuestTimeout, Sandbox, _telemetry
 from hlasync.crashdump.placement import DUMP_DIR_ENV, DUMP_GLOB
 from hlasync.supervisor import Pool, Supervisor, SupervisorStatistics, loop_waker
 
@@ -83,6 +84,9 @@ class Counts:
     tp_warmup: int  # calls of one untimed round per worker count
     timeouts: int
     timeout_warmup: int
+    otel_calls: int  # per instrumentation mode, split evenly over otel_rounds
+    otel_rounds: int
+    otel_warmup: int  # untimed calls per mode before the first round
 
 
 QUICK = Counts(
@@ -95,6 +99,9 @@ QUICK = Counts(
     tp_warmup=500,
     timeouts=10,
     timeout_warmup=1,
+    otel_calls=300,
+    otel_rounds=3,
+    otel_warmup=50,
 )
 FULL = Counts(
     seq_calls=5_000,
@@ -106,7 +113,23 @@ FULL = Counts(
     tp_warmup=2_000,
     timeouts=100,
     timeout_warmup=3,
+    otel_calls=6_000,
+    otel_rounds=20,
+    otel_warmup=500,
 )
+
+#: The instrumentation modes of the overhead measurement: (key, label).
+OTEL_MODES = (
+    ("otel_off", "instrumentation off"),
+    ("otel_no_sdk", "instrumentation on, no SDK configured"),
+    ("otel_sdk", "instrumentation on, SDK recording (in-memory exporter and reader)"),
+)
+#: The most each mode may cost over "off" (ratio of medians): issue 20's targets.
+OTEL_TARGETS = {"otel_no_sdk": 1.02, "otel_sdk": 1.15}
+OTEL_RATIO_LABELS = {
+    "otel_no_sdk": "instrumentation on, no SDK / off (ratio of medians)",
+    "otel_sdk": "instrumentation on, SDK recording / off (ratio of medians)",
+}
 
 
 @dataclass
@@ -132,9 +155,21 @@ class Ratio:
     denominator: str
     #: The same ratio for each interleaved round (medians within the round).
     per_round: list[float]
+    #: The row of the table it is printed under.
+    after: str = "sync_add_restore"
+    #: The most the ratio may be (None: no target).
+    at_most: float | None = None
 
     def value(self, by_key: dict[str, Result]) -> float:
         return by_key[self.numerator].stats()["median"] / by_key[self.denominator].stats()["median"]
+
+    def evaluate(self, by_key: dict[str, Result]) -> tuple[str, str]:
+        """(target text, met text), as :func:`evaluate` for a row."""
+        if self.at_most is None:
+            return "-", "-"
+        got = self.value(by_key)
+        overhead = round((self.at_most - 1) * 100)
+        return f"<= {self.at_most:.2f}x off (+{overhead} %)", "yes" if got <= self.at_most else "no"
 
 
 @dataclass
@@ -142,6 +177,8 @@ class Report:
     results: list[Result]
     ratios: list[Ratio]
     statistics: dict[str, SupervisorStatistics]
+    #: Lines printed below the table (a measurement left out, and why).
+    notes: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------ helpers
@@ -303,6 +340,142 @@ async def bench_latency(pool: Pool, guest: Path, counts: Counts) -> tuple[list[R
     return results, ratio
 
 
+# ------------------------------------------------- instrumentation overhead
+#: Untimed calls after each switch of mode (the first span or metric of a
+#: mode makes its tracer and instruments).
+OTEL_SWITCH_WARMUP = 10
+
+
+@dataclass
+class OtelSdk:
+    """An OpenTelemetry SDK recording in memory, given to hlasync alone."""
+
+    tracer_provider: Any
+    meter_provider: Any
+    spans: Any  # its InMemorySpanExporter
+
+
+def otel_sdk() -> OtelSdk | None:
+    """A fresh SDK, or None without opentelemetry-sdk (the ``otel`` extra)."""
+    try:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    except ImportError:
+        return None
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    return OtelSdk(tracer_provider, meter_provider, spans)
+
+
+def global_sdk_set() -> bool:
+    """Whether OpenTelemetry's global providers are real ones (then the "no
+    SDK" mode records to them)."""
+    api = _telemetry._api()
+    if api is None:
+        return False
+    providers = (api.trace.get_tracer_provider(), api.metrics.get_meter_provider())
+    return not all(isinstance(provider, api.proxies) for provider in providers)
+
+
+@contextlib.contextmanager
+def telemetry_restored() -> Iterator[None]:
+    """Put hlasync's instrumentation settings back as they were found."""
+    enabled = _telemetry.enabled()
+    tracer_provider, meter_provider = _telemetry._tracer_provider, _telemetry._meter_provider
+    try:
+        yield
+    finally:
+        _telemetry.configure(
+            enabled=enabled, tracer_provider=tracer_provider, meter_provider=meter_provider
+        )
+
+
+async def bench_instrumentation(
+    pool: Pool, counts: Counts
+) -> tuple[list[Result], list[Ratio], list[str]]:
+    """Sequential pool ``add`` calls with hlasync's instrumentation off, on with
+    no SDK configured, and on with an SDK recording to memory: blocks of
+    each mode in turn, in rounds (which mode goes first rotates)."""
+    sdk = otel_sdk()
+    if sdk is None:
+        return [], [], ["- instrumentation overhead: not measured, opentelemetry-sdk is missing"]
+    modes = [key for key, _ in OTEL_MODES]
+    switch: dict[str, Callable[[], None]] = {
+        "otel_off": lambda: _telemetry.configure(
+            enabled=False, tracer_provider=None, meter_provider=None
+        ),
+        "otel_no_sdk": lambda: _telemetry.configure(
+            enabled=True, tracer_provider=None, meter_provider=None
+        ),
+        "otel_sdk": lambda: _telemetry.configure(
+            enabled=True, tracer_provider=sdk.tracer_provider, meter_provider=sdk.meter_provider
+        ),
+    }
+    samples: dict[str, list[int]] = {key: [] for key in modes}
+    round_medians: dict[str, list[float]] = {key: [] for key in modes}
+    per_mode = max(1, counts.otel_calls // counts.otel_rounds)
+    global_sdk = global_sdk_set()
+    recorded = 0  # spans the SDK mode's calls made
+    try:
+        with telemetry_restored():
+            for key in modes:
+                switch[key]()
+                for _ in range(counts.otel_warmup):
+                    await expect_add(pool, f"during warm-up ({key})")
+            # Round -1 is timed like the others and thrown away: the first
+            # timed block after the warm-up came out up to 1.7x slower here.
+            for round_ in range(-1, counts.otel_rounds):
+                sdk.spans.clear()  # memory stays flat over the rounds
+                shift = round_ % len(modes)
+                for key in modes[shift:] + modes[:shift]:
+                    switch[key]()
+                    for _ in range(OTEL_SWITCH_WARMUP):
+                        await expect_add(pool, f"after switching to {key}")
+                    with gc_paused():
+                        got = await _time_pool_adds(pool, per_mode)
+                    if round_ >= 0:
+                        samples[key].extend(got)
+                        round_medians[key].append(median(got))
+                if round_ >= 0:
+                    recorded += len(sdk.spans.get_finished_spans())
+    finally:
+        sdk.tracer_provider.shutdown()
+        sdk.meter_provider.shutdown()
+    expected = counts.otel_rounds * (per_mode + OTEL_SWITCH_WARMUP)
+    if recorded != expected:
+        raise RuntimeError(f"the SDK mode recorded {recorded} spans, expected {expected}")
+    labels = dict(OTEL_MODES)
+    if global_sdk:
+        labels["otel_no_sdk"] += " (a global SDK is set: it records)"
+    results = [
+        Result(
+            key,
+            f'instrumentation overhead: await pool.call("add", 1, 2), {labels[key]}',
+            samples[key],
+            extra={"pool_size": POOL_SIZE, "workers": 2, "global_sdk_set": global_sdk},
+        )
+        for key in modes
+    ]
+    ratios = [
+        Ratio(
+            f"{key}_over_off",
+            OTEL_RATIO_LABELS[key],
+            key,
+            "otel_off",
+            [a / b for a, b in zip(round_medians[key], round_medians["otel_off"], strict=True)],
+            after=key,
+            at_most=OTEL_TARGETS[key],
+        )
+        for key in ("otel_no_sdk", "otel_sdk")
+    ]
+    return results, ratios, []
+
+
 async def _throughput_round(pool: Pool, calls: int, tasks: int) -> tuple[float, float]:
     """``tasks`` tasks make ``calls`` pool calls in all; (calls/s, wall seconds)."""
     remaining = calls
@@ -422,6 +595,8 @@ async def run_async(guest: Path, counts: Counts) -> Report:
     async with Supervisor(workers=2) as sup:
         pool = await sup.create_pool(guest, size=POOL_SIZE)
         results, ratio = await bench_latency(pool, guest, counts)
+        otel_results, otel_ratios, notes = await bench_instrumentation(pool, counts)
+        results.extend(otel_results)
         async with Supervisor(workers=1) as sup1:
             pool1 = await sup1.create_pool(guest, size=POOL_SIZE)
             results.extend(await bench_throughput({2: pool, 1: pool1}, counts))
@@ -440,7 +615,7 @@ async def run_async(guest: Path, counts: Counts) -> Report:
             raise RuntimeError(f"supervisor {name} ended with {stats}")
     if stats2.timed_out != expected_timeouts or stats2.dumps_written != expected_timeouts:
         raise RuntimeError(f"expected {expected_timeouts} timeouts and dumps, got {stats2}")
-    return Report(results, [ratio], {"workers_2": stats2, "workers_1": stats1})
+    return Report(results, [ratio, *otel_ratios], {"workers_2": stats2, "workers_1": stats1}, notes)
 
 
 def run(counts: Counts, backend: str) -> Report:
@@ -480,13 +655,15 @@ def render(machine: dict[str, Any], mode: str, report: Report) -> str:
             f"| {result.label} | {cells[0]} | {cells[1]} | {cells[2]} "
             f"| {len(result.samples)} | {target} | {met} |"
         )
-        if result.key == "sync_add_restore":
-            for ratio in report.ratios:
+        for ratio in report.ratios:
+            if ratio.after == result.key:
+                target, met = ratio.evaluate(by_key)
                 lines.append(
                     f"| {ratio.label} | {ratio.value(by_key):.2f}x | - | - "
-                    f"| {len(ratio.per_round)} rounds | - | - |"
+                    f"| {len(ratio.per_round)} rounds | {target} | {met} |"
                 )
     lines.append("")
+    lines.extend(report.notes)
     for result in report.results:
         if result.unit == "calls/s":
             rounds = ", ".join(f"{rate:,.0f}" for rate in result.samples)
@@ -526,16 +703,18 @@ def to_json(
             f"samples_{u}": list(result.samples),
             **result.extra,
         }
-    derived = {
-        ratio.key: {
+    derived = {}
+    for ratio in report.ratios:
+        target, met = ratio.evaluate(by_key)
+        derived[ratio.key] = {
             "label": ratio.label,
             "median_ratio": ratio.value(by_key),
             "numerator": ratio.numerator,
             "denominator": ratio.denominator,
             "per_round_ratios": ratio.per_round,
+            "target": None if target == "-" else target,
+            "met": None if met == "-" else met == "yes",
         }
-        for ratio in report.ratios
-    }
     return {
         "machine": machine,
         "mode": mode,
@@ -545,6 +724,7 @@ def to_json(
         "measurements": measurements,
         "derived": derived,
         "supervisor_statistics": {k: v._asdict() for k, v in report.statistics.items()},
+        "notes": report.notes,
     }
 
 

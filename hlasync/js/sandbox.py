@@ -321,9 +321,8 @@ class JSSandbox:
         span = telemetry.begin_call(name, guest=self._sandbox.image.path.name, sandbox_id=self.id)
         if span is None:
             return self._run_handler(name, arguments, timeout, cpu_timeout, None)
-        try:
-            with span.current():  # host functions and nested calls run inside it
-                result = self._run_handler(name, arguments, timeout, cpu_timeout, span)
+        try:  # host functions run inside the span (the runner makes it current)
+            result = self._run_handler(name, arguments, timeout, cpu_timeout, span)
         except BaseException as exc:
             span.end(exc)
             raise

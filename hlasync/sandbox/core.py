@@ -176,9 +176,8 @@ class Sandbox(Requests, Spinning, Booting):
         span = telemetry.begin_call(name, guest=self.image.path.name, sandbox_id=self.id)
         if span is None:
             return self._call_checked(signature, args)
-        try:
-            with span.current():
-                result = self._call_checked(signature, args, span)
+        try:  # host functions run inside the span (the runner makes it current)
+            result = self._call_checked(signature, args, span)
         except BaseException as exc:
             span.end(exc)
             raise

@@ -289,7 +289,11 @@ def _host_call(sb: Runnable, call: Call, function: str, request: abi.HostCall) -
     sb._enter_host(call)
     try:
         try:
-            result = host_fn(*request.args)
+            if call.span is None:
+                result = host_fn(*request.args)
+            else:  # inside the call's span: the function's own spans nest under it
+                with call.span.current():
+                    result = host_fn(*request.args)
         except Exception as exc:  # noqa: BLE001 - reported to the caller as HostFunctionError
             failure = fail(
                 f"host function {request.name!r} raised {type(exc).__name__}: {exc}", exc
@@ -327,7 +331,11 @@ def _print(sb: Runnable, call: Call, text: str) -> None:
     sb._enter_host(call)
     try:
         if sb._output is not None:
-            sb._output(text)
+            if call.span is None:
+                sb._output(text)
+            else:  # inside the call's span, as host functions
+                with call.span.current():
+                    sb._output(text)
         else:
             sys.stdout.write(text)
             sys.stdout.flush()

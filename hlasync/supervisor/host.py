@@ -333,11 +333,7 @@ class WorkerHost:
         result: Value = None
         error: BaseException | None = None
         try:
-            if job.span is None:
-                result = sandbox._run_begun(call, job.signature, job.args)
-            else:  # host functions run on this thread inside the call's span
-                with job.span.current():
-                    result = sandbox._run_begun(call, job.signature, job.args)
+            result = sandbox._run_begun(call, job.signature, job.args)
         except (GuestCancelled, HostFunctionError) as exc:
             if job.expired:
                 # The dump made as it stopped (its callback may not have run yet).

@@ -293,9 +293,9 @@ def test_a_limit_expired_before_the_call_started_still_stops_it(
     kept.load()
     begin = Sandbox._begin_call
 
-    def late(sandbox: Sandbox, function: str) -> object:
+    def late(sandbox: Sandbox, function: str, *rest: object) -> object:
         time.sleep(0.1)  # the limit expires meanwhile
-        return begin(sandbox, function)
+        return begin(sandbox, function, *rest)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Sandbox, "_begin_call", late)
     with pytest.raises(GuestTimeout):
