@@ -14,6 +14,8 @@ The names (span, attributes, metrics, log fields) are listed in
 
 from __future__ import annotations
 
+import atexit
+import collections
 import logging
 import os
 import threading
@@ -96,7 +98,8 @@ def configure(
         if meter_provider is not None and not hasattr(meter_provider, "get_meter"):
             raise TypeError("meter_provider must be an OpenTelemetry MeterProvider or None")
         _meter_provider = meter_provider
-        _meters.clear()
+        with _meters_lock:
+            _meters.clear()
 
 
 def enabled() -> bool:
@@ -156,7 +159,12 @@ def tracer() -> Tracer | None:
             return None
     found = _tracers.get(id(provider))
     if found is None:
-        found = _tracers[id(provider)] = provider.get_tracer(SCOPE, _version())
+        try:
+            found = provider.get_tracer(SCOPE, _version())
+        except Exception as exc:  # noqa: BLE001 - a broken SDK never fails a call
+            _failed_once(exc)
+            return None
+        _tracers[id(provider)] = found
     return found
 
 
@@ -278,7 +286,11 @@ def instruments() -> _Instruments | None:
         with _meters_lock:
             found = _meters.get(id(provider))
             if found is None:
-                found = _Instruments(provider.get_meter(SCOPE, _version()))
+                try:
+                    found = _Instruments(provider.get_meter(SCOPE, _version()))
+                except Exception as exc:  # noqa: BLE001 - a broken SDK never fails a call
+                    _failed_once(exc)
+                    return None
                 _meters[id(provider)] = found
     return found
 
@@ -360,26 +372,51 @@ def outcome_of(error: BaseException | None, *, cancelled: bool = False) -> str:
 
 
 class CallSpan:
-    """One guest call's span (None without a tracer) and its start, for the
-    call metrics. ``dumped``: the core paths already added as span events."""
+    """One guest call's telemetry: its span (made when first needed: by a host
+    function, a dump, a trace context sent to a worker, or at its end), its
+    timing for the call metrics, and its outcome.
+
+    What a call costs the thread it runs on is small: its parent context and
+    start time are noted when it begins, its count when it ends. The span
+    itself (when nothing needed it during the call) and the duration's
+    histogram point are recorded afterwards by the ``hlasync-telemetry``
+    thread, with the call's own start and end times (see :func:`flush`).
+    """
 
     __slots__ = (
+        "attributes",
         "dumped",
         "ended",
         "function",
         "held",
+        "lock",
         "meters",
+        "parent",
         "path",
+        "pending",
         "sandbox_id",
         "span",
         "start",
+        "start_ns",
+        "tracer",
     )
 
-    def __init__(self, span: Span | None, meters: _Instruments | None, function: str) -> None:
-        self.span = span
+    def __init__(
+        self,
+        tracer: Tracer | None,
+        meters: _Instruments | None,
+        function: str,
+        attributes: dict[str, str | int],
+    ) -> None:
+        self.tracer = tracer
         self.meters = meters
         self.function = function
+        self.attributes = attributes
+        #: The caller's context: the span's parent.
+        self.parent = _Api.context.get_current() if tracer is not None else None
+        self.start_ns = time.time_ns()
         self.start = time.perf_counter()
+        self.span: Span | None = None
         self.dumped: list[str] = []
         #: How the call reached its guest: ``exit`` or ``doorbell`` (once known).
         self.path: str | None = None
@@ -387,24 +424,39 @@ class CallSpan:
         #: Its outcome is decided by whoever holds it (a JS pool's handler call
         #: decodes the reply after the guest call ended): see :meth:`release`.
         self.held = False
+        self.pending: tuple[BaseException | None, bool] | None = None
         self.ended = False
+        self.lock = threading.Lock()
 
-    def set(self, key: str, value: str | int) -> None:
-        if self.span is not None:
-            self.span.set_attribute(key, value)
+    def materialize(self) -> Span | None:
+        """The span, made now if it was not yet (None without a tracer)."""
+        with self.lock:
+            if self.span is None and self.tracer is not None:
+                try:
+                    self.span = self.tracer.start_span(
+                        SPAN_CALL,
+                        context=self.parent,
+                        attributes=self.attributes,
+                        start_time=self.start_ns,
+                    )
+                except Exception as exc:  # noqa: BLE001 - a broken SDK never fails a call
+                    _failed_once(exc)
+                    self.tracer = None
+            return self.span
 
     @contextmanager
     def current(self) -> Iterator[None]:
         """Make the span the current one of this thread's context meanwhile
         (host functions and nested calls run inside it)."""
-        if self.span is None:
+        span = self.materialize() if self.tracer is not None else self.span
+        if span is None:
             yield
             return
         api = _Api
         try:
-            token = api.context.attach(api.trace.set_span_in_context(self.span))
+            token = api.context.attach(api.trace.set_span_in_context(span))
         except Exception as exc:  # noqa: BLE001 - a broken SDK never fails a call
-            failed(exc)
+            _failed_once(exc)
             yield
             return
         try:
@@ -414,11 +466,17 @@ class CallSpan:
 
     def dump_written(self, path: str, reason: str) -> None:
         """A dump of this call was written: a span event (once per path)."""
-        if self.span is None or path in self.dumped:
+        if self.tracer is None and self.span is None:
+            return
+        span = self.materialize()
+        if span is None or path in self.dumped:
             return
         self.dumped.append(path)
-        self.span.set_attribute(ATTR_CORE_PATH, path)
-        self.span.add_event(EVENT_CRASHDUMP, {ATTR_CORE_PATH: path, ATTR_REASON: reason})
+        try:
+            span.set_attribute(ATTR_CORE_PATH, path)
+            span.add_event(EVENT_CRASHDUMP, {ATTR_CORE_PATH: path, ATTR_REASON: reason})
+        except Exception as exc:  # noqa: BLE001 - a broken SDK never fails a dump
+            _failed_once(exc)
 
     def end(
         self,
@@ -428,52 +486,164 @@ class CallSpan:
         sandbox_id: str | None = None,
         cancelled: bool = False,
     ) -> None:
-        """The call's outcome: the span ends and the call is counted (once;
-        a held span only notes ``path`` and ``sandbox_id`` until released)."""
-        self.path = path or self.path
-        self.sandbox_id = sandbox_id or self.sandbox_id
-        if self.held or self.ended:
-            return
-        self.ended = True
-        try:
-            self._record(error, cancelled)
-        except Exception as exc:  # noqa: BLE001 - a broken SDK never fails a call
-            failed(exc)
-
-    def _record(self, error: BaseException | None, cancelled: bool) -> None:
+        """The call's outcome: counted now, its span ended and its duration
+        recorded by the telemetry thread (once; a held span only notes its
+        outcome until :meth:`release` or :meth:`unhold`)."""
+        with self.lock:
+            self.path = path or self.path
+            self.sandbox_id = sandbox_id or self.sandbox_id
+            if self.ended:
+                return
+            if self.held:
+                self.pending = (error, cancelled)
+                return
+            self.ended = True
         outcome = outcome_of(error, cancelled=cancelled)
-        span = self.span
-        if span is not None:
-            attributes: dict[str, str] = {ATTR_OUTCOME: outcome}
-            if self.sandbox_id is not None:
-                attributes[ATTR_SANDBOX_ID] = self.sandbox_id
-            if self.path is not None:
-                attributes[ATTR_PATH] = self.path
-            span.set_attributes(attributes)
-            core_path = getattr(error, "core_path", None)
-            if core_path is not None:
-                reason = crashdump_reason_of_error(error)
-                self.dump_written(str(core_path), reason)
-            if error is not None:
-                span.set_attribute(ATTR_ERROR, type(error).__name__)
-                if outcome != "cancelled":
-                    span.record_exception(error)
-                span.set_status(_Api.status_error, f"{type(error).__name__}: {error}"[:300])
-            span.end()
+        end_ns = time.time_ns()
+        duration = time.perf_counter() - self.start
         meters = self.meters
         if meters is not None:
             meters.count_call(outcome, self.function)
-            meters.duration.record(
-                time.perf_counter() - self.start,
-                {ATTR_OUTCOME: outcome, ATTR_FUNCTION: self.function},
-            )
-            if outcome == "timeout":
-                meters.timeouts.add(1, {ATTR_KIND: getattr(error, "kind", "wall")})
+        _deferred.put(self, error, outcome, end_ns, duration)
 
     def release(self, error: BaseException | None, *, cancelled: bool = False) -> None:
         """End a held span with its holder's outcome."""
-        self.held = False
+        with self.lock:
+            self.held = False
         self.end(error, cancelled=cancelled)
+
+    def unhold(self) -> None:
+        """Its holder gave up (cancelled): the call's own outcome ends it,
+        now if it is known already."""
+        with self.lock:
+            self.held = False
+            pending, self.pending = self.pending, None
+        if pending is not None:
+            self.end(pending[0], cancelled=pending[1])
+
+    def finish(
+        self, error: BaseException | None, outcome: str, end_ns: int, duration: float
+    ) -> None:
+        """On the telemetry thread: the span's attributes and end, the duration."""
+        try:
+            if self.tracer is not None or self.span is not None:
+                self._end_span(error, outcome, end_ns)
+        except Exception as exc:  # noqa: BLE001 - a broken SDK never loses the metrics
+            _failed_once(exc)
+        meters = self.meters
+        if meters is not None:
+            try:
+                attributes = {ATTR_OUTCOME: outcome, ATTR_FUNCTION: self.function}
+                meters.duration.record(duration, attributes)
+                if outcome == "timeout":
+                    meters.timeouts.add(1, {ATTR_KIND: getattr(error, "kind", "wall")})
+            except Exception as exc:  # noqa: BLE001 - a broken SDK never fails a call
+                _failed_once(exc)
+
+    def _end_span(self, error: BaseException | None, outcome: str, end_ns: int) -> None:
+        span = self.materialize()
+        if span is None:
+            return
+        attributes: dict[str, str] = {ATTR_OUTCOME: outcome}
+        if self.sandbox_id is not None:
+            attributes[ATTR_SANDBOX_ID] = self.sandbox_id
+        if self.path is not None:
+            attributes[ATTR_PATH] = self.path
+        if error is not None:
+            attributes[ATTR_ERROR] = type(error).__name__
+        span.set_attributes(attributes)
+        core_path = getattr(error, "core_path", None)
+        if core_path is not None:
+            path = str(core_path)
+            self.dump_written(path, _recent_reasons.get(path) or crashdump_reason_of_error(error))
+        if error is not None:
+            if outcome != "cancelled":
+                span.record_exception(error, timestamp=end_ns)
+            span.set_status(_Api.status_error, f"{type(error).__name__}: {error}"[:300])
+        span.end(end_time=end_ns)
+
+
+class _Deferred:
+    """The ``hlasync-telemetry`` thread: ends the spans of finished calls and
+    records their durations, one at a time, off the threads that run calls
+    (the event loop above all). It runs while there is work and ends after a
+    second with none."""
+
+    IDLE = 1.0
+
+    def __init__(self) -> None:
+        self._items: collections.deque[tuple[CallSpan, BaseException | None, str, int, float]] = (
+            collections.deque()
+        )
+        self._cond = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+        self._waiting = False
+        self._busy = 0
+
+    def put(
+        self,
+        record: CallSpan,
+        error: BaseException | None,
+        outcome: str,
+        end_ns: int,
+        duration: float,
+    ) -> None:
+        with self._cond:
+            self._items.append((record, error, outcome, end_ns, duration))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._main, name="hlasync-telemetry", daemon=True
+                )
+                self._thread.start()
+            elif self._waiting:
+                self._cond.notify()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every finished call is recorded; False on timeout."""
+        if self._thread is threading.current_thread():
+            return not self._items
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._items and not self._busy, timeout)
+
+    def forked(self) -> None:
+        self._items.clear()
+        self._cond = threading.Condition(threading.Lock())
+        self._thread, self._waiting, self._busy = None, False, 0
+
+    def _main(self) -> None:
+        while True:
+            with self._cond:
+                while not self._items:
+                    self._waiting = True
+                    self._cond.wait(self.IDLE)
+                    self._waiting = False
+                    if not self._items:
+                        self._thread = None
+                        self._cond.notify_all()
+                        return
+                item = self._items.popleft()
+                self._busy += 1
+            try:
+                item[0].finish(*item[1:])
+            except Exception as exc:  # noqa: BLE001 - the thread outlives any record
+                _failed_once(exc)
+            finally:
+                del item
+                with self._cond:
+                    self._busy -= 1
+                    if not self._items and not self._busy:
+                        self._cond.notify_all()
+            time.sleep(0)  # a thread waiting for the GIL (a vCPU's) takes it now
+
+
+_deferred = _Deferred()
+os.register_at_fork(after_in_child=_deferred.forked)
+atexit.register(lambda: _deferred.flush(2.0))
+
+
+def flush(timeout: float = 5.0) -> bool:
+    """See :func:`hlasync.observability.flush`."""
+    return _deferred.flush(timeout)
 
 
 class HandlerCall:
@@ -507,26 +677,24 @@ def begin_call(
     meters = instruments()
     if trace_ is None and meters is None:
         return None
-    span = None
-    if trace_ is not None:
-        attributes: dict[str, str | int] = {ATTR_GUEST: guest, ATTR_FUNCTION: function}
-        if sandbox_id is not None:
-            attributes[ATTR_SANDBOX_ID] = sandbox_id
-        if target is not None:
-            attributes[ATTR_TARGET] = target
-        if call_id is not None:
-            attributes[ATTR_CALL_ID] = call_id
-        try:
-            span = trace_.start_span(SPAN_CALL, attributes=attributes)
-        except Exception as exc:  # noqa: BLE001 - a broken SDK never fails a call
-            failed(exc)
-    return CallSpan(span, meters, function)
+    attributes: dict[str, str | int] = {ATTR_GUEST: guest, ATTR_FUNCTION: function}
+    if sandbox_id is not None:
+        attributes[ATTR_SANDBOX_ID] = sandbox_id
+    if target is not None:
+        attributes[ATTR_TARGET] = target
+    if call_id is not None:
+        attributes[ATTR_CALL_ID] = call_id
+    try:
+        return CallSpan(trace_, meters, function, attributes)
+    except Exception as exc:  # noqa: BLE001 - a broken SDK never fails a call
+        _failed_once(exc)
+        return None
 
 
 _failures: set[str] = set()
 
 
-def failed(error: BaseException) -> None:
+def _failed_once(error: BaseException) -> None:
     """The SDK (or a processor, exporter or reader given to it) raised: the
     call goes on; logged once per kind of failure."""
     key = f"{type(error).__name__}: {error}"[:200]
@@ -537,17 +705,36 @@ def failed(error: BaseException) -> None:
         )
 
 
+@contextmanager
+def no_span() -> Iterator[None]:
+    """Run without a current span (not in one a spawning task happened to have)."""
+    if not _Api.loaded or _Api.context is None:
+        yield
+        return
+    token = _Api.context.attach(_Api.context.Context())
+    try:
+        yield
+    finally:
+        _Api.context.detach(token)
+
+
 # ------------------------------------------------ across process borders
 def inject(record: CallSpan | None) -> dict[str, str] | None:
     """The trace context of ``record``'s span for another process (through
     the API's global propagator: W3C ``traceparent`` by default)."""
-    if record is None or record.span is None:
+    if record is None or (record.tracer is None and record.span is None):
         return None
-    api = _Api
-    from opentelemetry import propagate
+    span = record.materialize()
+    if span is None:
+        return None
+    try:
+        from opentelemetry import propagate
 
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier, context=api.trace.set_span_in_context(record.span))
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=_Api.trace.set_span_in_context(span))
+    except Exception as exc:  # noqa: BLE001 - a broken propagator never fails a call
+        _failed_once(exc)
+        return None
     return carrier or None
 
 
@@ -559,16 +746,16 @@ def remote_span(carrier: dict[str, str], function: str) -> CallSpan | None:
     api = _api()
     if api is None or not _enabled:
         return None
-    from opentelemetry import propagate
-
     try:
-        context = propagate.extract(carrier)
-    except Exception:  # noqa: BLE001 - a malformed carrier: no parent
+        from opentelemetry import propagate
+
+        parent = api.trace.get_current_span(propagate.extract(carrier))
+        if not parent.get_span_context().is_valid:
+            return None
+    except Exception:  # noqa: BLE001 - a malformed carrier or a broken propagator: no parent
         return None
-    parent = api.trace.get_current_span(context)
-    if not parent.get_span_context().is_valid:
-        return None
-    record = CallSpan(parent, None, function)
+    record = CallSpan(None, None, function, {})
+    record.span = parent
     record.ended = True  # never ended or counted here
     return record
 
@@ -635,7 +822,7 @@ def dump_done(
     try:
         _dump_done(sandbox_id, reason, function, path, error, span)
     except Exception as exc:  # noqa: BLE001 - a broken SDK never fails a dump
-        failed(exc)
+        _failed_once(exc)
 
 
 def _dump_done(
@@ -660,13 +847,26 @@ def _dump_done(
     dump_counted(reason, failed=error is not None)
 
 
-def dump_counted(reason: str, *, failed: bool) -> None:
+def dump_counted(reason: str, *, failed: bool, path: str | None = None) -> None:
     """One dump (internal ``reason``) in ``hlasync.crashdumps`` or, ``failed``,
-    in ``hlasync.crashdump.failures``."""
-    meters = instruments()
-    if meters is not None:
-        counter = meters.crashdump_failures if failed else meters.crashdumps
-        counter.add(1, {ATTR_REASON: crashdump_reason(reason)})
+    in ``hlasync.crashdump.failures``. ``path``: a written dump of a worker
+    process, whose reason the span of its call names when the outcome comes."""
+    if path is not None:
+        _recent_reasons[path] = crashdump_reason(reason)
+        while len(_recent_reasons) > RECENT_REASONS:
+            _recent_reasons.pop(next(iter(_recent_reasons)), None)
+    try:
+        meters = instruments()
+        if meters is not None:
+            counter = meters.crashdump_failures if failed else meters.crashdumps
+            counter.add(1, {ATTR_REASON: crashdump_reason(reason)})
+    except Exception as exc:  # noqa: BLE001 - a broken SDK never fails a dump
+        _failed_once(exc)
+
+
+#: The reasons of the latest dumps worker processes wrote, by path.
+_recent_reasons: dict[str, str] = {}
+RECENT_REASONS = 256
 
 
 _sandbox_log = logging.getLogger("hlasync.sandbox")
@@ -712,13 +912,19 @@ def timed_out(
 def watchdog_late(seconds: float, kind: str) -> None:
     """A watchdog acted on a ``kind`` (wall or cpu) limit ``seconds`` after it
     expired (for cpu: CPU-seconds used past the limit)."""
-    meters = instruments()
-    if meters is not None:
-        meters.lateness.record(max(seconds, 0.0), {ATTR_KIND: kind})
+    try:
+        meters = instruments()
+        if meters is not None:
+            meters.lateness.record(max(seconds, 0.0), {ATTR_KIND: kind})
+    except Exception as exc:  # noqa: BLE001 - a broken SDK never fails a call
+        _failed_once(exc)
 
 
 def worker_restarted(worker: int) -> None:
     """Worker process (or Ray actor) ``worker`` was started again after it died."""
-    meters = instruments()
-    if meters is not None:
-        meters.worker_restarts.add(1, {ATTR_WORKER: worker})
+    try:
+        meters = instruments()
+        if meters is not None:
+            meters.worker_restarts.add(1, {ATTR_WORKER: worker})
+    except Exception as exc:  # noqa: BLE001 - a broken SDK never stops a relaunch
+        _failed_once(exc)

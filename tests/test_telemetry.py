@@ -3,7 +3,7 @@ the real OpenTelemetry SDK (an in-memory span exporter and metric reader
 given to hlasync through ``hlasync.observability.configure``): sync calls,
 pools and dedicated sandboxes in threads and worker processes, JavaScript
 handlers, host functions nested in the call's span, dumps, timeouts, worker
-deaths. The Ray path is in tests/ray/test_telemetry_ray.py and the
+deaths. The Ray path is the last test of tests/ray/test_cluster.py and the
 Prometheus endpoint in tests/test_prometheus.py."""
 
 from __future__ import annotations
@@ -62,10 +62,12 @@ class Recorded:
     tracer: trace.Tracer
 
     def finished(self, name: str = "hlasync.call") -> list[ReadableSpan]:
+        assert observability.flush(10)  # spans of ended calls are ended just after
         return [s for s in self.spans.get_finished_spans() if s.name == name]
 
     def metrics(self) -> dict[str, list[tuple[dict[str, Any], Any]]]:
         """Metric name -> [(attributes, value or histogram count)]."""
+        assert observability.flush(10)
         found: dict[str, list[tuple[dict[str, Any], Any]]] = {}
         data = self.reader.get_metrics_data()
         for resource in data.resource_metrics if data is not None else []:
@@ -205,7 +207,7 @@ def test_without_an_sdk_or_with_hlasync_otel_0_calls_work_and_record_nothing(
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import SimpleSpanProcessor
         from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-        from hlasync import Sandbox, _telemetry
+        from hlasync import Sandbox, _telemetry, observability
         with Sandbox({str(simpleguest)!r}) as sb:
             assert _telemetry.tracer() is None and _telemetry.instruments() is None
             assert sb.call("add", 1, 2) == 3
@@ -214,6 +216,7 @@ def test_without_an_sdk_or_with_hlasync_otel_0_calls_work_and_record_nothing(
             provider.add_span_processor(SimpleSpanProcessor(exporter))
             trace.set_tracer_provider(provider)
             assert sb.call("add", 1, 2) == 3
+            assert observability.flush(10)
             print(len(exporter.get_finished_spans()))
         """
     )
@@ -522,3 +525,194 @@ def test_a_broken_sdk_never_fails_a_call(
     warned = [r for r in caplog.records if r.name == "hlasync.telemetry"]
     assert warned and len(warned) == len({r.getMessage() for r in warned})  # once per kind
     assert all("hlasync goes on without it" in r.getMessage() for r in warned)
+
+
+# ------------------------------------------- what a review found (each a bug)
+async def test_a_broken_propagator_never_sticks_a_worker_pool(
+    kvm: Kvm, simpleguest: Path, otel: Recorded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trace context of a call whose host functions run in the worker
+    could not be injected: the call must still go (it stayed 'running',
+    never sent, and the next call on the pool hung)."""
+    from opentelemetry import propagate
+    from opentelemetry.propagators.textmap import TextMapPropagator
+
+    class Broken(TextMapPropagator):
+        def inject(self, carrier: Any, context: Any = None, setter: Any = None) -> None:
+            raise RuntimeError("propagator broke")
+
+        def extract(self, carrier: Any, context: Any = None, getter: Any = None) -> Any:
+            raise RuntimeError("propagator broke")
+
+        @property
+        def fields(self) -> set[str]:
+            return set()
+
+    monkeypatch.setattr(propagate, "_HTTP_TEXT_FORMAT", Broken())
+    async with Supervisor(processes=1, workers=1) as sup:
+        pool = await sup.create_pool(
+            simpleguest, size=1, host_functions={"where": "tests.hostfns:current_trace"}
+        )
+        with anyio.fail_after(20):
+            for _ in range(3):
+                assert await pool.call("call_host_str", "where", "x") == "0" * 32 + "/" + "0" * 16
+
+
+async def test_a_propagator_the_worker_cannot_load_never_kills_it(
+    kvm: Kvm, simpleguest: Path, otel: Recorded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OTEL_PROPAGATORS naming a propagator that is not installed makes the
+    API's propagate module fail to import in the worker: every call with a
+    trace context killed the worker (WorkerLost)."""
+    from opentelemetry import propagate  # noqa: F401 - this process has it already
+
+    monkeypatch.setenv("OTEL_PROPAGATORS", "no_such_propagator")
+    async with Supervisor(processes=1, workers=1) as sup:
+        pool = await sup.create_pool(
+            simpleguest, size=1, host_functions={"where": "tests.hostfns:current_trace"}
+        )
+        with anyio.fail_after(20):
+            for _ in range(2):
+                assert await pool.call("call_host_str", "where", "x") == "0" * 32 + "/" + "0" * 16
+        assert sup.statistics().workers_lost == 0
+
+
+def _raising_meter_provider() -> MeterProvider:
+    from opentelemetry.sdk.metrics._internal.exemplar import ExemplarFilter
+
+    class Raising(ExemplarFilter):
+        def should_sample(self, *args: Any, **kwargs: Any) -> bool:
+            raise RuntimeError("exemplar filter broke")
+
+    return MeterProvider(metric_readers=[InMemoryMetricReader()], exemplar_filter=Raising())
+
+
+async def test_instruments_that_raise_never_wedge_a_call_or_a_relaunch(
+    kvm: Kvm, simpleguest: Path, supervisor_mode: str
+) -> None:
+    """Every measurement raises (a broken SDK): a timed-out call must still
+    answer its caller (its lateness was recorded before its completion and
+    the exception escaped the loop's batch)."""
+    provider = _raising_meter_provider()
+    observability.configure(meter_provider=provider)
+    try:
+        async with Supervisor(workers=1, shutdown_grace=2) as sup:
+            pool = await sup.create_pool(simpleguest, size=1)
+            with anyio.fail_after(20):
+                with pytest.raises(GuestTimeout):
+                    await pool.call("spin", timeout=0.2)
+                assert await pool.call("add", 1, 2) == 3
+                with pytest.raises(GuestCrashed):
+                    await pool.call("divide_by_zero")
+                assert await pool.call("add", 1, 2) == 3
+        assert observability.flush(10)
+    finally:
+        observability.configure(meter_provider=None)
+        provider.shutdown()
+
+
+def test_a_span_processor_failing_on_end_loses_no_metrics(
+    kvm: Kvm, simpleguest: Path, otel: Recorded
+) -> None:
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    class Broken(SpanProcessor):
+        def on_end(self, span: Any) -> None:
+            raise RuntimeError("on_end broke")
+
+    provider = TracerProvider()
+    provider.add_span_processor(Broken())
+    observability.configure(tracer_provider=provider)
+    with Sandbox(simpleguest) as sb:
+        for _ in range(5):
+            sb.call("add", 1, 2)
+    assert otel.total("hlasync.calls", function="add") == 5
+    assert otel.total("hlasync.call.duration", function="add") == 5
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_cancelled_js_pool_call_keeps_its_span_until_the_guest_stops(
+    kvm: Kvm, otel: Recorded, supervisor_mode: str
+) -> None:
+    """The span of a JSPool handler call cancelled while it ran ended at the
+    cancel, before the guest stopped: no sandbox id, no dump on it."""
+    async with Supervisor(workers=1, dump_on_cancel=True) as sup:
+        pool = await sup.create_js_pool(
+            {"loop": "export function handler() { for (;;) {} }"}, size=1
+        )
+        with anyio.move_on_after(0.5):
+            await pool.call_handler("loop")
+        with anyio.fail_after(10):
+            while not otel.finished():
+                await anyio.sleep(0.01)
+    (span,) = otel.finished()
+    assert span.attributes is not None
+    assert span.attributes["hlasync.function"] == "loop"
+    assert span.attributes["hlasync.outcome"] == "cancelled"
+    assert str(span.attributes["hlasync.sandbox.id"]) in pool.sandbox_ids
+    dumps = [e for e in span.events if e.name == "hlasync.crashdump"]
+    assert len(dumps) == 1 and dumps[0].attributes is not None
+    assert dumps[0].attributes["hlasync.reason"] == "cancelled"
+    assert otel.total("hlasync.calls", function="loop", outcome="cancelled") == 1
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_on_demand_dump_of_a_call_has_the_same_reason_in_both_modes(
+    kvm: Kvm, simpleguest: Path, otel: Recorded, supervisor_mode: str
+) -> None:
+    """The span event of a dump written in a worker process named a reason
+    guessed from the call's error (cancelled) where the metric said on_demand."""
+    async with Supervisor(workers=1) as sup:
+        dedicated = await sup.create_sandbox(simpleguest)
+        async with anyio.create_task_group() as group:
+
+            async def spin() -> None:
+                with anyio.move_on_after(0.6):
+                    await dedicated.call("spin")
+
+            group.start_soon(spin)
+            await anyio.sleep(0.3)
+            await dedicated.generate_crashdump()
+        with anyio.fail_after(10):
+            while not otel.finished():
+                await anyio.sleep(0.01)
+    (span,) = otel.finished()
+    reasons = [(e.attributes or {}).get("hlasync.reason") for e in span.events]
+    assert reasons.count("on_demand") == 1 and "cancelled" not in reasons
+    assert otel.total("hlasync.crashdumps", reason="on_demand") == 1
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_host_functions_of_an_untraced_call_run_in_no_span(
+    kvm: Kvm, simpleguest: Path, otel: Recorded, supervisor_mode: str
+) -> None:
+    """In worker-process mode the host function of a call made with the
+    instrumentation off ran inside the span the supervisor was entered in."""
+    seen: list[int] = []
+
+    def where(x: int) -> int:
+        seen.append(trace.get_current_span().get_span_context().span_id)
+        return x
+
+    with otel.tracer.start_as_current_span("setup"):
+        async with Supervisor(workers=1) as sup:
+            pool = await sup.create_pool(simpleguest, size=1, host_functions={"where": where})
+            observability.configure(enabled=False)
+            try:
+                assert await pool.call("call_host", "where", 7) == 7
+            finally:
+                observability.configure(enabled=True)
+    assert seen == [0]
+
+
+def test_a_refused_call_says_no_path(kvm: Kvm, simpleguest: Path, otel: Recorded) -> None:
+    from hlasync import SandboxClosed
+
+    sb = Sandbox(simpleguest)
+    sb.close()
+    with pytest.raises(SandboxClosed):
+        sb.call("add", 1, 2)
+    (span,) = otel.finished()
+    assert span.attributes is not None
+    assert span.attributes["hlasync.outcome"] == "error"
+    assert "hlasync.path" not in span.attributes

@@ -312,12 +312,8 @@ class JSSandbox:
         # A collection only matters to state that is kept: a fresh sandbox is
         # restored after the call, which drops the garbage anyway.
         arguments = runtime.call_arguments(self.id, name, event, gc=gc and self._keep_state)
-        self._check_not_poisoned(f"call handler {name!r}")
-        if not self._loaded:
-            raise SandboxBusy(
-                f"JS sandbox {self.id}: handlers changed or never loaded; call load() first",
-                sandbox_id=self.id,
-            )
+        # A call refused from here on (poisoned, not loaded) is a span and counts,
+        # as one on a closed Sandbox does; bad arguments (above) are neither.
         span = telemetry.begin_call(name, guest=self._sandbox.image.path.name, sandbox_id=self.id)
         if span is None:
             return self._run_handler(name, arguments, timeout, cpu_timeout, None)
@@ -337,6 +333,12 @@ class JSSandbox:
         cpu_timeout: float | None,
         span: telemetry.CallSpan | None,
     ) -> Any:
+        self._check_not_poisoned(f"call handler {name!r}")
+        if not self._loaded:
+            raise SandboxBusy(
+                f"JS sandbox {self.id}: handlers changed or never loaded; call load() first",
+                sandbox_id=self.id,
+            )
         watch = None
         if timeout is not None or cpu_timeout is not None:
             watch = _Watch(self, name, timeout, cpu_timeout)

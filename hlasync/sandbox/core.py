@@ -375,14 +375,12 @@ class Sandbox(Requests, Spinning, Booting):
             holder = self._holder
             if isinstance(holder, HotSession) and not holder.parked_at:
                 call.hot = holder  # the guest spins: the call is posted on the doorbell
-                if span is not None:
-                    span.path = "doorbell"
             else:
-                if span is not None:
-                    span.path = "exit"
                 self._wait_for_operations(function)
             if self._state is not SandboxState.READY:
                 self._raise_not_ready(function)
+            if span is not None:
+                span.path = "exit" if call.hot is None else "doorbell"
             self._holder = call
             self._state = after(self._state, Event.CALL)
         budget.call_started()

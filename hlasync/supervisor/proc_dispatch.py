@@ -193,7 +193,7 @@ def _count_dump(event: ev.CrashDumpWritten | ev.CrashDumpFailed) -> None:
     """A worker's dump in this process's ``hlasync.crashdumps`` metrics (its
     log record is the worker's own, on its stderr)."""
     if isinstance(event, ev.CrashDumpWritten):
-        telemetry.dump_counted(event.reason, failed=False)
+        telemetry.dump_counted(event.reason, failed=False, path=str(event.path))
     else:
         telemetry.dump_counted(event.reason, failed=True)
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from .. import _telemetry as telemetry
 from .. import events as ev
 from .channel import DescribedError, describe
 from .hub import Publisher
@@ -90,8 +91,9 @@ class HostCalls:
         the launch of the worker that asked (``generation``), or to nobody: the
         host calls of its replacement are numbered anew. It runs inside the
         call's span (``span``), so that its own spans nest under it."""
-        if span is None:
-            await self._run(worker, generation, request)
+        if span is None:  # not in whatever span the task that spawned this was in
+            with telemetry.no_span():
+                await self._run(worker, generation, request)
             return
         with span.current():
             await self._run(worker, generation, request)

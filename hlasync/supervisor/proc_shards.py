@@ -43,12 +43,13 @@ def pick(target: Target) -> Shard | None:
 
 
 def send_call(shard: Shard, job: Job) -> None:
-    """Send ``job`` to ``shard``'s worker (one of its sandboxes is free)."""
+    """Send ``job`` to ``shard``'s worker (one of its sandboxes is free). Host
+    functions given by reference run there: they get the call's trace context."""
+    trace = telemetry.inject(job.span) if shard.spec.references else None
     shard.inflight += 1
     worker = shard.worker
     worker.inflight[job.call_id] = (job, shard)
     job.started_at = time.monotonic()
-    trace = telemetry.inject(job.span)
     worker.send(
         Call(job.call_id, shard.key, job.name, job.args, job.timeout, job.cpu_timeout, trace)
     )

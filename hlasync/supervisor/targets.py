@@ -227,6 +227,11 @@ class JSPool(Pool):
                 reply = await self.call(
                     "js_call", *arguments, timeout=timeout, cpu_timeout=cpu_timeout
                 )
+            except anyio.get_cancelled_exc_class():
+                if handler.span is not None:  # the guest call's own outcome ends it
+                    handler.span.unhold()
+                    handler.span = None
+                raise
             finally:
                 telemetry.handler_call.reset(token)
             result = await decode_js_reply(
