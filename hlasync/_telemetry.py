@@ -14,8 +14,6 @@ The names (span, attributes, metrics, log fields) are listed in
 
 from __future__ import annotations
 
-import atexit
-import collections
 import logging
 import os
 import threading
@@ -372,15 +370,14 @@ def outcome_of(error: BaseException | None, *, cancelled: bool = False) -> str:
 
 
 class CallSpan:
-    """One guest call's telemetry: its span (made when first needed: by a host
-    function, a dump, a trace context sent to a worker, or at its end), its
-    timing for the call metrics, and its outcome.
+    """One guest call's telemetry: its span, its timing for the call metrics,
+    and its outcome.
 
-    What a call costs the thread it runs on is small: its parent context and
-    start time are noted when it begins, its count when it ends. The span
-    itself (when nothing needed it during the call) and the duration's
-    histogram point are recorded afterwards by the ``hlasync-telemetry``
-    thread, with the call's own start and end times (see :func:`flush`).
+    The span is made when first needed (a host function, a dump, a trace
+    context sent to a worker process) or else at the call's end, with the
+    call's start time and every attribute at once: the SDK's work for a call
+    that needed no span while it ran is one span creation (the cheapest
+    way it has), not a creation and then more attributes.
     """
 
     __slots__ = (
@@ -428,17 +425,21 @@ class CallSpan:
         self.ended = False
         self.lock = threading.Lock()
 
-    def materialize(self) -> Span | None:
-        """The span, made now if it was not yet (None without a tracer)."""
+    def materialize(self, more: dict[str, str] | None = None) -> Span | None:
+        """The span, made now if it was not yet (None without a tracer), with
+        ``more`` attributes (for one made at the end: all of them at once)."""
         with self.lock:
             if self.span is None and self.tracer is not None:
+                attributes = self.attributes if more is None else {**self.attributes, **more}
                 try:
                     self.span = self.tracer.start_span(
                         SPAN_CALL,
                         context=self.parent,
-                        attributes=self.attributes,
+                        attributes=attributes,
                         start_time=self.start_ns,
                     )
+                    if more is not None:
+                        more.clear()  # given at its creation
                 except Exception as exc:  # noqa: BLE001 - a broken SDK never fails a call
                     _failed_once(exc)
                     self.tracer = None
@@ -486,9 +487,9 @@ class CallSpan:
         sandbox_id: str | None = None,
         cancelled: bool = False,
     ) -> None:
-        """The call's outcome: counted now, its span ended and its duration
-        recorded by the telemetry thread (once; a held span only notes its
-        outcome until :meth:`release` or :meth:`unhold`)."""
+        """The call's outcome: its span ends, its count and duration are
+        recorded (once; a held span only notes its outcome until
+        :meth:`release` or :meth:`unhold`)."""
         with self.lock:
             self.path = path or self.path
             self.sandbox_id = sandbox_id or self.sandbox_id
@@ -498,13 +499,23 @@ class CallSpan:
                 self.pending = (error, cancelled)
                 return
             self.ended = True
-        outcome = outcome_of(error, cancelled=cancelled)
-        end_ns = time.time_ns()
         duration = time.perf_counter() - self.start
+        outcome = outcome_of(error, cancelled=cancelled)
+        try:
+            if self.tracer is not None or self.span is not None:
+                self._end_span(error, outcome)
+        except Exception as exc:  # noqa: BLE001 - a broken SDK never loses the metrics
+            _failed_once(exc)
         meters = self.meters
         if meters is not None:
             meters.count_call(outcome, self.function)
-        _deferred.put(self, error, outcome, end_ns, duration)
+            try:
+                attributes = {ATTR_OUTCOME: outcome, ATTR_FUNCTION: self.function}
+                meters.duration.record(duration, attributes)
+                if outcome == "timeout":
+                    meters.timeouts.add(1, {ATTR_KIND: getattr(error, "kind", "wall")})
+            except Exception as exc:  # noqa: BLE001 - a broken SDK never fails a call
+                _failed_once(exc)
 
     def release(self, error: BaseException | None, *, cancelled: bool = False) -> None:
         """End a held span with its holder's outcome."""
@@ -521,29 +532,7 @@ class CallSpan:
         if pending is not None:
             self.end(pending[0], cancelled=pending[1])
 
-    def finish(
-        self, error: BaseException | None, outcome: str, end_ns: int, duration: float
-    ) -> None:
-        """On the telemetry thread: the span's attributes and end, the duration."""
-        try:
-            if self.tracer is not None or self.span is not None:
-                self._end_span(error, outcome, end_ns)
-        except Exception as exc:  # noqa: BLE001 - a broken SDK never loses the metrics
-            _failed_once(exc)
-        meters = self.meters
-        if meters is not None:
-            try:
-                attributes = {ATTR_OUTCOME: outcome, ATTR_FUNCTION: self.function}
-                meters.duration.record(duration, attributes)
-                if outcome == "timeout":
-                    meters.timeouts.add(1, {ATTR_KIND: getattr(error, "kind", "wall")})
-            except Exception as exc:  # noqa: BLE001 - a broken SDK never fails a call
-                _failed_once(exc)
-
-    def _end_span(self, error: BaseException | None, outcome: str, end_ns: int) -> None:
-        span = self.materialize()
-        if span is None:
-            return
+    def _end_span(self, error: BaseException | None, outcome: str) -> None:
         attributes: dict[str, str] = {ATTR_OUTCOME: outcome}
         if self.sandbox_id is not None:
             attributes[ATTR_SANDBOX_ID] = self.sandbox_id
@@ -551,99 +540,20 @@ class CallSpan:
             attributes[ATTR_PATH] = self.path
         if error is not None:
             attributes[ATTR_ERROR] = type(error).__name__
-        span.set_attributes(attributes)
+        span = self.materialize(attributes)
+        if span is None:
+            return
+        if attributes:  # made before the end: these come now
+            span.set_attributes(attributes)
         core_path = getattr(error, "core_path", None)
         if core_path is not None:
             path = str(core_path)
             self.dump_written(path, _recent_reasons.get(path) or crashdump_reason_of_error(error))
         if error is not None:
             if outcome != "cancelled":
-                span.record_exception(error, timestamp=end_ns)
+                span.record_exception(error)
             span.set_status(_Api.status_error, f"{type(error).__name__}: {error}"[:300])
-        span.end(end_time=end_ns)
-
-
-class _Deferred:
-    """The ``hlasync-telemetry`` thread: ends the spans of finished calls and
-    records their durations, one at a time, off the threads that run calls
-    (the event loop above all). It runs while there is work and ends after a
-    second with none."""
-
-    IDLE = 1.0
-
-    def __init__(self) -> None:
-        self._items: collections.deque[tuple[CallSpan, BaseException | None, str, int, float]] = (
-            collections.deque()
-        )
-        self._cond = threading.Condition(threading.Lock())
-        self._thread: threading.Thread | None = None
-        self._waiting = False
-        self._busy = 0
-
-    def put(
-        self,
-        record: CallSpan,
-        error: BaseException | None,
-        outcome: str,
-        end_ns: int,
-        duration: float,
-    ) -> None:
-        with self._cond:
-            self._items.append((record, error, outcome, end_ns, duration))
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._main, name="hlasync-telemetry", daemon=True
-                )
-                self._thread.start()
-            elif self._waiting:
-                self._cond.notify()
-
-    def flush(self, timeout: float) -> bool:
-        """Wait until every finished call is recorded; False on timeout."""
-        if self._thread is threading.current_thread():
-            return not self._items
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._items and not self._busy, timeout)
-
-    def forked(self) -> None:
-        self._items.clear()
-        self._cond = threading.Condition(threading.Lock())
-        self._thread, self._waiting, self._busy = None, False, 0
-
-    def _main(self) -> None:
-        while True:
-            with self._cond:
-                while not self._items:
-                    self._waiting = True
-                    self._cond.wait(self.IDLE)
-                    self._waiting = False
-                    if not self._items:
-                        self._thread = None
-                        self._cond.notify_all()
-                        return
-                item = self._items.popleft()
-                self._busy += 1
-            try:
-                item[0].finish(*item[1:])
-            except Exception as exc:  # noqa: BLE001 - the thread outlives any record
-                _failed_once(exc)
-            finally:
-                del item
-                with self._cond:
-                    self._busy -= 1
-                    if not self._items and not self._busy:
-                        self._cond.notify_all()
-            time.sleep(0)  # a thread waiting for the GIL (a vCPU's) takes it now
-
-
-_deferred = _Deferred()
-os.register_at_fork(after_in_child=_deferred.forked)
-atexit.register(lambda: _deferred.flush(2.0))
-
-
-def flush(timeout: float = 5.0) -> bool:
-    """See :func:`hlasync.observability.flush`."""
-    return _deferred.flush(timeout)
+        span.end()
 
 
 class HandlerCall:

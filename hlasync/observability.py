@@ -55,7 +55,6 @@ __all__ = [
     "SPAN_CALL",
     "PrometheusEndpoint",
     "configure",
-    "flush",
     "instrumentation_enabled",
     "serve_prometheus",
 ]
@@ -148,25 +147,6 @@ def instrumentation_enabled() -> bool:
     """Whether the instrumentation is switched on (see :func:`configure`).
     On, it still records nothing until an SDK provider is configured."""
     return _telemetry.enabled()
-
-
-def flush(timeout: float = 5.0) -> bool:
-    """Wait until every call that has ended is recorded: its span ended (and
-    handed to the SDK's span processors) and its duration in the
-    ``hlasync.call.duration`` histogram. False if that took longer than
-    ``timeout`` seconds.
-
-    A call's count (``hlasync.calls``) is taken as it ends; its span, unless
-    something needed it while the call ran (a host function, a dump), and
-    its duration are recorded just after it by the ``hlasync-telemetry``
-    thread, with the call's own start and end times, so that the threads
-    running calls (the event loop above all) do not do the SDK's work.
-    Tests that read an in-memory exporter right after a call, and programs
-    about to shut their SDK down, call this first; it also runs at exit.
-    """
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
-        raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
-    return _telemetry.flush(float(timeout))
 
 
 # --------------------------------------------------------------- Prometheus
