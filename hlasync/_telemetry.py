@@ -373,11 +373,8 @@ class CallSpan:
     """One guest call's telemetry: its span, its timing for the call metrics,
     and its outcome.
 
-    The span is made when first needed (a host function, a dump, a trace
-    context sent to a worker process) or else at the call's end, with the
-    call's start time and every attribute at once: the SDK's work for a call
-    that needed no span while it ran is one span creation (the cheapest
-    way it has), not a creation and then more attributes.
+    The span starts as the call begins, in the caller's context (a stand-in
+    for a worker process's remote parent has only ``span``).
     """
 
     __slots__ = (
@@ -595,10 +592,13 @@ def begin_call(
     if call_id is not None:
         attributes[ATTR_CALL_ID] = call_id
     try:
-        return CallSpan(trace_, meters, function, attributes)
+        record = CallSpan(trace_, meters, function, attributes)
     except Exception as exc:  # noqa: BLE001 - a broken SDK never fails a call
         _failed_once(exc)
         return None
+    if trace_ is not None:
+        record.materialize()  # started now: span processors see it while it runs
+    return record
 
 
 _failures: set[str] = set()
