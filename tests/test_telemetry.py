@@ -712,3 +712,46 @@ def test_a_refused_call_says_no_path(kvm: Kvm, simpleguest: Path, otel: Recorded
     assert span.attributes is not None
     assert span.attributes["hlasync.outcome"] == "error"
     assert "hlasync.path" not in span.attributes
+
+
+def test_without_the_opentelemetry_api_installed_everything_works(
+    kvm: Kvm, simpleguest: Path
+) -> None:
+    """The otel extra absent: no opentelemetry package can be imported; calls,
+    pools in threads and worker processes, dumps and log records work, and
+    the instrumentation records nothing (its lookups answer None)."""
+    program = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["opentelemetry"] = None  # as if not installed
+        import anyio
+        from hlasync import GuestCrashed, Sandbox, Supervisor, _telemetry
+        with Sandbox({str(simpleguest)!r}) as sb:
+            assert sb.call("add", 1, 2) == 3
+            try:
+                sb.call("divide_by_zero")
+            except GuestCrashed as exc:
+                assert exc.core_path is not None
+        assert _telemetry.tracer() is None and _telemetry.instruments() is None
+        async def main():
+            for processes in (0, 1):
+                async with Supervisor(workers=1, processes=processes) as sup:
+                    pool = await sup.create_pool(
+                        {str(simpleguest)!r}, size=1,
+                        host_functions={{"where": "tests.hostfns:process_id"}},
+                    )
+                    assert await pool.call("add", 2, 3) == 5
+                    assert await pool.call("call_host", "where", 1) > 0
+        anyio.run(main)
+        print("ok")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
