@@ -45,7 +45,15 @@ _SPEC = TargetSpec(
 SAMPLES: dict[type[m.Message], m.Message] = {
     m.Init: m.Init(workers=2, pin_cpus=[0, 1], sys_path=["/app"], interest=["CallFailed"]),
     m.Create: m.Create("pool-1#1", _SPEC),
-    m.Call: m.Call(7, "pool-1#1", "add", (1, 2), 1.5, None),
+    m.Call: m.Call(
+        7,
+        "pool-1#1",
+        "add",
+        (1, 2),
+        1.5,
+        None,
+        {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},
+    ),
     m.Abandon: m.Abandon(7, True),
     m.Register: m.Register("pool-1#1", "double"),
     m.Close: m.Close("pool-1#1"),
@@ -56,12 +64,15 @@ SAMPLES: dict[type[m.Message], m.Message] = {
     m.Hello: m.Hello(1234),
     m.Created: m.Created("pool-1#1", ("sb-1-1", "sb-1-2")),
     m.CreateFailed: m.CreateFailed("pool-1#1", SupervisorError("no guest")),
-    m.Done: m.Done(7, 3, None, "sb-1-1", {"calls": 1}),
+    m.Done: m.Done(7, 3, None, "sb-1-1", {"calls": 1}, "doorbell"),
     m.Published: m.Published(ev.WorkerStarted(sandbox_id=None, worker=0, pid=1234)),
     m.HostCall: m.HostCall(4, 7, "pool-1#1", ("double",), (21,)),
     m.CancelHost: m.CancelHost(7),
     m.Output: m.Output("pool-1#1", None, "hello\n"),
     m.Stderr: m.Stderr("dump written\n"),
+    m.Log: m.Log(
+        "hlasync.supervisor", 30, "spin() passed its wall limit", {"hlasync.kind": "wall"}, 1.5e9
+    ),
     m.Closed: m.Closed("pool-1#1"),
     m.DumpDone: m.DumpDone(3, "/tmp/dumps/hl_core_1.elf", None),
     m.Undecodable: m.Undecodable(m.Call, 7, "__main__.Level cannot be imported"),
