@@ -422,21 +422,17 @@ class CallSpan:
         self.ended = False
         self.lock = threading.Lock()
 
-    def materialize(self, more: dict[str, str] | None = None) -> Span | None:
-        """The span, made now if it was not yet (None without a tracer), with
-        ``more`` attributes (for one made at the end: all of them at once)."""
+    def materialize(self) -> Span | None:
+        """The span, made now if it was not yet (None without a tracer)."""
         with self.lock:
             if self.span is None and self.tracer is not None:
-                attributes = self.attributes if more is None else {**self.attributes, **more}
                 try:
                     self.span = self.tracer.start_span(
                         SPAN_CALL,
                         context=self.parent,
-                        attributes=attributes,
+                        attributes=self.attributes,
                         start_time=self.start_ns,
                     )
-                    if more is not None:
-                        more.clear()  # given at its creation
                 except Exception as exc:  # noqa: BLE001 - a broken SDK never fails a call
                     _failed_once(exc)
                     self.tracer = None
@@ -446,7 +442,7 @@ class CallSpan:
     def current(self) -> Iterator[None]:
         """Make the span the current one of this thread's context meanwhile
         (host functions and nested calls run inside it)."""
-        span = self.materialize() if self.tracer is not None else self.span
+        span = self.materialize()
         if span is None:
             yield
             return
@@ -537,11 +533,10 @@ class CallSpan:
             attributes[ATTR_PATH] = self.path
         if error is not None:
             attributes[ATTR_ERROR] = type(error).__name__
-        span = self.materialize(attributes)
+        span = self.materialize()
         if span is None:
             return
-        if attributes:  # made before the end: these come now
-            span.set_attributes(attributes)
+        span.set_attributes(attributes)
         core_path = getattr(error, "core_path", None)
         if core_path is not None:
             path = str(core_path)

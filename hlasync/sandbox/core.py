@@ -170,7 +170,7 @@ class Sandbox(Requests, Spinning, Booting):
         """Call guest function ``name`` with ``args`` and return its result.
 
         With OpenTelemetry configured, the call is an ``hlasync.call`` span
-        (current on this thread while it runs: host functions nest under it)
+        (the current span while its host functions run: theirs nest under it)
         and counts in the call metrics (``docs/observability.md``)."""
         signature = check_call(self.image, self._signatures, self.id, name, args)
         span = telemetry.begin_call(name, guest=self.image.path.name, sandbox_id=self.id)
