@@ -698,18 +698,13 @@ def crashdump_reason_of_error(error: BaseException | None) -> str:
     return "cancelled"
 
 
-def dump_extra(
-    sandbox_id: str, reason: str, function: str | None, path: str | None = None
-) -> dict[str, object]:
-    """The ``extra`` fields of a dump's log record."""
-    extra: dict[str, object] = {
+def dump_extra(sandbox_id: str, reason: str, function: str | None) -> dict[str, object]:
+    """The ``extra`` fields of a dump's log record (the writer adds its path)."""
+    return {
         ATTR_SANDBOX_ID: sandbox_id,
         ATTR_REASON: crashdump_reason(reason),
         ATTR_FUNCTION: function,
     }
-    if path is not None:
-        extra[ATTR_CORE_PATH] = path
-    return extra
 
 
 def dump_done(

@@ -22,105 +22,10 @@ import os
 import struct
 from collections.abc import Callable
 
-# ---- the KVM API this needs (facts of linux/kvm.h) -------------------------
-KVMIO = 0xAE
+from hlasync.kvm import _abi
 
 
-def _iow(nr: int, size: int) -> int:
-    return (1 << 30) | (size << 16) | (KVMIO << 8) | nr
-
-
-def _ior(nr: int, size: int) -> int:
-    return (2 << 30) | (size << 16) | (KVMIO << 8) | nr
-
-
-_REGS = [
-    "rax",
-    "rbx",
-    "rcx",
-    "rdx",
-    "rsi",
-    "rdi",
-    "rsp",
-    "rbp",
-    "r8",
-    "r9",
-    "r10",
-    "r11",
-    "r12",
-    "r13",
-    "r14",
-    "r15",
-    "rip",
-    "rflags",
-]
-
-
-class Regs(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_uint64)
-        for name in [
-            "rax",
-            "rbx",
-            "rcx",
-            "rdx",
-            "rsi",
-            "rdi",
-            "rsp",
-            "rbp",
-            "r8",
-            "r9",
-            "r10",
-            "r11",
-            "r12",
-            "r13",
-            "r14",
-            "r15",
-            "rip",
-            "rflags",
-        ]
-    ]
-
-
-class Segment(ctypes.Structure):
-    _fields_ = [
-        ("base", ctypes.c_uint64),
-        ("limit", ctypes.c_uint32),
-        ("selector", ctypes.c_uint16),
-    ]
-    _fields_ += [
-        (n, ctypes.c_uint8)
-        for n in ["type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable", "padding"]
-    ]
-
-
-class DTable(ctypes.Structure):
-    _fields_ = [
-        ("base", ctypes.c_uint64),
-        ("limit", ctypes.c_uint16),
-        ("padding", ctypes.c_uint16 * 3),
-    ]
-
-
-class Sregs(ctypes.Structure):
-    _fields_ = [(n, Segment) for n in ["cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"]]
-    _fields_ += [("gdt", DTable), ("idt", DTable)]
-    _fields_ += [
-        (n, ctypes.c_uint64) for n in ["cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"]
-    ]
-    _fields_ += [("interrupt_bitmap", ctypes.c_uint64 * 4)]
-
-
-class MemoryRegion(ctypes.Structure):
-    _fields_ = [
-        ("slot", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("guest_phys_addr", ctypes.c_uint64),
-        ("memory_size", ctypes.c_uint64),
-        ("userspace_addr", ctypes.c_uint64),
-    ]
-
-
+# ---- the KVM API this needs: hlasync's own, plus the debug ioctls ----------
 class GuestDebug(ctypes.Structure):  # struct kvm_guest_debug (x86)
     _fields_ = [
         ("control", ctypes.c_uint32),
@@ -139,17 +44,18 @@ class DebugRegs(ctypes.Structure):  # struct kvm_debugregs
     ]
 
 
-KVM_CREATE_VM, KVM_CHECK_EXTENSION, KVM_GET_VCPU_MMAP_SIZE = 0xAE01, 0xAE03, 0xAE04
-KVM_CREATE_VCPU, KVM_RUN = 0xAE41, 0xAE80
-KVM_GET_REGS, KVM_SET_REGS = _ior(0x81, ctypes.sizeof(Regs)), _iow(0x82, ctypes.sizeof(Regs))
-KVM_GET_SREGS, KVM_SET_SREGS = _ior(0x83, ctypes.sizeof(Sregs)), _iow(0x84, ctypes.sizeof(Sregs))
-KVM_SET_USER_MEMORY_REGION = _iow(0x46, ctypes.sizeof(MemoryRegion))
-KVM_SET_GUEST_DEBUG = _iow(0x9B, ctypes.sizeof(GuestDebug))
-KVM_GET_DEBUGREGS = _ior(0xA1, ctypes.sizeof(DebugRegs))
-KVM_SET_DEBUGREGS = _iow(0xA2, ctypes.sizeof(DebugRegs))
+KVM_SET_GUEST_DEBUG = _abi._iow(0x9B, ctypes.sizeof(GuestDebug))
+KVM_GET_DEBUGREGS = _abi._ior(0xA1, ctypes.sizeof(DebugRegs))
+KVM_SET_DEBUGREGS = _abi._iow(0xA2, ctypes.sizeof(DebugRegs))
 KVM_CAP_SET_GUEST_DEBUG, KVM_CAP_DEBUGREGS, KVM_CAP_SET_GUEST_DEBUG2 = 23, 50, 195
 ENABLE, SINGLESTEP, USE_SW_BP, USE_HW_BP = 0x1, 0x2, 0x10000, 0x20000
-EXIT_IO, EXIT_DEBUG, EXIT_INTERNAL_ERROR = 2, 4, 17
+EXIT_IO, EXIT_DEBUG = _abi.KVM_EXIT_IO, _abi.KVM_EXIT_DEBUG
+EXIT_INTERNAL_ERROR = _abi.KVM_EXIT_INTERNAL_ERROR
+KVM_CHECK_EXTENSION, KVM_GET_VCPU_MMAP_SIZE = _abi.KVM_CHECK_EXTENSION, _abi.KVM_GET_VCPU_MMAP_SIZE
+KVM_CREATE_VM, KVM_CREATE_VCPU, KVM_RUN = _abi.KVM_CREATE_VM, _abi.KVM_CREATE_VCPU, _abi.KVM_RUN
+KVM_GET_REGS, KVM_SET_REGS = _abi.KVM_GET_REGS, _abi.KVM_SET_REGS
+KVM_GET_SREGS, KVM_SET_SREGS = _abi.KVM_GET_SREGS, _abi.KVM_SET_SREGS
+KVM_SET_USER_MEMORY_REGION = _abi.KVM_SET_USER_MEMORY_REGION
 
 # ---- one vCPU in long mode (guest physical == guest virtual) ----------------
 MEM_SIZE = 8 << 20
@@ -205,24 +111,30 @@ class Guest:
             self.mem[IDT + 16 * vector : IDT + 16 * vector + 16] = gate
         self.mem[CODE : CODE + len(code)] = code
         address = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
-        fcntl.ioctl(self.vm, KVM_SET_USER_MEMORY_REGION, MemoryRegion(0, 0, 0, MEM_SIZE, address))
+        fcntl.ioctl(
+            self.vm,
+            KVM_SET_USER_MEMORY_REGION,
+            _abi.kvm_userspace_memory_region(0, 0, 0, MEM_SIZE, address),
+        )
         self.vcpu = fcntl.ioctl(self.vm, KVM_CREATE_VCPU, 0)
         size = fcntl.ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE)
         self.run_area = mmap.mmap(
             self.vcpu, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
         )
-        sregs = Sregs()
+        sregs = _abi.kvm_sregs()
         fcntl.ioctl(self.vcpu, KVM_GET_SREGS, sregs)
         code_sel, data_sel = (0x1B, 0x23) if cpl == 3 else (0x08, 0x10)
-        sregs.cs = Segment(0, 0xFFFFFFFF, code_sel, 11, 1, cpl, 0, 1, 1, 1)
-        data = Segment(0, 0xFFFFFFFF, data_sel, 3, 1, cpl, 1, 1, 0, 1)
+        sregs.cs = _abi.kvm_segment(0, 0xFFFFFFFF, code_sel, 11, 1, cpl, 0, 1, 1, 1)
+        data = _abi.kvm_segment(0, 0xFFFFFFFF, data_sel, 3, 1, cpl, 1, 1, 0, 1)
         sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
-        sregs.tr = Segment(TSS, TSS_LIMIT, 0x28, 11, 1, 0, 0, 0, 0, 0)
+        sregs.tr = _abi.kvm_segment(TSS, TSS_LIMIT, 0x28, 11, 1, 0, 0, 0, 0, 0)
         sregs.gdt.base, sregs.gdt.limit = GDT, len(gdt) - 1
         sregs.idt.base, sregs.idt.limit = IDT, 16 * 32 - 1
         sregs.cr3, sregs.cr4, sregs.cr0, sregs.efer = PML4, 0x620, 0x80050033, 0x500
         fcntl.ioctl(self.vcpu, KVM_SET_SREGS, sregs)
-        fcntl.ioctl(self.vcpu, KVM_SET_REGS, Regs(rip=CODE, rsp=USER_STACK_TOP, rflags=0x2))
+        fcntl.ioctl(
+            self.vcpu, KVM_SET_REGS, _abi.kvm_regs(rip=CODE, rsp=USER_STACK_TOP, rflags=0x2)
+        )
 
     def run(self) -> str:
         """Run to the next exit; what it was, in words."""
@@ -240,8 +152,8 @@ class Guest:
             " (KVM_EXIT_INTERNAL_ERROR)" if reason == EXIT_INTERNAL_ERROR else ""
         )
 
-    def regs(self) -> Regs:
-        regs = Regs()
+    def regs(self) -> _abi.kvm_regs:
+        regs = _abi.kvm_regs()
         fcntl.ioctl(self.vcpu, KVM_GET_REGS, regs)
         return regs
 

@@ -10,31 +10,13 @@ both (the first to fire wins) both arguments. A monitor's kill is a
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from hlasync import GuestTimeout
-from hlasync.js import JSSandbox, JSSnapshot
-from hlasync.kvm import Kvm
+from hlasync.js import JSSandbox
 
-from ._helpers import BURN, poisoned
-
-
-@pytest.fixture(scope="module")
-def burner(kvm: Kvm) -> Iterator[tuple[JSSandbox, JSSnapshot]]:
-    with JSSandbox(keep_state=True) as js:
-        js.add_handler("handler", BURN)
-        js.load()
-        yield js, js.snapshot()
-
-
-@pytest.fixture
-def loaded(burner: tuple[JSSandbox, JSSnapshot]) -> JSSandbox:
-    """upstream's ``create_cpu_burning_sandbox()``: the loaded sandbox, as loaded."""
-    js, snapshot = burner
-    js.restore(snapshot)
-    return js
+from ._helpers import poisoned
 
 
 def test_wall_clock_monitor_completes_fast_handler(loaded: JSSandbox) -> None:

@@ -22,7 +22,7 @@ from hlasync import GuestCancelled, GuestTimeout
 from hlasync.js import JSSandbox, JSSnapshot
 from hlasync.kvm import Kvm
 
-from ._helpers import BURN, poisoned, reload
+from ._helpers import poisoned, reload
 from ._missing import DELIBERATE_TIMEOUT_MAX, xfail
 
 ECHO = "function handler(e) { return e; }"
@@ -33,22 +33,6 @@ BUSY_10_S = """
                 return event;
             }
 """
-
-
-@pytest.fixture(scope="module")
-def burner(kvm: Kvm) -> Iterator[tuple[JSSandbox, JSSnapshot]]:
-    with JSSandbox(keep_state=True) as js:
-        js.add_handler("handler", BURN)
-        js.load()
-        yield js, js.snapshot()
-
-
-@pytest.fixture
-def loaded(burner: tuple[JSSandbox, JSSnapshot]) -> JSSandbox:
-    """``beforeEach``: the CPU-burning handler, as loaded."""
-    js, loaded_state = burner
-    js.restore(loaded_state)
-    return js
 
 
 @pytest.fixture
