@@ -119,6 +119,7 @@ DEMO_SPIN = (
 
 def _js_run(args: argparse.Namespace) -> int:
     from .js import JSSandbox, files, protocol
+    from .js.host import default_output
 
     script = Path(args.script)
     try:
@@ -153,7 +154,11 @@ def _js_run(args: argparse.Namespace) -> int:
         if limit is not None and not limit > 0:  # what call_handler() refuses
             print(f"hlasync: {option} must be a positive number of seconds", file=sys.stderr)
             return 2
-    with JSSandbox(heap_size=args.heap_size << 20) as js:
+
+    def output(level: str, text: str) -> None:  # the handler's console, made printable
+        default_output(level, printable(text))
+
+    with JSSandbox(heap_size=args.heap_size << 20, output=output) as js:
         for module, module_source in modules.items():
             js.add_module(module, module_source)
         js.add_handler(name, source)
@@ -167,8 +172,24 @@ def _js_run(args: argparse.Namespace) -> int:
             print("javascript stack:", file=sys.stderr)
             print(printable(exc.js_stack or "    (unavailable)"), file=sys.stderr, end="")
             return 1
-    print(json.dumps(result, ensure_ascii=False, indent=2))
+    print(_printable_json(result))
     return 0
+
+
+#: What JSON leaves raw but a terminal would act on or cannot show (C1
+#: controls, DEL, bidirectional overrides, line separators, lone surrogates):
+#: each becomes its JSON ``\uNNNN`` escape, so the output stays JSON.
+_JSON_ESCAPES = {
+    c: f"\\u{c:04x}" for c in (0x7F, *range(0x80, 0xA0), 0x200E, 0x200F, *range(0x202A, 0x202F))
+}
+_JSON_ESCAPES.update({c: f"\\u{c:04x}" for c in (*range(0x2066, 0x206A), 0x2028, 0x2029)})
+_JSON_ESCAPES.update({c: f"\\u{c:04x}" for c in range(0xD800, 0xE000)})
+
+
+def _printable_json(value: object) -> str:
+    """``value`` as indented JSON that is safe on a terminal (non-ASCII text
+    stays readable; JSON escapes the C0 controls itself)."""
+    return json.dumps(value, ensure_ascii=False, indent=2).translate(_JSON_ESCAPES)
 
 
 def _guest_build(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ each test's docstring names the upstream test or source it comes from.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -551,3 +552,25 @@ def test_the_handler_file_is_read_within_bounds(tmp_path: Path) -> None:
     assert files.imports_modules("const m = require('./m.js')")
     assert not files.imports_modules('function handler() { return "important" }')
     assert not files.imports_modules("// imports nothing\nfunction handler() {}")
+
+
+def test_js_run_prints_nothing_a_terminal_would_act_on(kvm: Kvm, tmp_path: Path) -> None:
+    """What ``hlasync js run`` prints of a handler (its result, its console
+    lines) cannot drive the operator's terminal: a lone surrogate does not
+    crash the command, and C1 controls (U+009B is a one-character CSI), bidi
+    overrides and ESC come out escaped; the result is still JSON."""
+    script = tmp_path / "h.js"
+    script.write_text(
+        "function handler(e) {\n"
+        '  console.log("log \\u001b[2J \\u009b31m \\u202eX");\n'
+        '  return {s: "\\uD800", c1: "\\u009b31m\\u202eX", esc: "\\u001b[2J", ok: "é"};\n'
+        "}"
+    )
+    done = run_cli("js", "run", str(script))
+    assert done.returncode == 0, done.stderr
+    for raw in ("\x1b", "\x9b", "\u202e"):
+        assert raw not in done.stdout
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("log ") and "\\x1b[2J" in lines[0]
+    result = json.loads("\n".join(lines[1:]))
+    assert result == {"s": "\ud800", "c1": "\x9b31m\u202eX", "esc": "\x1b[2J", "ok": "é"}
