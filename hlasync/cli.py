@@ -354,6 +354,8 @@ def _parse_signal(name: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .debug import command as debug_command
+
     parser = argparse.ArgumentParser(prog="hlasync", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run the bundled guest: calls, a host call, a fault")
@@ -409,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
         "directory", nargs="?", help="default: $HYPERLIGHT_CORE_DUMP_DIR or the temp directory"
     )
     dump_list.set_defaults(handler=_dump_list)
+
+    debug_command.add_parser(commands)
 
     dump_all = commands.add_parser(
         "dump-all", help="make a process dump all its sandboxes (see install_dump_signal)"

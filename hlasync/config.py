@@ -109,6 +109,14 @@ class SandboxConfig:
     for a call of the bundled guest, 1-9 ms for a JavaScript handler call).
     ``None`` never trims. docs/architecture.md §13 ("Idle trim").
 
+    ``debug_port`` (default ``None``: off): serve the GDB remote protocol for
+    this sandbox on ``debug_host:debug_port`` (0: any free port, see
+    ``Sandbox.debug_address``), one debugger at a time; the first call waits
+    at its guest function's entry until a debugger attaches and resumes it.
+    ``debug_host`` (default ``"127.0.0.1"``): loopback only unless you name
+    another address. A debugged sandbox always takes the exit path (no
+    spin). docs/debugging.md.
+
     ``crashdump_enabled`` (a bool, default True) writes a core dump on faults,
     aborts, protocol errors and watchdog timeouts; ``crashdump_dir`` (a path
     or None) overrides the directory (else ``HYPERLIGHT_CORE_DUMP_DIR``, else
@@ -127,6 +135,8 @@ class SandboxConfig:
     init_timeout: float = 10.0
     spin: float | Literal["auto"] = field(default_factory=_default_spin)
     idle_trim: float | None = 10.0
+    debug_port: int | None = None
+    debug_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         for name in ("memory_size", "stack_size", "input_buffer_size", "output_buffer_size"):
@@ -175,6 +185,14 @@ class SandboxConfig:
                 f"idle_trim must be a number of seconds in (0, 86400] or None, got "
                 f"{self.idle_trim!r}"
             )
+        if self.debug_port is not None and (
+            type(self.debug_port) is not int or not 0 <= self.debug_port <= 65535
+        ):
+            raise ConfigError(
+                f"debug_port must be an int in [0, 65535] or None, got {self.debug_port!r}"
+            )
+        if not isinstance(self.debug_host, str) or not self.debug_host:
+            raise ConfigError(f"debug_host must be a non-empty str, got {self.debug_host!r}")
         if not isinstance(self.crashdump_enabled, bool):
             raise ConfigError(
                 f"crashdump_enabled must be a bool, got {type(self.crashdump_enabled).__name__}"

@@ -8,6 +8,7 @@ Every error hlasync raises derives from :class:`HlasyncError`::
     │   └── IoctlError               an ioctl failed (names the ioctl and errno)
     ├── ConfigError                  a SandboxConfig value is invalid (also ValueError)
     ├── GuestImageError              the guest binary cannot be loaded or initialised
+    ├── DebuggerError                a sandbox's debugger server cannot listen (debug_port)
     ├── CallError                    a call was refused before the guest ran
     │   ├── FunctionNotFound         no guest function of that name (also LookupError)
     │   └── ArgumentError            arguments do not match the signature (also TypeError)
@@ -54,6 +55,7 @@ __all__ = [
     "CallError",
     "ConfigError",
     "CrashdumpError",
+    "DebuggerError",
     "FunctionNotFound",
     "GuestAborted",
     "GuestCancelled",
@@ -89,6 +91,7 @@ def _printable_table(*, keep_newlines: bool) -> dict[int, str]:
     controls = [*range(0x20), 0x7F, *range(0x80, 0xA0)]
     # Invisible characters that reorder or break lines in a terminal or editor.
     layout = [0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029]
+    layout += range(0xD800, 0xE000)  # lone surrogates: no terminal encoding can show them
     table = {c: f"\\x{c:02x}" for c in controls}
     table.update({c: f"\\u{c:04x}" for c in layout})
     del table[ord("\t")]
@@ -107,7 +110,7 @@ def printable(text: str, *, keep_newlines: bool = True) -> str:
     Every control character (C0 but tab and, with ``keep_newlines``, newline;
     DEL; C1 ``0x80``-``0x9f``) becomes its ``\\xNN`` escape, and the invisible
     characters that reorder or break lines (bidirectional overrides and
-    isolates, U+2028/U+2029) their ``\\uNNNN`` escape: ``"\\x1b[2J"`` prints
+    isolates, U+2028/U+2029) and lone surrogates their ``\\uNNNN`` escape: ``"\\x1b[2J"`` prints
     as the six characters ``\\x1b[2J`` instead of clearing the screen.
     Everything else, backslashes included, is left as it is, so the result is
     for reading, not for decoding back. Linear in ``len(text)``.
@@ -196,6 +199,11 @@ class GuestImageError(HlasyncError):
         #: A core dump of the guest, when it was running (e.g. initialisation timed out).
         self.core_path: Path | None = None
         super().__init__(f"{path}: {message}" if path is not None else message)
+
+
+class DebuggerError(HlasyncError):
+    """The live debugger's server for a sandbox (``SandboxConfig.debug_port``)
+    cannot listen: the address is in use or the host cannot be bound."""
 
 
 class CallError(HlasyncError):

@@ -27,6 +27,7 @@ RUNS: dict[str, tuple[list[str], str]] = {
     "js_stateful.py": ([], "add 1 -> {'total': 16} (15 + 1: the snapshot's state)"),
     "js_from_hyperlight.py": ([], "{'cpu_timeout': 0.2, 'timeout': 5.0} -> GuestTimeout (cpu)"),
     "hot_sandbox.py": ([], "after restore(): increment -> 1"),
+    "live_debugging.py": (["--script"], "add(1, 2) with b set to 41 in gdb -> 42"),
     "observability_console.py": ([], "await pool.call('call_host', 'double', 5) -> 10"),
     "ray_cluster.py": ([], "fetched core: hl_core_"),
     "worker_processes.py": (
@@ -144,6 +145,17 @@ def test_js_stateful(kvm: Kvm, tmp_path: Path) -> None:
     assert "the next call is refused: SandboxPoisoned" in output
     assert "after restore(): add 1 -> {'total': 1}" in output
     assert "without keep_state: add 5 three times -> [5, 5, 5]" in output
+
+
+def test_live_debugging(kvm: Kvm, tmp_path: Path) -> None:
+    require_tool("gdb")
+    arguments, line = RUNS["live_debugging.py"]
+    output = run_example("live_debugging.py", arguments, tmp_path)
+    assert line in output
+    assert "Breakpoint 1, fib (n=n@entry=5)" in output
+    assert "Value returned is $1 = 5" in output and "fib(6) -> 8" in output
+    assert "Program received signal SIGFPE" in output
+    assert "divide_by_zero -> GuestCrashed, dump at " in output
 
 
 def test_observability_console(kvm: Kvm, tmp_path: Path) -> None:

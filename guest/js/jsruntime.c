@@ -165,14 +165,9 @@ static hl_bytes reply_exception(char status) {
 }
 
 /* ------------------------------------------------- the JS stack, on request */
-static void copy_stack(const char *text, size_t length) {
-    if (length > HL_JS_STACK_MAX) length = HL_JS_STACK_MAX;
-    memcpy(hl_js_control.stack, text, length);
-    hl_js_control.length = (uint32_t)length;
-}
-
-static void answer_stack_request(void) {
-    uint32_t request = hl_js_control.request;
+/* The stack of the JavaScript frames running now into `out` (at most `room`
+ * bytes, not terminated); its length. */
+static size_t current_stack(char *out, size_t room) {
     JSValue error = JS_NewError(ctx); /* its stack is built from the frames running now */
     const char *text = NULL;
     size_t length = 0;
@@ -181,15 +176,32 @@ static void answer_stack_request(void) {
         if (JS_IsString(stack)) text = JS_ToCStringLen(ctx, &length, stack);
         JS_FreeValue(ctx, stack);
     }
+    if (length > room) length = room;
     if (text) {
-        copy_stack(text, length);
+        memcpy(out, text, length);
         JS_FreeCString(ctx, text);
     } else {
-        copy_stack("", 0);
+        length = 0;
     }
     JS_FreeValue(ctx, JS_GetException(ctx));
     JS_FreeValue(ctx, error);
+    return length;
+}
+
+static void answer_stack_request(void) {
+    uint32_t request = hl_js_control.request;
+    hl_js_control.length = (uint32_t)current_stack(hl_js_control.stack, HL_JS_STACK_MAX);
     __atomic_store_n(&hl_js_control.answered, request, __ATOMIC_RELEASE);
+}
+
+/* For a debugger stopped in the engine (docs/debugging.md): in gdb,
+ * `printf "%s", hl_js_stack()` prints the JavaScript frames running now
+ * (gdb runs this function in the guest and stops again when it returns). */
+__attribute__((used, retain, noinline)) const char *hl_js_stack(void) {
+    static char text[HL_JS_STACK_MAX + 1];
+    size_t length = ctx ? current_stack(text, HL_JS_STACK_MAX) : 0;
+    text[length] = 0;
+    return text;
 }
 
 static int on_interrupt(JSRuntime *runtime, void *opaque) {

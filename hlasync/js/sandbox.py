@@ -15,6 +15,7 @@ refuses calls until :meth:`~JSSandbox.restore`, :meth:`~JSSandbox.unload` or
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -92,7 +93,10 @@ class JSSandbox:
     ``InternalError: out of memory`` in JavaScript); ``config`` overrides the
     sandbox configuration :func:`hlasync.js.default_config` derives from it;
     ``output(level, text)`` receives console output (default: stdout, and
-    stderr for warn/error).
+    stderr for warn/error). ``debug_port`` (or ``config.debug_port``) serves
+    gdb and lldb on that port (docs/debugging.md): the first handler call
+    waits at the runtime's ``js_call`` entry until a debugger attaches, and
+    time stopped in the debugger does not count against ``timeout``.
 
     ``keep_state`` chooses what a call starts from. False (the default): the
     state :meth:`load` left, always; the sandbox is restored after every
@@ -118,10 +122,13 @@ class JSSandbox:
         output: OutputSink | None = None,
         sandbox_id: str | None = None,
         keep_state: bool = False,
+        debug_port: int | None = None,
     ) -> None:
         if not isinstance(keep_state, bool):
             raise TypeError(f"keep_state must be a bool, got {keep_state!r}")
         config = config if config is not None else runtime.default_config(heap_size)
+        if debug_port is not None:
+            config = dataclasses.replace(config, debug_port=debug_port)
         runtime.default_config(heap_size)  # validates heap_size whatever the config
         self.heap_size = heap_size
         self._keep_state = keep_state
@@ -135,6 +142,11 @@ class JSSandbox:
         self._token = object()  # what its snapshots belong to
         self._sandbox = Sandbox(runtime.guest_path(), config, sandbox_id=sandbox_id)
         self._sandbox._spin_allowed = False  # cpu_timeout counts the caller thread's CPU time
+        debugger = self._sandbox._debugger
+        #: A debugger waits for the first handler call, not for the engine's start.
+        self._debug_first = debugger is not None
+        if debugger is not None:
+            debugger.cancel_stop()
         try:
             for name, function in self._bridge.sandbox_functions().items():
                 self._sandbox.register_host_function(name, function)
@@ -339,6 +351,10 @@ class JSSandbox:
                 f"JS sandbox {self.id}: handlers changed or never loaded; call load() first",
                 sandbox_id=self.id,
             )
+        debugger = self._sandbox._debugger
+        if self._debug_first and debugger is not None:
+            self._debug_first = False
+            debugger.stop_at_next_call()
         watch = None
         if timeout is not None or cpu_timeout is not None:
             watch = _Watch(self, name, timeout, cpu_timeout)
@@ -506,6 +522,7 @@ class _Watch:
         self._thread = threading.Thread(target=self._run, name="hlasync-js-watch", daemon=True)
         self._clocks: list[int] = []
         self._cpu_start = 0.0
+        self._paused_start = 0.0
         self.expired: str | None = None
         self.expired_at = 0.0
         self.started_at = 0.0
@@ -527,6 +544,7 @@ class _Watch:
                 ]
                 self._cpu_start = self._cpu_now()
             self.started_at = time.monotonic()
+            self._paused_start = self._js.sandbox._debug_paused()
             self._thread.start()
         except Exception as exc:
             raise CallError(
@@ -557,8 +575,11 @@ class _Watch:
 
     def _due(self) -> str | None:
         """The limit that has expired ("wall" or "cpu"), or None."""
-        if self._timeout is not None and time.monotonic() - self.started_at >= self._timeout:
-            return "wall"
+        if self._timeout is not None:
+            # Time stopped in a debugger (SandboxConfig.debug_port) does not count.
+            paused = self._js.sandbox._debug_paused() - self._paused_start
+            if time.monotonic() - self.started_at - paused >= self._timeout:
+                return "wall"
         if self._cpu_timeout is not None and self._cpu_now() - self._cpu_start >= self._cpu_timeout:
             return "cpu"
         return None

@@ -48,7 +48,7 @@ from ..errors import (
 )
 from ..guest.image import GuestImage
 from ..guest.layout import MemoryLayout
-from . import cpu, registry, runner, trim
+from . import cpu, debugging, registry, runner, trim
 from .boot import Booting
 from .calls import Call, CallHandle, Phase, StopResult, current_runner
 from .dumps import CrashdumpRecord
@@ -123,7 +123,17 @@ class Sandbox(Requests, Spinning, Booting):
         #: the calling thread (the supervisor, JSSandbox) keep the exit path.
         self._spin_allowed = True
         self._compat = (self.image.digest, self.layout)
+        self._debugger = None
         self._initial = self._boot()
+        if self.config.debug_port is not None:
+            self._spin_allowed = False  # the debugger's stops come through the exit path
+            try:
+                self._debugger = debugging.make_server(
+                    self, self.config.debug_host, self.config.debug_port, str(self.image.path)
+                )
+            except BaseException:
+                self._machine.release()
+                raise
         # Releases the VM and memory if the sandbox is dropped unclosed; close()
         # releases through _release_locked. Not at interpreter exit: a daemon
         # thread may still be in KVM_RUN or in the native doorbell wait, reading
@@ -138,6 +148,26 @@ class Sandbox(Requests, Spinning, Booting):
     @property
     def state(self) -> SandboxState:
         return self._state
+
+    @property
+    def debug_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` where a debugger attaches (``SandboxConfig.debug_port``;
+        the port chosen when it was 0), or None without one."""
+        debugger = self._debugger
+        return None if debugger is None else debugger.address
+
+    @property
+    def debugger_attached(self) -> bool:
+        """Whether a debugger is connected to :attr:`debug_address` now (its
+        next stop, or the next call's entry, waits for it)."""
+        debugger = self._debugger
+        return debugger is not None and debugger.attached
+
+    def _debug_paused(self) -> float:
+        """Seconds its guest spent stopped in a debugger (0 without one):
+        wall-clock limits leave them out."""
+        debugger = self._debugger
+        return 0.0 if debugger is None else debugger.paused()
 
     @property
     def functions(self) -> Mapping[str, FunctionSignature]:
@@ -349,6 +379,8 @@ class Sandbox(Requests, Spinning, Booting):
                     timeout,
                 )
             hot = self._hot
+        if self._debugger is not None:
+            self._debugger.close()
         if hot is not None and hot.thread.ident != me:
             # Its thread is ending (closing, parked): gone when close() returns,
             # and with it the reaper when nothing else is hot.

@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import abi
 from ..config import SandboxConfig
@@ -34,6 +34,9 @@ from .hot import PARK_KICK_AFTER, AutoChooser, HotSession
 from .machine import Machine
 from .snapshots import Snapshot
 from .states import SandboxState
+
+if TYPE_CHECKING:
+    from ..debug.server import DebugServer
 
 __all__ = ["OPERATION_WAIT", "SandboxBase"]
 
@@ -69,6 +72,7 @@ class SandboxBase:
     _initial: Snapshot  # what restore() without an argument returns to
     _doorbell: bool  # the guest's dispatcher waits on the doorbell page
     _spin_allowed: bool  # whether config.spin applies (see Sandbox.__init__)
+    _debugger: DebugServer | None  # SandboxConfig.debug_port's server
     _finalizer: weakref.finalize[[Machine, threading.Lock], SandboxBase]
     _lock: threading.Lock
     _changed: threading.Condition  # on _lock: the holder or the loans changed

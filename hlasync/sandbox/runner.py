@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, assert_never
+from typing import TYPE_CHECKING, Any, Protocol, assert_never
 
 from .. import _telemetry as telemetry
 from .. import abi
@@ -26,7 +26,7 @@ from ..errors import (
 )
 from ..guest.memory import GuestMemory
 from ..kvm.exits import Exit, Interrupted
-from . import cpu, native
+from . import cpu, debugging, native
 from .calls import Call
 from .decide import (
     Aborted,
@@ -49,6 +49,9 @@ from .faults import ExceptionInfo, decode_exception
 from .hot import HotSession, SpinControl, read_done_seq
 from .snapshots import Snapshot
 
+if TYPE_CHECKING:
+    from ..debug.server import DebugServer
+
 __all__ = ["Runnable", "halt", "post", "reclaim", "run"]
 
 #: How long a caller spins (without the GIL) for a hot guest's answer before it
@@ -58,12 +61,13 @@ HOT_WAIT_SPIN_NS = 200_000
 HOT_WAIT_SLICE_NS = 100_000_000
 
 
-class Runnable(Dumpable, SpinControl, Protocol):
+class Runnable(Dumpable, SpinControl, debugging.Debuggable, Protocol):
     """What the run loop uses of a sandbox (a :class:`~.core.Sandbox`, or a part
     of it): its machine and guest, its host functions and output, and the
     caller's answers to requests (:mod:`.requests`)."""
 
     last_exception: ExceptionInfo | None
+    _debugger: DebugServer | None
 
     @property
     def _doorbell(self) -> bool: ...
@@ -94,7 +98,21 @@ def run(sb: Runnable, call: Call, signature: FunctionSignature) -> Value:
     A call that took the vCPU from a hot session (its guest spins on the
     doorbell) is posted there and answered without an exit; if ``KVM_RUN``
     comes back on the hot thread first (an exit of the call, a kick, the end
-    of the spin), this thread takes the vCPU over and goes on with the exit."""
+    of the spin), this thread takes the vCPU over and goes on with the exit.
+
+    With a debugger configured (``SandboxConfig.debug_port``), its breakpoints
+    are in guest memory while the call runs, and the guest's traps and faults
+    stop in the debugger (:mod:`.debugging`)."""
+    if sb._debugger is None:
+        return _run(sb, call, signature)
+    debugging.call_begins(sb, signature)
+    try:
+        return _run(sb, call, signature)
+    finally:
+        debugging.call_ends(sb)
+
+
+def _run(sb: Runnable, call: Call, signature: FunctionSignature) -> Value:
     vcpu = sb._machine.vcpu
     name = signature.name
     seq = post(sb) if sb._doorbell else 0
@@ -127,14 +145,24 @@ def run(sb: Runnable, call: Call, signature: FunctionSignature) -> Value:
                 _answer_ask(sb, call, name)
             case Kicked():
                 sb._on_kick(call)
+                if sb._debugger is not None:
+                    debugging.on_kick(sb, call)
             case Replay():
                 continue  # the guest parked before it saw the call: run it now
             case Faulted(vector=vector):
                 error, fault = decode_exception(
                     vcpu, _memory(sb), sb.image, sandbox_id=sb.id, function=name, vector=vector
                 )
+                if (
+                    fault is not None
+                    and sb._debugger is not None
+                    and debugging.on_exception(sb, call, fault)
+                ):
+                    continue  # the debugger resumed the guest
                 raise _failed(sb, error, fault)
             case Aborted(code=code, message=message):
+                if sb._debugger is not None:
+                    debugging.on_abort(sb, call)
                 aborted = GuestAborted(
                     sandbox_id=sb.id, function=name, code=code, guest_message=message
                 )

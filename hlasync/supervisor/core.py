@@ -35,7 +35,7 @@ from .loop import Outbox, loop_waker
 from .making import TargetMaker
 from .operations import run_operation
 from .processes import ProcessBackend
-from .settings import DEFAULT, check_limit, check_settings
+from .settings import DEFAULT, check_limit, check_no_debugger, check_settings
 from .stats import SupervisorStatistics, gather
 from .targets import JSPool, PendingCall, Pool, SupervisedSandbox, Target
 from .threads import ThreadBackend
@@ -195,8 +195,9 @@ class Supervisor:
         a round trip to this one). Guest prints become
         :class:`~hlasync.events.GuestOutput` events (and go to ``output``, or
         to stdout when nobody subscribes to them). A member whose restore
-        fails is closed and replaced by a new one.
+        fails is closed and replaced by a new one. No ``debug_port`` (ValueError).
         """
+        check_no_debugger(config, "create_pool")
         return await self._maker.pool(guest, size, config, name, host_functions, output)
 
     async def create_sandbox(
@@ -207,7 +208,8 @@ class Supervisor:
         host_functions: Mapping[str, Callable[..., Any] | str] | None = None,
         output: Callable[[str], None] | None = None,
     ) -> SupervisedSandbox:
-        """A dedicated sandbox that keeps its state between calls (run one at a time)."""
+        """A dedicated sandbox that keeps its state between calls (run one at a time);
+        ``config.debug_port`` serves a debugger (docs/debugging.md)."""
         return await self._maker.sandbox(guest, config, host_functions, output)
 
     async def create_js_pool(
@@ -234,7 +236,9 @@ class Supervisor:
         becomes :class:`~hlasync.events.GuestOutput` events with their level
         (and goes to ``output(level, text)``, or to stdout/stderr when nobody
         subscribes). Raises JSSyntaxError for a handler that does not compile.
+        ValueError for a config with ``debug_port`` (debug a ``JSSandbox``).
         """
+        check_no_debugger(config, "create_js_pool")
         return await self._maker.js_pool(
             handlers, size, modules, host_functions, heap_size, config, name, output
         )

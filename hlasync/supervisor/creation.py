@@ -69,7 +69,7 @@ def new_sandbox(
             sys.stdout.flush()
 
     sandbox = Sandbox(image, config, output=on_output)
-    sandbox._spin_allowed = spin
+    sandbox._spin_allowed = spin and sandbox._debugger is None  # a debugger's stops exit
     holder.append(sandbox)
     sandbox.add_crashdump_listener(on_crashdump)
     for name, function in dict(host_functions).items():

@@ -61,6 +61,7 @@ class Job:
         "owner_clock",
         "owner_start",
         "path",
+        "paused_start",
         "queued_at",
         "result",
         "sandbox",
@@ -113,6 +114,9 @@ class Job:
         #: spent there, not on the worker thread.
         self.owner_clock: int | None = None
         self.owner_start = 0.0
+        #: The sandbox's time stopped in a debugger when the call began: its
+        #: wall-clock limit leaves out what is added to that meanwhile.
+        self.paused_start = 0.0
         self.host_scopes: list[anyio.CancelScope] = []
         self.js_stack: str | None = None  # a JS handler's stack when its limit expired
         #: Its telemetry (``hlasync.call`` span, timing), made on the caller's side.

@@ -10,7 +10,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["DEFAULT", "check_limit", "check_settings", "default_processes"]
+from ..config import SandboxConfig
+
+__all__ = ["DEFAULT", "check_limit", "check_no_debugger", "check_settings", "default_processes"]
 
 #: "Use the supervisor-wide default" (a timeout of None means no limit).
 DEFAULT: Any = object()
@@ -21,6 +23,15 @@ def check_limit(name: str, value: float | None) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{name} must be a positive number of seconds or None, got {value!r}")
+
+
+def check_no_debugger(config: SandboxConfig | None, method: str) -> None:
+    """Pools cannot be debugged: their members would all listen on one port."""
+    if config is not None and config.debug_port is not None:
+        raise ValueError(
+            f"{method}: pool members cannot be debugged (SandboxConfig.debug_port); "
+            "debug a dedicated sandbox (create_sandbox) or a JSSandbox"
+        )
 
 
 def check_settings(

@@ -16,6 +16,16 @@ from .jobs import Job, cpu_used
 __all__ = ["Watchdog"]
 
 
+def _paused(job: Job) -> float:
+    """Seconds ``job``'s guest has spent stopped in a debugger since it began
+    (``SandboxConfig.debug_port``): not counted against its wall-clock limit.
+    Its CPU time does not grow meanwhile: no thread runs it."""
+    sandbox = job.sandbox
+    if sandbox is None or sandbox._debugger is None:
+        return 0.0
+    return sandbox._debug_paused() - job.paused_start
+
+
 class Watchdog:
     def __init__(
         self,
@@ -32,6 +42,8 @@ class Watchdog:
         """Start timing ``job`` (on the worker thread running it: CPU time is
         that thread's, which runs host code, and that of its vCPU's owner
         thread, which runs the guest)."""
+        if job.sandbox is not None:
+            job.paused_start = job.sandbox._debug_paused()
         job.cpu_clock = time.pthread_getcpuclockid(threading.get_ident())
         job.cpu_start = time.clock_gettime(job.cpu_clock)
         call = job.call
@@ -64,7 +76,7 @@ class Watchdog:
                 wake_at = math.inf
                 for job in list(self._watched):
                     if job.timeout is not None:
-                        deadline = job.started_at + job.timeout
+                        deadline = job.started_at + job.timeout + _paused(job)
                         if now >= deadline:
                             expired.append((job, "wall"))
                             job.lateness = now - deadline
