@@ -142,6 +142,8 @@ class DebugServer:
             self._thread.join(2 * POLL + 1.0)
 
     def _serve(self) -> None:
+        """Accept clients: one is served (on a thread of its own), any other
+        that connects meanwhile is refused at once (its connection closed)."""
         from .session import Session
 
         while not self.closed:
@@ -153,22 +155,37 @@ class DebugServer:
                 return  # closed
             session = Session(self, client)
             with self.lock:
-                if self.closed:
-                    client.close()
-                    return
-                self.session = session
-                if self.stop is None or self.stop.verdict is not None:
-                    # An attaching debugger wants the guest stopped (a stop that
-                    # waits already is the one it gets).
-                    self.want_stop, self.want_signal = True, 5
-                self.changed.notify_all()
+                refused = self.closed or self.session is not None
+                if not refused:
+                    self.session = session
+                    if self.stop is None or self.stop.verdict is not None:
+                        # An attaching debugger wants the guest stopped (a stop
+                        # that waits already is the one it gets).
+                        self.want_stop, self.want_signal = True, 5
+                    self.changed.notify_all()
+            if refused:
+                _logger.warning(
+                    "sandbox %s: refused a debugger from %s:%s: one is attached already",
+                    self.sandbox_id,
+                    *peer[:2],
+                )
+                session.shutdown()
+                continue
             _logger.info("sandbox %s: debugger attached from %s:%s", self.sandbox_id, *peer[:2])
-            try:
-                session.run()
-            except Exception:  # a broken client must not end the server
-                _logger.exception("sandbox %s: debugger session failed", self.sandbox_id)
-            finally:
-                self.detached(session)
+            threading.Thread(
+                target=self._run_session,
+                args=(session,),
+                name=f"hlasync-debug-{self.sandbox_id}-client",
+                daemon=True,
+            ).start()
+
+    def _run_session(self, session: Session) -> None:
+        try:
+            session.run()
+        except Exception:  # a broken client must not end the server
+            _logger.exception("sandbox %s: debugger session failed", self.sandbox_id)
+        finally:
+            self.detached(session)
 
     def detached(self, session: Session) -> None:
         """The client went away (detach, kill, disconnect): forget its

@@ -141,6 +141,18 @@ def test_a_fault_stops_in_the_debugger_then_crashes_with_its_dump(debugged: Sand
     assert debugged.call("add", 2, 2) == 4
 
 
+def test_faults_can_dump_without_stopping(debugged: Sandbox) -> None:
+    """gdb's own ``handle SIGFPE nostop`` is how a debugging session lets
+    faults take their course: no stop, the dump and GuestCrashed as usual."""
+    call = in_thread(lambda: debugged.call("divide_by_zero"))
+    out = gdb_batch(address(debugged), "handle SIGFPE nostop noprint pass", "continue").output()
+    with pytest.raises(GuestCrashed) as crashed:
+        call.wait()
+    assert "Program received signal" not in out, out
+    assert "Program terminated with signal SIGFPE" in out, out
+    assert crashed.value.core_path is not None and crashed.value.core_path.exists()
+
+
 def test_gdb_mi_interrupts_a_spinning_guest(debugged: Sandbox) -> None:
     """Ctrl-C (MI's -exec-interrupt) stops a guest that never returns, in
     spin(); after detach it spins on, and interrupt() still stops the call."""
