@@ -141,6 +141,15 @@ class DebugServer:
         if threading.current_thread() is not self._thread:
             self._thread.join(2 * POLL + 1.0)
 
+    def forget_in_child(self) -> None:
+        """In a forked child: the threads stayed in the parent; close this
+        process's copies of the sockets (the parent keeps serving)."""
+        self.closed = True
+        self._listener.close()
+        session = self.session
+        if session is not None:
+            session.client.close()
+
     def _serve(self) -> None:
         """Accept clients: one is served (on a thread of its own), any other
         that connects meanwhile is refused at once (its connection closed)."""

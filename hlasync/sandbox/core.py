@@ -503,6 +503,9 @@ class Sandbox(Requests, Spinning, Booting):
         self._holder = None
         self._hot = None  # its thread stayed in the parent
         self._loans = 0
+        if self._debugger is not None:  # its threads stayed in the parent too
+            self._debugger.forget_in_child()
+            self._debugger = None
         self._release_locked()
 
 

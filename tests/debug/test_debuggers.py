@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -239,6 +240,42 @@ def test_the_javascript_runtime_is_debuggable(kvm: Kvm) -> None:
         js.close()
 
 
+def test_ctrl_c_stops_a_javascript_handler_that_never_returns(kvm: Kvm) -> None:
+    """Ctrl-C (MI -exec-interrupt) stops a handler in an endless loop inside
+    the engine, hl_js_stack() names the handler's line, and after detach its
+    CPU-time limit still ends the call (GuestTimeout with its JS stack)."""
+    from hlasync import GuestTimeout
+
+    js = JSSandbox(debug_port=0)
+    mi = GdbMI()
+    try:
+        js.add_handler("loop", "function handler(e) {\n  let n = 0\n  while (true) { n++ }\n}")
+        js.load()
+        call = in_thread(lambda: js.call_handler("loop", {}, cpu_timeout=1.0))
+        host, port = js.sandbox.debug_address or ("", 0)
+        mi.command("-gdb-set mi-async on")
+        assert mi.command(f"-target-select remote {host}:{port}").startswith("^connected")
+        mi.command("-exec-continue", "*running")
+        time.sleep(0.3)  # into the loop
+        mi.command("-exec-interrupt")
+        assert 'signal-name="SIGINT"' in mi.until("*stopped")
+        # To a safe point of the interpreter (docs/debugging.md), then ask.
+        mi.command("-break-insert js_poll_interrupts")
+        mi.command("-exec-continue", "*running")
+        assert 'reason="breakpoint-hit"' in mi.until("*stopped")
+        mi.command("-break-delete")
+        stack = mi.command('-data-evaluate-expression "(char *)hl_js_stack()"')
+        assert "at handler (loop.js:3" in stack, "\n".join(mi.seen[-30:])
+        assert mi.command("-target-detach").startswith("^done")
+        with pytest.raises(GuestTimeout) as timed_out:
+            call.wait()
+        assert timed_out.value.kind == "cpu"
+        assert "at handler (loop.js:3" in (timed_out.value.js_stack or "")
+    finally:
+        mi.close()
+        js.close()
+
+
 def test_lldb_debugs_the_javascript_runtime(kvm: Kvm) -> None:
     """lldb in the QuickJS engine: a breakpoint in the interpreter, its frames
     back to the runtime's js_call, and detach with the handler's result."""
@@ -346,3 +383,25 @@ def test_without_a_debugger_a_debugged_sandbox_runs_as_any_other(debugged: Sandb
         debugged.call("divide_by_zero")
     assert crashed.value.core_path is not None
     assert debugged.state is SandboxState.POISONED
+
+
+def test_a_forked_child_does_not_keep_the_port(debugged: Sandbox) -> None:
+    """A child forked while a sandbox serves a debugger closes its copy of the
+    listening socket: once the parent closes the sandbox, the port is free
+    even while the child lives on."""
+    import os
+
+    _, port = address(debugged)
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child only sleeps
+        time.sleep(2.0)
+        os._exit(0)
+    try:
+        time.sleep(0.2)  # the child's after-fork hooks have run
+        debugged.close()
+        with socket.socket() as again:
+            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            again.bind(("127.0.0.1", port))
+            again.listen(1)
+    finally:
+        os.waitpid(child, 0)
