@@ -57,7 +57,7 @@ def scripted(sandbox: Sandbox) -> None:
     address = sandbox.debug_address
     assert address is not None
     thread, outcome = call_in_thread(sandbox, "fib", 6)
-    session = gdb(address, "break fib", "continue", "bt 3", "delete", "finish", "detach")
+    session = gdb(address, "break fib if n == 5", "continue", "bt 3", "delete", "finish", "detach")
     out, _ = session.communicate(timeout=60)
     thread.join(60)
     print("gdb, at a breakpoint in the recursion:")
