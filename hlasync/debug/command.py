@@ -126,5 +126,8 @@ def run(args: argparse.Namespace) -> int:
         except HlasyncError as exc:
             print(f"hlasync: {type(exc).__name__}: {printable(str(exc))}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print("hlasync: interrupted", file=sys.stderr)
+            return 130
     print(printable(repr(result)))
     return 0

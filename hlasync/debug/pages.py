@@ -93,10 +93,11 @@ def write_virtual(memory: GuestBytes, write: Writer, cr3: int, address: int, dat
 class Breakpoints:
     """Software breakpoints: virtual address -> the byte the ``int3`` covers.
 
-    They are in guest memory only while a call runs (:meth:`insert` as it
-    starts or resumes, :meth:`remove` when it stops or ends), so snapshots,
-    restores and dumps never see them; reads through :meth:`hide` show the
-    original bytes.
+    They are in guest memory only while the guest runs (:meth:`insert` before
+    each ``KVM_RUN`` of a call, :meth:`remove` after it), so whatever reads
+    memory while the vCPU is out of ``KVM_RUN`` (a stop, a dump, a snapshot,
+    a restore) never sees them; reads through :meth:`hide` show the original
+    bytes even while they are in.
     """
 
     def __init__(self) -> None:
@@ -104,8 +105,10 @@ class Breakpoints:
         #: A breakpoint of the stub's own (the entry of a call that is to stop there).
         self.entry: int | None = None
         self._saved: dict[int, bytes] = {}  # inserted now: address -> original byte
+        self._last: set[int] = set()  # inserted during the run that just ended
 
     def insert(self, memory: GuestBytes, write: Writer, cr3: int) -> None:
+        self._last = set()
         wanted = self.wanted if self.entry is None else self.wanted | {self.entry}
         # Physical byte -> its original, for addresses that map the same byte:
         # the second must not take the first one's int3 for the original.
@@ -126,6 +129,7 @@ class Breakpoints:
 
     def remove(self, memory: GuestBytes, write: Writer, cr3: int) -> None:
         saved, self._saved = self._saved, {}
+        self._last |= saved.keys()
         for address, original in reversed(saved.items()):  # the last in, first out
             try:
                 write_virtual(memory, write, cr3, address, original)
@@ -133,7 +137,13 @@ class Breakpoints:
                 continue
 
     def inserted(self, address: int) -> bool:
+        """Whether an ``int3`` of ours is at ``address`` now."""
         return address in self._saved
+
+    def hit(self, address: int) -> bool:
+        """Whether an ``int3`` of ours is at ``address``, or was during the run
+        that just ended: a ``#BP`` reported from there is a breakpoint's."""
+        return address in self._saved or address in self._last
 
     def hide(self, address: int, data: bytes) -> bytes:
         """``data`` read at ``address`` with inserted breakpoints' bytes put back."""

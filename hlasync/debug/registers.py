@@ -46,6 +46,17 @@ _SEGMENTS = ("cs", "ss", "ds", "es", "fs", "gs")
 # instruction and operand pointers, MXCSR, then ST0-7 (16 bytes apart) and XMM0-15.
 _FCW, _FSW, _FTW, _FOP, _FIP, _FDP, _MXCSR = 0, 2, 4, 6, 8, 16, 24
 _ST, _XMM = 32, 160
+#: The XSAVE header's XSTATE_BV: a component whose bit is clear is loaded in
+#: its initial state, whatever the area holds. Bit 0: x87, bit 1: SSE.
+_XSTATE_BV, _X87, _SSE = 512, 1, 2
+
+
+def _in_use(rf: RegisterFile, component: int) -> None:
+    """Mark an XSAVE component edited: loaded as written, not as initial state."""
+    if len(rf.xsave) >= _XSTATE_BV + 8:
+        (bits,) = struct.unpack_from("<Q", rf.xsave, _XSTATE_BV)
+        struct.pack_into("<Q", rf.xsave, _XSTATE_BV, bits | component)
+    rf.changed.add("xsave")
 
 
 @dataclass
@@ -154,9 +165,11 @@ def _base(name: str, segment: str) -> Register:
     return Register(name, 64, "int", "system", get, set_)
 
 
-def _area(name: str, offset: int, size: int, bits: int, kind: str, group: str) -> Register:
-    """A register stored as ``size`` bytes at ``offset`` of the XSAVE area,
-    shown as ``bits`` bits (zero-extended)."""
+def _area(
+    name: str, offset: int, size: int, bits: int, kind: str, group: str, component: int = _X87
+) -> Register:
+    """A register stored as ``size`` bytes at ``offset`` of the XSAVE area
+    (in ``component``), shown as ``bits`` bits (zero-extended)."""
     width = bits // 8
 
     def get(rf: RegisterFile) -> bytes:
@@ -164,7 +177,7 @@ def _area(name: str, offset: int, size: int, bits: int, kind: str, group: str) -
 
     def set_(rf: RegisterFile, value: bytes) -> None:
         rf.xsave[offset : offset + size] = value[:size]
-        rf.changed.add("xsave")
+        _in_use(rf, component)
 
     return Register(name, bits, kind, group, get, set_)
 
@@ -183,7 +196,7 @@ def _ftag() -> Register:
     def set_(rf: RegisterFile, value: bytes) -> None:
         full = int.from_bytes(value, "little")
         rf.xsave[_FTW] = sum(1 << i for i in range(8) if (full >> (2 * i)) & 3 != 3)
-        rf.changed.add("xsave")
+        _in_use(rf, _X87)
 
     return Register("ftag", 32, "int", "float", get, set_)
 
@@ -195,7 +208,7 @@ def _fop() -> Register:
 
     def set_(rf: RegisterFile, value: bytes) -> None:
         struct.pack_into("<H", rf.xsave, _FOP, int.from_bytes(value, "little") & 0x7FF)
-        rf.changed.add("xsave")
+        _in_use(rf, _X87)
 
     return Register("fop", 32, "int", "float", get, set_)
 
@@ -214,8 +227,8 @@ REGISTERS: tuple[Register, ...] = (
     _area("foseg", _FDP + 4, 2, 32, "int", "float"),
     _area("fooff", _FDP, 4, 32, "int", "float"),
     _fop(),
-    *(_area(f"xmm{i}", _XMM + 16 * i, 16, 128, "vec128", "vector") for i in range(16)),
-    _area("mxcsr", _MXCSR, 4, 32, "i386_mxcsr", "vector"),
+    *(_area(f"xmm{i}", _XMM + 16 * i, 16, 128, "vec128", "vector", _SSE) for i in range(16)),
+    _area("mxcsr", _MXCSR, 4, 32, "i386_mxcsr", "vector", _SSE),
     _base("fs_base", "fs"),
     _base("gs_base", "gs"),
 )

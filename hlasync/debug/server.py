@@ -107,6 +107,9 @@ class DebugServer:
         #: Stop the guest as soon as possible (Ctrl-C, a client attaching): at
         #: the next kick, or at the entry of the next call.
         self.want_stop = True  # the first call waits at its entry for a debugger
+        #: An entry stop waits for a debugger to attach (until one has resumed
+        #: or left): the first call's, or the one stop_at_next_call() asks for.
+        self.hold = True
         #: The signal the next stop reports when ``want_stop`` makes it.
         self.want_signal = 5
         self.session: Session | None = None
@@ -140,6 +143,18 @@ class DebugServer:
         self._listener.close()
         if threading.current_thread() is not self._thread:
             self._thread.join(2 * POLL + 1.0)
+
+    def abandon(self) -> None:
+        """Stop serving, taking no lock and joining no thread: for the
+        finalizer of a sandbox dropped unclosed (the cyclic GC may run it
+        while any lock is held). The threads see ``closed`` within
+        :data:`POLL` and end; a stopped call cannot exist (it would hold the
+        sandbox)."""
+        self.closed = True
+        self._listener.close()
+        session = self.session
+        if session is not None:
+            session.shutdown()
 
     def forget_in_child(self) -> None:
         """In a forked child: the threads stayed in the parent; close this
@@ -205,7 +220,7 @@ class DebugServer:
                 return
             self.session = None
             self.reply_due = False
-            self.want_stop = False
+            self.want_stop = self.hold = False
             self.breakpoints.wanted.clear()
             self.breakpoints.entry = None  # a stop nobody waits for any more
             stop = self.stop
@@ -215,14 +230,18 @@ class DebugServer:
         _logger.info("sandbox %s: debugger detached", self.sandbox_id)
 
     # ------------------------------------------- the calling thread's side
-    def publish(self, stop: Stop) -> None:
-        """A guest stopped: tell a client waiting for it."""
+    def publish(self, stop: Stop, *, wait_for_client: bool = False) -> None:
+        """A guest stopped: tell a client waiting for it. With no client
+        attached (it left since the stop was decided) the stop is resumed at
+        once, unless ``wait_for_client`` (a call waiting at its entry)."""
         with self.lock:
             self.stop = stop
             self._stopped_since = time.monotonic()
             self.want_stop = False
             session, due = self.session, self.reply_due
             self.reply_due = False
+            if session is None and not (wait_for_client and self.hold):
+                stop.verdict = "detach"
             self.changed.notify_all()
         if session is not None and due:
             session.send_stop(stop)
@@ -230,11 +249,14 @@ class DebugServer:
     def wait_verdict(self, stop: Stop, cancelled: Callable[[], bool]) -> Verdict:
         """Wait until the debugger resumes ``stop`` (or the call is stopped by
         its owner: ``cancelled()`` true, or the server closes: "kill")."""
+        taken_away: Session | None = None
         with self.lock:
             try:
                 while stop.verdict is None:
                     if self.closed or cancelled():
-                        stop.verdict = "kill"
+                        # The stop is gone under the debugger: it hears no more
+                        # of this "process" (its connection ends, below).
+                        stop.verdict, taken_away = "kill", self.session
                         break
                     self.changed.wait(POLL)
                 return stop.verdict
@@ -243,6 +265,22 @@ class DebugServer:
                 if self._stopped_since is not None:
                     self._paused += time.monotonic() - self._stopped_since
                     self._stopped_since = None
+                if taken_away is not None:
+                    _logger.info(
+                        "sandbox %s: the call stopped in the debugger was stopped by its "
+                        "owner (interrupt(), close()); disconnecting the debugger",
+                        self.sandbox_id,
+                    )
+                    self._end_session_later(taken_away)
+
+    def _end_session_later(self, session: Session) -> None:
+        """End ``session`` from another thread (this one holds the lock)."""
+        threading.Thread(
+            target=self.detached,
+            args=(session,),
+            name=f"hlasync-debug-{self.sandbox_id}-end",
+            daemon=True,
+        ).start()
 
     def paused(self) -> float:
         """Seconds the guest has spent stopped in the debugger so far (the
@@ -254,12 +292,12 @@ class DebugServer:
     def cancel_stop(self) -> None:
         """No stop wanted now (a JavaScript sandbox's engine starts first)."""
         with self.lock:
-            self.want_stop = False
+            self.want_stop = self.hold = False
 
     def stop_at_next_call(self) -> None:
         """Have the next call stop at its entry and wait for a debugger."""
         with self.lock:
-            self.want_stop, self.want_signal = True, 5
+            self.want_stop, self.want_signal, self.hold = True, 5, True
 
     def terminated(self, signal: int) -> None:
         """The debugger passed a fault on and the call failed with it: the
@@ -278,6 +316,7 @@ class DebugServer:
         """The client resumed ``stop`` (server thread)."""
         with self.lock:
             stop.verdict, stop.resume_signal = verdict, signal
+            self.hold = False
             self.reply_due = verdict in ("continue", "step", "signal")
             self.changed.notify_all()
 

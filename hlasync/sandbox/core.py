@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import _telemetry as telemetry
 from .. import abi
@@ -58,6 +58,9 @@ from .requests import Requests
 from .snapshots import Snapshot
 from .spin import Spinning
 from .states import Event, SandboxState, after
+
+if TYPE_CHECKING:
+    from ..debug.server import DebugServer
 
 __all__ = ["Sandbox", "SandboxState", "StopResult", "check_call", "live_sandboxes"]
 
@@ -139,7 +142,9 @@ class Sandbox(Requests, Spinning, Booting):
         # thread may still be in KVM_RUN or in the native doorbell wait, reading
         # guest memory without the GIL (an unmap under it was a SIGSEGV), and
         # the process's end releases everything anyway.
-        self._finalizer = weakref.finalize(self, _release_unclosed, self._machine, self._lock)
+        self._finalizer = weakref.finalize(
+            self, _release_unclosed, self._machine, self._lock, self._debugger
+        )
         self._finalizer.atexit = False
         self._state = after(self._state, Event.BOOTED)
         registry.add(self)
@@ -509,13 +514,17 @@ class Sandbox(Requests, Spinning, Booting):
         self._release_locked()
 
 
-def _release_unclosed(machine: Machine, lock: threading.Lock) -> None:
+def _release_unclosed(
+    machine: Machine, lock: threading.Lock, debugger: DebugServer | None = None
+) -> None:
     """The finalizer of a sandbox nobody closed, run when it is collected (not
     at interpreter exit: see ``Sandbox.__init__``). No thread can reach the
     sandbox then, so its lock is normally free; a hot thread back from KVM_RUN
     may still be finishing a doorbell write under it: wait for that, so that
     memory is never unmapped under a write (bounded: a wedged thread does not
-    hold up the release)."""
+    hold up the release). A debug server stops serving (its port is freed)."""
+    if debugger is not None:
+        debugger.abandon()
     locked = lock.acquire(timeout=RELEASE_WAIT)
     try:
         machine.release()

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..errors import GuestCancelled
 from ..guest.memory import GuestMemory
-from ..kvm import kvm_regs, kvm_sregs, kvm_xsave
+from ..kvm import kvm_regs, kvm_xsave
+from ..kvm.exits import Exit
 from .faults import ExceptionInfo, copy_struct
 
 if TYPE_CHECKING:
@@ -32,7 +33,16 @@ if TYPE_CHECKING:
     from .machine import Machine
     from .snapshots import Snapshot
 
-__all__ = ["call_begins", "call_ends", "make_server", "on_abort", "on_exception", "on_kick"]
+__all__ = [
+    "after_out",
+    "call_begins",
+    "call_ends",
+    "make_server",
+    "on_abort",
+    "on_exception",
+    "on_kick",
+    "run",
+]
 
 TF = 0x100
 SIGINT, SIGILL, SIGTRAP, SIGABRT, SIGFPE, SIGBUS, SIGSEGV = 2, 4, 5, 6, 8, 10, 11
@@ -94,27 +104,40 @@ def _cr3(sb: Debuggable) -> int:
 
 
 def call_begins(sb: Debuggable, signature: FunctionSignature) -> None:
-    """A call is about to run: put the debugger's breakpoints in, and one at
-    the function's entry when a stop is wanted (the first call, a debugger
-    attaching or Ctrl-C between calls)."""
+    """A call is about to run: a breakpoint at the function's entry when a
+    stop is wanted (the first call, a debugger attaching or Ctrl-C between
+    calls)."""
     dbg = sb._debugger
     if dbg is None:
         return
     with dbg.lock:
         dbg.breakpoints.entry = signature.address if dbg.want_stop else None
-        dbg.breakpoints.insert(_memory(sb), dbg.write, _cr3(sb))
+
+
+def run(sb: Debuggable) -> Exit:
+    """One ``KVM_RUN`` of the call with the debugger's breakpoints in memory
+    for just that long: whatever reads memory while the vCPU is out (a stop,
+    a dump, a snapshot) never sees them."""
+    dbg = sb._debugger
+    assert dbg is not None
+    memory, cr3 = _memory(sb), _cr3(sb)
+    with dbg.lock:
+        dbg.breakpoints.insert(memory, dbg.write, cr3)
+    try:
+        return sb._machine.vcpu.run()
+    finally:
+        with dbg.lock:
+            dbg.breakpoints.remove(memory, dbg.write, cr3)
 
 
 def call_ends(sb: Debuggable) -> None:
-    """The call is over, however it ended: breakpoints out of memory, and no
-    single-step flag left for the next call."""
+    """The call is over, however it ended: no entry breakpoint or single-step
+    flag left for the next call."""
     dbg = sb._debugger
     if dbg is None:
         return
     with dbg.lock:
         dbg.breakpoints.entry = None
-        if not sb._machine.released:
-            dbg.breakpoints.remove(_memory(sb), dbg.write, _cr3(sb))
         stepping, dbg.stepping = dbg.stepping, False
     if stepping and not sb._machine.released:
         vcpu = sb._machine.vcpu
@@ -134,10 +157,9 @@ def on_exception(sb: Debuggable, call: Call, info: ExceptionInfo) -> bool:
     rip = int(info.regs.rip)
     with dbg.lock:
         bp = dbg.breakpoints
-        ours = info.vector == 3 and bp.inserted(rip - 1)
+        ours = info.vector == 3 and bp.hit(rip - 1)
         entry = ours and rip - 1 == bp.entry
         bp.entry = None  # any stop is the one wanted: no second one at the entry
-        bp.remove(_memory(sb), dbg.write, _cr3(sb))  # memory is clean while stopped
         stepped = info.vector == 1 and dbg.stepping
         dbg.stepping = False
         attached = dbg.attached
@@ -146,15 +168,37 @@ def on_exception(sb: Debuggable, call: Call, info: ExceptionInfo) -> bool:
         regs.rip = rip - 1  # the instruction under the int3 has not run
     if stepped:
         regs.rflags &= ~TF
+    trap = ours or stepped
+    if not attached and not entry and not trap:
+        return False  # a fault nobody debugs: the call's outcome
+    # Back in user mode where the exception struck, as if it had not been
+    # delivered: a stop, and a dump made during it, show the guest's context.
+    _load_user_mode(sb, regs)
     if not attached and not entry:
-        if ours or stepped:  # the debugger left: nobody wants this stop
-            _resume(sb, regs, None, exception=True, step=False)
-            return True
-        return False
+        return True  # the debugger left: nobody wants this trap, run on
     signal = _SIGNALS.get(info.vector, SIGSEGV)
     if entry:
         signal = dbg.take_stop_request() or SIGTRAP
-    return _stopped(sb, call, regs, signal, swbreak=ours and not entry, exception=True)
+    return _stopped(sb, call, regs, signal, swbreak=ours and not entry, fault=not trap, wait=entry)
+
+
+def after_out(sb: Debuggable, call: Call) -> None:
+    """The guest's ``out`` (a host call, a print) was answered. Single-stepping
+    it, this host loses the trap that should follow it (the instruction
+    completes at the next ``KVM_RUN``, and the guest runs on): the step ends
+    here instead, after the ``out``."""
+    dbg = sb._debugger
+    if dbg is None:
+        return
+    with dbg.lock:
+        stepping = dbg.stepping and dbg.attached
+        if stepping:
+            dbg.stepping = False
+    if not stepping:
+        return
+    regs = sb._machine.vcpu.get_regs()  # completes the out: rip after it
+    regs.rflags &= ~TF
+    _stopped(sb, call, regs, SIGTRAP, swbreak=False, fault=False, wait=False)
 
 
 def on_kick(sb: Debuggable, call: Call) -> None:
@@ -172,11 +216,10 @@ def on_kick(sb: Debuggable, call: Call) -> None:
         return
     with dbg.lock:
         dbg.breakpoints.entry = None  # this is the stop wanted
-        dbg.breakpoints.remove(_memory(sb), dbg.write, _cr3(sb))
         dbg.stepping = False
     regs = vcpu.get_regs()
     regs.rflags &= ~TF
-    _stopped(sb, call, regs, signal, swbreak=False, exception=False)
+    _stopped(sb, call, regs, signal, swbreak=False, fault=False, wait=False)
 
 
 def on_abort(sb: Debuggable, call: Call) -> None:
@@ -186,52 +229,66 @@ def on_abort(sb: Debuggable, call: Call) -> None:
     if dbg is None or not dbg.attached:
         return
     with dbg.lock:
-        dbg.breakpoints.remove(_memory(sb), dbg.write, _cr3(sb))
         dbg.stepping = False
     regs = sb._machine.vcpu.get_regs()
-    _publish_and_wait(sb, call, _stop_of(sb, regs, SIGABRT, False, False))
+    _publish_and_wait(sb, call, _stop_of(sb, regs, SIGABRT, False, False), wait=False)
     dbg.terminated(SIGABRT)  # however it resumes, the call fails with the abort
 
 
-def _stop_of(sb: Debuggable, regs: kvm_regs, signal: int, swbreak: bool, exception: bool) -> Stop:
+def _load_user_mode(sb: Debuggable, regs: kvm_regs) -> None:
+    """Put the vCPU back in user mode with ``regs`` (an exception report left
+    it in the CPL0 stub): the user-mode segments of the initial state."""
+    vcpu = sb._machine.vcpu
+    sregs = vcpu.get_sregs()
+    user = sb._initial._cpu.sregs
+    sregs.cs, sregs.ss = copy_struct(user.cs), copy_struct(user.ss)
+    vcpu.set_sregs(sregs)
+    vcpu.set_regs(regs)
+
+
+def _stop_of(sb: Debuggable, regs: kvm_regs, signal: int, swbreak: bool, fault: bool) -> Stop:
     from ..debug.registers import RegisterFile
     from ..debug.server import Stop
 
     vcpu = sb._machine.vcpu
     sregs = vcpu.get_sregs()
-    if exception:  # the stub runs at CPL0: the stop shows the user-mode segments
-        user = sb._initial._cpu.sregs
-        sregs.cs, sregs.ss = copy_struct(user.cs), copy_struct(user.ss)
     registers = RegisterFile.of(regs, sregs, bytes(vcpu.get_xsave()))
-    return Stop(signal, registers, int(sregs.cr3), swbreak=swbreak, exception=exception)
+    return Stop(signal, registers, int(sregs.cr3), swbreak=swbreak, exception=fault)
 
 
 def _stopped(
-    sb: Debuggable, call: Call, regs: kvm_regs, signal: int, *, swbreak: bool, exception: bool
+    sb: Debuggable,
+    call: Call,
+    regs: kvm_regs,
+    signal: int,
+    *,
+    swbreak: bool,
+    fault: bool,
+    wait: bool,
 ) -> bool:
-    stop = _stop_of(sb, regs, signal, swbreak, exception)
-    verdict = _publish_and_wait(sb, call, stop)
+    """Stop for the debugger (the vCPU holds the user-mode context); False
+    when it passed a fault on (the call then fails with it)."""
+    stop = _stop_of(sb, regs, signal, swbreak, fault)
+    verdict = _publish_and_wait(sb, call, stop, wait=wait)
     dbg = sb._debugger
     assert dbg is not None
     if verdict == "signal":
         dbg.terminated(signal)
         return False  # the fault is passed on: the call crashes as it would have
-    rf = stop.registers
-    sregs = rf.sregs if (exception or "sregs" in rf.changed) else None
-    xsave = bytes(rf.xsave) if "xsave" in rf.changed else None
-    _resume(sb, rf.regs, sregs, exception=exception, step=verdict == "step", xsave=xsave)
+    _resume(sb, stop, step=verdict == "step")
     return True
 
 
-def _publish_and_wait(sb: Debuggable, call: Call, stop: Stop) -> str:
-    """Show ``stop`` to the debugger and wait for its verdict. Meanwhile the
-    vCPU is paused as during a host function: a dump may borrow it, and a
-    stop of the call (``interrupt()``, ``close()``) ends the wait."""
+def _publish_and_wait(sb: Debuggable, call: Call, stop: Stop, *, wait: bool) -> str:
+    """Show ``stop`` to the debugger and wait for its verdict (``wait``: also
+    when no debugger is attached, for one to come). Meanwhile the vCPU is
+    paused as during a host function: a dump may borrow it, and a stop of
+    the call (``interrupt()``, ``close()``) ends the wait."""
     dbg = sb._debugger
     assert dbg is not None
     sb._enter_host(call)
     try:
-        dbg.publish(stop)
+        dbg.publish(stop, wait_for_client=wait)
         verdict = dbg.wait_verdict(stop, call.stop_requested)
     finally:
         sb._leave_host(call)  # GuestCancelled when the call was stopped meanwhile
@@ -242,34 +299,22 @@ def _publish_and_wait(sb: Debuggable, call: Call, stop: Stop) -> str:
     return verdict
 
 
-def _resume(
-    sb: Debuggable,
-    regs: kvm_regs,
-    sregs: kvm_sregs | None,
-    *,
-    exception: bool,
-    step: bool,
-    xsave: bytes | None = None,
-) -> None:
-    """Load the (possibly changed) registers and put the breakpoints back in;
-    the run loop then runs the guest."""
+def _resume(sb: Debuggable, stop: Stop, *, step: bool) -> None:
+    """Load what the debugger changed, and the single-step flag; the run loop
+    then runs the guest."""
     dbg = sb._debugger
     assert dbg is not None
     vcpu = sb._machine.vcpu
-    new = copy_struct(regs)
+    rf = stop.registers
+    regs = copy_struct(rf.regs)
     if step:
-        new.rflags |= TF
+        regs.rflags |= TF
     else:
-        new.rflags &= ~TF
-    if exception and sregs is None:
-        sregs = vcpu.get_sregs()
-        user = sb._initial._cpu.sregs
-        sregs.cs, sregs.ss = copy_struct(user.cs), copy_struct(user.ss)
-    if sregs is not None:
-        vcpu.set_sregs(sregs)
-    vcpu.set_regs(new)
-    if xsave is not None:
-        vcpu.set_xsave(kvm_xsave.from_buffer_copy(xsave))
+        regs.rflags &= ~TF
+    if "sregs" in rf.changed:
+        vcpu.set_sregs(rf.sregs)
+    vcpu.set_regs(regs)
+    if "xsave" in rf.changed:
+        vcpu.set_xsave(kvm_xsave.from_buffer_copy(bytes(rf.xsave)))
     with dbg.lock:
         dbg.stepping = step
-        dbg.breakpoints.insert(_memory(sb), dbg.write, _cr3(sb))

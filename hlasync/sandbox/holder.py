@@ -73,7 +73,7 @@ class SandboxBase:
     _doorbell: bool  # the guest's dispatcher waits on the doorbell page
     _spin_allowed: bool  # whether config.spin applies (see Sandbox.__init__)
     _debugger: DebugServer | None  # SandboxConfig.debug_port's server
-    _finalizer: weakref.finalize[[Machine, threading.Lock], SandboxBase]
+    _finalizer: weakref.finalize[[Machine, threading.Lock, DebugServer | None], SandboxBase]
     _lock: threading.Lock
     _changed: threading.Condition  # on _lock: the holder or the loans changed
     _waiting: int  # threads waiting on _changed

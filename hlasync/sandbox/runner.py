@@ -131,16 +131,22 @@ def _run(sb: Runnable, call: Call, signature: FunctionSignature) -> Value:
         if pending is not None:
             exit_, pending = pending, None
             seen = read_done_seq(sb) == seq  # a return exit before the guest saw the call?
-        else:
+        elif sb._debugger is None:
             exit_ = vcpu.run()
+        else:
+            exit_ = debugging.run(sb)  # with the breakpoints in, for just this run
         action = decide(exit_, output, call_seen=seen)
         match action:
             case Returning():
                 return _read_result(sb, signature)
             case HostCallAsked(request=request):
                 _host_call(sb, call, name, request)
+                if sb._debugger is not None:
+                    debugging.after_out(sb, call)
             case PrintAsked(text=text):
                 _print(sb, call, text)
+                if sb._debugger is not None:
+                    debugging.after_out(sb, call)
             case Asked():
                 _answer_ask(sb, call, name)
             case Kicked():
