@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import queue
+import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tests.conftest import require_tool
@@ -47,6 +50,27 @@ def in_thread(call: Callable[[], Any]) -> Outcome:
     outcome.thread = threading.Thread(target=run, daemon=True)
     outcome.thread.start()
     return outcome
+
+
+def free_port() -> int:
+    """A loopback port free now (for a stub whose address the test must know
+    before the sandbox exists: the CLI's, a worker process's)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def debug_cli(port: int, *args: str) -> subprocess.Popen[str]:
+    """``python -m hlasync debug ARGS --port PORT`` as a user runs it, from
+    the repository root, with its output captured."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "hlasync", "debug", *args, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
 
 
 class Batch:

@@ -26,7 +26,14 @@ from hlasync import (
 from hlasync.js import JSSandbox
 from hlasync.kvm import Kvm
 from tests.conftest import run_cli
-from tests.debug.clients import GdbMI, gdb_batch, in_thread, lldb_batch
+from tests.debug.clients import (
+    GdbMI,
+    debug_cli,
+    free_port,
+    gdb_batch,
+    in_thread,
+    lldb_batch,
+)
 
 SIMPLE = str(guests.path("simpleguest"))
 
@@ -305,13 +312,6 @@ def test_lldb_debugs_the_javascript_runtime(kvm: Kvm) -> None:
         js.close()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("processes", [0, 1], ids=["threads", "processes"])
 async def test_a_supervised_sandbox_waits_for_its_debugger_without_a_timeout(
@@ -333,18 +333,8 @@ async def test_a_supervised_sandbox_waits_for_its_debugger_without_a_timeout(
 def test_hlasync_debug_prints_how_to_attach_and_the_result(kvm: Kvm) -> None:
     """``hlasync debug``: the gdb line it prints attaches; the call's result
     (changed in the debugger) is printed when it ends."""
-    import subprocess
-    import sys
-
     port = free_port()
-    command = [sys.executable, "-m", "hlasync", "debug", "simpleguest", "add", "40", "2"]
-    cli = subprocess.Popen(
-        [*command, "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=Path(__file__).resolve().parents[2],
-    )
+    cli = debug_cli(port, "simpleguest", "add", "40", "2")
     try:
         assert cli.stderr is not None
         lines = [cli.stderr.readline() for _ in range(3)]

@@ -6,8 +6,6 @@ import gc
 import logging
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +15,7 @@ import pytest
 from hlasync import CoreDump, GuestCancelled, Sandbox, SandboxConfig, guests
 from hlasync.debug.registers import NUMBERS
 from hlasync.kvm import Kvm
+from tests.debug.clients import debug_cli, free_port
 from tests.debug.test_stub_hostile import WAIT, CallThread, attach, register
 
 SIMPLE = guests.path("simpleguest")
@@ -210,17 +209,7 @@ def test_a_debugger_leaving_as_a_stop_is_taken_does_not_wedge_the_call(
 
 
 def test_ctrl_c_of_hlasync_debug_is_a_clean_exit(kvm: Kvm) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "hlasync", "debug", "simpleguest", "add", "1", "2"]
-    cli = subprocess.Popen(
-        [*command, "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=Path(__file__).resolve().parents[2],
-    )
+    cli = debug_cli(free_port(), "simpleguest", "add", "1", "2")
     try:
         assert cli.stderr is not None
         assert "waits at its entry" in cli.stderr.readline()
