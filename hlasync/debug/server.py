@@ -54,8 +54,9 @@ class Stop:
     registers: RegisterFile
     cr3: int
     swbreak: bool = False
-    #: The stop came from a CPU exception: resuming goes back to user mode.
-    exception: bool = False
+    #: The stop is a fault of the guest's (not a trap of the debugger's): the
+    #: debugger may pass it on (``C`` with its signal), and the call then fails.
+    fault: bool = False
     #: What the debugger decided, and the signal it resumed with (``C``/``S``).
     verdict: Verdict | None = None
     resume_signal: int = 0

@@ -39,7 +39,7 @@ __all__ = ["Session"]
 
 _logger = logging.getLogger("hlasync.debug")
 
-SIGINT, SIGTRAP = 2, 5
+SIGINT = 2
 _OK, _EMPTY = b"OK", b""
 _E_FAULT, _E_INVALID, _E_STATE = b"E14", b"E16", b"E01"
 #: Largest memory read or write in one packet (bytes), within PacketSize.
@@ -253,7 +253,7 @@ class Session:
                 return _E_INVALID
         if kind.lower() == b"s":
             self.server.resumed(stop, "step", signal)
-        elif signal and signal == stop.signal and stop.exception and signal != SIGTRAP:
+        elif signal and signal == stop.signal and stop.fault:
             self.server.resumed(stop, "signal", signal)  # pass the fault on: the call fails
         else:
             self.server.resumed(stop, "continue", signal)

@@ -253,7 +253,7 @@ def _stop_of(sb: Debuggable, regs: kvm_regs, signal: int, swbreak: bool, fault: 
     vcpu = sb._machine.vcpu
     sregs = vcpu.get_sregs()
     registers = RegisterFile.of(regs, sregs, bytes(vcpu.get_xsave()))
-    return Stop(signal, registers, int(sregs.cr3), swbreak=swbreak, exception=fault)
+    return Stop(signal, registers, int(sregs.cr3), swbreak=swbreak, fault=fault)
 
 
 def _stopped(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol, assert_never
+from typing import Any, Protocol, assert_never
 
 from .. import _telemetry as telemetry
 from .. import abi
@@ -49,9 +49,6 @@ from .faults import ExceptionInfo, decode_exception
 from .hot import HotSession, SpinControl, read_done_seq
 from .snapshots import Snapshot
 
-if TYPE_CHECKING:
-    from ..debug.server import DebugServer
-
 __all__ = ["Runnable", "halt", "post", "reclaim", "run"]
 
 #: How long a caller spins (without the GIL) for a hot guest's answer before it
@@ -67,7 +64,6 @@ class Runnable(Dumpable, SpinControl, debugging.Debuggable, Protocol):
     caller's answers to requests (:mod:`.requests`)."""
 
     last_exception: ExceptionInfo | None
-    _debugger: DebugServer | None
 
     @property
     def _doorbell(self) -> bool: ...
@@ -101,8 +97,8 @@ def run(sb: Runnable, call: Call, signature: FunctionSignature) -> Value:
     of the spin), this thread takes the vCPU over and goes on with the exit.
 
     With a debugger configured (``SandboxConfig.debug_port``), its breakpoints
-    are in guest memory while the call runs, and the guest's traps and faults
-    stop in the debugger (:mod:`.debugging`)."""
+    are in guest memory during each ``KVM_RUN``, and the guest's traps and
+    faults stop in the debugger (:mod:`.debugging`)."""
     if sb._debugger is None:
         return _run(sb, call, signature)
     debugging.call_begins(sb, signature)
