@@ -18,6 +18,7 @@ SAMPLES: list[HlasyncError] = [
     errors.IoctlError("KVM_RUN", 4, "Interrupted system call"),
     errors.ConfigError("bad size"),
     errors.GuestImageError("not an ELF", path="/tmp/x.elf"),
+    errors.DebuggerError("cannot serve a debugger on 127.0.0.1:1234: Address already in use"),
     errors.CallError("call", sandbox_id="sb-1-1", function="f"),
     errors.FunctionNotFound("no such function", sandbox_id="sb-1-1", function="f"),
     errors.ArgumentError("bad argument", sandbox_id="sb-1-1", function="f"),

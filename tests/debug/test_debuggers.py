@@ -328,6 +328,10 @@ async def test_a_supervised_sandbox_waits_for_its_debugger_without_a_timeout(
         assert "$1 = 20" in out, out
         with pytest.raises(ValueError, match="cannot be debugged"):
             await supervisor.create_pool(SIMPLE, 1, SandboxConfig(debug_port=port))
+        from hlasync import DebuggerError
+
+        with pytest.raises(DebuggerError, match="Address already in use"):  # crosses processes
+            await supervisor.create_sandbox(SIMPLE, SandboxConfig(debug_port=port))
 
 
 def test_hlasync_debug_prints_how_to_attach_and_the_result(kvm: Kvm) -> None:
