@@ -57,9 +57,8 @@ class Stop:
     #: The stop is a fault of the guest's (not a trap of the debugger's): the
     #: debugger may pass it on (``C`` with its signal), and the call then fails.
     fault: bool = False
-    #: What the debugger decided, and the signal it resumed with (``C``/``S``).
+    #: What the debugger decided.
     verdict: Verdict | None = None
-    resume_signal: int = 0
 
 
 class DebugServer:
@@ -313,10 +312,10 @@ class DebugServer:
                 session.send(b"X%02x" % signal)
             self.detached(session)
 
-    def resumed(self, stop: Stop, verdict: Verdict, signal: int = 0) -> None:
+    def resumed(self, stop: Stop, verdict: Verdict) -> None:
         """The client resumed ``stop`` (server thread)."""
         with self.lock:
-            stop.verdict, stop.resume_signal = verdict, signal
+            stop.verdict = verdict
             self.hold = False
             self.reply_due = verdict in ("continue", "step", "signal")
             self.changed.notify_all()

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import rsp
@@ -252,11 +253,11 @@ class Session:
             except ValueError:
                 return _E_INVALID
         if kind.lower() == b"s":
-            self.server.resumed(stop, "step", signal)
+            self.server.resumed(stop, "step")
         elif signal and signal == stop.signal and stop.fault:
-            self.server.resumed(stop, "signal", signal)  # pass the fault on: the call fails
+            self.server.resumed(stop, "signal")  # pass the fault on: the call fails
         else:
-            self.server.resumed(stop, "continue", signal)
+            self.server.resumed(stop, "continue")
         return None  # the reply is the next stop
 
     def _end(self, verdict: str) -> None:
@@ -265,10 +266,9 @@ class Session:
             self.server.resumed(stop, "kill" if verdict == "kill" else "detach")
         self._done = True
 
-    def _try(self, change: object) -> bytes:
+    def _try(self, change: Callable[[], None]) -> bytes:
         try:
-            if callable(change):
-                change()
+            change()
         except (ValueError, IndexError):
             return _E_INVALID
         return _OK

@@ -47,8 +47,16 @@ __all__ = [
 TF = 0x100
 SIGINT, SIGILL, SIGTRAP, SIGABRT, SIGFPE, SIGBUS, SIGSEGV = 2, 4, 5, 6, 8, 10, 11
 #: gdb's signal for each exception vector (as Linux maps them for a process).
-_SIGNALS = {0: SIGFPE, 1: SIGTRAP, 3: SIGTRAP, 6: SIGILL, 7: SIGFPE, 16: SIGFPE, 17: SIGBUS}
-_SIGNALS.update({19: SIGFPE})
+_SIGNALS = {
+    0: SIGFPE,
+    1: SIGTRAP,
+    3: SIGTRAP,
+    6: SIGILL,
+    7: SIGFPE,
+    16: SIGFPE,
+    17: SIGBUS,
+    19: SIGFPE,
+}
 
 
 class Debuggable(Protocol):

@@ -22,6 +22,7 @@ import os
 import struct
 from collections.abc import Callable
 
+from hlasync.guest.layout import _descriptor  # the GDT entries, as sandboxes build them
 from hlasync.kvm import _abi
 
 
@@ -63,18 +64,6 @@ PML4, PDPT, PD = 0x1000, 0x2000, 0x3000
 GDT, TSS, IDT, STUBS = 0x4000, 0x5000, 0x6000, 0x7000
 CODE, KERNEL_STACK_TOP, USER_STACK_TOP, DATA = 0x10000, 0x1F0000, 0x200000, 0x100000
 TSS_LIMIT = 104 + 32
-
-
-def _descriptor(base: int, limit: int, access: int, flags: int) -> bytes:
-    return struct.pack(
-        "<HHBBBB",
-        limit & 0xFFFF,
-        base & 0xFFFF,
-        (base >> 16) & 0xFF,
-        access,
-        ((limit >> 16) & 0xF) | (flags << 4),
-        (base >> 24) & 0xFF,
-    )
 
 
 class Guest:
