@@ -145,6 +145,21 @@ class Breakpoints:
         that just ended: a ``#BP`` reported from there is a breakpoint's."""
         return address in self._saved or address in self._last
 
+    def hide_physical(self, memory: GuestBytes, cr3: int, address: int, data: bytes) -> bytes:
+        """``data`` read at guest-physical ``address`` with inserted breakpoints'
+        bytes put back (a host-side read of memory while the guest runs)."""
+        if not self._saved:
+            return data
+        out = bytearray(data)
+        for where, original in self._saved.items():
+            try:
+                physical = translate(memory, cr3, where)
+            except Unmapped:
+                continue
+            if address <= physical < address + len(out):
+                out[physical - address] = original[0]
+        return bytes(out)
+
     def hide(self, address: int, data: bytes) -> bytes:
         """``data`` read at ``address`` with inserted breakpoints' bytes put back."""
         if not self._saved:

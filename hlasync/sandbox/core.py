@@ -333,7 +333,18 @@ class Sandbox(Requests, Spinning, Booting):
             memory.view[address : address + len(data)] = data
 
     def read_memory(self, address: int, size: int) -> bytes:
-        """Copy ``size`` bytes of guest memory at guest address ``address``."""
+        """Copy ``size`` bytes of guest memory at guest address ``address``.
+
+        With a debugger attached, its breakpoints never show: the bytes are
+        the guest's own, even while a call runs with them in memory.
+        """
+        debugger = self._debugger
+        if debugger is not None:
+            with debugger.lock:  # the order the debugger's writes take the locks in
+                return debugging.hide(self, self._read_memory(address, size), address)
+        return self._read_memory(address, size)
+
+    def _read_memory(self, address: int, size: int) -> bytes:
         with self._lock:
             memory = self._machine.memory
             if memory is None:

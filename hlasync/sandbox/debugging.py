@@ -111,6 +111,17 @@ def _cr3(sb: Debuggable) -> int:
     return int(sb._initial._cpu.sregs.cr3)
 
 
+def hide(sb: Debuggable, data: bytes, address: int) -> bytes:
+    """``data`` read at guest address ``address`` with the debugger's inserted
+    breakpoints put back; the caller holds the debugger's lock."""
+    dbg = sb._debugger
+    assert dbg is not None
+    memory = sb._machine.memory
+    if memory is None:
+        return data
+    return dbg.breakpoints.hide_physical(memory, _cr3(sb), address, data)
+
+
 def call_begins(sb: Debuggable, signature: FunctionSignature) -> None:
     """A call is about to run: a breakpoint at the function's entry when a
     stop is wanted (the first call, a debugger attaching or Ctrl-C between

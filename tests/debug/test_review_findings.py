@@ -66,6 +66,33 @@ def test_dumps_during_a_call_never_show_breakpoints(kvm: Kvm, tmp_path: Path) ->
         sandbox.close()
 
 
+def test_read_memory_during_a_call_never_shows_breakpoints(kvm: Kvm) -> None:
+    """Sandbox.read_memory while a call runs with the debugger's int3 in memory
+    (CI failure of b541c7d: the read saw 0xcc) returns the guest's own bytes."""
+    sandbox = Sandbox(SIMPLE, SandboxConfig(debug_port=0))
+    try:
+        add = sandbox.functions["add"].address
+        original = sandbox.read_memory(add, 4)
+        first = CallThread(sandbox, "add", 2, 3)
+        client = attach(sandbox)
+        client.send(b"c")
+        assert first.outcome() == 5
+        assert client.ask(b"Z0,%x,1" % add) == b"OK"
+        running = CallThread(sandbox, "spin")
+        deadline = time.monotonic() + 0.5
+        reads: set[bytes] = set()
+        while time.monotonic() < deadline:
+            reads.add(sandbox.read_memory(add - 1, 4)[1:])  # a read around it
+            time.sleep(0.005)
+        assert reads == {original[:3]}
+        assert sandbox.interrupt()
+        with pytest.raises(GuestCancelled):
+            running.outcome()
+        client.close()
+    finally:
+        sandbox.close()
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
