@@ -33,23 +33,41 @@ DOORBELL_REQ_SEQ = DOORBELL_ADDR + 0x00  # host -> guest
 DOORBELL_SPIN = DOORBELL_ADDR + 0x08  # host -> guest: TSC ticks to spin
 DOORBELL_ANSWER_SEQ = DOORBELL_ADDR + 0x10  # host -> guest: the latest ask answered
 DOORBELL_ANSWER_SPIN = DOORBELL_ADDR + 0x18  # host -> guest: TSC ticks to wait for one
+DOORBELL_PARK = DOORBELL_ADDR + 0x20  # host -> guest: park after this call (FEATURE_PARK)
+DOORBELL_GO = DOORBELL_ADDR + 0x28  # host -> guest: leave the park with this token
 DOORBELL_DONE_SEQ = DOORBELL_ADDR + 0x40  # guest -> host
 DOORBELL_SPINNING = DOORBELL_ADDR + 0x48  # guest -> host
 DOORBELL_ASK_SEQ = DOORBELL_ADDR + 0x50  # guest -> host: a host call or print asked
 DOORBELL_ASK_PORT = DOORBELL_ADDR + 0x58  # guest -> host: PORT_HOSTCALL or PORT_PRINT
+DOORBELL_PARKED = DOORBELL_ADDR + 0x60  # guest -> host: the token of the park it waits in
 #: The same fields as indexes of the page's 64-bit words. The host reads and
 #: writes them as whole words (``memoryview.cast("Q")``: one 8-byte access each),
 #: never byte by byte: a running guest must not see a half-written value.
 WORD_REQ_SEQ, WORD_SPIN, WORD_ANSWER_SEQ, WORD_ANSWER_SPIN = 0, 1, 2, 3
 WORD_DONE_SEQ, WORD_SPINNING, WORD_ASK_SEQ, WORD_ASK_PORT = 8, 9, 10, 11
+WORD_PARK, WORD_GO, WORD_PARKED = 4, 5, 12
+#: Byte offsets hl_park's assembly uses: of doorbell words, and of the PEB's stack top.
+BELL_SPIN, BELL_GO, BELL_PARKED = 8 * WORD_SPIN, 8 * WORD_GO, 8 * WORD_PARKED
+PEB_STACK_TOP = 0x40
+#: The PEB word saying which XSAVE components hl_park resets (written by the host
+#: after the guest's initialisation): of XCR0, x87, SSE, AVX, MPX and AVX-512
+#: (never PKRU or the components that need a permission first).
+PEB_XSAVE_MASK = 0x58
+PARK_XSTATE = 0xFF
+#: The PEB word saying whether hl_park zeroes the FS and GS bases with wrfsbase.
+PEB_FSGSBASE = 0x60
+#: The PEB word with the data segment selectors hl_park puts back.
+PEB_SEGMENTS = 0x68
 #: Ready-frame feature bits.
 FEATURE_DOORBELL = 1
+FEATURE_PARK = 2  # the dispatcher parks in hl_park after a call when WORD_PARK says so
 
 PORT_RETURN = 0x10
 PORT_HOSTCALL = 0x11
 PORT_PRINT = 0x12
 PORT_ABORT = 0x13
 PORT_WAIT = 0x14  # the guest waits for the answer to a doorbell ask
+PORT_PARKED = 0x15  # hl_park waits for the host's go (its spin is over)
 PORT_EXCEPTION_BASE = 0xE0  # + vector, written by the CPL0 exception stubs
 
 MAGIC_PEB = 0x31424550484C
@@ -147,7 +165,12 @@ SLOT = struct.Struct("<IIQ")
 RESULT = struct.Struct("<IIIIQ")  # magic, status, type, length, value
 MESSAGE = struct.Struct("<IIq")  # magic, length, code
 READY = struct.Struct("<IIII")  # magic, abi version, function count, features
-PEB = struct.Struct("<11Q")
+#: After READY, from a guest with FEATURE_PARK: XCR0 as its code sees it (0: no
+#: xgetbv), whether it may run rdfsbase (1) or not (0), and its data segment
+#: selectors (ds, es, fs, gs, 16 bits each: what its code reads, which under
+#: PVM is not what KVM_GET_SREGS says).
+READY_CAN_SET = struct.Struct("<QQQ")
+PEB = struct.Struct("<14Q")
 _F64 = struct.Struct("<d")
 _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")

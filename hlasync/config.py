@@ -98,6 +98,23 @@ class SandboxConfig:
       (``$HLASYNC_HOT_SLOTS``), and not while other threads call sandboxes;
       meanwhile it takes the exit path.
 
+    ``hot_restore`` (a bool, default False): :meth:`Sandbox.restore` of a
+    hot sandbox (its guest spinning after a call) puts back the memory the
+    call changed *without stopping the guest*: after each call the guest's
+    runtime parks in ``hl_park``, which resets the registers, flags, data
+    segments and x87/MMX/SSE state itself and then waits touching nothing
+    but three doorbell words, so the host copies the pages back meanwhile
+    and the next call starts with no VM exit at all. A restore that cannot
+    be done so (the guest did not park, too many pages, another snapshot, a
+    cold sandbox) takes the exit path as before. The registers are reset by
+    guest code at CPL3, so this trusts the guest's runtime: a guest that
+    takes over its own machine code can keep values in registers from one
+    call to the next (on this PVM host, code at CPL0 is emulated and a
+    supervisor-mode park would cost more than the exit it saves). Use it
+    for guests whose machine code you trust (the bundled JavaScript runtime
+    running tenants' JavaScript, your own C guests); keep the default for
+    guest binaries you do not. docs/architecture.md ("Hot restore").
+
     ``idle_trim`` (default 10; seconds, more than 0 and at most 86400, or
     ``None``): after this long with no call and no operation, the sandbox
     gives back the pages of its backing image (template or snapshot) that
@@ -135,6 +152,7 @@ class SandboxConfig:
     init_timeout: float = 10.0
     spin: float | Literal["auto"] = field(default_factory=_default_spin)
     idle_trim: float | None = 10.0
+    hot_restore: bool = False
     debug_port: int | None = None
     debug_host: str = "127.0.0.1"
 
@@ -193,6 +211,8 @@ class SandboxConfig:
             )
         if not isinstance(self.debug_host, str) or not self.debug_host:
             raise ConfigError(f"debug_host must be a non-empty str, got {self.debug_host!r}")
+        if not isinstance(self.hot_restore, bool):
+            raise ConfigError(f"hot_restore must be a bool, got {type(self.hot_restore).__name__}")
         if not isinstance(self.crashdump_enabled, bool):
             raise ConfigError(
                 f"crashdump_enabled must be a bool, got {type(self.crashdump_enabled).__name__}"

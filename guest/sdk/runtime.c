@@ -775,15 +775,186 @@ static void reset_vector_state(void) {
                        "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory");
 }
 
+/* ------------------------------------------------------------ parking */
+_Static_assert(__builtin_offsetof(hl_doorbell, spin) == HL_BELL_SPIN, "HL_BELL_SPIN");
+_Static_assert(__builtin_offsetof(hl_doorbell, go) == HL_BELL_GO, "HL_BELL_GO");
+_Static_assert(__builtin_offsetof(hl_doorbell, parked) == HL_BELL_PARKED, "HL_BELL_PARKED");
+_Static_assert(__builtin_offsetof(hl_peb, stack_top) == HL_PEB_STACK_TOP, "HL_PEB_STACK_TOP");
+_Static_assert(__builtin_offsetof(hl_peb, xsave_mask) == HL_PEB_XSAVE_MASK, "HL_PEB_XSAVE_MASK");
+_Static_assert(__builtin_offsetof(hl_peb, fsgsbase) == HL_PEB_FSGSBASE, "HL_PEB_FSGSBASE");
+_Static_assert(__builtin_offsetof(hl_peb, segments) == HL_PEB_SEGMENTS, "HL_PEB_SEGMENTS");
+
+/* An XSAVE image (standard form) of a clean state: its header's XSTATE_BV is
+ * zero, so XRSTOR puts every component it is asked for in its initial state
+ * (x87 and SSE registers zero and empty, the upper halves of the vector
+ * registers and the mask registers zero) and loads MXCSR 0x1F80 from the
+ * legacy area; FXRSTOR of its first 512 bytes does the same for x87/MMX/SSE
+ * (FCW 0x37F: all exceptions masked, 64-bit precision). */
+const uint8_t hl_clean_xsave[576] __attribute__((aligned(64))) = {
+    [0] = 0x7f, [1] = 0x03, [24] = 0x80, [25] = 0x1f};
+
+/* What code here may set, for hl_park to reset (read once, at
+ * initialisation, and handed to the host, which puts it in the PEB): XCR0,
+ * the XSAVE components enabled, or 0 where `xgetbv` is not allowed; and
+ * whether `rdfsbase` (and so wrfsbase/wrgsbase) is allowed. Where one is
+ * not, the host, which boots the guest, resumes it past the instruction at
+ * the hl_*_probe label with rax, rcx and rdx zero. */
+uint64_t hl_probe_xcr0(void);
+uint64_t hl_probe_fsgsbase(void);
+__asm__(".text\n"
+        ".globl hl_probe_xcr0\n"
+        ".type hl_probe_xcr0, @function\n"
+        "hl_probe_xcr0:\n"
+        "    xorl %ecx, %ecx\n"
+        "    xorl %eax, %eax\n"
+        "    xorl %edx, %edx\n"
+        ".globl hl_xgetbv_probe\n"
+        "hl_xgetbv_probe:\n"
+        "    xgetbv\n"
+        "    shlq $32, %rdx\n"
+        "    orq %rdx, %rax\n"
+        "    ret\n"
+        ".size hl_probe_xcr0, . - hl_probe_xcr0\n"
+        ".globl hl_probe_fsgsbase\n"
+        ".type hl_probe_fsgsbase, @function\n"
+        "hl_probe_fsgsbase:\n"
+        "    movl $1, %ecx\n"
+        ".globl hl_rdfsbase_probe\n"
+        "hl_rdfsbase_probe:\n"
+        "    rdfsbase %rax\n"
+        "    movl %ecx, %eax\n"
+        "    ret\n"
+        ".size hl_probe_fsgsbase, . - hl_probe_fsgsbase\n");
+
+__attribute__((noreturn)) void hl_park(uint64_t token);
+
+#define HL_ASM_STR2(x) #x
+#define HL_ASM_STR(x) HL_ASM_STR2(x)
+/* hl_park's reload of segment register `reg` if it differs from the PEB's
+ * selector at byte `at` of its segments word (clobbers eax and ecx). */
+#define HL_PARK_SEGMENT(reg, at)                                                        \
+    "    movl %" reg ", %eax\n"                                                         \
+    "    movzwl " HL_ASM_STR(HL_PEB_ADDR) " + " HL_ASM_STR(HL_PEB_SEGMENTS) " + " at ", %ecx\n" \
+    "    cmpl %ecx, %eax\n"                                                             \
+    "    je 7f\n"                                                                       \
+    "    movl %ecx, %" reg "\n"                                                         \
+    "7:\n"
+
+/* hl_park(token): see hlasync_guest.h. Written in assembly so that, from the
+ * moment it announces the park, it touches no memory but the doorbell's go,
+ * spin and parked words: the stack and everything else may be put back by
+ * the host meanwhile. Its CFI marks it the outermost frame. */
+__asm__(".section .text.hl_park, \"ax\", @progbits\n"
+        ".globl hl_park\n"
+        ".type hl_park, @function\n"
+        "hl_park:\n"
+        "    .cfi_startproc\n"
+        "    .cfi_undefined rip\n"
+        "    movq %rdi, %r8\n"
+        "    movl $" HL_ASM_STR(HL_DOORBELL_ADDR) ", %r9d\n"
+        /* x87, MMX, SSE and every vector and mask register the host found code
+         * here can set (the PEB is read-only to the guest) */
+        "    movq " HL_ASM_STR(HL_PEB_ADDR) " + " HL_ASM_STR(HL_PEB_XSAVE_MASK) ", %rax\n"
+        "    testq %rax, %rax\n"
+        "    jz 5f\n"
+        "    movq %rax, %rdx\n"
+        "    shrq $32, %rdx\n"
+        "    xrstor hl_clean_xsave(%rip)\n"
+        "    jmp 6f\n"
+        "5:  fxrstor hl_clean_xsave(%rip)\n"
+        /* Data segments as they were at initialisation (the PEB holds their
+         * selectors): a load costs ~16 us where this runs under PVM, so only
+         * those a call changed are loaded again; then the FS and GS bases,
+         * where code here may set them with wrfsbase/wrgsbase (the PEB says). */
+        "6:\n" HL_PARK_SEGMENT("ds", "0")
+        HL_PARK_SEGMENT("es", "2")
+        HL_PARK_SEGMENT("fs", "4")
+        HL_PARK_SEGMENT("gs", "6")
+        "    cmpq $0, " HL_ASM_STR(HL_PEB_ADDR) " + " HL_ASM_STR(HL_PEB_FSGSBASE) "\n"
+        "    je 8f\n"
+        "    xorl %ecx, %ecx\n"
+        "    rdfsbase %rax\n" /* a write costs more than a read under PVM */
+        "    testq %rax, %rax\n"
+        "    jz 7f\n"
+        "    wrfsbase %rcx\n"
+        "7:  rdgsbase %rax\n"
+        "    testq %rax, %rax\n"
+        "    jz 8f\n"
+        "    wrgsbase %rcx\n"
+        "8:\n"
+        "    pushq $2\n"
+        "    popfq\n" /* flags as the host set them: DF, AC, TF and the rest clear */
+        "    xorl %eax, %eax\n"
+        "    xorl %ebx, %ebx\n"
+        "    xorl %ecx, %ecx\n"
+        "    xorl %edx, %edx\n"
+        "    xorl %esi, %esi\n"
+        "    xorl %edi, %edi\n"
+        "    xorl %ebp, %ebp\n"
+        "    xorl %r10d, %r10d\n"
+        "    xorl %r11d, %r11d\n"
+        "    xorl %r12d, %r12d\n"
+        "    xorl %r13d, %r13d\n"
+        "    xorl %r14d, %r14d\n"
+        "    xorl %r15d, %r15d\n"
+        "    movq %r8, " HL_ASM_STR(HL_BELL_PARKED) "(%r9)\n" /* parked: nothing left but r8, r9 */
+        "1:  rdtsc\n"
+        "    shlq $32, %rdx\n"
+        "    orq %rdx, %rax\n"
+        "    movq %rax, %r10\n" /* the spin starts */
+        "2:  cmpq %r8, " HL_ASM_STR(HL_BELL_GO) "(%r9)\n"
+        "    je 4f\n"
+        "    movq " HL_ASM_STR(HL_BELL_SPIN) "(%r9), %r11\n" /* re-read: zero ends the spin */
+        "    testq %r11, %r11\n"
+        "    jz 3f\n"
+        "    rdtsc\n"
+        "    shlq $32, %rdx\n"
+        "    orq %rdx, %rax\n"
+        "    subq %r10, %rax\n"
+        "    cmpq %r11, %rax\n"
+        "    jae 3f\n"
+        "    pause\n"
+        "    jmp 2b\n"
+        "3:  xorl %eax, %eax\n"
+        "    outb %al, $" HL_ASM_STR(HL_PORT_PARKED) "\n" /* until the host resumes it */
+        "    jmp 1b\n"
+        "4:  xorl %eax, %eax\n"
+        "    xorl %edx, %edx\n"
+        "    xorl %r10d, %r10d\n"
+        "    xorl %r11d, %r11d\n"
+        "    movq %rax, " HL_ASM_STR(HL_BELL_PARKED) "(%r9)\n"
+        "    movq %rax, " HL_ASM_STR(HL_BELL_GO) "(%r9)\n"
+        "    movq " HL_ASM_STR(HL_PEB_ADDR) " + " HL_ASM_STR(HL_PEB_STACK_TOP) ", %rsp\n"
+        "    xorl %r8d, %r8d\n"
+        "    xorl %r9d, %r9d\n"
+        "    call hl_main\n"
+        "    ud2\n"
+        "    .cfi_endproc\n"
+        ".size hl_park, . - hl_park\n"
+        ".text\n");
+
+/* The dispatcher. Entered once from _hl_start, which sets up the PEB, heap
+ * and ready frame; and from hl_park after each park, with everything it needs
+ * in memory (the PEB pointer, the heap, the doorbell). */
 __attribute__((noreturn, used)) void hl_main(void) {
-    peb = (const hl_peb *)HL_PEB_ADDR;
-    if (peb->magic != HL_MAGIC_PEB || peb->abi_version != HL_ABI_VERSION) __builtin_trap();
-    heap_init(peb->heap_addr, peb->heap_size);
-    uint32_t *ready = (uint32_t *)peb->output_addr;
-    ready[0] = HL_MAGIC_READY;
-    ready[1] = HL_ABI_VERSION;
-    ready[2] = (uint32_t)(__hl_functions_end - __hl_functions_start);
-    ready[3] = HL_FEATURE_DOORBELL;
+    if (!peb) {
+        const hl_peb *layout = (const hl_peb *)HL_PEB_ADDR;
+        if (layout->magic != HL_MAGIC_PEB || layout->abi_version != HL_ABI_VERSION)
+            __builtin_trap();
+        peb = layout;
+        heap_init(peb->heap_addr, peb->heap_size);
+        uint32_t *ready = (uint32_t *)peb->output_addr;
+        ready[0] = HL_MAGIC_READY;
+        ready[1] = HL_ABI_VERSION;
+        ready[2] = (uint32_t)(__hl_functions_end - __hl_functions_start);
+        ready[3] = HL_FEATURE_DOORBELL | HL_FEATURE_PARK;
+        uint16_t ds, es, fs, gs;
+        __asm__ volatile("movw %%ds, %0\n\tmovw %%es, %1\n\tmovw %%fs, %2\n\tmovw %%gs, %3"
+                         : "=r"(ds), "=r"(es), "=r"(fs), "=r"(gs));
+        uint64_t segments = ds | (uint64_t)es << 16 | (uint64_t)fs << 32 | (uint64_t)gs << 48;
+        uint64_t can_set[3] = {hl_probe_xcr0(), hl_probe_fsgsbase(), segments}; /* for the PEB */
+        memcpy(&ready[4], can_set, sizeof can_set);
+    }
     volatile hl_doorbell *bell = (volatile hl_doorbell *)HL_DOORBELL_ADDR;
     /* The last call handled is done_seq itself, in memory: a host that puts
      * the vCPU back at this loop without resetting memory (after a failed
@@ -801,10 +972,12 @@ __attribute__((noreturn, used)) void hl_main(void) {
             continue;
         }
         uint64_t seq = bell->req_seq;
+        uint64_t park = bell->park; /* the park's token; the host writes it before req_seq */
         __asm__ volatile("" ::: "memory"); /* the call frame is read after its announcement */
         reset_vector_state();
         dispatch();
         __asm__ volatile("" ::: "memory"); /* the result frame is written before ... */
         bell->done_seq = seq;              /* ... it is announced */
+        if (park) hl_park(park);
     }
 }

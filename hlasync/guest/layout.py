@@ -70,6 +70,7 @@ GUEST_PORTS = (
     abi.PORT_PRINT,
     abi.PORT_ABORT,
     abi.PORT_WAIT,
+    abi.PORT_PARKED,
 )
 #: Vectors whose exception frame starts with an error code.
 ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
@@ -315,6 +316,9 @@ def build_boot_image(memory: memoryview, layout: MemoryLayout, image: GuestImage
         layout.stack_top,
         layout.stack_top - layout.stack_base,
         layout.memory_size,
+        0,  # xsave_mask, fsgsbase and segments: the host writes them once the
+        0,  # guest has said what its code can set
+        0,
     )
     for seg in image.segments:
         memory[seg.vaddr : seg.vaddr + len(seg.data)] = seg.data

@@ -202,6 +202,11 @@ class GuestMemory:
             start = page * PAGE
             view[start : start + PAGE] = source[start : start + PAGE]
 
+    def reset_range(self, start: int, length: int) -> None:
+        """Copy the backing image's bytes over ``[start, start + length)``."""
+        source = self._backing_view()
+        self.view[start : start + length] = source[start : start + length]
+
     def _backing_view(self) -> memoryview:
         """A read-only view of the backing image (mapped on first use, no fd kept)."""
         if self._backing_map is None:

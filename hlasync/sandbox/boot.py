@@ -7,21 +7,28 @@ snapshots that a boot leaves behind and :meth:`~.core.Sandbox.snapshot` takes.
 
 from __future__ import annotations
 
+import struct
 import threading
 
 from .. import abi
 from ..errors import GuestImageError
 from ..guest import layout as lay
 from ..guest.memory import GuestMemory, MemoryImage
-from ..kvm import kvm_regs
+from ..kvm import kvm_regs, kvm_sregs
 from ..kvm.exits import Interrupted, IoOut
 from . import cpu
 from .dumps import try_dump
+from .faults import copy_struct, decode_exception
 from .holder import SandboxBase
 from .machine import Machine
 from .snapshots import Snapshot, templates
 
 __all__ = ["Booting"]
+
+_UD = 6  # invalid opcode
+#: The guest runtime's probes of what its code may do, and their instructions'
+#: lengths: xgetbv (0f 01 d0), rdfsbase %rax (f3 48 0f ae c0).
+_PROBES = (("hl_xgetbv_probe", 3), ("hl_rdfsbase_probe", 5))
 
 
 class Booting(SandboxBase):
@@ -40,6 +47,7 @@ class Booting(SandboxBase):
             # The template's output buffer still holds the ready frame its guest wrote.
             features = abi.READY.unpack_from(self._machine.output, 0)[3]
             self._doorbell = bool(features & abi.FEATURE_DOORBELL)
+            self._park_feature = self._doorbell and bool(features & abi.FEATURE_PARK)
             return template
         boot = MemoryImage(self.layout.memory_size, "hlasync-boot")
         try:
@@ -74,6 +82,7 @@ class Booting(SandboxBase):
         """Run the guest from its entry point to its dispatcher, for at most
         ``config.init_timeout`` seconds."""
         vcpu = self._machine.vcpu
+        user = vcpu.get_sregs()  # the guest starts in user mode
         expired = threading.Event()
         guard = threading.Lock()
         booting = True
@@ -90,6 +99,9 @@ class Booting(SandboxBase):
         try:
             while True:
                 exit_ = vcpu.run()
+                undefined = isinstance(exit_, IoOut) and exit_.port == abi.PORT_EXCEPTION_BASE + _UD
+                if undefined and self._skip_probe(user):
+                    continue
                 if not isinstance(exit_, Interrupted):
                     break
                 if expired.is_set():
@@ -107,6 +119,7 @@ class Booting(SandboxBase):
             )
         magic, version, count, features = abi.READY.unpack_from(self._machine.output, 0)
         self._doorbell = bool(features & abi.FEATURE_DOORBELL)
+        self._park_feature = self._doorbell and bool(features & abi.FEATURE_PARK)
         if magic != abi.MAGIC_READY or version != abi.ABI_VERSION:
             raise GuestImageError(
                 f"guest speaks ABI {version if magic == abi.MAGIC_READY else '?'}, host speaks "
@@ -118,6 +131,45 @@ class Booting(SandboxBase):
                 f"guest reports {count} functions, its ELF declares {len(self.image.functions)}",
                 path=self.image.path,
             )
+        if self._park_feature:
+            # What hl_park resets, where the guest cannot change it (the PEB is read-only).
+            can_set = abi.READY_CAN_SET.unpack_from(self._machine.output, abi.READY.size)
+            xcr0, fsgsbase, segments = can_set
+            memory = self._machine.memory
+            assert memory is not None
+            park = struct.pack("<QQQ", xcr0 & abi.PARK_XSTATE, 1 if fsgsbase else 0, segments)
+            start = abi.PEB_ADDR + abi.PEB_XSAVE_MASK
+            memory.view[start : start + len(park)] = park
+
+    def _skip_probe(self, user: kvm_sregs) -> bool:
+        """The guest's ``xgetbv`` or ``rdfsbase`` at its ``hl_*_probe`` label
+        raised #UD (not allowed to its code here): resume it past the
+        instruction with rax, rcx and rdx zero, which the probe reads as "no".
+        False for any other #UD."""
+        vcpu = self._machine.vcpu
+        memory = self._machine.memory
+        assert memory is not None
+        _, info = decode_exception(
+            vcpu, memory, self.image, sandbox_id=self.id, function=None, vector=_UD
+        )
+        if info is None:
+            return False
+        lengths = {}
+        for name, length in _PROBES:
+            probe = self.image.symbol(name)
+            if probe is not None:
+                lengths[probe.address] = length
+        length = lengths.get(info.regs.rip, 0)
+        if not length:
+            return False
+        regs = info.regs
+        regs.rip += length
+        regs.rax = regs.rcx = regs.rdx = 0
+        sregs = vcpu.get_sregs()  # back from the CPL0 stub to user mode
+        sregs.cs, sregs.ss = copy_struct(user.cs), copy_struct(user.ss)
+        vcpu.set_sregs(sregs)
+        vcpu.set_regs(regs)
+        return True
 
     def _init_timed_out(self) -> None:
         path, failure = None, None

@@ -48,7 +48,7 @@ from ..errors import (
 )
 from ..guest.image import GuestImage
 from ..guest.layout import MemoryLayout
-from . import cpu, debugging, registry, runner, trim
+from . import cpu, debugging, native, registry, runner, trim
 from .boot import Booting
 from .calls import Call, CallHandle, Phase, StopResult, current_runner
 from .dumps import CrashdumpRecord
@@ -73,6 +73,11 @@ CLOSE_TIMEOUT = 5.0
 HOT_THREAD_JOIN = 1.0
 #: Seconds the finalizer of a sandbox dropped unclosed waits for its lock.
 RELEASE_WAIT = 1.0
+#: How long a restore spins (ns) for a hot guest to park after its answer (it
+#: parks within a microsecond unless its thread lost the CPU), and how long it
+#: waits in all before it takes the exit path instead.
+PARK_SPIN_NS = 100_000
+PARK_WAIT_NS = 5_000_000
 
 
 class Sandbox(Requests, Spinning, Booting):
@@ -116,6 +121,8 @@ class Sandbox(Requests, Spinning, Booting):
         self._forked_from = None
         self.last_exception = None
         self._doorbell = False  # the guest's dispatcher waits on the doorbell page
+        self._park_feature = False  # and parks after a call when asked (hot_restore)
+        self._park_token = 0  # of the park its guest is in or about to enter
         self._hot = None  # made at the first call with config.spin
         self._last_end = 0.0  # monotonic time the last call ended (spin="auto")
         self._gap_average = None  # of the gaps between calls (spin="auto")
@@ -269,6 +276,8 @@ class Sandbox(Requests, Spinning, Booting):
             raise TypeError("restore() takes a Snapshot")
         if target._compat != self._compat:
             raise ValueError("snapshot belongs to a sandbox of another guest or configuration")
+        if self._park_token and self._restore_in_place(target):
+            return
         with self._operation("restore"):
             machine = self._machine
             # Its ioctls follow the memory reset: wake the owner meanwhile.
@@ -292,6 +301,38 @@ class Sandbox(Requests, Spinning, Booting):
             with self._lock:
                 self._state = after(self._state, Event.RESTORED)
                 self.last_exception = None
+
+    def _restore_in_place(self, target: Snapshot) -> bool:
+        """:meth:`restore` without stopping the guest (``SandboxConfig.hot_restore``):
+        when it spins on its hot thread, parked in ``hl_park`` after its last
+        call, memory is put back around it (:meth:`Machine.reset_parked`),
+        and the park has reset the registers. True when done so; False, with
+        nothing changed, when the exit path must do it."""
+        with self._lock:
+            hot = self._holder
+            machine = self._machine
+            memory = machine.memory
+            token = self._park_token
+            if (
+                not token
+                or not isinstance(hot, HotSession)
+                or not hot.running
+                or hot.parked_at
+                or self._state is not SandboxState.READY
+                or memory is None
+                or memory.backing is not target._image
+            ):
+                return False
+            # Parked as the call's answer came, unless its thread lost the CPU
+            # in between; under the lock, so that nothing unmaps the word.
+            parked = memory.address + abi.DOORBELL_PARKED
+            if native.wait(parked, token, hot.flag, PARK_SPIN_NS, PARK_WAIT_NS) != native.WAIT_WORD:
+                return False
+            if not machine.reset_parked(hot.answer_ticks):
+                return False
+            self._state = after(self._state, Event.RESTORED)
+            self.last_exception = None
+        return True
 
     def generate_crashdump(self, directory: str | os.PathLike[str] | None = None) -> Path:
         """Write an ELF core dump of the guest now and return its path.

@@ -138,7 +138,7 @@ def decide(exit_: Exit, output: memoryview, *, call_seen: bool = True) -> Action
     behind): that exit is no answer."""
     if isinstance(exit_, IoOut):
         port = exit_.port
-        if port == abi.PORT_RETURN:
+        if port == abi.PORT_RETURN or port == abi.PORT_PARKED:
             return _RETURNING if call_seen else _REPLAY
         if port == abi.PORT_HOSTCALL:
             return _host_call(output)

@@ -71,6 +71,8 @@ class SandboxBase:
     _compat: tuple[str, MemoryLayout]  # what a snapshot must match to be restored here
     _initial: Snapshot  # what restore() without an argument returns to
     _doorbell: bool  # the guest's dispatcher waits on the doorbell page
+    _park_feature: bool  # and parks in hl_park after a call when asked (abi.FEATURE_PARK)
+    _park_token: int  # the token of the park its guest is in or about to enter (0: none)
     _spin_allowed: bool  # whether config.spin applies (see Sandbox.__init__)
     _debugger: DebugServer | None  # SandboxConfig.debug_port's server
     _finalizer: weakref.finalize[[Machine, threading.Lock, DebugServer | None], SandboxBase]

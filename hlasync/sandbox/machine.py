@@ -27,6 +27,16 @@ HOT_LIMIT = 256
 COOL_EVERY = 64
 
 
+#: Byte ranges of the doorbell page that a reset in the park puts back: all
+#: but the spin, go and parked words, which hl_park reads or wrote.
+_BELL_RESET = (
+    (0, abi.DOORBELL_SPIN - abi.DOORBELL_ADDR),
+    (abi.DOORBELL_SPIN + 8 - abi.DOORBELL_ADDR, abi.DOORBELL_GO - abi.DOORBELL_ADDR),
+    (abi.DOORBELL_GO + 8 - abi.DOORBELL_ADDR, abi.DOORBELL_PARKED - abi.DOORBELL_ADDR),
+    (abi.DOORBELL_PARKED + 8 - abi.DOORBELL_ADDR, PAGE_SIZE),
+)
+
+
 class WrittenPages:
     """Pages of guest memory changed since the backing image was mapped: by the
     guest (KVM's dirty log, fetched and accumulated here) and by the host (every
@@ -163,6 +173,26 @@ class Machine:
         else:
             self.memory.reset_pages(pages)
         self.pages.clear()
+
+    def reset_parked(self, answer_ticks: int) -> bool:
+        """Make guest memory equal its backing image again while the guest waits
+        in ``hl_park`` (abi.FEATURE_PARK), which meanwhile touches nothing but
+        the doorbell's spin, go and parked words: those stay as they are (the
+        host wrote the spin after the call), and the answer spin is the
+        host's ``answer_ticks``. False, with nothing changed, when more pages
+        were written than are worth copying one by one."""
+        assert self.memory is not None
+        pages = self.pages.collect()
+        if pages is None or len(pages) > RESET_COPY_LIMIT:
+            return False
+        bell_page = abi.DOORBELL_ADDR // PAGE_SIZE
+        self.memory.reset_pages(page for page in pages if page != bell_page)
+        for start, end in _BELL_RESET:
+            self.memory.reset_range(abi.DOORBELL_ADDR + start, end - start)
+        self.bell[abi.WORD_ANSWER_SPIN] = answer_ticks
+        self.pages.clear()
+        self.pages.host_wrote(abi.DOORBELL_ADDR, PAGE_SIZE)  # its park words differ
+        return True
 
     def trim(self) -> int:
         """Drop the unchanged backing-image pages of guest memory from this

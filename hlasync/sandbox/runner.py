@@ -10,6 +10,7 @@ while the vCPU is paused.
 
 from __future__ import annotations
 
+import random
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, assert_never
@@ -25,7 +26,7 @@ from ..errors import (
     HostFunctionError,
 )
 from ..guest.memory import GuestMemory
-from ..kvm.exits import Exit, Interrupted
+from ..kvm.exits import Exit, Interrupted, IoOut
 from . import cpu, debugging, native
 from .calls import Call
 from .decide import (
@@ -57,6 +58,9 @@ HOT_WAIT_SPIN_NS = 200_000
 #: How long one wait lasts without a return to Python (for signal handlers).
 HOT_WAIT_SLICE_NS = 100_000_000
 
+#: Park tokens (:func:`post`): random, so unrelated to the calls made before.
+_tokens = random.Random()
+
 
 class Runnable(Dumpable, SpinControl, debugging.Debuggable, Protocol):
     """What the run loop uses of a sandbox (a :class:`~.core.Sandbox`, or a part
@@ -64,9 +68,14 @@ class Runnable(Dumpable, SpinControl, debugging.Debuggable, Protocol):
     caller's answers to requests (:mod:`.requests`)."""
 
     last_exception: ExceptionInfo | None
+    _park_token: int
 
     @property
     def _doorbell(self) -> bool: ...
+    @property
+    def _park_feature(self) -> bool: ...
+    @property
+    def _spin_allowed(self) -> bool: ...
     @property
     def _initial(self) -> Snapshot: ...
     @property
@@ -79,12 +88,40 @@ class Runnable(Dumpable, SpinControl, debugging.Debuggable, Protocol):
     def _halt_asking(self, call: Call) -> None: ...
 
 
-def post(sb: SpinControl) -> int:
+def post(sb: Runnable) -> int:
     """Announce the call frame in the input buffer on the doorbell: the
-    dispatcher runs a call only when ``req_seq`` moved. The new sequence."""
-    seq: int = (sb._machine.bell[abi.WORD_REQ_SEQ] + 1) & 0xFFFF_FFFF_FFFF_FFFF
-    sb._machine.write_bell(abi.WORD_REQ_SEQ, seq)
+    dispatcher runs a call only when ``req_seq`` moved. The new sequence.
+
+    A guest that parks (``SandboxConfig.hot_restore``) is asked to park
+    after the call with a new token, and let out of the park it is in (or
+    is about to enter) with ``go``, written last: it then finds the call.
+    Tokens are random, so that a ``go`` never matches a later park and a
+    call cannot count the calls before it by its token."""
+    machine = sb._machine
+    bell = machine.bell
+    seq: int = (bell[abi.WORD_REQ_SEQ] + 1) & 0xFFFF_FFFF_FFFF_FFFF
+    if not sb._park_feature:
+        machine.write_bell(abi.WORD_REQ_SEQ, seq)
+        return seq
+    token = 0
+    if sb.config.hot_restore and sb._spin_allowed:
+        token = _tokens.getrandbits(63) | 1
+    machine.write_bell(abi.WORD_PARK, token)  # read by the dispatcher with the call
+    machine.write_bell(abi.WORD_REQ_SEQ, seq)
+    parked = int(bell[abi.WORD_PARKED]) or sb._park_token
+    if parked:
+        machine.write_bell(abi.WORD_GO, parked)
+    sb._park_token = token
     return seq
+
+
+def _release_park(sb: Runnable) -> None:
+    """The guest exited from a park that the call did not let it out of (it
+    parked after the call was posted, with a token the host did not expect):
+    let it out now; it finds the call then."""
+    parked = int(sb._machine.bell[abi.WORD_PARKED])
+    if parked:
+        sb._machine.write_bell(abi.WORD_GO, parked)
 
 
 def run(sb: Runnable, call: Call, signature: FunctionSignature) -> Value:
@@ -131,6 +168,10 @@ def _run(sb: Runnable, call: Call, signature: FunctionSignature) -> Value:
             exit_ = vcpu.run()
         else:
             exit_ = debugging.run(sb)  # with the breakpoints in, for just this run
+        if isinstance(exit_, IoOut) and exit_.port == abi.PORT_PARKED:
+            seen = read_done_seq(sb) == seq  # parked after the call, or before it?
+            if not seen:
+                _release_park(sb)
         action = decide(exit_, output, call_seen=seen)
         match action:
             case Returning():

@@ -147,8 +147,15 @@ enum {
     CLS_AVX = 4,     /* upper halves of ymm0-15 */
     CLS_AVX512 = 8,  /* zmm0-31 upper bits, k1-k7 */
     CLS_SEGBASE = 16, /* FS and GS base (wrfsbase/wrgsbase) */
-    CLS_MEMORY = 32, /* every writable page: data, scratch, stack, buffers, heap */
+    CLS_MEMORY = 32, /* every writable page: data, scratch, stack, buffers, heap, doorbell */
 };
+
+/* The doorbell words a call may write without breaking the call protocol:
+ * all but req_seq, spin (the dispatcher would spin for ever), answer_seq,
+ * done_seq, ask_seq and ask_port. */
+static int free_doorbell_word(uint64_t i) {
+    return i != 0 && i != 1 && i != 2 && i != 8 && i != 10 && i != 11;
+}
 
 static volatile uint64_t secret_data[512];
 
@@ -216,6 +223,9 @@ static void plant(uint64_t s, int64_t classes) {
         fill((volatile uint64_t *)peb->input_addr, peb->input_size / 8, s);
         fill((volatile uint64_t *)peb->output_addr, peb->output_size / 8, s);
         plant_stack(s);
+        volatile uint64_t *bell = (volatile uint64_t *)HL_DOORBELL_ADDR;
+        for (uint64_t i = 0; i < 512; i++)
+            if (free_doorbell_word(i)) bell[i] = s;
     }
 }
 
@@ -271,6 +281,7 @@ static int64_t scan(uint64_t s, int64_t classes) {
         n += count((const volatile uint64_t *)peb->input_addr, peb->input_size / 8, s);
         n += count((const volatile uint64_t *)peb->output_addr, peb->output_size / 8, s);
         n += count((const volatile uint64_t *)stack_base, (here - 1024 - stack_base) / 8, s);
+        n += count((const volatile uint64_t *)HL_DOORBELL_ADDR, 512, s);
         if (n) found |= CLS_MEMORY;
     }
     return found;
@@ -278,6 +289,25 @@ static int64_t scan(uint64_t s, int64_t classes) {
 
 void plant_secrets(int64_t key, int64_t classes) { plant(secret_of(key), classes); }
 HL_EXPORT(plant_secrets, HL_VOID, HL_INT, HL_INT);
+
+/* The memory class on a few pages only (a restore copies them back one by
+ * one): the first words of scratch, data, heap, buffers and the last heap
+ * page, 16 KiB of stack and the doorbell's free words. */
+void plant_some_memory(int64_t key) {
+    uint64_t s = secret_of(key);
+    const hl_peb *peb = hl_peb_get();
+    *(volatile uint64_t *)HL_SCRATCH_ADDR = s;
+    secret_data[0] = s;
+    *(volatile uint64_t *)peb->heap_addr = s;
+    *(volatile uint64_t *)(peb->heap_addr + peb->heap_size - 8) = s;
+    *(volatile uint64_t *)peb->input_addr = s;
+    *(volatile uint64_t *)(peb->output_addr + 64) = s;
+    plant_stack(s);
+    volatile uint64_t *bell = (volatile uint64_t *)HL_DOORBELL_ADDR;
+    for (uint64_t i = 0; i < 512; i++)
+        if (free_doorbell_word(i)) bell[i] = s;
+}
+HL_EXPORT(plant_some_memory, HL_VOID, HL_INT);
 
 /* Bitmask of the classes in which the secret of `key` is found. */
 int64_t scan_secrets(int64_t key, int64_t classes) { return scan(secret_of(key), classes); }

@@ -123,12 +123,17 @@ def test_exception_ports_are_faults_with_their_vector(vector: int) -> None:
     assert d.decide(out(abi.PORT_EXCEPTION_BASE + vector), buffer()) == d.Faulted(vector)
 
 
+def test_a_park_exit_answers_the_call_only_after_the_guest_saw_it() -> None:
+    assert d.decide(out(abi.PORT_PARKED), buffer(), call_seen=True) == d.Returning()
+    assert d.decide(out(abi.PORT_PARKED), buffer(), call_seen=False) == d.Replay()
+
+
 def test_the_wait_port_is_an_ask_and_a_kick_is_a_kick() -> None:
     assert d.decide(out(abi.PORT_WAIT), buffer()) == d.Asked()
     assert d.decide(Interrupted(), buffer()) == d.Kicked()
 
 
-@pytest.mark.parametrize("port", [0x0, 0x15, 0x80, abi.PORT_EXCEPTION_BASE + 32, 0xFFFF])
+@pytest.mark.parametrize("port", [0x0, 0x16, 0x80, abi.PORT_EXCEPTION_BASE + 32, 0xFFFF])
 def test_an_unknown_port_is_broken(port: int) -> None:
     action = d.decide(out(port), buffer())
     assert action == d.Broken(f"guest wrote to unknown port {port:#x}")

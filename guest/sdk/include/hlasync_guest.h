@@ -48,12 +48,14 @@ extern "C" {
 
 /* What the guest's ready frame says it can do (its fourth word). */
 #define HL_FEATURE_DOORBELL 1u
+#define HL_FEATURE_PARK 2u /* parks in hl_park after a call when the doorbell asks */
 
 #define HL_PORT_RETURN 0x10   /* call finished (or initialisation done) */
 #define HL_PORT_HOSTCALL 0x11 /* host-call frame in the output buffer */
 #define HL_PORT_PRINT 0x12    /* print frame in the output buffer */
 #define HL_PORT_ABORT 0x13    /* abort frame in the output buffer */
 #define HL_PORT_WAIT 0x14     /* waiting for the answer to a doorbell ask */
+#define HL_PORT_PARKED 0x15   /* parked in hl_park, nothing to do until the host says go */
 
 #define HL_MAGIC_PEB 0x31424550484cULL /* "HLPEB1" */
 #define HL_MAGIC_READY 0x5944524c      /* "LRDY" */
@@ -85,6 +87,9 @@ typedef struct {
     uint64_t heap_addr, heap_size;
     uint64_t stack_top, stack_size;
     uint64_t memory_size;
+    uint64_t xsave_mask; /* the XSAVE components hl_park resets (0: none; by the host) */
+    uint64_t fsgsbase;   /* 1 where code here may run wrfsbase/wrgsbase (by the host) */
+    uint64_t segments;   /* ds, es, fs, gs as initialisation found them, 16 bits each */
 } hl_peb;
 
 /* ---- The doorbell page: calls without a VM exit ----
@@ -101,19 +106,42 @@ typedef struct {
  * and spins up to answer_spin ticks until answer_seq == ask_seq (the answer is
  * then in the output buffer). When the wait runs out, or the host zeroes spin,
  * it exits at HL_PORT_WAIT; the host answers the ask before it resumes it.
+ *
+ * Parking (HL_FEATURE_PARK): when park was non-zero as a call was posted, the
+ * dispatcher announces the call done and enters hl_park with that value as
+ * the park's token (the host picks a new one for every call). hl_park resets everything of the call
+ * that registers hold (general registers, flags, data segments, x87/MMX/SSE
+ * from a clean image), announces parked = token, and then touches nothing
+ * but registers while it waits for go == token, exiting at HL_PORT_PARKED
+ * whenever spin is zero or runs out. So the host may put back every page of
+ * memory the call changed while the guest waits there, without stopping it:
+ * go sends it into hl_main with a fresh stack, zeroed registers and memory
+ * as the host left it.
  * Host and guest fields sit on their own cache lines. */
 typedef struct {
     uint64_t req_seq;     /* host -> guest: the latest call posted */
     uint64_t spin;        /* host -> guest: TSC ticks to spin for the next call */
     uint64_t answer_seq;  /* host -> guest: the latest ask answered */
     uint64_t answer_spin; /* host -> guest: TSC ticks to spin for an answer */
-    uint64_t host_reserved[4];
+    uint64_t park;        /* host -> guest: non-zero: park in hl_park after this call, with this token */
+    uint64_t go;          /* host -> guest: leave the park whose token this is */
+    uint64_t host_reserved[2];
     uint64_t done_seq; /* guest -> host: the latest call finished */
     uint64_t spinning; /* guest -> host: 1 while the dispatcher spins */
     uint64_t ask_seq;  /* guest -> host: the latest host call or print asked */
     uint64_t ask_port; /* guest -> host: HL_PORT_HOSTCALL or HL_PORT_PRINT */
-    uint64_t guest_reserved[4];
+    uint64_t parked;   /* guest -> host: the token of the park hl_park waits in */
+    uint64_t guest_reserved[3];
 } hl_doorbell;
+
+/* Byte offsets of the words hl_park uses (its code is assembly). */
+#define HL_BELL_SPIN 0x08
+#define HL_BELL_GO 0x28
+#define HL_BELL_PARKED 0x60
+#define HL_PEB_STACK_TOP 0x40
+#define HL_PEB_XSAVE_MASK 0x58
+#define HL_PEB_FSGSBASE 0x60
+#define HL_PEB_SEGMENTS 0x68
 
 /* ---- Frames (all little-endian, in the input and output buffers) ---- */
 typedef struct {
