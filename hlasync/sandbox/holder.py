@@ -133,8 +133,10 @@ class SandboxBase:
             self._wait_for_operations(name)
             self._holder = operation
             # spin="auto": the next call follows an operation, which would park a
-            # spinning guest again (call + restore loops): it does not spin.
-            self._last_end = 0.0
+            # spinning guest again (call + restore loops): it does not spin. With
+            # hot_restore the next restore may need no park: the chooser decides.
+            if not self.config.hot_restore:
+                self._last_end = 0.0
         try:
             yield operation
         finally:

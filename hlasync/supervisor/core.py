@@ -112,7 +112,8 @@ class Supervisor:
         self._hub.attach(outbox.post)
         self._token = anyio.lowlevel.current_token()
         self._slots = anyio.Semaphore(self.max_pending)
-        self._all_done = anyio.Event()
+        #: Set when no call is outstanding; made only while shutdown waits for one.
+        self._all_done: anyio.Event | None = None
         self._outstanding = 0
         self._counters = self._backend.counters
         if self._backend.uses_tasks:
@@ -164,6 +165,7 @@ class Supervisor:
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(self.shutdown_grace):
                 if self._outstanding:
+                    self._all_done = anyio.Event()
                     await self._all_done.wait()
             await self._backend.shutdown()
             assert self._outbox is not None
@@ -366,8 +368,6 @@ class Supervisor:
 
     def _submit(self, job: Job) -> None:
         self._outstanding += 1
-        if self._all_done.is_set():
-            self._all_done = anyio.Event()
         self._backend.submit(job)
 
     async def _await_job(self, job: Job) -> Value:
@@ -482,7 +482,7 @@ class Supervisor:
             job.span.end(error, path=job.path, sandbox_id=sandbox_id, cancelled=job.abandoned)
         self._slots.release()
         self._outstanding -= 1
-        if self._outstanding == 0:
+        if self._outstanding == 0 and self._all_done is not None:
             self._all_done.set()
         assert job.done is not None
         job.done.set()

@@ -52,9 +52,10 @@ def new_sandbox(
 ) -> Sandbox:
     """A sandbox whose prints become :class:`~hlasync.events.GuestOutput`
     events (and go to ``output``, or to stdout when nobody subscribes).
-    ``spin``: its config's ``spin`` applies (a dedicated sandbox); a pool's
-    members restore after every call, which parks a spinning guest, so they
-    keep the exit path."""
+    ``spin``: its config's ``spin`` applies (a dedicated sandbox, or a pool
+    whose config has ``hot_restore``: its members restore in place); other
+    pools' members restore after every call on the exit path, which would
+    park a spinning guest at every call."""
     holder: list[Sandbox] = []
 
     def on_output(text: str) -> None:
@@ -120,6 +121,8 @@ class Builder:
     ) -> None:
         self.spec = spec
         self.image = image
+        #: A pool whose members restore in place (SandboxConfig.hot_restore): they spin.
+        self._hot_pool = spec.kind == "pool" and spec.config is not None and spec.config.hot_restore
         self._hub = hub
         self._on_crashdump = on_crashdump
         functions: dict[HostKey, Callable[..., Any]] = {
@@ -151,7 +154,7 @@ class Builder:
             self._output,
             self._hub,
             self._on_crashdump,
-            spin=self.spec.kind == "sandbox",
+            spin=self.spec.kind == "sandbox" or self._hot_pool,
         )
 
     def make_all(self) -> list[Sandbox]:

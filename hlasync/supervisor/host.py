@@ -20,6 +20,12 @@ Every thread's loop is guarded: a failure is logged and published as a
 
 Calls wait in one FIFO queue; a worker takes the oldest call whose target
 has room (a pool runs at most ``size`` calls, a dedicated sandbox one).
+
+Idle workers wait on a stack, each on a lock of its own: a call wakes the
+worker that went idle last (its caches are warm, and a sandbox called from
+one thread may stay hot, see :mod:`hlasync.sandbox.hot`), and only when its
+target has a free sandbox. A worker that gives a sandbox back takes the next
+call itself, with no wake-up; it wakes another only for calls left waiting.
 """
 
 from __future__ import annotations
@@ -67,7 +73,9 @@ class WorkerHost:
         self.pin_cpus = tuple(pin_cpus) if pin_cpus is not None else None
         self.hub = hub
         self.lock = threading.Lock()  # scheduler: pending queue, capacities, counters
-        self._work = threading.Condition(self.lock)
+        #: Idle workers' wake-up locks (held while a worker sleeps on it), the
+        #: last one to go idle on top; under ``lock``.
+        self._idle: list[threading.Lock] = []
         self.pending: collections.deque[Job] = collections.deque()
         self.running: set[Job] = set()
         self.targets: list[Target] = []
@@ -128,7 +136,7 @@ class WorkerHost:
         """Tell the vCPU threads and the watchdog to end (they finish their call first)."""
         with self.lock:
             self.stopping = True
-            self._work.notify_all()
+            self._wake_all_locked()
         self.watchdog.stop()
 
     def alive(self) -> list[threading.Thread]:
@@ -175,7 +183,20 @@ class WorkerHost:
     def submit(self, job: Job) -> None:
         with self.lock:
             self.pending.append(job)
-            self._work.notify()
+            # No free sandbox, or a hot member about to be free: the worker that
+            # gives one back takes the call.
+            if self._idle and job.target._free and not job.target._restoring:
+                self._idle.pop().release()
+
+    def _wake_one_locked(self) -> None:
+        """Wake the worker that went idle last, if one is idle (under ``lock``)."""
+        if self._idle:
+            self._idle.pop().release()
+
+    def _wake_all_locked(self) -> None:
+        idle, self._idle = self._idle, []
+        for wake in idle:
+            wake.release()
 
     def dequeue(self, job: Job) -> bool:
         """Take ``job`` out of the queue if it is still waiting there."""
@@ -257,15 +278,20 @@ class WorkerHost:
         if self.pin_cpus:
             cpu = self.pin_cpus[index % len(self.pin_cpus)]
             os.sched_setaffinity(threading.get_native_id(), {cpu})
+        wake = threading.Lock()  # released by whoever wakes this worker
+        wake.acquire()
         while True:
-            with self._work:
-                while True:
-                    job = self._take_locked(index)
-                    if job is not None:
-                        break
+            with self.lock:
+                job = self._take_locked(index)
+                if job is None:
                     if self.stopping:
                         return
-                    self._work.wait()
+                    self._idle.append(wake)
+                elif self.pending:  # calls left waiting: another worker may have room
+                    self._wake_one_locked()
+            if job is None:
+                wake.acquire()
+                continue
             try:
                 self._run(job)
             except BaseException as exc:  # noqa: BLE001 - a worker outlives any failure
@@ -348,25 +374,39 @@ class WorkerHost:
             set_current_job(None)
             if watched:
                 self.watchdog.unwatch(job)
-        # The caller hears the outcome before the sandbox is restored for the next call.
+        # The caller hears the outcome before the sandbox is restored for the next
+        # call; a hot pool's next call waits for this member rather than take a
+        # cold one (counted before the caller can make it).
+        target = job.target
+        in_place = target.fresh_state and sandbox.config.hot_restore
+        if in_place:
+            with self.lock:
+                target._restoring += 1
         self.finish(job, result, error)
-        self._reset(job.target, sandbox)
+        self._reset(target, sandbox, in_place=in_place)
 
-    def _reset(self, target: Target, sandbox: Sandbox) -> None:
+    def _reset(self, target: Target, sandbox: Sandbox, *, in_place: bool = False) -> None:
         """Make the sandbox ready for its next call and give it back; a sandbox
-        that cannot be restored leaves its target (a pool gets a new one)."""
+        that cannot be restored leaves its target (a pool gets a new one).
+        ``in_place``: a hot pool's member, counted in ``target._restoring``."""
         try:
             if target.fresh_state or sandbox.state is not SandboxState.READY:
                 sandbox.restore()
         except Exception as exc:  # noqa: BLE001 - whatever broke it, it must not be reused
+            if in_place:
+                with self.lock:
+                    target._restoring -= 1
+                    if self.pending:  # calls that waited for this member
+                        self._wake_one_locked()
             if not (self.stopping and sandbox.state is SandboxState.CLOSED):
                 self.thread_failed(exc, sandbox)
             self._retire(target, sandbox)
             return
-        with self._work:
+        with self.lock:
+            # This worker takes the next call itself (see _worker_main): no wake-up.
+            if in_place:
+                target._restoring -= 1
             target._give_locked(sandbox)
-            if self.pending:
-                self._work.notify()
 
     def _retire(self, target: Target, sandbox: Sandbox) -> None:
         """Take a broken sandbox out of its target, close it and, for a pool,
@@ -395,12 +435,13 @@ class WorkerHost:
                 lost.__cause__ = exc
                 self._target_lost(target, lost)
             return
-        with self._work:
+        with self.lock:
             keep = not target._closed and self.accepting
             if keep:
                 target._members.append(sandbox)
                 target._free.append(sandbox)
-                self._work.notify()
+                if self.pending:
+                    self._wake_one_locked()
         if not keep:
             sandbox.close()
             return

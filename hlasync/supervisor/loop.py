@@ -17,9 +17,15 @@ __all__ = ["Outbox", "Wake", "loop_waker"]
 
 @dataclass
 class Wake:
-    """Non-blocking "run this on the loop soon", from any thread."""
+    """Non-blocking "run this on the loop soon", from any thread.
+
+    ``local``, when given, does the same from the loop's own thread without
+    waking the loop through its wake-up pipe (asyncio's ``call_soon``: no
+    system call); it falls back to ``soon`` on any other thread.
+    """
 
     soon: Callable[[Callable[[], None]], object]
+    local: Callable[[Callable[[], None]], object] | None = None
 
 
 def loop_waker() -> Wake:
@@ -29,7 +35,16 @@ def loop_waker() -> Wake:
         import asyncio
 
         loop = asyncio.get_running_loop()
-        return Wake(loop.call_soon_threadsafe)
+        soon = loop.call_soon_threadsafe
+        call_soon = loop.call_soon
+        loop_thread = threading.get_ident()
+
+        def local(function: Callable[[], None]) -> object:
+            if threading.get_ident() == loop_thread:
+                return call_soon(function)
+            return soon(function)
+
+        return Wake(soon, local)
     if library == "trio":
         import trio
 
@@ -62,6 +77,17 @@ class Outbox:
         """Run ``function`` on the loop soon (any thread; never blocks)."""
         with contextlib.suppress(RuntimeError):  # the loop is gone (process shutting down)
             self._wake.soon(function)
+
+    def later_on_loop(self, function: Callable[[], None]) -> None:
+        """:meth:`on_loop`, cheaper from the loop's own thread: ``function`` runs
+        after what the loop has ready now, with no wake-up of the loop (asyncio;
+        on trio, and from other threads, the same as :meth:`on_loop`)."""
+        local = self._wake.local
+        if local is None:
+            self.on_loop(function)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is gone (process shutting down)
+            local(function)
 
     def drain(self) -> None:
         """Deliver what is queued (on the loop; also called directly at shutdown)."""

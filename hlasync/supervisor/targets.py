@@ -106,6 +106,10 @@ class Target:
         self.functions: Mapping[str, FunctionSignature] = {f.name: f for f in image.functions}
         self._free: list[Sandbox] = []
         self._members: list[Sandbox] = []
+        #: Members of a hot pool being restored in place now: a call that comes
+        #: meanwhile waits for one of them (a few µs, and it is still hot)
+        #: rather than waking a worker for a member that went cold.
+        self._restoring = 0
         self._closed = False
         #: Host functions as registered on every member (wrapped for the supervisor).
         self._host_functions: dict[str, Callable[..., Any]] = {}
