@@ -54,6 +54,19 @@ def _default_spin() -> float | Literal["auto"]:
         ) from None
 
 
+#: Environment variable giving ``SandboxConfig.hot_restore``'s default (``1`` or ``0``).
+HOT_RESTORE_ENV = "HLASYNC_HOT_RESTORE"
+
+
+def _default_hot_restore() -> bool:
+    text = os.environ.get(HOT_RESTORE_ENV, "").strip()
+    if text in ("", "0"):
+        return False
+    if text == "1":
+        return True
+    raise ConfigError(f"{HOT_RESTORE_ENV} must be 0 or 1, got {text!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class SandboxConfig:
     """Sizes of a sandbox's guest memory and behaviour switches.
@@ -89,10 +102,10 @@ class SandboxConfig:
       on the caller's thread). ``"auto"`` spins only while calls come back to
       back (the caller came back within 200 µs of the last call, on
       average), four times that gap, from 300 µs to 1 ms, and not at all
-      when calls are sparse. ``Sandbox`` and a supervisor's dedicated
-      sandboxes use it; pool members (restored after every call) and
-      ``JSSandbox`` (whose CPU timeouts count the caller thread's CPU time)
-      take the exit path. ``$HLASYNC_SPIN`` (seconds or
+      when calls are sparse. ``Sandbox``, a supervisor's dedicated
+      sandboxes and hot pools' members (``hot_restore``) use it; other pool
+      members (restored after every call) and ``JSSandbox`` (whose CPU
+      timeouts count the caller thread's CPU time) take the exit path. ``$HLASYNC_SPIN`` (seconds or
       ``auto``) changes the default. Whatever the setting, a sandbox spins
       only while the CPUs are free for it: at most one per two CPUs
       (``$HLASYNC_HOT_SLOTS``), and not while other threads call sandboxes;
@@ -113,7 +126,11 @@ class SandboxConfig:
     supervisor-mode park would cost more than the exit it saves). Use it
     for guests whose machine code you trust (the bundled JavaScript runtime
     running tenants' JavaScript, your own C guests); keep the default for
-    guest binaries you do not. docs/architecture.md ("Hot restore").
+    guest binaries you do not. A pool whose config has it is a *hot pool*:
+    its members spin (``spin``) and restore in place, and a call waits for
+    the member being restored rather than take one that went cold.
+    ``$HLASYNC_HOT_RESTORE`` (``1`` or ``0``) changes the default.
+    docs/architecture.md ("Hot restore").
 
     ``idle_trim`` (default 10; seconds, more than 0 and at most 86400, or
     ``None``): after this long with no call and no operation, the sandbox
@@ -152,7 +169,7 @@ class SandboxConfig:
     init_timeout: float = 10.0
     spin: float | Literal["auto"] = field(default_factory=_default_spin)
     idle_trim: float | None = 10.0
-    hot_restore: bool = False
+    hot_restore: bool = field(default_factory=_default_hot_restore)
     debug_port: int | None = None
     debug_host: str = "127.0.0.1"
 

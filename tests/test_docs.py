@@ -186,6 +186,7 @@ def test_the_config_table_gives_every_field_and_its_default(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("HLASYNC_SPIN", raising=False)
+    monkeypatch.delenv("HLASYNC_HOT_RESTORE", raising=False)
     defaults = SandboxConfig()
     documented: dict[str, str] = {}
     for row in table("docs/guest-sdk.md", "| field | default | allowed"):

@@ -27,6 +27,7 @@ RUNS: dict[str, tuple[list[str], str]] = {
     "js_stateful.py": ([], "add 1 -> {'total': 16} (15 + 1: the snapshot's state)"),
     "js_from_hyperlight.py": ([], "{'cpu_timeout': 0.2, 'timeout': 5.0} -> GuestTimeout (cpu)"),
     "hot_sandbox.py": ([], "after restore(): increment -> 1"),
+    "hot_pool.py": ([], "hot pool: increment x3 -> [1, 1, 1]"),
     "live_debugging.py": (["--script"], "add(1, 2) with b set to 41 in gdb -> 42"),
     "observability_console.py": ([], "await pool.call('call_host', 'double', 5) -> 10"),
     "ray_cluster.py": ([], "fetched core: hl_core_"),

@@ -207,7 +207,10 @@ def _supervised(guest: Path, counts: Counts) -> list[Row]:
             'await pool.call("add", 1, 2), p50 (Supervisor, pool of 1)',
             "ns",
             samples["pool"],
-            note="a pool keeps the exit path: it restores after every call, which parks a guest",
+            note=(
+                "an ordinary pool keeps the exit path: it restores after every call, which "
+                "parks a guest (hot pools are timed by the supervisor suite)"
+            ),
         ),
     ]
 

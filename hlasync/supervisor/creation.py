@@ -122,7 +122,8 @@ class Builder:
         self.spec = spec
         self.image = image
         #: A pool whose members restore in place (SandboxConfig.hot_restore): they spin.
-        self._hot_pool = spec.kind == "pool" and spec.config is not None and spec.config.hot_restore
+        config = spec.config if spec.config is not None else SandboxConfig()
+        self._hot_pool = spec.kind == "pool" and config.hot_restore
         self._hub = hub
         self._on_crashdump = on_crashdump
         functions: dict[HostKey, Callable[..., Any]] = {

@@ -183,9 +183,10 @@ class WorkerHost:
     def submit(self, job: Job) -> None:
         with self.lock:
             self.pending.append(job)
-            # No free sandbox, or a hot member about to be free: the worker that
-            # gives one back takes the call.
-            if self._idle and job.target._free and not job.target._restoring:
+            # No free sandbox, or hot members about to be free for every call
+            # waiting: the workers that give one back take them.
+            target = job.target
+            if self._idle and target._free and len(self.pending) > target._restoring:
                 self._idle.pop().release()
 
     def _wake_one_locked(self) -> None:

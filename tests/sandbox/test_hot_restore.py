@@ -50,10 +50,16 @@ def runs(sb: Sandbox) -> int:
     return sb._machine.vcpu.owner.counters["runs"]
 
 
-def test_hot_restore_is_checked() -> None:
+def test_hot_restore_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="hot_restore must be a bool"):
         SandboxConfig(hot_restore=1)  # type: ignore[arg-type]
+    monkeypatch.delenv("HLASYNC_HOT_RESTORE", raising=False)
     assert SandboxConfig().hot_restore is False
+    monkeypatch.setenv("HLASYNC_HOT_RESTORE", "1")
+    assert SandboxConfig().hot_restore is True
+    monkeypatch.setenv("HLASYNC_HOT_RESTORE", "yes")
+    with pytest.raises(ValueError, match="HLASYNC_HOT_RESTORE must be 0 or 1"):
+        SandboxConfig()
 
 
 def test_calls_and_restores_make_no_exit(
