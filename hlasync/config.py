@@ -115,15 +115,17 @@ class SandboxConfig:
     hot sandbox (its guest spinning after a call) puts back the memory the
     call changed *without stopping the guest*: after each call the guest's
     runtime parks in ``hl_park``, which resets the registers, flags, data
-    segments and x87/MMX/SSE state itself and then waits touching nothing
+    segments and x87/MMX/SSE/AVX state itself and then waits touching nothing
     but three doorbell words, so the host copies the pages back meanwhile
     and the next call starts with no VM exit at all. A restore that cannot
     be done so (the guest did not park, too many pages, another snapshot, a
     cold sandbox) takes the exit path as before. The registers are reset by
     guest code at CPL3, so this trusts the guest's runtime: a guest that
     takes over its own machine code can keep values in registers from one
-    call to the next (on this PVM host, code at CPL0 is emulated and a
-    supervisor-mode park would cost more than the exit it saves). Use it
+    call to the next, and a write it makes after the host put a page back
+    reaches the next call (the restore after that call undoes it). On this
+    PVM host code at CPL0 is emulated, and a supervisor-mode park would cost
+    more than the exit it saves. Use it
     for guests whose machine code you trust (the bundled JavaScript runtime
     running tenants' JavaScript, your own C guests); keep the default for
     guest binaries you do not. A pool whose config has it is a *hot pool*:

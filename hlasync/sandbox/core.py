@@ -302,6 +302,12 @@ class Sandbox(Requests, Spinning, Booting):
                 self._state = after(self._state, Event.RESTORED)
                 self.last_exception = None
 
+    def _restore_hot(self) -> bool:
+        """:meth:`restore` to the initial state if it can be done in place (True);
+        False, with nothing done, when it needs the exit path (a hot pool's
+        worker then lets another worker take waiting calls first)."""
+        return bool(self._park_token) and self._restore_in_place(self._initial)
+
     def _restore_in_place(self, target: Snapshot) -> bool:
         """:meth:`restore` without stopping the guest (``SandboxConfig.hot_restore``):
         when it spins on its hot thread, parked in ``hl_park`` after its last

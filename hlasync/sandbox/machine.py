@@ -185,12 +185,17 @@ class Machine:
         pages = self.pages.collect()
         if pages is None or len(pages) > RESET_COPY_LIMIT:
             return False
+        # Protected again *before* the copy: a write of a guest that only said it
+        # parked, made after its page was put back, then faults and is logged
+        # (the next restore undoes it), where after the copy it would be lost
+        # from the log for good.
+        pages = set(pages)
+        self.pages.clear()
         bell_page = abi.DOORBELL_ADDR // PAGE_SIZE
         self.memory.reset_pages(page for page in pages if page != bell_page)
         for start, end in _BELL_RESET:
             self.memory.reset_range(abi.DOORBELL_ADDR + start, end - start)
         self.bell[abi.WORD_ANSWER_SPIN] = answer_ticks
-        self.pages.clear()
         self.pages.host_wrote(abi.DOORBELL_ADDR, PAGE_SIZE)  # its park words differ
         return True
 

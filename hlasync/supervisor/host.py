@@ -383,30 +383,36 @@ class WorkerHost:
         if in_place:
             with self.lock:
                 target._restoring += 1
-        self.finish(job, result, error)
-        self._reset(target, sandbox, in_place=in_place)
+        try:
+            self.finish(job, result, error)
+        finally:
+            self._reset(target, sandbox, in_place=in_place)
 
     def _reset(self, target: Target, sandbox: Sandbox, *, in_place: bool = False) -> None:
         """Make the sandbox ready for its next call and give it back; a sandbox
         that cannot be restored leaves its target (a pool gets a new one).
-        ``in_place``: a hot pool's member, counted in ``target._restoring``."""
+        ``in_place``: a hot pool's member, counted in ``target._restoring``
+        while it is restored in place; a restore that needs the exit path
+        lets another worker take the calls that wait first."""
+        done = False
         try:
-            if target.fresh_state or sandbox.state is not SandboxState.READY:
+            if in_place:
+                try:
+                    done = sandbox._restore_hot()
+                finally:
+                    with self.lock:
+                        target._restoring -= 1
+                        if not done and self.pending:  # calls that waited for this member
+                            self._wake_one_locked()
+            if not done and (target.fresh_state or sandbox.state is not SandboxState.READY):
                 sandbox.restore()
         except Exception as exc:  # noqa: BLE001 - whatever broke it, it must not be reused
-            if in_place:
-                with self.lock:
-                    target._restoring -= 1
-                    if self.pending:  # calls that waited for this member
-                        self._wake_one_locked()
             if not (self.stopping and sandbox.state is SandboxState.CLOSED):
                 self.thread_failed(exc, sandbox)
             self._retire(target, sandbox)
             return
         with self.lock:
             # This worker takes the next call itself (see _worker_main): no wake-up.
-            if in_place:
-                target._restoring -= 1
             target._give_locked(sandbox)
 
     def _retire(self, target: Target, sandbox: Sandbox) -> None:

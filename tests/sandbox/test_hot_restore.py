@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 
 from hlasync import (
@@ -214,3 +215,85 @@ def _call_or_error(sb: Sandbox, name: str, *args: int) -> object:
         return sb.call(name, *args)
     except BaseException as exc:  # noqa: BLE001 - handed to the test
         return exc
+
+
+# ----------------------------------------------------------- forged parks
+FORGE = Path(__file__).resolve().parents[1] / "guests" / "forge_park.c"
+
+
+@pytest.fixture(scope="module")
+def forge_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/guests/forge_park.c: functions that say they parked without parking."""
+    from hlasync._build import build_guest
+
+    return build_guest([FORGE], tmp_path_factory.mktemp("guests") / "forge_park.elf")
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_a_write_after_its_page_was_put_back_is_undone_next_time(
+    kvm: Kvm, forge_guest: Path, attempt: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guest that only says it parked writes 64 pages again as soon as the
+    in-place copy has put each back (a review found the write lost from the
+    dirty log for good: copied, then protected). Now they are protected
+    first: the write faults, is logged, and the next restore undoes it."""
+    spy = InPlace(monkeypatch)
+    secret = 0x5EC2E7
+    with Sandbox(forge_guest, HOT_RESTORE) as sb:
+        for _ in range(20):
+            make_hot(sb)
+            sb.restore()
+            make_hot(sb)
+            sb.call("plant_racing_many", secret, 400)
+            counted = spy.count
+            sb.restore()
+            if spy.count > counted:
+                break  # done in place (else the budget parked it: try again)
+        else:
+            pytest.skip("no restore was done in place")
+        time.sleep(0.5)  # cold: the next restores take the exit path
+        assert sb._holder is None
+        sb.restore()
+        assert sb.call("count_victims", secret) == 0
+
+
+def test_a_forged_park_carries_memory_into_one_call_at_most(kvm: Kvm, forge_guest: Path) -> None:
+    """What docs/security.md says a guest that subverts its park can do: a
+    write made after the host's copy reaches the next call, and the restore
+    after that call undoes it."""
+    with Sandbox(forge_guest, HOT_RESTORE) as sb:
+        make_hot(sb)
+        sb.restore()
+        make_hot(sb)
+        sb.call("plant_after_go", 0xABCD)
+        sb.restore()
+        sb.call("read_victim", 1)  # may see it
+        sb.restore()
+        assert sb.call("read_victim", 1) == 0
+
+
+@pytest.mark.anyio
+async def test_a_pool_call_does_not_wait_for_a_restore_on_the_exit_path(
+    kvm: Kvm, forge_guest: Path
+) -> None:
+    """A member whose guest never parks is restored on the exit path (a kick
+    after 50 ms): the call that comes meanwhile goes to the free member, on
+    the idle worker (a review found it waiting for the slow restore)."""
+    from hlasync.events import CallStarted
+    from hlasync.supervisor import Supervisor
+
+    async with Supervisor(workers=2, processes=0) as sup:
+        pool = await sup.create_pool(forge_guest, size=2, config=HOT_RESTORE)
+        async with sup.subscribe(CallStarted) as events:
+            for _ in range(3):
+                for _ in range(20):
+                    await pool.call("add", 1, 2)
+                await pool.call("answer_and_spin")
+                assert await pool.call("add", 1, 2) == 3
+                await anyio.sleep(0.2)  # the stuck member is back meanwhile
+            started = [events.receive_nowait() for _ in range(3 * 22)]
+    for round_ in range(3):
+        stuck, after = started[22 * round_ + 20 : 22 * round_ + 22]
+        assert isinstance(stuck, CallStarted) and isinstance(after, CallStarted)
+        assert (stuck.function, after.function) == ("answer_and_spin", "add")
+        assert after.sandbox_id != stuck.sandbox_id
