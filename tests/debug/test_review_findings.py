@@ -16,7 +16,7 @@ from hlasync import CoreDump, GuestCancelled, Sandbox, SandboxConfig, guests
 from hlasync.debug.registers import NUMBERS
 from hlasync.kvm import Kvm
 from tests.debug.clients import debug_cli, free_port
-from tests.debug.test_stub_hostile import WAIT, CallThread, attach, register
+from tests.debug.test_stub_hostile import WAIT, CallThread, Client, attach, register
 
 SIMPLE = guests.path("simpleguest")
 
@@ -40,6 +40,17 @@ def test_a_sandbox_dropped_unclosed_frees_its_port_and_thread(kvm: Kvm) -> None:
     again.close()
 
 
+def _breakpoint_for_the_calls_to_come(sandbox: Sandbox, address: int) -> Client:
+    """Attach at the first call (add), let it finish, then set a breakpoint at
+    ``address`` for the calls to come; the attached client."""
+    first = CallThread(sandbox, "add", 2, 3)
+    client = attach(sandbox)
+    client.send(b"c")
+    assert first.outcome() == 5
+    assert client.ask(b"Z0,%x,1" % address) == b"OK"
+    return client
+
+
 def test_dumps_during_a_call_never_show_breakpoints(kvm: Kvm, tmp_path: Path) -> None:
     """An on-demand dump of a running call (written at a kick, as watchdog dumps
     are) shows the guest's code, not the int3 the debugger placed in it."""
@@ -47,11 +58,7 @@ def test_dumps_during_a_call_never_show_breakpoints(kvm: Kvm, tmp_path: Path) ->
     try:
         add = sandbox.functions["add"].address
         original = sandbox.read_memory(add, 1)
-        first = CallThread(sandbox, "add", 2, 3)
-        client = attach(sandbox)
-        client.send(b"c")
-        assert first.outcome() == 5
-        assert client.ask(b"Z0,%x,1" % add) == b"OK"  # for the calls to come
+        client = _breakpoint_for_the_calls_to_come(sandbox, add)
         running = CallThread(sandbox, "spin_for", 3 * 10**9)
         time.sleep(0.3)
         path = sandbox.generate_crashdump()
@@ -73,11 +80,7 @@ def test_read_memory_during_a_call_never_shows_breakpoints(kvm: Kvm) -> None:
     try:
         add = sandbox.functions["add"].address
         original = sandbox.read_memory(add, 4)
-        first = CallThread(sandbox, "add", 2, 3)
-        client = attach(sandbox)
-        client.send(b"c")
-        assert first.outcome() == 5
-        assert client.ask(b"Z0,%x,1" % add) == b"OK"
+        client = _breakpoint_for_the_calls_to_come(sandbox, add)
         running = CallThread(sandbox, "spin")
         deadline = time.monotonic() + 0.5
         reads: set[bytes] = set()
