@@ -18,6 +18,7 @@ import pytest
 from hlasync import (
     CoreDump,
     GuestCancelled,
+    GuestTimeout,
     HostFunctionError,
     Sandbox,
     SandboxConfig,
@@ -278,22 +279,38 @@ async def test_a_pool_call_does_not_wait_for_a_restore_on_the_exit_path(
 ) -> None:
     """A member whose guest never parks is restored on the exit path (a kick
     after 50 ms): the call that comes meanwhile goes to the free member, on
-    the idle worker (a review found it waiting for the slow restore)."""
+    the idle worker (a review found it waiting for the slow restore). A round
+    whose `answer_and_spin` ran on the exit path (the member was not hot: it
+    then never answers and times out) shows nothing and is not counted."""
     from hlasync.events import CallStarted
     from hlasync.supervisor import Supervisor
 
+    counted = 0
     async with Supervisor(workers=2, processes=0) as sup:
         pool = await sup.create_pool(forge_guest, size=2, config=HOT_RESTORE)
         async with sup.subscribe(CallStarted) as events:
-            for _ in range(3):
+            for _ in range(5):
                 for _ in range(20):
                     await pool.call("add", 1, 2)
-                await pool.call("answer_and_spin")
+                try:
+                    await pool.call("answer_and_spin", timeout=2.0)
+                except GuestTimeout:
+                    hot = False
+                else:
+                    hot = True
                 assert await pool.call("add", 1, 2) == 3
+                started = [events.receive_nowait() for _ in range(22)]
+                stuck, after = started[20:]
+                assert isinstance(stuck, CallStarted) and isinstance(after, CallStarted)
+                assert (stuck.function, after.function) == ("answer_and_spin", "add")
+                if hot:
+                    counted += 1
+                    assert after.sandbox_id != stuck.sandbox_id
                 await anyio.sleep(0.2)  # the stuck member is back meanwhile
-            started = [events.receive_nowait() for _ in range(3 * 22)]
-    for round_ in range(3):
-        stuck, after = started[22 * round_ + 20 : 22 * round_ + 22]
-        assert isinstance(stuck, CallStarted) and isinstance(after, CallStarted)
-        assert (stuck.function, after.function) == ("answer_and_spin", "add")
-        assert after.sandbox_id != stuck.sandbox_id
+                while True:  # events of the restore's aftermath, if any
+                    try:
+                        events.receive_nowait()
+                    except anyio.WouldBlock:
+                        break
+    if not counted:
+        pytest.skip("no member was hot when answer_and_spin ran")
