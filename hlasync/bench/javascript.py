@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from .. import Sandbox, Supervisor, guests
+from .. import Sandbox, SandboxConfig, Supervisor, guests
 from .._build import fetch
 from ..js import JSSandbox
 from ..js import runtime as js_runtime
@@ -81,20 +81,67 @@ def _js_echo(js: JSSandbox, counts: Counts, c_restored: Row) -> Row:
     )
 
 
-async def _pool_samples(n: int) -> list[float]:
+#: Rounds of the side-by-side JS pool measurement (each side's calls split over them).
+POOL_ROUNDS = 5
+
+
+async def _pool_samples(js: JSSandbox, n: int) -> tuple[list[float], list[float], list[float]]:
+    """Side by side, in rounds: ``js.call_handler`` (synchronous, restored after
+    each call), a JS pool's and a hot JS pool's ``call_handler`` (1 worker, pool
+    of 1 each): samples (ns) of each."""
+    sync: list[float] = []
+    cold: list[float] = []
+    hot: list[float] = []
+    per_round = max(1, n // POOL_ROUNDS)
     async with Supervisor(workers=1) as sup:
         pool = await sup.create_js_pool({"echo": ECHO}, size=1, heap_size=HEAP)
-        return await time_awaits(lambda: pool.call_handler("echo", EVENT), n, 50)
+        hot_pool = await sup.create_js_pool(
+            {"echo": ECHO}, size=1, heap_size=HEAP, config=SandboxConfig(hot_restore=True)
+        )
+        for _ in range(POOL_ROUNDS):
+            sync += time_calls(lambda: js.call_handler("echo", EVENT), per_round, 10)
+            await asyncio.sleep(0.03)  # the last side's hot thread stops spinning
+            cold += await time_awaits(lambda: pool.call_handler("echo", EVENT), per_round, 10)
+            await asyncio.sleep(0.03)
+            hot += await time_awaits(lambda: hot_pool.call_handler("echo", EVENT), per_round, 10)
+            await asyncio.sleep(0.03)
+    return sync, cold, hot
 
 
-def _pool_echo(counts: Counts) -> Row:
-    return Row(
-        "js_call",
-        "js_call.pool",
-        "hlasync Supervisor",
-        'await pool.call_handler("echo", small event) (1 worker, JS pool of 1)',
-        asyncio.run(_pool_samples(counts.js_pool_calls)),
+def _pool_echo(js: JSSandbox, counts: Counts) -> list[Row]:
+    sync, cold, hot = asyncio.run(_pool_samples(js, counts.js_pool_calls))
+    base = statistics.median(sync)
+    rows = [
+        Row(
+            "js_call",
+            "js_call.pool_sync",
+            "hlasync JSSandbox",
+            'js.call_handler("echo", small event), restored after each call '
+            "(in rounds with the two pools below)",
+            sync,
+        ),
+        Row(
+            "js_call",
+            "js_call.pool",
+            "hlasync Supervisor",
+            'await pool.call_handler("echo", small event) (1 worker, JS pool of 1)',
+            cold,
+        ),
+        Row(
+            "js_call",
+            "js_call.hot_pool",
+            "hlasync Supervisor",
+            'await pool.call_handler("echo", small event) (1 worker, JS pool of 1, '
+            "SandboxConfig(hot_restore=True))",
+            hot,
+        ),
+    ]
+    rows[1].notes.append(f"{statistics.median(cold) / base:.2f}x the synchronous call_handler")
+    rows[2].notes.append(
+        f"{statistics.median(hot) / base:.2f}x the synchronous call_handler of the same rounds "
+        "(issue 22 target: <= 1.5x)"
     )
+    return rows
 
 
 def _fib_vm(js: JSSandbox, counts: Counts) -> Row:
@@ -273,7 +320,7 @@ def run(_guest: Path, counts: Counts) -> list[Row]:
         js.add_handler("fib", FIB)
         js.load()
         rows.append(_js_echo(js, counts, rows[1]))
-        rows.append(_pool_echo(counts))
+        rows += _pool_echo(js, counts)
         vm = _fib_vm(js, counts)
         quickjs = _fib_quickjs_child(counts)
         if quickjs.measured:

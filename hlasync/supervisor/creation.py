@@ -121,9 +121,10 @@ class Builder:
     ) -> None:
         self.spec = spec
         self.image = image
-        #: A pool whose members restore in place (SandboxConfig.hot_restore): they spin.
+        #: A pool (C or JavaScript) whose members restore in place
+        #: (SandboxConfig.hot_restore): they spin.
         config = spec.config if spec.config is not None else SandboxConfig()
-        self._hot_pool = spec.kind == "pool" and config.hot_restore
+        self._hot_pool = spec.kind in ("pool", "js") and config.hot_restore
         self._hub = hub
         self._on_crashdump = on_crashdump
         functions: dict[HostKey, Callable[..., Any]] = {

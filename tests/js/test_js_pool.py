@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from hlasync import CoreDump, GuestTimeout, JSError, JSSyntaxError, Supervisor
+from hlasync import CoreDump, GuestTimeout, JSError, JSSyntaxError, SandboxConfig, Supervisor
 from hlasync import events as ev
 from hlasync.kvm import Kvm
+from tests.sandbox.test_hot_restore import InPlace
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("supervisor_mode")]
 
@@ -117,3 +119,52 @@ async def test_catastrophic_regex_is_stopped_by_the_watchdog(kvm: Kvm, dump_dir:
         assert info.value.core_path is not None
         with CoreDump.open(info.value.core_path) as dump:
             assert "js_stack" in dump.metadata  # the stack, or why it is unavailable
+
+
+@pytest.mark.threads_only
+async def test_a_hot_js_pool_restores_in_place_and_keeps_no_secret(
+    kvm: Kvm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A JS pool whose config has ``hot_restore``: its member parks after each
+    handler call and is restored without a VM exit, and every call still starts
+    from the loaded state: the handler's globals are gone, and the secret it
+    spread over the heap is in guest memory during the call, not after it."""
+    spy = InPlace(monkeypatch)
+    seen: list[bool] = []
+    holder: list[Any] = []
+
+    def memory() -> bytes:
+        return bytes(holder[0]._members[0]._machine.memory.view)
+
+    def scan(secret: str) -> bool:
+        seen.append(secret.encode() in memory())
+        return seen[-1]
+
+    source = (
+        "import { scan } from 'host';\n"
+        "export function handler(e) {\n"
+        "  globalThis.seen = (globalThis.seen || 0) + 1;\n"
+        "  globalThis.kept = [e.secret.repeat(64), Array.from(e.secret, (c) => c + '!')];\n"
+        "  return [globalThis.seen, scan(e.secret)]\n"
+        "}"
+    )
+    async with Supervisor(workers=1) as sup:
+        pool = await sup.create_js_pool(
+            {"count": source},
+            size=1,
+            heap_size=8 << 20,
+            config=SandboxConfig(hot_restore=True, spin=0.2),
+            host_functions={"host": {"scan": scan}},
+        )
+        holder.append(pool)
+        for i in range(30):
+            secret = f"S3CR3T-{i:04d}-{random.getrandbits(48):012x}"
+            assert await pool.call_handler("count", {"secret": secret}) == [1, True]
+            with anyio.fail_after(5):  # the member's restore follows the answer
+                while pool._members[0] not in pool._free:
+                    await anyio.sleep(0.001)
+            assert secret.encode() not in memory(), f"call {i}'s secret survived"
+        assert seen == [True] * 30
+    # Most restores were done in the park (a member whose thread lost the CPU
+    # as it parked, or whose spin ended, takes the exit path now and then).
+    assert spy.count >= 15
