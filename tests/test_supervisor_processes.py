@@ -18,10 +18,11 @@ import anyio
 import psutil
 import pytest
 
-from hlasync import GuestCancelled, WorkerLost
+from hlasync import GuestCancelled, GuestTimeout, SandboxConfig, WorkerLost
 from hlasync import events as ev
 from hlasync.kvm import Kvm
 from hlasync.supervisor import Supervisor
+from hlasync.supervisor.processes import HOT_QUEUE_DEPTH
 
 pytestmark = pytest.mark.anyio
 
@@ -236,3 +237,51 @@ async def test_processes_setting(kvm: Kvm, monkeypatch: pytest.MonkeyPatch) -> N
     async with Supervisor(processes=1, workers=3) as sup:
         assert sup.workers == 3 and "1 processes x 3 workers" in repr(sup)
     assert time.monotonic() - started < 10
+
+
+async def test_a_hot_pool_sends_calls_ahead_and_a_queued_call_can_be_cancelled(
+    kvm: Kvm, simpleguest: Path
+) -> None:
+    """A hot pool's worker gets up to HOT_QUEUE_DEPTH calls per member at once
+    (a hot call is shorter than the channel's round trip). A call queued in the
+    worker behind a hung one is cancelled there without running, and the
+    member serves the next call once the watchdog has stopped the hung one."""
+    recorded: list[int] = []
+
+    def record(value: int) -> int:
+        recorded.append(value)
+        return value
+
+    async with Supervisor(processes=1) as sup:
+        pool = await sup.create_pool(
+            simpleguest,
+            size=1,
+            config=SandboxConfig(hot_restore=True),
+            host_functions={"record": record},
+        )
+        shard = pool._shards[0]  # type: ignore[attr-defined]
+        assert shard.capacity == HOT_QUEUE_DEPTH > 1
+        peak = 0
+
+        async def caller(i: int) -> None:
+            nonlocal peak
+            for n in range(50):
+                assert await pool.call("add", i, n) == i + n
+                peak = max(peak, shard.inflight)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(2 * HOT_QUEUE_DEPTH):
+                tg.start_soon(caller, i)
+        assert peak > 1  # calls were in the worker before the one ahead ended
+
+        async def hung() -> None:
+            with pytest.raises(GuestTimeout):
+                await pool.call("spin", timeout=1.0)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hung)
+            await anyio.sleep(0.2)
+            with anyio.move_on_after(0.2):  # sent to the worker, queued behind spin
+                await pool.call("call_host", "record", 7)
+        assert await pool.call("call_host", "record", 8) == 8
+        assert recorded == [8]

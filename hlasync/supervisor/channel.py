@@ -38,7 +38,16 @@ from typing import Any, Generic, TypeVar
 
 from .messages import Message, Undecodable, ident_of
 
-__all__ = ["MAX_FRAME", "Decoder", "DescribedError", "SocketSender", "describe", "encode"]
+__all__ = [
+    "MAX_FRAME",
+    "READ_SIZE",
+    "Decoder",
+    "DescribedError",
+    "Reader",
+    "SocketSender",
+    "describe",
+    "encode",
+]
 
 _HEADER = struct.Struct("<I")
 #: The largest frame either side accepts (a batch of large call arguments fits).
@@ -55,6 +64,28 @@ def encode(messages: Sequence[Message]) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
+#: Bytes one read of a channel takes at most (a larger frame takes several).
+READ_SIZE = 1 << 20
+
+
+class Reader:
+    """Reads a channel's socket into one buffer it keeps. ``sock.recv(READ_SIZE)``
+    made a new 1 MiB bytes object for every read, however little came: an
+    allocation the size of the buffer and its page faults each time (15.6 us
+    against 2.7 us for ``recv_into`` on the 2-CPU project machine)."""
+
+    def __init__(self, sock: Any) -> None:
+        self._recv_into = sock.recv_into
+        self._buffer = bytearray(READ_SIZE)
+        self._view = memoryview(self._buffer)
+
+    def read(self) -> memoryview:
+        """What one ``recv`` gave (empty at the end of the channel); valid until
+        the next read. OSError (BlockingIOError for a non-blocking socket with
+        nothing to read) as ``recv`` raises it."""
+        return self._view[: self._recv_into(self._buffer)]
+
+
 class Decoder(Generic[M]):
     """Bytes in, batches out (a frame may arrive in pieces): the messages the
     other end sent (``M``), one it could not have sent readably replaced by an
@@ -63,7 +94,7 @@ class Decoder(Generic[M]):
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> Iterator[list[M | Undecodable]]:
+    def feed(self, data: bytes | memoryview) -> Iterator[list[M | Undecodable]]:
         buffer = self._buffer
         buffer += data
         while len(buffer) >= _HEADER.size:

@@ -21,7 +21,7 @@ from .. import _telemetry as telemetry
 from .. import events as ev
 from ..errors import HlasyncError, SupervisorError
 from .backend import Front
-from .channel import Decoder, describe
+from .channel import Decoder, Reader, describe
 from .jobs import Job
 from .messages import (
     CancelHost,
@@ -73,15 +73,16 @@ class WorkerMessages(abc.ABC):
         decoder = Decoder[ToSupervisor]()
         sock = worker.sock
         assert sock is not None
+        reader = Reader(sock)
         try:
             while True:
                 try:
                     await anyio.wait_readable(sock)
-                    data = sock.recv(1 << 20)
+                    data = reader.read()
                 except BlockingIOError:
                     continue
                 except (OSError, ValueError):
-                    data = b""
+                    break
                 if not data:
                     break
                 for batch in decoder.feed(data):

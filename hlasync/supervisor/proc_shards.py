@@ -2,7 +2,8 @@
 
 A target is split into one :class:`~.proc_handle.Shard` per worker; calls wait
 here in one FIFO queue per target and go to a shard with a free sandbox
-(:func:`pick`), so a worker only ever receives calls it can start at once.
+(:func:`pick`), so a worker only ever receives calls it can start at once
+(up to ``Shard.capacity``: a hot pool's worker gets a few per sandbox).
 :class:`CallQueue` holds those queues, the requests that wait for a target's
 shard to be made again (a dump asked while its worker is replaced), and fails
 both when a target loses all its shards.

@@ -34,7 +34,7 @@ from .. import _telemetry as telemetry
 from .. import events as ev
 from ..errors import SupervisorClosed, SupervisorError, portable_error
 from ..sandbox import Sandbox
-from .channel import Decoder, SocketSender
+from .channel import Decoder, Reader, SocketSender
 from .creation import Builder, load_image
 from .host import STOP_TIMEOUT, WorkerHost
 from .jobs import Job, current_job
@@ -203,11 +203,12 @@ class Worker:
 
     def _serve(self) -> None:
         decoder = Decoder[ToWorker]()
+        reader = Reader(self.sock)
         while True:
             try:
-                data = self.sock.recv(1 << 20)
+                data = reader.read()
             except OSError:
-                data = b""
+                return  # the supervisor's end closed: it shut down or died
             if not data:
                 return  # the supervisor's end closed: it shut down or died
             for batch in decoder.feed(data):
