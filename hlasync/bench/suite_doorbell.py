@@ -6,9 +6,10 @@ modes in alternating rounds so that they see the same (shared, noisy)
 machine; the table shows medians and the doorbell/exit ratio.
 
 Rows (issue #12): sync ``add`` p50 (target <= 8 µs on a PVM host); a host call
-made from the guest (time per host call, 100 per call); a call through the
-supervisor to a dedicated sandbox, and to a pool (which keeps the exit path:
-pools restore after every call, which stops the vCPU anyway); throughput on
+made from the guest (time per host call, 100 per call); a sync ``add`` +
+``restore()``, on the exit path and restored in place (``hot_restore``, issue
+22); a call through the supervisor to a dedicated sandbox, and to a pool (an
+ordinary one, which restores on the exit path, and a hot one); throughput on
 every CPU with one caller thread per CPU and with two; CPU time per call
 (spinning shows here); CPU used in 1 s by 100 idle sandboxes after a burst of
 calls each (target ~0).
@@ -172,18 +173,49 @@ def _latencies(guest: Path, counts: Counts) -> list[Row]:
     return [add, host, cpu]
 
 
+#: A hot sandbox or pool (issue 22): restores in place, spins as "auto" says.
+HOT_RESTORE = SandboxConfig(spin="auto", hot_restore=True)
+
+
+def _restores(guest: Path, counts: Counts) -> Row:
+    """``call("add")`` + ``restore()``: the exit path, and in place (a hot
+    sandbox, ``hot_restore=True``), in alternating rounds."""
+    row = Row(
+        "call_restore",
+        'sync call("add", 1, 2) + restore(), p50 (doorbell: restored in place)',
+        "ns",
+        {EXIT: [], DOORBELL: []},
+    )
+    sandboxes = {EXIT: Sandbox(guest, CONFIGS[EXIT]), DOORBELL: Sandbox(guest, HOT_RESTORE)}
+
+    def fresh(sb: Sandbox) -> None:
+        sb.call("add", 1, 2)
+        sb.restore()
+
+    try:
+        for _ in range(counts.rounds):
+            for mode, sb in sandboxes.items():
+                row.samples[mode] += time_calls(functools.partial(fresh, sb), counts.calls, 50)
+    finally:
+        for sb in sandboxes.values():
+            sb.close()
+    return row
+
+
 async def _supervised_samples(guest: Path, counts: Counts) -> dict[str, dict[str, list[float]]]:
     """p50 of ``add`` through a Supervisor (threads): a dedicated sandbox on
-    each path, and a pool (which keeps the exit path), in alternating rounds."""
+    each path, an ordinary pool (the exit path) and a hot pool, in
+    alternating rounds."""
     samples: dict[str, dict[str, list[float]]] = {
         "sandbox": {EXIT: [], DOORBELL: []},
-        "pool": {EXIT: []},
+        "pool": {EXIT: [], DOORBELL: []},
     }
     async with Supervisor(processes=0, workers=1) as sup:
         targets = {
             ("sandbox", EXIT): await sup.create_sandbox(guest, CONFIGS[EXIT]),
             ("sandbox", DOORBELL): await sup.create_sandbox(guest, CONFIGS[DOORBELL]),
             ("pool", EXIT): await sup.create_pool(guest, size=1),
+            ("pool", DOORBELL): await sup.create_pool(guest, size=1, config=HOT_RESTORE),
         }
         per_round = max(counts.pool_calls // counts.rounds, 1)
         for _ in range(counts.rounds):
@@ -204,12 +236,13 @@ def _supervised(guest: Path, counts: Counts) -> list[Row]:
         ),
         Row(
             "pool",
-            'await pool.call("add", 1, 2), p50 (Supervisor, pool of 1)',
+            'await pool.call("add", 1, 2), p50 (Supervisor, pool of 1; doorbell: a hot pool)',
             "ns",
             samples["pool"],
             note=(
-                "an ordinary pool keeps the exit path: it restores after every call, which "
-                "parks a guest (hot pools are timed by the supervisor suite)"
+                "pool row: exit path = an ordinary pool (it restores after every call on the "
+                "exit path); doorbell = a hot pool (SandboxConfig(hot_restore=True), "
+                "spin='auto'), restored in place"
             ),
         ),
     ]
@@ -331,12 +364,14 @@ def suite(quick: bool, machine: dict[str, Any], backend: str) -> SuiteOutput:
     guest = guests.path("simpleguest")  # may rebuild a stale guest: not timed
     cpus = len(os.sched_getaffinity(0))
     rows = _latencies(guest, counts)
+    rows.append(_restores(guest, counts))
     rows += _supervised(guest, counts)
     rows.append(_throughput(guest, counts, cpus))
     rows.append(_throughput(guest, counts, 2 * cpus))
     rows.append(_idle(guest, counts))
     with busy_loops(cpus):
         contended = _latencies(guest, counts)
+        contended.append(_restores(guest, counts))
         contended += _supervised(guest, counts)
         contended.append(_throughput(guest, counts, cpus))
         contended.append(_throughput(guest, counts, 2 * cpus))
