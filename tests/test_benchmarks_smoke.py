@@ -178,6 +178,9 @@ def test_quick_scaling_benchmark_runs_and_writes_json(kvm: Kvm, tmp_path: Path) 
     assert ("threads", cores) in modes and ("processes", cores) in modes
     for row in data["rows"]:
         assert row["median"] > 0 and row["latency_ns"] > 0 and len(row["rates"]) > 0
+        # The front's cost: the event loop thread's CPU per call, and its inverse.
+        assert row["loop_cpu_ns"] > 0
+        assert row["one_loop_ceiling"] == pytest.approx(1e9 / row["loop_cpu_ns"])
     assert all(isinstance(target["met"], bool) for target in data["targets"])
     markdown = (tmp_path / "scaling.md").read_text(encoding="utf-8")
     assert "| mode | cores | calls/s (median) |" in markdown

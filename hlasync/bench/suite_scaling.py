@@ -74,9 +74,11 @@ def _ceiling(guest: Path, seconds: float) -> float:
 
 async def _rates(
     guest: Path, processes: int, workers: int, window: float, rounds: int, hot: bool
-) -> tuple[list[float], float]:
-    """Calls/s per round through one pool, and the p50 latency of single calls (ns);
-    ``hot``: hot pools (``SandboxConfig(hot_restore=True)``)."""
+) -> tuple[list[float], float, float]:
+    """Calls/s per round through one pool, the p50 latency of single calls (ns)
+    and the event loop's CPU time per call in the rounds (ns: the thread that
+    runs the loop, whatever it did for the calls, the awaiting tasks' own
+    work included); ``hot``: hot pools (``SandboxConfig(hot_restore=True)``)."""
     config = SandboxConfig(hot_restore=hot)
     async with Supervisor(processes=processes, workers=workers) as sup:
         total = max(processes, 1) * workers
@@ -86,11 +88,15 @@ async def _rates(
         latencies = await time_awaits(lambda: one.call("add", 1, 2), n, 100)
         tasks = total * SANDBOXES_PER_WORKER * TASKS_PER_SANDBOX
         rates: list[float] = []
+        loop_cpu = 0.0
         for index in range(rounds + 1):  # the first round warms up
+            before = time.thread_time()
+            began = time.perf_counter()
             rate = await awaits_per_second(lambda: pool.call("add", 1, 2), tasks, window)
             if index:
                 rates.append(rate)
-        return rates, statistics.median(latencies)
+                loop_cpu += (time.thread_time() - before) / (rate * (time.perf_counter() - began))
+        return rates, statistics.median(latencies), loop_cpu / rounds * 1e9
 
 
 def suite(quick: bool, machine: dict[str, Any], backend: str) -> SuiteOutput:
@@ -102,7 +108,7 @@ def suite(quick: bool, machine: dict[str, Any], backend: str) -> SuiteOutput:
     rows: list[dict[str, Any]] = []
     for n in _steps(cores):
         for mode, processes, workers, hot in _modes(n):
-            rates, latency = anyio.run(
+            rates, latency, loop_ns = anyio.run(
                 _rates, guest, processes, workers, window, rounds, hot, backend=backend
             )
             median = statistics.median(rates)
@@ -118,6 +124,8 @@ def suite(quick: bool, machine: dict[str, Any], backend: str) -> SuiteOutput:
                     "per_core": median / n,
                     "of_ceiling": median / (ceiling * n),
                     "latency_ns": latency,
+                    "loop_cpu_ns": loop_ns,
+                    "one_loop_ceiling": 1e9 / loop_ns if loop_ns > 0 else None,
                 }
             )
     wall = time.perf_counter() - started
@@ -204,8 +212,9 @@ def _render(
     )
     lines += [
         "",
-        "| mode | cores | calls/s (median) | per core | of the ceiling | pool add p50 | rounds |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| mode | cores | calls/s (median) | per core | of the ceiling | pool add p50 "
+        "| loop CPU per call | one loop's limit | rounds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         setup = (
@@ -215,14 +224,26 @@ def _render(
         ) + (", hot pools" if r.get("hot") else "")
         lines.append(
             f"| {setup} | {r['cores']} | {r['median']:,.0f} | {r['per_core']:,.0f} | "
-            f"{r['of_ceiling']:.0%} | {format_ns(r['latency_ns'])} | {len(r['rates'])} |"
+            f"{r['of_ceiling']:.0%} | {format_ns(r['latency_ns'])} | "
+            f"{format_ns(r['loop_cpu_ns'])} | {_calls(r['one_loop_ceiling'])} | {len(r['rates'])} |"
         )
+    lines += [
+        "",
+        "loop CPU per call: the event loop thread's CPU time in the rounds / the calls "
+        "(its Python, its system calls and its wake-ups); one loop's limit: 1 s / that, "
+        "the calls/s at which the one event loop would be busy all the time (the front's "
+        "ceiling, however many cores the workers get).",
+    ]
     if targets:
         lines += ["", "| target | got | wanted | met |", "|---|---:|---|---|"]
         for t in targets:
             met = "yes" if t["met"] else "no"
             lines.append(f"| {t['what']} | {t['got']} | {t['target']} | {met} |")
     return "\n".join(lines)
+
+
+def _calls(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:,.0f}/s"
 
 
 def plot(document: dict[str, Any], path: Path) -> str | None:
