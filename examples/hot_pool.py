@@ -17,7 +17,9 @@ The registers are reset by guest code, so a hot pool trusts the guest's
 runtime: use it for guests whose machine code you trust (your own C guests,
 the bundled JavaScript runtime running tenants' JavaScript), an ordinary
 pool for guest binaries you do not. ``create_js_pool(...,
-config=SandboxConfig(hot_restore=True))`` makes a hot JavaScript pool.
+config=SandboxConfig(hot_restore=True))`` makes a hot JavaScript pool, and
+``JSSandbox(config=default_config(heap, hot_restore=True))`` a JavaScript
+sandbox restored in place.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import time
 import anyio
 
 from hlasync import SandboxConfig, guests
+from hlasync.js import JSSandbox, default_config
 from hlasync.supervisor import Pool, Supervisor
 
 
@@ -70,6 +73,12 @@ async def main() -> None:
             {"count": counter}, size=1, config=SandboxConfig(hot_restore=True)
         )
         print("hot JS pool: count x3 ->", [await js.call_handler("count", {}) for _ in range(3)])
+
+    # A JSSandbox (synchronous) restores in place the same way.
+    with JSSandbox(heap_size=8 << 20, config=default_config(8 << 20, hot_restore=True)) as sync:
+        sync.add_handler("count", counter)
+        sync.load()
+        print("hot JSSandbox: count x3 ->", [sync.call_handler("count", {}) for _ in range(3)])
 
 
 if __name__ == "__main__":

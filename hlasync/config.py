@@ -103,9 +103,10 @@ class SandboxConfig:
       back (the caller came back within 200 µs of the last call, on
       average), four times that gap, from 300 µs to 1 ms, and not at all
       when calls are sparse. ``Sandbox``, a supervisor's dedicated
-      sandboxes and hot pools' members (``hot_restore``) use it; other pool
-      members (restored after every call) and ``JSSandbox`` (whose CPU
-      timeouts count the caller thread's CPU time) take the exit path. ``$HLASYNC_SPIN`` (seconds or
+      sandboxes, hot pools' members and hot ``JSSandbox`` objects
+      (``hot_restore``) use it; other pool members and other ``JSSandbox``
+      objects (restored after every call, on the exit path) take the exit
+      path. ``$HLASYNC_SPIN`` (seconds or
       ``auto``) changes the default. Whatever the setting, a sandbox spins
       only while the CPUs are free for it: at most one per two CPUs
       (``$HLASYNC_HOT_SLOTS``), and not while other threads call sandboxes;

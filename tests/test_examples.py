@@ -148,6 +148,16 @@ def test_js_stateful(kvm: Kvm, tmp_path: Path) -> None:
     assert "without keep_state: add 5 three times -> [5, 5, 5]" in output
 
 
+def test_hot_pool(kvm: Kvm, tmp_path: Path) -> None:
+    arguments, line = RUNS["hot_pool.py"]
+    output = run_example("hot_pool.py", arguments, tmp_path)
+    assert line in output
+    assert "pool:     increment x3 -> [1, 1, 1]" in output
+    assert "hot JS pool: count x3 -> [1, 1, 1]" in output
+    assert "hot JSSandbox: count x3 -> [1, 1, 1]" in output
+    assert re.search(r"hot / ordinary: \d+\.\d\dx", output), output
+
+
 def test_live_debugging(kvm: Kvm, tmp_path: Path) -> None:
     require_tool("gdb")
     arguments, line = RUNS["live_debugging.py"]

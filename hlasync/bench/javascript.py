@@ -85,11 +85,15 @@ def _js_echo(js: JSSandbox, counts: Counts, c_restored: Row) -> Row:
 POOL_ROUNDS = 5
 
 
-async def _pool_samples(js: JSSandbox, n: int) -> tuple[list[float], list[float], list[float]]:
+async def _pool_samples(
+    js: JSSandbox, hot_js: JSSandbox, n: int
+) -> tuple[list[float], list[float], list[float], list[float]]:
     """Side by side, in rounds: ``js.call_handler`` (synchronous, restored after
-    each call), a JS pool's and a hot JS pool's ``call_handler`` (1 worker, pool
-    of 1 each): samples (ns) of each."""
+    each call), the same on a hot JSSandbox (restored in place), a JS pool's and
+    a hot JS pool's ``call_handler`` (1 worker, pool of 1 each): samples (ns)
+    of each."""
     sync: list[float] = []
+    hot_sync: list[float] = []
     cold: list[float] = []
     hot: list[float] = []
     per_round = max(1, n // POOL_ROUNDS)
@@ -101,15 +105,21 @@ async def _pool_samples(js: JSSandbox, n: int) -> tuple[list[float], list[float]
         for _ in range(POOL_ROUNDS):
             sync += time_calls(lambda: js.call_handler("echo", EVENT), per_round, 10)
             await asyncio.sleep(0.03)  # the last side's hot thread stops spinning
+            hot_sync += time_calls(lambda: hot_js.call_handler("echo", EVENT), per_round, 10)
+            await asyncio.sleep(0.03)
             cold += await time_awaits(lambda: pool.call_handler("echo", EVENT), per_round, 10)
             await asyncio.sleep(0.03)
             hot += await time_awaits(lambda: hot_pool.call_handler("echo", EVENT), per_round, 10)
             await asyncio.sleep(0.03)
-    return sync, cold, hot
+    return sync, hot_sync, cold, hot
 
 
 def _pool_echo(js: JSSandbox, counts: Counts) -> list[Row]:
-    sync, cold, hot = asyncio.run(_pool_samples(js, counts.js_pool_calls))
+    config = js_runtime.default_config(HEAP, hot_restore=True)
+    with JSSandbox(heap_size=HEAP, config=config) as hot_js:
+        hot_js.add_handler("echo", ECHO)
+        hot_js.load()
+        sync, hot_sync, cold, hot = asyncio.run(_pool_samples(js, hot_js, counts.js_pool_calls))
     base = statistics.median(sync)
     rows = [
         Row(
@@ -119,6 +129,14 @@ def _pool_echo(js: JSSandbox, counts: Counts) -> list[Row]:
             'js.call_handler("echo", small event), restored after each call '
             "(in rounds with the two pools below)",
             sync,
+        ),
+        Row(
+            "js_call",
+            "js_call.hot_sync",
+            "hlasync JSSandbox",
+            'js.call_handler("echo", small event) on a hot JSSandbox '
+            "(hot_restore=True: restored in place)",
+            hot_sync,
         ),
         Row(
             "js_call",
@@ -136,8 +154,9 @@ def _pool_echo(js: JSSandbox, counts: Counts) -> list[Row]:
             hot,
         ),
     ]
-    rows[1].notes.append(f"{statistics.median(cold) / base:.2f}x the synchronous call_handler")
-    rows[2].notes.append(
+    rows[1].notes.append(f"{statistics.median(hot_sync) / base:.2f}x the synchronous call_handler")
+    rows[2].notes.append(f"{statistics.median(cold) / base:.2f}x the synchronous call_handler")
+    rows[3].notes.append(
         f"{statistics.median(hot) / base:.2f}x the synchronous call_handler of the same rounds "
         "(issue 22 target: <= 1.5x)"
     )

@@ -141,7 +141,10 @@ class JSSandbox:
         self._poisoned_by: str | None = None  # keep_state: the call that left it poisoned
         self._token = object()  # what its snapshots belong to
         self._sandbox = Sandbox(runtime.guest_path(), config, sandbox_id=sandbox_id)
-        self._sandbox._spin_allowed = False  # cpu_timeout counts the caller thread's CPU time
+        if not config.hot_restore:
+            # Every call ends with a restore, which on the exit path would park a
+            # spinning guest: only a hot sandbox (restored in place) spins.
+            self._sandbox._spin_allowed = False
         debugger = self._sandbox._debugger
         #: A debugger waits for the first handler call, not for the engine's start.
         self._debug_first = debugger is not None
