@@ -66,6 +66,15 @@ def run_example(script: str, arguments: list[str], dumps: Path) -> str:
     return completed.stdout
 
 
+def ran(script: str, dumps: Path) -> str:
+    """Run ``script`` with its arguments from RUNS; its stdout, after checking
+    that it printed the line RUNS names."""
+    arguments, line = RUNS[script]
+    output = run_example(script, arguments, dumps)
+    assert line in output
+    return output
+
+
 def test_every_example_is_run_here() -> None:
     scripts = {
         path.relative_to(EXAMPLES).as_posix()
@@ -76,33 +85,26 @@ def test_every_example_is_run_here() -> None:
 
 
 def test_basic(kvm: Kvm, tmp_path: Path) -> None:
-    arguments, line = RUNS["basic.py"]
-    assert line in run_example("basic.py", arguments, tmp_path)
+    ran("basic.py", tmp_path)
 
 
 def test_crash_dumps(kvm: Kvm, tmp_path: Path) -> None:
-    arguments, line = RUNS["crash_dumps.py"]
-    assert line in run_example("crash_dumps.py", arguments, tmp_path)
+    ran("crash_dumps.py", tmp_path)
 
 
 def test_custom_guest(kvm: Kvm, tmp_path: Path) -> None:
     require_tool("gcc")
-    arguments, line = RUNS["custom_guest/run.py"]
-    assert line in run_example("custom_guest/run.py", arguments, tmp_path)
+    ran("custom_guest/run.py", tmp_path)
 
 
 def test_subscriber(kvm: Kvm, tmp_path: Path) -> None:
-    arguments, line = RUNS["subscriber.py"]
-    output = run_example("subscriber.py", arguments, tmp_path)
-    assert line in output
+    output = ran("subscriber.py", tmp_path)
     assert "event CallTimedOut" in output and "event CrashDumpWritten" in output
     assert len(list(tmp_path.glob("hl_core_*.elf"))) == 2  # the timeout and the crash
 
 
 def test_hang_capture_service_self_test(kvm: Kvm, tmp_path: Path) -> None:
-    arguments, line = RUNS["hang_capture_service.py"]
-    output = run_example("hang_capture_service.py", arguments, tmp_path)
-    assert line in output
+    output = ran("hang_capture_service.py", tmp_path)
     hang = next(text for text in output.splitlines() if text.startswith("GET /hang -> 504"))
     dumps = list(tmp_path.glob("hlasync-service-*/hl_core_*.elf"))  # a directory of its own
     assert len(dumps) == 2  # /hang and /crash
@@ -110,27 +112,21 @@ def test_hang_capture_service_self_test(kvm: Kvm, tmp_path: Path) -> None:
 
 
 def test_js_handlers(kvm: Kvm, tmp_path: Path) -> None:
-    arguments, line = RUNS["js_handlers.py"]
-    output = run_example("js_handlers.py", arguments, tmp_path)
-    assert line in output
+    output = ran("js_handlers.py", tmp_path)
     assert "JSError RangeError: over budget by 2" in output
     assert "at handler (cart.js:" in output
     assert "JSSyntaxError in broken.js at line 3" in output
 
 
 def test_js_hang_capture(kvm: Kvm, tmp_path: Path) -> None:
-    arguments, line = RUNS["js_hang_capture.py"]
-    output = run_example("js_hang_capture.py", arguments, tmp_path)
-    assert line in output
+    output = ran("js_hang_capture.py", tmp_path)
     assert "at steps (collatz.js:" in output  # the JS stack, in the error and in dump show
     assert "JS_CallInternal" in output  # the engine's C frames in the dump's backtrace
     assert "collatz(7) -> {'n': 7, 'steps': 16}" in output  # the pool went on
 
 
 def test_js_from_hyperlight(kvm: Kvm, tmp_path: Path) -> None:
-    arguments, line = RUNS["js_from_hyperlight.py"]
-    output = run_example("js_from_hyperlight.py", arguments, tmp_path)
-    assert line in output
+    output = ran("js_from_hyperlight.py", tmp_path)
     assert "fibonacci -> {'n': 50, 'fib': 12586269025}" in output
     assert "must be list[float], got str" in output  # the argument check, caught in JavaScript
     assert "interrupt -> GuestCancelled" in output
@@ -138,9 +134,7 @@ def test_js_from_hyperlight(kvm: Kvm, tmp_path: Path) -> None:
 
 
 def test_js_stateful(kvm: Kvm, tmp_path: Path) -> None:
-    arguments, line = RUNS["js_stateful.py"]
-    output = run_example("js_stateful.py", arguments, tmp_path)
-    assert line in output
+    output = ran("js_stateful.py", tmp_path)
     assert "add 10 -> {'total': 15}" in output  # the state kept
     assert "GuestTimeout (wall limit 0.2 s); poisoned: True" in output
     assert "the next call is refused: SandboxPoisoned" in output
@@ -149,9 +143,7 @@ def test_js_stateful(kvm: Kvm, tmp_path: Path) -> None:
 
 
 def test_hot_pool(kvm: Kvm, tmp_path: Path) -> None:
-    arguments, line = RUNS["hot_pool.py"]
-    output = run_example("hot_pool.py", arguments, tmp_path)
-    assert line in output
+    output = ran("hot_pool.py", tmp_path)
     assert "pool:     increment x3 -> [1, 1, 1]" in output
     assert "hot JS pool: count x3 -> [1, 1, 1]" in output
     assert "hot JSSandbox: count x3 -> [1, 1, 1]" in output
@@ -160,9 +152,7 @@ def test_hot_pool(kvm: Kvm, tmp_path: Path) -> None:
 
 def test_live_debugging(kvm: Kvm, tmp_path: Path) -> None:
     require_tool("gdb")
-    arguments, line = RUNS["live_debugging.py"]
-    output = run_example("live_debugging.py", arguments, tmp_path)
-    assert line in output
+    output = ran("live_debugging.py", tmp_path)
     assert re.search(r"Breakpoint 1, fib \(n=(n@entry=)?5\)", output), output
     assert "Value returned is $1 = 5" in output and "fib(6) -> 8" in output
     assert "Program received signal SIGFPE" in output
@@ -173,17 +163,13 @@ def test_observability_console(kvm: Kvm, tmp_path: Path) -> None:
     import pytest
 
     pytest.importorskip("opentelemetry.sdk")
-    arguments, line = RUNS["observability_console.py"]
-    output = run_example("observability_console.py", arguments, tmp_path)
-    assert line in output
+    output = ran("observability_console.py", tmp_path)
     assert "event hlasync.crashdump {'hlasync.core_path': " in output
     assert "span double" in output and "metric hlasync.calls {" in output
 
 
 def test_worker_processes(kvm: Kvm, tmp_path: Path) -> None:
-    arguments, line = RUNS["worker_processes.py"]
-    output = run_example("worker_processes.py", arguments, tmp_path)
-    assert line in output
+    output = ran("worker_processes.py", tmp_path)
     assert "call_host('factorial', 10) -> 3628800" in output
     assert "the four calls: WorkerLost (exit status -9), WorkerLost (exit status -9)" in output
     assert "exit status -9, calls lost: 2" in output
