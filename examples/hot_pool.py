@@ -17,7 +17,7 @@ The registers are reset by guest code, so a hot pool trusts the guest's
 runtime: use it for guests whose machine code you trust (your own C guests,
 the bundled JavaScript runtime running tenants' JavaScript), an ordinary
 pool for guest binaries you do not. ``create_js_pool(...,
-config=SandboxConfig(hot_restore=True))`` makes a hot JavaScript pool, and
+config=default_config(heap, hot_restore=True))`` makes a hot JavaScript pool, and
 ``JSSandbox(config=default_config(heap, hot_restore=True))`` a JavaScript
 sandbox restored in place.
 """
@@ -70,7 +70,10 @@ async def main() -> None:
             "function handler(e) { globalThis.n = (globalThis.n || 0) + 1; return globalThis.n }"
         )
         js = await sup.create_js_pool(
-            {"count": counter}, size=1, config=SandboxConfig(hot_restore=True)
+            {"count": counter},
+            size=1,
+            heap_size=8 << 20,
+            config=default_config(8 << 20, hot_restore=True),
         )
         print("hot JS pool: count x3 ->", [await js.call_handler("count", {}) for _ in range(3)])
 

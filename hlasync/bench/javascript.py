@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from .. import Sandbox, SandboxConfig, Supervisor, guests
+from .. import Sandbox, Supervisor, guests
 from .._build import fetch
 from ..js import JSSandbox
 from ..js import runtime as js_runtime
@@ -100,7 +100,10 @@ async def _pool_samples(
     async with Supervisor(workers=1) as sup:
         pool = await sup.create_js_pool({"echo": ECHO}, size=1, heap_size=HEAP)
         hot_pool = await sup.create_js_pool(
-            {"echo": ECHO}, size=1, heap_size=HEAP, config=SandboxConfig(hot_restore=True)
+            {"echo": ECHO},
+            size=1,
+            heap_size=HEAP,
+            config=js_runtime.default_config(HEAP, hot_restore=True),
         )
         for _ in range(POOL_ROUNDS):
             sync += time_calls(lambda: js.call_handler("echo", EVENT), per_round, 10)
@@ -150,7 +153,7 @@ def _pool_echo(js: JSSandbox, counts: Counts) -> list[Row]:
             "js_call.hot_pool",
             "hlasync Supervisor",
             'await pool.call_handler("echo", small event) (1 worker, JS pool of 1, '
-            "SandboxConfig(hot_restore=True))",
+            "default_config(heap, hot_restore=True))",
             hot,
         ),
     ]

@@ -65,6 +65,20 @@ def default_config(heap_size: int = DEFAULT_HEAP_SIZE, **options: Any) -> Sandbo
     return SandboxConfig(**settings)
 
 
+def check_config(config: SandboxConfig, heap_size: int) -> None:
+    """ConfigError when ``config`` has less guest memory than a JS heap of
+    ``heap_size`` needs (a plain ``SandboxConfig()`` has 8 MiB: the engine
+    would start and then run out of memory in the handlers)."""
+    needed = default_config(heap_size).memory_size
+    if config.memory_size < needed:
+        raise ConfigError(
+            f"config.memory_size is {config.memory_size // MiB} MiB, too small for a JS heap "
+            f"of {heap_size // MiB} MiB (at least {needed // MiB} MiB): start from "
+            "hlasync.js.default_config(heap_size, **changes), e.g. "
+            "default_config(heap_size, hot_restore=True)"
+        )
+
+
 def start_engine(sandbox: Sandbox, heap_size: int) -> None:
     """Create the engine (runtime, context, console) in a freshly booted sandbox."""
     stack = sandbox.layout.stack_top - sandbox.layout.stack_base

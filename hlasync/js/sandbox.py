@@ -130,6 +130,7 @@ class JSSandbox:
         if debug_port is not None:
             config = dataclasses.replace(config, debug_port=debug_port)
         runtime.default_config(heap_size)  # validates heap_size whatever the config
+        runtime.check_config(config, heap_size)
         self.heap_size = heap_size
         self._keep_state = keep_state
         self._bridge = HostBridge(output)

@@ -91,7 +91,11 @@ class TargetMaker:
             raise ValueError("size must be a positive int")
         functions = js_host_functions(handlers, host_functions)
         heap = runtime.DEFAULT_HEAP_SIZE if heap_size is None else heap_size
-        config = config if config is not None else runtime.default_config(heap)
+        if config is None:
+            config = runtime.default_config(heap)
+        else:
+            runtime.default_config(heap)  # validates heap_size whatever the config
+            runtime.check_config(config, heap)
         image = await self._in_thread(lambda: load_image(runtime.guest_path()))
         pool = JSPool(self._owner, name or f"js-pool-{next(self._ids)}", image, size, handlers)
         await self._create(

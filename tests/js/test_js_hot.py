@@ -106,3 +106,10 @@ def test_snapshots_of_a_hot_sandbox(hot: JSSandbox) -> None:
     saved = hot.snapshot()
     hot.restore(saved)
     assert [hot.call_handler("count", {}) for _ in range(3)] == [1, 1, 1]
+
+
+def test_a_config_too_small_for_the_heap_is_refused(kvm: Kvm) -> None:
+    from hlasync import ConfigError
+
+    with pytest.raises(ConfigError, match=r"8 MiB, too small for a JS heap of 32 MiB"):
+        JSSandbox(config=SandboxConfig(hot_restore=True))

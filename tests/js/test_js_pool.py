@@ -9,8 +9,9 @@ from typing import Any
 import anyio
 import pytest
 
-from hlasync import CoreDump, GuestTimeout, JSError, JSSyntaxError, SandboxConfig, Supervisor
+from hlasync import CoreDump, GuestTimeout, JSError, JSSyntaxError, Supervisor
 from hlasync import events as ev
+from hlasync.js import default_config
 from hlasync.kvm import Kvm
 from tests.sandbox.test_hot_restore import InPlace
 
@@ -153,7 +154,7 @@ async def test_a_hot_js_pool_restores_in_place_and_keeps_no_secret(
             {"count": source},
             size=1,
             heap_size=8 << 20,
-            config=SandboxConfig(hot_restore=True, spin=0.2),
+            config=default_config(8 << 20, hot_restore=True, spin=0.2),
             host_functions={"host": {"scan": scan}},
         )
         holder.append(pool)
@@ -168,3 +169,17 @@ async def test_a_hot_js_pool_restores_in_place_and_keeps_no_secret(
     # Most restores were done in the park (a member whose thread lost the CPU
     # as it parked, or whose spin ended, takes the exit path now and then).
     assert spy.count >= 15
+
+
+async def test_a_config_too_small_for_the_heap_is_refused(kvm: Kvm) -> None:
+    """A plain SandboxConfig (8 MiB) under a 32 MiB heap: refused with the way
+    out, not an engine that runs out of memory in the handlers."""
+    from hlasync import ConfigError, SandboxConfig
+
+    async with Supervisor() as sup:
+        with pytest.raises(ConfigError, match=r"too small for a JS heap.*default_config"):
+            await sup.create_js_pool({"h": GREET}, config=SandboxConfig(hot_restore=True))
+        pool = await sup.create_js_pool(
+            {"h": GREET}, heap_size=8 << 20, config=default_config(8 << 20, hot_restore=True)
+        )
+        assert await pool.call_handler("h", {"name": "y"}) == {"name": "y", "message": "Hello, y"}
