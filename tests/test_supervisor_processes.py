@@ -285,3 +285,32 @@ async def test_a_hot_pool_sends_calls_ahead_and_a_queued_call_can_be_cancelled(
                 await pool.call("call_host", "record", 7)
         assert await pool.call("call_host", "record", 8) == 8
         assert recorded == [8]
+
+
+async def test_calls_go_to_a_free_member_not_behind_a_long_call(
+    kvm: Kvm, simpleguest: Path
+) -> None:
+    """A hot pool with one member in each of 2 worker processes: while one member
+    runs a long call, short calls go to the other member (before, every other
+    one was sent ahead to the busy worker and waited there for the long call)."""
+    async with Supervisor(processes=2, workers=1) as sup:
+        pool = await sup.create_pool(simpleguest, size=2, config=SandboxConfig(hot_restore=True))
+        for n in range(20):  # both members answer, and go hot
+            assert await pool.call("add", n, 1) == n + 1
+        order: list[str] = []
+
+        async def long() -> None:
+            with pytest.raises(GuestTimeout):
+                await pool.call("spin", timeout=3.0)
+            order.append("long")
+
+        async def short(i: int) -> None:
+            assert await pool.call("add", i, i) == 2 * i
+            order.append("short")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(long)
+            await anyio.sleep(0.1)  # it runs
+            for i in range(8):
+                tg.start_soon(short, i)
+        assert order == ["short"] * 8 + ["long"]

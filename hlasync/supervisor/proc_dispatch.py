@@ -12,6 +12,7 @@ import abc
 import dataclasses
 import logging
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, assert_never
 
@@ -157,6 +158,7 @@ class WorkerMessages(abc.ABC):
         job, shard = found
         job.sandbox_id, job.path = sandbox_id, path
         shard.inflight -= 1
+        shard.last_answer = time.monotonic()
         if isinstance(error, BaseException):
             self._hosts.restore_cause(call_id, error)
         if isinstance(error, HlasyncError) and worker.node is not None:

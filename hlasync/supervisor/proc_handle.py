@@ -37,7 +37,17 @@ Finish = Callable[[Job, Any, BaseException | None], None]
 class Shard:
     """One worker's part of a target."""
 
-    __slots__ = ("capacity", "inflight", "key", "ready", "sandbox_ids", "spec", "target", "worker")
+    __slots__ = (
+        "capacity",
+        "inflight",
+        "key",
+        "last_answer",
+        "ready",
+        "sandbox_ids",
+        "spec",
+        "target",
+        "worker",
+    )
 
     def __init__(
         self, target: Target, worker: WorkerHandle, key: str, spec: TargetSpec, depth: int = 1
@@ -50,6 +60,8 @@ class Shard:
         #: queue there, so results come back while the next calls are on the way).
         self.capacity = spec.size * depth
         self.inflight = 0
+        #: When its worker last answered one of its calls (time.monotonic()).
+        self.last_answer = 0.0
         self.ready = False
         self.sandbox_ids: list[str] = []
 

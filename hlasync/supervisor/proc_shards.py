@@ -24,7 +24,7 @@ from .messages import Call
 from .proc_handle import Finish, Shard
 from .targets import Target
 
-__all__ = ["CallQueue", "pick", "shards_of"]
+__all__ = ["QUEUE_AHEAD_WINDOW", "CallQueue", "pick", "shards_of"]
 
 
 def shards_of(target: Target) -> list[Shard]:
@@ -32,15 +32,35 @@ def shards_of(target: Target) -> list[Shard]:
     return getattr(target, "_shards", [])
 
 
+#: Seconds since a shard's last answer within which it may get calls ahead of
+#: its free sandboxes (a hot pool's, up to ``Shard.capacity``): a shard that has
+#: answered nothing for longer is busy with long calls, and a call sent there
+#: would wait behind them while another worker's sandbox may come free first.
+QUEUE_AHEAD_WINDOW = 0.002
+
+
 def pick(target: Target) -> Shard | None:
-    """The shard of ``target`` with the most room for one more call, if any has room."""
+    """The shard of ``target`` for one more call: the one with a free sandbox
+    and the fewest calls per sandbox; else, to be queued in its worker (a hot
+    pool's), the one with the most room among those that answered a call
+    within :data:`QUEUE_AHEAD_WINDOW`; None when no shard may take it now."""
     best: Shard | None = None
+    ahead: Shard | None = None
+    now = 0.0
     for shard in shards_of(target):
         if not (shard.ready and shard.worker.alive and shard.inflight < shard.capacity):
             continue
-        if best is None or shard.inflight * best.capacity < best.inflight * shard.capacity:
-            best = shard
-    return best
+        size = shard.spec.size
+        if shard.inflight < size:
+            if best is None or shard.inflight * best.spec.size < best.inflight * size:
+                best = shard
+        elif best is None:
+            now = now or time.monotonic()
+            if now - shard.last_answer > QUEUE_AHEAD_WINDOW:
+                continue
+            if ahead is None or shard.inflight * ahead.capacity < ahead.inflight * shard.capacity:
+                ahead = shard
+    return best if best is not None else ahead
 
 
 def send_call(shard: Shard, job: Job) -> None:
