@@ -21,7 +21,7 @@ import pytest
 from hlasync import GuestCancelled, GuestTimeout, SandboxConfig, WorkerLost
 from hlasync import events as ev
 from hlasync.kvm import Kvm
-from hlasync.supervisor import Supervisor
+from hlasync.supervisor import Supervisor, proc_shards
 from hlasync.supervisor.processes import HOT_QUEUE_DEPTH
 
 pytestmark = pytest.mark.anyio
@@ -314,3 +314,42 @@ async def test_calls_go_to_a_free_member_not_behind_a_long_call(
             for i in range(8):
                 tg.start_soon(short, i)
         assert order == ["short"] * 8 + ["long"]
+
+
+async def test_calls_sent_ahead_to_a_worker_that_dies_run_elsewhere(
+    kvm: Kvm, simpleguest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hot pool's calls sent ahead into a worker wait there, as its statistics
+    say (pending, not running); when the worker dies, the call that ran fails
+    with WorkerLost and the ones that never started run on its replacement."""
+    monkeypatch.setattr(proc_shards, "QUEUE_AHEAD_WINDOW", 60.0)  # send ahead whatever
+    async with (
+        Supervisor(processes=1, workers=1) as sup,
+        sup.subscribe(ev.WorkerDied) as events,
+    ):
+        pool = await sup.create_pool(simpleguest, size=1, config=SandboxConfig(hot_restore=True))
+        assert await pool.call("add", 1, 1) == 2
+        outcomes: list[object] = []
+
+        async def call(*args: object) -> None:
+            try:
+                outcomes.append(await pool.call(*args, timeout=20))  # type: ignore[arg-type]
+            except WorkerLost as exc:
+                outcomes.append(exc)
+
+        with anyio.fail_after(30):  # nobody may hang
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, "spin")
+                await anyio.sleep(0.3)  # it runs
+                for i in range(6):
+                    tg.start_soon(call, "add", i, 10)
+                await anyio.sleep(0.3)
+                statistics = sup.statistics()
+                shard = pool._shards[0]  # type: ignore[attr-defined]
+                assert shard.inflight == HOT_QUEUE_DEPTH  # 3 sent ahead, 3 wait here
+                assert (statistics.running, statistics.pending) == (1, 6)
+                _workers()[0].send_signal(signal.SIGKILL)
+        died = await events.receive()
+        assert isinstance(died, ev.WorkerDied) and died.lost_calls == 1
+    assert isinstance(outcomes[0], WorkerLost)
+    assert sorted(o for o in outcomes[1:] if isinstance(o, int)) == [10 + i for i in range(6)]

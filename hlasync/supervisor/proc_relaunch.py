@@ -26,6 +26,7 @@ from .. import _telemetry as telemetry
 from .. import events as ev
 from ..errors import HlasyncError, WorkerLost
 from .backend import Front
+from .jobs import Job
 from .proc_handle import Finish, Shard, WorkerHandle
 from .proc_shards import CallQueue
 from .targets import SupervisedSandbox
@@ -79,10 +80,11 @@ class Relauncher:
             exit_status=status,
         )
         lost.node = worker.node
-        inflight = list(worker.inflight.values())
+        lost_jobs, never_started = _split_unstarted(list(worker.inflight.values()))
         worker.inflight.clear()
-        for job, shard in inflight:
-            shard.inflight -= 1
+        if self._closing():
+            lost_jobs, never_started = lost_jobs + never_started, []
+        for job in lost_jobs:
             self._finish(job, None, lost)
         worker.fail_requests(lost)
         shards = list(worker.shards.values())
@@ -97,7 +99,7 @@ class Relauncher:
                 telemetry.ATTR_EXIT_STATUS: status,
                 "hlasync.pid": worker.pid,
                 "hlasync.node": worker.node,
-                "hlasync.lost_calls": len(inflight),
+                "hlasync.lost_calls": len(lost_jobs),
             },
         )
         self._front.events.publish(
@@ -107,9 +109,12 @@ class Relauncher:
             worker=worker.index,
             pid=worker.pid,
             exit_status=status,
-            lost_calls=len(inflight),
+            lost_calls=len(lost_jobs),
         )
         self._counters["workers_lost"] += 1
+        if never_started:  # to the other workers' shards, or to this one's when it is back
+            self._queue.requeue(never_started)
+            self._queue.dispatch()
         if self._closing():
             return
         try:
@@ -161,6 +166,26 @@ class Relauncher:
                 shard.target.id = shard.target.name = shard.sandbox_ids[0]
             self._queue.answer_awaiting(shard.target)
         self._queue.dispatch()
+
+
+def _split_unstarted(inflight: list[tuple[Job, Shard]]) -> tuple[list[Job], list[Job]]:
+    """A dead worker's calls, in the order they were sent: those that may have
+    started (they fail with WorkerLost) and those that cannot have. A worker
+    starts a shard's calls in the order they came and runs at most one per
+    sandbox, so of a shard's unanswered calls only the first ``size`` may have
+    run; the others waited in the worker (a hot pool's calls sent ahead). A
+    cancelled call is not sent again."""
+    may_have_run: list[Job] = []
+    never_started: list[Job] = []
+    seen: dict[Shard, int] = {}
+    for job, shard in inflight:
+        shard.inflight -= 1
+        seen[shard] = seen.get(shard, 0) + 1
+        if seen[shard] <= shard.spec.size or job.abandoned:
+            may_have_run.append(job)
+        else:
+            never_started.append(job)
+    return may_have_run, never_started
 
 
 async def reaped(process: subprocess.Popen[bytes], timeout: float) -> int | None:

@@ -102,6 +102,12 @@ class CallQueue:
                 queue = self._waiting[target] = deque()
         queue.append(job)
 
+    def requeue(self, jobs: list[Job]) -> None:
+        """Put calls that were sent but never started (their worker died) back
+        at the front of their targets' queues, in the order they were sent."""
+        for job in reversed(jobs):
+            self._waiting.setdefault(job.target, deque()).appendleft(job)
+
     def dispatch(self, target: Target | None = None) -> None:
         """Send waiting calls, oldest first, to shards with a free sandbox (of
         ``target``, or of every target)."""

@@ -271,7 +271,8 @@ class ProcessBackend(WorkerMessages):
             self._kill(worker)
             if worker.process is not None and await reaped(worker.process, 5.0) is None:
                 _logger.warning("worker process %s did not exit", worker.pid)
-            for job, _shard in list(worker.inflight.values()):
+            for job, shard in list(worker.inflight.values()):
+                shard.inflight -= 1
                 self._finish(job, None, stopped)
             worker.inflight.clear()
             if worker.sock is not None:
@@ -457,9 +458,16 @@ class ProcessBackend(WorkerMessages):
         return sorted({*self._front.interest(), *DUMP_EVENTS})
 
     def counts(self) -> dict[str, int]:
+        # A hot pool's worker holds calls sent ahead of its free sandboxes: they
+        # wait there (pending), at most one per sandbox runs.
+        running = waiting = 0
+        for worker in self._workers:
+            for shard in worker.shards.values():
+                running += min(shard.inflight, shard.spec.size)
+                waiting += max(shard.inflight - shard.spec.size, 0)
         return {
-            "pending": self._queue.pending(),
-            "running": sum(len(w.inflight) for w in self._workers),
+            "pending": self._queue.pending() + waiting,
+            "running": running,
             "sandboxes": sum(s.spec.size for t in self._targets for s in shards_of(t) if s.ready),
         }
 
