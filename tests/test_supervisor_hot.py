@@ -52,7 +52,7 @@ async def test_cpu_timeout_stops_a_guest_answering_on_the_doorbell(
 ) -> None:
     """The hot call's guest burns its vCPU owner's CPU, not the worker's: the
     CPU-time limit counts both. Counting the worker's alone, the guest burnt
-    some 5 s of CPU before the worker's naps added up to the 0.2 s limit."""
+    some 5 s of CPU before the worker's naps added up to the limit."""
     async with Supervisor(workers=1) as sup:
         dedicated = await sup.create_sandbox(simpleguest, HOT)
         members = getattr(dedicated, "_members", [])  # empty with worker processes
@@ -67,10 +67,14 @@ async def test_cpu_timeout_stops_a_guest_answering_on_the_doorbell(
                 hot_clock = time.pthread_getcpuclockid(owner_ident)
                 before = time.clock_gettime(hot_clock)
             with pytest.raises(GuestTimeout) as info:
-                await dedicated.call("spin", cpu_timeout=0.2)
+                await dedicated.call("spin", cpu_timeout=0.5)
         assert info.value.kind == "cpu" and info.value.core_path is not None
         if hot_clock is not None:  # the guest's CPU, on the thread it ran on
-            assert time.clock_gettime(hot_clock) - before < 1.0
+            guest = time.clock_gettime(hot_clock) - before
+            assert guest < 1.0
+            # ... and all of its limit: the worker's polling of the doorbell for
+            # the answer is not charged on top (it was: some 12% early).
+            assert guest >= 0.48, f"the guest ran {guest:.3f} s of its 0.5 s"
         with CoreDump.open(info.value.core_path) as dump:
             assert dump.metadata["reason"] == "cpu-timeout"
             assert (dump.backtrace()[0].symbol or "").startswith("spin")

@@ -172,6 +172,7 @@ class Call:
         "started",
         "thread",
         "vcpu",
+        "waiting",
     )
 
     def __init__(
@@ -205,6 +206,18 @@ class Call:
         #: the doorbell: the guest still runs on this session's thread, to be
         #: stopped before the vCPU is read (a dump).
         self.asking: HotSession | None = None
+        #: CPU time the calling thread spent waiting for a hot guest's answer on
+        #: the doorbell (seconds of its thread clock), and that clock's value
+        #: when its current wait began (None between waits): one tuple, set at
+        #: once, so another thread reads a consistent pair (see waited_cpu).
+        self.waiting: tuple[float, float | None] = (0.0, None)
+
+    def waited_cpu(self, thread_cpu_now: float) -> float:
+        """Seconds of the calling thread's CPU spent waiting for the guest's
+        answer so far, given that thread's CPU clock now: a CPU-time limit
+        leaves it out (the guest's own time is counted on the owner thread)."""
+        total, since = self.waiting
+        return total + (thread_cpu_now - since if since is not None else 0.0)
 
     def stop_requested(self) -> bool:
         """Whether this call, or a call it runs inside, was asked to stop."""

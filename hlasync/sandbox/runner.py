@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, assert_never
 
@@ -224,10 +225,18 @@ def _hot_call(sb: Runnable, call: Call, hot: HotSession, seq: int) -> Exit | Non
     base = _memory(sb).address
     address = base + abi.DOORBELL_DONE_SEQ
     ask = (base + abi.DOORBELL_ASK_SEQ, base + abi.DOORBELL_ANSWER_SEQ)
+    clock = time.thread_time
     while True:
-        outcome = native.wait(address, seq, hot.flag, HOT_WAIT_SPIN_NS, HOT_WAIT_SLICE_NS, ask)
-        while outcome == native.WAIT_TIMEOUT:  # back in Python now and then: signals run
-            outcome = native.wait(address, seq, hot.flag, 0, HOT_WAIT_SLICE_NS, ask)
+        # The wait polls the doorbell on this thread: its CPU is the guest's
+        # time seen from here, not host code (Call.waited_cpu).
+        waited = call.waiting[0]
+        call.waiting = (waited, clock())
+        try:
+            outcome = native.wait(address, seq, hot.flag, HOT_WAIT_SPIN_NS, HOT_WAIT_SLICE_NS, ask)
+            while outcome == native.WAIT_TIMEOUT:  # back in Python now and then: signals run
+                outcome = native.wait(address, seq, hot.flag, 0, HOT_WAIT_SLICE_NS, ask)
+        finally:
+            call.waiting = (call.waited_cpu(clock()), None)
         if outcome != native.WAIT_ASK:
             break
         # Host code runs on this thread while the guest spins for its answer on

@@ -128,10 +128,15 @@ class Job:
 
 
 def cpu_used(job: Job) -> float:
-    """Seconds of CPU the call has used so far: its worker thread's and its
-    vCPU's owner thread's (``owner_clock``: the guest runs there). OSError when
-    the worker thread is gone."""
-    used = time.clock_gettime(job.cpu_clock) - job.cpu_start
+    """Seconds of CPU the call has used so far: its worker thread's (host code,
+    less its waits for a hot guest's answer on the doorbell) and its vCPU's
+    owner thread's (``owner_clock``: the guest runs there). OSError when the
+    worker thread is gone."""
+    now = time.clock_gettime(job.cpu_clock)
+    used = now - job.cpu_start
+    call = job.call
+    if call is not None:  # the worker's waits for a hot guest's answer are the guest's time
+        used -= call.waited_cpu(now)
     if job.owner_clock is not None:
         try:
             used += time.clock_gettime(job.owner_clock) - job.owner_start
