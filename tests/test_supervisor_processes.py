@@ -21,8 +21,8 @@ import pytest
 from hlasync import GuestCancelled, GuestTimeout, SandboxConfig, WorkerLost
 from hlasync import events as ev
 from hlasync.kvm import Kvm
-from hlasync.supervisor import Supervisor, proc_shards
-from hlasync.supervisor.processes import HOT_QUEUE_DEPTH
+from hlasync.supervisor import Supervisor
+from hlasync.supervisor.processes import HOT_QUEUE_DEPTH, ProcessBackend
 
 pytestmark = pytest.mark.anyio
 
@@ -322,7 +322,7 @@ async def test_calls_sent_ahead_to_a_worker_that_dies_run_elsewhere(
     """A hot pool's calls sent ahead into a worker wait there, as its statistics
     say (pending, not running); when the worker dies, the call that ran fails
     with WorkerLost and the ones that never started run on its replacement."""
-    monkeypatch.setattr(proc_shards, "QUEUE_AHEAD_WINDOW", 60.0)  # send ahead whatever
+    monkeypatch.setattr(ProcessBackend, "queue_ahead_window", 60.0)  # send ahead whatever
     async with (
         Supervisor(processes=1, workers=1) as sup,
         sup.subscribe(ev.WorkerDied) as events,

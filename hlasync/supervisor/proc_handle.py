@@ -38,6 +38,7 @@ class Shard:
     """One worker's part of a target."""
 
     __slots__ = (
+        "ahead_window",
         "capacity",
         "inflight",
         "key",
@@ -50,7 +51,13 @@ class Shard:
     )
 
     def __init__(
-        self, target: Target, worker: WorkerHandle, key: str, spec: TargetSpec, depth: int = 1
+        self,
+        target: Target,
+        worker: WorkerHandle,
+        key: str,
+        spec: TargetSpec,
+        depth: int = 1,
+        ahead_window: float = 0.0,
     ) -> None:
         self.target = target
         self.worker = worker
@@ -60,8 +67,11 @@ class Shard:
         #: queue there, so results come back while the next calls are on the way).
         self.capacity = spec.size * depth
         self.inflight = 0
-        #: When its worker last answered one of its calls (time.monotonic()).
+        #: When its worker last answered one of its calls (time.monotonic()), and
+        #: for how long after that it may get calls beyond its free sandboxes
+        #: (see proc_shards.pick).
         self.last_answer = 0.0
+        self.ahead_window = ahead_window
         self.ready = False
         self.sandbox_ids: list[str] = []
 

@@ -33,9 +33,11 @@ def shards_of(target: Target) -> list[Shard]:
 
 
 #: Seconds since a shard's last answer within which it may get calls ahead of
-#: its free sandboxes (a hot pool's, up to ``Shard.capacity``): a shard that has
-#: answered nothing for longer is busy with long calls, and a call sent there
-#: would wait behind them while another worker's sandbox may come free first.
+#: its free sandboxes (a hot pool's, up to ``Shard.capacity``), in worker
+#: processes (``Shard.ahead_window``; a backend with a slower channel sets its
+#: own): a shard that has answered nothing for longer is busy with long calls,
+#: and a call sent there would wait behind them while another worker's sandbox
+#: may come free first.
 QUEUE_AHEAD_WINDOW = 0.002
 
 
@@ -43,7 +45,7 @@ def pick(target: Target) -> Shard | None:
     """The shard of ``target`` for one more call: the one with a free sandbox
     and the fewest calls per sandbox; else, to be queued in its worker (a hot
     pool's), the one with the most room among those that answered a call
-    within :data:`QUEUE_AHEAD_WINDOW`; None when no shard may take it now."""
+    within their ``ahead_window``; None when no shard may take it now."""
     best: Shard | None = None
     ahead: Shard | None = None
     now = 0.0
@@ -56,7 +58,7 @@ def pick(target: Target) -> Shard | None:
                 best = shard
         elif best is None:
             now = now or time.monotonic()
-            if now - shard.last_answer > QUEUE_AHEAD_WINDOW:
+            if now - shard.last_answer > shard.ahead_window:
                 continue
             if ahead is None or shard.inflight * ahead.capacity < ahead.inflight * shard.capacity:
                 ahead = shard

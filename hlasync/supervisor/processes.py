@@ -69,7 +69,7 @@ from .proc_dispatch import DUMP_EVENTS, WorkerMessages
 from .proc_handle import Shard, WorkerHandle
 from .proc_hostcalls import HOST_THREADS, HostCalls
 from .proc_relaunch import Relauncher, describe_status, reaped
-from .proc_shards import CallQueue, shards_of
+from .proc_shards import QUEUE_AHEAD_WINDOW, CallQueue, shards_of
 from .specs import HostKey, TargetSpec
 from .targets import Pool, SupervisedSandbox, Target
 
@@ -96,6 +96,9 @@ class ProcessBackend(WorkerMessages):
     #: its restore in place take less time than the channel's round trip, so with
     #: one call per member the worker would wait for the next call after each.
     hot_queue_depth = HOT_QUEUE_DEPTH
+    #: Seconds after a shard's last answer within which it may get calls beyond
+    #: its free sandboxes (see proc_shards.pick).
+    queue_ahead_window = QUEUE_AHEAD_WINDOW
     uses_tasks = True
 
     def __init__(
@@ -312,7 +315,8 @@ class ProcessBackend(WorkerMessages):
             size = spec.size // count + (1 if position < spec.size % count else 0)
             key = f"{spec.name}#{next(self._shard_ids)}"
             shard_spec = dataclasses.replace(spec, name=key, size=size)
-            shards.append(Shard(target, live[position], key, shard_spec, depth))
+            shard = Shard(target, live[position], key, shard_spec, depth, self.queue_ahead_window)
+            shards.append(shard)
         for shard in shards:
             self._hosts.add(shard.key, callables, output)
         target._shards = shards  # type: ignore[attr-defined]
