@@ -42,7 +42,7 @@ function handler(event) {
 async def run() -> None:
     async with Supervisor(workers=2) as sup, sup.subscribe(ev.CallTimedOut) as timeouts:
         pool = await sup.create_js_pool(
-            {"collatz": COLLATZ}, size=2, config=default_config(8 << 20)
+            {"collatz": COLLATZ}, size=2, heap_size=8 << 20, config=default_config(8 << 20)
         )
         print("collatz(27) ->", await pool.call_handler("collatz", {"n": 27}, timeout=1.0))
         try:

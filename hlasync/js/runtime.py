@@ -73,9 +73,9 @@ def check_config(config: SandboxConfig, heap_size: int) -> None:
     if config.memory_size < needed:
         raise ConfigError(
             f"config.memory_size is {config.memory_size // MiB} MiB, too small for a JS heap "
-            f"of {heap_size // MiB} MiB (at least {needed // MiB} MiB): start from "
-            "hlasync.js.default_config(heap_size, **changes), e.g. "
-            "default_config(heap_size, hot_restore=True)"
+            f"of {heap_size // MiB} MiB (at least {needed // MiB} MiB): build it with "
+            "hlasync.js.default_config(heap_size, **changes) and pass the same heap_size "
+            "(default_config(h) goes with heap_size=h)"
         )
 
 
