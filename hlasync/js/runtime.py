@@ -66,9 +66,10 @@ def default_config(heap_size: int = DEFAULT_HEAP_SIZE, **options: Any) -> Sandbo
 
 
 def check_config(config: SandboxConfig, heap_size: int) -> None:
-    """ConfigError when ``config`` has less guest memory than a JS heap of
-    ``heap_size`` needs (a plain ``SandboxConfig()`` has 8 MiB: the engine
-    would start and then run out of memory in the handlers)."""
+    """ConfigError when ``heap_size`` is out of range, or ``config`` has less
+    guest memory than a JS heap of ``heap_size`` needs (a plain
+    ``SandboxConfig()`` has 8 MiB: the engine would start and then run out of
+    memory in the handlers)."""
     needed = default_config(heap_size).memory_size
     if config.memory_size < needed:
         raise ConfigError(

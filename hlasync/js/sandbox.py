@@ -130,8 +130,7 @@ class JSSandbox:
         config = config if config is not None else runtime.default_config(heap_size)
         if debug_port is not None:
             config = dataclasses.replace(config, debug_port=debug_port)
-        runtime.default_config(heap_size)  # validates heap_size whatever the config
-        runtime.check_config(config, heap_size)
+        runtime.check_config(config, heap_size)  # heap_size too, whatever the config
         self.heap_size = heap_size
         self._keep_state = keep_state
         self._bridge = HostBridge(output)

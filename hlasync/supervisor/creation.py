@@ -121,10 +121,8 @@ class Builder:
     ) -> None:
         self.spec = spec
         self.image = image
-        #: A pool (C or JavaScript) whose members restore in place
-        #: (SandboxConfig.hot_restore): they spin.
-        config = spec.config if spec.config is not None else SandboxConfig()
-        self._hot_pool = spec.kind in ("pool", "js") and config.hot_restore
+        #: A pool whose members restore in place: they spin.
+        self._hot_pool = spec.hot_pool
         self._hub = hub
         self._on_crashdump = on_crashdump
         functions: dict[HostKey, Callable[..., Any]] = {

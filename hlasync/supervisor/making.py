@@ -94,8 +94,7 @@ class TargetMaker:
         if config is None:
             config = runtime.default_config(heap)
         else:
-            runtime.default_config(heap)  # validates heap_size whatever the config
-            runtime.check_config(config, heap)
+            runtime.check_config(config, heap)  # heap_size too
         image = await self._in_thread(lambda: load_image(runtime.guest_path()))
         pool = JSPool(self._owner, name or f"js-pool-{next(self._ids)}", image, size, handlers)
         await self._create(

@@ -44,7 +44,6 @@ import anyio
 import anyio.abc
 
 from .. import events as ev
-from ..config import SandboxConfig
 from ..errors import GuestCancelled, SupervisorClosed, SupervisorError
 from ..guest.image import GuestImage
 from .backend import Front
@@ -305,9 +304,7 @@ class ProcessBackend(WorkerMessages):
         if not live:
             raise SupervisorClosed("no worker process is running")
         count = 1 if spec.kind == "sandbox" else min(spec.size, len(live))
-        config = spec.config if spec.config is not None else SandboxConfig()
-        hot = spec.kind != "sandbox" and config.hot_restore
-        depth = self.hot_queue_depth if hot else self.queue_depth
+        depth = self.hot_queue_depth if spec.hot_pool else self.queue_depth
         # Spread targets: start with the worker holding the fewest sandboxes.
         live.sort(key=lambda w: sum(s.capacity for s in w.shards.values()))
         shards: list[Shard] = []

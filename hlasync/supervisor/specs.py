@@ -54,6 +54,13 @@ class TargetSpec:
     def keys(self) -> tuple[HostKey, ...]:
         return (*self.host_functions, *self.references)
 
+    @property
+    def hot_pool(self) -> bool:
+        """A pool (C or JavaScript) whose members restore in place
+        (``SandboxConfig.hot_restore``, whose default the environment gives)."""
+        config = self.config if self.config is not None else SandboxConfig()
+        return self.kind != "sandbox" and config.hot_restore
+
 
 def is_reference(value: object) -> bool:
     return isinstance(value, str)
