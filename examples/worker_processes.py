@@ -9,8 +9,10 @@ It starts ``Supervisor(processes=2)``: two worker processes, each with its
 own vCPU thread, watchdog and dump writing. A pool of four sandboxes is split
 two and two; a host function given as an importable reference
 (``"math:factorial"``) runs inside the workers, a plain one (``double``) in
-this process. Then it kills one worker with SIGKILL while calls run there:
-those calls fail with ``WorkerLost``, a ``WorkerDied`` event says so, a new
+this process. Then it kills one worker with SIGKILL while a call runs there
+and another waits there for its vCPU thread: the running one fails with
+``WorkerLost``, the waiting one (its start mark says it never started) runs
+on another worker, a ``WorkerDied`` event says one call was lost, a new
 worker takes the dead one's sandboxes, and the pool goes on serving.
 """
 

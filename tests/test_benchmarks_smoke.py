@@ -176,6 +176,9 @@ def test_quick_scaling_benchmark_runs_and_writes_json(kvm: Kvm, tmp_path: Path) 
     modes = {(row["mode"], row["cores"]) for row in data["rows"]}
     assert ("threads", 1) in modes and ("processes", 1) in modes
     assert ("threads", cores) in modes and ("processes", cores) in modes
+    # Outcomes held in the workers, against every one sent at once, in the same run.
+    assert ("processes, hot pools, outcomes not held", cores) in modes
+    assert any("outcomes held / sent at once" in t["what"] for t in data["targets"])
     for row in data["rows"]:
         assert row["median"] > 0 and row["latency_ns"] > 0 and len(row["rates"]) > 0
         # The front's cost: the event loop thread's CPU per call, and its inverse.

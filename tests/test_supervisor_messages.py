@@ -53,6 +53,7 @@ SAMPLES: dict[type[m.Message], m.Message] = {
         1.5,
         None,
         {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},
+        12,
     ),
     m.Abandon: m.Abandon(7, True),
     m.Register: m.Register("pool-1#1", "double"),

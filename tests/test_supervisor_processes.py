@@ -353,3 +353,136 @@ async def test_calls_sent_ahead_to_a_worker_that_dies_run_elsewhere(
         assert isinstance(died, ev.WorkerDied) and died.lost_calls == 1
     assert isinstance(outcomes[0], WorkerLost)
     assert sorted(o for o in outcomes[1:] if isinstance(o, int)) == [10 + i for i in range(6)]
+
+
+async def test_outcomes_reach_the_loop_several_to_a_frame(kvm: Kvm, simpleguest: Path) -> None:
+    """A worker with more calls to start holds a finished call's outcome so
+    that a run of outcomes reaches the event loop in one frame (one wake-up):
+    with 32 callers on a hot pool of 2, frames carry several messages each
+    (one each before outcomes were held)."""
+    async with Supervisor(processes=1, workers=1) as sup:
+        pool = await sup.create_pool(simpleguest, size=2, config=SandboxConfig(hot_restore=True))
+        before = sup.statistics()
+
+        async def caller(i: int) -> None:
+            for n in range(100):
+                assert await pool.call("add", i, n) == i + n
+
+        async with anyio.create_task_group() as tg:
+            for i in range(32):
+                tg.start_soon(caller, i)
+        after = sup.statistics()
+    frames = after.channel_frames - before.channel_frames
+    messages = after.channel_messages - before.channel_messages
+    assert messages >= 3200  # every outcome, and nothing else
+    assert messages / frames > 1.5, (frames, messages)
+
+
+async def _sent(shard: object, count: int) -> None:
+    """Until ``count`` calls were sent to ``shard``'s worker and are unanswered
+    (trio starts tasks in any order: a test that needs an order waits)."""
+    with anyio.fail_after(10):
+        while shard.inflight < count:  # type: ignore[attr-defined]
+            await anyio.sleep(0.001)
+
+
+async def test_a_held_outcome_does_not_wait_for_a_long_call(
+    kvm: Kvm, simpleguest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outcome held while the worker has another call to start goes out
+    within the hold limit even when that call is long: a call answers while
+    the long one queued behind it on the same member still runs."""
+    monkeypatch.setattr(ProcessBackend, "queue_ahead_window", 60.0)  # send ahead whatever
+    async with Supervisor(processes=1, workers=1) as sup:
+        pool = await sup.create_pool(simpleguest, size=1, config=SandboxConfig(hot_restore=True))
+        assert await pool.call("add", 1, 1) == 2
+        shard = pool._shards[0]  # type: ignore[attr-defined]
+        ended: dict[str, float] = {}
+        began = time.monotonic()
+
+        async def first() -> None:  # some tens of milliseconds
+            assert await pool.call("spin_for", 4 * 10**8) == 4 * 10**8
+            ended["first"] = time.monotonic() - began
+
+        async def long() -> None:
+            with pytest.raises(GuestTimeout):
+                await pool.call("spin", timeout=3.0)
+            ended["long"] = time.monotonic() - began
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(first)
+                await _sent(shard, 1)
+                tg.start_soon(long)  # queued in the worker behind the first
+                await _sent(shard, 2)
+    assert ended["long"] >= 3.0
+    assert ended["first"] < 1.5, ended
+
+
+async def test_a_dead_worker_fails_the_calls_that_ran_and_resends_the_others(
+    kvm: Kvm, simpleguest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed while it held a finished call's outcome: that call ran,
+    so it fails with WorkerLost (and does not run again), as does the call
+    running at the kill; the calls that waited in the worker run once on its
+    replacement. The worker's start marks say which is which: by their order
+    alone, the running call would have looked unstarted and run twice."""
+    monkeypatch.setenv("HLASYNC_HOLD_LIMIT", "60")  # held until the kill
+    monkeypatch.setattr(ProcessBackend, "queue_ahead_window", 60.0)  # send ahead whatever
+    recorded: list[int] = []
+
+    def record(value: int) -> int:
+        recorded.append(value)
+        return value
+
+    async with Supervisor(processes=1, workers=1) as sup:
+        pool = await sup.create_pool(
+            simpleguest,
+            size=1,
+            config=SandboxConfig(hot_restore=True),
+            host_functions={"record": record},
+        )
+        assert await pool.call("add", 1, 1) == 2
+        shard = pool._shards[0]  # type: ignore[attr-defined]
+        outcomes: dict[str, object] = {}
+
+        async def call(name: str, *args: object) -> None:
+            try:
+                outcomes[name] = await pool.call(*args, timeout=20)  # type: ignore[arg-type]
+            except WorkerLost as exc:
+                outcomes[name] = exc
+
+        with anyio.fail_after(40):
+            async with anyio.create_task_group() as tg:
+                # The member is busy with the first while the others queue behind it.
+                tg.start_soon(call, "first", "spin_for", 4 * 10**8)
+                await _sent(shard, 1)
+                tg.start_soon(call, "ran", "call_host", "record", 1)
+                await _sent(shard, 2)
+                tg.start_soon(call, "running", "spin")
+                await _sent(shard, 3)
+                tg.start_soon(call, "waiting-1", "call_host", "record", 3)
+                await _sent(shard, 4)
+                tg.start_soon(call, "waiting-2", "call_host", "record", 4)  # waits here
+                with anyio.fail_after(10):
+                    while recorded != [1]:
+                        await anyio.sleep(0.01)
+                await anyio.sleep(0.3)  # its outcome is held, the spin runs
+                assert "ran" not in outcomes
+                _workers()[0].send_signal(signal.SIGKILL)
+    assert outcomes["first"] == 4 * 10**8  # its outcome went out with the host call
+    assert isinstance(outcomes["ran"], WorkerLost)
+    assert isinstance(outcomes["running"], WorkerLost)
+    assert (outcomes["waiting-1"], outcomes["waiting-2"]) == (3, 4)
+    assert recorded == [1, 3, 4]
+
+
+def test_the_hold_limit_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HLASYNC_HOLD_LIMIT is seconds from 0 to 60; anything else is refused
+    when the supervisor is made, naming the variable."""
+    for bad in ("-1", "soon", "nan", "61"):
+        monkeypatch.setenv("HLASYNC_HOLD_LIMIT", bad)
+        with pytest.raises(ValueError, match="HLASYNC_HOLD_LIMIT"):
+            Supervisor(processes=1)
+    monkeypatch.setenv("HLASYNC_HOLD_LIMIT", "0")
+    Supervisor(processes=1)

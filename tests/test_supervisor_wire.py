@@ -27,6 +27,7 @@ from hlasync import events as ev
 from hlasync.kvm import Kvm
 from hlasync.supervisor import Supervisor
 from hlasync.supervisor.channel import Decoder, DescribedError, describe, encode
+from hlasync.supervisor.marks import RECEIVED, STARTED, StartMarks
 from hlasync.supervisor.messages import Abandon, Call, ToWorker, Undecodable
 
 pytestmark = pytest.mark.anyio
@@ -276,3 +277,30 @@ async def test_an_outcome_the_supervisor_cannot_unpickle_fails_only_its_call(
             assert await pool.call("call_host", "double", 21) == 42
             assert _worker_pids() == pids
             assert sup.statistics().workers_lost == 0
+
+
+def test_start_marks_between_the_two_ends() -> None:
+    """The worker's marks, seen by the supervisor through the shared memory:
+    a call read but not started did not run; a started one, one never read by
+    a worker that could not read a message, and one sent without a slot (all
+    slots taken) may have. A slot given back is clear for its next call."""
+    ours = StartMarks.create(slots=3)
+    theirs = StartMarks.attach(os.dup(ours.fd))
+    try:
+        assert theirs.slots == 3
+        read, started, unread = ours.take(), ours.take(), ours.take()
+        assert ours.take() == -1  # none left
+        theirs.mark(read, RECEIVED)
+        theirs.mark(started, STARTED)
+        assert not ours.may_have_run(read)
+        assert ours.may_have_run(started)
+        assert not ours.may_have_run(unread)  # killed before it read it: sent again
+        assert ours.may_have_run(-1)
+        ours.give_back(started)
+        assert ours.take() == started and not ours.may_have_run(started)
+        theirs.unreadable()
+        assert ours.may_have_run(unread)  # it may be what the worker could not read
+        assert not ours.may_have_run(read)
+    finally:
+        theirs.close()
+        ours.close()

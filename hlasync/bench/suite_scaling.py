@@ -36,14 +36,22 @@ SANDBOXES_PER_WORKER = 2
 TASKS_PER_SANDBOX = 8
 
 
-def _modes(n: int) -> list[tuple[str, int, int, bool]]:
-    """(mode, processes, workers, hot pools) measured at ``n`` cores."""
-    return [
-        ("threads", 0, n, False),
-        ("processes", n, 1, False),
-        ("threads, hot pools", 0, n, True),
-        ("processes, hot pools", n, 1, True),
+def _modes(n: int, cores: int) -> list[tuple[str, int, int, bool, bool]]:
+    """(mode, processes, workers, hot pools, outcomes held) measured at ``n``
+    cores; at the machine's core count, worker processes also with every
+    outcome sent at once (``HLASYNC_HOLD_LIMIT=0``), to compare."""
+    modes = [
+        ("threads", 0, n, False, True),
+        ("processes", n, 1, False, True),
+        ("threads, hot pools", 0, n, True, True),
+        ("processes, hot pools", n, 1, True, True),
     ]
+    if n == cores:
+        modes += [
+            ("processes, outcomes not held", n, 1, False, False),
+            ("processes, hot pools, outcomes not held", n, 1, True, False),
+        ]
+    return modes
 
 
 def _steps(cores: int) -> list[int]:
@@ -73,13 +81,28 @@ def _ceiling(guest: Path, seconds: float) -> float:
 
 
 async def _rates(
-    guest: Path, processes: int, workers: int, window: float, rounds: int, hot: bool
+    guest: Path, processes: int, workers: int, window: float, rounds: int, hot: bool, held: bool
 ) -> tuple[list[float], float, float]:
     """Calls/s per round through one pool, the p50 latency of single calls (ns)
     and the event loop's CPU time per call in the rounds (ns: the thread that
     runs the loop, whatever it did for the calls, the awaiting tasks' own
     work included); ``hot``: hot pools (``SandboxConfig(hot_restore=True)``)."""
     config = SandboxConfig(hot_restore=hot)
+    saved = os.environ.get("HLASYNC_HOLD_LIMIT")
+    if not held:  # read by the workers as they start
+        os.environ["HLASYNC_HOLD_LIMIT"] = "0"
+    try:
+        return await _measure(guest, processes, workers, window, rounds, config)
+    finally:
+        if saved is None:
+            os.environ.pop("HLASYNC_HOLD_LIMIT", None)
+        else:
+            os.environ["HLASYNC_HOLD_LIMIT"] = saved
+
+
+async def _measure(
+    guest: Path, processes: int, workers: int, window: float, rounds: int, config: SandboxConfig
+) -> tuple[list[float], float, float]:
     async with Supervisor(processes=processes, workers=workers) as sup:
         total = max(processes, 1) * workers
         pool = await sup.create_pool(guest, size=total * SANDBOXES_PER_WORKER, config=config)
@@ -107,15 +130,16 @@ def suite(quick: bool, machine: dict[str, Any], backend: str) -> SuiteOutput:
     ceiling = _ceiling(guest, window * 2)
     rows: list[dict[str, Any]] = []
     for n in _steps(cores):
-        for mode, processes, workers, hot in _modes(n):
+        for mode, processes, workers, hot, held in _modes(n, cores):
             rates, latency, loop_ns = anyio.run(
-                _rates, guest, processes, workers, window, rounds, hot, backend=backend
+                _rates, guest, processes, workers, window, rounds, hot, held, backend=backend
             )
             median = statistics.median(rates)
             rows.append(
                 {
                     "mode": mode,
                     "hot": hot,
+                    "held": held,
                     "cores": n,
                     "processes": processes,
                     "workers": workers,
@@ -182,6 +206,17 @@ def _targets(rows: list[dict[str, Any]], cores: int, ceiling: float) -> list[dic
             }
         )
     for mode in ("processes", "processes, hot pools"):
+        held, sent = row(mode, cores), row(f"{mode}, outcomes not held", cores)
+        if held is not None and sent is not None:
+            targets.append(
+                {
+                    "what": f"{mode}: {cores} processes, outcomes held / sent at once (calls/s)",
+                    "got": f"{held['median'] / sent['median']:.2f}x",
+                    "target": "> 1x",
+                    "met": held["median"] > sent["median"],
+                }
+            )
+    for mode in ("processes", "processes, hot pools"):
         two = row(mode, 2)
         if cores == 2 and two is not None:  # issue 22: past one core's synchronous ceiling
             of_one_core = two["median"] / ceiling
@@ -222,6 +257,8 @@ def _render(
             if r["processes"]
             else f"{r['workers']} vCPU threads"
         ) + (", hot pools" if r.get("hot") else "")
+        if not r.get("held", True):
+            setup += ", outcomes not held"
         lines.append(
             f"| {setup} | {r['cores']} | {r['median']:,.0f} | {r['per_core']:,.0f} | "
             f"{r['of_ceiling']:.0%} | {format_ns(r['latency_ns'])} | "

@@ -32,6 +32,7 @@ import os
 import pickle
 import struct
 import threading
+import time
 import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any, Generic, TypeVar
@@ -39,6 +40,7 @@ from typing import Any, Generic, TypeVar
 from .messages import Message, Undecodable, ident_of
 
 __all__ = [
+    "HOLD_LIMIT",
     "MAX_FRAME",
     "READ_SIZE",
     "Decoder",
@@ -63,6 +65,13 @@ def encode(messages: Sequence[Message]) -> bytes:
         raise ValueError(f"a batch of {len(body)} bytes exceeds the channel's {MAX_FRAME}")
     return _HEADER.pack(len(body)) + body
 
+
+#: Seconds a held message waits at most for others to go out with it (see
+#: :class:`SocketSender`): on the 2-CPU project machine a worker process
+#: with two busy hot sandboxes takes about 1.3 ms for eight calls, and
+#: 0.5 ms cut its frames to two outcomes each (4,068 calls/s against 5,465
+#: with 2 ms, 2 worker processes).
+HOLD_LIMIT = 0.002
 
 #: Bytes one read of a channel takes at most (a larger frame takes several).
 READ_SIZE = 1 << 20
@@ -114,20 +123,37 @@ class Decoder(Generic[M]):
 
 
 class SocketSender(Generic[M]):
-    """Sends from any thread on a blocking socket, without a thread of its own:
-    the thread that posts into an idle sender writes, and whatever other
-    threads post meanwhile goes out with its next write (one frame per batch,
-    no thread hand-off per message)."""
+    """Sends from any thread on a blocking socket: the thread that posts into
+    an idle sender writes, and whatever other threads post meanwhile goes out
+    with its next write (one frame per batch, no thread hand-off per message).
 
-    def __init__(self, sock: object) -> None:
+    :meth:`hold` queues a message without writing it, so that several go out
+    in one frame (one wake-up of the other end for all of them): held messages
+    go out with the next :meth:`post` or :meth:`flush`, and at the latest
+    ``hold_limit`` seconds after the first of them was held (a thread of the
+    sender's, ``hlasync-flush``, made by the first hold, sees to that).
+    Messages go out in the order they were queued, held or not."""
+
+    def __init__(self, sock: object, hold_limit: float = HOLD_LIMIT) -> None:
         self._sendall = sock.sendall  # type: ignore[attr-defined]
         self._queue: list[M] = []
         self._lock = threading.Lock()
         self._writing = False
         self._closed = False
         self.broken = False
+        self.hold_limit = hold_limit
+        #: When the oldest message queued without a write was held
+        #: (time.monotonic(); 0.0 when none is).
+        self._held_since = 0.0
+        self._wakeup = threading.Condition(self._lock)
+        self._flusher: threading.Thread | None = None
+        self._flusher_idle = False
+        #: Frames written, and the messages in them (what batching achieved).
+        self.frames = 0
+        self.messages = 0
 
     def post(self, message: M) -> None:
+        """Queue ``message`` and write what is queued (held messages first)."""
         with self._lock:
             if self._closed:
                 return
@@ -137,23 +163,80 @@ class SocketSender(Generic[M]):
             self._writing = True
         self._write()
 
+    def hold(self, message: M) -> None:
+        """Queue ``message`` without writing it (see the class)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._queue.append(message)
+            if self._writing or self._held_since:
+                return  # it goes out with the write under way, or with those held
+            self._held_since = time.monotonic()
+            if self._flusher is None:
+                self._flusher = threading.Thread(
+                    target=self._flush_main, name="hlasync-flush", daemon=True
+                )
+                self._flusher.start()
+            elif self._flusher_idle:
+                self._wakeup.notify()
+
+    def flush(self) -> None:
+        """Write what is queued now (nothing when nothing is)."""
+        with self._lock:
+            if self._writing or not self._queue:
+                return
+            self._writing = True
+        self._write()
+
     def _write(self) -> None:
         while True:
             with self._lock:
                 batch, self._queue = self._queue, []
+                self._held_since = 0.0
                 if not batch:
                     self._writing = False
                     return
             if not self.broken:
                 try:
                     self._sendall(encode(batch))
+                    self.frames += 1
+                    self.messages += len(batch)
                 except OSError:
                     self.broken = True  # the other side is gone: its reader notices too
 
+    def _flush_main(self) -> None:
+        """The flusher: writes held messages ``hold_limit`` after the first was held."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                if not self._held_since:
+                    self._flusher_idle = True
+                    self._wakeup.wait()
+                    self._flusher_idle = False
+                    continue
+                remaining = self._held_since + self.hold_limit - time.monotonic()
+                if remaining > 0:
+                    self._wakeup.wait(remaining)
+                    continue
+                if self._writing:  # the thread writing takes them
+                    self._held_since = 0.0
+                    continue
+                self._writing = True
+            self._write()
+
     def close(self) -> None:
-        """Refuse further messages (what is queued has been or is being written)."""
+        """Write what is held, then refuse further messages (what is queued has
+        been or is being written)."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
+            self._wakeup.notify_all()
+            if self._writing or not self._queue:
+                return
+            self._writing = True
+        self._write()
 
 
 # ------------------------------------------------------------ exceptions

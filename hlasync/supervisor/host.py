@@ -91,6 +91,9 @@ class WorkerHost:
         #: Cancels a stopped call's ``async def`` host functions (they run on the
         #: event loop: the front's, or across the channel from a worker process).
         self.cancel_host_calls: Callable[[Job], None] = self._cancel_scopes
+        #: Told of each call as a vCPU thread takes it, before its guest runs
+        #: (a worker process sets its start mark, see :mod:`.marks`).
+        self.on_start: Callable[[Job], None] | None = None
 
     # ------------------------------------------------------------- lifecycle
     def start(
@@ -331,6 +334,8 @@ class WorkerHost:
     def _run(self, job: Job) -> None:
         sandbox = job.sandbox
         assert sandbox is not None
+        if self.on_start is not None:
+            self.on_start(job)
         job.started_at = time.monotonic()
         if self.hub.wants(ev.CallStarted):
             self.hub.publish(

@@ -63,6 +63,7 @@ class Job:
         "path",
         "paused_start",
         "queued_at",
+        "resent",
         "result",
         "sandbox",
         "sandbox_id",
@@ -125,6 +126,9 @@ class Job:
         #: sandbox, once a worker ran it (for its span).
         self.path: str | None = None
         self.sandbox_id: str | None = None
+        #: Times it was sent again because its worker process died before it
+        #: started (worker processes; see proc_relaunch).
+        self.resent = 0
 
 
 def cpu_used(job: Job) -> float:

@@ -99,6 +99,8 @@ class Call(Message):
     #: The call's trace context (W3C ``traceparent``...), for host functions
     #: that run in the worker: they run inside the caller's span.
     trace: dict[str, str] | None = None
+    #: Its byte in the worker's start marks (:mod:`.marks`), -1 for none.
+    slot: int = -1
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, assert_never
 
@@ -57,6 +58,7 @@ class WorkerMessages(abc.ABC):
     _hosts: HostCalls
     _queue: CallQueue
     _closing: bool
+    counters: Counter[str]
 
     @abc.abstractmethod
     def _spawn(self, function: Callable[..., Any], *args: Any) -> None:
@@ -75,6 +77,7 @@ class WorkerMessages(abc.ABC):
         sock = worker.sock
         assert sock is not None
         reader = Reader(sock)
+        counters = self.counters
         try:
             while True:
                 try:
@@ -87,6 +90,8 @@ class WorkerMessages(abc.ABC):
                 if not data:
                     break
                 for batch in decoder.feed(data):
+                    counters["channel_frames"] += 1
+                    counters["channel_messages"] += len(batch)
                     for message in batch:
                         try:
                             self._handle(worker, message)
@@ -155,6 +160,7 @@ class WorkerMessages(abc.ABC):
         found = worker.inflight.pop(call_id, None)
         if found is None:
             return
+        worker.give_back_slot(call_id)
         job, shard = found
         job.sandbox_id, job.path = sandbox_id, path
         shard.inflight -= 1

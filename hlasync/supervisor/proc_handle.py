@@ -22,6 +22,7 @@ import anyio
 from ..errors import SupervisorError
 from .channel import encode
 from .jobs import Job
+from .marks import StartMarks
 from .messages import Call, HostReply, Message, ToSupervisor, ToWorker
 from .specs import TargetSpec
 from .targets import Target
@@ -109,6 +110,10 @@ class WorkerHandle:
         #: request's identity; the outcome is the answer, or why there is none.
         self.waiting: dict[Answer, tuple[anyio.Event, list[ToSupervisor | BaseException]]] = {}
         self.counters: dict[str, int] = {}
+        #: Its process's start marks (:mod:`.marks`; None for a worker that has
+        #: none, a Ray actor), and the slot of each call in ``inflight``.
+        self.marks: StartMarks | None = None
+        self.slots: dict[int, int] = {}
         #: The Ray node it runs on (hlasync.ray), and how messages name it.
         self.node: str | None = None
         self.where = ""
@@ -127,7 +132,39 @@ class WorkerHandle:
         self.alive, self.leaving = True, False
         self.outgoing, self.unsent, self.flush_scheduled = [], bytearray(), False
         self.writable = anyio.Event()
+        self.slots = {}
         return generation
+
+    # ---------------------------------------------------------- start marks
+    def use_marks(self, marks: StartMarks | None) -> None:
+        """The start marks of the process being launched (those of the one
+        before, read when it died, are closed)."""
+        if self.marks is not None:
+            self.marks.close()
+        self.marks = marks
+        self.slots = {}
+
+    def take_slot(self, call_id: int) -> int:
+        """The start-mark slot of a call about to be sent (-1: none)."""
+        marks = self.marks
+        if marks is None:
+            return -1
+        slot = self.slots[call_id] = marks.take()
+        return slot
+
+    def give_back_slot(self, call_id: int) -> None:
+        """The call was answered (or never sent): its slot serves another."""
+        slot = self.slots.pop(call_id, None)
+        if slot is not None and self.marks is not None:
+            self.marks.give_back(slot)
+
+    def may_have_started(self, call_id: int) -> bool | None:
+        """After the process died: whether the call may have started (or killed
+        it, see :meth:`.StartMarks.may_have_run`); None when this worker has no
+        marks."""
+        if self.marks is None:
+            return None
+        return self.marks.may_have_run(self.slots.get(call_id, -1))
 
     # ------------------------------------------------------------- sending
     def send(self, message: ToWorker) -> None:
@@ -185,6 +222,7 @@ class WorkerHandle:
                 match message:
                     case Call(call_id=call_id):
                         found = self.inflight.pop(call_id, None)
+                        self.give_back_slot(call_id)
                         if found is not None:
                             job, shard = found
                             shard.inflight -= 1

@@ -70,6 +70,8 @@ class Relauncher:
             status = await reaped(worker.process, 5.0)
             if status is None:
                 self._kill(worker)
+                # Gone before its start marks are read: nothing runs in it then.
+                status = await reaped(worker.process, 5.0)
         if worker.sock is not None:
             worker.sock.close()
             worker.sock = None
@@ -80,7 +82,9 @@ class Relauncher:
             exit_status=status,
         )
         lost.node = worker.node
-        lost_jobs, never_started = _split_unstarted(list(worker.inflight.values()))
+        lost_jobs, never_started = _split_unstarted(
+            list(worker.inflight.values()), worker.may_have_started
+        )
         worker.inflight.clear()
         if self._closing():
             lost_jobs, never_started = lost_jobs + never_started, []
@@ -168,22 +172,32 @@ class Relauncher:
         self._queue.dispatch()
 
 
-def _split_unstarted(inflight: list[tuple[Job, Shard]]) -> tuple[list[Job], list[Job]]:
+def _split_unstarted(
+    inflight: list[tuple[Job, Shard]], started: Callable[[int], bool | None]
+) -> tuple[list[Job], list[Job]]:
     """A dead worker's calls, in the order they were sent: those that may have
-    started (they fail with WorkerLost) and those that cannot have. A worker
-    starts a shard's calls in the order they came and runs at most one per
-    sandbox, so of a shard's unanswered calls only the first ``size`` may have
-    run; the others waited in the worker (a hot pool's calls sent ahead). A
-    cancelled call is not sent again."""
+    started (they fail with WorkerLost) and those that cannot have.
+    ``started(call_id)`` reads the worker's start marks (:mod:`.marks`). A
+    worker without marks (a Ray actor) never holds an outcome back: it starts
+    a shard's calls in the order they came and runs at most one per sandbox,
+    so of a shard's unanswered calls only the first ``size`` may have run; the
+    others waited in the worker (a hot pool's calls sent ahead). A cancelled
+    call is not sent again, nor one sent again before: whatever killed its
+    worker may have come with it (arguments the worker cannot read end it),
+    and a worker dies for it once more at most."""
     may_have_run: list[Job] = []
     never_started: list[Job] = []
     seen: dict[Shard, int] = {}
     for job, shard in inflight:
         shard.inflight -= 1
         seen[shard] = seen.get(shard, 0) + 1
-        if seen[shard] <= shard.spec.size or job.abandoned:
+        marked = started(job.call_id)
+        if marked is None:
+            marked = seen[shard] <= shard.spec.size
+        if marked or job.abandoned or job.resent:
             may_have_run.append(job)
         else:
+            job.resent += 1
             never_started.append(job)
     return may_have_run, never_started
 

@@ -19,6 +19,7 @@ import anyio
 
 from .. import _telemetry as telemetry
 from ..errors import SupervisorClosed
+from .channel import HOLD_LIMIT
 from .jobs import Job
 from .messages import Call
 from .proc_handle import Finish, Shard
@@ -37,8 +38,9 @@ def shards_of(target: Target) -> list[Shard]:
 #: processes (``Shard.ahead_window``; a backend with a slower channel sets its
 #: own): a shard that has answered nothing for longer is busy with long calls,
 #: and a call sent there would wait behind them while another worker's sandbox
-#: may come free first.
-QUEUE_AHEAD_WINDOW = 0.002
+#: may come free first. A busy worker holds answers for up to
+#: :data:`~.channel.HOLD_LIMIT` to send them together: the window is longer.
+QUEUE_AHEAD_WINDOW = HOLD_LIMIT + 0.003
 
 
 def pick(target: Target) -> Shard | None:
@@ -73,8 +75,9 @@ def send_call(shard: Shard, job: Job) -> None:
     worker = shard.worker
     worker.inflight[job.call_id] = (job, shard)
     job.started_at = time.monotonic()
+    slot = worker.take_slot(job.call_id)
     worker.send(
-        Call(job.call_id, shard.key, job.name, job.args, job.timeout, job.cpu_timeout, trace)
+        Call(job.call_id, shard.key, job.name, job.args, job.timeout, job.cpu_timeout, trace, slot)
     )
 
 

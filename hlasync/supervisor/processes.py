@@ -50,6 +50,7 @@ from .backend import Front
 from .host import STOP_TIMEOUT
 from .jobs import Job
 from .loop import Outbox
+from .marks import StartMarks
 from .messages import (
     Abandon,
     Close,
@@ -186,23 +187,35 @@ class ProcessBackend(WorkerMessages):
     async def _start_worker(self, worker: WorkerHandle) -> socket.socket:
         """Start ``worker``'s process (``worker.process``, ``worker.pid``); the
         supervisor's end of its channel."""
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ)
         paths = [_PACKAGE_ROOT, *env.get("PYTHONPATH", "").split(os.pathsep)]
         env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         try:
+            marks = StartMarks.create()
+        except OSError as exc:
+            raise SupervisorError(f"cannot start worker process {worker.index}: {exc}") from exc
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "hlasync.supervisor.worker", str(child.fileno())],
-                pass_fds=[child.fileno()],
+                [
+                    sys.executable,
+                    "-m",
+                    "hlasync.supervisor.worker",
+                    str(child.fileno()),
+                    str(marks.fd),
+                ],
+                pass_fds=[child.fileno(), marks.fd],
                 env=env,
                 close_fds=True,
             )
         except OSError as exc:
             parent.close()
+            marks.close()
             raise SupervisorError(f"cannot start worker process {worker.index}: {exc}") from exc
         finally:
             child.close()
         worker.process, worker.pid = process, process.pid
+        worker.use_marks(marks)
         return parent
 
     async def _launch_first(self, worker: WorkerHandle) -> None:
@@ -277,6 +290,7 @@ class ProcessBackend(WorkerMessages):
                 shard.inflight -= 1
                 self._finish(job, None, stopped)
             worker.inflight.clear()
+            worker.use_marks(None)
             if worker.sock is not None:
                 worker.sock.close()
                 worker.sock = None

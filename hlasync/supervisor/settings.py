@@ -12,7 +12,14 @@ from typing import Any
 
 from ..config import SandboxConfig
 
-__all__ = ["DEFAULT", "check_limit", "check_no_debugger", "check_settings", "default_processes"]
+__all__ = [
+    "DEFAULT",
+    "check_limit",
+    "check_no_debugger",
+    "check_settings",
+    "default_processes",
+    "hold_limit",
+]
 
 #: "Use the supervisor-wide default" (a timeout of None means no limit).
 DEFAULT: Any = object()
@@ -51,6 +58,8 @@ def check_settings(
         processes = default_processes()
     if type(processes) is not int or processes < 0:
         raise ValueError("processes must be an int >= 0 (0: threads of this process)")
+    if processes:
+        hold_limit()  # its workers read it: a wrong value is said here
     if type(max_pending) is not int or max_pending < 1:
         raise ValueError("max_pending must be a positive int")
     check_limit("timeout", timeout)
@@ -76,3 +85,21 @@ def default_processes() -> int:
     if processes < 0:
         raise ValueError(f"HLASYNC_PROCESSES must be an int >= 0, got {value!r}")
     return processes
+
+
+def hold_limit() -> float:
+    """Seconds a worker process may hold a finished call's outcome to send it
+    with others (:data:`.channel.HOLD_LIMIT`, or ``HLASYNC_HOLD_LIMIT`` from
+    the environment; 0: every outcome goes out at once)."""
+    from .channel import HOLD_LIMIT
+
+    value = os.environ.get("HLASYNC_HOLD_LIMIT", "").strip()
+    if not value:
+        return HOLD_LIMIT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 60:  # NaN too
+        raise ValueError(f"HLASYNC_HOLD_LIMIT must be seconds from 0 to 60, got {value!r}")
+    return seconds

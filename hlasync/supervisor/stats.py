@@ -31,6 +31,11 @@ class SupervisorStatistics(NamedTuple):
     internal_errors: int  # SupervisorError events: failures the supervisor survived
     processes: int = 0  # worker processes (0: the thread mode)
     workers_lost: int = 0  # worker processes that died and were replaced
+    #: Frames read from worker processes' channels, and the messages in them
+    #: (messages per frame: how many outcomes and events one wake-up of the
+    #: event loop took; 0 in the thread mode).
+    channel_frames: int = 0
+    channel_messages: int = 0
 
 
 def gather(workers: int, processes: int, backend: Backend, hub: EventHub) -> SupervisorStatistics:
@@ -57,4 +62,6 @@ def gather(workers: int, processes: int, backend: Backend, hub: EventHub) -> Sup
         internal_errors=c["internal_errors"],
         processes=processes,
         workers_lost=c["workers_lost"],
+        channel_frames=c["channel_frames"],
+        channel_messages=c["channel_messages"],
     )

@@ -38,6 +38,7 @@ from .channel import Decoder, Reader, SocketSender
 from .creation import Builder, load_image
 from .host import STOP_TIMEOUT, WorkerHost
 from .jobs import Job, current_job
+from .marks import RECEIVED, STARTED, StartMarks
 from .messages import (
     Abandon,
     Call,
@@ -66,6 +67,7 @@ from .messages import (
     ToWorker,
     Undecodable,
 )
+from .settings import hold_limit
 from .specs import HostKey, TargetSpec
 from .targets import Target
 
@@ -167,9 +169,18 @@ class HostedTarget(Target):
 
 
 class Worker:
-    def __init__(self, sock: socket.socket) -> None:
+    """``marks``: the start marks the supervisor reads if this process dies
+    (:mod:`.marks`); only a worker with marks holds outcomes back to batch them."""
+
+    def __init__(self, sock: socket.socket, marks: StartMarks | None = None) -> None:
         self.sock = sock
-        self.sender = SocketSender[ToSupervisor](sock)
+        self.marks = marks
+        #: The start-mark slot of each call received and not started yet.
+        self.slots: dict[int, int] = {}
+        limit = hold_limit() if marks is not None else 0.0
+        self.sender = SocketSender[ToSupervisor](sock, limit)
+        #: Whether it holds outcomes back to send several at once.
+        self.holding = limit > 0
         self.send = self.sender.post
         self.hub = RemoteHub(self.send)
         self.host: WorkerHost | None = None
@@ -190,6 +201,8 @@ class Worker:
             self._serve()
         except Exception:  # noqa: BLE001 - told to the supervisor, which sees a death
             status = 1
+            if self.marks is not None:  # a call it did not read may be why
+                self.marks.unreadable()
             traceback.print_exc()  # on the supervisor's stderr once init has run
             print(
                 f"hlasync worker process {os.getpid()}: cannot handle what the supervisor "
@@ -294,6 +307,10 @@ class Worker:
         self.hub.set_interest(init.interest)
         host = WorkerHost(init.workers, init.pin_cpus, self.hub)
         host.cancel_host_calls = lambda job: self.send(CancelHost(job.call_id))
+        marks = self.marks
+        if marks is not None:
+            slots = self.slots
+            host.on_start = lambda job: marks.mark(slots.pop(job.call_id, -1), STARTED)
         host.start(self.on_complete, lambda function: function())
         self.host = host
         self.send(Hello(os.getpid()))
@@ -371,13 +388,27 @@ class Worker:
         if call.trace:  # host functions run here inside the caller's span
             job.span = telemetry.remote_span(call.trace, function.name)
         self.jobs[call.call_id] = job
+        if self.marks is not None:
+            self.slots[call.call_id] = call.slot
+            self.marks.mark(call.slot, RECEIVED)
         host.submit(job)
 
     def on_complete(self, job: Job) -> None:
+        """A call's outcome, to the supervisor. While this worker has more calls
+        to start, it is held (see :class:`~.channel.SocketSender`) so that the
+        outcomes of a run of calls reach the supervisor's loop in one frame, one
+        wake-up for all of them; the last of the run, or ``hold_limit`` after the
+        first (a call behind it may be long), sends them."""
         self.jobs.pop(job.call_id, None)
+        self.slots.pop(job.call_id, None)  # one that never started
         sandbox_id = job.sandbox.id if job.sandbox is not None else None
         error = portable_error(job.error)
-        self.send(Done(job.call_id, job.result, error, sandbox_id, self.counters(), job.path))
+        done = Done(job.call_id, job.result, error, sandbox_id, self.counters(), job.path)
+        host = self.host
+        if self.holding and host is not None and host.pending:
+            self.sender.hold(done)
+        else:
+            self.send(done)
 
     def on_close(self, key: str) -> None:
         host = self.host
@@ -429,7 +460,8 @@ class Worker:
 def main(argv: list[str] | None = None) -> None:
     arguments = sys.argv[1:] if argv is None else argv
     sock = socket.socket(fileno=int(arguments[0]))
-    status = Worker(sock).serve()
+    marks = StartMarks.attach(int(arguments[1])) if len(arguments) > 1 else None
+    status = Worker(sock, marks).serve()
     # Threads blocked in host functions must not keep a finished worker alive.
     os._exit(status)
 
