@@ -125,3 +125,38 @@ async def test_a_timed_out_hot_call_without_dumps_leaves_no_guest_spinning(
             release.set()
     finally:
         release.set()
+
+
+@threads_only
+async def test_short_hot_calls_stay_on_one_worker_and_long_ones_spread(
+    kvm: Kvm, simpleguest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With several vCPU threads, a hot pool's short calls are kept on the
+    worker already busy (two threads calling in turn would keep every member
+    from spinning: the exit path for all): most of them are restored in the
+    park. Calls that wait while no worker starts one (the busy ones are in long
+    calls) still wake an idle worker: two long calls run side by side."""
+    from tests.sandbox.test_hot_restore import InPlace
+
+    spy = InPlace(monkeypatch)
+    async with Supervisor(workers=2) as sup:
+        pool = await sup.create_pool(simpleguest, size=2, config=SandboxConfig(hot_restore=True))
+
+        async def caller(i: int) -> None:
+            for n in range(100):
+                assert await pool.call("add", i, n) == i + n
+
+        async with anyio.create_task_group() as tg:
+            for i in range(16):
+                tg.start_soon(caller, i)
+        assert spy.count >= 400, spy.count  # of 1,600 (none before)
+
+        async def long() -> None:
+            with pytest.raises(GuestTimeout):
+                await pool.call("spin", timeout=1.0)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(long)
+            tg.start_soon(long)
+            await anyio.sleep(0.4)
+            assert sup.statistics().running == 2

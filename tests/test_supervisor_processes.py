@@ -486,3 +486,104 @@ def test_the_hold_limit_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> N
             Supervisor(processes=1)
     monkeypatch.setenv("HLASYNC_HOLD_LIMIT", "0")
     Supervisor(processes=1)
+
+
+async def test_an_outcome_is_not_held_for_another_targets_waiting_call(
+    kvm: Kvm, simpleguest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker holds an outcome only while a call it could start waits: a
+    lone call of one pool is answered at once while another pool's call waits
+    in the same worker behind a call that never ends (before, every outcome of
+    the first pool waited for the hold limit: here 60 s)."""
+    monkeypatch.setenv("HLASYNC_HOLD_LIMIT", "60")
+    monkeypatch.setattr(ProcessBackend, "queue_ahead_window", 60.0)  # send ahead whatever
+    hot = SandboxConfig(hot_restore=True)
+    async with Supervisor(processes=1, workers=2) as sup:
+        busy = await sup.create_pool(simpleguest, size=1, config=hot)
+        lone = await sup.create_pool(simpleguest, size=1, config=hot)
+        assert await busy.call("add", 1, 1) == 2
+        shard = busy._shards[0]  # type: ignore[attr-defined]
+
+        async def spin() -> None:
+            with pytest.raises(GuestTimeout):
+                await busy.call("spin", timeout=20)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(spin)
+            await _sent(shard, 1)
+            tg.start_soon(spin)  # waits in the worker behind the first
+            await _sent(shard, 2)
+            with anyio.fail_after(10):
+                for n in range(20):
+                    assert await lone.call("add", n, 1) == n + 1
+            tg.cancel_scope.cancel()
+
+
+async def test_a_calls_events_arrive_with_its_outcome_or_not_at_all(
+    kvm: Kvm, simpleguest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call's outcome events travel in one frame with its outcome: a worker
+    that dies while it holds a finished call's outcome takes the call's
+    CallCompleted with it (before, subscribers were told the call completed
+    while its caller got WorkerLost)."""
+    monkeypatch.setenv("HLASYNC_HOLD_LIMIT", "60")  # held until the kill
+    monkeypatch.setattr(ProcessBackend, "queue_ahead_window", 60.0)  # send ahead whatever
+    async with (
+        Supervisor(processes=1, workers=1) as sup,
+        sup.subscribe(ev.CallCompleted) as events,
+    ):
+        pool = await sup.create_pool(simpleguest, size=1, config=SandboxConfig(hot_restore=True))
+        assert await pool.call("add", 1, 1) == 2
+        first = await events.receive()
+        shard = pool._shards[0]  # type: ignore[attr-defined]
+        outcomes: dict[str, object] = {}
+
+        async def call(name: str, *args: object) -> None:
+            try:
+                outcomes[name] = await pool.call(*args, timeout=20)  # type: ignore[arg-type]
+            except WorkerLost as exc:
+                outcomes[name] = exc
+
+        with anyio.fail_after(40):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, "first", "spin_for", 4 * 10**8)
+                await _sent(shard, 1)
+                tg.start_soon(call, "ran", "add", 20, 22)
+                await _sent(shard, 2)
+                tg.start_soon(call, "running", "spin")
+                await _sent(shard, 3)
+                await anyio.sleep(1.0)  # the first ends, then "ran"; the spin runs
+                _workers()[0].send_signal(signal.SIGKILL)
+        assert isinstance(first, ev.CallCompleted)
+        completed = [first.function]
+        while True:
+            with anyio.move_on_after(0.5):
+                completed.append((await events.receive()).function)  # type: ignore[attr-defined]
+                continue
+            break
+    # Both ran to their end, their outcomes held behind the spin: lost with the
+    # worker, and so were their events (only the first call's came).
+    assert isinstance(outcomes["first"], WorkerLost)
+    assert isinstance(outcomes["ran"], WorkerLost)
+    assert completed == ["add"]
+
+
+async def test_the_hold_limit_is_read_once_not_at_each_relaunch(
+    kvm: Kvm, simpleguest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HLASYNC_HOLD_LIMIT is read when the supervisor is made, and every launch
+    of its workers gets that value: one made wrong later (for supervisors made
+    afterwards) does not crash-loop the replacement of a dead worker."""
+    async with Supervisor(processes=1, workers=1) as sup:
+        pool = await sup.create_pool(simpleguest, size=1)
+        assert await pool.call("add", 1, 2) == 3
+        monkeypatch.setenv("HLASYNC_HOLD_LIMIT", "soon")
+        _workers()[0].send_signal(signal.SIGKILL)
+        with anyio.fail_after(20):
+            while True:
+                try:
+                    assert await pool.call("add", 1, 2) == 3
+                    break
+                except WorkerLost:
+                    await anyio.sleep(0.05)
+        assert sup.statistics().workers_lost == 1

@@ -304,3 +304,35 @@ def test_start_marks_between_the_two_ends() -> None:
     finally:
         theirs.close()
         ours.close()
+
+
+def test_closing_a_sender_waits_for_the_write_under_way() -> None:
+    """close() returns once everything queued is written, also when another
+    thread (the flusher of held messages) is in the middle of a write: a worker
+    exits right after it (before, what was queued behind that write was lost)."""
+    import threading
+    import time
+
+    from hlasync.supervisor.channel import SocketSender
+
+    class SlowSocket:
+        def __init__(self) -> None:
+            self.frames: list[bytes] = []
+
+        def sendall(self, data: bytes) -> None:
+            time.sleep(0.05)  # a full socket buffer, a thread off its CPU
+            self.frames.append(bytes(data))
+
+    sock = SlowSocket()
+    sender = SocketSender[Any](sock, hold_limit=0.002)
+    sender.hold("held")  # the flusher writes it after 2 ms...
+    time.sleep(0.01)  # ...and is in its sendall now
+    assert any(t.name == "hlasync-flush" for t in threading.enumerate())
+    sender.post("posted")  # queued behind that write
+    sender.close()
+    written: list[object] = [
+        m for frame in sock.frames for batch in Decoder[Any]().feed(frame) for m in batch
+    ]
+    assert written == ["held", "posted"]
+    sender.post("after")  # refused once closed
+    assert len(sock.frames) == 2

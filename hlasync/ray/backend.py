@@ -52,6 +52,7 @@ class RayBackend(ProcessBackend):
     queue_depth = 8
     hot_queue_depth = 8
     queue_ahead_window = 0.05
+    holds = False  # an actor's worker has no start marks: it sends every outcome at once
 
     def __init__(
         self,

@@ -129,7 +129,7 @@ class SocketSender(Generic[M]):
 
     :meth:`hold` queues a message without writing it, so that several go out
     in one frame (one wake-up of the other end for all of them): held messages
-    go out with the next :meth:`post` or :meth:`flush`, and at the latest
+    go out with the next :meth:`post`, and at the latest
     ``hold_limit`` seconds after the first of them was held (a thread of the
     sender's, ``hlasync-flush``, made by the first hold, sees to that).
     Messages go out in the order they were queued, held or not."""
@@ -154,21 +154,32 @@ class SocketSender(Generic[M]):
 
     def post(self, message: M) -> None:
         """Queue ``message`` and write what is queued (held messages first)."""
+        self.post_many((message,))
+
+    def post_many(self, messages: Sequence[M], *, hold: bool = False) -> None:
+        """Queue ``messages``, which go out in one frame (with what is queued
+        before them), and write what is queued; with ``hold``, :meth:`hold` them."""
+        if hold:
+            self._hold(messages)
+            return
         with self._lock:
             if self._closed:
                 return
-            self._queue.append(message)
+            self._queue.extend(messages)
             if self._writing:
-                return  # the writing thread takes it with its next batch
+                return  # the writing thread takes them with its next batch
             self._writing = True
         self._write()
 
     def hold(self, message: M) -> None:
         """Queue ``message`` without writing it (see the class)."""
+        self._hold((message,))
+
+    def _hold(self, messages: Sequence[M]) -> None:
         with self._lock:
             if self._closed:
                 return
-            self._queue.append(message)
+            self._queue.extend(messages)
             if self._writing or self._held_since:
                 return  # it goes out with the write under way, or with those held
             self._held_since = time.monotonic()
@@ -180,14 +191,6 @@ class SocketSender(Generic[M]):
             elif self._flusher_idle:
                 self._wakeup.notify()
 
-    def flush(self) -> None:
-        """Write what is queued now (nothing when nothing is)."""
-        with self._lock:
-            if self._writing or not self._queue:
-                return
-            self._writing = True
-        self._write()
-
     def _write(self) -> None:
         while True:
             with self._lock:
@@ -195,6 +198,8 @@ class SocketSender(Generic[M]):
                 self._held_since = 0.0
                 if not batch:
                     self._writing = False
+                    if self._closed:
+                        self._wakeup.notify_all()  # close() waits for the last write
                     return
             if not self.broken:
                 try:
@@ -225,15 +230,20 @@ class SocketSender(Generic[M]):
                 self._writing = True
             self._write()
 
-    def close(self) -> None:
-        """Write what is held, then refuse further messages (what is queued has
-        been or is being written)."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Refuse further messages and write what is queued, held or not; return
+        once it is written (by this thread, or by a thread writing already:
+        waited for at most ``timeout`` seconds), so that a process may exit."""
+        deadline = time.monotonic() + timeout
         with self._lock:
-            if self._closed:
-                return
             self._closed = True
-            self._wakeup.notify_all()
-            if self._writing or not self._queue:
+            self._wakeup.notify_all()  # the flusher ends
+            while self._writing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._wakeup.wait(left)
+            if not self._queue:
                 return
             self._writing = True
         self._write()

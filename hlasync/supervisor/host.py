@@ -8,6 +8,9 @@ Threads (all joined on shutdown):
 
 - ``hlasync-vcpu-N`` (``workers`` of them) run every guest call (every
   ``KVM_RUN``); the event loop never blocks on a guest.
+- ``hlasync-stall`` (made when first needed) wakes an idle worker for calls
+  of a hot pool that wait while the worker running them takes none (see
+  ``_keep_on_busy_locked``).
 - ``hlasync-watchdog`` (:mod:`.watchdog`) notices calls past their limits; the
   host then asks the call to dump itself and stop, without waiting (the
   worker running the call writes the dump), so expiries are handled
@@ -62,6 +65,12 @@ _logger = logging.getLogger("hlasync.supervisor")
 
 #: Seconds shutdown waits, after stopping the calls still running, for the threads.
 STOP_TIMEOUT = 2.0
+#: A hot pool whose calls take less than this (seconds, a running average)
+#: keeps its calls on the workers already busy (see _keep_on_busy_locked).
+SHORT_CALL = 0.0005
+#: Seconds calls may wait while no worker takes one before an idle worker is
+#: woken for them (the busy ones are in long calls).
+STALL = 0.005
 
 
 class WorkerHost:
@@ -86,6 +95,19 @@ class WorkerHost:
         self.stopping = False
         self.accepting = True  # pools replace members only while the supervisor serves
         self.watchdog = Watchdog(self._expire, self.thread_failed)
+        #: The worker that runs the short calls of hot pools now (None: none is
+        #: busy with them) and when it last took one (under ``lock``), and the
+        #: state of the thread that wakes an idle worker when such calls wait
+        #: and the runner took none for STALL seconds (``hlasync-stall``).
+        self._runner: int | None = None
+        self._runner_took = 0.0
+        self._runner_woken = False  # an idle worker was woken to be the runner
+        self._skipped = False  # the last _take_locked left a call to the runner
+        self._stall_watch = threading.Condition(self.lock)
+        self._stall_armed = False
+        self._stall_sleeping = False
+        self._stall_started = False  # made when first needed
+        self._stall_woke = 0.0  # when it last woke a worker
         self._complete: Callable[[Job], None] = lambda job: None
         self._on_loop: Callable[[Callable[[], None]], None] = lambda function: None
         #: Cancels a stopped call's ``async def`` host functions (they run on the
@@ -94,6 +116,9 @@ class WorkerHost:
         #: Told of each call as a vCPU thread takes it, before its guest runs
         #: (a worker process sets its start mark, see :mod:`.marks`).
         self.on_start: Callable[[Job], None] | None = None
+        #: Whether ``finish`` publishes a call's outcome events; a worker
+        #: process publishes them itself, in one frame with the outcome.
+        self.publishes_outcomes = True
 
     # ------------------------------------------------------------- lifecycle
     def start(
@@ -140,6 +165,7 @@ class WorkerHost:
         with self.lock:
             self.stopping = True
             self._wake_all_locked()
+            self._stall_watch.notify_all()
         self.watchdog.stop()
 
     def alive(self) -> list[threading.Thread]:
@@ -148,6 +174,7 @@ class WorkerHost:
     # -------------------------------------------------------------- targets
     def add_target(self, target: Target, sandboxes: list[Sandbox]) -> None:
         with self.lock:
+            target._hot = target.fresh_state and all(sb.config.hot_restore for sb in sandboxes)
             target._members = list(sandboxes)
             target._free = list(sandboxes)
             self.targets.append(target)
@@ -190,6 +217,58 @@ class WorkerHost:
             # waiting: the workers that give one back take them.
             target = job.target
             if self._idle and target._free and len(self.pending) > target._restoring:
+                if self._keep_on_busy_locked(target):
+                    self._arm_stall_locked()
+                else:
+                    self._runner_woken = self._short_hot(target)
+                    self._idle.pop().release()
+
+    @staticmethod
+    def _short_hot(target: Target) -> bool:
+        """A hot pool whose calls take less than SHORT_CALL on average."""
+        return target._hot and target._call_time < SHORT_CALL
+
+    def _keep_on_busy_locked(self, target: Target) -> bool:
+        """Whether a call of ``target`` should wait for the worker that runs
+        short hot calls now rather than wake another: one thread calling keeps
+        a hot pool's members hot, two calling in turn never do (the hot budget
+        lets no sandbox spin while other threads call), and for calls this
+        short the GIL they share is the limit anyway. The stall thread wakes
+        another worker if the runner stops taking calls (a long one came)."""
+        return (self._runner is not None or self._runner_woken) and self._short_hot(target)
+
+    def _arm_stall_locked(self) -> None:
+        if not self._stall_armed:
+            self._stall_armed = True
+            if self._stall_sleeping:
+                self._stall_watch.notify()
+            elif not self._stall_started and not self.stopping:
+                self._stall_started = True
+                self._spawn("hlasync-stall", self._stall_main)
+
+    def _stall_main(self) -> None:
+        """Wake an idle worker when calls wait and no worker took one for STALL
+        seconds; sleeps while nothing waits that way."""
+        with self.lock:
+            while not self.stopping:
+                if not self._stall_armed:
+                    self._stall_sleeping = True
+                    self._stall_watch.wait()
+                    self._stall_sleeping = False
+                    continue
+                if not self.pending or not self._idle:
+                    self._stall_armed = False  # taken, or every worker is busy
+                    continue
+                now = time.monotonic()
+                due = max(self._runner_took, self._stall_woke) + STALL
+                if now < due:
+                    self._stall_watch.wait(due - now)
+                    continue
+                # The runner is stuck in a long call: the worker woken takes over
+                # (a call kept from it again arms this thread again).
+                self._stall_woke = now  # at most one wake-up per STALL
+                self._runner, self._runner_woken = None, True
+                self._stall_armed = False
                 self._idle.pop().release()
 
     def _wake_one_locked(self) -> None:
@@ -287,12 +366,20 @@ class WorkerHost:
         while True:
             with self.lock:
                 job = self._take_locked(index)
+                self._runner_woken = False
                 if job is None:
                     if self.stopping:
                         return
+                    if self._runner == index:
+                        self._runner = None
+                    elif self._skipped:  # left to the runner: if it stalls, one takes them
+                        self._arm_stall_locked()
                     self._idle.append(wake)
                 elif self.pending:  # calls left waiting: another worker may have room
-                    self._wake_one_locked()
+                    if self._keep_on_busy_locked(self.pending[0].target):
+                        self._arm_stall_locked()
+                    else:
+                        self._wake_one_locked()
             if job is None:
                 wake.acquire()
                 continue
@@ -319,10 +406,24 @@ class WorkerHost:
             self.counters[name] += 1
 
     def _take_locked(self, worker: int) -> Job | None:
-        """The oldest pending call whose target has room (FIFO, no head-of-line blocking)."""
+        """The oldest pending call whose target has room (FIFO, no head-of-line
+        blocking), leaving short hot calls to their runner while it takes them
+        (see _keep_on_busy_locked)."""
+        now = 0.0
+        self._skipped = False
         for position, job in enumerate(self.pending):
-            sandbox = job.target._take_locked(worker)
+            target = job.target
+            short_hot = self._short_hot(target)
+            if short_hot:
+                now = now or time.monotonic()
+                runner = self._runner
+                if runner is not None and runner != worker and now - self._runner_took < STALL:
+                    self._skipped = True
+                    continue
+            sandbox = target._take_locked(worker)
             if sandbox is not None:
+                if short_hot:
+                    self._runner, self._runner_took = worker, now
                 sandbox._last_worker = worker
                 del self.pending[position]
                 job.sandbox = sandbox
@@ -388,6 +489,8 @@ class WorkerHost:
         if in_place:
             with self.lock:
                 target._restoring += 1
+        # Its running average (two workers racing here lose a sample at most).
+        target._call_time += (time.monotonic() - job.started_at - target._call_time) / 8
         try:
             self.finish(job, result, error)
         finally:
@@ -407,8 +510,14 @@ class WorkerHost:
                 finally:
                     with self.lock:
                         target._restoring -= 1
-                        if not done and self.pending:  # calls that waited for this member
-                            self._wake_one_locked()
+                        # Calls that waited for this member: another worker takes
+                        # them, unless they are short hot calls (this one stays the
+                        # only caller, or no member will spin again).
+                        if not done and self.pending:
+                            if self._keep_on_busy_locked(target):
+                                self._arm_stall_locked()
+                            else:
+                                self._wake_one_locked()
             if not done and (target.fresh_state or sandbox.state is not SandboxState.READY):
                 sandbox.restore()
         except Exception as exc:  # noqa: BLE001 - whatever broke it, it must not be reused
@@ -479,8 +588,15 @@ class WorkerHost:
             job.finished = True
             job.result, job.error = result, error
         self.running.discard(job)  # one atomic set operation: no lock needed
-        publish_outcome(self.hub, job, error)
+        if self.publishes_outcomes:
+            publish_outcome(self.hub, job, error)
         self._complete(job)
+
+    def startable(self) -> bool:
+        """Whether a waiting call can start now, or once a member restored in
+        place is back (not under ``lock``)."""
+        with self.lock:
+            return any(job.target._free or job.target._restoring for job in self.pending)
 
     # -------------------------------------------------------------- expiries
     def _expire(self, job: Job, kind: str) -> None:

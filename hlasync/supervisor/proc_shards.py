@@ -19,7 +19,6 @@ import anyio
 
 from .. import _telemetry as telemetry
 from ..errors import SupervisorClosed
-from .channel import HOLD_LIMIT
 from .jobs import Job
 from .messages import Call
 from .proc_handle import Finish, Shard
@@ -38,9 +37,10 @@ def shards_of(target: Target) -> list[Shard]:
 #: processes (``Shard.ahead_window``; a backend with a slower channel sets its
 #: own): a shard that has answered nothing for longer is busy with long calls,
 #: and a call sent there would wait behind them while another worker's sandbox
-#: may come free first. A busy worker holds answers for up to
-#: :data:`~.channel.HOLD_LIMIT` to send them together: the window is longer.
-QUEUE_AHEAD_WINDOW = HOLD_LIMIT + 0.003
+#: may come free first. A busy worker holds answers for up to its hold limit
+#: (:data:`~.channel.HOLD_LIMIT`) to send them together: the window is this
+#: plus that limit.
+QUEUE_AHEAD_WINDOW = 0.003
 
 
 def pick(target: Target) -> Shard | None:

@@ -70,6 +70,7 @@ from .proc_handle import Shard, WorkerHandle
 from .proc_hostcalls import HOST_THREADS, HostCalls
 from .proc_relaunch import Relauncher, describe_status, reaped
 from .proc_shards import QUEUE_AHEAD_WINDOW, CallQueue, shards_of
+from .settings import hold_limit
 from .specs import HostKey, TargetSpec
 from .targets import Pool, SupervisedSandbox, Target
 
@@ -99,6 +100,8 @@ class ProcessBackend(WorkerMessages):
     #: Seconds after a shard's last answer within which it may get calls beyond
     #: its free sandboxes (see proc_shards.pick).
     queue_ahead_window = QUEUE_AHEAD_WINDOW
+    #: Whether its workers hold outcomes (they need start marks: local processes).
+    holds = True
     uses_tasks = True
 
     def __init__(
@@ -124,6 +127,9 @@ class ProcessBackend(WorkerMessages):
         self._outbox: Outbox | None = None
         self._group: anyio.abc.TaskGroup | None = None
         self._closing = False
+        #: Seconds its workers may hold an outcome to send it with others
+        #: (HLASYNC_HOLD_LIMIT, read once: every launch gets the same).
+        self._hold_limit = hold_limit() if self.holds else 0.0
         #: Targets being closed: a second close waits for the first.
         self._closing_targets: dict[Target, anyio.Event] = {}
         self._hosts = HostCalls(front.events)
@@ -203,6 +209,7 @@ class ProcessBackend(WorkerMessages):
                     "hlasync.supervisor.worker",
                     str(child.fileno()),
                     str(marks.fd),
+                    repr(self._hold_limit),
                 ],
                 pass_fds=[child.fileno(), marks.fd],
                 env=env,
@@ -326,7 +333,8 @@ class ProcessBackend(WorkerMessages):
             size = spec.size // count + (1 if position < spec.size % count else 0)
             key = f"{spec.name}#{next(self._shard_ids)}"
             shard_spec = dataclasses.replace(spec, name=key, size=size)
-            shard = Shard(target, live[position], key, shard_spec, depth, self.queue_ahead_window)
+            ahead = self.queue_ahead_window + self._hold_limit  # its answers may be held
+            shard = Shard(target, live[position], key, shard_spec, depth, ahead)
             shards.append(shard)
         for shard in shards:
             self._hosts.add(shard.key, callables, output)

@@ -110,6 +110,10 @@ class Target:
         #: meanwhile waits for one of them (a few µs, and it is still hot)
         #: rather than waking a worker for a member that went cold.
         self._restoring = 0
+        #: A hot pool (restored in place), and the running average time of its
+        #: calls (seconds; see WorkerHost._keep_on_busy_locked).
+        self._hot = False
+        self._call_time = 0.0
         self._closed = False
         #: Host functions as registered on every member (wrapped for the supervisor).
         self._host_functions: dict[str, Callable[..., Any]] = {}

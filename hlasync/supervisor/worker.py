@@ -67,7 +67,7 @@ from .messages import (
     ToWorker,
     Undecodable,
 )
-from .settings import hold_limit
+from .outcomes import publish_outcome
 from .specs import HostKey, TargetSpec
 from .targets import Target
 
@@ -100,10 +100,33 @@ class RemoteHub:
             self.post(event_type(**fields))
 
     def post(self, event: ev.Event) -> None:
+        self._send(self.message(event))
+
+    @staticmethod
+    def message(event: ev.Event) -> Published:
+        """``event`` as the message that carries it (its error made portable)."""
         error = getattr(event, "error", None)
         if isinstance(error, BaseException):
             event = dataclasses.replace(event, error=portable_error(error))  # type: ignore[call-arg]
-        self._send(Published(event))
+        return Published(event)
+
+
+class _Gathered:
+    """A publisher that gathers what ``hub`` would send, as messages."""
+
+    def __init__(self, hub: RemoteHub, messages: list[ToSupervisor]) -> None:
+        self._hub = hub
+        self._messages = messages
+
+    def wants(self, kind: type[ev.Event]) -> bool:
+        return self._hub.wants(kind)
+
+    def publish(self, event_type: type[ev.Event], /, **fields: Any) -> None:
+        if self._hub.wants(event_type):
+            self.post(event_type(**fields))
+
+    def post(self, event: ev.Event) -> None:
+        self._messages.append(self._hub.message(event))
 
 
 class _ForwardedStream(io.TextIOBase):
@@ -172,15 +195,16 @@ class Worker:
     """``marks``: the start marks the supervisor reads if this process dies
     (:mod:`.marks`); only a worker with marks holds outcomes back to batch them."""
 
-    def __init__(self, sock: socket.socket, marks: StartMarks | None = None) -> None:
+    def __init__(
+        self, sock: socket.socket, marks: StartMarks | None = None, hold_limit: float = 0.0
+    ) -> None:
         self.sock = sock
         self.marks = marks
         #: The start-mark slot of each call received and not started yet.
         self.slots: dict[int, int] = {}
-        limit = hold_limit() if marks is not None else 0.0
-        self.sender = SocketSender[ToSupervisor](sock, limit)
+        self.sender = SocketSender[ToSupervisor](sock, hold_limit)
         #: Whether it holds outcomes back to send several at once.
-        self.holding = limit > 0
+        self.holding = marks is not None and hold_limit > 0
         self.send = self.sender.post
         self.hub = RemoteHub(self.send)
         self.host: WorkerHost | None = None
@@ -307,6 +331,7 @@ class Worker:
         self.hub.set_interest(init.interest)
         host = WorkerHost(init.workers, init.pin_cpus, self.hub)
         host.cancel_host_calls = lambda job: self.send(CancelHost(job.call_id))
+        host.publishes_outcomes = False  # on_complete sends them with the outcome
         marks = self.marks
         if marks is not None:
             slots = self.slots
@@ -394,21 +419,23 @@ class Worker:
         host.submit(job)
 
     def on_complete(self, job: Job) -> None:
-        """A call's outcome, to the supervisor. While this worker has more calls
-        to start, it is held (see :class:`~.channel.SocketSender`) so that the
-        outcomes of a run of calls reach the supervisor's loop in one frame, one
-        wake-up for all of them; the last of the run, or ``hold_limit`` after the
-        first (a call behind it may be long), sends them."""
+        """A call's outcome, to the supervisor, in one frame with its events
+        (``CallCompleted``...: they arrive with it or, if this process dies
+        first, not at all). While this worker has another call to start, it is
+        held (see :class:`~.channel.SocketSender`) so that the outcomes of a run
+        of calls reach the supervisor's loop in one frame, one wake-up for all
+        of them; the last of the run, or ``hold_limit`` after the first (a call
+        behind it may be long), sends them."""
         self.jobs.pop(job.call_id, None)
         self.slots.pop(job.call_id, None)  # one that never started
+        messages: list[ToSupervisor] = []
+        publish_outcome(_Gathered(self.hub, messages), job, job.error)
         sandbox_id = job.sandbox.id if job.sandbox is not None else None
         error = portable_error(job.error)
-        done = Done(job.call_id, job.result, error, sandbox_id, self.counters(), job.path)
+        messages.append(Done(job.call_id, job.result, error, sandbox_id, self.counters(), job.path))
         host = self.host
-        if self.holding and host is not None and host.pending:
-            self.sender.hold(done)
-        else:
-            self.send(done)
+        hold = self.holding and host is not None and host.startable()
+        self.sender.post_many(messages, hold=hold)
 
     def on_close(self, key: str) -> None:
         host = self.host
@@ -461,7 +488,8 @@ def main(argv: list[str] | None = None) -> None:
     arguments = sys.argv[1:] if argv is None else argv
     sock = socket.socket(fileno=int(arguments[0]))
     marks = StartMarks.attach(int(arguments[1])) if len(arguments) > 1 else None
-    status = Worker(sock, marks).serve()
+    hold = float(arguments[2]) if len(arguments) > 2 else 0.0
+    status = Worker(sock, marks, hold).serve()
     # Threads blocked in host functions must not keep a finished worker alive.
     os._exit(status)
 
