@@ -17,6 +17,8 @@ from hlasync import CoreDump, GuestTimeout, SandboxConfig
 from hlasync.kvm import Kvm
 from hlasync.sandbox.hot import HotSession
 from hlasync.supervisor import Supervisor
+from hlasync.supervisor import host as host_module
+from hlasync.supervisor.jobs import Job
 from tests.conftest import threads_only
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("supervisor_mode")]
@@ -160,3 +162,89 @@ async def test_short_hot_calls_stay_on_one_worker_and_long_ones_spread(
             tg.start_soon(long)
             await anyio.sleep(0.4)
             assert sup.statistics().running == 2
+
+
+@threads_only
+async def test_calls_that_turn_long_all_start_once_the_runner_stalls(
+    kvm: Kvm, simpleguest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calls of a hot pool whose calls were short, that all block together (in
+    a host function): once the stall thread sees the runner stuck, the pool's
+    calls count as long and every one starts, not one per STALL (here 1 s: 8
+    calls would have needed 7 s, and the host function gives up after 5)."""
+    monkeypatch.setattr(host_module, "STALL", 1.0)
+    n = 8
+    barrier = threading.Barrier(n)
+
+    def meet(x: int) -> int:
+        barrier.wait(timeout=5)
+        return x
+
+    async with Supervisor(workers=n) as sup:
+        pool = await sup.create_pool(
+            simpleguest,
+            size=n,
+            config=SandboxConfig(hot_restore=True),
+            host_functions={"meet": meet},
+        )
+        for _ in range(50):  # short calls: the pool's average is under SHORT_CALL
+            assert await pool.call("add", 1, 2) == 3
+        results: list[object] = []
+
+        async def call(i: int) -> None:
+            results.append(await pool.call("call_host", "meet", i))
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for i in range(n):
+                    tg.start_soon(call, i)
+        assert sorted(results) == list(range(n))  # type: ignore[type-var]
+
+
+@threads_only
+async def test_a_call_that_cannot_start_wakes_no_worker(
+    kvm: Kvm, simpleguest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call of another pool that cannot start (its member is busy) at the
+    head of the queue: a worker that takes a call wakes another only for a call
+    that can start, not once per call for nothing (before: ~1,000 wake-ups in
+    which the woken worker took nothing, for 1,000 hot calls)."""
+    futile = [0]
+    real = host_module.WorkerHost._take_locked
+
+    def take(self: host_module.WorkerHost, worker: int) -> Job | None:
+        job = real(self, worker)
+        futile[0] += job is None
+        return job
+
+    monkeypatch.setattr(host_module.WorkerHost, "_take_locked", take)
+    release = threading.Event()
+
+    def block(x: int) -> int:
+        release.wait(10)
+        return x
+
+    try:
+        async with Supervisor(workers=3) as sup:
+            hot = await sup.create_pool(simpleguest, size=2, config=SandboxConfig(hot_restore=True))
+            other = await sup.create_pool(simpleguest, size=1, host_functions={"block": block})
+            for _ in range(50):
+                assert await hot.call("add", 1, 2) == 3
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(other.call, "call_host", "block", 1)
+                await anyio.sleep(0.05)
+                tg.start_soon(other.call, "add", 1, 2)  # waits: its member is busy
+                await anyio.sleep(0.05)
+                futile[0] = 0
+
+                async def caller() -> None:
+                    for _ in range(250):
+                        assert await hot.call("add", 1, 2) == 3
+
+                async with anyio.create_task_group() as callers:
+                    for _ in range(4):
+                        callers.start_soon(caller)
+                assert futile[0] < 100, f"{futile[0]} futile wake-ups for 1,000 calls"
+                release.set()
+    finally:
+        release.set()

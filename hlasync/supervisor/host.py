@@ -102,6 +102,7 @@ class WorkerHost:
         self._runner: int | None = None
         self._runner_took = 0.0
         self._runner_woken = False  # an idle worker was woken to be the runner
+        self._runner_job: Job | None = None  # the call the runner took last
         self._skipped = False  # the last _take_locked left a call to the runner
         self._stall_watch = threading.Condition(self.lock)
         self._stall_armed = False
@@ -174,7 +175,9 @@ class WorkerHost:
     # -------------------------------------------------------------- targets
     def add_target(self, target: Target, sandboxes: list[Sandbox]) -> None:
         with self.lock:
-            target._hot = target.fresh_state and all(sb.config.hot_restore for sb in sandboxes)
+            target._hot = target.fresh_state and all(
+                sb.config.hot_restore and sb.config.spin != 0 for sb in sandboxes
+            )
             target._members = list(sandboxes)
             target._free = list(sandboxes)
             self.targets.append(target)
@@ -220,7 +223,8 @@ class WorkerHost:
                 if self._keep_on_busy_locked(target):
                     self._arm_stall_locked()
                 else:
-                    self._runner_woken = self._short_hot(target)
+                    if self._short_hot(target):
+                        self._runner_woken, self._runner_took = True, time.monotonic()
                     self._idle.pop().release()
 
     @staticmethod
@@ -249,27 +253,51 @@ class WorkerHost:
     def _stall_main(self) -> None:
         """Wake an idle worker when calls wait and no worker took one for STALL
         seconds; sleeps while nothing waits that way."""
-        with self.lock:
-            while not self.stopping:
-                if not self._stall_armed:
-                    self._stall_sleeping = True
-                    self._stall_watch.wait()
-                    self._stall_sleeping = False
-                    continue
-                if not self.pending or not self._idle:
-                    self._stall_armed = False  # taken, or every worker is busy
-                    continue
-                now = time.monotonic()
-                due = max(self._runner_took, self._stall_woke) + STALL
-                if now < due:
-                    self._stall_watch.wait(due - now)
-                    continue
-                # The runner is stuck in a long call: the worker woken takes over
-                # (a call kept from it again arms this thread again).
-                self._stall_woke = now  # at most one wake-up per STALL
-                self._runner, self._runner_woken = None, True
-                self._stall_armed = False
-                self._idle.pop().release()
+        while True:
+            try:
+                with self.lock:
+                    if not self._stall_step_locked():
+                        return
+            except Exception as exc:  # noqa: BLE001 - the thread goes on
+                self.thread_failed(exc)
+                time.sleep(STALL)
+
+    def _stall_step_locked(self) -> bool:
+        """One turn of the stall thread (under ``lock``); False when it ends."""
+        if self.stopping:
+            return False
+        if not self._stall_armed:
+            self._stall_sleeping = True
+            self._stall_watch.wait()
+            self._stall_sleeping = False
+            return True
+        if not self.pending or not self._idle:
+            self._stall_armed = False  # taken, or every worker is busy
+            return True
+        now = time.monotonic()
+        due = max(self._runner_took, self._stall_woke) + STALL
+        if now < due:
+            self._stall_watch.wait(due - now)
+            return True
+        # The runner is in a long call: its pool's calls count as long now (so
+        # the worker woken, and those it wakes, spread them as any), and the
+        # worker woken takes over.
+        job = self._runner_job
+        if job is not None and self._runner is not None:
+            ran = now - (job.started_at or self._runner_took)
+            job.target._call_time = max(job.target._call_time, ran)
+        self._stall_woke = now  # at most one wake-up per STALL
+        self._runner, self._runner_woken = None, True
+        self._stall_armed = False
+        self._idle.pop().release()
+        return True
+
+    def _first_startable_locked(self) -> Job | None:
+        """The oldest waiting call whose target has a free sandbox now."""
+        for job in self.pending:
+            if job.target._free:
+                return job
+        return None
 
     def _wake_one_locked(self) -> None:
         """Wake the worker that went idle last, if one is idle (under ``lock``)."""
@@ -375,8 +403,11 @@ class WorkerHost:
                     elif self._skipped:  # left to the runner: if it stalls, one takes them
                         self._arm_stall_locked()
                     self._idle.append(wake)
-                elif self.pending:  # calls left waiting: another worker may have room
-                    if self._keep_on_busy_locked(self.pending[0].target):
+                elif self.pending:  # calls left waiting: another worker may take one
+                    waiting = self._first_startable_locked()
+                    if waiting is None:
+                        pass  # none can start: the workers giving sandboxes back take them
+                    elif self._keep_on_busy_locked(waiting.target):
                         self._arm_stall_locked()
                     else:
                         self._wake_one_locked()
@@ -423,7 +454,7 @@ class WorkerHost:
             sandbox = target._take_locked(worker)
             if sandbox is not None:
                 if short_hot:
-                    self._runner, self._runner_took = worker, now
+                    self._runner, self._runner_took, self._runner_job = worker, now, job
                 sandbox._last_worker = worker
                 del self.pending[position]
                 job.sandbox = sandbox
