@@ -12,7 +12,9 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import psutil
@@ -386,6 +388,35 @@ async def _sent(shard: object, count: int) -> None:
             await anyio.sleep(0.001)
 
 
+async def _queue_then_kill(
+    pool: Any,
+    calls: Sequence[tuple[object, ...]],
+    before_kill: Callable[[], Awaitable[None]],
+    outcomes: dict[str, object],
+) -> None:
+    """Send ``calls`` ((name, function, arguments...)) to a hot pool of one
+    member in one worker process, each queued behind the one before (those
+    past the worker's capacity wait here), await ``before_kill``, kill the
+    worker with SIGKILL; each call's result or WorkerLost in ``outcomes``, by
+    name."""
+    shard = pool._shards[0]
+
+    async def call(name: str, *args: object) -> None:
+        try:
+            outcomes[name] = await pool.call(*args, timeout=20)
+        except WorkerLost as exc:
+            outcomes[name] = exc
+
+    with anyio.fail_after(40):
+        async with anyio.create_task_group() as tg:
+            for sent, (name, *args) in enumerate(calls, 1):
+                tg.start_soon(call, str(name), *args)
+                if sent <= shard.capacity:
+                    await _sent(shard, sent)
+            await before_kill()
+            _workers()[0].send_signal(signal.SIGKILL)
+
+
 async def test_a_held_outcome_does_not_wait_for_a_long_call(
     kvm: Kvm, simpleguest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -443,33 +474,25 @@ async def test_a_dead_worker_fails_the_calls_that_ran_and_resends_the_others(
             host_functions={"record": record},
         )
         assert await pool.call("add", 1, 1) == 2
-        shard = pool._shards[0]  # type: ignore[attr-defined]
+
+        async def before_kill() -> None:
+            with anyio.fail_after(10):
+                while recorded != [1]:
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.3)  # its outcome is held, the spin runs
+            assert "ran" not in outcomes
+
         outcomes: dict[str, object] = {}
-
-        async def call(name: str, *args: object) -> None:
-            try:
-                outcomes[name] = await pool.call(*args, timeout=20)  # type: ignore[arg-type]
-            except WorkerLost as exc:
-                outcomes[name] = exc
-
-        with anyio.fail_after(40):
-            async with anyio.create_task_group() as tg:
-                # The member is busy with the first while the others queue behind it.
-                tg.start_soon(call, "first", "spin_for", 4 * 10**8)
-                await _sent(shard, 1)
-                tg.start_soon(call, "ran", "call_host", "record", 1)
-                await _sent(shard, 2)
-                tg.start_soon(call, "running", "spin")
-                await _sent(shard, 3)
-                tg.start_soon(call, "waiting-1", "call_host", "record", 3)
-                await _sent(shard, 4)
-                tg.start_soon(call, "waiting-2", "call_host", "record", 4)  # waits here
-                with anyio.fail_after(10):
-                    while recorded != [1]:
-                        await anyio.sleep(0.01)
-                await anyio.sleep(0.3)  # its outcome is held, the spin runs
-                assert "ran" not in outcomes
-                _workers()[0].send_signal(signal.SIGKILL)
+        # The member is busy with the first while the others queue behind it
+        # (the last waits here: the worker has room for 4).
+        calls: list[tuple[object, ...]] = [
+            ("first", "spin_for", 4 * 10**8),
+            ("ran", "call_host", "record", 1),
+            ("running", "spin"),
+            ("waiting-1", "call_host", "record", 3),
+            ("waiting-2", "call_host", "record", 4),
+        ]
+        await _queue_then_kill(pool, calls, before_kill, outcomes)
     assert outcomes["first"] == 4 * 10**8  # its outcome went out with the host call
     assert isinstance(outcomes["ran"], WorkerLost)
     assert isinstance(outcomes["running"], WorkerLost)
@@ -535,25 +558,14 @@ async def test_a_calls_events_arrive_with_its_outcome_or_not_at_all(
         pool = await sup.create_pool(simpleguest, size=1, config=SandboxConfig(hot_restore=True))
         assert await pool.call("add", 1, 1) == 2
         first = await events.receive()
-        shard = pool._shards[0]  # type: ignore[attr-defined]
+        calls: list[tuple[object, ...]] = [
+            ("first", "spin_for", 4 * 10**8),
+            ("ran", "add", 20, 22),
+            ("running", "spin"),
+        ]
+        # The first ends, then "ran"; the spin runs.
         outcomes: dict[str, object] = {}
-
-        async def call(name: str, *args: object) -> None:
-            try:
-                outcomes[name] = await pool.call(*args, timeout=20)  # type: ignore[arg-type]
-            except WorkerLost as exc:
-                outcomes[name] = exc
-
-        with anyio.fail_after(40):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(call, "first", "spin_for", 4 * 10**8)
-                await _sent(shard, 1)
-                tg.start_soon(call, "ran", "add", 20, 22)
-                await _sent(shard, 2)
-                tg.start_soon(call, "running", "spin")
-                await _sent(shard, 3)
-                await anyio.sleep(1.0)  # the first ends, then "ran"; the spin runs
-                _workers()[0].send_signal(signal.SIGKILL)
+        await _queue_then_kill(pool, calls, lambda: anyio.sleep(1.0), outcomes)
         assert isinstance(first, ev.CallCompleted)
         completed = [first.function]
         while True:
