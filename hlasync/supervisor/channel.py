@@ -148,9 +148,6 @@ class SocketSender(Generic[M]):
         self._wakeup = threading.Condition(self._lock)
         self._flusher: threading.Thread | None = None
         self._flusher_idle = False
-        #: Frames written, and the messages in them (what batching achieved).
-        self.frames = 0
-        self.messages = 0
 
     def post(self, message: M) -> None:
         """Queue ``message`` and write what is queued (held messages first)."""
@@ -204,8 +201,6 @@ class SocketSender(Generic[M]):
             if not self.broken:
                 try:
                     self._sendall(encode(batch))
-                    self.frames += 1
-                    self.messages += len(batch)
                 except OSError:
                     self.broken = True  # the other side is gone: its reader notices too
 

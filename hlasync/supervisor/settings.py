@@ -59,7 +59,7 @@ def check_settings(
     if type(processes) is not int or processes < 0:
         raise ValueError("processes must be an int >= 0 (0: threads of this process)")
     if processes:
-        hold_limit()  # its workers read it: a wrong value is said here
+        hold_limit()  # read again by the process backend: a wrong value is said here
     if type(max_pending) is not int or max_pending < 1:
         raise ValueError("max_pending must be a positive int")
     check_limit("timeout", timeout)
