@@ -268,8 +268,26 @@ async def test_backpressure_and_call_nowait(kvm: Kvm, simpleguest: Path) -> None
         with pytest.raises(SupervisorBusy):
             sb.call_nowait("add", 1, 2)
         assert sup.statistics().pending + sup.statistics().running == 3
+        assert not any(p.done() for p in pending)
         assert [await p for p in pending] == [50_000_000] * 3
+        assert all(p.done() for p in pending)
         assert await sb.call_nowait("add", 1, 2) == 3
+
+
+async def test_a_pending_call_outlives_a_cancelled_waiter(kvm: Kvm, simpleguest: Path) -> None:
+    """A task that awaits a PendingCall and is cancelled cancels the call;
+    another task awaiting the same PendingCall gets that call's outcome
+    (GuestCancelled), not the first task's cancellation."""
+    with anyio.fail_after(30):
+        async with Supervisor(workers=1) as sup:
+            sb = await sup.create_sandbox(simpleguest)
+            pending = sb.call_nowait("spin_for", 10**12)
+            with anyio.move_on_after(0.2):
+                await pending
+            with pytest.raises(GuestCancelled):
+                await pending
+            assert pending.done()
+            assert await sb.call("add", 1, 2) == 3
 
 
 async def test_bad_calls_fail_before_queueing(kvm: Kvm, simpleguest: Path) -> None:

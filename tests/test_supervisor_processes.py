@@ -599,3 +599,27 @@ async def test_the_hold_limit_is_read_once_not_at_each_relaunch(
                 except WorkerLost:
                     await anyio.sleep(0.05)
         assert sup.statistics().workers_lost == 1
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_closed_channel_is_no_longer_watched_by_the_loop(
+    kvm: Kvm, simpleguest: Path
+) -> None:
+    """asyncio reads a channel with a callback the loop keeps on its socket:
+    closing the channel stops that watch at once (a closed descriptor left in
+    the selector would be watched again when its number comes back), and the
+    worker, cut off, is replaced as a dead one is."""
+    import asyncio
+
+    selector_map = asyncio.get_running_loop()._selector.get_map()  # type: ignore[attr-defined]
+    with anyio.fail_after(60):
+        async with Supervisor(processes=1, workers=1) as sup:
+            pool = await sup.create_pool(simpleguest, size=1)
+            assert await pool.call("add", 1, 2) == 3
+            (worker,) = sup._backend._workers  # type: ignore[attr-defined]
+            assert worker.sock is not None
+            fd = worker.sock.fileno()
+            assert fd in selector_map
+            worker.close_channel()
+            assert fd not in selector_map
+            assert await pool.call("add", 2, 3) == 5

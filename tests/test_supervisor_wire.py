@@ -26,7 +26,7 @@ from hlasync import HostFunctionError, SandboxConfig, SupervisorError, WorkerLos
 from hlasync import events as ev
 from hlasync.kvm import Kvm
 from hlasync.supervisor import Supervisor
-from hlasync.supervisor.channel import Decoder, DescribedError, describe, encode
+from hlasync.supervisor.channel import MAX_FRAME, Decoder, DescribedError, describe, encode
 from hlasync.supervisor.marks import RECEIVED, STARTED, StartMarks
 from hlasync.supervisor.messages import Abandon, Call, ToWorker, Undecodable
 
@@ -84,6 +84,32 @@ def test_a_frame_nothing_can_be_salvaged_of_raises() -> None:
     frame = encode([Call(1, "pool#1", "add", (Explodes(),), None, None)])
     with pytest.raises(RuntimeError, match="will not rebuild"):
         list(Decoder[ToWorker]().feed(frame))
+
+
+def test_frames_arriving_in_any_cut_decode_in_order() -> None:
+    """Whole frames decoded where a read put them, a frame cut short kept
+    for the next read (also its header), and frames that come after a cut
+    one: every cut of three frames gives the same three batches."""
+    sent = [[Abandon(n, n % 2 == 0)] for n in range(3)]
+    stream = b"".join(encode(batch) for batch in sent)
+    for first in range(len(stream) + 1):
+        for second in range(first, len(stream) + 1, 7):
+            decoder = Decoder[ToWorker]()
+            pieces = (stream[:first], stream[first:second], stream[second:])
+            got = [batch for piece in pieces for batch in decoder.feed(memoryview(piece))]
+            assert got == sent, (first, second)
+
+
+def test_a_frame_longer_than_the_limit_ends_the_channel() -> None:
+    """A corrupt length, alone or after a whole frame in the same read."""
+    bad = (MAX_FRAME + 1).to_bytes(4, "little")
+    with pytest.raises(ValueError, match="corrupt"):
+        list(Decoder[ToWorker]().feed(bad))
+    decoder = Decoder[ToWorker]()
+    batches = decoder.feed(encode([Abandon(1, False)]) + bad)
+    assert next(batches) == [Abandon(1, False)]
+    with pytest.raises(ValueError, match="corrupt"):
+        next(batches)
 
 
 def test_an_exception_crosses_as_a_description(main_class: Callable[..., type]) -> None:

@@ -105,6 +105,22 @@ class Decoder(Generic[M]):
 
     def feed(self, data: bytes | memoryview) -> Iterator[list[M | Undecodable]]:
         buffer = self._buffer
+        if not buffer:
+            # Whole frames are decoded where they lie (a read's buffer), no
+            # copy; only a frame cut short at the end is kept for the next.
+            view = memoryview(data)
+            start, size = 0, len(view)
+            while size - start >= _HEADER.size:
+                (length,) = _HEADER.unpack_from(view, start)
+                if length > MAX_FRAME:
+                    raise ValueError(f"frame of {length} bytes: the channel is corrupt")
+                end = start + _HEADER.size + length
+                if end > size:
+                    break
+                yield _decode(view[start + _HEADER.size : end])
+                start = end
+            buffer += view[start:]
+            return
         buffer += data
         while len(buffer) >= _HEADER.size:
             (length,) = _HEADER.unpack_from(buffer)
@@ -115,11 +131,16 @@ class Decoder(Generic[M]):
                 return
             body = bytes(buffer[_HEADER.size : end])
             del buffer[:end]
-            try:
-                batch: list[M | Undecodable] = pickle.loads(body)
-            except Exception as exc:  # noqa: BLE001 - salvaged message by message, or raised
-                batch = _salvage(body, exc)
-            yield batch
+            yield _decode(body)
+
+
+def _decode(body: bytes | memoryview) -> list[Any]:
+    """One frame's body: its batch of messages (salvaged one by one where it does not unpickle)."""
+    try:
+        batch: list[Any] = pickle.loads(body)
+    except Exception as exc:  # noqa: BLE001 - salvaged message by message, or raised
+        batch = _salvage(bytes(body), exc)
+    return batch
 
 
 class SocketSender(Generic[M]):

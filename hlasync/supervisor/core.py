@@ -7,6 +7,7 @@ threads of this process (:mod:`.threads`), or worker processes
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.abc
 import anyio.lowlevel
+import sniffio
 
 from .. import _telemetry as telemetry
 from .. import events as ev
@@ -112,6 +114,12 @@ class Supervisor:
         self._hub.attach(outbox.post)
         self._token = anyio.lowlevel.current_token()
         self._slots = anyio.Semaphore(self.max_pending)
+        #: Makes a call's ``done`` (see Job.done).
+        self._new_done: Callable[[], asyncio.Future[None] | anyio.Event] = (
+            asyncio.get_running_loop().create_future
+            if sniffio.current_async_library() == "asyncio"
+            else anyio.Event
+        )
         #: Set when no call is outstanding; made only while shutdown waits for one.
         self._all_done: anyio.Event | None = None
         self._outstanding = 0
@@ -310,7 +318,17 @@ class Supervisor:
                 job.span.end(exc, cancelled=isinstance(exc, anyio.get_cancelled_exc_class()))
             raise
         self._submit(job)
-        return await self._await_job(job)
+        # _await_job, inline (one coroutine less per call)
+        done = job.done
+        assert done is not None
+        try:
+            await (done.wait() if isinstance(done, anyio.Event) else done)
+        except anyio.get_cancelled_exc_class():
+            self._backend.abandon(job, self.dump_on_cancel)
+            raise
+        if job.error is not None:
+            raise job.error
+        return job.result
 
     def call_nowait(
         self,
@@ -352,7 +370,7 @@ class Supervisor:
         check_limit("cpu_timeout", cpu_timeout)
         signature = check_call(target.image, target.functions, target.name, name, args)
         job = Job(next(self._ids), target, signature, args, timeout, cpu_timeout)
-        job.done = anyio.Event()
+        job.done = self._new_done()
         handler = telemetry.handler_call.get()
         job.span = telemetry.begin_call(
             handler.name if handler is not None else name,
@@ -371,9 +389,12 @@ class Supervisor:
         self._backend.submit(job)
 
     async def _await_job(self, job: Job) -> Value:
-        assert job.done is not None
+        """A :class:`PendingCall`'s wait, which any number of tasks may await:
+        a cancelled one leaves the call's future as it is for the others."""
+        done = job.done
+        assert done is not None
         try:
-            await job.done.wait()
+            await (done.wait() if isinstance(done, anyio.Event) else asyncio.shield(done))
         except anyio.get_cancelled_exc_class():
             self._backend.abandon(job, self.dump_on_cancel)
             raise
@@ -484,8 +505,13 @@ class Supervisor:
         self._outstanding -= 1
         if self._outstanding == 0 and self._all_done is not None:
             self._all_done.set()
-        assert job.done is not None
-        job.done.set()
+        job.delivered = True
+        done = job.done
+        assert done is not None
+        if isinstance(done, anyio.Event):
+            done.set()
+        elif not done.done():  # not cancelled with its caller
+            done.set_result(None)
 
     # ------------------------------------------------------------ reporting
     def statistics(self) -> SupervisorStatistics:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, assert_never
 
 import anyio
+import sniffio
 
 from .. import _telemetry as telemetry
 from .. import events as ev
@@ -73,36 +74,93 @@ class WorkerMessages(abc.ABC):
         """``worker``'s channel ended when nobody asked it to."""
 
     async def _reader(self, worker: WorkerHandle) -> None:
-        decoder = Decoder[ToSupervisor]()
         sock = worker.sock
         assert sock is not None
         reader = Reader(sock)
-        counters = self.counters
+        decoder = Decoder[ToSupervisor]()
         try:
-            while True:
-                try:
-                    await anyio.wait_readable(sock)
-                    data = reader.read()
-                except BlockingIOError:
-                    continue
-                except (OSError, ValueError):
-                    break
-                if not data:
-                    break
-                for batch in decoder.feed(data):
-                    counters["channel_frames"] += 1
-                    counters["channel_messages"] += len(batch)
-                    for message in batch:
-                        try:
-                            self._handle(worker, message)
-                        except Exception as exc:  # noqa: BLE001 - the channel goes on
-                            self._front.report(exc)
+            if sniffio.current_async_library() == "asyncio":
+                await self._read_on_callback(worker, reader, decoder)
+            else:
+                while True:
+                    try:
+                        await anyio.wait_readable(sock)
+                        data = reader.read()
+                    except BlockingIOError:
+                        continue
+                    except (OSError, ValueError):
+                        break
+                    if not data:
+                        break
+                    self._frames(worker, decoder, data)
         finally:
             worker.alive = False
             worker.gone.set()
             worker.writable.set()  # its writer ends too
             if not worker.leaving and not self._closing:
                 self._spawn(self._worker_died, worker)
+
+    async def _read_on_callback(
+        self, worker: WorkerHandle, reader: Reader, decoder: Decoder[ToSupervisor]
+    ) -> None:
+        """asyncio: the channel is read by a callback the loop keeps on the
+        socket for as long as it lives (``add_reader`` once: no selector
+        registration and removal, two ``epoll_ctl`` calls, per frame as
+        ``wait_readable`` makes); returns, or raises what the frames raised,
+        when the channel ends."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
+        assert worker.sock is not None
+        fd = worker.sock.fileno()
+
+        def unwatch() -> None:
+            loop.remove_reader(fd)
+            if not ended.done():
+                ended.set_result(None)
+
+        def readable() -> None:
+            if ended.done():
+                return
+            data: bytes | memoryview
+            try:
+                data = reader.read()
+            except BlockingIOError:
+                return
+            except (OSError, ValueError):
+                data = b""
+            try:
+                if data:
+                    self._frames(worker, decoder, data)
+                    return
+            except BaseException as exc:  # noqa: BLE001 - raised by the reading task
+                ended.set_exception(exc)
+                loop.remove_reader(fd)
+                return
+            ended.set_result(None)
+            loop.remove_reader(fd)
+
+        loop.add_reader(fd, readable)
+        worker.unwatch = unwatch
+        try:
+            await ended
+        finally:
+            if worker.unwatch is unwatch:
+                worker.unwatch = None
+            loop.remove_reader(fd)
+
+    def _frames(self, worker: WorkerHandle, decoder: Decoder[ToSupervisor], data: Any) -> None:
+        """Handle the messages of every whole frame in ``data`` (and what came before it)."""
+        counters = self.counters
+        for batch in decoder.feed(data):
+            counters["channel_frames"] += 1
+            counters["channel_messages"] += len(batch)
+            for message in batch:
+                try:
+                    self._handle(worker, message)
+                except Exception as exc:  # noqa: BLE001 - the channel goes on
+                    self._front.report(exc)
 
     def _handle(self, worker: WorkerHandle, message: ToSupervisor | Undecodable) -> None:
         match message:

@@ -117,6 +117,18 @@ class WorkerHandle:
         #: The Ray node it runs on (hlasync.ray), and how messages name it.
         self.node: str | None = None
         self.where = ""
+        #: Stops the loop's watch of ``sock`` (set while a reader callback
+        #: reads it, asyncio): called before the socket closes, so that the
+        #: selector never keeps a closed descriptor whose number comes back.
+        self.unwatch: Callable[[], None] | None = None
+
+    def close_channel(self) -> None:
+        """Close the channel's socket (its reader ends; the loop stops watching it first)."""
+        if self.unwatch is not None:
+            self.unwatch()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
     def serves(self, generation: int) -> bool:
         """Whether launch ``generation`` is this worker's process now, its channel open."""

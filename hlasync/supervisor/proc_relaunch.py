@@ -72,9 +72,7 @@ class Relauncher:
                 self._kill(worker)
                 # Gone before its start marks are read: nothing runs in it then.
                 status = await reaped(worker.process, 5.0)
-        if worker.sock is not None:
-            worker.sock.close()
-            worker.sock = None
+        worker.close_channel()
         lost = WorkerLost(
             f"worker process {worker.index} (pid {worker.pid}{worker.where}) ended "
             f"({describe_status(status)}) while the call ran (or waited) there",

@@ -298,9 +298,7 @@ class ProcessBackend(WorkerMessages):
                 self._finish(job, None, stopped)
             worker.inflight.clear()
             worker.use_marks(None)
-            if worker.sock is not None:
-                worker.sock.close()
-                worker.sock = None
+            worker.close_channel()
             worker.fail_requests(stopped)
         # Idle host threads end now; one stuck in a host function is left behind.
         self._hosts.shutdown()

@@ -86,7 +86,7 @@ class QueuedCall(Protocol):
     def call_id(self) -> int: ...
 
     @property
-    def done(self) -> anyio.Event | None: ...
+    def delivered(self) -> bool: ...
 
 
 class Target:
@@ -319,7 +319,7 @@ class PendingCall:
         return self._job.call_id
 
     def done(self) -> bool:
-        return self._job.done is not None and self._job.done.is_set()
+        return self._job.delivered
 
     def __await__(self) -> Generator[Any, None, Value]:
         return self._outcome().__await__()
