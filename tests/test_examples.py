@@ -31,6 +31,7 @@ RUNS: dict[str, tuple[list[str], str]] = {
     "live_debugging.py": (["--script"], "add(1, 2) with b set to 41 in gdb -> 42"),
     "observability_console.py": ([], "await pool.call('call_host', 'double', 5) -> 10"),
     "ray_cluster.py": ([], "fetched core: hl_core_"),
+    "front_processes.py": ([], "every front answered its own calls with its own supervisor"),
     "worker_processes.py": (
         [],
         "the pool goes on: add(i, 1) for i < 8 -> [1, 2, 3, 4, 5, 6, 7, 8]",
@@ -175,6 +176,14 @@ def test_worker_processes(kvm: Kvm, tmp_path: Path) -> None:
     assert "the four calls: WorkerLost (exit status -9), returned, returned, returned" in output
     assert "exit status -9, calls lost: 1" in output
     assert "workers_lost=1" in output
+
+
+def test_front_processes(kvm: Kvm, tmp_path: Path) -> None:
+    """Two front processes, each its own loop and supervisor, both answer calls."""
+    output = ran("front_processes.py", tmp_path)
+    pids = set(re.findall(r"front \d \(pid (\d+), \d+ worker processes\): [\d,]+ calls/s", output))
+    assert len(pids) == 2 and str(os.getpid()) not in pids, output
+    assert re.search(r"2 fronts on \d+ cores together: [\d,]+ calls/s", output), output
 
 
 def test_ray_cluster(kvm: Kvm, tmp_path: Path) -> None:

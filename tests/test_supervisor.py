@@ -290,6 +290,25 @@ async def test_a_pending_call_outlives_a_cancelled_waiter(kvm: Kvm, simpleguest:
             assert await sb.call("add", 1, 2) == 3
 
 
+async def test_awaiting_a_finished_pending_call_is_a_checkpoint(
+    kvm: Kvm, simpleguest: Path
+) -> None:
+    """As every await of anyio: a cancelled scope is honoured even when the
+    outcome is already in."""
+    with anyio.fail_after(30):
+        async with Supervisor(workers=1) as sup:
+            pool = await sup.create_pool(simpleguest, size=1)
+            pending = pool.call_nowait("add", 1, 1)
+            while not pending.done():
+                await anyio.sleep(0.01)
+            got = None
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                got = await pending
+            assert got is None and scope.cancelled_caught
+            assert await pending == 2
+
+
 async def test_bad_calls_fail_before_queueing(kvm: Kvm, simpleguest: Path) -> None:
     async with Supervisor(workers=1) as sup:
         pool = await sup.create_pool(simpleguest, size=1)

@@ -601,17 +601,20 @@ async def test_the_hold_limit_is_read_once_not_at_each_relaunch(
         assert sup.statistics().workers_lost == 1
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_closed_channel_is_no_longer_watched_by_the_loop(
-    kvm: Kvm, simpleguest: Path
+    kvm: Kvm, simpleguest: Path, anyio_backend: str
 ) -> None:
-    """asyncio reads a channel with a callback the loop keeps on its socket:
-    closing the channel stops that watch at once (a closed descriptor left in
-    the selector would be watched again when its number comes back), and the
-    worker, cut off, is replaced as a dead one is."""
-    import asyncio
+    """Closing a worker's channel ends its reader at once and the worker,
+    cut off, is replaced as a dead one is (trio: its reader waits in
+    wait_readable, woken by notify_closing). asyncio reads a channel with a
+    callback the loop keeps on its socket: the close stops that watch at once
+    (a closed descriptor left in the selector would be watched again when
+    its number comes back)."""
+    selector_map: Any = None
+    if anyio_backend == "asyncio":
+        import asyncio
 
-    selector_map = asyncio.get_running_loop()._selector.get_map()  # type: ignore[attr-defined]
+        selector_map = asyncio.get_running_loop()._selector.get_map()  # type: ignore[attr-defined]
     with anyio.fail_after(60):
         async with Supervisor(processes=1, workers=1) as sup:
             pool = await sup.create_pool(simpleguest, size=1)
@@ -619,7 +622,39 @@ async def test_a_closed_channel_is_no_longer_watched_by_the_loop(
             (worker,) = sup._backend._workers  # type: ignore[attr-defined]
             assert worker.sock is not None
             fd = worker.sock.fileno()
-            assert fd in selector_map
+            assert selector_map is None or fd in selector_map
             worker.close_channel()
-            assert fd not in selector_map
+            assert selector_map is None or fd not in selector_map
+            assert await pool.call("add", 2, 3) == 5
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_reused_descriptor_keeps_its_new_watch(kvm: Kvm, simpleguest: Path) -> None:
+    """A channel closed while its reader watches it: the number comes back at
+    once for the application's next socket, and the ending reader must not
+    remove that socket's watch (it removes its own once, at the close)."""
+    import asyncio
+    import socket
+
+    loop = asyncio.get_running_loop()
+    with anyio.fail_after(60):
+        async with Supervisor(processes=1, workers=1) as sup:
+            pool = await sup.create_pool(simpleguest, size=1)
+            assert await pool.call("add", 1, 2) == 3
+            (worker,) = sup._backend._workers  # type: ignore[attr-defined]
+            assert worker.sock is not None
+            fd = worker.sock.fileno()
+            worker.close_channel()
+            mine, theirs = socket.socketpair()
+            try:
+                mine.setblocking(False)
+                assert mine.fileno() == fd  # the number came back
+                loop.call_later(0.1, theirs.send, b"hello")
+                got = None
+                with anyio.move_on_after(5):
+                    got = await loop.sock_recv(mine, 10)
+                assert got == b"hello"
+            finally:
+                mine.close()
+                theirs.close()
             assert await pool.call("add", 2, 3) == 5

@@ -10,8 +10,12 @@ least 1.8x one.
 
 from __future__ import annotations
 
+import json
 import os
+import select
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ import anyio
 from .. import Sandbox, SandboxConfig, guests
 from ..supervisor import Supervisor
 from ._common import (
+    BenchError,
     SuiteOutput,
     awaits_per_second,
     format_ns,
@@ -122,6 +127,61 @@ async def _measure(
         return rates, statistics.median(latencies), loop_cpu / rounds * 1e9
 
 
+def _front_counts(cores: int) -> list[int]:
+    """How many front processes (each its own event loop and supervisor) the
+    "front processes" rows spread the machine's worker processes over."""
+    return [f for f in (2, 4, 8) if f <= cores and cores % f == 0 and f * 2 <= max(cores, 4)]
+
+
+def _fronts(
+    fronts: int, each: int, hot: bool, window: float, rounds: int, backend: str
+) -> tuple[list[float], float]:
+    """Calls/s per round of ``fronts`` front processes measured side by side
+    (summed), each with ``each`` worker processes; their loops' mean CPU per
+    call (ns)."""
+    command = [
+        sys.executable,
+        "-m",
+        "hlasync.bench._front_child",
+        str(each),
+        "1" if hot else "0",
+        str(window),
+        str(rounds),
+        backend,
+    ]
+    limit = 60.0 + (rounds + 1) * window
+    children = [
+        subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in range(fronts)
+    ]
+    try:
+        deadline = time.monotonic() + limit
+        for child in children:
+            assert child.stdout is not None
+            wait = max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([child.stdout], [], [], wait)
+            line = child.stdout.readline() if ready else ""
+            if line.strip() != "ready":
+                raise BenchError(f"a front process did not start (it said {line!r})")
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        results = []
+        for child in children:
+            out, _ = child.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            if child.returncode != 0 or not out.strip():
+                raise BenchError(f"a front process failed (exit {child.returncode})")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    rates = [sum(r["rates"][i] for r in results) for i in range(rounds)]
+    return rates, statistics.fmean(r["loop_cpu_ns"] for r in results)
+
+
 def suite(quick: bool, machine: dict[str, Any], backend: str) -> SuiteOutput:
     started = time.perf_counter()
     guest = guests.path("simpleguest")
@@ -148,6 +208,28 @@ def suite(quick: bool, machine: dict[str, Any], backend: str) -> SuiteOutput:
                     "per_core": median / n,
                     "of_ceiling": median / (ceiling * n),
                     "latency_ns": latency,
+                    "loop_cpu_ns": loop_ns,
+                    "one_loop_ceiling": 1e9 / loop_ns if loop_ns > 0 else None,
+                }
+            )
+    for fronts in _front_counts(cores):
+        for hot in (False, True):
+            rates, loop_ns = _fronts(fronts, cores // fronts, hot, window, rounds, backend)
+            median = statistics.median(rates)
+            rows.append(
+                {
+                    "mode": "front processes, hot pools" if hot else "front processes",
+                    "hot": hot,
+                    "held": True,
+                    "cores": cores,
+                    "fronts": fronts,
+                    "processes": cores,
+                    "workers": 1,
+                    "rates": rates,
+                    "median": median,
+                    "per_core": median / cores,
+                    "of_ceiling": median / (ceiling * cores),
+                    "latency_ns": None,
                     "loop_cpu_ns": loop_ns,
                     "one_loop_ceiling": 1e9 / loop_ns if loop_ns > 0 else None,
                 }
@@ -252,8 +334,11 @@ def _render(
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        fronts = r.get("fronts", 1)
         setup = (
-            f"{r['processes']} processes x 1 worker"
+            f"{fronts} front processes x {r['processes'] // fronts} processes"
+            if fronts > 1
+            else f"{r['processes']} processes x 1 worker"
             if r["processes"]
             else f"{r['workers']} vCPU threads"
         ) + (", hot pools" if r.get("hot") else "")
@@ -261,7 +346,8 @@ def _render(
             setup += ", outcomes not held"
         lines.append(
             f"| {setup} | {r['cores']} | {r['median']:,.0f} | {r['per_core']:,.0f} | "
-            f"{r['of_ceiling']:.0%} | {format_ns(r['latency_ns'])} | "
+            f"{r['of_ceiling']:.0%} | "
+            f"{'-' if r['latency_ns'] is None else format_ns(r['latency_ns'])} | "
             f"{format_ns(r['loop_cpu_ns'])} | {_calls(r['one_loop_ceiling'])} | {len(r['rates'])} |"
         )
     lines += [
@@ -269,7 +355,10 @@ def _render(
         "loop CPU per call: the event loop thread's CPU time in the rounds / the calls "
         "(its Python, its system calls and its wake-ups); one loop's limit: 1 s / that, "
         "the calls/s at which the one event loop would be busy all the time (the front's "
-        "ceiling, however many cores the workers get).",
+        "ceiling, however many cores the workers get). Front processes: the same "
+        "worker processes spread over that many processes, each with its own event loop "
+        "and supervisor (a service run as several processes), measured side by side and "
+        "summed; their loop CPU is the mean of theirs.",
     ]
     if targets:
         lines += ["", "| target | got | wanted | met |", "|---|---:|---|---|"]

@@ -394,7 +394,12 @@ class Supervisor:
         done = job.done
         assert done is not None
         try:
-            await (done.wait() if isinstance(done, anyio.Event) else asyncio.shield(done))
+            if isinstance(done, anyio.Event):
+                await done.wait()
+            elif done.done():
+                await anyio.lowlevel.checkpoint()  # a checkpoint, as Event.wait() makes
+            else:
+                await asyncio.shield(done)
         except anyio.get_cancelled_exc_class():
             self._backend.abandon(job, self.dump_on_cancel)
             raise

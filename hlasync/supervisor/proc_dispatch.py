@@ -79,7 +79,7 @@ class WorkerMessages(abc.ABC):
         reader = Reader(sock)
         decoder = Decoder[ToSupervisor]()
         try:
-            if sniffio.current_async_library() == "asyncio":
+            if sniffio.current_async_library() == "asyncio" and _keeps_readers():
                 await self._read_on_callback(worker, reader, decoder)
             else:
                 while True:
@@ -88,7 +88,7 @@ class WorkerMessages(abc.ABC):
                         data = reader.read()
                     except BlockingIOError:
                         continue
-                    except (OSError, ValueError):
+                    except (OSError, ValueError, anyio.ClosedResourceError):
                         break
                     if not data:
                         break
@@ -106,61 +106,88 @@ class WorkerMessages(abc.ABC):
         """asyncio: the channel is read by a callback the loop keeps on the
         socket for as long as it lives (``add_reader`` once: no selector
         registration and removal, two ``epoll_ctl`` calls, per frame as
-        ``wait_readable`` makes); returns, or raises what the frames raised,
-        when the channel ends."""
+        ``wait_readable`` makes). The callback only reads and decodes; this
+        task handles the messages, so that what they run (output callbacks,
+        event delivery) runs in a task as before. Returns, or raises what
+        decoding raised, when the channel ends."""
         import asyncio
 
         loop = asyncio.get_running_loop()
-        ended: asyncio.Future[None] = loop.create_future()
         assert worker.sock is not None
         fd = worker.sock.fileno()
+        batches: list[list[ToSupervisor | Undecodable]] = []
+        waiter: asyncio.Future[None] | None = None
+        ended = False
+        failure: BaseException | None = None
 
-        def unwatch() -> None:
-            loop.remove_reader(fd)
-            if not ended.done():
-                ended.set_result(None)
+        def wake() -> None:
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+        def end(error: BaseException | None = None) -> None:
+            nonlocal ended, failure
+            if not ended:
+                ended, failure = True, error
+                loop.remove_reader(fd)
+            wake()
 
         def readable() -> None:
-            if ended.done():
+            if ended:
                 return
-            data: bytes | memoryview
             try:
                 data = reader.read()
             except BlockingIOError:
                 return
             except (OSError, ValueError):
-                data = b""
-            try:
-                if data:
-                    self._frames(worker, decoder, data)
-                    return
-            except BaseException as exc:  # noqa: BLE001 - raised by the reading task
-                ended.set_exception(exc)
-                loop.remove_reader(fd)
+                end()
                 return
-            ended.set_result(None)
-            loop.remove_reader(fd)
+            if not data:
+                end()
+                return
+            try:
+                batches.extend(decoder.feed(data))  # whole frames; one cut short waits
+            except Exception as exc:  # noqa: BLE001 - raised by the reading task
+                end(exc)
+                return
+            wake()
 
         loop.add_reader(fd, readable)
-        worker.unwatch = unwatch
+        worker.unwatch = end
         try:
-            await ended
+            while True:
+                if batches:
+                    ready = batches[:]
+                    del batches[:]
+                    for batch in ready:
+                        self._batch(worker, batch)
+                    continue
+                if ended:
+                    if failure is not None:
+                        raise failure
+                    return
+                waiter = loop.create_future()
+                await waiter
+                waiter = None
         finally:
-            if worker.unwatch is unwatch:
+            if worker.unwatch is end:
                 worker.unwatch = None
-            loop.remove_reader(fd)
+            end()  # the watch is removed once: the number may be another socket's by now
 
     def _frames(self, worker: WorkerHandle, decoder: Decoder[ToSupervisor], data: Any) -> None:
         """Handle the messages of every whole frame in ``data`` (and what came before it)."""
-        counters = self.counters
         for batch in decoder.feed(data):
-            counters["channel_frames"] += 1
-            counters["channel_messages"] += len(batch)
-            for message in batch:
-                try:
-                    self._handle(worker, message)
-                except Exception as exc:  # noqa: BLE001 - the channel goes on
-                    self._front.report(exc)
+            self._batch(worker, batch)
+
+    def _batch(self, worker: WorkerHandle, batch: list[ToSupervisor | Undecodable]) -> None:
+        """The messages of one frame, in order."""
+        counters = self.counters
+        counters["channel_frames"] += 1
+        counters["channel_messages"] += len(batch)
+        for message in batch:
+            try:
+                self._handle(worker, message)
+            except Exception as exc:  # noqa: BLE001 - the channel goes on
+                self._front.report(exc)
 
     def _handle(self, worker: WorkerHandle, message: ToSupervisor | Undecodable) -> None:
         match message:
@@ -250,6 +277,16 @@ class WorkerMessages(abc.ABC):
             worker.answered((kind, ident), error)
         else:
             self._front.report(error)
+
+
+def _keeps_readers() -> bool:
+    """Whether the running asyncio loop can keep a reader callback on a
+    socket (selector loops, uvloop); else the channel is read with
+    ``anyio.wait_readable``, which works on any."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    return isinstance(loop, asyncio.SelectorEventLoop) or type(loop).__module__.startswith("uvloop")
 
 
 #: The events a worker process always sends: its dumps, for the dump metrics.

@@ -127,6 +127,9 @@ class WorkerHandle:
         if self.unwatch is not None:
             self.unwatch()
         if self.sock is not None:
+            notify = getattr(anyio, "notify_closing", None)  # anyio >= 4.7
+            if notify is not None:
+                notify(self.sock)  # a task in wait_readable/wait_writable (trio) wakes
             self.sock.close()
             self.sock = None
 
@@ -222,7 +225,7 @@ class WorkerHandle:
                 self.writable = anyio.Event()
                 await anyio.wait_writable(self.sock)
                 self.write()
-        except (OSError, ValueError):
+        except (OSError, ValueError, anyio.ClosedResourceError):
             return  # the socket closed under us: the reader reports it
 
     def _unsendable(self, batch: list[ToWorker], exc: Exception) -> None:
