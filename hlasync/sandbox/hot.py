@@ -309,12 +309,20 @@ def read_done_seq(sandbox: SpinControl) -> int:
     return int(sandbox._machine.bell[abi.WORD_DONE_SEQ])
 
 
+#: How long the reaper's thread outlives the last hot session (seconds): a
+#: pool whose members go cold and hot again call after call would otherwise
+#: start a thread for nearly every call (in a probe of a hot pool in a worker
+#: process, starting them took 13% of its vCPU thread's time).
+REAPER_LINGER = 0.05
+
+
 class _Reaper:
     """One thread for every hot session of the process: at each session's
     deadline (its spin plus PARK_KICK_AFTER after its last call) it stops a
     guest that is still spinning with no call, so that no guest can keep a
-    CPU busy longer than its sandbox's ``spin`` allows. It sleeps while no
-    session is hot."""
+    CPU busy longer than its sandbox's ``spin`` allows. Its thread ends
+    :data:`REAPER_LINGER` after no session is hot (at once when a closing
+    sandbox settles it), and the next hot session starts another."""
 
     def __init__(self) -> None:
         self._changed = threading.Condition(threading.Lock())
@@ -322,6 +330,7 @@ class _Reaper:
         self._thread: threading.Thread | None = None
         self._ending: threading.Thread | None = None  # the last thread, once it ends
         self._wakes_at = float("inf")  # when the reaper wakes up next on its own
+        self._quit = False  # settle(): end now if nothing is hot, without lingering
 
     def watch(self, hot: HotSession, spin_end: float) -> None:
         """Stop ``hot``'s guest if it still spins :data:`PARK_KICK_AFTER` after
@@ -332,6 +341,7 @@ class _Reaper:
         deadline = hot.reaper_due = spin_end + PARK_KICK_AFTER
         with self._changed:
             self._due[hot] = deadline
+            self._quit = False
             if self._thread is None:
                 self._thread = threading.Thread(target=self._main, name="hlasync-hot-reaper")
                 self._thread.daemon = True
@@ -340,30 +350,42 @@ class _Reaper:
                 self._changed.notify()
 
     def forget(self, hot: HotSession) -> None:
-        """``hot`` went cold or closed: no deadline (the thread ends with the last)."""
+        """``hot`` went cold or closed: no deadline."""
         with self._changed:
             hot.reaper_due = 0.0
             if self._due.pop(hot, None) is not None and not self._due:
                 self._changed.notify()
 
     def settle(self, timeout: float) -> None:
-        """Wait (at most ``timeout``) for the reaper's thread to end, if nothing
-        is hot any more."""
+        """If nothing is hot any more, end the reaper's thread now and wait (at
+        most ``timeout``) for it to end."""
         with self._changed:
-            thread = None if self._due else self._thread or self._ending
+            if self._due:
+                return
+            thread = self._thread or self._ending
+            if self._thread is not None:
+                self._quit = True
+                self._changed.notify()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
     def _main(self) -> None:
         while True:
             with self._changed:
+                idle_since: float | None = None
                 while True:
-                    if not self._due:  # nothing hot: the thread ends, watch() makes another
-                        self._wakes_at = float("inf")
-                        self._ending, self._thread = self._thread, None
-                        return
-                    hot, due = min(self._due.items(), key=lambda item: item[1])
                     now = time.monotonic()
+                    if not self._due:  # nothing hot: the thread lingers, then ends
+                        idle_since = now if idle_since is None else idle_since
+                        self._wakes_at = float("inf")
+                        if self._quit or now - idle_since >= REAPER_LINGER:
+                            self._quit = False
+                            self._ending, self._thread = self._thread, None
+                            return
+                        self._changed.wait(idle_since + REAPER_LINGER - now)
+                        continue
+                    idle_since = None
+                    hot, due = min(self._due.items(), key=lambda item: item[1])
                     if due <= now:
                         del self._due[hot]
                         break

@@ -515,3 +515,26 @@ def test_closing_while_a_call_is_posted_to_a_spin_that_never_started(
         gate.set()
         sb.close()
     assert len(outcome) == 1 and isinstance(outcome[0], GuestCancelled), outcome
+
+
+def test_a_sandbox_going_hot_and_cold_call_after_call_keeps_one_reaper(
+    kvm: Kvm, simpleguest: Path
+) -> None:
+    """Calls a few ms apart, each spin shorter than the gap: the guest goes
+    hot after every call and cold before the next. The reaper's thread
+    outlives the last hot session a while, so that the calls do not start
+    one thread each (they did: 13% of a hot pool's vCPU thread in a probe);
+    closing the sandbox ends it."""
+    reapers: list[threading.Thread] = []
+    with Sandbox(simpleguest, SandboxConfig(spin=0.001)) as sb:
+        went_hot = 0
+        for _ in range(40):
+            assert sb.call("add", 1, 2) == 3
+            went_hot += sb._hot is not None and sb._hot.running
+            for thread in threading.enumerate():
+                if thread.name == "hlasync-hot-reaper" and all(t is not thread for t in reapers):
+                    reapers.append(thread)
+            time.sleep(0.005)
+        assert went_hot > 10, went_hot  # the guest did spin after the calls
+    assert 1 <= len(reapers) <= 3, len(reapers)
+    assert not any(t.is_alive() for t in reapers)  # close() settled it
