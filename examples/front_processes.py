@@ -23,9 +23,12 @@ SECONDS (default 1), and prints what each did and their sum.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.process
 import os
+import queue
 import sys
 import time
+from collections.abc import Sequence
 
 import anyio
 
@@ -67,6 +70,28 @@ def front(
     results.put((index, os.getpid(), calls, took))
 
 
+def collect(
+    results: multiprocessing.Queue[Result],
+    children: Sequence[multiprocessing.process.BaseProcess],
+    deadline: float,
+) -> list[Result]:
+    """Every front's result; fails at once, naming it, when a front died
+    without one (rather than waiting for a result that cannot come)."""
+    done: list[Result] = []
+    while len(done) < len(children):
+        try:
+            done.append(results.get(timeout=0.2))
+            continue
+        except queue.Empty:
+            pass
+        dead = [c for c in children if c.exitcode not in (None, 0)]
+        if dead:
+            raise SystemExit(f"front process {dead[0].pid} ended with exit code {dead[0].exitcode}")
+        if time.monotonic() > deadline:
+            raise SystemExit("the front processes did not answer within 120 s")
+    return done
+
+
 def main() -> None:
     fronts = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 1.0
@@ -80,9 +105,13 @@ def main() -> None:
     ]
     for child in children:
         child.start()
-    done = sorted(results.get(timeout=120) for _ in children)
-    for child in children:
-        child.join(timeout=30)
+    try:
+        done = sorted(collect(results, children, deadline=time.monotonic() + 120))
+    finally:
+        for child in children:
+            child.join(timeout=30)
+            if child.is_alive():
+                child.kill()
     total = 0.0
     for index, pid, calls, took in done:
         rate = calls / took

@@ -658,3 +658,21 @@ async def test_a_reused_descriptor_keeps_its_new_watch(kvm: Kvm, simpleguest: Pa
                 mine.close()
                 theirs.close()
             assert await pool.call("add", 2, 3) == 5
+
+
+async def test_a_shielded_call_is_answered_after_the_scope_around_the_supervisor_ends(
+    kvm: Kvm, simpleguest: Path
+) -> None:
+    """The channel tasks are the supervisor's, shielded from the scopes of the
+    code that entered it: a shielded call still gets its outcome when the
+    scope around ``async with Supervisor`` is cancelled meanwhile (the readers
+    were cancelled with it, and the call waited forever)."""
+    got = None
+    with anyio.move_on_after(0.3) as outer:
+        async with Supervisor(processes=1, workers=1) as sup:
+            pool = await sup.create_pool(simpleguest, size=1)
+            # A deadline of its own: the shield keeps the outer scopes out.
+            with anyio.CancelScope(shield=True, deadline=anyio.current_time() + 30) as bound:
+                got = await pool.call("spin_for", 2_000_000_000)
+    assert not bound.cancelled_caught, "the shielded call was never answered"
+    assert got == 2_000_000_000 and outer.cancel_called

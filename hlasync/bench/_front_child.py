@@ -5,7 +5,8 @@ other fronts (the way a service spreads over several processes, each with
 its loop, to go past what one event loop can feed).
 
 ``python -m hlasync.bench._front_child PROCESSES HOT WINDOW ROUNDS BACKEND``:
-prints ``ready`` once its pool answers, waits for a line on stdin, runs
+prints ``ready`` once its pool answers, waits for ``go`` on stdin (ends at
+once without it, and when the suite's process dies), runs
 ``ROUNDS + 1`` rounds of ``WINDOW`` seconds (the first warms up) and prints one
 JSON line: ``{"rates": [...], "loop_cpu_ns": ...}``.
 """
@@ -13,6 +14,7 @@ JSON line: ``{"rates": [...], "loop_cpu_ns": ...}``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -34,7 +36,8 @@ async def _front(processes: int, hot: bool, window: float, rounds: int) -> dict[
         pool = await sup.create_pool(guest, size=size, config=SandboxConfig(hot_restore=hot))
         assert await pool.call("add", 1, 2) == 3
         print("ready", flush=True)
-        await anyio.to_thread.run_sync(sys.stdin.readline)
+        if (await anyio.to_thread.run_sync(sys.stdin.readline)).strip() != "go":
+            raise SystemExit(2)  # the suite is gone (end of input): measure nothing
         rates: list[float] = []
         loop_cpu = 0.0
         for index in range(rounds + 1):
@@ -49,7 +52,20 @@ async def _front(processes: int, hot: bool, window: float, rounds: int) -> dict[
         return {"rates": rates, "loop_cpu_ns": loop_cpu / rounds * 1e9}
 
 
+def _end_with_parent() -> None:
+    """Get SIGTERM when the suite's process dies (Linux ``PR_SET_PDEATHSIG``),
+    so that a suite killed mid-run leaves no front measuring on its own."""
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before prctl
+        raise SystemExit(2)
+
+
 def main(argv: list[str]) -> None:
+    _end_with_parent()
     processes, hot, window, rounds, backend = argv
     result = anyio.run(
         _front, int(processes), hot == "1", float(window), int(rounds), backend=backend

@@ -91,6 +91,10 @@ class Backend(Protocol):
     async def shutdown(self) -> None:
         """Fail what waits, stop what runs, join (bounded) and close everything."""
 
+    def stop_tasks(self) -> None:
+        """End the tasks :meth:`start` and later work ran in the front's group
+        (shielded from the scopes around the supervisor: only this ends them)."""
+
     async def create(
         self,
         target: Target,

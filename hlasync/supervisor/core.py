@@ -130,6 +130,7 @@ class Supervisor:
             try:
                 await self._backend.start(outbox, group)
             except BaseException as exc:
+                self._backend.stop_tasks()
                 group.cancel_scope.cancel()
                 # The group raises the start's error again, wrapped in an
                 # ExceptionGroup: the caller gets the error itself.
@@ -182,6 +183,7 @@ class Supervisor:
             self._hub.close()
         if self._group is not None:  # the channel tasks of worker processes
             group, self._group = self._group, None
+            self._backend.stop_tasks()
             group.cancel_scope.cancel()
             await group.__aexit__(None, None, None)
 

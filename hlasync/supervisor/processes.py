@@ -126,6 +126,8 @@ class ProcessBackend(WorkerMessages):
         self.counters: Counter[str] = Counter()
         self._outbox: Outbox | None = None
         self._group: anyio.abc.TaskGroup | None = None
+        #: The cancel scopes of its tasks (see _spawn).
+        self._task_scopes: set[anyio.CancelScope] = set()
         self._closing = False
         #: Seconds its workers may hold an outcome to send it with others
         #: (HLASYNC_HOLD_LIMIT, read once: every launch gets the same).
@@ -180,15 +182,27 @@ class ProcessBackend(WorkerMessages):
         reported, never raised into the caller's task."""
 
         async def guarded() -> None:
-            try:
-                await function(*args)
-            except anyio.get_cancelled_exc_class():
-                raise
-            except Exception as exc:  # noqa: BLE001 - reported; the supervisor goes on
-                self._front.report(exc)
+            # Shielded from the scopes around the supervisor: the channels are
+            # read until it shuts down (stop_tasks), also when the code that
+            # entered it is cancelled first (a shielded call there would
+            # otherwise never get its outcome).
+            with anyio.CancelScope(shield=True) as scope:
+                self._task_scopes.add(scope)
+                try:
+                    await function(*args)
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except Exception as exc:  # noqa: BLE001 - reported; the supervisor goes on
+                    self._front.report(exc)
+                finally:
+                    self._task_scopes.discard(scope)
 
         assert self._group is not None
         self._group.start_soon(guarded)
+
+    def stop_tasks(self) -> None:
+        for scope in list(self._task_scopes):
+            scope.cancel()
 
     async def _start_worker(self, worker: WorkerHandle) -> socket.socket:
         """Start ``worker``'s process (``worker.process``, ``worker.pid``); the

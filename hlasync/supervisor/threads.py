@@ -115,6 +115,9 @@ class ThreadBackend:
         self.host.abandon(job, "cancelled" if dump_on_cancel else None)
 
     # ------------------------------------------------------------- shutdown
+    def stop_tasks(self) -> None:
+        """No tasks of its own (see :attr:`uses_tasks`)."""
+
     async def shutdown(self) -> None:
         """Fail what waits, stop what runs, join the threads (bounded) and close
         every sandbox."""
