@@ -5,6 +5,7 @@ goes on serving."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ import pytest
 from hlasync import GuestCancelled, GuestTimeout, SandboxConfig, WorkerLost
 from hlasync import events as ev
 from hlasync.kvm import Kvm
-from hlasync.supervisor import Supervisor
+from hlasync.supervisor import Pool, Supervisor
+from hlasync.supervisor.proc_handle import WorkerHandle
 from hlasync.supervisor.processes import HOT_QUEUE_DEPTH, ProcessBackend
 
 pytestmark = pytest.mark.anyio
@@ -601,6 +603,18 @@ async def test_the_hold_limit_is_read_once_not_at_each_relaunch(
         assert sup.statistics().workers_lost == 1
 
 
+@contextlib.asynccontextmanager
+async def _one_worker(guest: Path) -> AsyncIterator[tuple[Pool, WorkerHandle, int]]:
+    """A supervisor with one worker process and a pool of one that has
+    answered a call: the pool, the worker's handle, its channel's descriptor."""
+    async with Supervisor(processes=1, workers=1) as sup:
+        pool = await sup.create_pool(guest, size=1)
+        assert await pool.call("add", 1, 2) == 3
+        (worker,) = sup._backend._workers  # type: ignore[attr-defined]
+        assert worker.sock is not None
+        yield pool, worker, worker.sock.fileno()
+
+
 async def test_a_closed_channel_is_no_longer_watched_by_the_loop(
     kvm: Kvm, simpleguest: Path, anyio_backend: str
 ) -> None:
@@ -616,12 +630,7 @@ async def test_a_closed_channel_is_no_longer_watched_by_the_loop(
 
         selector_map = asyncio.get_running_loop()._selector.get_map()  # type: ignore[attr-defined]
     with anyio.fail_after(60):
-        async with Supervisor(processes=1, workers=1) as sup:
-            pool = await sup.create_pool(simpleguest, size=1)
-            assert await pool.call("add", 1, 2) == 3
-            (worker,) = sup._backend._workers  # type: ignore[attr-defined]
-            assert worker.sock is not None
-            fd = worker.sock.fileno()
+        async with _one_worker(simpleguest) as (pool, worker, fd):
             assert selector_map is None or fd in selector_map
             worker.close_channel()
             assert selector_map is None or fd not in selector_map
@@ -638,12 +647,7 @@ async def test_a_reused_descriptor_keeps_its_new_watch(kvm: Kvm, simpleguest: Pa
 
     loop = asyncio.get_running_loop()
     with anyio.fail_after(60):
-        async with Supervisor(processes=1, workers=1) as sup:
-            pool = await sup.create_pool(simpleguest, size=1)
-            assert await pool.call("add", 1, 2) == 3
-            (worker,) = sup._backend._workers  # type: ignore[attr-defined]
-            assert worker.sock is not None
-            fd = worker.sock.fileno()
+        async with _one_worker(simpleguest) as (pool, worker, fd):
             worker.close_channel()
             mine, theirs = socket.socketpair()
             try:

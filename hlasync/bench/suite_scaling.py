@@ -194,45 +194,15 @@ def suite(quick: bool, machine: dict[str, Any], backend: str) -> SuiteOutput:
             rates, latency, loop_ns = anyio.run(
                 _rates, guest, processes, workers, window, rounds, hot, held, backend=backend
             )
-            median = statistics.median(rates)
             rows.append(
-                {
-                    "mode": mode,
-                    "hot": hot,
-                    "held": held,
-                    "cores": n,
-                    "processes": processes,
-                    "workers": workers,
-                    "rates": rates,
-                    "median": median,
-                    "per_core": median / n,
-                    "of_ceiling": median / (ceiling * n),
-                    "latency_ns": latency,
-                    "loop_cpu_ns": loop_ns,
-                    "one_loop_ceiling": 1e9 / loop_ns if loop_ns > 0 else None,
-                }
+                _row(mode, hot, held, n, processes, workers, 1, rates, ceiling, latency, loop_ns)
             )
     for fronts in _front_counts(cores):
         for hot in (False, True):
             rates, loop_ns = _fronts(fronts, cores // fronts, hot, window, rounds, backend)
-            median = statistics.median(rates)
+            mode = "front processes, hot pools" if hot else "front processes"
             rows.append(
-                {
-                    "mode": "front processes, hot pools" if hot else "front processes",
-                    "hot": hot,
-                    "held": True,
-                    "cores": cores,
-                    "fronts": fronts,
-                    "processes": cores,
-                    "workers": 1,
-                    "rates": rates,
-                    "median": median,
-                    "per_core": median / cores,
-                    "of_ceiling": median / (ceiling * cores),
-                    "latency_ns": None,
-                    "loop_cpu_ns": loop_ns,
-                    "one_loop_ceiling": 1e9 / loop_ns if loop_ns > 0 else None,
-                }
+                _row(mode, hot, True, cores, cores, 1, fronts, rates, ceiling, None, loop_ns)
             )
     wall = time.perf_counter() - started
     targets = _targets(rows, cores, ceiling)
@@ -248,6 +218,39 @@ def suite(quick: bool, machine: dict[str, Any], backend: str) -> SuiteOutput:
         "wall_seconds": wall,
     }
     return SuiteOutput(markdown, document, wall, [])
+
+
+def _row(
+    mode: str,
+    hot: bool,
+    held: bool,
+    cores: int,
+    processes: int,
+    workers: int,
+    fronts: int,
+    rates: list[float],
+    ceiling: float,
+    latency: float | None,
+    loop_ns: float,
+) -> dict[str, Any]:
+    """One row of the table (``latency``: None where single calls were not timed)."""
+    median = statistics.median(rates)
+    return {
+        "mode": mode,
+        "hot": hot,
+        "held": held,
+        "cores": cores,
+        "fronts": fronts,
+        "processes": processes,
+        "workers": workers,
+        "rates": rates,
+        "median": median,
+        "per_core": median / cores,
+        "of_ceiling": median / (ceiling * cores),
+        "latency_ns": latency,
+        "loop_cpu_ns": loop_ns,
+        "one_loop_ceiling": 1e9 / loop_ns if loop_ns > 0 else None,
+    }
 
 
 def _targets(rows: list[dict[str, Any]], cores: int, ceiling: float) -> list[dict[str, Any]]:
