@@ -672,11 +672,12 @@ async def test_a_shielded_call_is_answered_after_the_scope_around_the_supervisor
     scope around ``async with Supervisor`` is cancelled meanwhile (the readers
     were cancelled with it, and the call waited forever)."""
     got = None
-    with anyio.move_on_after(0.3) as outer:
+    with anyio.fail_after(60), anyio.CancelScope() as outer:
         async with Supervisor(processes=1, workers=1) as sup:
             pool = await sup.create_pool(simpleguest, size=1)
             # A deadline of its own: the shield keeps the outer scopes out.
             with anyio.CancelScope(shield=True, deadline=anyio.current_time() + 30) as bound:
+                outer.cancel()  # the scope around the supervisor, while the call runs
                 got = await pool.call("spin_for", 2_000_000_000)
     assert not bound.cancelled_caught, "the shielded call was never answered"
     assert got == 2_000_000_000 and outer.cancel_called
