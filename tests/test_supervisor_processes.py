@@ -681,3 +681,33 @@ async def test_a_shielded_call_is_answered_after_the_scope_around_the_supervisor
                 got = await pool.call("spin_for", 2_000_000_000)
     assert not bound.cancelled_caught, "the shielded call was never answered"
     assert got == 2_000_000_000 and outer.cancel_called
+
+
+async def test_a_task_started_after_the_tasks_were_stopped_never_runs(
+    kvm: Kvm, simpleguest: Path
+) -> None:
+    """The backend's tasks are shielded and ended by stop_tasks() at
+    shutdown; one whose start was scheduled before that and runs after it
+    (a relaunch spawned as the supervisor closes) must end too, or the task
+    group's exit would wait for it forever."""
+    outcome: list[str] = []
+
+    async def late() -> None:
+        try:
+            await anyio.sleep(10)
+            outcome.append("ran")
+        except anyio.get_cancelled_exc_class():
+            outcome.append("cancelled")
+            raise
+
+    with anyio.fail_after(60):
+        async with Supervisor(processes=1, workers=1) as sup:
+            backend = sup._backend
+            assert isinstance(backend, ProcessBackend)
+            backend._spawn(late)  # scheduled, not started yet
+            backend.stop_tasks()  # as the supervisor's shutdown does
+            for _ in range(100):
+                if outcome:
+                    break
+                await anyio.sleep(0.01)
+            assert outcome == ["cancelled"]

@@ -128,6 +128,7 @@ class ProcessBackend(WorkerMessages):
         self._group: anyio.abc.TaskGroup | None = None
         #: The cancel scopes of its tasks (see _spawn).
         self._task_scopes: set[anyio.CancelScope] = set()
+        self._tasks_stopped = False
         self._closing = False
         #: Seconds its workers may hold an outcome to send it with others
         #: (HLASYNC_HOLD_LIMIT, read once: every launch gets the same).
@@ -187,6 +188,8 @@ class ProcessBackend(WorkerMessages):
             # entered it is cancelled first (a shielded call there would
             # otherwise never get its outcome).
             with anyio.CancelScope(shield=True) as scope:
+                if self._tasks_stopped:  # started after stop_tasks: it never runs
+                    scope.cancel()
                 self._task_scopes.add(scope)
                 try:
                     await function(*args)
@@ -201,6 +204,7 @@ class ProcessBackend(WorkerMessages):
         self._group.start_soon(guarded)
 
     def stop_tasks(self) -> None:
+        self._tasks_stopped = True
         for scope in list(self._task_scopes):
             scope.cancel()
 
