@@ -86,27 +86,112 @@ static uint64_t clock_ns(void) {
     return (uint64_t)t.sec * 1000000000ull + (uint64_t)t.nsec;
 }
 
-/* At most this many threads of the process spin at once (owners waiting for
- * a request, waiters for an answer): more spinners than free CPUs take the
- * CPUs the guests and the callers need. Others sleep on their futex at once. */
+/* At most this many threads spin at once (owners waiting for a request,
+ * waiters for an answer): more spinners than free CPUs take the CPUs the
+ * guests and the callers need. Others sleep on their futex at once.
+ *
+ * The threads of one process count in one cell. The worker processes of one
+ * supervisor share their slots through a board (hl_owner_share_spin): each
+ * counts in its own cell of memory all of them map, 64 bytes apart, and a
+ * thread may spin while the cells add up to no more than the slots. Taking
+ * a slot adds to the own cell first and then reads the sum (both sequentially
+ * consistent): of two threads that take the last slot at once, the later
+ * sees the other's and gives its own back, so the slots are never exceeded.
+ * A cell below zero (the supervisor cleared it under a dying process) counts
+ * as zero. */
+#define CELL_BYTES 64
 static uint32_t spin_slots = 1;
-static uint32_t spinners = 0;
+static int32_t local_cell = 0;
+static int32_t *my_cell = &local_cell;
+static const uint8_t *board = 0; /* 0: this process counts alone */
+static uint32_t board_cells = 0;
 
 void hl_owner_set_spin_slots(uint32_t slots) { spin_slots = slots ? slots : 1; }
 
-/* In a forked child: the parent's spinners are not here. */
-void hl_owner_forked(void) { __atomic_store_n(&spinners, 0, __ATOMIC_SEQ_CST); }
+/* Count in cell `mine` of `cells` at `base` (a shared mapping that stays for the
+ * process's life), with `slots` for all of them; base 0: count alone again. */
+void hl_owner_share_spin(void *base, uint32_t cells, uint32_t mine, uint32_t slots) {
+    if (!base || mine >= cells) {
+        __atomic_store_n(&board, 0, __ATOMIC_SEQ_CST);
+        my_cell = &local_cell;
+        return;
+    }
+    my_cell = (int32_t *)((uint8_t *)base + (uint64_t)mine * CELL_BYTES);
+    board_cells = cells;
+    spin_slots = slots ? slots : 1;
+    __atomic_store_n(&board, (const uint8_t *)base, __ATOMIC_SEQ_CST);
+}
 
-/* How many spin slots are taken now. */
-uint32_t hl_owner_spinners(void) { return __atomic_load_n(&spinners, __ATOMIC_SEQ_CST); }
+/* In a forked child: the parent's spinners are not here, and it counts alone. */
+void hl_owner_forked(void) {
+    __atomic_store_n(&board, 0, __ATOMIC_SEQ_CST);
+    my_cell = &local_cell;
+    __atomic_store_n(&local_cell, 0, __ATOMIC_SEQ_CST);
+}
 
-static int take_spin(void) {
-    if (__atomic_add_fetch(&spinners, 1, __ATOMIC_SEQ_CST) <= spin_slots) return 1;
-    __atomic_sub_fetch(&spinners, 1, __ATOMIC_SEQ_CST);
+/* How many spin slots are taken now (by every process of the board). */
+uint32_t hl_owner_spinners(void) {
+    const uint8_t *shared = __atomic_load_n(&board, __ATOMIC_SEQ_CST);
+    if (!shared) {
+        int32_t mine = __atomic_load_n(my_cell, __ATOMIC_SEQ_CST);
+        return mine > 0 ? (uint32_t)mine : 0;
+    }
+    uint64_t sum = 0;
+    for (uint32_t i = 0; i < board_cells; i++) {
+        int32_t v = __atomic_load_n((const int32_t *)(shared + (uint64_t)i * CELL_BYTES), __ATOMIC_SEQ_CST);
+        if (v > 0) sum += (uint64_t)v;
+    }
+    return sum > 0xffffffffull ? 0xffffffffu : (uint32_t)sum;
+}
+
+/* Take a slot for this process (1), or none is free (0). */
+int hl_owner_take_spin(void) {
+    __atomic_add_fetch(my_cell, 1, __ATOMIC_SEQ_CST);
+    if (hl_owner_spinners() <= spin_slots) return 1;
+    __atomic_sub_fetch(my_cell, 1, __ATOMIC_SEQ_CST);
     return 0;
 }
 
-static void give_spin(void) { __atomic_sub_fetch(&spinners, 1, __ATOMIC_SEQ_CST); }
+/* Give back a slot this process took. */
+void hl_owner_give_spin(void) { __atomic_sub_fetch(my_cell, 1, __ATOMIC_SEQ_CST); }
+
+/* Hot sandboxes (guests spinning between calls, hlasync/sandbox/hot.py) of
+ * the processes of a board, counted 4 bytes into each cell in the same way:
+ * the Python budget of a worker process asks here for one of the board's
+ * slots (the same number) before a sandbox of its goes hot. Without a board
+ * the process's own budget alone decides: these always agree then. */
+static uint32_t hot_total(const uint8_t *shared) {
+    uint64_t sum = 0;
+    for (uint32_t i = 0; i < board_cells; i++) {
+        int32_t v = __atomic_load_n((const int32_t *)(shared + (uint64_t)i * CELL_BYTES + 4), __ATOMIC_SEQ_CST);
+        if (v > 0) sum += (uint64_t)v;
+    }
+    return sum > 0xffffffffull ? 0xffffffffu : (uint32_t)sum;
+}
+
+/* How many sandboxes of the board's processes are hot now (0 without a board). */
+uint32_t hl_owner_hot(void) {
+    const uint8_t *shared = __atomic_load_n(&board, __ATOMIC_SEQ_CST);
+    return shared ? hot_total(shared) : 0;
+}
+
+/* Take a hot slot (1) if the board's hot sandboxes and `extra` more (this
+ * process's calls in flight) leave one, else 0; always 1 without a board. */
+int hl_owner_take_hot(uint32_t extra) {
+    const uint8_t *shared = __atomic_load_n(&board, __ATOMIC_SEQ_CST);
+    if (!shared) return 1;
+    int32_t *mine = (int32_t *)((uint8_t *)my_cell + 4);
+    __atomic_add_fetch(mine, 1, __ATOMIC_SEQ_CST);
+    if ((uint64_t)hot_total(shared) + extra <= spin_slots) return 1;
+    __atomic_sub_fetch(mine, 1, __ATOMIC_SEQ_CST);
+    return 0;
+}
+
+/* Give back a hot slot taken with hl_owner_take_hot. */
+void hl_owner_give_hot(void) {
+    const uint8_t *shared = __atomic_load_n(&board, __ATOMIC_SEQ_CST);
+    if (shared) __atomic_sub_fetch((int32_t *)((uint8_t *)my_cell + 4), 1, __ATOMIC_SEQ_CST);
+}
 
 /* A slot belongs to an owner and its waiter together: they take turns (the
  * waiter spins while the owner runs the guest, the owner while the caller
@@ -114,13 +199,13 @@ static void give_spin(void) { __atomic_sub_fetch(&spinners, 1, __ATOMIC_SEQ_CST)
  * it up when either side goes to sleep. */
 static int pair_take(struct hl_owner *o) {
     if (__atomic_load_n(&o->has_slot, __ATOMIC_SEQ_CST)) return 1;
-    if (!take_spin()) return 0;
-    if (__atomic_exchange_n(&o->has_slot, 1, __ATOMIC_SEQ_CST)) give_spin(); /* the other side took one */
+    if (!hl_owner_take_spin()) return 0;
+    if (__atomic_exchange_n(&o->has_slot, 1, __ATOMIC_SEQ_CST)) hl_owner_give_spin(); /* the other side took one */
     return 1;
 }
 
 static void pair_give(struct hl_owner *o) {
-    if (__atomic_exchange_n(&o->has_slot, 0, __ATOMIC_SEQ_CST)) give_spin();
+    if (__atomic_exchange_n(&o->has_slot, 0, __ATOMIC_SEQ_CST)) hl_owner_give_spin();
 }
 
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)

@@ -126,6 +126,31 @@ def test_a_batch_of_every_record_crosses_in_one_frame() -> None:
     assert all(_same(a, b) for a, b in zip(copy, batch, strict=True))
 
 
+@pytest.mark.parametrize("piece", [1, 3, 7, 64, 1000, 1 << 20])
+def test_a_stream_of_frames_decodes_the_same_in_pieces_of_any_size(piece: int) -> None:
+    """Frames cut anywhere (a header split, a frame across many reads, many
+    frames in one read, a buffer reused by the reader) arrive whole and in order."""
+    batches = [[m.Hello(n), m.Close(f"pool-{n}#" + "x" * (n * 37 % 900))] for n in range(60)]
+    stream = b"".join(encode(batch) for batch in batches)
+    decoder = Decoder[m.Message]()
+    reused = bytearray(piece)  # a reader's buffer, overwritten by the next read
+    got: list[list[m.Message | Any]] = []
+    for at in range(0, len(stream), piece):
+        chunk = stream[at : at + piece]
+        reused[: len(chunk)] = chunk
+        got.extend(decoder.feed(memoryview(reused)[: len(chunk)]))
+    assert got == batches
+    assert list(decoder.feed(b"")) == []
+
+
+def test_a_corrupt_header_after_a_partial_frame_is_an_error() -> None:
+    frame = encode([m.Hello(1)])
+    decoder = Decoder[m.Message]()
+    assert list(decoder.feed(frame[:3])) == []
+    with pytest.raises(ValueError, match="corrupt"):
+        list(decoder.feed(frame[3:] + b"\xff" * 8))
+
+
 # --------------------------------------------------------------- salvage
 class Foreign:
     """Objects of a class that this process's ``__main__`` has while the frame

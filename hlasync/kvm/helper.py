@@ -59,6 +59,18 @@ def library() -> ctypes.CDLL:
     lib.hl_owner_set_spin_slots.restype = None
     lib.hl_owner_spinners.argtypes = []
     lib.hl_owner_spinners.restype = ctypes.c_uint32
+    lib.hl_owner_share_spin.argtypes = [ptr, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32]
+    lib.hl_owner_share_spin.restype = None
+    lib.hl_owner_take_spin.argtypes = []
+    lib.hl_owner_take_spin.restype = ctypes.c_int
+    lib.hl_owner_give_spin.argtypes = []
+    lib.hl_owner_give_spin.restype = None
+    lib.hl_owner_hot.argtypes = []
+    lib.hl_owner_hot.restype = ctypes.c_uint32
+    lib.hl_owner_take_hot.argtypes = [ctypes.c_uint32]
+    lib.hl_owner_take_hot.restype = ctypes.c_int
+    lib.hl_owner_give_hot.argtypes = []
+    lib.hl_owner_give_hot.restype = None
     lib.hl_owner_set_spin_slots(spin_slots())
     lib.hl_owner_forked.argtypes = []
     lib.hl_owner_forked.restype = None

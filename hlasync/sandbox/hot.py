@@ -23,7 +23,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Protocol
+from typing import Any, Protocol
 
 from .. import abi
 from ..config import AUTO, SandboxConfig
@@ -416,6 +416,9 @@ class HotBudget:
         self._last_end = 0.0
         self._other_end = 0.0
         self.slots = self._slots()
+        #: The helper library once this process shares a spin board with the
+        #: other worker processes of its supervisor (:meth:`share`), else None.
+        self._board: Any = None
 
     @staticmethod
     def _slots() -> int:
@@ -444,17 +447,33 @@ class HotBudget:
         if not wanted or now - self._other_end < OTHER_CALLERS_WINDOW:
             return False
         others = len(self._calls)
+        board = self._board
         if running:
-            return self._used - 1 + others < self.slots
+            used = board.hl_owner_hot() if board is not None else self._used
+            return used - 1 + others < self.slots
         with self._lock:
             if self._used + others >= self.slots:
                 return False
+            if board is not None and not board.hl_owner_take_hot(others):
+                return False  # the other worker processes' hot sandboxes take the slots
             self._used += 1
             return True
 
     def give_back(self) -> None:
         with self._lock:
             self._used -= 1
+            if self._board is not None:
+                self._board.hl_owner_give_hot()
+
+    def share(self, slots: int) -> None:
+        """Count this process's hot sandboxes in its spin board too
+        (:mod:`hlasync.supervisor.spinboard`, attached before any sandbox was
+        made), against the board's ``slots``: a worker process's sandbox goes
+        hot only while the hot sandboxes of all the supervisor's worker
+        processes leave a slot."""
+        from ..kvm.helper import library
+
+        self.slots, self._board = slots, library()
 
     @property
     def active(self) -> int:

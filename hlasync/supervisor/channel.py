@@ -104,12 +104,16 @@ class Decoder(Generic[M]):
         self._buffer = bytearray()
 
     def feed(self, data: bytes | memoryview) -> Iterator[list[M | Undecodable]]:
-        buffer = self._buffer
-        if not buffer:
-            # Whole frames are decoded where they lie (a read's buffer), no
-            # copy; only a frame cut short at the end is kept for the next.
+        # Whole frames are decoded where they lie (the read's buffer when
+        # nothing is buffered, else the buffer), no copy per frame; what is
+        # left (a frame cut short) is kept once, after the last whole frame.
+        if self._buffer:
+            self._buffer += data
+            view = memoryview(self._buffer)
+        else:
             view = memoryview(data)
-            start, size = 0, len(view)
+        start, size = 0, len(view)
+        try:
             while size - start >= _HEADER.size:
                 (length,) = _HEADER.unpack_from(view, start)
                 if length > MAX_FRAME:
@@ -117,21 +121,18 @@ class Decoder(Generic[M]):
                 end = start + _HEADER.size + length
                 if end > size:
                     break
-                yield _decode(view[start + _HEADER.size : end])
+                frame = view[start + _HEADER.size : end]
                 start = end
-            buffer += view[start:]
-            return
-        buffer += data
-        while len(buffer) >= _HEADER.size:
-            (length,) = _HEADER.unpack_from(buffer)
-            if length > MAX_FRAME:
-                raise ValueError(f"frame of {length} bytes: the channel is corrupt")
-            end = _HEADER.size + length
-            if len(buffer) < end:
-                return
-            body = bytes(buffer[_HEADER.size : end])
-            del buffer[:end]
-            yield _decode(body)
+                yield _decode(frame)
+        finally:
+            # A fresh buffer for the rest (the view pins the old one): the
+            # rest only, so a long frame arriving in pieces is not copied
+            # again for every piece while nothing is consumed.
+            if view.obj is self._buffer:
+                if start:
+                    self._buffer = bytearray(view[start:])
+            elif start < size:
+                self._buffer = bytearray(view[start:])
 
 
 def _decode(body: bytes | memoryview) -> list[Any]:

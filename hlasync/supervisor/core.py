@@ -328,9 +328,7 @@ class Supervisor:
         except anyio.get_cancelled_exc_class():
             self._backend.abandon(job, self.dump_on_cancel)
             raise
-        if job.error is not None:
-            raise job.error
-        return job.result
+        return job.outcome()
 
     def call_nowait(
         self,
@@ -405,9 +403,7 @@ class Supervisor:
         except anyio.get_cancelled_exc_class():
             self._backend.abandon(job, self.dump_on_cancel)
             raise
-        if job.error is not None:
-            raise job.error
-        return job.result
+        return job.outcome()
 
     # ----------------------------------------------------- dumps, operations
     async def generate_crashdump(

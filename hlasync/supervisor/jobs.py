@@ -135,6 +135,12 @@ class Job:
         #: started (worker processes; see proc_relaunch).
         self.resent = 0
 
+    def outcome(self) -> Value:
+        """Its result, or its error raised (once it is done)."""
+        if self.error is not None:
+            raise self.error
+        return self.result
+
 
 def cpu_used(job: Job) -> float:
     """Seconds of CPU the call has used so far: its worker thread's (host code,

@@ -72,6 +72,7 @@ from .proc_relaunch import Relauncher, describe_status, reaped
 from .proc_shards import QUEUE_AHEAD_WINDOW, CallQueue, shards_of
 from .settings import hold_limit
 from .specs import HostKey, TargetSpec
+from .spinboard import SpinBoard
 from .targets import Pool, SupervisedSandbox, Target
 
 __all__ = ["HOST_THREADS", "HOT_QUEUE_DEPTH", "START_TIMEOUT", "ProcessBackend"]
@@ -133,6 +134,8 @@ class ProcessBackend(WorkerMessages):
         #: Seconds its workers may hold an outcome to send it with others
         #: (HLASYNC_HOLD_LIMIT, read once: every launch gets the same).
         self._hold_limit = hold_limit() if self.holds else 0.0
+        #: The spin slots its local worker processes share (made at the first launch).
+        self.board: SpinBoard | None = None
         #: Targets being closed: a second close waits for the first.
         self._closing_targets: dict[Target, anyio.Event] = {}
         self._hosts = HostCalls(front.events)
@@ -215,9 +218,13 @@ class ProcessBackend(WorkerMessages):
         paths = [_PACKAGE_ROOT, *env.get("PYTHONPATH", "").split(os.pathsep)]
         env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         try:
+            if self.board is None:
+                self.board = SpinBoard.create(len(self._workers))
             marks = StartMarks.create()
         except OSError as exc:
             raise SupervisorError(f"cannot start worker process {worker.index}: {exc}") from exc
+        board = self.board
+        board.clear(worker.index)  # what a dead process of this worker still counted
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             process = subprocess.Popen(
@@ -228,8 +235,10 @@ class ProcessBackend(WorkerMessages):
                     str(child.fileno()),
                     str(marks.fd),
                     repr(self._hold_limit),
+                    str(board.fd),
+                    str(worker.index),
                 ],
-                pass_fds=[child.fileno(), marks.fd],
+                pass_fds=[child.fileno(), marks.fd, board.fd],
                 env=env,
                 close_fds=True,
             )
@@ -318,6 +327,9 @@ class ProcessBackend(WorkerMessages):
             worker.use_marks(None)
             worker.close_channel()
             worker.fail_requests(stopped)
+        if self.board is not None:
+            self.board.close()
+            self.board = None
         # Idle host threads end now; one stuck in a host function is left behind.
         self._hosts.shutdown()
         deadline = time.monotonic() + STOP_TIMEOUT

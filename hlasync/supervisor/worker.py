@@ -69,6 +69,7 @@ from .messages import (
 )
 from .outcomes import publish_outcome
 from .specs import HostKey, TargetSpec
+from .spinboard import SpinBoard
 from .targets import Target
 
 __all__ = ["main"]
@@ -484,11 +485,19 @@ class Worker:
         self.sender.close()
 
 
+#: This process's spin board (kept: the helper library counts in its mapping).
+_board: SpinBoard | None = None
+
+
 def main(argv: list[str] | None = None) -> None:
     arguments = sys.argv[1:] if argv is None else argv
     sock = socket.socket(fileno=int(arguments[0]))
     marks = StartMarks.attach(int(arguments[1])) if len(arguments) > 1 else None
     hold = float(arguments[2]) if len(arguments) > 2 else 0.0
+    if len(arguments) > 4:  # the spin slots it shares with the supervisor's other workers
+        global _board
+        _board = SpinBoard(int(arguments[3]))
+        _board.attach(int(arguments[4]))
     status = Worker(sock, marks, hold).serve()
     # Threads blocked in host functions must not keep a finished worker alive.
     os._exit(status)
