@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, assert_never
 
@@ -49,7 +49,12 @@ from .proc_handle import WorkerHandle
 from .proc_hostcalls import HostCalls
 from .proc_shards import CallQueue
 
-__all__ = ["WorkerMessages"]
+__all__ = ["MESSAGES_PER_TURN", "WorkerMessages"]
+
+#: Messages of a worker the loop handles in one go before it lets its other
+#: tasks run (a flood of guest output, and an ``output`` callback slower than
+#: the guest, hold it no longer than this many lines).
+MESSAGES_PER_TURN = 64
 
 
 class WorkerMessages(abc.ABC):
@@ -92,7 +97,7 @@ class WorkerMessages(abc.ABC):
                         break
                     if not data:
                         break
-                    self._frames(worker, decoder, data)
+                    await self._frames(worker, decoder, data)
         finally:
             worker.alive = False
             worker.gone.set()
@@ -108,17 +113,22 @@ class WorkerMessages(abc.ABC):
         registration and removal, two ``epoll_ctl`` calls, per frame as
         ``wait_readable`` makes). The callback only reads and decodes; this
         task handles the messages, so that what they run (output callbacks,
-        event delivery) runs in a task as before. Returns, or raises what
-        decoding raised, when the channel ends."""
+        event delivery) runs in a task as before, at most
+        :data:`MESSAGES_PER_TURN` of them per turn of the loop. While that
+        many or more wait, the callback is taken off the socket (the worker's
+        writes wait in the socket's buffer, then in the worker) and put back
+        once they are handled. Returns, or raises what decoding raised, when
+        the channel ends."""
         import asyncio
 
         loop = asyncio.get_running_loop()
         assert worker.sock is not None
         fd = worker.sock.fileno()
-        batches: list[list[ToSupervisor | Undecodable]] = []
+        messages: deque[ToSupervisor | Undecodable] = deque()
         waiter: asyncio.Future[None] | None = None
-        ended = False
+        ended = paused = False
         failure: BaseException | None = None
+        counters = self.counters
 
         def wake() -> None:
             if waiter is not None and not waiter.done():
@@ -128,10 +138,12 @@ class WorkerMessages(abc.ABC):
             nonlocal ended, failure
             if not ended:
                 ended, failure = True, error
-                loop.remove_reader(fd)
+                if not paused:  # a paused watch is removed already
+                    loop.remove_reader(fd)
             wake()
 
         def readable() -> None:
+            nonlocal paused
             if ended:
                 return
             try:
@@ -145,22 +157,31 @@ class WorkerMessages(abc.ABC):
                 end()
                 return
             try:
-                batches.extend(decoder.feed(data))  # whole frames; one cut short waits
+                for batch in decoder.feed(data):  # whole frames; one cut short waits
+                    counters["channel_frames"] += 1
+                    counters["channel_messages"] += len(batch)
+                    messages.extend(batch)
             except Exception as exc:  # noqa: BLE001 - raised by the reading task
                 end(exc)
                 return
+            if len(messages) >= MESSAGES_PER_TURN:
+                loop.remove_reader(fd)
+                paused = True
             wake()
 
         loop.add_reader(fd, readable)
         worker.unwatch = end
         try:
             while True:
-                if batches:
-                    ready = batches[:]
-                    del batches[:]
-                    for batch in ready:
-                        self._batch(worker, batch)
+                if messages:
+                    for _ in range(min(len(messages), MESSAGES_PER_TURN)):
+                        self._handle_reported(worker, messages.popleft())
+                    if messages:
+                        await anyio.lowlevel.checkpoint()  # the loop's other work first
                     continue
+                if paused and not ended:
+                    paused = False
+                    loop.add_reader(fd, readable)
                 if ended:
                     if failure is not None:
                         raise failure
@@ -173,21 +194,29 @@ class WorkerMessages(abc.ABC):
                 worker.unwatch = None
             end()  # the watch is removed once: the number may be another socket's by now
 
-    def _frames(self, worker: WorkerHandle, decoder: Decoder[ToSupervisor], data: Any) -> None:
-        """Handle the messages of every whole frame in ``data`` (and what came before it)."""
+    async def _frames(
+        self, worker: WorkerHandle, decoder: Decoder[ToSupervisor], data: Any
+    ) -> None:
+        """Handle the messages of every whole frame in ``data`` (and what came
+        before it), at most :data:`MESSAGES_PER_TURN` per turn of the loop."""
+        handled = 0
         for batch in decoder.feed(data):
-            self._batch(worker, batch)
+            counters = self.counters
+            counters["channel_frames"] += 1
+            counters["channel_messages"] += len(batch)
+            for message in batch:
+                if handled == MESSAGES_PER_TURN:
+                    await anyio.lowlevel.checkpoint()
+                    handled = 0
+                self._handle_reported(worker, message)
+                handled += 1
 
-    def _batch(self, worker: WorkerHandle, batch: list[ToSupervisor | Undecodable]) -> None:
-        """The messages of one frame, in order."""
-        counters = self.counters
-        counters["channel_frames"] += 1
-        counters["channel_messages"] += len(batch)
-        for message in batch:
-            try:
-                self._handle(worker, message)
-            except Exception as exc:  # noqa: BLE001 - the channel goes on
-                self._front.report(exc)
+    def _handle_reported(self, worker: WorkerHandle, message: ToSupervisor | Undecodable) -> None:
+        """One message; what handling it raised is reported, the channel goes on."""
+        try:
+            self._handle(worker, message)
+        except Exception as exc:  # noqa: BLE001 - the channel goes on
+            self._front.report(exc)
 
     def _handle(self, worker: WorkerHandle, message: ToSupervisor | Undecodable) -> None:
         match message:
