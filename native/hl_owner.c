@@ -97,8 +97,10 @@ static uint64_t clock_ns(void) {
  * a slot adds to the own cell first and then reads the sum (both sequentially
  * consistent): of two threads that take the last slot at once, the later
  * sees the other's and gives its own back, so the slots are never exceeded.
- * A cell below zero (the supervisor cleared it under a dying process) counts
- * as zero. */
+ * The supervisor clears a cell only once the process that counted in it is
+ * gone (reaped), and a process attaches before it takes any slot: a cell is
+ * never below zero then. Should one be (a give-back without its take), it
+ * counts as zero in the sum and its own process takes no slot. */
 #define CELL_BYTES 64
 static uint32_t spin_slots = 1;
 static int32_t local_cell = 0;
@@ -146,8 +148,11 @@ uint32_t hl_owner_spinners(void) {
 
 /* Take a slot for this process (1), or none is free (0). */
 int hl_owner_take_spin(void) {
-    __atomic_add_fetch(my_cell, 1, __ATOMIC_SEQ_CST);
-    if (hl_owner_spinners() <= spin_slots) return 1;
+    /* Below one here, the cell was below zero: its takes would not show in the
+     * sum (a give-back without its take; never in the shipped flow). This
+     * process then spins no more rather than past the slots. */
+    if (__atomic_add_fetch(my_cell, 1, __ATOMIC_SEQ_CST) >= 1 && hl_owner_spinners() <= spin_slots)
+        return 1;
     __atomic_sub_fetch(my_cell, 1, __ATOMIC_SEQ_CST);
     return 0;
 }
@@ -181,8 +186,8 @@ int hl_owner_take_hot(uint32_t extra) {
     const uint8_t *shared = __atomic_load_n(&board, __ATOMIC_SEQ_CST);
     if (!shared) return 1;
     int32_t *mine = (int32_t *)((uint8_t *)my_cell + 4);
-    __atomic_add_fetch(mine, 1, __ATOMIC_SEQ_CST);
-    if ((uint64_t)hot_total(shared) + extra <= spin_slots) return 1;
+    if (__atomic_add_fetch(mine, 1, __ATOMIC_SEQ_CST) >= 1 && (uint64_t)hot_total(shared) + extra <= spin_slots)
+        return 1; /* below one: see hl_owner_take_spin */
     __atomic_sub_fetch(mine, 1, __ATOMIC_SEQ_CST);
     return 0;
 }

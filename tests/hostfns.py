@@ -36,3 +36,11 @@ def current_trace(text: str) -> str:
 
     context = trace.get_current_span().get_span_context()
     return f"{context.trace_id:032x}/{context.span_id:016x}"
+
+
+def hot_budget_slots(x: int) -> int:
+    """The slots of this process's hot budget if it shares them through a spin
+    board (a worker process), else -1; plus ``x`` * 1000."""
+    from hlasync.sandbox.hot import budget
+
+    return x * 1000 + (budget.slots if budget._board is not None else -1)

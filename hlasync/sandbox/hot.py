@@ -482,3 +482,11 @@ class HotBudget:
 
 
 budget = HotBudget()
+
+
+def _forked() -> None:
+    # The helper library's child counts alone (hl_owner_forked): so does the budget.
+    budget._board, budget.slots = None, HotBudget._slots()
+
+
+os.register_at_fork(after_in_child=_forked)

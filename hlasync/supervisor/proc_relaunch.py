@@ -40,7 +40,9 @@ class Relauncher:
     """Handles the unexpected end of a worker: the process backend's
     ``launch`` (a new process for a worker: its generation, or None when it
     ended before its hello), ``kill`` and ``make_shard`` do the work;
-    ``closing()`` is true once the supervisor shuts down."""
+    ``reaped`` forgets what a worker's process held that outlives it (its
+    spin board cell), once the process is certainly gone; ``closing()`` is
+    true once the supervisor shuts down."""
 
     def __init__(
         self,
@@ -52,6 +54,7 @@ class Relauncher:
         launch: Callable[[WorkerHandle], Awaitable[int | None]],
         kill: Callable[[WorkerHandle], None],
         make_shard: Callable[[Shard], Awaitable[None]],
+        reaped: Callable[[WorkerHandle], None],
         closing: Callable[[], bool],
     ) -> None:
         self._front = front
@@ -61,6 +64,7 @@ class Relauncher:
         self._launch = launch
         self._kill = kill
         self._make_shard = make_shard
+        self._reaped = reaped
         self._closing = closing
 
     async def worker_died(self, worker: WorkerHandle) -> None:
@@ -72,6 +76,8 @@ class Relauncher:
                 self._kill(worker)
                 # Gone before its start marks are read: nothing runs in it then.
                 status = await reaped(worker.process, 5.0)
+            if status is not None:  # also when no new process can be started
+                self._reaped(worker)
         worker.close_channel()
         lost = WorkerLost(
             f"worker process {worker.index} (pid {worker.pid}{worker.where}) ended "

@@ -147,6 +147,7 @@ class ProcessBackend(WorkerMessages):
             launch=self._launch,
             kill=self._kill,
             make_shard=self._make_shard,
+            reaped=self._forget_spinning,
             closing=lambda: self._closing,
         )
 
@@ -296,6 +297,13 @@ class ProcessBackend(WorkerMessages):
                 f"within {START_TIMEOUT:.0f} s"
             )
         return generation
+
+    def _forget_spinning(self, worker: WorkerHandle) -> None:
+        """``worker``'s process is gone: the spin slots and hot sandboxes it
+        counted in the board are no one's (cleared before its next process
+        starts too; here also when none can start)."""
+        if self.board is not None:
+            self.board.clear(worker.index)
 
     def _kill(self, worker: WorkerHandle) -> None:
         if worker.process is not None and worker.process.poll() is None:

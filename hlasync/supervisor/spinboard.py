@@ -17,9 +17,12 @@ counts them in the same cells, so N worker processes do not keep N times as
 many guests spinning either.
 
 A worker that dies holding slots leaves its cell counted: the supervisor
-clears the cell before it starts the worker's next process (a cell below
-zero counts as zero, so a late give-back of the dead process harms nothing).
-Workers on other machines (Ray) count alone.
+clears the cell once the process is reaped (also when no next process can
+start), and before it starts the worker's next process. A cell is never
+below zero then; should one be (a give-back without its take), it counts as
+zero and its own process takes no slot (it could take past the slots
+unseen otherwise). A forked child of a worker counts alone. Workers on other
+machines (Ray) count alone.
 """
 
 from __future__ import annotations
