@@ -38,6 +38,16 @@ def _in_child(code: str, *fds: int) -> str:
     return done.stdout
 
 
+def _worker_process(index: int) -> psutil.Process:
+    """The process of worker ``index`` (the index is its command line's
+    last but one argument)."""
+    return next(
+        p
+        for p in psutil.Process().children()
+        if "hlasync.supervisor.worker" in " ".join(p.cmdline()) and p.cmdline()[-2] == str(index)
+    )
+
+
 def test_a_board_holds_its_cells_and_slots() -> None:
     board = SpinBoard.create(3, slots=2)
     try:
@@ -209,11 +219,7 @@ async def test_worker_processes_count_their_spinning_in_the_supervisors_board(
                         tg.start_soon(pool.call, "add", 1, 2)
                 counted |= {cell for cell in range(2) if board.count(cell) > 0}
         # A dead process's slots: the cell as a worker killed mid-spin would leave it.
-        victim = next(
-            p
-            for p in psutil.Process().children()
-            if "hlasync.supervisor.worker" in " ".join(p.cmdline()) and p.cmdline()[-1] == "0"
-        )
+        victim = _worker_process(0)
         victim.send_signal(signal.SIGSTOP)
         struct.pack_into("=i", board._map, CELL, 1000)
         async with sup.subscribe(ev.WorkerStarted) as started:
@@ -315,11 +321,7 @@ async def test_a_dead_workers_cell_is_cleared_also_when_no_new_process_starts(
     async with Supervisor(processes=2, workers=1) as sup:
         board = sup._backend.board  # type: ignore[attr-defined]
         await sup.create_pool(simpleguest, size=2)
-        victim = next(
-            p
-            for p in psutil.Process().children()
-            if "hlasync.supervisor.worker" in " ".join(p.cmdline()) and p.cmdline()[-1] == "0"
-        )
+        victim = _worker_process(0)
 
         async def cannot_start(worker: object) -> object:
             raise SupervisorError("no new process today")

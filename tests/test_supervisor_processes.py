@@ -711,3 +711,30 @@ async def test_a_task_started_after_the_tasks_were_stopped_never_runs(
                     break
                 await anyio.sleep(0.01)
             assert outcome == ["cancelled"]
+
+
+@pytest.mark.parametrize("setting", ["", "other", "BATCH"])
+async def test_worker_processes_run_under_the_scheduling_policy_set(
+    kvm: Kvm, simpleguest: Path, monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    """SCHED_BATCH by default (a worker woken by the supervisor's write does
+    not take the CPU from the loop that wrote), every thread of the worker;
+    ``HLASYNC_WORKER_SCHED=other`` keeps the normal policy."""
+    monkeypatch.setenv("HLASYNC_WORKER_SCHED", setting)
+    expected = os.SCHED_OTHER if setting == "other" else os.SCHED_BATCH
+    async with Supervisor(processes=1, workers=2) as sup:
+        pool = await sup.create_pool(simpleguest, size=2, config=SandboxConfig(hot_restore=True))
+        for _ in range(20):
+            assert await pool.call("add", 1, 2) == 3
+        (worker,) = _workers()
+        threads = [thread.id for thread in worker.threads()]
+        assert len(threads) > 3  # vCPU threads, owners, hot threads, the channel's
+        assert {os.sched_getscheduler(tid) for tid in threads} == {expected}
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the supervisor's own: untouched
+
+
+def test_a_wrong_worker_policy_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HLASYNC_WORKER_SCHED", "fifo")
+    with pytest.raises(ValueError, match="HLASYNC_WORKER_SCHED must be batch or other"):
+        Supervisor(processes=1)
+    Supervisor(processes=0)  # threads: no worker process to schedule

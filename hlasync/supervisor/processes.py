@@ -70,7 +70,7 @@ from .proc_handle import Shard, WorkerHandle
 from .proc_hostcalls import HOST_THREADS, HostCalls
 from .proc_relaunch import Relauncher, describe_status, reaped
 from .proc_shards import QUEUE_AHEAD_WINDOW, CallQueue, shards_of
-from .settings import hold_limit
+from .settings import hold_limit, worker_policy
 from .specs import HostKey, TargetSpec
 from .spinboard import SpinBoard
 from .targets import Pool, SupervisedSandbox, Target
@@ -134,6 +134,8 @@ class ProcessBackend(WorkerMessages):
         #: Seconds its workers may hold an outcome to send it with others
         #: (HLASYNC_HOLD_LIMIT, read once: every launch gets the same).
         self._hold_limit = hold_limit() if self.holds else 0.0
+        #: The scheduling policy of its local worker processes (HLASYNC_WORKER_SCHED, read once).
+        self._policy = worker_policy() if self.holds else "other"
         #: The spin slots its local worker processes share (made at the first launch).
         self.board: SpinBoard | None = None
         #: Targets being closed: a second close waits for the first.
@@ -238,6 +240,7 @@ class ProcessBackend(WorkerMessages):
                     repr(self._hold_limit),
                     str(board.fd),
                     str(worker.index),
+                    self._policy,
                 ],
                 pass_fds=[child.fileno(), marks.fd, board.fd],
                 env=env,

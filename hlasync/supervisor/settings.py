@@ -19,6 +19,7 @@ __all__ = [
     "check_settings",
     "default_processes",
     "hold_limit",
+    "worker_policy",
 ]
 
 #: "Use the supervisor-wide default" (a timeout of None means no limit).
@@ -60,6 +61,7 @@ def check_settings(
         raise ValueError("processes must be an int >= 0 (0: threads of this process)")
     if processes:
         hold_limit()  # read again by the process backend: a wrong value is said here
+        worker_policy()
     if type(max_pending) is not int or max_pending < 1:
         raise ValueError("max_pending must be a positive int")
     check_limit("timeout", timeout)
@@ -103,3 +105,20 @@ def hold_limit() -> float:
     if not 0 <= seconds <= 60:  # NaN too
         raise ValueError(f"HLASYNC_HOLD_LIMIT must be seconds from 0 to 60, got {value!r}")
     return seconds
+
+
+#: The scheduling policies a worker process may run under (HLASYNC_WORKER_SCHED).
+WORKER_POLICIES = ("batch", "other")
+
+
+def worker_policy() -> str:
+    """The scheduling policy of worker processes: ``batch`` (``SCHED_BATCH``,
+    the default: a worker woken by the supervisor's write does not take the
+    CPU from the event loop that wrote) or ``other`` (``SCHED_OTHER``, the
+    normal one), from ``HLASYNC_WORKER_SCHED``."""
+    value = os.environ.get("HLASYNC_WORKER_SCHED", "").strip().lower()
+    if not value:
+        return "batch"
+    if value not in WORKER_POLICIES:
+        raise ValueError(f"HLASYNC_WORKER_SCHED must be batch or other, got {value!r}")
+    return value

@@ -17,6 +17,7 @@ one this process cannot unpickle, see :mod:`.channel`) and sends
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import itertools
@@ -494,6 +495,11 @@ def main(argv: list[str] | None = None) -> None:
     sock = socket.socket(fileno=int(arguments[0]))
     marks = StartMarks.attach(int(arguments[1])) if len(arguments) > 1 else None
     hold = float(arguments[2]) if len(arguments) > 2 else 0.0
+    if len(arguments) > 5 and arguments[5] == "batch":
+        # Before any thread is made (they inherit it): woken by the supervisor's
+        # write, this process does not take the CPU from the loop that wrote.
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     if len(arguments) > 4:  # the spin slots it shares with the supervisor's other workers
         global _board
         _board = SpinBoard(int(arguments[3]))
