@@ -179,6 +179,9 @@ def test_quick_scaling_benchmark_runs_and_writes_json(kvm: Kvm, tmp_path: Path) 
     # Outcomes held in the workers, against every one sent at once, in the same run.
     assert ("processes, hot pools, outcomes not held", cores) in modes
     assert any("outcomes held / sent at once" in t["what"] for t in data["targets"])
+    # Worker processes under SCHED_BATCH (the default) against SCHED_OTHER, in the same run.
+    assert ("processes, hot pools, normal scheduling", cores) in modes
+    assert any("SCHED_BATCH / SCHED_OTHER" in t["what"] for t in data["targets"])
     # The worker processes spread over front processes (each its own loop), side by side.
     fronts = [row for row in data["rows"] if row.get("fronts", 1) > 1]
     assert {row["mode"] for row in fronts} == (

@@ -41,20 +41,28 @@ SANDBOXES_PER_WORKER = 2
 TASKS_PER_SANDBOX = 8
 
 
-def _modes(n: int, cores: int) -> list[tuple[str, int, int, bool, bool]]:
-    """(mode, processes, workers, hot pools, outcomes held) measured at ``n``
+#: Environment settings of the comparison rows (read as a supervisor is made).
+NOT_HELD = {"HLASYNC_HOLD_LIMIT": "0"}
+NORMAL_SCHEDULING = {"HLASYNC_WORKER_SCHED": "other"}
+
+
+def _modes(n: int, cores: int) -> list[tuple[str, int, int, bool, dict[str, str]]]:
+    """(mode, processes, workers, hot pools, environment) measured at ``n``
     cores; at the machine's core count, worker processes also with every
-    outcome sent at once (``HLASYNC_HOLD_LIMIT=0``), to compare."""
-    modes = [
-        ("threads", 0, n, False, True),
-        ("processes", n, 1, False, True),
-        ("threads, hot pools", 0, n, True, True),
-        ("processes, hot pools", n, 1, True, True),
+    outcome sent at once (``HLASYNC_HOLD_LIMIT=0``) and under the normal
+    scheduling policy (``HLASYNC_WORKER_SCHED=other``), to compare."""
+    modes: list[tuple[str, int, int, bool, dict[str, str]]] = [
+        ("threads", 0, n, False, {}),
+        ("processes", n, 1, False, {}),
+        ("threads, hot pools", 0, n, True, {}),
+        ("processes, hot pools", n, 1, True, {}),
     ]
     if n == cores:
         modes += [
-            ("processes, outcomes not held", n, 1, False, False),
-            ("processes, hot pools, outcomes not held", n, 1, True, False),
+            ("processes, outcomes not held", n, 1, False, NOT_HELD),
+            ("processes, hot pools, outcomes not held", n, 1, True, NOT_HELD),
+            ("processes, normal scheduling", n, 1, False, NORMAL_SCHEDULING),
+            ("processes, hot pools, normal scheduling", n, 1, True, NORMAL_SCHEDULING),
         ]
     return modes
 
@@ -86,23 +94,30 @@ def _ceiling(guest: Path, seconds: float) -> float:
 
 
 async def _rates(
-    guest: Path, processes: int, workers: int, window: float, rounds: int, hot: bool, held: bool
+    guest: Path,
+    processes: int,
+    workers: int,
+    window: float,
+    rounds: int,
+    hot: bool,
+    environment: dict[str, str],
 ) -> tuple[list[float], float, float]:
     """Calls/s per round through one pool, the p50 latency of single calls (ns)
     and the event loop's CPU time per call in the rounds (ns: the thread that
     runs the loop, whatever it did for the calls, the awaiting tasks' own
-    work included); ``hot``: hot pools (``SandboxConfig(hot_restore=True)``)."""
+    work included); ``hot``: hot pools (``SandboxConfig(hot_restore=True)``);
+    ``environment``: set while the supervisor is made (its workers read it)."""
     config = SandboxConfig(hot_restore=hot)
-    saved = os.environ.get("HLASYNC_HOLD_LIMIT")
-    if not held:  # read by the workers as they start
-        os.environ["HLASYNC_HOLD_LIMIT"] = "0"
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
     try:
         return await _measure(guest, processes, workers, window, rounds, config)
     finally:
-        if saved is None:
-            os.environ.pop("HLASYNC_HOLD_LIMIT", None)
-        else:
-            os.environ["HLASYNC_HOLD_LIMIT"] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 async def _measure(
@@ -190,10 +205,11 @@ def suite(quick: bool, machine: dict[str, Any], backend: str) -> SuiteOutput:
     ceiling = _ceiling(guest, window * 2)
     rows: list[dict[str, Any]] = []
     for n in _steps(cores):
-        for mode, processes, workers, hot, held in _modes(n, cores):
+        for mode, processes, workers, hot, environment in _modes(n, cores):
             rates, latency, loop_ns = anyio.run(
-                _rates, guest, processes, workers, window, rounds, hot, held, backend=backend
+                _rates, guest, processes, workers, window, rounds, hot, environment, backend=backend
             )
+            held = environment is not NOT_HELD
             rows.append(
                 _row(mode, hot, held, n, processes, workers, 1, rates, ceiling, latency, loop_ns)
             )
@@ -302,6 +318,17 @@ def _targets(rows: list[dict[str, Any]], cores: int, ceiling: float) -> list[dic
                 }
             )
     for mode in ("processes", "processes, hot pools"):
+        batch, normal = row(mode, cores), row(f"{mode}, normal scheduling", cores)
+        if batch is not None and normal is not None:
+            targets.append(
+                {
+                    "what": f"{mode}: {cores} processes, SCHED_BATCH / SCHED_OTHER (calls/s)",
+                    "got": f"{batch['median'] / normal['median']:.2f}x",
+                    "target": "> 1x",
+                    "met": batch["median"] > normal["median"],
+                }
+            )
+    for mode in ("processes", "processes, hot pools"):
         two = row(mode, 2)
         if cores == 2 and two is not None:  # issue 22: past one core's synchronous ceiling
             of_one_core = two["median"] / ceiling
@@ -347,6 +374,8 @@ def _render(
         ) + (", hot pools" if r.get("hot") else "")
         if not r.get("held", True):
             setup += ", outcomes not held"
+        if r["mode"].endswith("normal scheduling"):
+            setup += ", SCHED_OTHER"
         lines.append(
             f"| {setup} | {r['cores']} | {r['median']:,.0f} | {r['per_core']:,.0f} | "
             f"{r['of_ceiling']:.0%} | "
@@ -361,7 +390,9 @@ def _render(
         "ceiling, however many cores the workers get). Front processes: the same "
         "worker processes spread over that many processes, each with its own event loop "
         "and supervisor (a service run as several processes), measured side by side and "
-        "summed; their loop CPU is the mean of theirs.",
+        "summed; their loop CPU is the mean of theirs. SCHED_OTHER: worker processes "
+        "under the normal scheduling policy (HLASYNC_WORKER_SCHED=other), against the "
+        "default SCHED_BATCH rows above them.",
     ]
     if targets:
         lines += ["", "| target | got | wanted | met |", "|---|---:|---|---|"]
