@@ -24,9 +24,21 @@ from hlasync.supervisor.spinboard import CELL, SpinBoard
 pytestmark = pytest.mark.anyio
 
 
-def _in_child(code: str, *fds: int) -> str:
+def _in_child(code: str, *fds: int, board: SpinBoard | None = None, cell: int = 0) -> str:
     """Run ``code`` in a fresh interpreter (the helper library's counting is
-    per process: a test must not attach the test process itself)."""
+    per process: a test must not attach the test process itself); with
+    ``board``, after attaching it as ``cell`` (``board`` and ``lib``, the
+    helper library, are defined for ``code`` then)."""
+    if board is not None:
+        fds += (board.fd,)
+        code = (
+            "import struct\n"
+            "from hlasync.kvm.helper import library\n"
+            "from hlasync.supervisor.spinboard import SpinBoard\n"
+            f"board = SpinBoard({board.fd})\n"
+            f"board.attach({cell})\n"
+            "lib = library()\n"
+        ) + textwrap.dedent(code)
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
@@ -87,16 +99,10 @@ def test_slots_are_taken_against_every_cell_of_the_board() -> None:
     try:
         out = _in_child(
             f"""
-            from hlasync.kvm.helper import library
-            from hlasync.supervisor.spinboard import SpinBoard
-            board = SpinBoard({board.fd})
-            board.attach(0)
-            lib = library()
             seen = [lib.hl_owner_take_spin(), lib.hl_owner_take_spin(), lib.hl_owner_take_spin()]
             seen += [board.count(0), lib.hl_owner_spinners()]
             lib.hl_owner_give_spin(); lib.hl_owner_give_spin()
             seen += [board.count(0)]
-            import struct
             struct.pack_into("=i", board._map, 2 * {CELL}, 2)  # the other worker holds both
             seen += [lib.hl_owner_take_spin(), board.count(0), lib.hl_owner_spinners()]
             struct.pack_into("=i", board._map, 2 * {CELL}, -5)  # cleared, then given back to
@@ -104,7 +110,7 @@ def test_slots_are_taken_against_every_cell_of_the_board() -> None:
             seen += [lib.hl_owner_spinners()]
             print(seen)
             """,
-            board.fd,
+            board=board,
         )
         assert out.strip() == str([1, 1, 0, 2, 2, 0, 0, 0, 2, 1, 1, 0, 2])
     finally:
@@ -259,12 +265,6 @@ def test_a_cell_below_zero_takes_no_slot_of_its_own() -> None:
     try:
         out = _in_child(
             f"""
-            import struct
-            from hlasync.kvm.helper import library
-            from hlasync.supervisor.spinboard import SpinBoard
-            board = SpinBoard({board.fd})
-            board.attach(0)
-            lib = library()
             struct.pack_into("=ii", board._map, {CELL}, -1, -1)
             seen = [lib.hl_owner_take_spin(), lib.hl_owner_take_spin(), board.counts(0)]
             seen += [lib.hl_owner_take_hot(0), lib.hl_owner_take_hot(0)]
@@ -272,7 +272,7 @@ def test_a_cell_below_zero_takes_no_slot_of_its_own() -> None:
             seen += [lib.hl_owner_take_spin(), lib.hl_owner_take_spin(), board.counts(0)]
             print(seen)
             """,
-            board.fd,
+            board=board,
         )
         assert out.strip() == str([0, 0, (-1, -1), 0, 0, 1, 0, (1, 0)])
     finally:
@@ -284,13 +284,8 @@ def test_a_forked_child_of_a_worker_counts_alone() -> None:
     try:
         out = _in_child(
             f"""
-            import os, struct
-            from hlasync.kvm.helper import library
+            import os
             from hlasync.sandbox.hot import HotBudget, budget
-            from hlasync.supervisor.spinboard import SpinBoard
-            board = SpinBoard({board.fd})
-            board.attach(0)
-            lib = library()
             struct.pack_into("=ii", board._map, 2 * {CELL}, 1, 1)  # the other worker's
             seen = [lib.hl_owner_take_spin(), lib.hl_owner_take_hot(0)]
             read, write = os.pipe()
@@ -303,7 +298,7 @@ def test_a_forked_child_of_a_worker_counts_alone() -> None:
             os.waitpid(pid, 0)
             print(seen, os.read(read, 200).decode())
             """,
-            board.fd,
+            board=board,
         )
         assert out.strip() == "[0, 0] [0, 1, 0, True, True]"
     finally:
