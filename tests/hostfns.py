@@ -44,3 +44,26 @@ def hot_budget_slots(x: int) -> int:
     from hlasync.sandbox.hot import budget
 
     return x * 1000 + (budget.slots if budget._board is not None else -1)
+
+
+#: Thread groups and policy bits of :func:`thread_policies`.
+POLICY_GROUPS = ("MainThread", "hlasync-vcpu", "hlasync-owner", "hlasync-watchdog")
+POLICY_BITS = {"other": 1, "batch": 2, "idle": 4}
+
+
+def thread_policies(x: int) -> int:
+    """The scheduling policies of this process's threads of each group of
+    :data:`POLICY_GROUPS` (a thread's name starts with it), one octal digit
+    per group (first group lowest) whose bits are :data:`POLICY_BITS`; plus
+    ``x`` shifted past them."""
+    names = {os.SCHED_OTHER: "other", os.SCHED_BATCH: "batch", os.SCHED_IDLE: "idle"}
+    digits = [0] * len(POLICY_GROUPS)
+    for thread in threading.enumerate():
+        for index, group in enumerate(POLICY_GROUPS):
+            if thread.name.startswith(group) and thread.native_id is not None:
+                policy = names.get(os.sched_getscheduler(thread.native_id), "other")
+                digits[index] |= POLICY_BITS[policy]
+    value: int = x << 3 * len(POLICY_GROUPS)
+    for index, digit in enumerate(digits):
+        value += digit << 3 * index
+    return value

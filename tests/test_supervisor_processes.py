@@ -713,24 +713,72 @@ async def test_a_task_started_after_the_tasks_were_stopped_never_runs(
             assert outcome == ["cancelled"]
 
 
+def _policies(answer: int) -> dict[str, set[str]]:
+    """Thread group -> the policies of its threads (see tests.hostfns.thread_policies)."""
+    from tests.hostfns import POLICY_BITS, POLICY_GROUPS
+
+    return {
+        group: {name for name, bit in POLICY_BITS.items() if (answer >> 3 * index) & bit}
+        for index, group in enumerate(POLICY_GROUPS)
+    }
+
+
 @pytest.mark.parametrize("setting", ["", "other", "BATCH"])
 async def test_worker_processes_run_under_the_scheduling_policy_set(
     kvm: Kvm, simpleguest: Path, monkeypatch: pytest.MonkeyPatch, setting: str
 ) -> None:
     """SCHED_BATCH by default (a worker woken by the supervisor's write does
-    not take the CPU from the loop that wrote), every thread of the worker;
-    ``HLASYNC_WORKER_SCHED=other`` keeps the normal policy."""
+    not take the CPU from the loop that wrote), every thread of the worker
+    but the watchdog (its wake-up must not wait); ``HLASYNC_WORKER_SCHED=other``
+    keeps the normal policy."""
     monkeypatch.setenv("HLASYNC_WORKER_SCHED", setting)
-    expected = os.SCHED_OTHER if setting == "other" else os.SCHED_BATCH
+    expected = "other" if setting == "other" else "batch"
     async with Supervisor(processes=1, workers=2) as sup:
-        pool = await sup.create_pool(simpleguest, size=2, config=SandboxConfig(hot_restore=True))
+        pool = await sup.create_pool(
+            simpleguest,
+            size=2,
+            config=SandboxConfig(hot_restore=True),
+            host_functions={"policies": "tests.hostfns:thread_policies"},
+        )
         for _ in range(20):
             assert await pool.call("add", 1, 2) == 3
-        (worker,) = _workers()
-        threads = [thread.id for thread in worker.threads()]
-        assert len(threads) > 3  # vCPU threads, owners, hot threads, the channel's
-        assert {os.sched_getscheduler(tid) for tid in threads} == {expected}
+        answer = await pool.call("call_host", "policies", 0)
+        assert isinstance(answer, int)
+        policies = _policies(answer)
+        assert policies.pop("hlasync-watchdog") == {"other"}
+        assert policies == {group: {expected} for group in policies}
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the supervisor's own: untouched
+
+
+def test_a_policy_chosen_for_the_supervisor_is_kept_by_its_workers(
+    kvm: Kvm, simpleguest: Path
+) -> None:
+    """Found by an attacker: a worker made itself SCHED_BATCH whatever it
+    inherited; a supervisor put under SCHED_IDLE on purpose had workers
+    competing at normal weight."""
+    script = f"""
+        import os, anyio
+        from hlasync.supervisor import Supervisor
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        async def main():
+            async with Supervisor(processes=1, workers=1) as sup:
+                pool = await sup.create_pool(
+                    {str(simpleguest)!r}, size=1,
+                    host_functions={{"policies": "tests.hostfns:thread_policies"}},
+                )
+                print(await pool.call("call_host", "policies", 0))
+        anyio.run(main)
+        """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(Path(__file__).resolve().parents[1]),
+    )
+    assert done.returncode == 0, done.stderr
+    policies = _policies(int(done.stdout.strip()))
+    assert policies == {group: {"idle"} for group in policies}
 
 
 def test_a_wrong_worker_policy_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,6 +19,7 @@ __all__ = [
     "check_settings",
     "default_processes",
     "hold_limit",
+    "urgent_thread",
     "worker_policy",
 ]
 
@@ -122,3 +123,15 @@ def worker_policy() -> str:
     if value not in WORKER_POLICIES:
         raise ValueError(f"HLASYNC_WORKER_SCHED must be batch or other, got {value!r}")
     return value
+
+
+def urgent_thread() -> None:
+    """Put the calling thread back under the normal policy if it runs under
+    ``SCHED_BATCH`` (a worker process's): a thread whose wake-up must not
+    wait for the running thread's time slice (the watchdog, a hung call's
+    stop and dump)."""
+    try:
+        if os.sched_getscheduler(0) == os.SCHED_BATCH:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except OSError:  # pragma: no cover - a policy this thread may not change
+        pass

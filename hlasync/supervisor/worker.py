@@ -498,8 +498,11 @@ def main(argv: list[str] | None = None) -> None:
     if len(arguments) > 5 and arguments[5] == "batch":
         # Before any thread is made (they inherit it): woken by the supervisor's
         # write, this process does not take the CPU from the loop that wrote.
+        # Only from the normal policy: one chosen on purpose (SCHED_IDLE, a
+        # real-time one) is inherited as it is.
         with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+            if os.sched_getscheduler(0) == os.SCHED_OTHER:
+                os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     if len(arguments) > 4:  # the spin slots it shares with the supervisor's other workers
         global _board
         _board = SpinBoard(int(arguments[3]))
