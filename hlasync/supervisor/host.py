@@ -134,7 +134,7 @@ class WorkerHost:
         self._on_loop = on_loop
         for index in range(self.workers):
             self._spawn(f"hlasync-vcpu-{index}", self._worker_main, index)
-        self._spawn("hlasync-watchdog", _urgent(self.watchdog.main))
+        self._spawn("hlasync-watchdog", self.watchdog.main)
 
     def _spawn(self, name: str, target: Callable[..., None], *args: object) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -689,13 +689,3 @@ class WorkerHost:
         """Every dump of every sandbox of this host: counted and published."""
         self.count("dumps_written" if dump_written(record) else "dumps_failed")
         publish_dump(self.hub, record)
-
-
-def _urgent(main: Callable[[], None]) -> Callable[[], None]:
-    """``main`` on a thread under the normal policy (see :func:`.settings.urgent_thread`)."""
-
-    def run() -> None:
-        urgent_thread()
-        main()
-
-    return run

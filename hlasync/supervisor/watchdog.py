@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from ..sandbox import Sandbox
 from .jobs import Job, cpu_used
+from .settings import urgent_thread
 
 __all__ = ["Watchdog"]
 
@@ -67,6 +68,7 @@ class Watchdog:
             self._cond.notify_all()
 
     def main(self) -> None:
+        urgent_thread()  # under the normal policy in a SCHED_BATCH worker: its wake-up never waits
         while True:
             expired: list[tuple[Job, str]] = []
             with self._cond:
