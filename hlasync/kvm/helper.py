@@ -8,6 +8,7 @@ import ctypes
 import functools
 import os
 import threading
+import warnings
 
 from .. import _build
 from ..errors import HlasyncError
@@ -28,6 +29,11 @@ def library() -> ctypes.CDLL:
             except _build.GuestBuildError as exc:
                 if not target.exists():
                     raise HlasyncError(f"the helper library is not built: {exc}") from None
+                warnings.warn(  # as for the bundled guests: never silently
+                    f"rebuilding the helper library failed, using the stale {target}: {exc}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
     try:
         lib = ctypes.CDLL(str(target))
     except OSError as exc:

@@ -326,3 +326,37 @@ def test_a_hot_guests_long_run_holds_no_spin_slot(kvm: Kvm, simpleguest: Path) -
         assert owner_.in_run  # the guest spins in the owner's KVM_RUN
         time.sleep(0.01)
         assert lib.hl_owner_spinners() == 0
+
+
+def test_a_helper_library_that_cannot_be_rebuilt_is_used_stale_with_a_warning() -> None:
+    """As for the bundled guests: a changed native source that fails to build
+    no longer runs the old library without a word (an attacker's mutant of
+    hl_owner.c went unnoticed that way)."""
+    from hlasync import _build
+
+    if "libhlwait" not in _build.bundled_builds():
+        pytest.skip("not a source checkout: the helper library is never rebuilt")
+    script = """
+        import warnings
+        from hlasync import _build
+        from hlasync.kvm import helper
+
+        def fail(*args, **kwargs):
+            raise _build.GuestBuildError("no compiler today")
+
+        _build.build_bundled = fail
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            helper.library().hl_owner_spinners()
+        print([str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)])
+        """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "rebuilding the helper library failed, using the stale" in done.stdout
+    assert "no compiler today" in done.stdout
